@@ -1,0 +1,368 @@
+"""Configuration: one YAML file plus ``STREAM_FAIR_<SECTION>__<KEY>`` environment overrides.
+
+Validated once at start-up. Unknown keys are errors. :func:`load` raises :class:`ConfigError`
+whose message is one line naming the key and the fix; the CLI prints it and exits with status 2.
+
+>>> cfg = Config.model_validate({"fairness": {"features": ["sex", {"name": "race", "reference": "White"}],
+...                                           "intersections": [["race", "sex"]]}})
+>>> [f.name for f in cfg.fairness.features], cfg.fairness.features[0].path
+(['sex', 'race'], 'attributes.sex')
+>>> cfg.join.ttl
+604800.0
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from stream_fair.errors import ConfigError
+
+ENV_PREFIX = "STREAM_FAIR_"
+ENV_DELIMITER = "__"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, None: 1.0}
+
+ERR_DURATION = "expected a duration such as 90s, 15m, 1h, 7d or a number of seconds"
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``"90s"``, ``"15m"``, ``"1h"``, ``"7d"``, ``"2w"`` or a plain number.
+
+    >>> parse_duration("1h"), parse_duration(30), parse_duration("1.5d")
+    (3600.0, 30.0, 129600.0)
+    """
+    if isinstance(value, bool):
+        raise ValueError(ERR_DURATION)
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(ERR_DURATION)
+        seconds = float(match.group(1)) * _UNIT[match.group(2)]
+    if seconds <= 0:
+        raise ValueError("a duration must be positive")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact label for a window: ``3600 -> "1h"``.
+
+    >>> format_duration(3600), format_duration(86400), format_duration(90)
+    ('1h', '1d', '90s')
+    """
+    for unit in ("w", "d", "h", "m", "s"):
+        size = _UNIT[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaConfig(_Section):
+    """Connection to the cluster. Passwords are ``SecretStr``: masked whenever printed."""
+
+    bootstrap_servers: str = "localhost:9092"
+    group_id: str = "stream-fair"
+    client_id: str = "stream-fair"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_password: SecretStr | None = None
+    ssl_check_hostname: bool = True
+    session_timeout_ms: int = Field(10000, gt=0)
+    heartbeat_interval_ms: int = Field(3000, gt=0)
+    max_poll_interval_ms: int = Field(300000, gt=0)
+    request_timeout_ms: int = Field(30000, gt=0)
+    max_poll_records: int = Field(2000, gt=0)
+    fetch_max_bytes: int = Field(52428800, gt=0)
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaConfig:
+        if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
+            raise ValueError(
+                "security_protocol SASL_* needs kafka.sasl_mechanism (e.g. SCRAM-SHA-512)"
+            )
+        if self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512") and (
+            self.sasl_username is None or self.sasl_password is None
+        ):
+            raise ValueError(
+                "SASL PLAIN/SCRAM needs kafka.sasl_username and kafka.sasl_password "
+                "(set the password through STREAM_FAIR_KAFKA__SASL_PASSWORD)"
+            )
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError("kafka.heartbeat_interval_ms must be below kafka.session_timeout_ms")
+        return self
+
+
+class TopicsConfig(_Section):
+    predictions: str = "predictions"
+    outcomes: str = "outcomes"
+    dead_letters: str | None = "stream-fair-dead-letters"
+
+
+class PredictionFields(_Section):
+    """Dotted paths into a prediction event."""
+
+    id: str = "id"
+    timestamp: str = "ts"
+    model: str = "model"
+    prediction: str | None = "prediction"
+    score: str | None = "score"
+
+
+class OutcomeFields(_Section):
+    """Dotted paths into an outcome event."""
+
+    id: str = "id"
+    timestamp: str = "ts"
+    label: str = "label"
+
+
+class SchemaConfig(_Section):
+    """How to read events. The default matches the documented default event schema."""
+
+    prediction: PredictionFields = PredictionFields()
+    outcome: OutcomeFields = OutcomeFields()
+    prediction_values: dict[str, Literal[0, 1]] = Field(default_factory=dict)
+    label_values: dict[str, Literal[0, 1]] = Field(default_factory=dict)
+    score_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    default_model: str = "default"
+    timestamp_unit: Literal["seconds", "milliseconds"] = "seconds"
+    missing_timestamp: Literal["use_kafka_timestamp", "reject"] = "use_kafka_timestamp"
+
+    @model_validator(mode="after")
+    def _decision_source(self) -> SchemaConfig:
+        if self.prediction.prediction is None and (
+            self.prediction.score is None or self.score_threshold is None
+        ):
+            raise ValueError(
+                "schema.prediction.prediction is unset: set it, or set schema.prediction.score "
+                "and schema.score_threshold so the decision is score >= threshold"
+            )
+        return self
+
+
+class FeatureConfig(_Section):
+    name: str = Field(min_length=1)
+    path: str | None = None
+    reference: str | None = None
+    cardinality_limit: int | None = Field(None, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _no_separator(cls, v: str) -> str:
+        if "&" in v:
+            raise ValueError("a feature name cannot contain '&' (it joins intersection names)")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _default_path(self) -> FeatureConfig:
+        if self.path is None:
+            object.__setattr__(self, "path", f"attributes.{self.name}")
+        return self
+
+
+class FairnessConfig(_Section):
+    features: list[FeatureConfig] = Field(default_factory=list)
+    intersections: list[list[str]] = Field(default_factory=list)
+    min_samples: int = Field(100, ge=1)
+    credible_level: float = Field(0.95, gt=0.5, lt=1.0)
+    prior: Literal["jeffreys", "uniform"] = "jeffreys"
+    pooling: Literal["none", "empirical_bayes"] = "none"
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    cardinality_limit: int = Field(50, gt=0)
+
+    @model_validator(mode="after")
+    def _intersections_known(self) -> FairnessConfig:
+        names = [f.name for f in self.features]
+        if len(set(names)) != len(names):
+            raise ValueError("fairness.features lists a feature twice")
+        for combo in self.intersections:
+            if len(combo) < 2:
+                raise ValueError("each fairness.intersections entry needs at least two features")
+            unknown = [c for c in combo if c not in names]
+            if unknown:
+                raise ValueError(
+                    f"fairness.intersections names {unknown[0]!r}, which is not in "
+                    "fairness.features: add it there first"
+                )
+        return self
+
+
+class JoinConfig(_Section):
+    ttl: float = 7 * 86400.0
+    outcome_ttl: float | None = None
+    dedupe_retention: float | None = None
+    max_pending: int = Field(1_000_000, gt=0)
+
+    _durations = field_validator("ttl", "outcome_ttl", "dedupe_retention", mode="before")(
+        lambda v: None if v is None else parse_duration(v)
+    )
+
+
+class StateConfig(_Section):
+    path: Path = Path("stream-fair-state/state.db")
+    checkpoint_interval: float = 5.0
+    checkpoint_events: int = Field(50_000, gt=0)
+
+    _durations = field_validator("checkpoint_interval", mode="before")(parse_duration)
+
+
+class ExporterConfig(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(9800, ge=0, le=65535)
+    snapshot_max_age: float = 1.0
+
+    _durations = field_validator("snapshot_max_age", mode="before")(parse_duration)
+
+
+class Config(_Section):
+    kafka: KafkaConfig = KafkaConfig()
+    topics: TopicsConfig = TopicsConfig()
+    schema_: SchemaConfig = Field(SchemaConfig(), alias="schema")
+    fairness: FairnessConfig = FairnessConfig()
+    windows: list[float] = Field(default_factory=lambda: [3600.0, 86400.0])
+    window_resolution: float = 300.0
+    join: JoinConfig = JoinConfig()
+    state: StateConfig = StateConfig()
+    exporter: ExporterConfig = ExporterConfig()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    _windows = field_validator("windows", mode="before")(
+        lambda v: [parse_duration(x) for x in v] if isinstance(v, list) else v
+    )
+    _resolution = field_validator("window_resolution", mode="before")(parse_duration)
+
+    @model_validator(mode="after")
+    def _windows_fit(self) -> Config:
+        for w in self.windows:
+            if w % self.window_resolution:
+                raise ValueError(
+                    f"windows entry {format_duration(w)} is not a multiple of window_resolution "
+                    f"{format_duration(self.window_resolution)}: choose a finer window_resolution"
+                )
+        return self
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``STREAM_FAIR_KAFKA__SASL_PASSWORD=x`` -> ``{"kafka": {"sasl_password": "x"}}``.
+
+    Values are parsed as YAML scalars/flow collections, so ``[1h, 1d]`` and ``true`` work.
+    """
+    tree: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key.startswith(ENV_PREFIX + "TEST_"):
+            continue
+        path = key[len(ENV_PREFIX) :].lower().split(ENV_DELIMITER)
+        if path == ["config"]:
+            continue
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, int | float) and path[-1].endswith(("password", "username")):
+            value = raw
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: conflicts with another STREAM_FAIR_ variable")
+        node[path[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not isinstance(p, int) or True)
+    loc = loc.replace("schema_", "schema")
+    kind, msg = first["type"], first["msg"]
+    if kind == "extra_forbidden":
+        return f"config error: unknown key {loc!r}: remove it or check its spelling (see docs/configuration.md)"
+    if kind == "missing":
+        return f"config error: {loc} is required: set it in the YAML file or {env_name(loc)}"
+    msg = msg.removeprefix("Value error, ")
+    where = f"{loc}: " if loc else ""
+    return f"config error: {where}{msg} (see docs/configuration.md)"
+
+
+def env_name(dotted: str) -> str:
+    """The environment variable that overrides a dotted key.
+
+    >>> env_name("kafka.sasl_password")
+    'STREAM_FAIR_KAFKA__SASL_PASSWORD'
+    """
+    return ENV_PREFIX + dotted.upper().replace(".", ENV_DELIMITER)
+
+
+def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the YAML file (optional), apply environment overrides, validate.
+
+    Raises
+    ------
+    ConfigError
+        One line naming the key and the fix.
+    """
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config error: --config {p}: no such file: pass the path to a YAML file")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config error: {p}{where}: not valid YAML: fix the syntax") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config error: {p}: the top level must be a mapping of sections")
+        data = loaded or {}
+    data = _merge(data, _env_overrides(environ))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def redacted(config: Config) -> dict[str, Any]:
+    """The effective config as a dict, secrets masked (safe to log)."""
+    return config.model_dump(mode="json", by_alias=True)

@@ -1,0 +1,219 @@
+"""Bytes to events through the configured field mapping, or a :class:`Rejection` with a reason.
+
+Hand-written rather than a pydantic model per event: this runs once per Kafka record and pydantic
+validation costs ~2.5 us against ~1 us for ``orjson.loads`` plus these lookups.
+
+>>> from stream_fair.config import Config
+>>> cfg = Config.model_validate({"fairness": {"features": ["sex"]}})
+>>> d = Decoder(cfg)
+>>> d.prediction(b'{"id": "r1", "ts": 10, "model": "m", "prediction": 1, "attributes": {"sex": "F"}}')
+Prediction(id='r1', ts=10.0, model='m', predicted=1, score=None, cell=('F',))
+>>> d.outcome(b'{"id": "r1", "ts": "1970-01-01T00:01:00Z", "label": "yes"}')
+Rejection(reason='invalid_label', detail="label 'yes' is not 0/1 (add it to schema.label_values)")
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from stream_fair.config import Config
+from stream_fair.events import Outcome, Prediction, Rejection
+from stream_fair.groups import MISSING
+
+INVALID_JSON = "invalid_json"
+NOT_AN_OBJECT = "not_an_object"
+MISSING_ID = "missing_id"
+INVALID_ID = "invalid_id"
+MISSING_TIMESTAMP = "missing_timestamp"
+INVALID_TIMESTAMP = "invalid_timestamp"
+INVALID_MODEL = "invalid_model"
+MISSING_PREDICTION = "missing_prediction"
+INVALID_PREDICTION = "invalid_prediction"
+INVALID_SCORE = "invalid_score"
+MISSING_LABEL = "missing_label"
+INVALID_LABEL = "invalid_label"
+INVALID_ATTRIBUTE = "invalid_attribute"
+REASONS = (
+    INVALID_JSON, NOT_AN_OBJECT, MISSING_ID, INVALID_ID, MISSING_TIMESTAMP, INVALID_TIMESTAMP,
+    INVALID_MODEL, MISSING_PREDICTION, INVALID_PREDICTION, INVALID_SCORE, MISSING_LABEL,
+    INVALID_LABEL, INVALID_ATTRIBUTE,
+)  # fmt: skip
+
+_ABSENT = object()
+_MAX_ID = 256
+_MAX_VALUE = 128
+_BINARY: dict[Any, int] = {0: 0, 1: 1, False: 0, True: 1, "0": 0, "1": 1}
+
+
+class _Reject(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        self.rejection = Rejection(reason, detail)
+
+
+def getter(path: str) -> Callable[[dict[str, Any]], Any]:
+    """A fast lookup for a dotted path; returns a sentinel when any step is missing.
+
+    >>> getter("a.b")({"a": {"b": 3}}), getter("a.b")({"a": 1}) is _ABSENT
+    (3, True)
+    """
+    parts = tuple(path.split("."))
+    if len(parts) == 1:
+        key = parts[0]
+        return lambda doc: doc.get(key, _ABSENT)
+
+    def get(doc: dict[str, Any]) -> Any:
+        node: Any = doc
+        for part in parts:
+            if not isinstance(node, dict):
+                return _ABSENT
+            node = node.get(part, _ABSENT)
+            if node is _ABSENT:
+                return _ABSENT
+        return node
+
+    return get
+
+
+def _load(raw: bytes | None) -> dict[str, Any]:
+    if raw is None:
+        raise _Reject(INVALID_JSON, "empty message (tombstone)")
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _Reject(INVALID_JSON, f"not UTF-8 JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise _Reject(NOT_AN_OBJECT, f"expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def _id(value: Any) -> str:
+    if value is _ABSENT or value is None:
+        raise _Reject(MISSING_ID, "no id field")
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise _Reject(INVALID_ID, f"id must be a string or integer, got {type(value).__name__}")
+    text = str(value)
+    if not text or len(text) > _MAX_ID:
+        raise _Reject(INVALID_ID, f"id must have 1..{_MAX_ID} characters")
+    return text
+
+
+def _binary(value: Any, mapping: dict[str, int], what: str, key: str, missing: str, invalid: str) -> int:
+    if value is _ABSENT or value is None:
+        raise _Reject(missing, f"no {what} field")
+    if isinstance(value, str) and value in mapping:
+        return mapping[value]
+    try:
+        return _BINARY[value]
+    except (KeyError, TypeError):
+        shown = repr(value)[:40]
+        raise _Reject(invalid, f"{what} {shown} is not 0/1 (add it to schema.{key})") from None
+
+
+class Decoder:
+    """Decodes prediction and outcome records for one configuration."""
+
+    def __init__(self, config: Config) -> None:
+        schema = config.schema_
+        p, o = schema.prediction, schema.outcome
+        self._p_id, self._p_ts, self._p_model = getter(p.id), getter(p.timestamp), getter(p.model)
+        self._p_pred = getter(p.prediction) if p.prediction else None
+        self._p_score = getter(p.score) if p.score else None
+        self._o_id, self._o_ts, self._o_label = getter(o.id), getter(o.timestamp), getter(o.label)
+        self._features = tuple(getter(f.path or f.name) for f in config.fairness.features)
+        self._pred_values = dict(schema.prediction_values)
+        self._label_values = dict(schema.label_values)
+        self._threshold = schema.score_threshold
+        self._default_model = schema.default_model
+        self._ts_scale = 0.001 if schema.timestamp_unit == "milliseconds" else 1.0
+        self._kafka_ts_fallback = schema.missing_timestamp == "use_kafka_timestamp"
+
+    def _ts(self, value: Any, kafka_ts_ms: int | None) -> float:
+        if value is _ABSENT or value is None:
+            if self._kafka_ts_fallback and kafka_ts_ms is not None and kafka_ts_ms >= 0:
+                return kafka_ts_ms / 1000.0
+            raise _Reject(MISSING_TIMESTAMP, "no timestamp field")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            ts = float(value) * self._ts_scale
+        elif isinstance(value, str):
+            try:
+                ts = datetime.fromisoformat(value).timestamp()
+            except ValueError:
+                try:
+                    ts = float(value) * self._ts_scale
+                except ValueError:
+                    raise _Reject(
+                        INVALID_TIMESTAMP, f"timestamp {value[:40]!r} is neither ISO 8601 nor a number"
+                    ) from None
+        else:
+            raise _Reject(INVALID_TIMESTAMP, f"timestamp of type {type(value).__name__}")
+        if not math.isfinite(ts) or ts < 0:
+            raise _Reject(INVALID_TIMESTAMP, f"timestamp {value!r} is out of range")
+        return ts
+
+    def prediction(self, raw: bytes | None, kafka_ts_ms: int | None = None) -> Prediction | Rejection:
+        """Decode one prediction record."""
+        try:
+            doc = _load(raw)
+            event_id = _id(self._p_id(doc))
+            ts = self._ts(self._p_ts(doc), kafka_ts_ms)
+            model = self._p_model(doc)
+            if model is _ABSENT or model is None:
+                model = self._default_model
+            elif not isinstance(model, str) or not model or len(model) > _MAX_VALUE:
+                raise _Reject(INVALID_MODEL, "model must be a non-empty string")
+            score = None
+            if self._p_score is not None:
+                raw_score = self._p_score(doc)
+                if raw_score is not _ABSENT and raw_score is not None:
+                    if isinstance(raw_score, bool) or not isinstance(raw_score, int | float) or not (
+                        math.isfinite(raw_score)
+                    ):
+                        raise _Reject(INVALID_SCORE, f"score {raw_score!r:.40} is not a number")
+                    score = float(raw_score)
+            raw_pred = self._p_pred(doc) if self._p_pred is not None else _ABSENT
+            if (raw_pred is _ABSENT or raw_pred is None) and score is not None and (
+                self._threshold is not None
+            ):
+                predicted = int(score >= self._threshold)
+            else:
+                predicted = _binary(
+                    raw_pred, self._pred_values, "prediction", "prediction_values",
+                    MISSING_PREDICTION, INVALID_PREDICTION,
+                )  # fmt: skip
+            cell = tuple(self._value(get(doc)) for get in self._features)
+            return Prediction(event_id, ts, model, predicted, score, cell)
+        except _Reject as r:
+            return r.rejection
+
+    @staticmethod
+    def _value(value: Any) -> str:
+        if value is _ABSENT or value is None or value == "":
+            return MISSING
+        if isinstance(value, str):
+            if len(value) > _MAX_VALUE:
+                raise _Reject(INVALID_ATTRIBUTE, f"attribute value longer than {_MAX_VALUE} chars")
+            if "&" in value or value in ("__other__", "__missing__"):
+                raise _Reject(INVALID_ATTRIBUTE, f"attribute value {value!r:.40} uses a reserved character or name")
+            return value
+        if isinstance(value, bool | int):
+            return str(value).lower() if isinstance(value, bool) else str(value)
+        raise _Reject(INVALID_ATTRIBUTE, f"attribute of type {type(value).__name__} (expected a string)")
+
+    def outcome(self, raw: bytes | None, kafka_ts_ms: int | None = None) -> Outcome | Rejection:
+        """Decode one outcome record."""
+        try:
+            doc = _load(raw)
+            event_id = _id(self._o_id(doc))
+            ts = self._ts(self._o_ts(doc), kafka_ts_ms)
+            label = _binary(
+                self._o_label(doc), self._label_values, "label", "label_values",
+                MISSING_LABEL, INVALID_LABEL,
+            )  # fmt: skip
+            return Outcome(event_id, ts, label)
+        except _Reject as r:
+            return r.rejection
