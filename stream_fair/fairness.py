@@ -56,6 +56,7 @@ __all__ = [
     "evaluate_feature",
     "group_rates",
     "is_flagged",
+    "is_reserved",
 ]
 
 RATES: tuple[str, ...] = (
@@ -70,6 +71,7 @@ RATES: tuple[str, ...] = (
     "accuracy",
 )
 RESERVED_GROUPS = frozenset({"__other__", "__missing__"})
+INTERSECTION_SEPARATOR = "&"
 
 PRIORS: Mapping[str, tuple[float, float]] = MappingProxyType(
     {"jeffreys": (0.5, 0.5), "uniform": (1.0, 1.0)}
@@ -249,6 +251,17 @@ class FeatureReport:
     flagged: dict[tuple[str, str], bool]
 
 
+def is_reserved(group: str) -> bool:
+    """A reserved group, or an intersection with a reserved part (``A&__missing__``).
+
+    >>> is_reserved("__other__"), is_reserved("Black&__missing__"), is_reserved("Black&Female")
+    (True, True, False)
+    """
+    return group in RESERVED_GROUPS or any(
+        part in RESERVED_GROUPS for part in group.split(INTERSECTION_SEPARATOR)
+    )
+
+
 def _count_matrix(counts: list[Counts]) -> IntArray:
     return np.array([(c.tp, c.fp, c.tn, c.fn) for c in counts], dtype=np.int64).reshape(-1, 4)
 
@@ -366,8 +379,8 @@ def evaluate_feature(
 ) -> FeatureReport:
     """Rates of every group of one feature, disparities between the eligible ones, verdicts.
 
-    A group is eligible when :math:`n \\ge` ``min_samples`` and it is not in
-    :data:`RESERVED_GROUPS`; a disparity uses the eligible groups whose rate has a non-zero
+    A group is eligible when :math:`n \\ge` ``min_samples`` and it is not reserved
+    (:func:`is_reserved`); a disparity uses the eligible groups whose rate has a non-zero
     denominator. Values are the fairlearn functionals on observed rates; intervals are the
     ``credible_level`` quantiles of the same functionals over ``settings.draws`` joint posterior
     draws (:mod:`stream_fair.disparity`). With ``pooling="empirical_bayes"`` each rate's prior is
@@ -381,7 +394,7 @@ def evaluate_feature(
     names = list(counts)
     c = _count_matrix([counts[g] for g in names])
     k, m = c @ _NUM, c @ _DEN
-    reserved = np.array([g in RESERVED_GROUPS for g in names], dtype=bool)
+    reserved = np.array([is_reserved(g) for g in names], dtype=bool)
     eligible = (c.sum(axis=1) >= settings.min_samples) & ~reserved
     a0, b0 = _priors(k, m, ~reserved, settings)
 

@@ -1,0 +1,204 @@
+"""The run loop: poll → decode → track → persist → commit. Wiring only.
+
+One thread polls Kafka and updates the tracker under a lock; the exporter's scrape threads take a
+snapshot under the same lock and do the fairness math outside it. Checkpoints (every
+``state.checkpoint_interval`` seconds or ``state.checkpoint_events`` records, on rebalance and on
+shutdown) flush the dead-letter producer and then save every shard's state with its next offsets in
+one transaction, so a crash at any point resumes exactly after the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from stream_fair.config import Config
+from stream_fair.exporter import ExporterServer, Health, PipelineStats, registry_for
+from stream_fair.report import Report, build_report
+from stream_fair.state import SqliteStore, StateStore
+from stream_fair.tracker import Feedback, Tracker
+
+log = logging.getLogger("stream_fair")
+
+_LAG_EVERY = 2.0
+
+
+def fingerprint(config: Config) -> dict[str, Any]:
+    """What the stored counts depend on: changing any of it needs a new state file."""
+    return {
+        "features": [f.name for f in config.fairness.features],
+        "intersections": config.fairness.intersections,
+        "windows": config.windows,
+        "window_resolution": config.window_resolution,
+    }
+
+
+class Detector:
+    """stream-fair as a running service."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        feedback: Feedback | None = None,
+        store: StateStore | None = None,
+        exporter_port: int | None = None,
+    ) -> None:
+        self.config = config
+        if feedback is None:
+            feedback = _default_feedback(config)
+        self.tracker = Tracker(config, feedback)
+        self.store: StateStore = store or SqliteStore(config.state.path, fingerprint(config))
+        stored = self.store.load_global()
+        if stored is not None:
+            self.tracker.load_global(stored)
+        self.lock = threading.Lock()
+        self.health = Health()
+        self.stats = PipelineStats()
+        self._report: tuple[float, Report] | None = None
+        self._report_lock = threading.Lock()
+        self._events_since_checkpoint = 0
+        self._last_checkpoint_mono = time.monotonic()
+        registry = registry_for(self.current)
+        from stream_fair.status_page import render
+
+        port = config.exporter.port if exporter_port is None else exporter_port
+        self.server = ExporterServer(
+            config.exporter.host, port, registry, self.health, page=lambda: render(*self.current())
+        )
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    # -- the exporter's view ----------------------------------------------------------------
+    def current(self) -> tuple[Report, PipelineStats]:
+        """The latest report, recomputed at most every ``exporter.snapshot_max_age`` seconds."""
+        with self._report_lock:
+            now = time.monotonic()
+            cached = self._report
+            if cached is None or now - cached[0] >= self.config.exporter.snapshot_max_age:
+                with self.lock:
+                    snap = self.tracker.snapshot()
+                cached = self._report = (now, build_report(snap, self.config))
+            return cached[1], self.stats
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Consume until ``stop`` is set, then checkpoint and close everything."""
+        from stream_fair import kafka_io
+
+        cfg = self.config
+        topics = (cfg.topics.predictions, cfg.topics.outcomes)
+        roles = {topics[0]: "predictions", topics[1]: "outcomes"}
+        self.server.start()
+        self.health.heartbeat = time.monotonic()
+        log.info("exporter on http://%s:%d/metrics", cfg.exporter.host, self.port)
+        consumer = kafka_io.make_consumer(cfg)
+        try:
+            kafka_io.check_copartitioned(consumer, cfg)
+        except Exception:
+            consumer.close(autocommit=False)
+            self.server.stop()
+            raise
+        dead = kafka_io.DeadLetters(cfg)
+        self._consumer, self._dead, self._topics = consumer, dead, topics
+        listener = kafka_io.ShardListener(consumer, topics, self._on_revoke, self._on_assign)
+        consumer.subscribe(list(topics), listener=listener)
+        update_p, update_o = self.tracker.update_prediction, self.tracker.update_outcome
+        last_lag = 0.0
+        try:
+            while not stop.is_set():
+                batches = consumer.poll(timeout_ms=200, max_records=cfg.kafka.max_poll_records)
+                self.health.heartbeat = time.monotonic()
+                n = 0
+                with self.lock:
+                    for tp, records in batches.items():
+                        is_pred = tp.topic == topics[0]
+                        update = update_p if is_pred else update_o
+                        part = tp.partition
+                        for r in records:
+                            rejection = update(part, r.value, r.offset, r.timestamp)
+                            if rejection is not None:
+                                dead.send(
+                                    roles[tp.topic], tp.topic, part, r.offset, r.key, r.value,
+                                    rejection.reason, rejection.detail,
+                                )  # fmt: skip
+                        n += len(records)
+                self._events_since_checkpoint += n
+                now = time.monotonic()
+                if (
+                    self._events_since_checkpoint >= cfg.state.checkpoint_events
+                    or now - self._last_checkpoint_mono >= cfg.state.checkpoint_interval
+                ):
+                    self.checkpoint()
+                if now - last_lag >= _LAG_EVERY:
+                    last_lag = now
+                    self.stats.lag = {
+                        (roles[t], p): v for (t, p), v in kafka_io.lag(consumer).items()
+                    }
+                    self.stats.dead_letters = dict(dead.sent)
+                    if dead.failed:
+                        self.stats.errors["dead_letter_produce"] = dead.failed
+        finally:
+            try:
+                self.checkpoint()
+            finally:
+                consumer.close(autocommit=False)
+                dead.close()
+                self.store.close()
+                self.server.stop()
+                log.info("stopped cleanly")
+
+    def checkpoint(self, shards: set[int] | None = None) -> None:
+        """Persist shard states and offsets atomically, then mirror offsets into Kafka."""
+        from stream_fair import kafka_io
+
+        self._dead.flush()  # dead letters first: never checkpoint past an unsent one
+        ids = set(self.tracker.shards) if shards is None else shards & set(self.tracker.shards)
+        states = {i: self.tracker.shard_state(i) for i in ids}
+        try:
+            self.store.save(states, self.tracker.global_state())
+        except Exception:
+            self.stats.errors["checkpoint"] = self.stats.errors.get("checkpoint", 0) + 1
+            raise
+        self._events_since_checkpoint = 0
+        self._last_checkpoint_mono = time.monotonic()
+        self.stats.last_checkpoint = time.time()
+        offsets = {i: self.tracker.shards[i].offsets for i in ids}
+        try:
+            kafka_io.commit_offsets(self._consumer, self._topics, offsets)
+        except Exception as exc:  # mirror only: the state store is the source of truth
+            log.warning("offset commit to Kafka failed: %s", exc)
+
+    def _on_revoke(self, shards: set[int]) -> None:
+        self.checkpoint(shards)
+        with self.lock:
+            for s in shards:
+                self.tracker.drop(s)
+        log.info("partitions revoked: %s", sorted(shards))
+
+    def _on_assign(self, shards: set[int]) -> dict[int, list[int | None]]:
+        with self.lock:
+            for s in shards:
+                if s in self.tracker.shards:
+                    continue
+                state = self.store.load(s)
+                if state is not None:
+                    self.tracker.load_shard(s, state)
+                else:
+                    self.tracker.shard(s)
+            offsets = {s: list(self.tracker.shards[s].offsets) for s in shards}
+        self.health.ready = True
+        log.info("partitions assigned: %s (resuming at %s)", sorted(shards), offsets)
+        return offsets
+
+
+def _default_feedback(config: Config) -> Feedback | None:
+    try:
+        from stream_fair.feedback_wiring import monitor_for
+    except ImportError:
+        return None
+    return monitor_for(config)

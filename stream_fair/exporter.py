@@ -1,0 +1,298 @@
+"""Prometheus exporter: a custom collector over one consistent report, and the HTTP endpoints.
+
+Every scrape builds fresh metric families from a single :class:`~stream_fair.report.Report` (the
+Prometheus "writing exporters" pattern): no shared gauges mutated per event, no stale label values,
+no torn reads. ``collect()`` never raises: a failure is logged, counted in
+``stream_fair_errors_total{kind="snapshot"}`` and the scrape still answers.
+
+Endpoints: ``/metrics``, ``/`` (status page), ``/healthz`` (the run loop is alive), ``/readyz``
+(partitions assigned and state loaded).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+
+from stream_fair import __version__
+from stream_fair.fairness import DISPARITIES, RATES
+from stream_fair.report import CUMULATIVE, Report
+from stream_fair.tracker import TOPICS
+
+log = logging.getLogger(__name__)
+
+P = "stream_fair_"
+_GROUP = ["model", "feature", "group"]
+_GROUP_W = ["model", "feature", "group", "window"]
+_FEATURE_W = ["model", "feature", "window", "method"]
+_ACTUAL_PREDICTED = (("1", "1"), ("0", "1"), ("0", "0"), ("1", "0"))  # tp, fp, tn, fn
+
+
+@dataclass
+class PipelineStats:
+    """Run-loop facts the tracker does not own (Kafka positions, side effects, health)."""
+
+    lag: dict[tuple[str, int], int] = field(default_factory=dict)  # (role, partition) -> lag
+    dead_letters: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    last_checkpoint: float | None = None
+
+
+Source = Callable[[], tuple[Report, PipelineStats]]
+
+
+class FairnessCollector:
+    """Builds every ``stream_fair_*`` family from one report at each scrape."""
+
+    def __init__(self, source: Source) -> None:
+        self._source = source
+        self.failures = 0
+
+    def describe(self) -> list[Metric]:
+        return []  # families depend on the data; skip the describe-time collect
+
+    def collect(self) -> Iterator[Metric]:
+        build = GaugeMetricFamily(P + "build_info", "stream-fair build", labels=["version"])
+        build.add_metric([__version__], 1.0)
+        yield build
+        stats = PipelineStats()
+        try:
+            report, stats = self._source()
+            families = list(_families(report, stats))
+        except Exception:  # a scrape must never fail because of one bad value
+            log.exception("building the metrics snapshot failed")
+            self.failures += 1
+            families = []
+        errors = CounterMetricFamily(
+            P + "errors", "Internal errors that did not stop the consumer", labels=["kind"]
+        )
+        known = dict(stats.errors)
+        known["snapshot"] = known.get("snapshot", 0) + self.failures
+        for kind, n in sorted(known.items()):
+            errors.add_metric([kind], n)
+        yield errors
+        yield from families
+
+
+def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
+    snap = report.snapshot
+    yield from _pipeline(report, stats)
+
+    confusion = CounterMetricFamily(
+        P + "confusion", "Joined (prediction, outcome) pairs", labels=[*_GROUP, "actual", "predicted"]
+    )
+    window_conf = GaugeMetricFamily(
+        P + "window_confusion",
+        "Joined pairs whose prediction time lies in the event-time window",
+        labels=[*_GROUP_W, "actual", "predicted"],
+    )
+    samples = GaugeMetricFamily(P + "group_samples", "Joined pairs per group", labels=_GROUP_W)
+    small = GaugeMetricFamily(
+        P + "group_below_min_samples", "1 when the group is below fairness.min_samples", labels=_GROUP_W
+    )
+    eligible = GaugeMetricFamily(
+        P + "groups_eligible", "Groups taking part in disparity verdicts", labels=["model", "feature", "window"]
+    )
+    rates = {
+        (r, suffix): GaugeMetricFamily(P + r + suffix, f"{r.replace('_', ' ')}{suffix}", labels=_GROUP_W)
+        for r in RATES
+        for suffix in ("", "_lower", "_upper")
+    }
+    disparities = {
+        (d, suffix): GaugeMetricFamily(P + d + suffix, f"{d.replace('_', ' ')}{suffix}", labels=_FEATURE_W)
+        for d in DISPARITIES
+        for suffix in ("", "_lower", "_upper")
+    }
+    flagged = GaugeMetricFamily(
+        P + "disparity_flagged",
+        "1 when the disparity's interval lies beyond its threshold",
+        labels=[*_FEATURE_W, "disparity"],
+    )
+    for view in report.views:
+        fname, fr = view.feature.name, view.report
+        n_eligible = 0
+        for g, gr in fr.groups.items():
+            labels = [view.model, fname, g, view.window]
+            c = gr.counts
+            for (actual, predicted), n in zip(_ACTUAL_PREDICTED, (c.tp, c.fp, c.tn, c.fn), strict=True):
+                if view.window == CUMULATIVE:
+                    confusion.add_metric([view.model, fname, g, actual, predicted], n)
+                else:
+                    window_conf.add_metric([*labels, actual, predicted], n)
+            samples.add_metric(labels, c.n)
+            small.add_metric(labels, 0.0 if c.n >= report.settings.min_samples else 1.0)
+            n_eligible += gr.eligible
+            for r, est in gr.rates.items():
+                rates[r, ""].add_metric(labels, est.value)
+                rates[r, "_lower"].add_metric(labels, est.lower)
+                rates[r, "_upper"].add_metric(labels, est.upper)
+        eligible.add_metric([view.model, fname, view.window], n_eligible)
+        for (d, method), est in fr.disparities.items():
+            labels = [view.model, fname, view.window, method]
+            disparities[d, ""].add_metric(labels, est.value)
+            disparities[d, "_lower"].add_metric(labels, est.lower)
+            disparities[d, "_upper"].add_metric(labels, est.upper)
+        for (d, method), is_flagged in fr.flagged.items():
+            flagged.add_metric([view.model, fname, view.window, method, d], float(is_flagged))
+    threshold = GaugeMetricFamily(
+        P + "disparity_threshold", "Configured disparity threshold", labels=["disparity"]
+    )
+    for d, t in sorted(report.settings.thresholds.items()):
+        threshold.add_metric([d], t)
+    yield confusion
+    yield window_conf
+    yield samples
+    yield small
+    yield eligible
+    yield from rates.values()
+    yield from disparities.values()
+    yield flagged
+    yield threshold
+
+    predictions = CounterMetricFamily(
+        P + "predictions", "Accepted prediction events, labelled or not", labels=[*_GROUP, "predicted"]
+    )
+    expired = CounterMetricFamily(
+        P + "expired_predictions", "Predictions that never received an outcome", labels=_GROUP
+    )
+    for tv in report.traffic:
+        for g, (n0, n1) in tv.predictions.items():
+            predictions.add_metric([tv.model, tv.feature.name, g, "0"], n0)
+            predictions.add_metric([tv.model, tv.feature.name, g, "1"], n1)
+        for g, n in tv.expired.items():
+            expired.add_metric([tv.model, tv.feature.name, g], n)
+    yield predictions
+    yield expired
+    if snap.feedback is not None:
+        from stream_fair.feedback_metrics import feedback_families
+
+        yield from feedback_families(snap.feedback)
+
+
+def _pipeline(report: Report, stats: PipelineStats) -> Iterator[Metric]:
+    snap = report.snapshot
+    consumed = CounterMetricFamily(P + "events_consumed", "Records read from Kafka", labels=["topic"])
+    fates = CounterMetricFamily(P + "event_fates", "Final fate of each record", labels=["topic", "fate"])
+    pending = GaugeMetricFamily(P + "pending_events", "Records waiting for their partner", labels=["topic"])
+    rejected = CounterMetricFamily(P + "rejected_events", "Rejected records by reason", labels=["topic", "reason"])
+    evictions = CounterMetricFamily(
+        P + "capacity_evictions", "Pending records expired early at join.max_pending", labels=["topic"]
+    )
+    dead = CounterMetricFamily(P + "dead_letters", "Records written to the dead-letter topic", labels=["topic"])
+    last = GaugeMetricFamily(
+        P + "last_event_timestamp_seconds", "Event time of the newest record", labels=["topic"]
+    )
+    for t in TOPICS:
+        consumed.add_metric([t], snap.consumed[t])
+        for fate, n in snap.fates[t].items():
+            fates.add_metric([t, fate], n)
+        pending.add_metric([t], snap.pending[t])
+        for reason, n in sorted(snap.rejected[t].items()):
+            rejected.add_metric([t, reason], n)
+        evictions.add_metric([t], snap.capacity_evictions[t])
+        dead.add_metric([t], stats.dead_letters.get(t, 0))
+        if t in snap.last_event_ts:
+            last.add_metric([t], snap.last_event_ts[t])
+    overflow = CounterMetricFamily(
+        P + "cardinality_overflow", "Predictions folded into __other__", labels=["feature"]
+    )
+    for f, n in snap.overflow.items():
+        overflow.add_metric([f], n)
+    lag = GaugeMetricFamily(P + "consumer_lag", "High-water mark minus position", labels=["topic", "partition"])
+    for (role, partition), n in sorted(stats.lag.items()):
+        lag.add_metric([role, str(partition)], n)
+    yield from (consumed, fates, pending, rejected, evictions, dead, last, overflow, lag)
+    if snap.watermark is not None:
+        yield GaugeMetricFamily(
+            P + "watermark_timestamp_seconds", "Largest event time seen", value=snap.watermark
+        )
+    if stats.last_checkpoint is not None:
+        yield GaugeMetricFamily(
+            P + "last_checkpoint_timestamp_seconds",
+            "Wall-clock time of the last durable checkpoint",
+            value=stats.last_checkpoint,
+        )
+
+
+def registry_for(source: Source) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FairnessCollector(source))  # type: ignore[arg-type]
+    ProcessCollector(registry=registry)
+    return registry
+
+
+class Health:
+    """Liveness (the loop ticks) and readiness (partitions assigned, state loaded)."""
+
+    def __init__(self, stale_after: float = 60.0) -> None:
+        self.stale_after = stale_after
+        self.heartbeat = 0.0
+        self.ready = False
+
+
+class ExporterServer:
+    """A small threaded HTTP server for /metrics, /, /healthz, /readyz."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        health: Health,
+        page: Callable[[], str] | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        import time
+
+        clock = clock or time.monotonic
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server API)
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    alive = clock() - health.heartbeat < health.stale_after
+                    self._send(200 if alive else 503, b"ok\n" if alive else b"run loop stalled\n")
+                elif path == "/readyz":
+                    ready = health.ready
+                    self._send(200 if ready else 503, b"ready\n" if ready else b"not ready\n")
+                elif path == "/" and page is not None:
+                    try:
+                        body = page().encode()
+                        self._send(200, body, "text/html; charset=utf-8")
+                    except Exception:
+                        log.exception("status page failed")
+                        self._send(500, b"status page failed; see /metrics\n")
+                else:
+                    self._send(404, b"not found: try /metrics, /, /healthz, /readyz\n")
+
+            def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="exporter", daemon=True)
+
+    def start(self) -> ExporterServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,203 @@
+"""Kafka I/O with kafka-python: the consumer, the rebalance listener, the dead-letter producer.
+
+The only module that imports ``kafka``. Offsets live in the state store next to the counts they
+produced (see :mod:`stream_fair.state`); on assignment each partition is sought to the offset its
+shard's checkpoint recorded, so a restart neither skips nor recounts a record. Offsets are also
+committed to Kafka after each checkpoint, for lag tooling only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from stream_fair.config import Config, KafkaConfig
+from stream_fair.errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+
+def client_options(k: KafkaConfig) -> dict[str, Any]:
+    """kafka-python connection options shared by consumer, producer and admin client."""
+    opts: dict[str, Any] = {
+        "bootstrap_servers": [s.strip() for s in k.bootstrap_servers.split(",") if s.strip()],
+        "client_id": k.client_id,
+        "security_protocol": k.security_protocol,
+        "request_timeout_ms": k.request_timeout_ms,
+    }
+    if k.sasl_mechanism:
+        opts["sasl_mechanism"] = k.sasl_mechanism
+    if k.sasl_username is not None:
+        opts["sasl_plain_username"] = k.sasl_username
+    if k.sasl_password is not None:
+        opts["sasl_plain_password"] = k.sasl_password.get_secret_value()
+    if k.security_protocol in ("SSL", "SASL_SSL"):
+        opts["ssl_check_hostname"] = k.ssl_check_hostname
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if getattr(k, name):
+                opts[name] = getattr(k, name)
+        if k.ssl_password is not None:
+            opts["ssl_password"] = k.ssl_password.get_secret_value()
+    return opts
+
+
+def make_consumer(config: Config) -> KafkaConsumer:
+    k = config.kafka
+    try:
+        return KafkaConsumer(
+            group_id=k.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=k.auto_offset_reset,
+            session_timeout_ms=k.session_timeout_ms,
+            heartbeat_interval_ms=k.heartbeat_interval_ms,
+            max_poll_interval_ms=k.max_poll_interval_ms,
+            max_poll_records=k.max_poll_records,
+            fetch_max_bytes=k.fetch_max_bytes,
+            # The range assignor gives partition p of both topics to the same member: the join
+            # needs a prediction and its outcome (same key) in the same shard.
+            **client_options(k),
+        )
+    except KafkaError as exc:
+        raise BrokerError(
+            f"kafka error: cannot connect to kafka.bootstrap_servers={k.bootstrap_servers!r} "
+            f"({type(exc).__name__}): check the address, security_protocol and credentials"
+        ) from None
+
+
+def check_copartitioned(consumer: KafkaConsumer, config: Config) -> None:
+    """Both input topics must exist with the same partition count (keys = ids)."""
+    t = config.topics
+    counts: dict[str, int] = {}
+    for role, name in (("predictions", t.predictions), ("outcomes", t.outcomes)):
+        try:
+            parts = consumer.partitions_for_topic(name)
+        except KafkaError as exc:
+            raise BrokerError(
+                f"kafka error: cannot read metadata from kafka.bootstrap_servers="
+                f"{config.kafka.bootstrap_servers!r} ({type(exc).__name__}): check the address, "
+                "security_protocol and credentials"
+            ) from None
+        if not parts:
+            raise BrokerError(
+                f"kafka error: topics.{role}={name!r} does not exist: create it or fix topics.{role}"
+            )
+        counts[role] = len(parts)
+    if counts["predictions"] != counts["outcomes"]:
+        raise BrokerError(
+            f"kafka error: topics.predictions has {counts['predictions']} partitions but "
+            f"topics.outcomes has {counts['outcomes']}: co-partition them (same count, key = id)"
+        )
+
+
+class ShardListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Moves shard state with partitions: checkpoint on revoke, load and seek on assign."""
+
+    def __init__(
+        self,
+        consumer: KafkaConsumer,
+        topics: tuple[str, str],
+        on_revoke: Callable[[set[int]], None],
+        on_assign: Callable[[set[int]], dict[int, list[int | None]]],
+    ) -> None:
+        self.consumer = consumer
+        self.topics = topics
+        self._on_revoke = on_revoke
+        self._on_assign = on_assign
+
+    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        shards = {tp.partition for tp in revoked}
+        if shards:
+            self._on_revoke(shards)
+
+    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        assigned = list(assigned)
+        offsets = self._on_assign({tp.partition for tp in assigned})
+        for tp in assigned:
+            role = self.topics.index(tp.topic)
+            position = offsets.get(tp.partition, [None, None])[role]
+            if position is not None:
+                self.consumer.seek(tp, position)
+            else:
+                # No checkpoint: recount from the retained history (auto_offset_reset).
+                if self.consumer.config["auto_offset_reset"] == "latest":
+                    self.consumer.seek_to_end(tp)
+                else:
+                    self.consumer.seek_to_beginning(tp)
+
+
+def commit_offsets(consumer: KafkaConsumer, topics: tuple[str, str], offsets: dict[int, list[int | None]]) -> None:
+    """Mirror checkpointed offsets into the group's Kafka offsets (for lag tools only)."""
+    commit: dict[TopicPartition, OffsetAndMetadata] = {}
+    for shard, pair in offsets.items():
+        for topic, offset in zip(topics, pair, strict=True):
+            if offset is not None:
+                commit[TopicPartition(topic, shard)] = OffsetAndMetadata(offset, "", -1)
+    if commit:
+        consumer.commit_async(offsets=commit)
+
+
+def lag(consumer: KafkaConsumer) -> dict[tuple[str, int], int]:
+    """High-water mark minus position per assigned partition (from the last fetch responses)."""
+    out: dict[tuple[str, int], int] = {}
+    for tp in consumer.assignment():
+        high = consumer.highwater(tp)
+        if high is None:
+            continue
+        try:
+            pos = consumer.position(tp, timeout_ms=0)
+        except (KafkaError, TypeError):
+            pos = None
+        if pos is not None:
+            out[(tp.topic, tp.partition)] = max(0, high - pos)
+    return out
+
+
+class DeadLetters:
+    """Writes rejected records, with their original bytes and provenance, to a topic."""
+
+    def __init__(self, config: Config) -> None:
+        self.topic = config.topics.dead_letters
+        self._config = config
+        self._producer: KafkaProducer | None = None
+        self.sent: dict[str, int] = {}
+        self.failed = 0
+
+    def send(
+        self, role: str, topic: str, partition: int, offset: int, key: bytes | None,
+        value: bytes | None, reason: str, detail: str,
+    ) -> None:  # fmt: skip
+        if self.topic is None:
+            return
+        if self._producer is None:
+            self._producer = KafkaProducer(acks="all", linger_ms=50, **client_options(self._config.kafka))
+        headers = [
+            ("stream_fair.reason", reason.encode()),
+            ("stream_fair.detail", detail.encode("utf-8", "replace")[:1000]),
+            ("stream_fair.source_topic", topic.encode()),
+            ("stream_fair.source_partition", str(partition).encode()),
+            ("stream_fair.source_offset", str(offset).encode()),
+        ]
+        future = self._producer.send(self.topic, value=value, key=key, headers=headers)
+        future.add_callback(self._ok, role).add_errback(self._failed)
+
+    def _ok(self, role: str, _metadata: Any) -> None:
+        self.sent[role] = self.sent.get(role, 0) + 1
+
+    def _failed(self, exc: Exception) -> None:
+        self.failed += 1
+        log.error("dead-letter produce failed: %s", exc)
+
+    def flush(self, timeout: float = 10.0) -> None:
+        if self._producer is not None:
+            self._producer.flush(timeout=timeout)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.flush(timeout=10)
+            self._producer.close(timeout=5)

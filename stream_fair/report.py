@@ -1,0 +1,124 @@
+"""From a raw :class:`~stream_fair.tracker.Snapshot` to per-feature fairness reports.
+
+Counts are kept per (model, cell); here they are summed into each marginal feature and each
+intersection, per window, and handed to :func:`stream_fair.fairness.evaluate_feature`. Pure: the
+exporter and the status page both render a :class:`Report`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from stream_fair.config import Config
+from stream_fair.counts import Key, Quad, add_quads
+from stream_fair.fairness import Counts, FairnessSettings, FeatureReport, evaluate_feature
+from stream_fair.groups import SEPARATOR, FeatureKey, feature_keys
+from stream_fair.tracker import Snapshot
+
+CUMULATIVE = "cumulative"
+
+
+@dataclass(frozen=True)
+class FeatureView:
+    """One (model, feature or intersection, window) with its fairness report."""
+
+    model: str
+    feature: FeatureKey
+    window: str
+    report: FeatureReport
+
+
+@dataclass(frozen=True)
+class TrafficView:
+    """All predictions of a (model, feature) by group, labelled or not (cumulative)."""
+
+    model: str
+    feature: FeatureKey
+    predictions: dict[str, tuple[int, int]]  # group -> (predicted 0, predicted 1)
+    expired: dict[str, int]
+    joined: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Report:
+    snapshot: Snapshot
+    settings: FairnessSettings
+    views: list[FeatureView] = field(default_factory=list)
+    traffic: list[TrafficView] = field(default_factory=list)
+
+    def view(self, model: str, feature: str, window: str = CUMULATIVE) -> FeatureView:
+        for v in self.views:
+            if v.model == model and v.feature.name == feature and v.window == window:
+                return v
+        raise KeyError((model, feature, window))
+
+
+def fairness_settings(config: Config) -> FairnessSettings:
+    fc = config.fairness
+    defaults = FairnessSettings()
+    thresholds = {**dict(defaults.thresholds), **fc.thresholds}
+    return FairnessSettings(
+        credible_level=fc.credible_level,
+        min_samples=fc.min_samples,
+        prior=fc.prior,
+        pooling=fc.pooling,
+        thresholds=thresholds,
+    )
+
+
+def references(config: Config, keys: Sequence[FeatureKey]) -> dict[str, str | None]:
+    """Reference group per key; an intersection's is the join of its parts' references, if all set."""
+    by_index = [f.reference for f in config.fairness.features]
+    out: dict[str, str | None] = {}
+    for key in keys:
+        parts = [by_index[i] for i in key.indices]
+        out[key.name] = None if any(p is None for p in parts) else SEPARATOR.join(parts)  # type: ignore[arg-type]
+    return out
+
+
+def group_quads(cells: Mapping[Key, Quad], key: FeatureKey) -> dict[str, dict[str, Quad]]:
+    """model -> group -> summed (tp, fp, tn, fn) for one feature key."""
+    out: dict[str, dict[str, Quad]] = {}
+    for (model, cell), q in cells.items():
+        groups = out.setdefault(model, {})
+        g = key.group(cell)
+        prev = groups.get(g)
+        groups[g] = q if prev is None else add_quads(prev, q)
+    return out
+
+
+def build_report(snapshot: Snapshot, config: Config) -> Report:
+    """Evaluate every model × feature key × window of a snapshot."""
+    settings = fairness_settings(config)
+    keys = feature_keys([f.name for f in config.fairness.features], config.fairness.intersections)
+    refs = references(config, keys)
+    report = Report(snapshot=snapshot, settings=settings)
+    windows = {CUMULATIVE: snapshot.cumulative, **snapshot.windows}
+    for key in keys:
+        for window, cells in windows.items():
+            for model, groups in sorted(group_quads(cells, key).items()):
+                counts = {g: Counts(*q) for g, q in groups.items()}
+                fr = evaluate_feature(key.name, counts, settings, refs[key.name])
+                report.views.append(FeatureView(model, key, window, fr))
+        report.traffic.extend(_traffic(snapshot, key))
+    return report
+
+
+def _traffic(snapshot: Snapshot, key: FeatureKey) -> list[TrafficView]:
+    preds: dict[str, dict[str, tuple[int, int]]] = {}
+    for (model, cell), (n0, n1) in snapshot.predictions.items():
+        groups = preds.setdefault(model, {})
+        g = key.group(cell)
+        a, b = groups.get(g, (0, 0))
+        groups[g] = (a + n0, b + n1)
+    expired: dict[str, dict[str, int]] = {}
+    for (model, cell), n in snapshot.expired.items():
+        groups_e = expired.setdefault(model, {})
+        g = key.group(cell)
+        groups_e[g] = groups_e.get(g, 0) + n
+    joined = {m: {g: sum(q) for g, q in gs.items()} for m, gs in group_quads(snapshot.cumulative, key).items()}
+    return [
+        TrafficView(model, key, groups, expired.get(model, {}), joined.get(model, {}))
+        for model, groups in sorted(preds.items())
+    ]
