@@ -104,6 +104,7 @@ def run_demo(seconds: float | None = None, port: int = 9800, rate: float = 2000.
     from stream_fair.broker import EmbeddedBroker, create_topics, produce_events
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.ERROR)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -122,9 +123,11 @@ def run_demo(seconds: float | None = None, port: int = 9800, rate: float = 2000.
 
         consumer = threading.Thread(target=consume, name="detector")
         consumer.start()
-        scenario = simulate.SCENARIOS["lending"]()
+        # Event time runs faster than the wall clock (50 predictions per event-second, produced at
+        # ``rate`` per second), so two minutes of label delay pass in a few seconds.
+        scenario = simulate.SCENARIOS["lending"](label_delay_mean_s=120.0)
         events = simulate.messy(
-            simulate.generate(scenario, 50_000_000, seed=7, start_ts=time.time() - 3600, rate_per_s=rate),
+            simulate.generate(scenario, 50_000_000, seed=7, start_ts=time.time() - 3600),
             seed=7, duplicate_rate=0.002, malformed_rate=0.001,
         )
         producer = threading.Thread(
