@@ -102,8 +102,8 @@ class Scenario:
     drift_span: int | None = None
     feedback_cell: str | None = None
     feedback_periods: int = 8
-    share_coupling: float = 1.0
-    base_rate_coupling: float = 0.5
+    share_coupling: float = 0.5
+    base_rate_coupling: float = 0.3
     min_share: float = 0.005
     min_base_rate: float = 0.02
     models: tuple[str, ...] = ("credit-v3",)
