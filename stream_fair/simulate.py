@@ -353,10 +353,9 @@ def _delays(kind: DelayDistribution, mean: np.ndarray, u: np.ndarray) -> np.ndar
     if kind == "uniform":
         return 2 * mean * q
     if kind == "lognormal":  # sigma 1, mu chosen so the mean is ``mean``
-        from statistics import NormalDist
+        from scipy.special import ndtri
 
-        z = np.array([NormalDist().inv_cdf(x) for x in q.tolist()])
-        return np.exp(np.log(np.maximum(mean, 1e-9)) - 0.5 + z)
+        return np.exp(np.log(np.maximum(mean, 1e-9)) - 0.5 + ndtri(q))
     raise ValueError(f"label_delay must be exponential, fixed, uniform or lognormal, not {kind!r}")
 
 

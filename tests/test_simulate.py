@@ -140,6 +140,10 @@ def test_label_delay_distribution() -> None:
     fixed = SCENARIOS["fair"](label_delay="fixed", label_delay_mean_s=60.0)
     j = join(list(generate(fixed, 2_000, seed=2)))
     assert np.allclose(j.outcome_ts - j.ts, 60.0, atol=0.002)
+    lognormal = SCENARIOS["fair"](label_delay="lognormal", label_delay_mean_s=100.0)
+    j = join(list(generate(lognormal, 20_000, seed=2)))
+    assert (j.outcome_ts - j.ts).mean() == pytest.approx(100.0, rel=0.08)
+    assert np.median(j.outcome_ts - j.ts) == pytest.approx(100.0 * np.exp(-0.5), rel=0.08)
     per_group = SCENARIOS["fair"](label_delay_mean_by_cell={"group=A": 600.0})
     j = join(list(generate(per_group, 20_000, seed=2)))
     is_a = j.group("group") == "A"
