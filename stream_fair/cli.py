@@ -78,7 +78,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         )
     try:
         scenario = factory(**_overrides(args.set))
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise StreamFairError(f"--set: {exc}") from None
     if args.create_topics:
         create_topics(

@@ -1,0 +1,221 @@
+"""The tracker and report pipeline: accounting, windows, persistence, and fairlearn after every step."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import numpy as np
+import orjson
+import pandas as pd
+import pytest
+from fairlearn.metrics import MetricFrame, false_positive_rate, selection_rate, true_positive_rate
+from sklearn.metrics import accuracy_score
+
+from stream_fair.config import Config
+from stream_fair.report import CUMULATIVE, build_report
+from stream_fair.tracker import TOPICS, Tracker
+
+FEATURES = {"sex": ["F", "M"], "race": ["A", "B", "C"], "age": ["y", "o"]}
+
+
+def config(**overrides: object) -> Config:
+    base: dict[str, object] = {
+        "fairness": {
+            "features": list(FEATURES),
+            "intersections": [["race", "sex"]],
+            "min_samples": 1,
+        },
+        "windows": ["10m"],
+        "window_resolution": "1m",
+    }
+    base.update(overrides)
+    return Config.model_validate(base)
+
+
+def stream(n: int, seed: int, *, shuffle: bool = True) -> list[tuple[str, bytes, dict[str, object]]]:
+    """Predictions and outcomes (outcomes delayed and shuffled), with the truth attached."""
+    rng = random.Random(seed)
+    events: list[tuple[float, str, bytes, dict[str, object]]] = []
+    for i in range(n):
+        attrs = {f: rng.choice(v) for f, v in FEATURES.items()}
+        ts = 1000.0 + i
+        bias = 0.3 if (attrs["race"], attrs["sex"]) == ("B", "F") else 0.0
+        label = int(rng.random() < 0.4)
+        predicted = int(rng.random() < (0.8 - bias if label else 0.15))
+        row = {"id": f"r{i}", "label": label, "predicted": predicted, **attrs}
+        p = {"id": f"r{i}", "ts": ts, "model": "m", "prediction": predicted, "attributes": attrs}
+        o = {"id": f"r{i}", "ts": ts + 5, "label": label}
+        delay = rng.expovariate(1 / 20) if shuffle else 5
+        events.append((ts, "predictions", orjson.dumps(p), row))
+        events.append((ts + delay, "outcomes", orjson.dumps(o), row))
+    events.sort(key=lambda e: e[0])
+    return [(topic, raw, row) for _, topic, raw, row in events]
+
+
+def feed(tracker: Tracker, topic: str, raw: bytes, offset: int, shard: int = 0) -> None:
+    update = tracker.update_prediction if topic == "predictions" else tracker.update_outcome
+    update(shard, raw, offset)
+
+
+def test_pipeline_rates_equal_fairlearn_after_every_step() -> None:
+    """river-style oracle: every joined pair, every feature and the intersection, every step."""
+    cfg = config()
+    tracker = Tracker(cfg)
+    joined: dict[str, dict[str, object]] = {}
+    seen: dict[str, set[str]] = {"predictions": set(), "outcomes": set()}
+    offsets = {"predictions": 0, "outcomes": 0}
+    metrics = {"selection_rate": selection_rate, "true_positive_rate": true_positive_rate,
+               "false_positive_rate": false_positive_rate, "accuracy": accuracy_score}
+    for step, (topic, raw, row) in enumerate(stream(150, seed=3)):
+        feed(tracker, topic, raw, offsets[topic])
+        offsets[topic] += 1
+        seen[topic].add(str(row["id"]))
+        if row["id"] in seen["predictions"] and row["id"] in seen["outcomes"]:
+            joined[str(row["id"])] = row
+        if len(joined) < 2 or step % 3:
+            continue
+        df = pd.DataFrame(list(joined.values()))
+        df["race&sex"] = df["race"] + "&" + df["sex"]
+        report = build_report(tracker.snapshot(), cfg)
+        for feature in ["sex", "race", "age", "race&sex"]:
+            view = report.view("m", feature, CUMULATIVE)
+            mf = MetricFrame(metrics=metrics, y_true=df["label"], y_pred=df["predicted"],
+                             sensitive_features=df[feature])
+            by_group = mf.by_group
+            assert sorted(view.report.groups) == sorted(by_group.index)
+            for group, gr in view.report.groups.items():
+                sub = df[df[feature] == group]
+                assert gr.counts.n == len(sub)
+                for name in metrics:
+                    if name in gr.rates:
+                        assert gr.rates[name].value == pytest.approx(by_group.loc[group, name], abs=1e-12)
+                    else:  # the rate's denominator is empty for this group
+                        positives = int(sub["label"].sum())
+                        assert (name == "true_positive_rate" and positives == 0) or (
+                            name == "false_positive_rate" and positives == len(sub)
+                        )
+
+
+def test_accounting_identity_with_messy_input_at_every_step() -> None:
+    cfg = config(join={"ttl": "30s"})
+    tracker = Tracker(cfg)
+    rng = random.Random(5)
+    events = [(t, raw) for t, raw, _ in stream(300, seed=5)]
+    events += [("predictions", b"{not json"), ("outcomes", b'{"id": "x", "ts": 1, "label": 7}'),
+               ("predictions", b"[1, 2]"), ("outcomes", None)]  # type: ignore[list-item]
+    events += rng.sample(events, 40)  # redeliveries of the same records
+    rng.shuffle(events)
+    offsets = {"predictions": 0, "outcomes": 0}
+    for topic, raw in events:
+        feed(tracker, topic, raw, offsets[topic], shard=rng.randrange(1))
+        offsets[topic] += 1
+        snap = tracker.snapshot()
+        for t in TOPICS:
+            assert snap.consumed[t] == sum(snap.fates[t].values()) + snap.pending[t]
+            assert snap.fates[t]["rejected"] == sum(snap.rejected[t].values())
+    snap = tracker.snapshot()
+    assert snap.consumed == offsets
+    assert snap.fates["predictions"]["duplicate"] > 0
+    assert snap.fates["predictions"]["rejected"] == 2
+    assert snap.rejected["outcomes"] == {"invalid_label": 1, "invalid_json": 1}
+    assert snap.fates["predictions"]["expired"] > 0  # the 30 s ttl against up to ~100 s delays
+    assert snap.fates["predictions"]["orphan"] == 0 and snap.fates["outcomes"]["expired"] == 0
+    expired_by_cell = sum(snap.expired.values())
+    assert expired_by_cell == snap.fates["predictions"]["expired"]
+
+
+def test_window_counts_only_recent_predictions() -> None:
+    cfg = config(windows=["10m"], window_resolution="1m")
+    tracker = Tracker(cfg)
+    offsets = {"predictions": 0, "outcomes": 0}
+    for topic, raw, _ in stream(2000, seed=1, shuffle=False):
+        feed(tracker, topic, raw, offsets[topic])
+        offsets[topic] += 1
+    snap = tracker.snapshot()
+    window = snap.windows["10m"]
+    in_window = sum(sum(q) for q in window.values())
+    # predictions at 1000..2999 s, one per second; watermark 3004 s (last outcome): the window
+    # covers the 10 one-minute buckets ending with the watermark's, i.e. ts >= 2460
+    assert in_window == 2999 - 2460 + 1
+    assert sum(sum(q) for q in snap.cumulative.values()) == 2000
+
+
+def test_state_round_trip_then_identical_results() -> None:
+    cfg = config()
+    events = stream(400, seed=9)
+    a = Tracker(cfg)
+    offsets = {"predictions": 0, "outcomes": 0}
+    for topic, raw, _ in events[:500]:
+        feed(a, topic, raw, offsets[topic])
+        offsets[topic] += 1
+    b = Tracker(cfg)
+    b.load_shard(0, orjson.loads(orjson.dumps(a.shard_state(0))))
+    b.load_global(orjson.loads(orjson.dumps(a.global_state())))
+    for topic, raw, _ in events[500:]:
+        for t in (a, b):
+            feed(t, topic, raw, offsets[topic])
+        offsets[topic] += 1
+    sa, sb = a.snapshot(), b.snapshot()
+    assert sa.cumulative == sb.cumulative and sa.windows == sb.windows
+    assert sa.fates == sb.fates and sa.pending == sb.pending and sa.predictions == sb.predictions
+    assert b.shards[0].offsets == [offsets["predictions"], offsets["outcomes"]]
+
+
+def test_cardinality_overflow_folds_into_other_and_is_counted() -> None:
+    cfg = config(fairness={"features": [{"name": "zip", "cardinality_limit": 3}], "min_samples": 1})
+    tracker = Tracker(cfg)
+    for i in range(10):
+        raw = orjson.dumps({"id": i, "ts": i, "model": "m", "prediction": 1, "attributes": {"zip": f"z{i}"}})
+        tracker.update_prediction(0, raw, i)
+    snap = tracker.snapshot()
+    groups = sorted(cell[0] for (_, cell) in snap.predictions)
+    assert groups == ["__other__", "z0", "z1", "z2"]
+    assert snap.overflow == {"zip": 7}
+    assert snap.predictions[("m", ("__other__",))] == (0, 7)
+
+
+def test_intersection_reference_and_exclusion_of_reserved_groups() -> None:
+    cfg = Config.model_validate({"fairness": {
+        "features": [{"name": "sex", "reference": "M"}, {"name": "race", "reference": "A"}],
+        "intersections": [["race", "sex"]], "min_samples": 1}})
+    tracker = Tracker(cfg)
+    rows = [("M", "A", 1, 1), ("F", "B", 1, 0), ("F", None, 1, 0), ("M", "B", 0, 0), ("F", "A", 0, 1)]
+    for i, (sex, race, label, pred) in enumerate(rows * 5):
+        attrs = {"sex": sex} if race is None else {"sex": sex, "race": race}
+        tracker.update_prediction(0, orjson.dumps({"id": i, "ts": i, "prediction": pred, "attributes": attrs}), i)
+        tracker.update_outcome(0, orjson.dumps({"id": i, "ts": i, "label": label}), i)
+    report = build_report(tracker.snapshot(), cfg)
+    view = report.view("default", "race&sex")
+    assert view.report.reference == "A&M"
+    assert "__missing__&F" in view.report.groups
+    assert not view.report.groups["__missing__&F"].eligible
+
+
+def test_pure_core_imports_neither_kafka_nor_prometheus() -> None:
+    core = ["config", "events", "decode", "join", "groups", "counts", "fairness", "disparity",
+            "tracker", "report", "simulate", "state", "sequential"]
+    code = (
+        "import sys, importlib\n"
+        f"for m in {core!r}: importlib.import_module('stream_fair.' + m)\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('kafka', 'prometheus_client')]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_snapshot_is_a_copy() -> None:
+    cfg = config()
+    tracker = Tracker(cfg)
+    offsets = {"predictions": 0, "outcomes": 0}
+    for topic, raw, _ in stream(50, seed=2, shuffle=False):
+        feed(tracker, topic, raw, offsets[topic])
+        offsets[topic] += 1
+    snap = tracker.snapshot()
+    before = dict(snap.cumulative)
+    for topic, raw, _ in stream(50, seed=4, shuffle=False):
+        feed(tracker, topic, raw.replace(b'"r', b'"s'), offsets[topic])
+        offsets[topic] += 1
+    assert snap.cumulative == before
+    assert np.sum([sum(q) for q in tracker.snapshot().cumulative.values()]) == 100
