@@ -49,7 +49,8 @@ change inside an epoch that crosses the threshold (then the sequence covers a mi
 False
 >>> unfair = {"A": Counts(800, 100, 900, 200), "B": Counts(500, 100, 900, 500)}
 >>> v = disparity_verdict(unfair, settings)
->>> v.flagged["equal_opportunity_difference"], round(v.disparities["equal_opportunity_difference"].value, 2)
+>>> eo = "equal_opportunity_difference"
+>>> v.flagged[eo], round(v.disparities[eo].value, 2)
 (True, 0.3)
 """
 
@@ -268,7 +269,7 @@ def disparity_verdict(
         for i, g in enumerate(groups):
             if den[i] > 0:
                 rates[(rate, g)] = Bounds(float(value[i]), float(lo[i]), float(hi[i]))
-        eligible[rate] = tuple(g for g, e in zip(groups, ok) if e)
+        eligible[rate] = tuple(g for g, e in zip(groups, ok, strict=False) if e)
         per_rate[rate] = (value[ok], lo[ok], hi[ok])
     disparities: dict[str, Bounds] = {}
     flagged: dict[str, bool] = {}
@@ -284,7 +285,9 @@ def disparity_verdict(
                 float(max(0.0, lo.max() - hi.min())),
                 float(hi.max() - lo.min()),
             )
-            best = b if best is None else Bounds(*(max(x, y) for x, y in zip(best, b)))
+            best = (
+                b if best is None else Bounds(*(max(x, y) for x, y in zip(best, b, strict=False)))
+            )
         if best is not None:
             disparities[name] = best
             flagged[name] = best.lower > settings.threshold
@@ -294,7 +297,7 @@ def disparity_verdict(
 
 
 def _sub(a: Sequence[int], b: Sequence[int]) -> Counts:
-    return Counts(*(int(x) - int(y) for x, y in zip(a, b)))
+    return Counts(*(int(x) - int(y) for x, y in zip(a, b, strict=False)))
 
 
 @dataclass
@@ -303,7 +306,8 @@ class SequentialDisparity:
 
     Feed it the feature's *cumulative* per-group counts whenever convenient (at every scrape, or
     every k events); it starts a new epoch (baseline = the counts passed) at the first update at
-    least ``epoch_events`` labelled events after the previous start, keeps ``epochs_alive`` baselines, and returns the verdict of the live epoch
+    least ``epoch_events`` labelled events after the previous start, keeps ``epochs_alive``
+    baselines, and returns the verdict of the live epoch
     with the largest evidence (flagged if any epoch flags). Epoch starts depend only on how many
     pairs arrived, never on their labels, so each epoch's sequences keep their guarantee.
 
@@ -331,7 +335,7 @@ class SequentialDisparity:
         del self.epoch_starts[: -self.settings.epochs_alive]
         del self.baselines[: -self.settings.epochs_alive]
         best: Verdict | None = None
-        for start, base in zip(self.epoch_starts, self.baselines):
+        for start, base in zip(self.epoch_starts, self.baselines, strict=False):
             counts = {g: _sub(c, base.get(g, (0, 0, 0, 0))) for g, c in cumulative.items()}
             v = disparity_verdict(counts, self.settings, epoch=start)
             if best is None or _evidence(v) > _evidence(best):

@@ -16,7 +16,8 @@ resolved predictions; its lower bound uses the same time-uniform beta-mixture se
 disparity verdict (:func:`stream_fair.sequential.rate_bounds`), so ``flagged`` may be read at
 every scrape.
 
->>> gap = coverage_gap({"A": (900, 100), "B": (300, 700)}, min_samples=100, threshold=0.1, alpha=0.01)
+>>> resolved = {"A": (900, 100), "B": (300, 700)}
+>>> gap = coverage_gap(resolved, min_samples=100, threshold=0.1, alpha=0.01)
 >>> round(gap.value, 2), gap.flagged
 (0.6, True)
 """
@@ -71,5 +72,6 @@ def coverage_gap(
     lo, hi = rate_bounds(j, n, alpha / len(groups))
     c = j / n
     lower = max(0.0, float(lo.max() - hi.min()))
-    return CoverageGap(float(c.max() - c.min()), lower, float(hi.max() - lo.min()),
-                       lower > threshold, groups)
+    return CoverageGap(
+        float(c.max() - c.min()), lower, float(hi.max() - lo.min()), lower > threshold, groups
+    )

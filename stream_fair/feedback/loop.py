@@ -58,11 +58,12 @@ def loop_pairs(
     """The centred (x, y) pairs of consecutive periods ``{group: (predictions, positives)}``."""
     xs: list[float] = []
     ys: list[float] = []
-    for now, nxt in zip(periods, periods[1:]):
+    for now, nxt in zip(periods, periods[1:], strict=False):
         tot_now = sum(n for n, _ in now.values())
         tot_nxt = sum(n for n, _ in nxt.values())
         groups = [
-            g for g, (n, _) in now.items()
+            g
+            for g, (n, _) in now.items()
             if n >= min_predictions and nxt.get(g, (0, 0))[0] >= min_predictions
         ]
         if len(groups) < 2 or not tot_now or not tot_nxt:

@@ -6,7 +6,7 @@ For a feature with groups :math:`g` and, in one period, :math:`N_g` predictions 
 .. math::
     \\mathrm{share}_g = \\frac{N_g}{\\sum_h N_h}, \\qquad
     \\mathrm{exposure}_g = \\frac{P_g / \\sum_h P_h}{N_g / \\sum_h N_h}
-                         = \\frac{\\mathrm{selection\\_rate}_g}{\\mathrm{selection\\_rate}_{overall}}
+                         = \\frac{\\mathrm{sr}_g}{\\mathrm{sr}_{overall}}
 
 An exposure ratio of 1 means the group gets its traffic's worth of positive decisions; below 1 it
 is under-exposed. The *reference* share is the share pooled over the first ``reference_periods``
