@@ -6,6 +6,7 @@ join buffer or counts): it walks the produced event list and applies the documen
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -25,7 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 T = TypeVar("T")
 
 # Consumer-group timings under which Tansu completes a join in seconds (docs: ENVIRONMENT.md).
-FAST_KAFKA = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 2000, "max_poll_interval_ms": 10000}
+FAST_KAFKA = {
+    "session_timeout_ms": 6000, "heartbeat_interval_ms": 2000, "max_poll_interval_ms": 10000
+}
 LENDING_FEATURES = ("sex", "race", "age")
 LENDING_INTERSECTIONS = (("race", "sex"),)
 ACTUAL_PREDICTED = ((1, 1), (0, 1), (0, 0), (1, 0))
@@ -111,7 +114,7 @@ def wait_consumed(port: int, counts: tuple[int, int], timeout: float) -> Scrape:
 
 
 def accounting_holds(s: Scrape) -> dict[str, tuple[float, float, float]]:
-    """Per topic (consumed, sum of fates, pending); the caller asserts consumed == fates + pending."""
+    """Per topic: (consumed, sum of fates, pending)."""
     out = {}
     for topic in ("predictions", "outcomes"):
         fates = sum(s.by("stream_fair_event_fates_total", ["fate"], topic=topic).values())
@@ -221,7 +224,8 @@ def recount(
         label = int(o["label"])
         exp.joined.append({"model": model, **attrs, "y_true": label, "y_pred": predicted})
         for key in keys:
-            exp.confusion[model, "&".join(key), group_of(attrs, key), str(label), str(predicted)] += 1
+            cell = (model, "&".join(key), group_of(attrs, key))
+            exp.confusion[(*cell, str(label), str(predicted))] += 1
     return exp
 
 
@@ -304,10 +308,8 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
     """Kill a process we started (SIGKILL) and reap it; no-op when it already exited."""
     if proc.poll() is None:
         proc.kill()
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def paced(events: Iterable[T], per_second: float, chunk: int = 200) -> Iterable[T]:
