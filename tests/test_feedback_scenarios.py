@@ -1,0 +1,58 @@
+"""Loop indicator and coverage gap on the simulator's scenarios, against the disparity verdict."""
+
+from __future__ import annotations
+
+from stream_fair.feedback import FeedbackMonitor, FeedbackSettings
+from stream_fair.groups import feature_keys
+from stream_fair.sequential import Counts, SequentialDisparity, SequentialSettings
+from stream_fair.simulate import SCENARIOS, generate
+
+QUAD = {(1, 1): 0, (1, 0): 1, (0, 0): 2, (0, 1): 3}
+
+
+def _first_flags(name: str, n: int, seed: int, **kw: float) -> dict[str, int | None]:
+    monitor = FeedbackMonitor(
+        feature_keys(["group"], []), FeedbackSettings(period=100.0, reference_periods=2)
+    )
+    verdict = SequentialDisparity(SequentialSettings())
+    pending: dict[str, tuple[tuple[str, ...], int, float]] = {}
+    cum = {g: [0, 0, 0, 0] for g in "ABCDE"}
+    first: dict[str, int | None] = {"coverage": None, "loop": None, "disparity": None}
+    preds = 0
+    for kind, ev in generate(SCENARIOS[name](**kw), n, seed=seed):
+        if kind == "outcome":
+            hit = pending.pop(ev["id"], None)
+            if hit is not None:
+                cell, p, ts = hit
+                monitor.on_joined("m", cell, p, int(ev["label"]), ts, float(ev["ts"]))
+                cum[cell[0]][QUAD[(p, int(ev["label"]))]] += 1
+            continue
+        cell, p, ts = (ev["attributes"]["group"],), int(ev["prediction"]), float(ev["ts"])
+        pending[ev["id"]] = (cell, p, ts)
+        monitor.on_prediction("m", cell, p, ts)
+        preds += 1
+        if preds % 5000:
+            continue
+        for key in [k for k, v in pending.items() if ts - v[2] > 1800.0]:
+            c, _, t0 = pending.pop(key)
+            monitor.on_expired("m", c, t0)
+        f = monitor.snapshot().features[("m", "group")]
+        if first["coverage"] is None and f.label_coverage_gap and f.label_coverage_gap.flagged:
+            first["coverage"] = preds
+        if first["loop"] is None and f.feedback_loop and f.feedback_loop.amplifying:
+            first["loop"] = preds
+        v = verdict.update({g: Counts(*c) for g, c in cum.items()})
+        if first["disparity"] is None and any(v.flagged.values()):
+            first["disparity"] = preds
+    return first
+
+
+def test_loop_indicator_flags_feedback_loop_before_disparity_verdict() -> None:
+    first = _first_flags("feedback_loop", 100_000, seed=1, tpr_gap=0.03)
+    assert first["loop"] is not None
+    assert first["disparity"] is None or first["loop"] < first["disparity"]
+
+
+def test_coverage_gap_flags_selective_labels_and_not_fair() -> None:
+    assert _first_flags("selective_labels", 100_000, seed=1)["coverage"] is not None
+    assert _first_flags("fair", 100_000, seed=1)["coverage"] is None
