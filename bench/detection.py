@@ -9,10 +9,11 @@ Joined pairs are drawn directly with numpy (every prediction labelled, as in the
 40/30/15/10/5%, base rate 0.3, TPR 0.8, FPR 0.1; ``bias_onset`` drops E's TPR by 0.10 at half the
 stream (``stream_fair.simulate.SCENARIOS``). Cumulative per-group counts are formed every 1,000
 events and handed to the product's verdict code
-(:class:`stream_fair.sequential.SequentialDisparity`), so only the event generation is vectorised. The naive rule: TPR gap (max - min point estimate over
-groups with >= 100 labelled events in the last 20,000 events) above 0.05, checked every 1,000
-events. A false alarm is a flagged check on the fair stream (or before onset); delays count the
-affected group's events after onset up to the first flagged check after onset.
+(:class:`stream_fair.sequential.SequentialDisparity`), so only the event generation is vectorised.
+The naive rule: TPR gap (max - min point estimate over groups with >= 100 labelled events in the
+last 20,000 events) above 0.05, checked every 1,000 events. A false alarm is a flagged check on
+the fair stream; delays count the affected group's events after onset up to the first flagged
+check after onset.
 
 The selective-labels and feedback-loop rows run the real event stream of
 ``stream_fair.simulate.generate`` through :class:`stream_fair.feedback.FeedbackMonitor` and compare
