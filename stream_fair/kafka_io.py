@@ -8,8 +8,9 @@ committed to Kafka after each checkpoint, for lag tooling only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -47,22 +48,43 @@ def client_options(k: KafkaConfig) -> dict[str, Any]:
     return opts
 
 
+@contextlib.contextmanager
+def _quiet_kafka_logs() -> Iterator[None]:
+    """Silence kafka-python while connecting: a failure is reported once, as a BrokerError.
+
+    Its own log would add a line per failed attempt (ERROR, then WARNING with backoff).
+    """
+    kafka_log = logging.getLogger("kafka")
+    level = kafka_log.level
+    kafka_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        kafka_log.setLevel(level)
+
+
 def make_consumer(config: Config) -> KafkaConsumer:
     k = config.kafka
+    extra: dict[str, Any] = {}
+    if "bootstrap_timeout_ms" in KafkaConsumer.DEFAULT_CONFIG:  # kafka-python >= 2.1
+        # Otherwise an unreachable cluster takes 30 s to report, whatever request_timeout_ms says.
+        extra["bootstrap_timeout_ms"] = k.request_timeout_ms
     try:
-        return KafkaConsumer(
-            group_id=k.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset=k.auto_offset_reset,
-            session_timeout_ms=k.session_timeout_ms,
-            heartbeat_interval_ms=k.heartbeat_interval_ms,
-            max_poll_interval_ms=k.max_poll_interval_ms,
-            max_poll_records=k.max_poll_records,
-            fetch_max_bytes=k.fetch_max_bytes,
-            # The range assignor gives partition p of both topics to the same member: the join
-            # needs a prediction and its outcome (same key) in the same shard.
-            **client_options(k),
-        )
+        with _quiet_kafka_logs():
+            return KafkaConsumer(
+                group_id=k.group_id,
+                enable_auto_commit=False,
+                auto_offset_reset=k.auto_offset_reset,
+                session_timeout_ms=k.session_timeout_ms,
+                heartbeat_interval_ms=k.heartbeat_interval_ms,
+                max_poll_interval_ms=k.max_poll_interval_ms,
+                max_poll_records=k.max_poll_records,
+                fetch_max_bytes=k.fetch_max_bytes,
+                # The range assignor gives partition p of both topics to the same member: the
+                # join needs a prediction and its outcome (same key) in the same shard.
+                **client_options(k),
+                **extra,
+            )
     except KafkaError as exc:
         raise BrokerError(
             f"kafka error: cannot connect to kafka.bootstrap_servers={k.bootstrap_servers!r} "
