@@ -201,6 +201,8 @@ def hook_cost(n: int = 300_000) -> float:
 
 def fmt(xs: list[float]) -> str:
     a = np.array(xs)
+    if np.isinf(a).all():
+        return f"never ({a.size} missed)"
     if np.isinf(a).any():
         missed = int(np.isinf(a).sum())
         return f"{np.median(a):.0f} / {np.percentile(a, 90):.0f} / max inf ({missed} missed)"
