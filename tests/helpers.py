@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -108,7 +109,9 @@ def wait_consumed(port: int, counts: tuple[int, int], timeout: float) -> Scrape:
 
     def done() -> Scrape | None:
         s = scrape(port)
-        return s if consumed(s) == counts else None
+        seen = consumed(s)
+        assert seen[0] <= counts[0] and seen[1] <= counts[1], f"consumed {seen} > {counts}"
+        return s if seen == counts else None
 
     return wait_for(done, timeout, f"consumed counts {counts}")
 
@@ -312,12 +315,21 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=10)
 
 
-def paced(events: Iterable[T], per_second: float, chunk: int = 200) -> Iterable[T]:
-    """Yield events at about ``per_second``, so consumption can be observed mid-stream."""
-    start = time.monotonic()
+def paced(
+    events: Iterable[T], per_second: float, chunk: int = 200, gate: threading.Event | None = None
+) -> Iterable[T]:
+    """Yield events at about ``per_second``, so consumption can be observed mid-stream.
+
+    While ``gate`` is cleared the stream pauses (at most 120 s), e.g. while a consumer restarts.
+    """
+    start, base = time.monotonic(), 0
     for i, e in enumerate(events, 1):
         yield e
-        if i % chunk == 0:
-            ahead = i / per_second - (time.monotonic() - start)
-            if ahead > 0:
-                time.sleep(ahead)
+        if i % chunk:
+            continue
+        if gate is not None and not gate.is_set():
+            gate.wait(120)
+            start, base = time.monotonic(), i
+        ahead = (i - base) / per_second - (time.monotonic() - start)
+        if ahead > 0:
+            time.sleep(ahead)

@@ -9,6 +9,8 @@ SIGTERM: status 0, a final checkpoint, and an exact resume.
 
 from __future__ import annotations
 
+import ast
+import re
 import signal
 import subprocess
 import threading
@@ -55,11 +57,14 @@ def _events(n: int, seed: int) -> list[tuple[str, Any]]:
 
 
 class Producer(threading.Thread):
-    """Produces the events at a steady pace in the background."""
+    """Produces the events at a steady pace in the background; pauses while told to."""
 
     def __init__(self, bootstrap: str, topics: Any, events: list[Any], per_second: float) -> None:
         super().__init__(name="producer", daemon=True)
-        self.args = (bootstrap, topics.predictions, topics.outcomes, paced(events, per_second))
+        self.running = threading.Event()  # cleared: the producer pauses
+        self.running.set()
+        stream = paced(events, per_second, gate=self.running)
+        self.args = (bootstrap, topics.predictions, topics.outcomes, stream)
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -72,15 +77,21 @@ class Producer(threading.Thread):
 class Service:
     """Starts ``stream-fair run`` subprocesses on one config file, each on a fresh port."""
 
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config, self.log = config, log
+    def __init__(self, config: Path) -> None:
+        self.config = config
         self.procs: list[subprocess.Popen[bytes]] = []
         self.port = 0
+
+    @property
+    def log(self) -> Path:
+        """The current run's log (stderr and stdout)."""
+        return self.config.parent / f"run-{len(self.procs)}.log"
 
     def start(self) -> subprocess.Popen[bytes]:
         self.port = free_port()
         env = cli_env(STREAM_FAIR_EXPORTER__PORT=str(self.port))
-        proc = start_cli("run", "--config", str(self.config), log=self.log, env=env)
+        log = self.config.parent / f"run-{len(self.procs) + 1}.log"
+        proc = start_cli("run", "--config", str(self.config), log=log, env=env)
         self.procs.append(proc)
         wait_for(lambda: proc.poll() is not None or scrape(self.port), 30,
                  f"the exporter of run #{len(self.procs)}")
@@ -98,6 +109,18 @@ class Service:
                 return s
             assert time.monotonic() < deadline, f"consumed {consumed(s)}, wanted {at_least}"
             time.sleep(0.05)
+
+    def resumed_at(self, timeout: float = 30) -> dict[int, list[int | None]]:
+        """Per shard, the offsets this run's first assignment resumed at (from its INFO log)."""
+
+        def parse() -> dict[int, list[int | None]] | None:
+            found: dict[int, list[int | None]] = {}
+            for m in re.finditer(r"partitions assigned: .*? \(resuming at (\{.*\})\)", self.tail()):
+                for shard, offsets in ast.literal_eval(m.group(1)).items():
+                    found.setdefault(shard, offsets)
+            return found if len(found) == 2 else None
+
+        return wait_for(parse, timeout, "both partitions assigned in the log")
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
@@ -136,7 +159,11 @@ def _assert_exact(s: Scrape, exp: Expected) -> None:
 def _setup(bootstrap: str, topics: Any, group_id: str, tmp_path: Path, **state: Any) -> Path:
     create_topics(bootstrap, [topics.predictions, topics.outcomes], partitions=2)
     create_topics(bootstrap, [topics.dead_letters], partitions=1)
-    cfg = detector_config(bootstrap, topics, group_id, tmp_path / "state.db", state=state)
+    # A SIGKILLed member stays in the group until its session times out and the rebalance
+    # (max_poll_interval_ms) completes: shorter timings keep each restart's join short.
+    fast = {"session_timeout_ms": 3000, "heartbeat_interval_ms": 1000, "max_poll_interval_ms": 4000}
+    cfg = detector_config(bootstrap, topics, group_id, tmp_path / "state.db", state=state,
+                          kafka=fast, log_level="INFO")  # the log says where each run resumed
     return write_config(tmp_path / "stream-fair.yaml", cfg)
 
 
@@ -149,8 +176,8 @@ def test_kill_9_three_times_then_exact_counts(
     assert total > 24_000 and exp.fates["predictions"]["duplicate"] > 500
     config = _setup(kafka_bootstrap, topic_names, group_id, tmp_path,
                     checkpoint_interval="1s", checkpoint_events=3000)
-    service = Service(config, tmp_path / "run.log")
-    producer = Producer(kafka_bootstrap, topic_names, events, per_second=1_200)
+    service = Service(config)
+    producer = Producer(kafka_bootstrap, topic_names, events, per_second=2_500)
     replayed = []
     try:
         proc = service.start()
@@ -158,13 +185,19 @@ def test_kill_9_three_times_then_exact_counts(
         for fraction in (0.2, 0.5, 0.8):
             s = service.scrape_until(proc, int(fraction * total), timeout=60)
             proc.kill()  # SIGKILL: no shutdown code runs
+            # pause production while the service is down, so each kill lands mid-stream however
+            # long the restart takes (the consumer still catches up with a backlog)
+            producer.running.clear()
             assert proc.wait(timeout=10) == -signal.SIGKILL
             seen = consumed(s)
             assert sum(seen) < total, f"the stream was already consumed at the {fraction:.0%} kill"
             stored = _stored(config)
             replayed.append(sum(sum(st["consumed"]) for st in stored.values()) < sum(seen))
             proc = service.start()
-        producer.join(timeout=120)
+            # the restart resumes exactly at the last checkpoint, not at the start of the topics
+            assert service.resumed_at() == {i: st["offsets"] for i, st in stored.items()}
+            producer.running.set()
+        producer.join(timeout=60)
         assert producer.error is None, producer.error
         s = wait_consumed(service.port, (exp.consumed["predictions"], exp.consumed["outcomes"]), 60)
         _assert_exact(s, exp)
@@ -173,6 +206,7 @@ def test_kill_9_three_times_then_exact_counts(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, service.tail()
     finally:
+        producer.running.set()
         service.close()
         producer.join(timeout=5)
 
@@ -186,7 +220,7 @@ def test_sigterm_exits_0_with_final_checkpoint_and_resumes(
     # no periodic checkpoint can happen: what the file holds after SIGTERM is the final one
     config = _setup(kafka_bootstrap, topic_names, group_id, tmp_path,
                     checkpoint_interval="1h", checkpoint_events=10_000_000)
-    service = Service(config, tmp_path / "run.log")
+    service = Service(config)
     producer = Producer(kafka_bootstrap, topic_names, events, per_second=2_500)
     try:
         proc = service.start()
@@ -203,6 +237,7 @@ def test_sigterm_exits_0_with_final_checkpoint_and_resumes(
             next_offsets = [o or 0 for o in st["offsets"]]
             assert next_offsets == st["consumed"], shard
         proc = service.start()
+        assert service.resumed_at() == {i: st["offsets"] for i, st in stored.items()}
         producer.join(timeout=60)
         assert producer.error is None, producer.error
         s = wait_consumed(service.port, (exp.consumed["predictions"], exp.consumed["outcomes"]), 60)
@@ -210,5 +245,6 @@ def test_sigterm_exits_0_with_final_checkpoint_and_resumes(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, service.tail()
     finally:
+        producer.running.set()
         service.close()
         producer.join(timeout=5)
