@@ -98,6 +98,12 @@ def scrape(port: int, timeout: float = 5.0) -> Scrape:
         return parse_metrics(resp.read().decode())
 
 
+def ready(port: int) -> bool:
+    """/readyz answers 200: partitions assigned and state loaded (503 raises HTTPError)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
+        return bool(resp.status == 200)
+
+
 def consumed(s: Scrape) -> tuple[int, int]:
     p = s.get("stream_fair_events_consumed_total", topic="predictions")
     o = s.get("stream_fair_events_consumed_total", topic="outcomes")
