@@ -58,7 +58,22 @@ ANNOUNCED_METRICS: frozenset[str] = frozenset(
 PROMETHEUS_BUILTINS: frozenset[str] = frozenset({"up", "ALERTS", "ALERTS_FOR_STATE"})
 
 _KEYWORDS = frozenset(
-    "and or unless by without on ignoring group_left group_right bool offset atan2 inf nan".split()
+    [
+        "and",
+        "or",
+        "unless",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "bool",
+        "offset",
+        "atan2",
+        "inf",
+        "nan",
+    ]
 )
 _COUNTER_FUNCTIONS = frozenset({"rate", "increase", "irate"})
 _VARIABLE = re.compile(r"\$\{(\w+)(?::[^}]*)?\}|\[\[(\w+)(?::[^\]]*)?\]\]|\$(\w+)")
@@ -86,7 +101,9 @@ def substitute(expr: str, variables: Mapping[str, str]) -> str:
     def replace(match: re.Match[str]) -> str:
         name = match.group(1) or match.group(2) or match.group(3)
         if name not in values:
-            raise KeyError(f"no value for Grafana variable ${name} in {expr!r}; pass it in variables")
+            raise KeyError(
+                f"no value for Grafana variable ${name} in {expr!r}; pass it in variables"
+            )
         return values[name]
 
     return _VARIABLE.sub(replace, expr)

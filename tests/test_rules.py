@@ -210,7 +210,9 @@ def test_alert_labels_and_annotations(rule: dict[str, Any]) -> None:
 
 def test_runbook_anchors_exist() -> None:
     anchors = github_anchors(RUNBOOKS.read_text())
-    missing = [r["alert"] for r in ALERTS if r["annotations"]["runbook_url"].split("#")[1] not in anchors]
+    missing = [
+        r["alert"] for r in ALERTS if r["annotations"]["runbook_url"].split("#")[1] not in anchors
+    ]
     assert not missing, f"docs/runbooks.md has no section for {missing}"
 
 
@@ -257,10 +259,11 @@ def test_counters_are_summed_across_replicas_before_dividing() -> None:
     """Raw counters enter only through `sum without (instance, pod) (increase(...))`."""
     for rule in RECORDS:
         if any(n.endswith("_total") for n in metric_names(rule["expr"])):
-            assert re.fullmatch(
-                r"sum without \(instance, pod\) \(increase\(stream_fair_confusion_total\[1[hd]\]\)\)",
-                rule["expr"].strip(),
-            ), rule["record"]
+            first_level = (
+                r"sum without \(instance, pod\) "
+                r"\(increase\(stream_fair_confusion_total\[1[hd]\]\)\)"
+            )
+            assert re.fullmatch(first_level, rule["expr"].strip()), rule["record"]
 
 
 def test_recording_rules_cover_both_windows() -> None:
