@@ -104,36 +104,17 @@ class Detector:
             self.server.stop()
             raise
         dead = kafka_io.DeadLetters(cfg)
-        self._consumer, self._dead, self._topics = consumer, dead, topics
+        self.attach(consumer, dead)
         listener = kafka_io.ShardListener(consumer, topics, self._on_revoke, self._on_assign)
         consumer.subscribe(list(topics), listener=listener)
-        update_p, update_o = self.tracker.update_prediction, self.tracker.update_outcome
         last_lag = 0.0
         try:
             while not stop.is_set():
                 batches = consumer.poll(timeout_ms=200, max_records=cfg.kafka.max_poll_records)
                 self.health.heartbeat = time.monotonic()
-                n = 0
-                with self.lock:
-                    for tp, records in batches.items():
-                        is_pred = tp.topic == topics[0]
-                        update = update_p if is_pred else update_o
-                        part = tp.partition
-                        for r in records:
-                            rejection = update(part, r.value, r.offset, r.timestamp)
-                            if rejection is not None:
-                                dead.send(
-                                    roles[tp.topic], tp.topic, part, r.offset, r.key, r.value,
-                                    rejection.reason, rejection.detail,
-                                )  # fmt: skip
-                        n += len(records)
-                self._events_since_checkpoint += n
+                self.process(batches)
                 now = time.monotonic()
-                if (
-                    self._events_since_checkpoint >= cfg.state.checkpoint_events
-                    or now - self._last_checkpoint_mono >= cfg.state.checkpoint_interval
-                ):
-                    self.checkpoint()
+                self.maybe_checkpoint(now)
                 if now - last_lag >= _LAG_EVERY:
                     last_lag = now
                     self.stats.lag = {
@@ -151,6 +132,42 @@ class Detector:
                 self.store.close()
                 self.server.stop()
                 log.info("stopped cleanly")
+
+    def process(self, batches: dict[Any, list[Any]]) -> int:
+        """Account for one poll's records (kafka-python ``{TopicPartition: [ConsumerRecord]}``)."""
+        predictions = self._topics[0]
+        update_p, update_o = self.tracker.update_prediction, self.tracker.update_outcome
+        dead = self._dead
+        n = 0
+        with self.lock:
+            for tp, records in batches.items():
+                update = update_p if tp.topic == predictions else update_o
+                part = tp.partition
+                for r in records:
+                    rejection = update(part, r.value, r.offset, r.timestamp)
+                    if rejection is not None:
+                        role = "predictions" if tp.topic == predictions else "outcomes"
+                        dead.send(
+                            role, tp.topic, part, r.offset, r.key, r.value,
+                            rejection.reason, rejection.detail,
+                        )  # fmt: skip
+                n += len(records)
+        self._events_since_checkpoint += n
+        return n
+
+    def maybe_checkpoint(self, now: float) -> None:
+        state = self.config.state
+        if (
+            self._events_since_checkpoint >= state.checkpoint_events
+            or now - self._last_checkpoint_mono >= state.checkpoint_interval
+        ):
+            self.checkpoint()
+
+    def attach(self, consumer: Any, dead_letters: Any) -> None:
+        """Use this consumer and dead-letter writer (the run loop, or a benchmark's manual assignment)."""
+        cfg = self.config
+        self._consumer, self._dead = consumer, dead_letters
+        self._topics = (cfg.topics.predictions, cfg.topics.outcomes)
 
     def checkpoint(self, shards: set[int] | None = None) -> None:
         """Persist shard states and offsets atomically, then mirror offsets into Kafka."""

@@ -45,6 +45,7 @@ REASONS = (
 )  # fmt: skip
 
 _ABSENT = object()
+_INF = float("inf")
 _MAX_ID = 256
 _MAX_VALUE = 128
 _BINARY: dict[Any, int] = {0: 0, 1: 1, False: 0, True: 1, "0": 0, "1": 1}
@@ -77,6 +78,32 @@ def getter(path: str) -> Callable[[dict[str, Any]], Any]:
         return node
 
     return get
+
+
+def _feature_reader(paths: list[str]) -> Callable[[dict[str, Any]], list[Any]]:
+    """Reads all sensitive-feature values at once; paths sharing a parent read it once.
+
+    >>> read = _feature_reader(["attributes.sex", "attributes.race", "age"])
+    >>> [v for v in read({"attributes": {"sex": "F"}, "age": 30}) if v is not _ABSENT]
+    ['F', 30]
+    """
+    parents: dict[str, list[tuple[int, str]]] = {}
+    for i, path in enumerate(paths):
+        parent, _, leaf = path.rpartition(".")
+        parents.setdefault(parent, []).append((i, leaf))
+    groups = [(getter(parent) if parent else None, leaves) for parent, leaves in parents.items()]
+    n = len(paths)
+
+    def read(doc: dict[str, Any]) -> list[Any]:
+        out: list[Any] = [_ABSENT] * n
+        for get, leaves in groups:
+            node = doc if get is None else get(doc)
+            if isinstance(node, dict):
+                for i, leaf in leaves:
+                    out[i] = node.get(leaf, _ABSENT)
+        return out
+
+    return read
 
 
 def _load(raw: bytes | None) -> dict[str, Any]:
@@ -124,7 +151,8 @@ class Decoder:
         self._p_pred = getter(p.prediction) if p.prediction else None
         self._p_score = getter(p.score) if p.score else None
         self._o_id, self._o_ts, self._o_label = getter(o.id), getter(o.timestamp), getter(o.label)
-        self._features = tuple(getter(f.path or f.name) for f in config.fairness.features)
+        self._features = _feature_reader([f.path or f.name for f in config.fairness.features])
+        self._values: dict[Any, str] = {}  # validated attribute values (few distinct ones)
         self._pred_values = dict(schema.prediction_values)
         self._label_values = dict(schema.label_values)
         self._threshold = schema.score_threshold
@@ -156,7 +184,34 @@ class Decoder:
         return ts
 
     def prediction(self, raw: bytes | None, kafka_ts_ms: int | None = None) -> Prediction | Rejection:
-        """Decode one prediction record."""
+        """Decode one prediction record.
+
+        The fast path accepts only the plain, common shapes (string id, numeric time, 0/1 integer
+        decision, known attribute values) with exact type checks; anything else, valid or not,
+        takes the full path, which alone decides rejections.
+        """
+        try:
+            doc = orjson.loads(raw)  # type: ignore[arg-type]
+            if doc.__class__ is dict and self._p_pred is not None:
+                eid, ts, model = self._p_id(doc), self._p_ts(doc), self._p_model(doc)
+                pred, score = self._p_pred(doc), self._p_score(doc) if self._p_score else None
+                if (
+                    eid.__class__ is str and 0 < len(eid) <= _MAX_ID
+                    and (ts.__class__ is float or ts.__class__ is int)
+                    and 0 <= (ts := ts * self._ts_scale) < _INF
+                    and model.__class__ is str and 0 < len(model) <= _MAX_VALUE
+                    and pred.__class__ is int and (pred == 0 or pred == 1)
+                    and (score is None or score is _ABSENT or (score.__class__ is float and -_INF < score < _INF))
+                ):  # fmt: skip
+                    cell = tuple([self._values[v] for v in self._features(doc)])
+                    return Prediction(
+                        eid, float(ts), model, pred, None if score is _ABSENT else score, cell
+                    )
+        except Exception:  # noqa: S110 - anything unusual goes to the full path below
+            pass
+        return self._prediction(raw, kafka_ts_ms)
+
+    def _prediction(self, raw: bytes | None, kafka_ts_ms: int | None) -> Prediction | Rejection:
         try:
             doc = _load(raw)
             event_id = _id(self._p_id(doc))
@@ -185,13 +240,27 @@ class Decoder:
                     raw_pred, self._pred_values, "prediction", "prediction_values",
                     MISSING_PREDICTION, INVALID_PREDICTION,
                 )  # fmt: skip
-            cell = tuple(self._value(get(doc)) for get in self._features)
+            values = self._values
+            try:
+                cell = tuple([values[raw] for raw in self._features(doc)])
+            except (KeyError, TypeError):  # a value not seen before, or an unhashable one
+                cell = tuple([self._value(raw) for raw in self._features(doc)])
             return Prediction(event_id, ts, model, predicted, score, cell)
         except _Reject as r:
             return r.rejection
 
+    def _value(self, raw: Any) -> str:
+        try:
+            hash(raw)
+        except TypeError:
+            return self._check(raw)  # a list or object: rejected below
+        value = self._check(raw)
+        if len(self._values) < 10_000:
+            self._values[raw] = value
+        return value
+
     @staticmethod
-    def _value(value: Any) -> str:
+    def _check(value: Any) -> str:
         if value is _ABSENT or value is None or value == "":
             return MISSING
         if isinstance(value, str):
@@ -205,7 +274,23 @@ class Decoder:
         raise _Reject(INVALID_ATTRIBUTE, f"attribute of type {type(value).__name__} (expected a string)")
 
     def outcome(self, raw: bytes | None, kafka_ts_ms: int | None = None) -> Outcome | Rejection:
-        """Decode one outcome record."""
+        """Decode one outcome record (fast path for plain shapes, as for predictions)."""
+        try:
+            doc = orjson.loads(raw)  # type: ignore[arg-type]
+            if doc.__class__ is dict:
+                eid, ts, label = self._o_id(doc), self._o_ts(doc), self._o_label(doc)
+                if (
+                    eid.__class__ is str and 0 < len(eid) <= _MAX_ID
+                    and (ts.__class__ is float or ts.__class__ is int)
+                    and 0 <= (ts := ts * self._ts_scale) < _INF
+                    and label.__class__ is int and (label == 0 or label == 1)
+                ):  # fmt: skip
+                    return Outcome(eid, float(ts), label)
+        except Exception:  # noqa: S110 - anything unusual goes to the full path below
+            pass
+        return self._outcome(raw, kafka_ts_ms)
+
+    def _outcome(self, raw: bytes | None, kafka_ts_ms: int | None) -> Outcome | Rejection:
         try:
             doc = _load(raw)
             event_id = _id(self._o_id(doc))

@@ -294,5 +294,6 @@ class ExporterServer:
         return self
 
     def stop(self) -> None:
-        self.httpd.shutdown()
+        if self._thread.is_alive():  # shutdown() would wait forever for a loop never started
+            self.httpd.shutdown()
         self.httpd.server_close()
