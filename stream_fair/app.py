@@ -213,9 +213,11 @@ class Detector:
         return offsets
 
 
-def _default_feedback(config: Config) -> Feedback | None:
-    try:
-        from stream_fair.feedback_wiring import monitor_for
-    except ImportError:
-        return None
-    return monitor_for(config)
+def _default_feedback(config: Config) -> Feedback:
+    from stream_fair.config import feedback_settings
+    from stream_fair.feedback import FeedbackMonitor
+    from stream_fair.groups import feature_keys
+
+    fc = config.fairness
+    keys = feature_keys([f.name for f in fc.features], fc.intersections)
+    return FeedbackMonitor(keys, feedback_settings(config.feedback))

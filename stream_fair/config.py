@@ -256,6 +256,7 @@ class Config(_Section):
     join: JoinConfig = JoinConfig()
     state: StateConfig = StateConfig()
     exporter: ExporterConfig = ExporterConfig()
+    feedback: dict[str, Any] = Field(default_factory=dict)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -264,6 +265,12 @@ class Config(_Section):
         lambda v: [parse_duration(x) for x in v] if isinstance(v, list) else v
     )
     _resolution = field_validator("window_resolution", mode="before")(parse_duration)
+
+    @field_validator("feedback", mode="after")
+    @classmethod
+    def _feedback_settings(cls, v: dict[str, Any]) -> dict[str, Any]:
+        feedback_settings(v)  # raises ValueError naming the key
+        return v
 
     @model_validator(mode="after")
     def _windows_fit(self) -> Config:
@@ -274,6 +281,30 @@ class Config(_Section):
                     f"{format_duration(self.window_resolution)}: choose a finer window_resolution"
                 )
         return self
+
+
+def feedback_settings(options: Mapping[str, Any]) -> Any:
+    """The feedback monitor's settings from the ``feedback:`` section (keys as in docs/feedback.md)."""
+    import dataclasses
+
+    from stream_fair.feedback import FeedbackSettings
+
+    known = {f.name: f for f in dataclasses.fields(FeedbackSettings)}
+    values: dict[str, Any] = {}
+    for key, value in options.items():
+        if key not in known:
+            raise ValueError(f"unknown key {key!r}: choose one of {', '.join(sorted(known))}")
+        if key in ("period",):
+            value = parse_duration(value)
+        elif key == "detector_params" and isinstance(value, dict):
+            value = tuple(sorted(value.items()))
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[key] = value
+    try:
+        return FeedbackSettings(**values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

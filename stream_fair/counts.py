@@ -6,9 +6,11 @@ snapshot time (see :mod:`stream_fair.groups`).
 
 Windows: ``river.utils.TimeRolling`` would keep every event of the window in memory (a day at
 1,000 events/s is 86 million entries) and could not be checkpointed cheaply, so windows are
-kept as one river confusion matrix per window and cell, updated with each pair and reverted
-(``ConfusionMatrix.revert``) bucket by bucket as the watermark slides: fixed event-time buckets of
-``resolution`` seconds remember what to revert. A window of width ``w`` covers the
+running sums per window and cell, added to with each pair and reverted bucket by bucket as the
+watermark slides (river's ``ConfusionMatrix.revert`` idea); fixed event-time buckets of
+``resolution`` seconds remember what to revert. The window sums are plain ``[tp, fp, tn, fn]``
+lists rather than river matrices: they sit on the per-event hot path, where each river update
+costs about 1 us and the whole pipeline has a budget of a few. A window of width ``w`` covers the
 ``w / resolution`` buckets ending with the watermark's bucket.
 
 >>> c = CellCounts(resolution=60, windows=(3600,))
@@ -66,7 +68,7 @@ class CellCounts:
         self.max_span = max(self.spans, default=0)
         self.confusion: dict[Key, ConfusionMatrix] = {}
         self.buckets: dict[int, dict[Key, list[int]]] = {}
-        self.windows: list[dict[Key, ConfusionMatrix]] = [{} for _ in self.spans]
+        self.windows: list[dict[Key, list[int]]] = [{} for _ in self.spans]
         self.last_bucket: int | None = None  # the watermark's bucket
         self.predictions: dict[Key, list[int]] = {}  # [predicted 0, predicted 1]
         self.expired: dict[Key, int] = {}
@@ -104,13 +106,14 @@ class CellCounts:
         q = bucket.get(key)
         if q is None:
             q = bucket[key] = [0, 0, 0, 0]
-        q[_SLOT[label, predicted]] += 1
+        slot = _SLOT[label, predicted]
+        q[slot] += 1
         for span, window in zip(self.spans, self.windows, strict=True):
             if b > last - span:
-                wcm = window.get(key)
-                if wcm is None:
-                    wcm = window[key] = ConfusionMatrix()
-                wcm.update(label, predicted)
+                w = window.get(key)
+                if w is None:
+                    w = window[key] = [0, 0, 0, 0]
+                w[slot] += 1
 
     def advance(self, watermark: float) -> None:
         """Slide the windows to end at ``watermark``: buckets that fall out are reverted."""
@@ -126,10 +129,11 @@ class CellCounts:
         for span, window in zip(self.spans, self.windows, strict=True):
             for b in range(last - span + 1, min(new_last - span, last) + 1):
                 for key, q in self.buckets.get(b, {}).items():
-                    wcm = window[key]
-                    for (y, p), n in zip(_ORDER, q, strict=True):
-                        if n:
-                            wcm.revert(y, p, w=n)
+                    w = window[key]
+                    for i in range(4):
+                        w[i] -= q[i]
+                    if not any(w):
+                        del window[key]
         horizon = new_last - self.max_span
         for b in [b for b in self.buckets if b <= horizon]:
             del self.buckets[b]
@@ -140,8 +144,7 @@ class CellCounts:
 
     def window(self, index: int) -> dict[Key, Quad]:
         """Counts of the ``index``-th configured window (non-empty cells only)."""
-        out = {k: quad(cm) for k, cm in self.windows[index].items()}
-        return {k: q for k, q in out.items() if any(q)}
+        return {k: (w[0], w[1], w[2], w[3]) for k, w in self.windows[index].items() if any(w)}
 
     # -- persistence ------------------------------------------------------------------------
     def to_state(self) -> dict[str, Any]:
@@ -171,12 +174,9 @@ class CellCounts:
             for b, bucket in self.buckets.items():
                 if b > self.last_bucket - span:
                     for key, q in bucket.items():
-                        cm = window.get(key)
-                        if cm is None:
-                            cm = window[key] = ConfusionMatrix()
-                        for (y, p), n in zip(_ORDER, q, strict=True):
-                            if n:
-                                cm.update(y, p, w=n)
+                        w = window.setdefault(key, [0, 0, 0, 0])
+                        for i in range(4):
+                            w[i] += q[i]
 
 
 _ORDER = ((1, 1), (0, 1), (0, 0), (1, 0))  # tp, fp, tn, fn as (label, predicted)

@@ -172,8 +172,10 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
     yield predictions
     yield expired
     if snap.feedback is not None:
-        from stream_fair.feedback_metrics import feedback_families
-
+        try:
+            from stream_fair.feedback_metrics import feedback_families
+        except ImportError:  # the feedback exporter is optional while it is being built
+            return
         yield from feedback_families(snap.feedback)
 
 

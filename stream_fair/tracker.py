@@ -160,7 +160,9 @@ class Tracker:
         self, shard: int, raw: bytes | None, offset: int, kafka_ts_ms: int | None = None
     ) -> Rejection | None:
         """Account for one prediction record; returns a :class:`Rejection` when it is unusable."""
-        s = self.shards.get(shard) or self.shard(shard)
+        s = self.shards.get(shard)
+        if s is None:
+            s = self.shard(shard)
         s.offsets[_P] = offset + 1
         s.consumed[_P] += 1
         ev = self.decoder.prediction(raw, kafka_ts_ms)
@@ -184,7 +186,9 @@ class Tracker:
         self, shard: int, raw: bytes | None, offset: int, kafka_ts_ms: int | None = None
     ) -> Rejection | None:
         """Account for one outcome record; returns a :class:`Rejection` when it is unusable."""
-        s = self.shards.get(shard) or self.shard(shard)
+        s = self.shards.get(shard)
+        if s is None:
+            s = self.shard(shard)
         s.offsets[_O] = offset + 1
         s.consumed[_O] += 1
         ev = self.decoder.outcome(raw, kafka_ts_ms)
@@ -213,15 +217,17 @@ class Tracker:
             self.feedback.on_joined(p.model, p.cell, p.predicted, o.label, p.ts, o.ts)
 
     def _advance(self, s: Shard, topic: int, ts: float) -> None:
-        last = s.last_ts[topic]
-        if last is None or ts > last:
-            s.last_ts[topic] = ts
         join = s.join
-        if ts > join.watermark:
+        if ts > join.watermark:  # also the newest time of this topic (watermark >= last_ts)
+            s.last_ts[topic] = ts
             released = join.advance(ts)
             s.counts.advance(ts)
             if released is not None:
                 self._release(s, released)
+        else:
+            last = s.last_ts[topic]
+            if last is None or ts > last:
+                s.last_ts[topic] = ts
         if len(join.predictions) + len(join.outcomes) > join.max_pending:
             released = join.enforce_capacity()
             if released is not None:
@@ -303,6 +309,10 @@ class Tracker:
 
     def load_global(self, state: dict[str, Any]) -> None:
         self.guard.load_state(state["guard"])
+        stored = state.get("feedback")
+        if self.feedback is not None and stored is not None:
+            monitor = type(self.feedback)
+            self.feedback = monitor.from_state(stored, self.features, self.feedback.settings)  # type: ignore[attr-defined]
 
 
 def _merge(parts: Any) -> dict[Key, Quad]:
