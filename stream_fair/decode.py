@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import orjson
@@ -169,7 +169,10 @@ class Decoder:
             ts = float(value) * self._ts_scale
         elif isinstance(value, str):
             try:
-                ts = datetime.fromisoformat(value).timestamp()
+                parsed = datetime.fromisoformat(value)
+                if parsed.tzinfo is None:  # no zone given: UTC, never the host's local time
+                    parsed = parsed.replace(tzinfo=timezone.utc)
+                ts = parsed.timestamp()
             except ValueError:
                 try:
                     ts = float(value) * self._ts_scale

@@ -1,0 +1,106 @@
+"""Decoding through the field mapping, and every rejection reason."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import orjson
+import pytest
+
+from stream_fair import decode
+from stream_fair.config import Config
+from stream_fair.decode import Decoder
+from stream_fair.events import Outcome, Prediction, Rejection
+
+
+def decoder(**schema: object) -> Decoder:
+    return Decoder(Config.model_validate({"schema": schema, "fairness": {"features": [
+        "sex", {"name": "band", "path": "applicant.age.band"}]}}))
+
+
+def p(**fields: object) -> bytes:
+    base: dict[str, object] = {"id": "r1", "ts": 100, "model": "m", "prediction": 1,
+                               "attributes": {"sex": "F"}, "applicant": {"age": {"band": "30s"}}}
+    base.update(fields)
+    return orjson.dumps({k: v for k, v in base.items() if v is not ...})
+
+
+def test_default_schema_and_dotted_paths() -> None:
+    ev = decoder().prediction(p(score=0.7))
+    assert ev == Prediction("r1", 100.0, "m", 1, 0.7, ("F", "30s"))
+    noon = datetime(2026, 11, 28, 12, tzinfo=timezone.utc).timestamp()
+    assert decoder().outcome(b'{"id": 7, "ts": "2026-11-28T12:00:00Z", "label": true}') == Outcome(
+        "7", noon, 1)
+    # no zone means UTC, whatever the host's time zone
+    assert decoder().outcome(b'{"id": 7, "ts": "2026-11-28T12:00:00", "label": 1}').ts == noon  # type: ignore[union-attr]
+
+
+def test_slow_and_fast_paths_agree_on_valid_events() -> None:
+    d = decoder()
+    for raw in [p(), p(ts=1.5e9), p(prediction=0, score=None), p(id=12)]:
+        assert d.prediction(raw) == d._prediction(raw, None)
+
+
+def test_value_maps_score_threshold_and_units() -> None:
+    d = decoder(prediction_values={"approved": 1, "denied": 0}, label_values={"repaid": 1})
+    assert isinstance(d.prediction(p(prediction="approved")), Prediction)
+    assert d.prediction(p(prediction="denied")).predicted == 0  # type: ignore[union-attr]
+    assert d.outcome(b'{"id": "a", "ts": 1, "label": "repaid"}').label == 1  # type: ignore[union-attr]
+    d = decoder(prediction={"prediction": None}, score_threshold=0.5, timestamp_unit="milliseconds")
+    ev = d.prediction(p(prediction=..., score=0.5, ts=1500))
+    assert isinstance(ev, Prediction) and ev.predicted == 1 and ev.ts == 1.5
+
+
+def test_missing_attribute_is_a_group_not_a_rejection() -> None:
+    ev = decoder().prediction(p(attributes={}))
+    assert isinstance(ev, Prediction) and ev.cell == ("__missing__", "30s")
+
+
+def test_kafka_timestamp_fallback_and_reject_mode() -> None:
+    assert decoder().outcome(b'{"id": "a", "label": 0}', 5000).ts == 5.0  # type: ignore[union-attr]
+    r = decoder(missing_timestamp="reject").outcome(b'{"id": "a", "label": 0}', 5000)
+    assert isinstance(r, Rejection) and r.reason == decode.MISSING_TIMESTAMP
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"\xff\xfe", decode.INVALID_JSON),
+        (b"", decode.INVALID_JSON),
+        (None, decode.INVALID_JSON),
+        (b"[1]", decode.NOT_AN_OBJECT),
+        (p(id=...), decode.MISSING_ID),
+        (p(id=[1]), decode.INVALID_ID),
+        (p(id="x" * 300), decode.INVALID_ID),
+        (p(ts="yesterday"), decode.INVALID_TIMESTAMP),
+        (p(ts=-5), decode.INVALID_TIMESTAMP),
+        (p(model=3), decode.INVALID_MODEL),
+        (p(prediction=...), decode.MISSING_PREDICTION),
+        (p(prediction="maybe"), decode.INVALID_PREDICTION),
+        (p(prediction=2), decode.INVALID_PREDICTION),
+        (p(score="high"), decode.INVALID_SCORE),
+        (p(attributes={"sex": {"nested": 1}}), decode.INVALID_ATTRIBUTE),
+        (p(attributes={"sex": ["F"]}), decode.INVALID_ATTRIBUTE),
+        (p(attributes={"sex": "A&B"}), decode.INVALID_ATTRIBUTE),
+        (p(attributes={"sex": "__other__"}), decode.INVALID_ATTRIBUTE),
+    ],
+)
+def test_prediction_rejections(raw: bytes | None, reason: str) -> None:
+    r = decoder().prediction(raw)
+    assert isinstance(r, Rejection), r
+    assert r.reason == reason and r.reason in decode.REASONS and r.detail
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"ts": 1, "label": 1}', decode.MISSING_ID),
+        (b'{"id": "a", "ts": 1}', decode.MISSING_LABEL),
+        (b'{"id": "a", "ts": 1, "label": 0.5}', decode.INVALID_LABEL),
+        (b'{"id": "a", "ts": {}, "label": 1}', decode.INVALID_TIMESTAMP),
+        (b'{"id": "a", "ts": 1e400, "label": 1}', decode.INVALID_JSON),
+    ],
+)
+def test_outcome_rejections(raw: bytes, reason: str) -> None:
+    r = decoder().outcome(raw)
+    assert isinstance(r, Rejection) and r.reason == reason
