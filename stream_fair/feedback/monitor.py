@@ -36,9 +36,10 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from stream_fair.feedback.alarms import Alarm, ChangeAlarm
 from stream_fair.feedback.coverage import CoverageGap, coverage, coverage_gap
 from stream_fair.feedback.delay import DelayHistogram
 from stream_fair.feedback.drift import BatchedDetector
@@ -126,6 +127,8 @@ class GroupFeedback:
     selection_rate_trend: float | None
     drift_detections: dict[str, int]
     last_drift_timestamp_seconds: dict[str, float]
+    change_alarms: dict[str, ChangeAlarm] = field(default_factory=dict)
+    label_arrival_ratio: float | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,8 @@ class FeatureFeedback:
     feedback_loop: LoopEstimate | None
     disparity_drift_detections: dict[str, int]
     last_disparity_drift_timestamp_seconds: dict[str, float]
+    alarms: dict[str, Alarm] = field(default_factory=dict)
+    label_coverage_flagged: bool = False
 
 
 @dataclass(frozen=True)
