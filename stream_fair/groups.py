@@ -76,6 +76,7 @@ class CardinalityGuard:
     limits: tuple[int, ...]
     admitted: list[set[str]] = field(default_factory=list)
     overflow: list[int] = field(default_factory=list)
+    _unfolded: dict[Cell, Cell] = field(default_factory=dict)  # cells known to pass unchanged
 
     def __post_init__(self) -> None:
         if not self.admitted:
@@ -84,6 +85,8 @@ class CardinalityGuard:
             self.overflow = [0 for _ in self.limits]
 
     def cell(self, values: Cell) -> Cell:
+        if values in self._unfolded:  # admission is sticky, so a passing cell always passes
+            return values
         out = values
         for i, value in enumerate(values):
             seen = self.admitted[i]
@@ -94,6 +97,8 @@ class CardinalityGuard:
                 continue
             self.overflow[i] += 1
             out = out[:i] + (OTHER,) + out[i + 1 :]
+        if out is values and len(self._unfolded) < 100_000:
+            self._unfolded[values] = values
         return out
 
     def to_state(self) -> dict[str, list]:
