@@ -34,26 +34,42 @@ from stream_fair.config import Config
 from stream_fair.kafka_io import DeadLetters
 from stream_fair.tracker import Tracker
 
-FEATURES = [{"name": "sex", "reference": "Male"}, {"name": "race", "reference": "White"}, {"name": "age"}]
+FEATURES = [
+    {"name": "sex", "reference": "Male"},
+    {"name": "race", "reference": "White"},
+    {"name": "age"},
+]
 
 
 def config(bootstrap: str, topics: tuple[str, str], state_dir: Path) -> Config:
-    return Config.model_validate({
-        "kafka": {"bootstrap_servers": bootstrap, "group_id": f"bench-{uuid.uuid4().hex[:6]}"},
-        "topics": {"predictions": topics[0], "outcomes": topics[1], "dead_letters": None},
-        "fairness": {"features": FEATURES, "intersections": [["race", "sex"]]},
-        "windows": ["1h", "1d"],
-        "join": {"ttl": "7d"},
-        "state": {"path": str(state_dir / f"{uuid.uuid4().hex}.db"), "checkpoint_interval": "5s"},
-        "exporter": {"host": "127.0.0.1", "port": 0},
-    })
+    return Config.model_validate(
+        {
+            "kafka": {"bootstrap_servers": bootstrap, "group_id": f"bench-{uuid.uuid4().hex[:6]}"},
+            "topics": {"predictions": topics[0], "outcomes": topics[1], "dead_letters": None},
+            "fairness": {"features": FEATURES, "intersections": [["race", "sex"]]},
+            "windows": ["1h", "1d"],
+            "join": {"ttl": "7d"},
+            "state": {
+                "path": str(state_dir / f"{uuid.uuid4().hex}.db"),
+                "checkpoint_interval": "5s",
+            },
+            "exporter": {"host": "127.0.0.1", "port": 0},
+        }
+    )
 
 
 def consume(bootstrap: str, topics: tuple[str, str], total: int, handle: Any = None) -> float:
     """Read ``total`` records from the start of both topics; return records per second."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                             max_poll_records=2000, fetch_max_bytes=52428800)
-    tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or [])]
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        group_id=None,
+        max_poll_records=2000,
+        fetch_max_bytes=52428800,
+    )
+    tps = [
+        TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or [])
+    ]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
     seen = 0
@@ -84,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     with ExitStack() as stack:
-        bootstrap = args.bootstrap_servers or stack.enter_context(EmbeddedBroker()).bootstrap_servers
+        bootstrap = (
+            args.bootstrap_servers or stack.enter_context(EmbeddedBroker()).bootstrap_servers
+        )
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         run = uuid.uuid4().hex[:8]
         topics = (f"bench-predictions-{run}", f"bench-outcomes-{run}")
@@ -93,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         events = list(simulate.generate(scenario, args.predictions, seed=1))
         t0 = time.perf_counter()
         total = produce_events(bootstrap, *topics, events)
-        print(f"filled {topics[0]} / {topics[1]}: {total} records, {args.partitions} partitions "
-              f"({total / (time.perf_counter() - t0):,.0f} records/s produced)")
+        print(
+            f"filled {topics[0]} / {topics[1]}: {total} records, {args.partitions} partitions "
+            f"({total / (time.perf_counter() - t0):,.0f} records/s produced)"
+        )
 
         bare, full = [], []
         for i in range(args.rounds):
@@ -113,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             snap = detector.tracker.snapshot()
             assert snap.fates["outcomes"]["joined"] == args.predictions, snap.fates
             detector.server.stop()
-            print(f"round {i + 1}: bare {bare[-1]:,.0f}/s  stream-fair {full[-1]:,.0f}/s  "
-                  f"ratio {full[-1] / bare[-1]:.2f}")
+            print(
+                f"round {i + 1}: bare {bare[-1]:,.0f}/s  stream-fair {full[-1]:,.0f}/s  "
+                f"ratio {full[-1] / bare[-1]:.2f}"
+            )
 
         # the pure core, no Kafka: the same records, already in memory
         tracker = Tracker(config(bootstrap, topics, tmp))
@@ -134,8 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bare kafka-python consumption : {statistics.median(bare):>10,.0f} records/s (median)")
     print(f"stream-fair full pipeline     : {statistics.median(full):>10,.0f} records/s (median)")
     print(f"pure core (no Kafka)          : {core:>10,.0f} records/s")
-    print(f"ratio pipeline / bare         : {statistics.median(ratios):.2f} (per round: "
-          + ", ".join(f"{r:.2f}" for r in ratios) + ")")
+    print(
+        f"ratio pipeline / bare         : {statistics.median(ratios):.2f} (per round: "
+        + ", ".join(f"{r:.2f}" for r in ratios)
+        + ")"
+    )
     return 0
 
 

@@ -82,14 +82,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise StreamFairError(f"--set: {exc}") from None
     if args.create_topics:
         create_topics(
-            args.bootstrap_servers, [args.predictions_topic, args.outcomes_topic], partitions=args.partitions
+            args.bootstrap_servers,
+            [args.predictions_topic, args.outcomes_topic],
+            partitions=args.partitions,
         )
     events: Any = simulate.generate(scenario, args.events, seed=args.seed)
     if args.messy:
         events = simulate.messy(events, seed=args.seed)
     n = produce_events(args.bootstrap_servers, args.predictions_topic, args.outcomes_topic, events)
     truth = simulate.ground_truth(scenario, args.events, seed=args.seed)
-    print(f"produced {n} records ({args.scenario}, seed {args.seed}); ground truth: {truth.description}")
+    print(
+        f"produced {n} records ({args.scenario}, seed {args.seed}); ground truth: {truth.description}"
+    )
     return 0
 
 
@@ -105,7 +109,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="consume predictions and outcomes, export fairness metrics")
-    run.add_argument("--config", "-c", help="YAML config file (environment STREAM_FAIR_* overrides it)")
+    run.add_argument(
+        "--config", "-c", help="YAML config file (environment STREAM_FAIR_* overrides it)"
+    )
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check-config", help="validate a config and print it, secrets masked")
@@ -117,20 +123,34 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--scenario", default="lending")
     sim.add_argument("--events", type=int, default=10_000, help="number of predictions")
     sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="scenario parameter, e.g. --set tpr_drop=0.2 (repeatable)")
-    sim.add_argument("--messy", action="store_true",
-                     help="add duplicates, early outcomes, shuffling and malformed records")
+    sim.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="scenario parameter, e.g. --set tpr_drop=0.2 (repeatable)",
+    )
+    sim.add_argument(
+        "--messy",
+        action="store_true",
+        help="add duplicates, early outcomes, shuffling and malformed records",
+    )
     sim.add_argument("--predictions-topic", default="predictions")
     sim.add_argument("--outcomes-topic", default="outcomes")
     sim.add_argument("--create-topics", action="store_true")
     sim.add_argument("--partitions", type=int, default=1)
     sim.set_defaults(func=cmd_simulate)
 
-    demo = sub.add_parser("demo", help="embedded broker + biased lending stream + detector + live table")
-    demo.add_argument("--seconds", type=float, default=None, help="stop after this long (default: Ctrl-C)")
+    demo = sub.add_parser(
+        "demo", help="embedded broker + biased lending stream + detector + live table"
+    )
+    demo.add_argument(
+        "--seconds", type=float, default=None, help="stop after this long (default: Ctrl-C)"
+    )
     demo.add_argument("--port", type=int, default=9800, help="exporter port (0 picks a free one)")
-    demo.add_argument("--rate", type=float, default=2000.0, help="predictions per second to produce")
+    demo.add_argument(
+        "--rate", type=float, default=2000.0, help="predictions per second to produce"
+    )
     demo.add_argument("--quiet", action="store_true", help="no live table (for scripts)")
     demo.set_defaults(func=cmd_demo)
     return p

@@ -347,7 +347,10 @@ def _one_line(err: ValidationError) -> str:
     loc = loc.replace("schema_", "schema")
     kind, msg = first["type"], first["msg"]
     if kind == "extra_forbidden":
-        return f"config error: unknown key {loc!r}: remove it or check its spelling (see docs/configuration.md)"
+        return (
+            f"config error: unknown key {loc!r}: remove it or check its spelling "
+            "(see docs/configuration.md)"
+        )
     if kind == "missing":
         return f"config error: {loc} is required: set it in the YAML file or {env_name(loc)}"
     msg = msg.removeprefix("Value error, ")
@@ -377,7 +380,9 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config error: --config {p}: no such file: pass the path to a YAML file")
+            raise ConfigError(
+                f"config error: --config {p}: no such file: pass the path to a YAML file"
+            )
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:

@@ -48,7 +48,7 @@ _ABSENT = object()
 _INF = float("inf")
 _MAX_ID = 256
 _MAX_VALUE = 128
-_BINARY: dict[Any, int] = {0: 0, 1: 1, False: 0, True: 1, "0": 0, "1": 1}
+_BINARY: dict[Any, int] = {0: 0, 1: 1, "0": 0, "1": 1}  # False == 0 and True == 1 as keys
 
 
 class _Reject(Exception):
@@ -129,7 +129,9 @@ def _id(value: Any) -> str:
     return text
 
 
-def _binary(value: Any, mapping: dict[str, int], what: str, key: str, missing: str, invalid: str) -> int:
+def _binary(
+    value: Any, mapping: dict[str, int], what: str, key: str, missing: str, invalid: str
+) -> int:
     if value is _ABSENT or value is None:
         raise _Reject(missing, f"no {what} field")
     if isinstance(value, str) and value in mapping:
@@ -178,7 +180,8 @@ class Decoder:
                     ts = float(value) * self._ts_scale
                 except ValueError:
                     raise _Reject(
-                        INVALID_TIMESTAMP, f"timestamp {value[:40]!r} is neither ISO 8601 nor a number"
+                        INVALID_TIMESTAMP,
+                        f"timestamp {value[:40]!r} is neither ISO 8601 nor a number",
                     ) from None
         else:
             raise _Reject(INVALID_TIMESTAMP, f"timestamp of type {type(value).__name__}")
@@ -186,7 +189,9 @@ class Decoder:
             raise _Reject(INVALID_TIMESTAMP, f"timestamp {value!r} is out of range")
         return ts
 
-    def prediction(self, raw: bytes | None, kafka_ts_ms: int | None = None) -> Prediction | Rejection:
+    def prediction(
+        self, raw: bytes | None, kafka_ts_ms: int | None = None
+    ) -> Prediction | Rejection:
         """Decode one prediction record.
 
         The fast path accepts only the plain, common shapes (string id, numeric time, 0/1 integer
@@ -204,7 +209,10 @@ class Decoder:
                     and 0 <= (ts := ts * self._ts_scale) < _INF
                     and model.__class__ is str and 0 < len(model) <= _MAX_VALUE
                     and pred.__class__ is int and (pred == 0 or pred == 1)
-                    and (score is None or score is _ABSENT or (score.__class__ is float and -_INF < score < _INF))
+                    and (
+                        score is None or score is _ABSENT
+                        or (score.__class__ is float and -_INF < score < _INF)
+                    )
                 ):  # fmt: skip
                     cell = tuple([self._values[v] for v in self._features(doc)])
                     return Prediction(
@@ -228,14 +236,18 @@ class Decoder:
             if self._p_score is not None:
                 raw_score = self._p_score(doc)
                 if raw_score is not _ABSENT and raw_score is not None:
-                    if isinstance(raw_score, bool) or not isinstance(raw_score, int | float) or not (
-                        math.isfinite(raw_score)
+                    if (
+                        isinstance(raw_score, bool)
+                        or not isinstance(raw_score, int | float)
+                        or not (math.isfinite(raw_score))
                     ):
                         raise _Reject(INVALID_SCORE, f"score {raw_score!r:.40} is not a number")
                     score = float(raw_score)
             raw_pred = self._p_pred(doc) if self._p_pred is not None else _ABSENT
-            if (raw_pred is _ABSENT or raw_pred is None) and score is not None and (
-                self._threshold is not None
+            if (
+                (raw_pred is _ABSENT or raw_pred is None)
+                and score is not None
+                and (self._threshold is not None)
             ):
                 predicted = int(score >= self._threshold)
             else:
@@ -270,11 +282,16 @@ class Decoder:
             if len(value) > _MAX_VALUE:
                 raise _Reject(INVALID_ATTRIBUTE, f"attribute value longer than {_MAX_VALUE} chars")
             if "&" in value or value in ("__other__", "__missing__"):
-                raise _Reject(INVALID_ATTRIBUTE, f"attribute value {value!r:.40} uses a reserved character or name")
+                raise _Reject(
+                    INVALID_ATTRIBUTE,
+                    f"attribute value {value!r:.40} uses a reserved character or name",
+                )
             return value
         if isinstance(value, bool | int):
             return str(value).lower() if isinstance(value, bool) else str(value)
-        raise _Reject(INVALID_ATTRIBUTE, f"attribute of type {type(value).__name__} (expected a string)")
+        raise _Reject(
+            INVALID_ATTRIBUTE, f"attribute of type {type(value).__name__} (expected a string)"
+        )
 
     def outcome(self, raw: bytes | None, kafka_ts_ms: int | None = None) -> Outcome | Rejection:
         """Decode one outcome record (fast path for plain shapes, as for predictions)."""

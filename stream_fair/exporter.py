@@ -87,7 +87,9 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
     yield from _pipeline(report, stats)
 
     confusion = CounterMetricFamily(
-        P + "confusion", "Joined (prediction, outcome) pairs", labels=[*_GROUP, "actual", "predicted"]
+        P + "confusion",
+        "Joined (prediction, outcome) pairs",
+        labels=[*_GROUP, "actual", "predicted"],
     )
     window_conf = GaugeMetricFamily(
         P + "window_confusion",
@@ -96,18 +98,26 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
     )
     samples = GaugeMetricFamily(P + "group_samples", "Joined pairs per group", labels=_GROUP_W)
     small = GaugeMetricFamily(
-        P + "group_below_min_samples", "1 when the group is below fairness.min_samples", labels=_GROUP_W
+        P + "group_below_min_samples",
+        "1 when the group is below fairness.min_samples",
+        labels=_GROUP_W,
     )
     eligible = GaugeMetricFamily(
-        P + "groups_eligible", "Groups taking part in disparity verdicts", labels=["model", "feature", "window"]
+        P + "groups_eligible",
+        "Groups taking part in disparity verdicts",
+        labels=["model", "feature", "window"],
     )
     rates = {
-        (r, suffix): GaugeMetricFamily(P + r + suffix, f"{r.replace('_', ' ')}{suffix}", labels=_GROUP_W)
+        (r, suffix): GaugeMetricFamily(
+            P + r + suffix, f"{r.replace('_', ' ')}{suffix}", labels=_GROUP_W
+        )
         for r in RATES
         for suffix in ("", "_lower", "_upper")
     }
     disparities = {
-        (d, suffix): GaugeMetricFamily(P + d + suffix, f"{d.replace('_', ' ')}{suffix}", labels=_FEATURE_W)
+        (d, suffix): GaugeMetricFamily(
+            P + d + suffix, f"{d.replace('_', ' ')}{suffix}", labels=_FEATURE_W
+        )
         for d in DISPARITIES
         for suffix in ("", "_lower", "_upper")
     }
@@ -122,7 +132,9 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
         for g, gr in fr.groups.items():
             labels = [view.model, fname, g, view.window]
             c = gr.counts
-            for (actual, predicted), n in zip(_ACTUAL_PREDICTED, (c.tp, c.fp, c.tn, c.fn), strict=True):
+            for (actual, predicted), n in zip(
+                _ACTUAL_PREDICTED, (c.tp, c.fp, c.tn, c.fn), strict=True
+            ):
                 if view.window == CUMULATIVE:
                     confusion.add_metric([view.model, fname, g, actual, predicted], n)
                 else:
@@ -158,7 +170,9 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
     yield threshold
 
     predictions = CounterMetricFamily(
-        P + "predictions", "Accepted prediction events, labelled or not", labels=[*_GROUP, "predicted"]
+        P + "predictions",
+        "Accepted prediction events, labelled or not",
+        labels=[*_GROUP, "predicted"],
     )
     expired = CounterMetricFamily(
         P + "expired_predictions", "Predictions that never received an outcome", labels=_GROUP
@@ -181,14 +195,26 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
 
 def _pipeline(report: Report, stats: PipelineStats) -> Iterator[Metric]:
     snap = report.snapshot
-    consumed = CounterMetricFamily(P + "events_consumed", "Records read from Kafka", labels=["topic"])
-    fates = CounterMetricFamily(P + "event_fates", "Final fate of each record", labels=["topic", "fate"])
-    pending = GaugeMetricFamily(P + "pending_events", "Records waiting for their partner", labels=["topic"])
-    rejected = CounterMetricFamily(P + "rejected_events", "Rejected records by reason", labels=["topic", "reason"])
-    evictions = CounterMetricFamily(
-        P + "capacity_evictions", "Pending records expired early at join.max_pending", labels=["topic"]
+    consumed = CounterMetricFamily(
+        P + "events_consumed", "Records read from Kafka", labels=["topic"]
     )
-    dead = CounterMetricFamily(P + "dead_letters", "Records written to the dead-letter topic", labels=["topic"])
+    fates = CounterMetricFamily(
+        P + "event_fates", "Final fate of each record", labels=["topic", "fate"]
+    )
+    pending = GaugeMetricFamily(
+        P + "pending_events", "Records waiting for their partner", labels=["topic"]
+    )
+    rejected = CounterMetricFamily(
+        P + "rejected_events", "Rejected records by reason", labels=["topic", "reason"]
+    )
+    evictions = CounterMetricFamily(
+        P + "capacity_evictions",
+        "Pending records expired early at join.max_pending",
+        labels=["topic"],
+    )
+    dead = CounterMetricFamily(
+        P + "dead_letters", "Records written to the dead-letter topic", labels=["topic"]
+    )
     last = GaugeMetricFamily(
         P + "last_event_timestamp_seconds", "Event time of the newest record", labels=["topic"]
     )
@@ -208,7 +234,9 @@ def _pipeline(report: Report, stats: PipelineStats) -> Iterator[Metric]:
     )
     for f, n in snap.overflow.items():
         overflow.add_metric([f], n)
-    lag = GaugeMetricFamily(P + "consumer_lag", "High-water mark minus position", labels=["topic", "partition"])
+    lag = GaugeMetricFamily(
+        P + "consumer_lag", "High-water mark minus position", labels=["topic", "partition"]
+    )
     for (role, partition), n in sorted(stats.lag.items()):
         lag.add_metric([role, str(partition)], n)
     yield from (consumed, fates, pending, rejected, evictions, dead, last, overflow, lag)
@@ -255,6 +283,7 @@ class ExporterServer:
         import time
 
         clock = clock or time.monotonic
+
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
                 path = self.path.split("?", 1)[0]
@@ -276,7 +305,9 @@ class ExporterServer:
                 else:
                     self._send(404, b"not found: try /metrics, /, /healthz, /readyz\n")
 
-            def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+            def _send(
+                self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8"
+            ) -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
@@ -289,7 +320,9 @@ class ExporterServer:
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="exporter", daemon=True)
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, name="exporter", daemon=True
+        )
 
     def start(self) -> ExporterServer:
         self._thread.start()

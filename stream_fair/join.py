@@ -205,7 +205,8 @@ class JoinBuffer:
         wm = state["watermark"]
         self.watermark = float("-inf") if wm is None else float(wm)
         self.predictions = {
-            r[0]: Prediction(r[0], r[1], r[2], r[3], r[4], tuple(r[5])) for r in state["predictions"]
+            r[0]: Prediction(r[0], r[1], r[2], r[3], r[4], tuple(r[5]))
+            for r in state["predictions"]
         }
         self.outcomes = {r[0]: Outcome(r[0], r[1], r[2]) for r in state["outcomes"]}
         self.joined_ids = dict(state["joined_ids"])
@@ -215,5 +216,7 @@ class JoinBuffer:
         self._pending_heap = [(p.ts + self.ttl, _PRED, k) for k, p in self.predictions.items()]
         self._pending_heap += [(o.ts + self.outcome_ttl, _OUT, k) for k, o in self.outcomes.items()]
         heapq.heapify(self._pending_heap)
-        self._memory_heap = [(t, k) for ids in (self.joined_ids, self.expired_ids) for k, t in ids.items()]
+        self._memory_heap = [
+            (t, k) for ids in (self.joined_ids, self.expired_ids) for k, t in ids.items()
+        ]
         heapq.heapify(self._memory_heap)

@@ -153,7 +153,9 @@ class ShardListener(ConsumerRebalanceListener):  # type: ignore[misc]
                     self.consumer.seek_to_beginning(tp)
 
 
-def commit_offsets(consumer: KafkaConsumer, topics: tuple[str, str], offsets: dict[int, list[int | None]]) -> None:
+def commit_offsets(
+    consumer: KafkaConsumer, topics: tuple[str, str], offsets: dict[int, list[int | None]]
+) -> None:
     """Mirror checkpointed offsets into the group's Kafka offsets (for lag tools only)."""
     commit: dict[TopicPartition, OffsetAndMetadata] = {}
     for shard, pair in offsets.items():
@@ -197,7 +199,9 @@ class DeadLetters:
         if self.topic is None:
             return
         if self._producer is None:
-            self._producer = KafkaProducer(acks="all", linger_ms=50, **client_options(self._config.kafka))
+            self._producer = KafkaProducer(
+                acks="all", linger_ms=50, **client_options(self._config.kafka)
+            )
         headers = [
             ("stream_fair.reason", reason.encode()),
             ("stream_fair.detail", detail.encode("utf-8", "replace")[:1000]),

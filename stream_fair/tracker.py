@@ -11,7 +11,8 @@ lock, the fairness math runs afterwards on the copy (:mod:`stream_fair.report`).
 
 >>> from stream_fair.config import Config
 >>> t = Tracker(Config.model_validate({"fairness": {"features": ["sex"]}}))
->>> t.update_prediction(0, b'{"id": "a", "ts": 1, "model": "m", "prediction": 1, "attributes": {"sex": "F"}}', 0)
+>>> raw = b'{"id": "a", "ts": 1, "model": "m", "prediction": 1, "attributes": {"sex": "F"}}'
+>>> t.update_prediction(0, raw, 0)
 >>> t.update_outcome(0, b'{"id": "a", "ts": 2, "label": 1}', 0)
 >>> t.update_outcome(0, b'not json', 1).reason
 'invalid_json'
@@ -30,7 +31,7 @@ from stream_fair.config import Config, format_duration
 from stream_fair.counts import CellCounts, Key, Quad, add_quads
 from stream_fair.decode import Decoder
 from stream_fair.events import Outcome, Prediction, Rejection
-from stream_fair.groups import Cell, CardinalityGuard, FeatureKey, feature_keys
+from stream_fair.groups import CardinalityGuard, Cell, FeatureKey, feature_keys
 from stream_fair.join import (
     DUPLICATE,
     EXPIRED,
@@ -54,7 +55,13 @@ class Feedback(Protocol):
     def on_prediction(self, model: str, cell: Cell, predicted: int, ts: float) -> None: ...
 
     def on_joined(
-        self, model: str, cell: Cell, predicted: int, label: int, prediction_ts: float, outcome_ts: float
+        self,
+        model: str,
+        cell: Cell,
+        predicted: int,
+        label: int,
+        prediction_ts: float,
+        outcome_ts: float,
     ) -> None: ...
 
     def on_expired(self, model: str, cell: Cell, prediction_ts: float) -> None: ...
@@ -287,7 +294,8 @@ class Tracker:
             },
             expired=_merge_ints(s.counts.expired for s in shards),
             overflow={
-                f.name: n for f, n in zip(self.config.fairness.features, self.guard.overflow, strict=True)
+                f.name: n
+                for f, n in zip(self.config.fairness.features, self.guard.overflow, strict=True)
             },
             shards=tuple(sorted(self.shards)),
             feedback=self.feedback.snapshot() if self.feedback is not None else None,

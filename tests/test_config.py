@@ -26,23 +26,28 @@ def test_defaults_are_valid_and_documented_example_loads() -> None:
 def test_environment_overrides_yaml(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("kafka: {bootstrap_servers: a:1, group_id: g}\nwindows: [1h]\n")
-    cfg = load(path, environ={
-        "STREAM_FAIR_KAFKA__BOOTSTRAP_SERVERS": "b:2",
-        "STREAM_FAIR_WINDOWS": "[15m, 1h]",
-        "STREAM_FAIR_EXPORTER__PORT": "9999",
-        "STREAM_FAIR_TEST_BOOTSTRAP": "ignored: test-suite variable",
-    })
+    cfg = load(
+        path,
+        environ={
+            "STREAM_FAIR_KAFKA__BOOTSTRAP_SERVERS": "b:2",
+            "STREAM_FAIR_WINDOWS": "[15m, 1h]",
+            "STREAM_FAIR_EXPORTER__PORT": "9999",
+            "STREAM_FAIR_TEST_BOOTSTRAP": "ignored: test-suite variable",
+        },
+    )
     assert cfg.kafka.bootstrap_servers == "b:2" and cfg.kafka.group_id == "g"
     assert cfg.windows == [900.0, 3600.0] and cfg.exporter.port == 9999
 
 
 def test_secrets_are_masked_everywhere() -> None:
-    cfg = load(environ={
-        "STREAM_FAIR_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
-        "STREAM_FAIR_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
-        "STREAM_FAIR_KAFKA__SASL_USERNAME": "u",
-        "STREAM_FAIR_KAFKA__SASL_PASSWORD": "hunter2",
-    })
+    cfg = load(
+        environ={
+            "STREAM_FAIR_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+            "STREAM_FAIR_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
+            "STREAM_FAIR_KAFKA__SASL_USERNAME": "u",
+            "STREAM_FAIR_KAFKA__SASL_PASSWORD": "hunter2",
+        }
+    )
     assert cfg.kafka.sasl_password is not None
     assert cfg.kafka.sasl_password.get_secret_value() == "hunter2"
     assert "hunter2" not in repr(cfg) and "hunter2" not in str(cfgmod.redacted(cfg))
@@ -56,7 +61,10 @@ def test_secrets_are_masked_everywhere() -> None:
         ({"STREAM_FAIR_KAFKA__SECURITY_PROTOCOL": "SASL_SSL"}, "needs kafka.sasl_mechanism"),
         ({"STREAM_FAIR_KAFKA__SECURITY_PROTOCOL": "TLS"}, "kafka.security_protocol"),
         ({"STREAM_FAIR_WINDOWS": "[7m]"}, "not a multiple of window_resolution"),
-        ({"STREAM_FAIR_FAIRNESS__INTERSECTIONS": "[[sex, race]]"}, "'sex', which is not in fairness.features"),
+        (
+            {"STREAM_FAIR_FAIRNESS__INTERSECTIONS": "[[sex, race]]"},
+            "'sex', which is not in fairness.features",
+        ),
         ({"STREAM_FAIR_FAIRNESS__CREDIBLE_LEVEL": "95"}, "fairness.credible_level"),
         ({"STREAM_FAIR_FEEDBACK": "{bogus: 1}"}, "unknown key 'bogus'"),
         ({"STREAM_FAIR_SCHEMA__PREDICTION__PREDICTION": "null"}, "schema.score_threshold"),

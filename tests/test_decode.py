@@ -14,13 +14,25 @@ from stream_fair.events import Outcome, Prediction, Rejection
 
 
 def decoder(**schema: object) -> Decoder:
-    return Decoder(Config.model_validate({"schema": schema, "fairness": {"features": [
-        "sex", {"name": "band", "path": "applicant.age.band"}]}}))
+    return Decoder(
+        Config.model_validate(
+            {
+                "schema": schema,
+                "fairness": {"features": ["sex", {"name": "band", "path": "applicant.age.band"}]},
+            }
+        )
+    )
 
 
 def p(**fields: object) -> bytes:
-    base: dict[str, object] = {"id": "r1", "ts": 100, "model": "m", "prediction": 1,
-                               "attributes": {"sex": "F"}, "applicant": {"age": {"band": "30s"}}}
+    base: dict[str, object] = {
+        "id": "r1",
+        "ts": 100,
+        "model": "m",
+        "prediction": 1,
+        "attributes": {"sex": "F"},
+        "applicant": {"age": {"band": "30s"}},
+    }
     base.update(fields)
     return orjson.dumps({k: v for k, v in base.items() if v is not ...})
 
@@ -30,7 +42,8 @@ def test_default_schema_and_dotted_paths() -> None:
     assert ev == Prediction("r1", 100.0, "m", 1, 0.7, ("F", "30s"))
     noon = datetime(2026, 11, 28, 12, tzinfo=timezone.utc).timestamp()
     assert decoder().outcome(b'{"id": 7, "ts": "2026-11-28T12:00:00Z", "label": true}') == Outcome(
-        "7", noon, 1)
+        "7", noon, 1
+    )
     # no zone means UTC, whatever the host's time zone
     assert decoder().outcome(b'{"id": 7, "ts": "2026-11-28T12:00:00", "label": 1}').ts == noon  # type: ignore[union-attr]
 

@@ -19,11 +19,16 @@ from stream_fair.report import build_report
 from stream_fair.tracker import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
-CFG = Config.model_validate({
-    "fairness": {"features": [{"name": "sex", "reference": "M"}, "race"],
-                 "intersections": [["race", "sex"]], "min_samples": 5},
-    "windows": ["1h"],
-})
+CFG = Config.model_validate(
+    {
+        "fairness": {
+            "features": [{"name": "sex", "reference": "M"}, "race"],
+            "intersections": [["race", "sex"]],
+            "min_samples": 5,
+        },
+        "windows": ["1h"],
+    }
+)
 ROWS = [("F", "A", 1, 1), ("F", "B", 1, 0), ("M", "A", 0, 0), ("M", "B", 1, 1), ("F", "A", 0, 1)]
 
 
@@ -31,12 +36,28 @@ def tracker(n: int = 40) -> Tracker:
     t = Tracker(CFG)
     for i in range(n):
         sex, race, label, pred = ROWS[i % len(ROWS)]
-        t.update_prediction(0, orjson.dumps({"id": f"r{i}", "ts": 1000 + i, "model": "m", "prediction": pred,
-                                              "attributes": {"sex": sex, "race": race}}), i)
+        t.update_prediction(
+            0,
+            orjson.dumps(
+                {
+                    "id": f"r{i}",
+                    "ts": 1000 + i,
+                    "model": "m",
+                    "prediction": pred,
+                    "attributes": {"sex": sex, "race": race},
+                }
+            ),
+            i,
+        )
         t.update_outcome(0, orjson.dumps({"id": f"r{i}", "ts": 1000 + i, "label": label}), i)
     t.update_prediction(0, b"garbage", n)
-    t.update_prediction(0, orjson.dumps({"id": "p", "ts": 2000, "prediction": 1,
-                                         "attributes": {"sex": "F", "race": "A"}}), n + 1)
+    t.update_prediction(
+        0,
+        orjson.dumps(
+            {"id": "p", "ts": 2000, "prediction": 1, "attributes": {"sex": "F", "race": "A"}}
+        ),
+        n + 1,
+    )
     return t
 
 
@@ -46,35 +67,68 @@ def test_collector_exports_exact_counts_rates_and_identity() -> None:
     reg = registry_for(lambda: (build_report(t.snapshot(), CFG), stats))
     get = reg.get_sample_value
     # F&A rows: (1,1) and (0,1) -> 8 each over 40 events
-    assert get("stream_fair_confusion_total",
-               {"model": "m", "feature": "race&sex", "group": "A&F", "actual": "1", "predicted": "1"}) == 8
-    assert get("stream_fair_confusion_total",
-               {"model": "m", "feature": "race&sex", "group": "A&F", "actual": "0", "predicted": "1"}) == 8
-    assert get("stream_fair_confusion_total",
-               {"model": "m", "feature": "sex", "group": "F", "actual": "1", "predicted": "0"}) == 8
+    assert (
+        get(
+            "stream_fair_confusion_total",
+            {"model": "m", "feature": "race&sex", "group": "A&F", "actual": "1", "predicted": "1"},
+        )
+        == 8
+    )
+    assert (
+        get(
+            "stream_fair_confusion_total",
+            {"model": "m", "feature": "race&sex", "group": "A&F", "actual": "0", "predicted": "1"},
+        )
+        == 8
+    )
+    assert (
+        get(
+            "stream_fair_confusion_total",
+            {"model": "m", "feature": "sex", "group": "F", "actual": "1", "predicted": "0"},
+        )
+        == 8
+    )
     labels = {"model": "m", "feature": "sex", "group": "F", "window": "cumulative"}
     assert get("stream_fair_selection_rate", labels) == pytest.approx(16 / 24)
     assert get("stream_fair_true_positive_rate", labels) == pytest.approx(8 / 16)
     lower = get("stream_fair_true_positive_rate_lower", labels)
     upper = get("stream_fair_true_positive_rate_upper", labels)
     assert lower is not None and upper is not None and lower < 0.5 < upper
-    assert get("stream_fair_window_confusion", {**labels, "window": "1h", "actual": "1", "predicted": "1"}) == 8
+    assert (
+        get(
+            "stream_fair_window_confusion",
+            {**labels, "window": "1h", "actual": "1", "predicted": "1"},
+        )
+        == 8
+    )
     assert get("stream_fair_group_samples", labels) == 24
-    assert get("stream_fair_demographic_parity_difference",
-               {"model": "m", "feature": "sex", "window": "cumulative", "method": "between_groups"}
-               ) == pytest.approx(16 / 24 - 8 / 16)
-    assert get("stream_fair_predictions_total", {"model": "default", "feature": "sex", "group": "F",
-                                                 "predicted": "1"}) == 1
+    assert get(
+        "stream_fair_demographic_parity_difference",
+        {"model": "m", "feature": "sex", "window": "cumulative", "method": "between_groups"},
+    ) == pytest.approx(16 / 24 - 8 / 16)
+    assert (
+        get(
+            "stream_fair_predictions_total",
+            {"model": "default", "feature": "sex", "group": "F", "predicted": "1"},
+        )
+        == 1
+    )
     assert get("stream_fair_consumer_lag", {"topic": "predictions", "partition": "0"}) == 3
     assert get("stream_fair_dead_letters_total", {"topic": "predictions"}) == 1
-    assert get("stream_fair_rejected_events_total", {"topic": "predictions", "reason": "invalid_json"}) == 1
+    assert (
+        get("stream_fair_rejected_events_total", {"topic": "predictions", "reason": "invalid_json"})
+        == 1
+    )
     assert get("stream_fair_pending_events", {"topic": "predictions"}) == 1
     assert get("stream_fair_build_info", {"version": __import__("stream_fair").__version__}) == 1
     for topic in ("predictions", "outcomes"):
-        fates = sum(get("stream_fair_event_fates_total", {"topic": topic, "fate": f}) or 0
-                    for f in ("joined", "expired", "orphan", "duplicate", "late", "rejected"))
+        fates = sum(
+            get("stream_fair_event_fates_total", {"topic": topic, "fate": f}) or 0
+            for f in ("joined", "expired", "orphan", "duplicate", "late", "rejected")
+        )
         assert get("stream_fair_events_consumed_total", {"topic": topic}) == fates + get(
-            "stream_fair_pending_events", {"topic": topic})
+            "stream_fair_pending_events", {"topic": topic}
+        )
 
 
 def test_a_failing_snapshot_never_fails_the_scrape() -> None:
@@ -94,17 +148,20 @@ def test_every_exported_metric_is_documented() -> None:
     doc = (ROOT / "docs" / "metrics.md").read_text()
     documented = set(re.findall(r"`(stream_fair_[a-z_]+)", doc))
     t = tracker()
-    reg = registry_for(lambda: (build_report(t.snapshot(), CFG), PipelineStats(last_checkpoint=1.0)))
+    reg = registry_for(
+        lambda: (build_report(t.snapshot(), CFG), PipelineStats(last_checkpoint=1.0))
+    )
     exported = set()
     for family in text_string_to_metric_families(generate_latest(reg).decode()):
         if family.name.startswith("stream_fair_"):
             name = family.name + ("_total" if family.type == "counter" else "")
             exported.add(name)
+
     def is_documented(name: str) -> bool:
         # rates and disparities are documented once by their fairlearn name, for the
         # `stream_fair_R`, `stream_fair_R_lower`, `stream_fair_R_upper` triple
         base = re.sub(r"_(lower|upper)$", "", name)
-        return name in documented or f"`{base[len('stream_fair_'):]}`" in doc
+        return name in documented or f"`{base[len('stream_fair_') :]}`" in doc
 
     assert len(exported) > 40
     undocumented = sorted(n for n in exported if not is_documented(n))
@@ -118,6 +175,7 @@ def test_http_endpoints() -> None:
     server = ExporterServer("127.0.0.1", 0, reg, health, page=lambda: "<html>ok</html>").start()
     base = f"http://127.0.0.1:{server.port}"
     try:
+
         def status(path: str) -> int:
             try:
                 with urllib.request.urlopen(base + path, timeout=5) as r:

@@ -48,7 +48,11 @@ class Reference:
 
     def add(self, kind: str, key: str, ts: float) -> tuple[str, list[tuple[str, str]]]:
         if kind == "p":
-            if self._has(self.preds, key) or self._has(self.joined, key) or self._has(self.expired, key):
+            if (
+                self._has(self.preds, key)
+                or self._has(self.joined, key)
+                or self._has(self.expired, key)
+            ):
                 fate = DUPLICATE
             elif self._has(self.outs, key):
                 o_ts = next(t for k, t in self.outs if k == key)
@@ -108,7 +112,9 @@ events = st.lists(
 
 @settings(max_examples=300, deadline=None)
 @given(events, st.sampled_from([5.0, 15.0, 1e9]), st.sampled_from([0.5, 10.0, 1e9]))
-def test_join_matches_naive_reference(evs: list[tuple[str, int, float]], ttl: float, retention: float) -> None:
+def test_join_matches_naive_reference(
+    evs: list[tuple[str, int, float]], ttl: float, retention: float
+) -> None:
     buf = JoinBuffer(ttl=ttl, retention=retention)
     ref = Reference(ttl=ttl, retention=retention)
     for kind, key, ts in evs:
@@ -139,7 +145,11 @@ def test_every_event_has_exactly_one_fate(evs: list[tuple[str, int, float]], ttl
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.permutations([("p", i) for i in range(6)] + [("o", i) for i in range(6)] + [("p", 2), ("o", 4)]))
+@given(
+    st.permutations(
+        [("p", i) for i in range(6)] + [("o", i) for i in range(6)] + [("p", 2), ("o", 4)]
+    )
+)
 def test_every_arrival_order_joins_each_pair_once(order: list[tuple[str, int]]) -> None:
     """Without expiry, any arrival order joins all six pairs exactly once; repeats are duplicates."""
     buf = JoinBuffer(ttl=1e9)

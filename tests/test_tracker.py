@@ -34,7 +34,9 @@ def config(**overrides: object) -> Config:
     return Config.model_validate(base)
 
 
-def stream(n: int, seed: int, *, shuffle: bool = True) -> list[tuple[str, bytes, dict[str, object]]]:
+def stream(
+    n: int, seed: int, *, shuffle: bool = True
+) -> list[tuple[str, bytes, dict[str, object]]]:
     """Predictions and outcomes (outcomes delayed and shuffled), with the truth attached."""
     rng = random.Random(seed)
     events: list[tuple[float, str, bytes, dict[str, object]]] = []
@@ -66,8 +68,12 @@ def test_pipeline_rates_equal_fairlearn_after_every_step() -> None:
     joined: dict[str, dict[str, object]] = {}
     seen: dict[str, set[str]] = {"predictions": set(), "outcomes": set()}
     offsets = {"predictions": 0, "outcomes": 0}
-    metrics = {"selection_rate": selection_rate, "true_positive_rate": true_positive_rate,
-               "false_positive_rate": false_positive_rate, "accuracy": accuracy_score}
+    metrics = {
+        "selection_rate": selection_rate,
+        "true_positive_rate": true_positive_rate,
+        "false_positive_rate": false_positive_rate,
+        "accuracy": accuracy_score,
+    }
     for step, (topic, raw, row) in enumerate(stream(150, seed=3)):
         feed(tracker, topic, raw, offsets[topic])
         offsets[topic] += 1
@@ -81,8 +87,12 @@ def test_pipeline_rates_equal_fairlearn_after_every_step() -> None:
         report = build_report(tracker.snapshot(), cfg)
         for feature in ["sex", "race", "age", "race&sex"]:
             view = report.view("m", feature, CUMULATIVE)
-            mf = MetricFrame(metrics=metrics, y_true=df["label"], y_pred=df["predicted"],
-                             sensitive_features=df[feature])
+            mf = MetricFrame(
+                metrics=metrics,
+                y_true=df["label"],
+                y_pred=df["predicted"],
+                sensitive_features=df[feature],
+            )
             by_group = mf.by_group
             assert sorted(view.report.groups) == sorted(by_group.index)
             for group, gr in view.report.groups.items():
@@ -90,7 +100,9 @@ def test_pipeline_rates_equal_fairlearn_after_every_step() -> None:
                 assert gr.counts.n == len(sub)
                 for name in metrics:
                     if name in gr.rates:
-                        assert gr.rates[name].value == pytest.approx(by_group.loc[group, name], abs=1e-12)
+                        assert gr.rates[name].value == pytest.approx(
+                            by_group.loc[group, name], abs=1e-12
+                        )
                     else:  # the rate's denominator is empty for this group
                         positives = int(sub["label"].sum())
                         assert (name == "true_positive_rate" and positives == 0) or (
@@ -103,8 +115,12 @@ def test_accounting_identity_with_messy_input_at_every_step() -> None:
     tracker = Tracker(cfg)
     rng = random.Random(5)
     events = [(t, raw) for t, raw, _ in stream(300, seed=5)]
-    events += [("predictions", b"{not json"), ("outcomes", b'{"id": "x", "ts": 1, "label": 7}'),
-               ("predictions", b"[1, 2]"), ("outcomes", None)]  # type: ignore[list-item]
+    events += [
+        ("predictions", b"{not json"),
+        ("outcomes", b'{"id": "x", "ts": 1, "label": 7}'),
+        ("predictions", b"[1, 2]"),
+        ("outcomes", None),
+    ]  # type: ignore[list-item]
     events += rng.sample(events, 40)  # redeliveries of the same records
     rng.shuffle(events)
     offsets = {"predictions": 0, "outcomes": 0}
@@ -167,7 +183,9 @@ def test_cardinality_overflow_folds_into_other_and_is_counted() -> None:
     cfg = config(fairness={"features": [{"name": "zip", "cardinality_limit": 3}], "min_samples": 1})
     tracker = Tracker(cfg)
     for i in range(10):
-        raw = orjson.dumps({"id": i, "ts": i, "model": "m", "prediction": 1, "attributes": {"zip": f"z{i}"}})
+        raw = orjson.dumps(
+            {"id": i, "ts": i, "model": "m", "prediction": 1, "attributes": {"zip": f"z{i}"}}
+        )
         tracker.update_prediction(0, raw, i)
     snap = tracker.snapshot()
     groups = sorted(cell[0] for (_, cell) in snap.predictions)
@@ -177,14 +195,28 @@ def test_cardinality_overflow_folds_into_other_and_is_counted() -> None:
 
 
 def test_intersection_reference_and_exclusion_of_reserved_groups() -> None:
-    cfg = Config.model_validate({"fairness": {
-        "features": [{"name": "sex", "reference": "M"}, {"name": "race", "reference": "A"}],
-        "intersections": [["race", "sex"]], "min_samples": 1}})
+    cfg = Config.model_validate(
+        {
+            "fairness": {
+                "features": [{"name": "sex", "reference": "M"}, {"name": "race", "reference": "A"}],
+                "intersections": [["race", "sex"]],
+                "min_samples": 1,
+            }
+        }
+    )
     tracker = Tracker(cfg)
-    rows = [("M", "A", 1, 1), ("F", "B", 1, 0), ("F", None, 1, 0), ("M", "B", 0, 0), ("F", "A", 0, 1)]
+    rows = [
+        ("M", "A", 1, 1),
+        ("F", "B", 1, 0),
+        ("F", None, 1, 0),
+        ("M", "B", 0, 0),
+        ("F", "A", 0, 1),
+    ]
     for i, (sex, race, label, pred) in enumerate(rows * 5):
         attrs = {"sex": sex} if race is None else {"sex": sex, "race": race}
-        tracker.update_prediction(0, orjson.dumps({"id": i, "ts": i, "prediction": pred, "attributes": attrs}), i)
+        tracker.update_prediction(
+            0, orjson.dumps({"id": i, "ts": i, "prediction": pred, "attributes": attrs}), i
+        )
         tracker.update_outcome(0, orjson.dumps({"id": i, "ts": i, "label": label}), i)
     report = build_report(tracker.snapshot(), cfg)
     view = report.view("default", "race&sex")
@@ -194,8 +226,21 @@ def test_intersection_reference_and_exclusion_of_reserved_groups() -> None:
 
 
 def test_pure_core_imports_neither_kafka_nor_prometheus() -> None:
-    core = ["config", "events", "decode", "join", "groups", "counts", "fairness", "disparity",
-            "tracker", "report", "simulate", "state", "sequential"]
+    core = [
+        "config",
+        "events",
+        "decode",
+        "join",
+        "groups",
+        "counts",
+        "fairness",
+        "disparity",
+        "tracker",
+        "report",
+        "simulate",
+        "state",
+        "sequential",
+    ]
     code = (
         "import sys, importlib\n"
         f"for m in {core!r}: importlib.import_module('stream_fair.' + m)\n"
