@@ -15,9 +15,9 @@ Rejection(reason='invalid_label', detail="label 'yes' is not 0/1 (add it to sche
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -130,7 +130,7 @@ def _id(value: Any) -> str:
 
 
 def _binary(
-    value: Any, mapping: dict[str, int], what: str, key: str, missing: str, invalid: str
+    value: Any, mapping: Mapping[str, int], what: str, key: str, missing: str, invalid: str
 ) -> int:
     if value is _ABSENT or value is None:
         raise _Reject(missing, f"no {what} field")
@@ -215,9 +215,8 @@ class Decoder:
                     )
                 ):  # fmt: skip
                     cell = tuple([self._values[v] for v in self._features(doc)])
-                    return Prediction(
-                        eid, float(ts), model, pred, None if score is _ABSENT else score, cell
-                    )
+                    real_score = None if score is _ABSENT else cast(float | None, score)
+                    return Prediction(eid, float(ts), model, pred, real_score, cell)
         except Exception:  # noqa: S110 - anything unusual goes to the full path below
             pass
         return self._prediction(raw, kafka_ts_ms)

@@ -282,7 +282,7 @@ class ExporterServer:
     ) -> None:
         import time
 
-        clock = clock or time.monotonic
+        now: Callable[[], float] = clock or time.monotonic
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
@@ -290,7 +290,7 @@ class ExporterServer:
                 if path == "/metrics":
                     self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
-                    alive = clock() - health.heartbeat < health.stale_after
+                    alive = now() - health.heartbeat < health.stale_after
                     self._send(200 if alive else 503, b"ok\n" if alive else b"run loop stalled\n")
                 elif path == "/readyz":
                     ready = health.ready
