@@ -44,7 +44,7 @@ def demo_config(bootstrap: str, state_dir: Path, port: int) -> Config:
                 "intersections": [["race", "sex"]],
                 "min_samples": 100,
             },
-            "windows": ["15m", "1h"],
+            "windows": ["15m", "1h", "1d"],  # the alert rules judge the 1d window
             "window_resolution": "1m",
             "join": {"ttl": "2h"},
             "state": {"path": str(state_dir / "state.db"), "checkpoint_interval": "2s"},
@@ -99,7 +99,7 @@ def _table(detector: Any) -> str:
 
 
 def run_demo(seconds: float | None = None, port: int = 9800, rate: float = 2000.0, quiet: bool = False) -> int:
-    from stream_fair import simulate
+    from stream_fair import observability, simulate
     from stream_fair.app import Detector
     from stream_fair.broker import EmbeddedBroker, create_topics, produce_events
 
@@ -139,6 +139,10 @@ def run_demo(seconds: float | None = None, port: int = 9800, rate: float = 2000.
         url = f"http://127.0.0.1:{detector.port}"
         print(f"stream-fair demo: broker {bootstrap}; metrics {url}/metrics; status page {url}/", flush=True)
         print(f"ground truth: {simulate.ground_truth(scenario, 1000, seed=7).description}", flush=True)
+        stack = observability.start_demo_stack(
+            Path(tmp) / "observability", detector.port, fixed_ports=port != 0,
+            out=lambda line: print(line, flush=True),
+        )
         print("Ctrl-C stops everything.", flush=True)
         deadline = None if seconds is None else time.monotonic() + seconds
         try:
@@ -149,6 +153,8 @@ def run_demo(seconds: float | None = None, port: int = 9800, rate: float = 2000.
                     print("\n" + _table(detector), flush=True)
         finally:
             stop.set()
+            if stack is not None:
+                stack.stop()
             consumer.join(timeout=30)
             producer.join(timeout=10)
     if failure:

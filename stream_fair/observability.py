@@ -146,7 +146,8 @@ def alertmanager_config(
             hook["url"] = _with_base(hook["url"], webhook_base)
 
     def tune(route: dict[str, Any]) -> None:
-        for key, value in (("group_interval", group_interval), ("repeat_interval", repeat_interval)):
+        overrides = (("group_interval", group_interval), ("repeat_interval", repeat_interval))
+        for key, value in overrides:
             if value is not None and (key in route or route is cfg["route"]):
                 route[key] = value
         route.pop("group_wait", None)
@@ -182,10 +183,11 @@ class Service:
         while time.monotonic() < deadline:
             if not self.running():
                 break
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as resp:
-                    if resp.status == 200:
-                        return self
+            with contextlib.suppress(OSError), urllib.request.urlopen(
+                self.url + "/-/ready", timeout=2
+            ) as resp:
+                if resp.status == 200:
+                    return self
             time.sleep(0.1)
         tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
         self.stop()
@@ -304,15 +306,29 @@ class WebhookReceiver:
         self.httpd.server_close()
 
 
-def describe(note: Notification) -> str:
-    """One line per alert of a notification, for a console."""
-    p = note.payload
-    lines = []
-    for a in p.get("alerts", []):
-        lab, ann = a.get("labels", {}), a.get("annotations", {})
-        lines.append(f"{a.get('status', '?').upper()} -> {p.get('receiver')}: "
-                     f"{lab.get('alertname')} [{lab.get('severity')}] {ann.get('summary', '')}")
-    return "\n".join(lines)
+def describe(receiver: str, alert: dict[str, Any]) -> str:
+    """One line for one alert of a notification, for a console."""
+    lab, ann = alert.get("labels", {}), alert.get("annotations", {})
+    method = f" ({lab['method']})" if "method" in lab else ""
+    return (f"ALERT {alert.get('status', '?')} -> {receiver}: {lab.get('alertname')} "
+            f"[{lab.get('severity')}] {ann.get('summary', '')}{method}")
+
+
+def _new_alerts_printer(out: Callable[[str], None]) -> Callable[[Notification], None]:
+    """Print each alert once per status change, not at every re-notification of its group."""
+    seen: set[tuple[str, str]] = set()
+    lock = threading.Lock()
+
+    def show(note: Notification) -> None:
+        for alert in note.payload.get("alerts", []):
+            key = (alert.get("fingerprint", ""), alert.get("status", ""))
+            with lock:
+                if key in seen:
+                    continue
+                seen.add(key)
+            out(describe(note.payload.get("receiver", "?"), alert))
+
+    return show
 
 
 # -- the whole stack ------------------------------------------------------------------------
@@ -380,4 +396,45 @@ def start_stack(
     except BaseException:
         stack.stop()
         raise
+    return stack
+
+
+# -- the demo -------------------------------------------------------------------------------
+#: The demo's ``for:`` for every alert, so a newcomer sees alerts fire within a minute.
+DEMO_FOR = "10s"
+
+
+def start_demo_stack(
+    workdir: Path,
+    exporter_port: int,
+    *,
+    model: str = "credit-v3",
+    fixed_ports: bool = True,
+    out: Callable[[str], None] = print,
+) -> Stack | None:
+    """Prometheus (:9090) and Alertmanager (:9093) for ``stream-fair demo``, or ``None``.
+
+    Ports fall back to free ones when taken (or always with ``fixed_ports=False``). Alert
+    notifications are printed through ``out``. Missing binaries or rules are reported, not fatal.
+    """
+    if not binaries_available():
+        out(f"({PROMETHEUS_BIN} / {ALERTMANAGER_BIN} not on PATH: no Prometheus or Alertmanager; "
+            "apt-get install prometheus prometheus-alertmanager to see alerts fire)")
+        return None
+    if not rules_available():
+        out(f"(no alert rules under {DEPLOY}: run the demo from a source checkout to see alerts)")
+        return None
+    try:
+        stack = start_stack(
+            workdir, f"127.0.0.1:{exporter_port}", model=model, for_duration=DEMO_FOR,
+            prometheus_port=free_port(9090) if fixed_ports else 0,
+            alertmanager_port=free_port(9093) if fixed_ports else 0,
+            interval="2s", group_wait="2s", group_interval="10s",
+            on_notification=_new_alerts_printer(out),
+        )
+    except ObservabilityError as exc:
+        out(f"(Prometheus / Alertmanager did not start: {exc})")
+        return None
+    out(f"prometheus {stack.prometheus.url}/alerts; alertmanager {stack.alertmanager.url} "
+        f"(rules and routes from deploy/, every alert's for: shortened to {DEMO_FOR})")
     return stack

@@ -122,6 +122,39 @@ def panel_queries(
     return queries
 
 
+_LABEL_VALUES = re.compile(r"^\s*label_values\((?:(.*),\s*)?(\w+)\)\s*$", re.DOTALL)
+
+
+def template_variables(dashboard: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The dashboard's template variables, in the order Grafana resolves them."""
+    return list(dashboard.get("templating", {}).get("list", []))
+
+
+def variable_query(variable: Mapping[str, Any]) -> str:
+    """A variable's query text (Grafana stores it as a string or as ``{"query": ...}``)."""
+    query = variable.get("query", "")
+    return str(query.get("query", "") if isinstance(query, Mapping) else query)
+
+
+def label_values(query: str) -> tuple[str | None, str]:
+    """``(series selector or None, label)`` of a ``label_values(...)`` variable query.
+
+    >>> label_values('label_values(up{job="stream-fair"}, model)')
+    ('up{job="stream-fair"}', 'model')
+    >>> label_values("label_values(instance)")
+    (None, 'instance')
+    """
+    match = _LABEL_VALUES.match(query)
+    if match is None:
+        raise ValueError(f"not a label_values(...) query: {query!r}")
+    return match.group(1), match.group(2)
+
+
+def custom_options(variable: Mapping[str, Any]) -> list[str]:
+    """The values of a ``custom`` variable (``"1d,1h,cumulative"``)."""
+    return [v.strip() for v in variable_query(variable).split(",") if v.strip()]
+
+
 def _blank(pattern: re.Pattern[str], text: str) -> str:
     return pattern.sub(lambda m: " " * len(m.group()), text)
 
