@@ -52,9 +52,7 @@ def feedback_families(snapshot: FeedbackSnapshot) -> Iterator[Metric]:
     """Every feedback metric family of one snapshot (see ``docs/metrics.md``)."""
     yield from _group_families(snapshot)
     yield from _feature_families(snapshot)
-    periods = _counter(
-        "feedback_periods_closed_total", "Feedback periods closed (traffic, trends, loop)", []
-    )
+    periods = _counter("feedback_periods_closed_total", "Feedback periods closed (traffic, trends, loop)", [])
     periods.add_metric([], snapshot.periods_closed)
     yield periods
     if snapshot.watermark is not None:
@@ -71,26 +69,17 @@ def _group_families(snapshot: FeedbackSnapshot) -> Iterator[Metric]:
     cov = _gauge("label_coverage", "Joined over resolved (joined + expired) predictions", _G)
     arrival = _gauge(
         "label_arrival_ratio",
-        "Group's share of arrived labels over its share of predictions (1 = labels arrive "
-        "like predictions)",
+        "Group's share of arrived labels over its share of predictions (1 = labels arrive like predictions)",
         _G,
     )
     delay = _gauge(
         "label_delay_seconds", "Quantile of outcome minus prediction event time", [*_G, "quantile"]
     )
     share = _gauge("traffic_share", "Group's share of predictions in the last period", _G)
-    share_ref = _gauge(
-        "traffic_share_reference", "Group's share of predictions in the reference periods", _G
-    )
-    exposure = _gauge(
-        "exposure_ratio", "Group's selection rate over the overall one, last period", _G
-    )
-    sr_trend = _gauge(
-        "selection_rate_trend", "Fast minus slow EW mean of the per-period selection rate", _G
-    )
-    drift = _counter(
-        "drift_detections_total", "River drift detections on a group signal", [*_G, "signal"]
-    )
+    share_ref = _gauge("traffic_share_reference", "Group's share of predictions in the reference periods", _G)
+    exposure = _gauge("exposure_ratio", "Group's selection rate over the overall one, last period", _G)
+    sr_trend = _gauge("selection_rate_trend", "Fast minus slow EW mean of the per-period selection rate", _G)
+    drift = _counter("drift_detections_total", "River drift detections on a group signal", [*_G, "signal"])
     drift_ts = _gauge(
         "last_drift_timestamp_seconds",
         "Event time of the last drift detection on a group signal",
@@ -173,9 +162,7 @@ def _feature_families(snapshot: FeedbackSnapshot) -> Iterator[Metric]:
         "Correlation of a group's selection with its next-period traffic change",
         _F,
     )
-    loop_amp = _gauge(
-        "feedback_loop_amplifying", "1 when the loop indicator is significantly positive", _F
-    )
+    loop_amp = _gauge("feedback_loop_amplifying", "1 when the loop indicator is significantly positive", _F)
     loop_pairs = _gauge("feedback_loop_pairs", "Pairs behind the loop indicator", _F)
     d_drift = _counter(
         "disparity_drift_detections_total",

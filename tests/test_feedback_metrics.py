@@ -8,12 +8,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
-from stream_fair.feedback import FeedbackSnapshot
+from stream_fair.feedback import FeedbackMonitor, FeedbackSettings, FeedbackSnapshot
 from stream_fair.feedback.alarms import Alarm, ChangeAlarm
 from stream_fair.feedback.coverage import CoverageGap
 from stream_fair.feedback.loop import LoopEstimate
 from stream_fair.feedback.monitor import FeatureFeedback, GroupFeedback
 from stream_fair.feedback_metrics import feedback_families
+from stream_fair.groups import feature_keys
 
 EO = "equal_opportunity_difference"
 DP = "demographic_parity_difference"
@@ -155,3 +156,21 @@ def test_undefined_trend_is_omitted(bad: float | None) -> None:
     r = _registry(FeedbackSnapshot({("m", "sex", "F"): g}, snap.features, None, 0))
     labels = {"model": "m", "feature": "sex", "group": "F"}
     assert r.get_sample_value("stream_fair_selection_rate_trend", labels) is None
+
+
+def test_monitor_snapshot_exports_alarms_and_zero_counters() -> None:
+    monitor = FeedbackMonitor(feature_keys(["sex"], []), FeedbackSettings(period=10.0))
+    for i in range(6000):  # two batches of 1,000 labelled events: detectors exist
+        cell = ("F",) if i % 3 else ("M",)
+        monitor.on_prediction("m", cell, i % 2, float(i))
+        monitor.on_joined("m", cell, i % 2, (i // 2) % 2, float(i), i + 5.0)
+    r = _registry(monitor.snapshot())
+    mf = {"model": "m", "feature": "sex"}
+    for name in (DP, EO, "equalized_odds_difference"):
+        assert r.get_sample_value("stream_fair_disparity_alarm", {**mf, "disparity": name}) == 0.0
+        assert r.get_sample_value("stream_fair_disparity_alarms_total", {**mf, "disparity": name}) == 0
+    for signal in ("selection_rate", "true_positive_rate", "false_positive_rate"):
+        labels = {**mf, "group": "F", "signal": signal}
+        assert r.get_sample_value("stream_fair_group_change_alarms_total", labels) == 0
+        assert r.get_sample_value("stream_fair_group_change_alarm", labels) == 0.0
+    assert r.get_sample_value("stream_fair_label_coverage_gap_flagged", mf) == 0.0

@@ -40,13 +40,16 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from stream_fair.feedback.alarms import Alarm, ChangeAlarm
-from stream_fair.feedback.coverage import CoverageGap, coverage, coverage_gap
+from stream_fair.feedback.alert import AlertCondition
+from stream_fair.feedback.change import ChangeSettings
+from stream_fair.feedback.coverage import CoverageGap, arrival_ratios, coverage, coverage_gap
 from stream_fair.feedback.delay import DelayHistogram
 from stream_fair.feedback.drift import BatchedDetector
 from stream_fair.feedback.loop import LoopEstimate, loop_indicator
 from stream_fair.feedback.traffic import ReferenceShares, exposure_ratios, shares
 from stream_fair.feedback.trends import Trend
 from stream_fair.groups import Cell, FeatureKey
+from stream_fair.sequential import SequentialSettings
 
 GROUP_SIGNALS = ("selection_rate", "true_positive_rate", "false_positive_rate")
 """Per-group signals watched by drift detectors (fairlearn names)."""
@@ -90,8 +93,17 @@ class FeedbackSettings:
     coverage_gap_threshold, coverage_alpha
         The coverage gap is flagged when its time-uniform lower bound (level ``coverage_alpha``
         over all groups of the feature) exceeds the threshold.
+    arrival_ratio_threshold
+        A group's label arrival ratio is flagged when its time-uniform bounds lie wholly below
+        this or wholly above its inverse (level ``coverage_alpha`` over the groups).
     loop_window, loop_min_pairs, loop_alpha
         Period pairs used by the loop indicator, pairs needed and level of ``amplifying``.
+    min_effect, change_alpha, change_horizon, change_batch
+        Change detectors (:mod:`.change`): design shift of a group's rate vs the rest, false-raise
+        probability over ``change_horizon`` labelled events of a feature, labelled events per
+        batch.
+    verdict_alpha, verdict_threshold
+        Time-uniform verdict (:mod:`stream_fair.sequential`) of the default alarm.
     """
 
     detector: Literal["adwin", "page_hinkley"] = "adwin"
@@ -109,6 +121,26 @@ class FeedbackSettings:
     loop_window: int = 48
     loop_min_pairs: int = 10
     loop_alpha: float = 0.01
+    arrival_ratio_threshold: float = 0.8
+    min_effect: float = 0.10
+    change_alpha: float = 0.05
+    change_horizon: int = 250_000
+    change_batch: int = 1_000
+    verdict_alpha: float = 0.05
+    verdict_threshold: float = 0.05
+
+    def alert_settings(self) -> tuple[SequentialSettings, ChangeSettings]:
+        """Settings of the two parts of the default alarm (verdict, change detectors)."""
+        seq = SequentialSettings(
+            alpha=self.verdict_alpha, threshold=self.verdict_threshold, min_samples=self.min_samples
+        )
+        change = ChangeSettings(
+            min_effect=self.min_effect,
+            alpha=self.change_alpha,
+            horizon=self.change_horizon,
+            batch=self.change_batch,
+        )
+        return seq, change
 
 
 @dataclass(frozen=True)
@@ -176,6 +208,7 @@ class FeedbackMonitor:
         self._detectors: dict[tuple[str, str, str, str], BatchedDetector] = {}
         self._disp_detectors: dict[tuple[str, str, str], BatchedDetector] = {}
         self._disp_base: dict[tuple[str, str, str], dict[str, tuple[int, int]]] = {}
+        self._alerts: dict[tuple[str, str], AlertCondition] = {}
 
     def __repr__(self) -> str:
         return f"FeedbackMonitor(cells={len(self._rows)}, periods_closed={self.periods_closed})"
@@ -312,15 +345,19 @@ class FeedbackMonitor:
                 }
                 for signal, (num, den) in ratios[g].items():
                     self._detector(self._detectors, (model, fname, g, signal)).feed(num, den, ts)
-            for name, rate in zip(
-                DISPARITY_SIGNALS, ("selection_rate", "true_positive_rate"), strict=False
-            ):
+            for name, rate in zip(DISPARITY_SIGNALS, ("selection_rate", "true_positive_rate"), strict=False):
                 cum = {g: r[rate] for g, r in ratios.items()}
                 self._feed_disparity((model, fname, name), cum, ts)
+            conf = {g: v[2:] for g, v in groups.items()}
+            self._alert((model, fname)).feed(conf, ts)
 
-    def _feed_disparity(
-        self, key: tuple[str, str, str], cum: dict[str, tuple[int, int]], ts: float
-    ) -> None:
+    def _alert(self, key: tuple[str, str]) -> AlertCondition:
+        a = self._alerts.get(key)
+        if a is None:
+            a = self._alerts[key] = AlertCondition(*self.settings.alert_settings())
+        return a
+
+    def _feed_disparity(self, key: tuple[str, str, str], cum: dict[str, tuple[int, int]], ts: float) -> None:
         """Feed max - min of the groups' batch rates once every established group has a batch.
 
         Established: at least ``min_samples`` trials so far. A group that stops receiving
@@ -349,7 +386,8 @@ class FeedbackMonitor:
         """Flush, then read every indicator into plain frozen data."""
         self._flush()
         s = self.settings
-        totals = self._by_group((_N, _POS, _J, _E))
+        totals = self._by_group((_N, _POS, _J, _E, _TP, _FP, _TN, _FN))
+        ts = self._watermark if self._watermark != -math.inf else 0.0
         hists: dict[tuple[str, str, str], DelayHistogram] = {}
         for (model, cell), h in self._hist.items():
             for f in self.features:
@@ -362,7 +400,18 @@ class FeedbackMonitor:
             share_now = shares(last)
             ref = self._reference[mf].shares() if mf in self._reference else {}
             exposure = exposure_ratios(last)
-            for g, (n, pos, joined, expired) in by_group.items():
+            alert = self._alert(mf)
+            alarms = alert.check({g: v[4:] for g, v in by_group.items()}, ts)
+            change: dict[str, dict[str, ChangeAlarm]] = {}
+            for (g, sig), a in alert.change.alarms().items():
+                change.setdefault(g, {})[sig] = a
+            arrival = arrival_ratios(
+                {g: (v[0], v[2]) for g, v in by_group.items()},
+                s.min_samples,
+                s.arrival_ratio_threshold,
+                s.coverage_alpha,
+            )
+            for g, (n, pos, joined, expired, *_) in by_group.items():
                 key = (model, fname, g)
                 gh = hists.get(key)
                 qs = gh.quantiles(s.delay_quantiles) if gh is not None and gh.n else []
@@ -387,6 +436,8 @@ class FeedbackMonitor:
                     last_drift_timestamp_seconds={
                         sig: d.last_ts for sig, d in dets.items() if d.last_ts is not None
                     },
+                    change_alarms=change.get(g, {}),
+                    label_arrival_ratio=arrival.ratios.get(g),
                 )
             resolved = {g: (v[2], v[3]) for g, v in by_group.items()}
             ddets = {
@@ -395,22 +446,21 @@ class FeedbackMonitor:
                 if (*mf, name) in self._disp_detectors
             }
             history = self._history.get(mf, ())
+            gap = coverage_gap(resolved, s.min_samples, s.coverage_gap_threshold, s.coverage_alpha)
             features[mf] = FeatureFeedback(
-                label_coverage_gap=coverage_gap(
-                    resolved, s.min_samples, s.coverage_gap_threshold, s.coverage_alpha
-                ),
+                label_coverage_gap=gap,
                 disparity_trend={
                     name: self._disp_trend[(*mf, name)].get()
                     for name in DISPARITY_SIGNALS
                     if (*mf, name) in self._disp_trend
                 },
-                feedback_loop=loop_indicator(
-                    list(history), s.min_samples, s.loop_min_pairs, s.loop_alpha
-                ),
+                feedback_loop=loop_indicator(list(history), s.min_samples, s.loop_min_pairs, s.loop_alpha),
                 disparity_drift_detections={n: d.detections for n, d in ddets.items()},
                 last_disparity_drift_timestamp_seconds={
                     n: d.last_ts for n, d in ddets.items() if d.last_ts is not None
                 },
+                alarms=alarms,
+                label_coverage_flagged=bool((gap is not None and gap.flagged) or arrival.flagged),
             )
         wm = self._watermark if self._watermark != -math.inf else None
         return FeedbackSnapshot(groups, features, wm, self.periods_closed)
@@ -425,10 +475,7 @@ class FeedbackMonitor:
 
         return {
             "version": 1,
-            "rows": [
-                [m, list(c), row, self._hist[(m, c)].to_state()]
-                for (m, c), row in self._rows.items()
-            ],
+            "rows": [[m, list(c), row, self._hist[(m, c)].to_state()] for (m, c), row in self._rows.items()],
             "watermark": enc(self._watermark),
             "period_end": enc(self._period_end),
             "periods_closed": self.periods_closed,
@@ -440,6 +487,7 @@ class FeedbackMonitor:
             "detectors": [[*k, d.to_state()] for k, d in self._detectors.items()],
             "disp_detectors": [[*k, d.to_state()] for k, d in self._disp_detectors.items()],
             "disp_base": [[*k, _enc_counts(v)] for k, v in self._disp_base.items()],
+            "alerts": [[*k, a.to_state()] for k, a in self._alerts.items()],
         }
 
     @classmethod
@@ -459,18 +507,16 @@ class FeedbackMonitor:
         m._reference = {(a, b): ReferenceShares.from_state(r) for a, b, r in state["reference"]}
         m._last_period = {(a, b): _dec_counts(v) for a, b, v in state["last_period"]}
         for a, b, periods in state["history"]:
-            m._history[(a, b)] = deque(
-                (_dec_counts(p) for p in periods), maxlen=settings.loop_window + 1
-            )
+            m._history[(a, b)] = deque((_dec_counts(p) for p in periods), maxlen=settings.loop_window + 1)
         m._sr_trend = {(a, b, c): Trend.from_state(t) for a, b, c, t in state["sr_trend"]}
         m._disp_trend = {(a, b, c): Trend.from_state(t) for a, b, c, t in state["disp_trend"]}
-        m._detectors = {
-            (a, b, c, d): BatchedDetector.from_state(x) for a, b, c, d, x in state["detectors"]
-        }
+        m._detectors = {(a, b, c, d): BatchedDetector.from_state(x) for a, b, c, d, x in state["detectors"]}
         m._disp_detectors = {
             (a, b, c): BatchedDetector.from_state(x) for a, b, c, x in state["disp_detectors"]
         }
         m._disp_base = {(a, b, c): _dec_counts(v) for a, b, c, v in state["disp_base"]}
+        seq, change = settings.alert_settings()
+        m._alerts = {(a, b): AlertCondition.from_state(x, seq, change) for a, b, x in state.get("alerts", [])}
         return m
 
 
