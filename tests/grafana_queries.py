@@ -230,9 +230,11 @@ def documented_metrics(metrics_md: str) -> set[str]:
             continue
         base = cells[0]
         families.append(base)
-        for suffix in cells[1:]:  # "`demographic_parity_difference` / `_ratio`"
-            if suffix.startswith("_"):
-                families.append(re.sub(r"_[a-z]+$", suffix, base))
+        for other in cells[1:]:  # "`D_difference`, `D_ratio`" or "`D_difference` / `_ratio`"
+            if other.startswith("_"):
+                families.append(re.sub(r"_[a-z]+$", other, base))
+            else:
+                families.append(other)
     for family in families:
         names |= {f"stream_fair_{family}{s}" for s in ("", "_lower", "_upper")}
     return names
