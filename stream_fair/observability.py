@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -207,6 +208,14 @@ class Service:
                 continue
 
 
+def _die_with_parent() -> None:  # pragma: no cover (runs in the child)
+    """Linux: SIGTERM this server when its starter dies, even by SIGKILL (no orphans)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def _spawn(name: str, args: list[str], url: str, log: Path) -> Service:
     if shutil.which(args[0]) is None:
         raise ObservabilityError(f"{args[0]} is not on PATH: apt-get install {name}")
@@ -214,6 +223,7 @@ def _spawn(name: str, args: list[str], url: str, log: Path) -> Service:
         proc = subprocess.Popen(
             args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C in the terminal reaches the caller, who stops us
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
     return Service(name, proc, url, log)
 

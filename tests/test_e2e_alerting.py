@@ -18,6 +18,7 @@ The test copies differ from ``deploy/`` only where waiting would be impossible:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -423,4 +424,8 @@ def test_demo_starts_prometheus_and_alertmanager_and_a_fairness_alert_fires() ->
             with pytest.raises(OSError):
                 urllib.request.urlopen(url + "/-/ready", timeout=2)
     finally:
+        if proc.poll() is None:  # let the demo stop its servers (they also die with it)
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=40)
         stop_process(proc)  # type: ignore[arg-type]
