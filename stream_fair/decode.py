@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from operator import itemgetter
 from datetime import datetime, timezone
 from typing import Any, cast
 
@@ -80,6 +81,25 @@ def getter(path: str) -> Callable[[dict[str, Any]], Any]:
     return get
 
 
+def _required(paths: list[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """Reads several fields at once for the fast path; raises KeyError when one is absent.
+
+    >>> _required(["a", "b.c"])({"a": 1, "b": {"c": 2}})
+    (1, 2)
+    """
+    if all("." not in p for p in paths):
+        return itemgetter(*paths)  # type: ignore[return-value]
+    getters = [getter(p) for p in paths]
+
+    def read(doc: dict[str, Any]) -> tuple[Any, ...]:
+        out = tuple(g(doc) for g in getters)
+        if _ABSENT in out:
+            raise KeyError("absent")
+        return out
+
+    return read
+
+
 def _feature_reader(paths: list[str]) -> Callable[[dict[str, Any]], list[Any]]:
     """Reads all sensitive-feature values at once; paths sharing a parent read it once.
 
@@ -93,6 +113,16 @@ def _feature_reader(paths: list[str]) -> Callable[[dict[str, Any]], list[Any]]:
         parents.setdefault(parent, []).append((i, leaf))
     groups = [(getter(parent) if parent else None, leaves) for parent, leaves in parents.items()]
     n = len(paths)
+    if len(groups) == 1 and groups[0][0] is not None and [i for i, _ in groups[0][1]] == list(range(n)):
+        get_parent, names = groups[0][0], [leaf for _, leaf in groups[0][1]]
+
+        def read_one(doc: dict[str, Any]) -> list[Any]:  # the common case: all under one object
+            node = get_parent(doc)
+            if node.__class__ is dict:
+                return [node.get(leaf, _ABSENT) for leaf in names]
+            return [_ABSENT] * n
+
+        return read_one
 
     def read(doc: dict[str, Any]) -> list[Any]:
         out: list[Any] = [_ABSENT] * n
@@ -129,9 +159,7 @@ def _id(value: Any) -> str:
     return text
 
 
-def _binary(
-    value: Any, mapping: Mapping[str, int], what: str, key: str, missing: str, invalid: str
-) -> int:
+def _binary(value: Any, mapping: Mapping[str, int], what: str, key: str, missing: str, invalid: str) -> int:
     if value is _ABSENT or value is None:
         raise _Reject(missing, f"no {what} field")
     if isinstance(value, str) and value in mapping:
@@ -153,6 +181,8 @@ class Decoder:
         self._p_pred = getter(p.prediction) if p.prediction else None
         self._p_score = getter(p.score) if p.score else None
         self._o_id, self._o_ts, self._o_label = getter(o.id), getter(o.timestamp), getter(o.label)
+        self._p_fast = None if p.prediction is None else _required([p.id, p.timestamp, p.model, p.prediction])
+        self._o_fast = _required([o.id, o.timestamp, o.label])
         self._features = _feature_reader([f.path or f.name for f in config.fairness.features])
         self._values: dict[Any, str] = {}  # validated attribute values (few distinct ones)
         self._pred_values = dict(schema.prediction_values)
@@ -189,9 +219,7 @@ class Decoder:
             raise _Reject(INVALID_TIMESTAMP, f"timestamp {value!r} is out of range")
         return ts
 
-    def prediction(
-        self, raw: bytes | None, kafka_ts_ms: int | None = None
-    ) -> Prediction | Rejection:
+    def prediction(self, raw: bytes | None, kafka_ts_ms: int | None = None) -> Prediction | Rejection:
         """Decode one prediction record.
 
         The fast path accepts only the plain, common shapes (string id, numeric time, 0/1 integer
@@ -200,9 +228,9 @@ class Decoder:
         """
         try:
             doc = orjson.loads(raw)  # type: ignore[arg-type]
-            if doc.__class__ is dict and self._p_pred is not None:
-                eid, ts, model = self._p_id(doc), self._p_ts(doc), self._p_model(doc)
-                pred, score = self._p_pred(doc), self._p_score(doc) if self._p_score else None
+            if doc.__class__ is dict and self._p_fast is not None:
+                eid, ts, model, pred = self._p_fast(doc)  # KeyError when absent: full path
+                score = self._p_score(doc) if self._p_score else None
                 if (
                     eid.__class__ is str and 0 < len(eid) <= _MAX_ID
                     and (ts.__class__ is float or ts.__class__ is int)
@@ -288,16 +316,14 @@ class Decoder:
             return value
         if isinstance(value, bool | int):
             return str(value).lower() if isinstance(value, bool) else str(value)
-        raise _Reject(
-            INVALID_ATTRIBUTE, f"attribute of type {type(value).__name__} (expected a string)"
-        )
+        raise _Reject(INVALID_ATTRIBUTE, f"attribute of type {type(value).__name__} (expected a string)")
 
     def outcome(self, raw: bytes | None, kafka_ts_ms: int | None = None) -> Outcome | Rejection:
         """Decode one outcome record (fast path for plain shapes, as for predictions)."""
         try:
             doc = orjson.loads(raw)  # type: ignore[arg-type]
             if doc.__class__ is dict:
-                eid, ts, label = self._o_id(doc), self._o_ts(doc), self._o_label(doc)
+                eid, ts, label = self._o_fast(doc)  # KeyError when absent: full path
                 if (
                     eid.__class__ is str and 0 < len(eid) <= _MAX_ID
                     and (ts.__class__ is float or ts.__class__ is int)
