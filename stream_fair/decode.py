@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from operator import itemgetter
 from datetime import datetime, timezone
+from operator import itemgetter
 from typing import Any, cast
 
 import orjson
