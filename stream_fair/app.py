@@ -117,9 +117,7 @@ class Detector:
                 self.maybe_checkpoint(now)
                 if now - last_lag >= _LAG_EVERY:
                     last_lag = now
-                    self.stats.lag = {
-                        (roles[t], p): v for (t, p), v in kafka_io.lag(consumer).items()
-                    }
+                    self.stats.lag = {(roles[t], p): v for (t, p), v in kafka_io.lag(consumer).items()}
                     self.stats.dead_letters = dict(dead.sent)
                     if dead.failed:
                         self.stats.errors["dead_letter_produce"] = dead.failed
@@ -152,8 +150,24 @@ class Detector:
                             rejection.reason, rejection.detail,
                         )  # fmt: skip
                 n += len(records)
+            self._mark_behind()
         self._events_since_checkpoint += n
         return n
+
+    def _mark_behind(self) -> None:
+        """Partitions with unread records hold event time back (see ``Tracker.set_behind``)."""
+        consumer = self._consumer
+        if not hasattr(consumer, "assignment"):
+            return
+        predictions = self._topics[0]
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            try:
+                position = consumer.position(tp, timeout_ms=0)
+            except Exception:  # position unknown right after an assignment
+                position = None
+            behind = high is None or position is None or position < high
+            self.tracker.set_behind(tp.partition, 0 if tp.topic == predictions else 1, behind)
 
     def maybe_checkpoint(self, now: float) -> None:
         state = self.config.state

@@ -84,6 +84,9 @@ class Shard:
     rejected: list[dict[str, int]] = field(default_factory=lambda: [{}, {}])
     offsets: list[int | None] = field(default_factory=lambda: [None, None])  # next to read
     last_ts: list[float | None] = field(default_factory=lambda: [None, None])
+    # A topic known to have unread records holds the watermark back (not persisted: the run loop
+    # sets it after every poll from the partition's high-water mark).
+    behind: list[bool] = field(default_factory=lambda: [False, False])
 
     def to_state(self) -> dict[str, Any]:
         return {
@@ -133,9 +136,7 @@ class Tracker:
     def __init__(self, config: Config, feedback: Feedback | None = None) -> None:
         self.config = config
         fc = config.fairness
-        self.features: list[FeatureKey] = feature_keys(
-            [f.name for f in fc.features], fc.intersections
-        )
+        self.features: list[FeatureKey] = feature_keys([f.name for f in fc.features], fc.intersections)
         self.decoder = Decoder(config)
         self.guard = CardinalityGuard(
             limits=tuple(f.cardinality_limit or fc.cardinality_limit for f in fc.features)
@@ -224,21 +225,44 @@ class Tracker:
             self.feedback.on_joined(p.model, p.cell, p.predicted, o.label, p.ts, o.ts)
 
     def _advance(self, s: Shard, topic: int, ts: float) -> None:
-        join = s.join
-        if ts > join.watermark:  # also the newest time of this topic (watermark >= last_ts)
+        last = s.last_ts[topic]
+        if last is None or ts > last:
             s.last_ts[topic] = ts
-            released = join.advance(ts)
-            s.counts.advance(ts)
-            if released is not None:
-                self._release(s, released)
-        else:
-            last = s.last_ts[topic]
-            if last is None or ts > last:
-                s.last_ts[topic] = ts
+            if ts > s.join.watermark:
+                self._move_watermark(s)
+        join = s.join
         if len(join.predictions) + len(join.outcomes) > join.max_pending:
             released = join.enforce_capacity()
             if released is not None:
                 self._release(s, released)
+
+    def _move_watermark(self, s: Shard) -> None:
+        """Event time may advance to the newest record, but not past a topic that is behind.
+
+        Like a two-input watermark in stream processors: when a backlog is read, Kafka hands out
+        one topic's records faster than the other's; expiring predictions by the fast topic's
+        clock would expire them before their outcomes, already written, are read.
+        """
+        lp, lo = s.last_ts
+        wm = max(t for t in s.last_ts if t is not None)
+        if s.behind[_P]:
+            wm = min(wm, lp) if lp is not None else float("-inf")
+        if s.behind[_O]:
+            wm = min(wm, lo) if lo is not None else float("-inf")
+        if wm > s.join.watermark:
+            released = s.join.advance(wm)
+            s.counts.advance(wm)
+            if released is not None:
+                self._release(s, released)
+
+    def set_behind(self, shard: int, topic: int, behind: bool) -> None:
+        """Tell the core whether a partition has unread records (0 = predictions, 1 = outcomes)."""
+        s = self.shards.get(shard)
+        if s is None or s.behind[topic] == behind:
+            return
+        s.behind[topic] = behind
+        if not behind and any(t is not None for t in s.last_ts):
+            self._move_watermark(s)  # a caught-up topic no longer holds event time back
 
     def _release(self, s: Shard, released: Expiry) -> None:
         for p in released.predictions:
@@ -254,8 +278,7 @@ class Tracker:
         shards = list(self.shards.values())
         consumed = {t: sum(s.consumed[i] for s in shards) for i, t in enumerate(TOPICS)}
         fates = {
-            t: {f: sum(s.fates[i][f] for s in shards) for f in FINAL_FATES}
-            for i, t in enumerate(TOPICS)
+            t: {f: sum(s.fates[i][f] for s in shards) for f in FINAL_FATES} for i, t in enumerate(TOPICS)
         }
         pending = {
             "predictions": sum(len(s.join.predictions) for s in shards),
@@ -289,13 +312,11 @@ class Tracker:
                 for i, label in enumerate(self.window_labels)
             },
             predictions={
-                k: (v[0], v[1])
-                for k, v in _merge_lists(s.counts.predictions for s in shards).items()
+                k: (v[0], v[1]) for k, v in _merge_lists(s.counts.predictions for s in shards).items()
             },
             expired=_merge_ints(s.counts.expired for s in shards),
             overflow={
-                f.name: n
-                for f, n in zip(self.config.fairness.features, self.guard.overflow, strict=True)
+                f.name: n for f, n in zip(self.config.fairness.features, self.guard.overflow, strict=True)
             },
             shards=tuple(sorted(self.shards)),
             feedback=self.feedback.snapshot() if self.feedback is not None else None,

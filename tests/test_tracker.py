@@ -34,9 +34,7 @@ def config(**overrides: object) -> Config:
     return Config.model_validate(base)
 
 
-def stream(
-    n: int, seed: int, *, shuffle: bool = True
-) -> list[tuple[str, bytes, dict[str, object]]]:
+def stream(n: int, seed: int, *, shuffle: bool = True) -> list[tuple[str, bytes, dict[str, object]]]:
     """Predictions and outcomes (outcomes delayed and shuffled), with the truth attached."""
     rng = random.Random(seed)
     events: list[tuple[float, str, bytes, dict[str, object]]] = []
@@ -100,9 +98,7 @@ def test_pipeline_rates_equal_fairlearn_after_every_step() -> None:
                 assert gr.counts.n == len(sub)
                 for name in metrics:
                     if name in gr.rates:
-                        assert gr.rates[name].value == pytest.approx(
-                            by_group.loc[group, name], abs=1e-12
-                        )
+                        assert gr.rates[name].value == pytest.approx(by_group.loc[group, name], abs=1e-12)
                     else:  # the rate's denominator is empty for this group
                         positives = int(sub["label"].sum())
                         assert (name == "true_positive_rate" and positives == 0) or (
@@ -183,9 +179,7 @@ def test_cardinality_overflow_folds_into_other_and_is_counted() -> None:
     cfg = config(fairness={"features": [{"name": "zip", "cardinality_limit": 3}], "min_samples": 1})
     tracker = Tracker(cfg)
     for i in range(10):
-        raw = orjson.dumps(
-            {"id": i, "ts": i, "model": "m", "prediction": 1, "attributes": {"zip": f"z{i}"}}
-        )
+        raw = orjson.dumps({"id": i, "ts": i, "model": "m", "prediction": 1, "attributes": {"zip": f"z{i}"}})
         tracker.update_prediction(0, raw, i)
     snap = tracker.snapshot()
     groups = sorted(cell[0] for (_, cell) in snap.predictions)
@@ -264,3 +258,52 @@ def test_snapshot_is_a_copy() -> None:
         offsets[topic] += 1
     assert snap.cumulative == before
     assert np.sum([sum(q) for q in tracker.snapshot().cumulative.values()]) == 100
+
+
+def test_a_topic_that_is_behind_holds_event_time_back() -> None:
+    """Reading a backlog, predictions run ahead of outcomes: they must not expire meanwhile."""
+    cfg = config(join={"ttl": "60s"})
+    tracker = Tracker(cfg)
+    tracker.shard(0)
+    tracker.set_behind(0, 1, True)  # the outcomes partition has unread records
+    preds = [
+        orjson.dumps(
+            {
+                "id": f"r{i}",
+                "ts": 1000 + 10 * i,
+                "model": "m",
+                "prediction": 1,
+                "attributes": {"sex": "F", "race": "A", "age": "y"},
+            }
+        )
+        for i in range(50)
+    ]
+    for i, raw in enumerate(preds):  # 490 s of predictions read before any outcome
+        tracker.update_prediction(0, raw, i)
+    assert tracker.snapshot().fates["predictions"]["expired"] == 0
+    for i in range(50):  # each outcome 5 s after its prediction
+        tracker.update_outcome(0, orjson.dumps({"id": f"r{i}", "ts": 1005 + 10 * i, "label": 1}), i)
+    snap = tracker.snapshot()
+    assert snap.fates["outcomes"]["joined"] == 50 and snap.fates["predictions"]["expired"] == 0
+    # once caught up, event time follows the newest record again and a stale prediction expires
+    tracker.update_prediction(
+        0, orjson.dumps({"id": "old", "ts": 1400, "prediction": 0, "attributes": {"sex": "M"}}), 50
+    )
+    tracker.set_behind(0, 1, False)
+    tracker.update_prediction(
+        0, orjson.dumps({"id": "new", "ts": 1600, "prediction": 0, "attributes": {"sex": "M"}}), 51
+    )
+    assert tracker.snapshot().fates["predictions"]["expired"] == 1
+
+
+def test_without_the_hold_a_backlog_would_expire_predictions() -> None:
+    """The control: the same reading order with nothing marked behind expires them (by design)."""
+    cfg = config(join={"ttl": "60s"})
+    tracker = Tracker(cfg)
+    for i in range(50):
+        tracker.update_prediction(
+            0,
+            orjson.dumps({"id": f"r{i}", "ts": 1000 + 10 * i, "prediction": 1, "attributes": {"sex": "F"}}),
+            i,
+        )
+    assert tracker.snapshot().fates["predictions"]["expired"] > 30
