@@ -12,7 +12,8 @@ Every event gets exactly one fate, per topic:
 ``rejected``   undecodable or invalid (decided before the join, see :mod:`stream_fair.decode`)
 =============  ===========================================================================
 
-Time is event time: the *watermark* is the largest event timestamp seen. A prediction expires
+Time is event time: the *watermark* is set by the tracker (the newest event time, held back while
+either topic still has unread records). A prediction expires
 when ``watermark > prediction.ts + ttl``; a waiting outcome becomes an orphan when
 ``watermark > outcome.ts + outcome_ttl``. Joined and expired ids are remembered for
 ``retention`` more seconds to recognise duplicates and late outcomes. Pending state is bounded by
