@@ -250,16 +250,39 @@ def overview() -> dict[str, Any]:
         row("Verdicts"),
         panel(
             "stat",
-            "Flagged disparities",
+            "Calibrated disparity alarms (page)",
+            [
+                target(
+                    'sum(stream_fair_disparity_alarm{model="$model", feature=~"$feature"}) or vector(0)',
+                    "alarms",
+                )
+            ],
+            width=4,
+            unit="none",
+            description=(
+                "Raised calibrated default alarms (time-uniform verdict or change detector, valid "
+                "under continuous monitoring); StreamFairDisparityFlagged pages on them. The group: "
+                "stream_fair_group_change_alarm (dashboard stream-fair-feedback)."
+            ),
+            options={"colorMode": "background", "reduceOptions": {"calcs": ["lastNotNull"]}},
+            custom=None,
+        ),
+        panel(
+            "stat",
+            "Fixed-level intervals beyond threshold (warning)",
             [
                 target(
                     'sum(stream_fair_disparity_flagged{model="$model", window="$window"}) or vector(0)',
                     "flagged",
                 )
             ],
-            width=6,
+            width=4,
             unit="none",
-            description="Disparities whose whole credible interval lies beyond the threshold.",
+            description=(
+                "Disparities whose whole fixed-level credible interval lies beyond the threshold "
+                "(StreamFairDisparityIntervalBeyondThreshold, a warning: not calibrated for "
+                "repeated looks)."
+            ),
             options={"colorMode": "background", "reduceOptions": {"calcs": ["lastNotNull"]}},
             custom=None,
         ),
@@ -272,7 +295,7 @@ def overview() -> dict[str, Any]:
                     "{{feature}}",
                 )
             ],
-            width=6,
+            width=4,
             unit="none",
             description="Groups with n >= min_samples; fewer than 2 means no verdict for the feature.",
         ),
@@ -622,6 +645,30 @@ def feedback() -> dict[str, Any]:
             width=12,
             unit="none",
             description="1 = a group receives positive decisions in proportion to its traffic.",
+        ),
+        row("Calibrated alarms (the default alert condition; StreamFairDisparityFlagged pages on it)"),
+        panel(
+            "timeseries",
+            "Disparity alarm (1 = raised)",
+            [target(f"max by (disparity) (stream_fair_disparity_alarm{{{fsel}}})", "{{disparity}}")],
+            width=12,
+            unit="none",
+            minmax=(0, 1),
+            description="Time-uniform verdict OR a calibrated change detector of one of the disparity's rates.",
+        ),
+        panel(
+            "timeseries",
+            "Group change alarms (which group; 1 = raised)",
+            [
+                target(
+                    f"max by (group, signal) (stream_fair_group_change_alarm{{{sel}}})",
+                    "{{group}} {{signal}}",
+                )
+            ],
+            width=12,
+            unit="none",
+            minmax=(0, 1),
+            description="Calibrated change detector of a group's rate against the rest of the feature.",
         ),
         row("Trends, feedback loops and drift"),
         panel(

@@ -301,19 +301,18 @@ def test_detector_down_inhibits_its_models_alerts(alertmanager: str) -> None:
             instance="b:9800",
             topic="predictions",
         ),
-        # a credible verdict inhibits the "suspected" warning for the same disparity only
+        # the calibrated page (no window/method) inhibits the fixed-level warnings about the
+        # same model, feature and disparity only
         _alert(
             alertname="StreamFairDisparityFlagged",
             severity="critical",
             category="fairness",
             model="fraud-v1",
             feature="sex",
-            window="1d",
-            method="between_groups",
             disparity="demographic_parity_difference",
         ),
         _alert(
-            alertname="StreamFairDisparitySuspected",
+            alertname="StreamFairDisparityIntervalBeyondThreshold",
             severity="warning",
             category="fairness",
             model="fraud-v1",
@@ -329,7 +328,49 @@ def test_detector_down_inhibits_its_models_alerts(alertmanager: str) -> None:
             model="fraud-v1",
             feature="sex",
             window="1d",
+            method="to_reference",
+            disparity="demographic_parity_difference",
+        ),
+        _alert(
+            alertname="StreamFairDisparitySuspected",
+            severity="warning",
+            category="fairness",
+            model="fraud-v1",
+            feature="sex",
+            window="1d",
             method="between_groups",
+            disparity="equal_opportunity_ratio",
+        ),
+        # a credible fixed-level interval inhibits the "suspected" warning for the same
+        # disparity, window and method only
+        _alert(
+            alertname="StreamFairDisparityIntervalBeyondThreshold",
+            severity="warning",
+            category="fairness",
+            model="fraud-v1",
+            feature="age",
+            window="1d",
+            method="between_groups",
+            disparity="equal_opportunity_ratio",
+        ),
+        _alert(
+            alertname="StreamFairDisparitySuspected",
+            severity="warning",
+            category="fairness",
+            model="fraud-v1",
+            feature="age",
+            window="1d",
+            method="between_groups",
+            disparity="equal_opportunity_ratio",
+        ),
+        _alert(
+            alertname="StreamFairDisparitySuspected",
+            severity="warning",
+            category="fairness",
+            model="fraud-v1",
+            feature="age",
+            window="1d",
+            method="to_reference",
             disparity="equal_opportunity_ratio",
         ),
     ]
@@ -348,6 +389,7 @@ def test_detector_down_inhibits_its_models_alerts(alertmanager: str) -> None:
             labels.get("instance", ""),
             labels.get("feature", ""),
             labels.get("disparity", ""),
+            labels.get("method", ""),
         )
 
     deadline = time.monotonic() + 20
@@ -358,8 +400,13 @@ def test_detector_down_inhibits_its_models_alerts(alertmanager: str) -> None:
         time.sleep(0.2)
     inhibited = {key(a["labels"]) for a in got if a["status"]["inhibitedBy"]}
     assert inhibited == {
-        ("StreamFairDisparityFlagged", "credit-v3", "b:9800", "race", ""),
-        ("StreamFairOverallAccuracyDrop", "credit-v3", "", "", ""),
-        ("StreamFairPipelineStalled", "", "a:9800", "", ""),
-        ("StreamFairDisparitySuspected", "fraud-v1", "", "sex", "demographic_parity_difference"),
+        ("StreamFairDisparityFlagged", "credit-v3", "b:9800", "race", "", ""),
+        ("StreamFairOverallAccuracyDrop", "credit-v3", "", "", "", ""),
+        ("StreamFairPipelineStalled", "", "a:9800", "", "", ""),
+        ("StreamFairDisparityIntervalBeyondThreshold", "fraud-v1", "", "sex",
+         "demographic_parity_difference", "between_groups"),
+        ("StreamFairDisparitySuspected", "fraud-v1", "", "sex", "demographic_parity_difference",
+         "to_reference"),
+        ("StreamFairDisparitySuspected", "fraud-v1", "", "age", "equal_opportunity_ratio",
+         "between_groups"),
     }

@@ -193,13 +193,12 @@ def _alerts(
 
 
 def fairness_page(live: Live) -> observability.Notification:
-    """The first notification on the model team's pager with the race&sex EO verdict."""
+    """The first notification on the model team's pager with the race&sex EO calibrated alarm."""
 
     def arrived() -> observability.Notification | None:
         for note in live.notifications("/credit-risk/page"):
             if _alerts(note, alertname="StreamFairDisparityFlagged", feature=BIASED,
-                       disparity="equal_opportunity_difference", method="between_groups",
-                       status="firing"):
+                       disparity="equal_opportunity_difference", status="firing"):
                 return note
         return None
 
@@ -238,25 +237,31 @@ def test_fairness_page_reaches_the_model_team_pager(live: Live) -> None:
     assert payload["groupLabels"] == {"model": MODEL, "feature": BIASED}
 
     [alert] = _alerts(note, alertname="StreamFairDisparityFlagged",
-                      disparity="equal_opportunity_difference", method="between_groups")
+                      disparity="equal_opportunity_difference")
     labels, annotations = alert["labels"], alert["annotations"]
+    # The page is the calibrated alarm: one per model, feature and disparity (no window/method).
     assert labels == {
         "alertname": "StreamFairDisparityFlagged", "severity": "critical", "category": "fairness",
-        "model": MODEL, "feature": BIASED, "window": "1d", "method": "between_groups",
-        "disparity": "equal_opportunity_difference", "job": "stream-fair",
-        "instance": live.instance,
+        "model": MODEL, "feature": BIASED, "disparity": "equal_opportunity_difference",
+        "job": "stream-fair", "instance": live.instance,
     }
     assert annotations["summary"] == (
-        f"{MODEL}: equal_opportunity_difference credibly beyond threshold for {BIASED}"
+        f"{MODEL}: calibrated alarm on equal_opportunity_difference for {BIASED}"
     )
     assert annotations["description"] == (
-        f"On model {MODEL}, equal_opportunity_difference (between_groups) for feature {BIASED} "
-        "has had its whole 1d credible interval beyond the configured threshold for at least 1h "
-        f"(instance {live.instance}). Check label coverage and delays before acting."
+        f"On model {MODEL}, the calibrated default alarm for equal_opportunity_difference on "
+        f"feature {BIASED} is raised (time-uniform confidence sequence or calibrated change "
+        f"detector, valid under continuous monitoring; instance {live.instance}). Find the group "
+        f'with stream_fair_group_change_alarm{{model="{MODEL}",feature="{BIASED}"}} == 1. '
+        "Check label coverage and delays before acting."
     )
     url = annotations["runbook_url"]
     assert url.startswith(RUNBOOK_BASE), url
     assert url.removeprefix(RUNBOOK_BASE) in runbook_anchors(), url
+    # ... and the query the description names finds the biased group.
+    raised = result(live.prometheus,
+                    f'stream_fair_group_change_alarm{{model="{MODEL}",feature="{BIASED}"}} == 1')
+    assert BIASED_GROUP in {r["metric"]["group"] for r in raised}, raised
 
     # The bias is in the intersection only: no marginal verdict pages anyone, and fairness
     # verdicts go to the model team alone, never to the on-call or the triage queue.
