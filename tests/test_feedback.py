@@ -130,7 +130,7 @@ def test_loop_indicator_matches_numpy_correlation() -> None:
     for _ in range(10):
         n = rng.integers(200, 400, size=4)
         periods.append({g: (int(k), int(rng.integers(0, k))) for g, k in zip("ABCD", n, strict=True)})
-    est = loop_indicator(periods, min_predictions=1, min_pairs=5, alpha=0.01)
+    est = loop_indicator(periods, min_predictions=1, min_periods=5, alpha=0.01)
     xs, ys = [], []
     for a, b in zip(periods, periods[1:], strict=False):
         ta, tb = sum(v[0] for v in a.values()), sum(v[0] for v in b.values())

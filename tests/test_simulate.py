@@ -261,6 +261,9 @@ def test_selective_labels_coverage() -> None:
     assert (j.label[~is_b] >= 0).all()
 
 
+# late periods hold D at the 0.5 % share floor (~10 predictions), some without a positive label:
+# their TPR is undefined (and not checked)
+@pytest.mark.filterwarnings("ignore:Mean of empty slice", "ignore:invalid value encountered")
 def test_feedback_loop_couples_selection_to_next_period() -> None:
     n = 80_000
     scenario = SCENARIOS["feedback_loop"]()
@@ -268,17 +271,17 @@ def test_feedback_loop_couples_selection_to_next_period() -> None:
     gt = ground_truth(scenario, n, seed=6)
     periods, coupling = gt.extra["periods"], gt.extra["coupling"]
     ref = coupling["reference_selection_rate"]
-    assert gt.affected_group == "D" and len(periods) == 8 and gt.onset_index == n // 8
+    assert gt.affected_group == "D" and len(periods) == 40 and gt.onset_index == n // 40
     is_d = j.group("group") == "D"
     observed = []
     for p in periods:
         in_period = (j.index >= p["start_index"]) & (j.index < p["end_index"])
-        assert in_period.sum() == n // 8
+        assert in_period.sum() == n // 40
         r = rates(j, in_period & is_d)
         observed.append(r)
         m = (in_period & is_d).sum()
         share = r["share"] / in_period.mean()
-        assert share == pytest.approx(p["share"], abs=within(p["share"], n // 8))
+        assert share == pytest.approx(p["share"], abs=within(p["share"], n // 40))
         assert r["base_rate"] == pytest.approx(p["base_rate"], abs=within(p["base_rate"], m))
         assert r["selection_rate"] == pytest.approx(
             p["selection_rate"], abs=within(p["selection_rate"], m)
@@ -288,7 +291,7 @@ def test_feedback_loop_couples_selection_to_next_period() -> None:
         push = (periods[k]["selection_rate"] - ref) / ref
         assert push < 0
         assert periods[k + 1]["share"] == pytest.approx(
-            periods[k]["share"] * (1 + coupling["share"] * push)
+            max(periods[k]["share"] * (1 + coupling["share"] * push), scenario.min_share)
         )
         assert periods[k + 1]["base_rate"] == pytest.approx(
             periods[k]["base_rate"] * (1 + coupling["base_rate"] * push)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from stream_fair.feedback.alarms import Alarm, ChangeAlarm
@@ -96,14 +96,20 @@ class FeedbackSettings:
     arrival_ratio_threshold
         A group's label arrival ratio is flagged when its time-uniform bounds lie wholly below
         this or wholly above its inverse (level ``coverage_alpha`` over the groups).
-    loop_window, loop_min_pairs, loop_alpha
-        Period pairs used by the loop indicator, pairs needed and level of ``amplifying``.
+    loop_window, loop_min_periods, loop_alpha, loop_horizon
+        Period pairs in the loop indicator's window; periods a group needs for the share-trend
+        test; probability of any false ``amplifying`` within ``loop_horizon`` period closes
+        (:mod:`.loop`).
     min_effect, change_alpha, change_horizon, change_batch
         Change detectors (:mod:`.change`): design shift of a group's rate vs the rest, false-raise
-        probability over ``change_horizon`` labelled events of a feature, labelled events per
-        batch.
+        probability over ``change_horizon`` labelled events, labelled events per batch.
     verdict_alpha, verdict_threshold
         Time-uniform verdict (:mod:`stream_fair.sequential`) of the default alarm.
+
+    ``loop_alpha``, ``change_alpha`` and ``verdict_alpha`` hold for *all* the monitor's feature
+    keys together (marginals and intersections): the monitor gives each (model, feature)
+    ``alpha / n_features`` (Bonferroni, :meth:`per_feature`). They are not split over models,
+    which are discovered from the stream: divide them by the number of models yourself.
     """
 
     detector: Literal["adwin", "page_hinkley"] = "adwin"
@@ -119,8 +125,9 @@ class FeedbackSettings:
     coverage_gap_threshold: float = 0.05
     coverage_alpha: float = 0.001
     loop_window: int = 48
-    loop_min_pairs: int = 10
+    loop_min_periods: int = 8
     loop_alpha: float = 0.01
+    loop_horizon: int = 10_000
     arrival_ratio_threshold: float = 0.8
     min_effect: float = 0.10
     change_alpha: float = 0.05
@@ -128,6 +135,22 @@ class FeedbackSettings:
     change_batch: int = 1_000
     verdict_alpha: float = 0.05
     verdict_threshold: float = 0.05
+
+    def per_feature(self, n_features: int) -> FeedbackSettings:
+        """The settings one of ``n_features`` feature keys gets: the three alphas divided.
+
+        >>> s = FeedbackSettings(change_alpha=0.04, verdict_alpha=0.08, loop_alpha=0.02)
+        >>> p = s.per_feature(4)
+        >>> p.change_alpha, p.verdict_alpha, p.loop_alpha
+        (0.01, 0.02, 0.005)
+        """
+        k = max(1, n_features)
+        return replace(
+            self,
+            change_alpha=self.change_alpha / k,
+            verdict_alpha=self.verdict_alpha / k,
+            loop_alpha=self.loop_alpha / k,
+        )
 
     def alert_settings(self) -> tuple[SequentialSettings, ChangeSettings]:
         """Settings of the two parts of the default alarm (verdict, change detectors)."""
@@ -192,6 +215,8 @@ class FeedbackMonitor:
     def __init__(self, features: Sequence[FeatureKey], settings: FeedbackSettings) -> None:
         self.features = list(features)
         self.settings = settings
+        # Bonferroni over the feature keys: what each (model, feature) gets (see FeedbackSettings)
+        self._per_feature = settings.per_feature(len(self.features))
         self._rows: dict[tuple[str, Cell], list[int]] = {}
         self._delays: dict[tuple[str, Cell], list[float]] = {}
         self._hist: dict[tuple[str, Cell], DelayHistogram] = {}
@@ -354,7 +379,7 @@ class FeedbackMonitor:
     def _alert(self, key: tuple[str, str]) -> AlertCondition:
         a = self._alerts.get(key)
         if a is None:
-            a = self._alerts[key] = AlertCondition(*self.settings.alert_settings())
+            a = self._alerts[key] = AlertCondition(*self._per_feature.alert_settings())
         return a
 
     def _feed_disparity(self, key: tuple[str, str, str], cum: dict[str, tuple[int, int]], ts: float) -> None:
@@ -454,7 +479,13 @@ class FeedbackMonitor:
                     for name in DISPARITY_SIGNALS
                     if (*mf, name) in self._disp_trend
                 },
-                feedback_loop=loop_indicator(list(history), s.min_samples, s.loop_min_pairs, s.loop_alpha),
+                feedback_loop=loop_indicator(
+                    list(history),
+                    s.min_samples,
+                    s.loop_min_periods,
+                    self._per_feature.loop_alpha,
+                    s.loop_horizon,
+                ),
                 disparity_drift_detections={n: d.detections for n, d in ddets.items()},
                 last_disparity_drift_timestamp_seconds={
                     n: d.last_ts for n, d in ddets.items() if d.last_ts is not None
@@ -515,7 +546,7 @@ class FeedbackMonitor:
             (a, b, c): BatchedDetector.from_state(x) for a, b, c, x in state["disp_detectors"]
         }
         m._disp_base = {(a, b, c): _dec_counts(v) for a, b, c, v in state["disp_base"]}
-        seq, change = settings.alert_settings()
+        seq, change = m._per_feature.alert_settings()
         m._alerts = {(a, b): AlertCondition.from_state(x, seq, change) for a, b, x in state.get("alerts", [])}
         return m
 
