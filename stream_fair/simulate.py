@@ -541,7 +541,7 @@ def _selective_labels(
 
 
 def _feedback_loop(*, group: str = "D", tpr_gap: float = 0.05, **overrides: Any) -> Scenario:
-    # A slow loop, as lending loops are: a TPR gap below the usual 0.1 difference threshold,
+    # A slow loop: a TPR gap below the usual 0.1 difference threshold,
     # 40 periods, the share reacting to half the relative selection shortfall and the base rate
     # to a tenth of it. D's share falls from 10% to ~5% by period 18 and ~1% by period 33, while
     # its selection-rate gap grows from 0.015 to ~0.1 only near the end.
@@ -549,7 +549,7 @@ def _feedback_loop(*, group: str = "D", tpr_gap: float = 0.05, **overrides: Any)
         name="feedback_loop", affected=f"group={group}", feedback_cell=f"group={group}",
         tpr_by_cell={f"group={group}": 0.8 - tpr_gap},
         feedback_periods=40, share_coupling=0.5, base_rate_coupling=0.1,
-        description=f"Group {group} is under-approved (TPR -{tpr_gap:g}); each of 40 periods its "
+        description=f"Group {group} is under-approved (TPR -{tpr_gap:g}); each period its "
         "selection rate shrinks its next-period traffic share and base rate.",
     )
     return replace(base, **overrides)

@@ -102,7 +102,8 @@ class FeedbackSettings:
         (:mod:`.loop`).
     min_effect, change_alpha, change_horizon, change_batch
         Change detectors (:mod:`.change`): design shift of a group's rate vs the rest, false-raise
-        probability over ``change_horizon`` labelled events, labelled events per batch.
+        probability over ``change_horizon`` labelled events of a feature, labelled events per
+        batch.
     verdict_alpha, verdict_threshold
         Time-uniform verdict (:mod:`stream_fair.sequential`) of the default alarm.
 
