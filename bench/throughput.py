@@ -28,7 +28,7 @@ from typing import Any
 from kafka import KafkaConsumer, TopicPartition
 
 from stream_fair import simulate
-from stream_fair.app import Detector
+from stream_fair.app import Detector, _default_feedback
 from stream_fair.broker import EmbeddedBroker, create_topics, produce_events
 from stream_fair.config import Config
 from stream_fair.kafka_io import DeadLetters
@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         # the pure core, no Kafka: the same records, already in memory
-        tracker = Tracker(config(bootstrap, topics, tmp))
+        core_cfg = config(bootstrap, topics, tmp)
+        tracker = Tracker(core_cfg, _default_feedback(core_cfg))
         raws = [(k, __import__("orjson").dumps(p)) for k, p in events]
         start = time.perf_counter()
         offsets = {"prediction": 0, "outcome": 0}
