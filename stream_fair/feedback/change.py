@@ -37,9 +37,9 @@ G groups) and a horizon of ``horizon`` labelled events (at most ``horizon / batc
 
 gives **P(any false raise in the feature within ``horizon`` labelled events) <= alpha**, and at
 most :math:`K e^{-h}` expected false raises per batch at any time (each detector's average run
-length is at least :math:`e^h` batches). Defaults (alpha 0.05, horizon 250,000, batch 1,000,
-3 rates, 5 groups): h = log(1.5e5) = 11.9 nats, at most 0.2 expected false raises per 10^6
-labelled events (a bound: ``docs/detection.md`` measures 0 in 2 x 10^7). G is the number of non-reserved
+length is at least :math:`e^h` batches). Defaults (alpha 0.05, horizon 2,000,000, batch 1,000,
+3 rates, 5 groups): h = log(1.2e6) = 14.0 nats, at most 0.025 expected false raises per 10^6
+labelled events (a bound; ``docs/detection.md`` measures it). G is the number of non-reserved
 groups seen so far (the threshold rises as groups appear). A false raise is a raise while group
 and rest have equal rates in every batch; a small persistent difference (below ``min_effect``)
 is *not* covered: such a detector drifts up slowly and may raise, which is a true (small)
@@ -49,7 +49,7 @@ difference, not a false alarm.
 change that goes away clears within about h nats of evidence); when it falls below h it clears
 and both sides restart at 0, so the next raise needs fresh evidence and keeps the guarantee.
 
->>> det = ChangeDetectors(ChangeSettings(batch=100))
+>>> det = ChangeDetectors(ChangeSettings(batch=100, horizon=250_000))
 >>> round(det.threshold(2), 2)
 13.3
 >>> import random
@@ -104,7 +104,7 @@ class ChangeSettings:
 
     min_effect: float = 0.10
     alpha: float = 0.05
-    horizon: int = 250_000
+    horizon: int = 2_000_000
     batch: int = 1_000
     rates: tuple[str, ...] = ("selection_rate", "true_positive_rate", "false_positive_rate")
 

@@ -132,7 +132,7 @@ class FeedbackSettings:
     arrival_ratio_threshold: float = 0.8
     min_effect: float = 0.10
     change_alpha: float = 0.05
-    change_horizon: int = 250_000
+    change_horizon: int = 2_000_000
     change_batch: int = 1_000
     verdict_alpha: float = 0.05
     verdict_threshold: float = 0.05
