@@ -67,9 +67,7 @@ def consume(bootstrap: str, topics: tuple[str, str], total: int, handle: Any = N
         max_poll_records=2000,
         fetch_max_bytes=52428800,
     )
-    tps = [
-        TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or [])
-    ]
+    tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or [])]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
     seen = 0
@@ -100,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     with ExitStack() as stack:
-        bootstrap = (
-            args.bootstrap_servers or stack.enter_context(EmbeddedBroker()).bootstrap_servers
-        )
+        bootstrap = args.bootstrap_servers or stack.enter_context(EmbeddedBroker()).bootstrap_servers
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         run = uuid.uuid4().hex[:8]
         topics = (f"bench-predictions-{run}", f"bench-outcomes-{run}")

@@ -56,9 +56,7 @@ THRESHOLD_OVERRIDE = {
 
 
 # ----------------------------------------------------------------------------------- builders
-def target(
-    expr: str, legend: str = "", *, instant: bool = False, table: bool = False
-) -> dict[str, Any]:
+def target(expr: str, legend: str = "", *, instant: bool = False, table: bool = False) -> dict[str, Any]:
     t: dict[str, Any] = {"datasource": DS, "expr": expr, "legendFormat": legend or "__auto"}
     if instant:
         t["instant"], t["range"] = True, False
@@ -356,9 +354,7 @@ def overview() -> dict[str, Any]:
                 overrides=[BOUND_OVERRIDE, THRESHOLD_OVERRIDE],
             )
         )
-    panels.append(
-        row("Between-groups differences across all replicas (recording rules, by join time)")
-    )
+    panels.append(row("Between-groups differences across all replicas (recording rules, by join time)"))
     for d in [
         "demographic_parity_difference",
         "equal_opportunity_difference",
@@ -505,9 +501,7 @@ def intersections() -> dict[str, Any]:
             "table",
             "Cells now: $rate, interval and n",
             [
-                target(
-                    f"max by (group) (stream_fair_${{rate}}{{{sel}}})", instant=True, table=True
-                ),
+                target(f"max by (group) (stream_fair_${{rate}}{{{sel}}})", instant=True, table=True),
                 target(
                     f"max by (group) (stream_fair_${{rate}}_lower{{{sel}}})",
                     instant=True,
@@ -518,9 +512,7 @@ def intersections() -> dict[str, Any]:
                     instant=True,
                     table=True,
                 ),
-                target(
-                    f"sum by (group) (stream_fair_group_samples{{{sel}}})", instant=True, table=True
-                ),
+                target(f"sum by (group) (stream_fair_group_samples{{{sel}}})", instant=True, table=True),
             ],
             width=14,
             height=10,
@@ -632,9 +624,7 @@ def feedback() -> dict[str, Any]:
             overrides=[
                 {
                     "matcher": {"id": "byRegexp", "options": ".*reference$"},
-                    "properties": [
-                        {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [6, 4]}}
-                    ],
+                    "properties": [{"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [6, 4]}}],
                 }
             ],
         ),
@@ -758,22 +748,14 @@ def pipeline() -> dict[str, Any]:
         panel(
             "table",
             "Versions",
-            [
-                target(
-                    f"count by (version) (stream_fair_build_info{{{t}}})", instant=True, table=True
-                )
-            ],
+            [target(f"count by (version) (stream_fair_build_info{{{t}}})", instant=True, table=True)],
             width=6,
             unit="none",
         ),
         panel(
             "timeseries",
             "Checkpoint age",
-            [
-                target(
-                    f"time() - stream_fair_last_checkpoint_timestamp_seconds{{{t}}}", "{{instance}}"
-                )
-            ],
+            [target(f"time() - stream_fair_last_checkpoint_timestamp_seconds{{{t}}}", "{{instance}}")],
             width=6,
             unit="s",
         ),
@@ -822,9 +804,7 @@ def pipeline() -> dict[str, Any]:
                     f"time() - max by (topic) (stream_fair_last_event_timestamp_seconds{{{t}}})",
                     "{{topic}}",
                 ),
-                target(
-                    f"time() - max(stream_fair_watermark_timestamp_seconds{{{t}}})", "watermark"
-                ),
+                target(f"time() - max(stream_fair_watermark_timestamp_seconds{{{t}}})", "watermark"),
             ],
             width=8,
             unit="s",
@@ -897,9 +877,7 @@ def pipeline() -> dict[str, Any]:
         "Throughput, consumer and event-time lag, event fates, dead letters and internal errors.",
         [
             datasource_var(),
-            query_var(
-                "model", 'label_values(up{job="stream-fair"}, model)', multi=True, include_all=True
-            ),
+            query_var("model", 'label_values(up{job="stream-fair"}, model)', multi=True, include_all=True),
             query_var(
                 "instance",
                 'label_values(up{job="stream-fair", model=~"$model"}, instance)',

@@ -179,11 +179,22 @@ class EmbeddedBroker:
         for _attempt in range(3):  # a free port can be taken between probe and bind
             self._port = _free_port()
             url = f"tcp://127.0.0.1:{self._port}"
-            cmd = [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                   "--storage-engine", "memory://tansu/"]
+            cmd = [
+                binary,
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ]
             with open(self._log_path, "ab") as log:
                 self._proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                     start_new_session=True,  # own process group: stop() signals the whole group
                 )
             self._finalizer = weakref.finalize(self, _kill_group, self._proc, 1.0)
@@ -216,7 +227,8 @@ class EmbeddedBroker:
                 raise EmbeddedBrokerError(f"broker exited with code {self._proc.returncode}")
             try:
                 admin = KafkaAdminClient(
-                    bootstrap_servers=f"127.0.0.1:{self._port}", request_timeout_ms=5_000,
+                    bootstrap_servers=f"127.0.0.1:{self._port}",
+                    request_timeout_ms=5_000,
                     client_id="stream-fair-embedded-probe",
                 )
                 try:
@@ -347,7 +359,10 @@ def produce_events(
 
     topics = {"prediction": predictions_topic, "outcome": outcomes_topic}
     producer = KafkaProducer(
-        bootstrap_servers=bootstrap, acks=1, linger_ms=linger_ms, batch_size=batch_size,
+        bootstrap_servers=bootstrap,
+        acks=1,
+        linger_ms=linger_ms,
+        batch_size=batch_size,
         client_id="stream-fair-producer",
     )
     failures: list[BaseException] = []
@@ -375,22 +390,17 @@ def produce_events(
             previous = held.get((topic, partition))
             held[(topic, partition)] = (value, key)
             if previous is not None:
-                future = producer.send(topic, value=previous[0], key=previous[1],
-                                       partition=partition)
+                future = producer.send(topic, value=previous[0], key=previous[1], partition=partition)
                 future.add_errback(failures.append)
             count += 1
         producer.flush()
         for (topic, partition), (value, key) in held.items():
-            producer.send(topic, value=value, key=key, partition=partition).add_errback(
-                failures.append
-            )
+            producer.send(topic, value=value, key=key, partition=partition).add_errback(failures.append)
             producer.flush()
     finally:
         producer.close()
     if failures:
-        raise EmbeddedBrokerError(
-            f"{len(failures)} of {count} sends failed; first: {failures[0]!r}"
-        )
+        raise EmbeddedBrokerError(f"{len(failures)} of {count} sends failed; first: {failures[0]!r}")
     return count
 
 
@@ -411,7 +421,9 @@ def consume_topic(
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        group_id=None,
         client_id="stream-fair-reader",
     )
     try:

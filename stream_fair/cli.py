@@ -91,9 +91,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         events = simulate.messy(events, seed=args.seed)
     n = produce_events(args.bootstrap_servers, args.predictions_topic, args.outcomes_topic, events)
     truth = simulate.ground_truth(scenario, args.events, seed=args.seed)
-    print(
-        f"produced {n} records ({args.scenario}, seed {args.seed}); ground truth: {truth.description}"
-    )
+    print(f"produced {n} records ({args.scenario}, seed {args.seed}); ground truth: {truth.description}")
     return 0
 
 
@@ -109,9 +107,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="consume predictions and outcomes, export fairness metrics")
-    run.add_argument(
-        "--config", "-c", help="YAML config file (environment STREAM_FAIR_* overrides it)"
-    )
+    run.add_argument("--config", "-c", help="YAML config file (environment STREAM_FAIR_* overrides it)")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check-config", help="validate a config and print it, secrets masked")
@@ -141,16 +137,10 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--partitions", type=int, default=1)
     sim.set_defaults(func=cmd_simulate)
 
-    demo = sub.add_parser(
-        "demo", help="embedded broker + biased lending stream + detector + live table"
-    )
-    demo.add_argument(
-        "--seconds", type=float, default=None, help="stop after this long (default: Ctrl-C)"
-    )
+    demo = sub.add_parser("demo", help="embedded broker + biased lending stream + detector + live table")
+    demo.add_argument("--seconds", type=float, default=None, help="stop after this long (default: Ctrl-C)")
     demo.add_argument("--port", type=int, default=9800, help="exporter port (0 picks a free one)")
-    demo.add_argument(
-        "--rate", type=float, default=2000.0, help="predictions per second to produce"
-    )
+    demo.add_argument("--rate", type=float, default=2000.0, help="predictions per second to produce")
     demo.add_argument("--quiet", action="store_true", help="no live table (for scripts)")
     demo.set_defaults(func=cmd_demo)
     return p

@@ -104,9 +104,7 @@ class KafkaConfig(_Section):
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaConfig:
         if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
-            raise ValueError(
-                "security_protocol SASL_* needs kafka.sasl_mechanism (e.g. SCRAM-SHA-512)"
-            )
+            raise ValueError("security_protocol SASL_* needs kafka.sasl_mechanism (e.g. SCRAM-SHA-512)")
         if self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512") and (
             self.sasl_username is None or self.sasl_password is None
         ):
@@ -348,8 +346,7 @@ def _one_line(err: ValidationError) -> str:
     kind, msg = first["type"], first["msg"]
     if kind == "extra_forbidden":
         return (
-            f"config error: unknown key {loc!r}: remove it or check its spelling "
-            "(see docs/configuration.md)"
+            f"config error: unknown key {loc!r}: remove it or check its spelling (see docs/configuration.md)"
         )
     if kind == "missing":
         return f"config error: {loc} is required: set it in the YAML file or {env_name(loc)}"
@@ -380,9 +377,7 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(
-                f"config error: --config {p}: no such file: pass the path to a YAML file"
-            )
+            raise ConfigError(f"config error: --config {p}: no such file: pass the path to a YAML file")
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:

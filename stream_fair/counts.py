@@ -150,9 +150,7 @@ class CellCounts:
     def to_state(self) -> dict[str, Any]:
         return {
             "confusion": [[m, list(c), quad(cm)] for (m, c), cm in self.confusion.items()],
-            "buckets": [
-                [b, [[m, list(c), q] for (m, c), q in d.items()]] for b, d in self.buckets.items()
-            ],
+            "buckets": [[b, [[m, list(c), q] for (m, c), q in d.items()]] for b, d in self.buckets.items()],
             "last_bucket": self.last_bucket,
             "predictions": [[m, list(c), row] for (m, c), row in self.predictions.items()],
             "expired": [[m, list(c), n] for (m, c), n in self.expired.items()],
@@ -160,9 +158,7 @@ class CellCounts:
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.confusion = {(m, tuple(c)): _matrix(tuple(q)) for m, c, q in state["confusion"]}
-        self.buckets = {
-            int(b): {(m, tuple(c)): list(q) for m, c, q in rows} for b, rows in state["buckets"]
-        }
+        self.buckets = {int(b): {(m, tuple(c)): list(q) for m, c, q in rows} for b, rows in state["buckets"]}
         self.last_bucket = state["last_bucket"]
         self.predictions = {(m, tuple(c)): list(row) for m, c, row in state["predictions"]}
         self.expired = {(m, tuple(c)): int(n) for m, c, n in state["expired"]}

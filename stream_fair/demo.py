@@ -53,7 +53,9 @@ def demo_config(bootstrap: str, state_dir: Path, port: int) -> Config:
     )
 
 
-def _paced(events: Iterator[tuple[str, Any]], rate: float, stop: threading.Event) -> Iterator[tuple[str, Any]]:
+def _paced(
+    events: Iterator[tuple[str, Any]], rate: float, stop: threading.Event
+) -> Iterator[tuple[str, Any]]:
     """Release events at about ``rate`` predictions per second until ``stop``."""
     start = time.monotonic()
     sent = 0
@@ -85,20 +87,25 @@ def _table(detector: Any) -> str:
             continue
         for g, gr in sorted(v.report.groups.items()):
             r = gr.rates
-            cols = [f"{r[k].value:6.3f}" if k in r else "     –" for k in
-                    ("selection_rate", "true_positive_rate", "false_positive_rate")]
+            cols = [
+                f"{r[k].value:6.3f}" if k in r else "     –"
+                for k in ("selection_rate", "true_positive_rate", "false_positive_rate")
+            ]
             mark = "" if gr.eligible else "  (few samples)"
             lines.append(f"{v.feature.name:<10} {g:<16} {gr.counts.n:>7} {' '.join(cols)}{mark}")
         for (d, m), f in v.report.flagged.items():
             if f and m == "between_groups":
                 est = v.report.disparities[d, m]
-                flags.append(f"  FLAGGED {v.feature.name}: {d} = {est.value:.3f} "
-                             f"[{est.lower:.3f}, {est.upper:.3f}]")
+                flags.append(
+                    f"  FLAGGED {v.feature.name}: {d} = {est.value:.3f} [{est.lower:.3f}, {est.upper:.3f}]"
+                )
     lines.append("flagged disparities:" if flags else "flagged disparities: none yet")
     return "\n".join(lines + flags)
 
 
-def run_demo(seconds: float | None = None, port: int = 9800, rate: float = 2000.0, quiet: bool = False) -> int:
+def run_demo(
+    seconds: float | None = None, port: int = 9800, rate: float = 2000.0, quiet: bool = False
+) -> int:
     from stream_fair import observability, simulate
     from stream_fair.app import Detector
     from stream_fair.broker import EmbeddedBroker, create_topics, produce_events
@@ -128,19 +135,24 @@ def run_demo(seconds: float | None = None, port: int = 9800, rate: float = 2000.
         scenario = simulate.SCENARIOS["lending"](label_delay_mean_s=120.0)
         events = simulate.messy(
             simulate.generate(scenario, 50_000_000, seed=7, start_ts=time.time() - 3600),
-            seed=7, duplicate_rate=0.002, malformed_rate=0.001,
+            seed=7,
+            duplicate_rate=0.002,
+            malformed_rate=0.001,
         )
         producer = threading.Thread(
             target=produce_events,
             args=(bootstrap, PREDICTIONS, OUTCOMES, _paced(events, rate, stop)),
-            name="producer", daemon=True,
+            name="producer",
+            daemon=True,
         )
         producer.start()
         url = f"http://127.0.0.1:{detector.port}"
         print(f"stream-fair demo: broker {bootstrap}; metrics {url}/metrics; status page {url}/", flush=True)
         print(f"ground truth: {simulate.ground_truth(scenario, 1000, seed=7).description}", flush=True)
         stack = observability.start_demo_stack(
-            Path(tmp) / "observability", detector.port, fixed_ports=port != 0,
+            Path(tmp) / "observability",
+            detector.port,
+            fixed_ports=port != 0,
             out=lambda line: print(line, flush=True),
         )
         print("Ctrl-C stops everything.", flush=True)

@@ -203,9 +203,7 @@ def disparity_table(
     n_groups = len(next(iter(rates.values())).observed)
     quantiles = ((1.0 - credible_level) / 2.0, (1.0 + credible_level) / 2.0)
     # method -> rate -> (difference, ratio), each as (observed value, draws)
-    parts: dict[str, dict[str, tuple[tuple[float, Array], tuple[float, Array]]]] = {
-        m: {} for m in METHODS
-    }
+    parts: dict[str, dict[str, tuple[tuple[float, Array], tuple[float, Array]]]] = {m: {} for m in METHODS}
     for name in DISPARITY_INPUT_RATES:
         post = rates[name]
         idx = np.flatnonzero(post.usable)
@@ -248,6 +246,4 @@ def disparity_table(
     if not keys:
         return {}
     bounds = np.quantile(np.stack(samples), quantiles, axis=1)
-    return {
-        key: (values[i], float(bounds[0, i]), float(bounds[1, i])) for i, key in enumerate(keys)
-    }
+    return {key: (values[i], float(bounds[0, i]), float(bounds[1, i])) for i, key in enumerate(keys)}

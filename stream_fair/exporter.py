@@ -108,16 +108,12 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
         labels=["model", "feature", "window"],
     )
     rates = {
-        (r, suffix): GaugeMetricFamily(
-            P + r + suffix, f"{r.replace('_', ' ')}{suffix}", labels=_GROUP_W
-        )
+        (r, suffix): GaugeMetricFamily(P + r + suffix, f"{r.replace('_', ' ')}{suffix}", labels=_GROUP_W)
         for r in RATES
         for suffix in ("", "_lower", "_upper")
     }
     disparities = {
-        (d, suffix): GaugeMetricFamily(
-            P + d + suffix, f"{d.replace('_', ' ')}{suffix}", labels=_FEATURE_W
-        )
+        (d, suffix): GaugeMetricFamily(P + d + suffix, f"{d.replace('_', ' ')}{suffix}", labels=_FEATURE_W)
         for d in DISPARITIES
         for suffix in ("", "_lower", "_upper")
     }
@@ -132,9 +128,7 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
         for g, gr in fr.groups.items():
             labels = [view.model, fname, g, view.window]
             c = gr.counts
-            for (actual, predicted), n in zip(
-                _ACTUAL_PREDICTED, (c.tp, c.fp, c.tn, c.fn), strict=True
-            ):
+            for (actual, predicted), n in zip(_ACTUAL_PREDICTED, (c.tp, c.fp, c.tn, c.fn), strict=True):
                 if view.window == CUMULATIVE:
                     confusion.add_metric([view.model, fname, g, actual, predicted], n)
                 else:
@@ -195,15 +189,9 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
 
 def _pipeline(report: Report, stats: PipelineStats) -> Iterator[Metric]:
     snap = report.snapshot
-    consumed = CounterMetricFamily(
-        P + "events_consumed", "Records read from Kafka", labels=["topic"]
-    )
-    fates = CounterMetricFamily(
-        P + "event_fates", "Final fate of each record", labels=["topic", "fate"]
-    )
-    pending = GaugeMetricFamily(
-        P + "pending_events", "Records waiting for their partner", labels=["topic"]
-    )
+    consumed = CounterMetricFamily(P + "events_consumed", "Records read from Kafka", labels=["topic"])
+    fates = CounterMetricFamily(P + "event_fates", "Final fate of each record", labels=["topic", "fate"])
+    pending = GaugeMetricFamily(P + "pending_events", "Records waiting for their partner", labels=["topic"])
     rejected = CounterMetricFamily(
         P + "rejected_events", "Rejected records by reason", labels=["topic", "reason"]
     )
@@ -305,9 +293,7 @@ class ExporterServer:
                 else:
                     self._send(404, b"not found: try /metrics, /, /healthz, /readyz\n")
 
-            def _send(
-                self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8"
-            ) -> None:
+            def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
@@ -320,9 +306,7 @@ class ExporterServer:
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(
-            target=self.httpd.serve_forever, name="exporter", daemon=True
-        )
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="exporter", daemon=True)
 
     def start(self) -> ExporterServer:
         self._thread.start()

@@ -73,9 +73,7 @@ RATES: tuple[str, ...] = (
 RESERVED_GROUPS = frozenset({"__other__", "__missing__"})
 INTERSECTION_SEPARATOR = "&"
 
-PRIORS: Mapping[str, tuple[float, float]] = MappingProxyType(
-    {"jeffreys": (0.5, 0.5), "uniform": (1.0, 1.0)}
-)
+PRIORS: Mapping[str, tuple[float, float]] = MappingProxyType({"jeffreys": (0.5, 0.5), "uniform": (1.0, 1.0)})
 POOLINGS = ("none", "empirical_bayes")
 DEFAULT_THRESHOLDS: Mapping[str, float] = MappingProxyType(
     {d: (0.8 if is_ratio(d) else 0.1) for d in DISPARITIES}
@@ -137,9 +135,7 @@ class Counts:
         return self.tp + self.fp + self.tn + self.fn
 
     def __add__(self, other: Counts) -> Counts:
-        return Counts(
-            self.tp + other.tp, self.fp + other.fp, self.tn + other.tn, self.fn + other.fn
-        )
+        return Counts(self.tp + other.tp, self.fp + other.fp, self.tn + other.tn, self.fn + other.fn)
 
     @classmethod
     def from_confusion(cls, cm: Any, positive: Any = 1, negative: Any = 0) -> Counts:
@@ -320,9 +316,7 @@ def group_rates(
     }
 
 
-def empirical_bayes_prior(
-    k: IntArray, m: IntArray, fallback: tuple[float, float]
-) -> tuple[float, float]:
+def empirical_bayes_prior(k: IntArray, m: IntArray, fallback: tuple[float, float]) -> tuple[float, float]:
     """Beta prior fitted to groups' successes ``k`` out of ``m`` by the method of moments.
 
     With :math:`\\hat\\mu = \\sum k / \\sum m`, :math:`M = \\sum m`, :math:`G` groups and

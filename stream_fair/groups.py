@@ -50,9 +50,7 @@ class FeatureKey:
         return SEPARATOR.join(cell[i] for i in self.indices)
 
 
-def feature_keys(
-    features: Sequence[str], intersections: Sequence[Sequence[str]]
-) -> list[FeatureKey]:
+def feature_keys(features: Sequence[str], intersections: Sequence[Sequence[str]]) -> list[FeatureKey]:
     """Marginal keys in configured order, then one key per intersection."""
     position = {name: i for i, name in enumerate(features)}
     keys = [FeatureKey(name, (i,)) for i, name in enumerate(features)]

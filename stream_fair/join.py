@@ -192,8 +192,7 @@ class JoinBuffer:
         return {
             "watermark": self.watermark if self.watermark != float("-inf") else None,
             "predictions": [
-                [p.id, p.ts, p.model, p.predicted, p.score, list(p.cell)]
-                for p in self.predictions.values()
+                [p.id, p.ts, p.model, p.predicted, p.score, list(p.cell)] for p in self.predictions.values()
             ],
             "outcomes": [[o.id, o.ts, o.label] for o in self.outcomes.values()],
             "joined_ids": self.joined_ids,
@@ -206,8 +205,7 @@ class JoinBuffer:
         wm = state["watermark"]
         self.watermark = float("-inf") if wm is None else float(wm)
         self.predictions = {
-            r[0]: Prediction(r[0], r[1], r[2], r[3], r[4], tuple(r[5]))
-            for r in state["predictions"]
+            r[0]: Prediction(r[0], r[1], r[2], r[3], r[4], tuple(r[5])) for r in state["predictions"]
         }
         self.outcomes = {r[0]: Outcome(r[0], r[1], r[2]) for r in state["outcomes"]}
         self.joined_ids = dict(state["joined_ids"])
@@ -217,7 +215,5 @@ class JoinBuffer:
         self._pending_heap = [(p.ts + self.ttl, _PRED, k) for k, p in self.predictions.items()]
         self._pending_heap += [(o.ts + self.outcome_ttl, _OUT, k) for k, o in self.outcomes.items()]
         heapq.heapify(self._pending_heap)
-        self._memory_heap = [
-            (t, k) for ids in (self.joined_ids, self.expired_ids) for k, t in ids.items()
-        ]
+        self._memory_heap = [(t, k) for ids in (self.joined_ids, self.expired_ids) for k, t in ids.items()]
         heapq.heapify(self._memory_heap)

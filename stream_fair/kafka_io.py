@@ -199,9 +199,7 @@ class DeadLetters:
         if self.topic is None:
             return
         if self._producer is None:
-            self._producer = KafkaProducer(
-                acks="all", linger_ms=50, **client_options(self._config.kafka)
-            )
+            self._producer = KafkaProducer(acks="all", linger_ms=50, **client_options(self._config.kafka))
         headers = [
             ("stream_fair.reason", reason.encode()),
             ("stream_fair.detail", detail.encode("utf-8", "replace")[:1000]),

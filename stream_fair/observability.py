@@ -60,9 +60,7 @@ def binaries_available() -> bool:
 
 
 def rules_available() -> bool:
-    return all((DEPLOY / "prometheus" / f).is_file() for f in RULE_FILES) and (
-        ALERTMANAGER_CONFIG.is_file()
-    )
+    return all((DEPLOY / "prometheus" / f).is_file() for f in RULE_FILES) and (ALERTMANAGER_CONFIG.is_file())
 
 
 def free_port(preferred: int = 0) -> int:
@@ -116,8 +114,7 @@ def prometheus_config(
         },
         "rule_files": [str(p) for p in rule_files],
         "scrape_configs": [
-            {"job_name": JOB, "metrics_path": "/metrics", "honor_labels": True,
-             "static_configs": [static]},
+            {"job_name": JOB, "metrics_path": "/metrics", "honor_labels": True, "static_configs": [static]},
         ],
     }
     if alertmanager is not None:
@@ -184,9 +181,10 @@ class Service:
         while time.monotonic() < deadline:
             if not self.running():
                 break
-            with contextlib.suppress(OSError), urllib.request.urlopen(
-                self.url + "/-/ready", timeout=2
-            ) as resp:
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(self.url + "/-/ready", timeout=2) as resp,
+            ):
                 if resp.status == 200:
                     return self
             time.sleep(0.1)
@@ -221,7 +219,10 @@ def _spawn(name: str, args: list[str], url: str, log: Path) -> Service:
         raise ObservabilityError(f"{args[0]} is not on PATH: apt-get install {name}")
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C in the terminal reaches the caller, who stops us
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
@@ -236,7 +237,8 @@ def start_prometheus(
     path = write_yaml(workdir / "prometheus.yml", config)
     (workdir / "prometheus").mkdir(exist_ok=True)
     args = [
-        PROMETHEUS_BIN, f"--config.file={path}",
+        PROMETHEUS_BIN,
+        f"--config.file={path}",
         f"--storage.tsdb.path={workdir / 'prometheus'}",
         f"--web.listen-address=127.0.0.1:{port}",
         f"--rules.alert.resend-delay={resend_delay}",
@@ -250,13 +252,13 @@ def start_alertmanager(workdir: Path, config: dict[str, Any], *, port: int = 0) 
     path = write_yaml(workdir / "alertmanager.yml", config)
     (workdir / "alertmanager").mkdir(exist_ok=True)
     args = [
-        ALERTMANAGER_BIN, f"--config.file={path}",
+        ALERTMANAGER_BIN,
+        f"--config.file={path}",
         f"--storage.path={workdir / 'alertmanager'}",
         f"--web.listen-address=127.0.0.1:{port}",
         "--cluster.listen-address=",  # no gossip
     ]
-    return _spawn("prometheus-alertmanager", args, f"http://127.0.0.1:{port}",
-                  workdir / "alertmanager.log")
+    return _spawn("prometheus-alertmanager", args, f"http://127.0.0.1:{port}", workdir / "alertmanager.log")
 
 
 # -- the webhook receiver -------------------------------------------------------------------
@@ -299,8 +301,7 @@ class WebhookReceiver:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="webhooks",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="webhooks", daemon=True)
 
     def start(self) -> WebhookReceiver:
         self._thread.start()
@@ -320,8 +321,10 @@ def describe(receiver: str, alert: dict[str, Any]) -> str:
     """One line for one alert of a notification, for a console."""
     lab, ann = alert.get("labels", {}), alert.get("annotations", {})
     method = f" ({lab['method']})" if "method" in lab else ""
-    return (f"ALERT {alert.get('status', '?')} -> {receiver}: {lab.get('alertname')} "
-            f"[{lab.get('severity')}] {ann.get('summary', '')}{method}")
+    return (
+        f"ALERT {alert.get('status', '?')} -> {receiver}: {lab.get('alertname')} "
+        f"[{lab.get('severity')}] {ann.get('summary', '')}{method}"
+    )
 
 
 def _new_alerts_printer(out: Callable[[str], None]) -> Callable[[Notification], None]:
@@ -391,15 +394,20 @@ def start_stack(
     try:
         am = start_alertmanager(
             workdir,
-            alertmanager_config(stack.receiver.url, group_wait=group_wait,
-                                group_interval=group_interval, repeat_interval=repeat_interval),
+            alertmanager_config(
+                stack.receiver.url,
+                group_wait=group_wait,
+                group_interval=group_interval,
+                repeat_interval=repeat_interval,
+            ),
             port=alertmanager_port,
         )
         stack.services.append(am)
         am.wait_ready(ready_timeout)
         rules = write_rule_files(workdir, for_duration)
-        cfg = prometheus_config(target, rules, model=model, interval=interval,
-                                alertmanager=urlsplit(am.url).netloc)
+        cfg = prometheus_config(
+            target, rules, model=model, interval=interval, alertmanager=urlsplit(am.url).netloc
+        )
         prom = start_prometheus(workdir, cfg, port=prometheus_port, resend_delay=interval)
         stack.services.append(prom)
         prom.wait_ready(ready_timeout)
@@ -428,23 +436,32 @@ def start_demo_stack(
     notifications are printed through ``out``. Missing binaries or rules are reported, not fatal.
     """
     if not binaries_available():
-        out(f"({PROMETHEUS_BIN} / {ALERTMANAGER_BIN} not on PATH: no Prometheus or Alertmanager; "
-            "apt-get install prometheus prometheus-alertmanager to see alerts fire)")
+        out(
+            f"({PROMETHEUS_BIN} / {ALERTMANAGER_BIN} not on PATH: no Prometheus or Alertmanager; "
+            "apt-get install prometheus prometheus-alertmanager to see alerts fire)"
+        )
         return None
     if not rules_available():
         out(f"(no alert rules under {DEPLOY}: run the demo from a source checkout to see alerts)")
         return None
     try:
         stack = start_stack(
-            workdir, f"127.0.0.1:{exporter_port}", model=model, for_duration=DEMO_FOR,
+            workdir,
+            f"127.0.0.1:{exporter_port}",
+            model=model,
+            for_duration=DEMO_FOR,
             prometheus_port=free_port(9090) if fixed_ports else 0,
             alertmanager_port=free_port(9093) if fixed_ports else 0,
-            interval="2s", group_wait="2s", group_interval="10s",
+            interval="2s",
+            group_wait="2s",
+            group_interval="10s",
             on_notification=_new_alerts_printer(out),
         )
     except ObservabilityError as exc:
         out(f"(Prometheus / Alertmanager did not start: {exc})")
         return None
-    out(f"prometheus {stack.prometheus.url}/alerts; alertmanager {stack.alertmanager.url} "
-        f"(rules and routes from deploy/, every alert's for: shortened to {DEMO_FOR})")
+    out(
+        f"prometheus {stack.prometheus.url}/alerts; alertmanager {stack.alertmanager.url} "
+        f"(rules and routes from deploy/, every alert's for: shortened to {DEMO_FOR})"
+    )
     return stack

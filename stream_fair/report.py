@@ -118,8 +118,7 @@ def _traffic(snapshot: Snapshot, key: FeatureKey) -> list[TrafficView]:
         g = key.group(cell)
         groups_e[g] = groups_e.get(g, 0) + n
     joined = {
-        m: {g: sum(q) for g, q in gs.items()}
-        for m, gs in group_quads(snapshot.cumulative, key).items()
+        m: {g: sum(q) for g, q in gs.items()} for m, gs in group_quads(snapshot.cumulative, key).items()
     }
     return [
         TrafficView(model, key, groups, expired.get(model, {}), joined.get(model, {}))

@@ -285,9 +285,7 @@ def disparity_verdict(
                 float(max(0.0, lo.max() - hi.min())),
                 float(hi.max() - lo.min()),
             )
-            best = (
-                b if best is None else Bounds(*(max(x, y) for x, y in zip(best, b, strict=False)))
-            )
+            best = b if best is None else Bounds(*(max(x, y) for x, y in zip(best, b, strict=False)))
         if best is not None:
             disparities[name] = best
             flagged[name] = best.lower > settings.threshold

@@ -145,11 +145,9 @@ class _Compiled:
         self.names = list(s.features)
         self.values = [list(v) for v in s.features.values()]
         sizes = [len(v) for v in self.values]
-        self.radix = np.array([math.prod(sizes[i + 1:]) for i in range(len(sizes))], np.int64)
+        self.radix = np.array([math.prod(sizes[i + 1 :]) for i in range(len(sizes))], np.int64)
         self.cells = list(itertools.product(*[range(n) for n in sizes]))
-        self.shares = [
-            np.array(list(v.values()), float) / sum(v.values()) for v in s.features.values()
-        ]
+        self.shares = [np.array(list(v.values()), float) / sum(v.values()) for v in s.features.values()]
 
         def table(default: float, by_cell: Mapping[str, float], what: str) -> np.ndarray:
             out = np.full(len(self.cells), float(default))
@@ -185,9 +183,7 @@ class _Compiled:
         return np.array([all(c[f] == v for f, v in parsed) for c in self.cells], bool)
 
     def cell_probs(self, shares: list[np.ndarray]) -> np.ndarray:
-        return np.array(
-            [math.prod(float(shares[f][v]) for f, v in enumerate(c)) for c in self.cells]
-        )
+        return np.array([math.prod(float(shares[f][v]) for f, v in enumerate(c)) for c in self.cells])
 
 
 @dataclass(frozen=True)
@@ -234,8 +230,7 @@ def _timeline(s: Scenario, c: _Compiled, n: int) -> _Timeline:
                 push = (rate[k] - ref) / ref
                 share[k + 1] = min(max(share[k] * (1 + s.share_coupling * push), s.min_share), 0.95)
                 group_br = float((probs * c.base_rate)[in_group].sum() / probs[in_group].sum())
-                new_br = max(group_br * factor[k] * (1 + s.base_rate_coupling * push),
-                             s.min_base_rate)
+                new_br = max(group_br * factor[k] * (1 + s.base_rate_coupling * push), s.min_base_rate)
                 factor[k + 1] = new_br / group_br
     return _Timeline(n, onset, span, period_len, share, factor, rate, ref)
 
@@ -278,8 +273,10 @@ def generate(
     c = _Compiled(scenario)
     t = _timeline(scenario, c, n_predictions)
     rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[1])
-    attrs = [{name: c.values[f][v] for f, (name, v) in enumerate(zip(c.names, cell, strict=True))}
-             for cell in c.cells]
+    attrs = [
+        {name: c.values[f][v] for f, (name, v) in enumerate(zip(c.names, cell, strict=True))}
+        for cell in c.cells
+    ]
     models = list(scenario.models)
     pend_ts, pend_idx, pend_label = np.empty(0), np.empty(0, np.int64), np.empty(0, np.int64)
     lo = 0
@@ -318,11 +315,22 @@ def generate(
         pend_ts, pend_idx, pend_label = pend_ts[~due], pend_idx[~due], pend_label[~due]
 
         payloads: list[dict[str, Any]] = [
-            {"id": f"req-{i}", "ts": round(x, 3), "model": models[mi], "prediction": int(p),
-             "score": s, "attributes": attrs[cell].copy()}
+            {
+                "id": f"req-{i}",
+                "ts": round(x, 3),
+                "model": models[mi],
+                "prediction": int(p),
+                "score": s,
+                "attributes": attrs[cell].copy(),
+            }
             for i, x, mi, p, s, cell in zip(
-                index.tolist(), ts.tolist(), model.tolist(), pred.tolist(), score.tolist(),
-                codes.tolist(), strict=True,
+                index.tolist(),
+                ts.tolist(),
+                model.tolist(),
+                pred.tolist(),
+                score.tolist(),
+                codes.tolist(),
+                strict=True,
             )
         ]
         payloads += [
@@ -446,8 +454,12 @@ def ground_truth(
             }
     onset = t.onset
     if scenario.drift_cell is not None:
-        extra.update(tpr_drop=scenario.tpr_drop, drift_span=t.span,
-                     end_index=(onset or 0) + t.span, end_ts=ts_at((onset or 0) + t.span))
+        extra.update(
+            tpr_drop=scenario.tpr_drop,
+            drift_span=t.span,
+            end_index=(onset or 0) + t.span,
+            end_ts=ts_at((onset or 0) + t.span),
+        )
     if c.feedback is not None:
         onset = t.period_len if len(t.share) > 1 else None
         extra["coupling"] = {
@@ -458,24 +470,37 @@ def ground_truth(
         }
         group_br = expected_rates(scenario, feature or "", n_predictions=n_predictions)
         extra["periods"] = [
-            {"period": k, "start_index": k * t.period_len,
-             "end_index": min((k + 1) * t.period_len, n_predictions),
-             "start_ts": ts_at(k * t.period_len), "share": float(t.share[k]),
-             "base_rate": float(group_br[group or ""]["base_rate"] * t.br_factor[k]),
-             "selection_rate": float(t.selection_rate[k])}
-            for k in range(len(t.share)) if k * t.period_len < max(n_predictions, 1)
+            {
+                "period": k,
+                "start_index": k * t.period_len,
+                "end_index": min((k + 1) * t.period_len, n_predictions),
+                "start_ts": ts_at(k * t.period_len),
+                "share": float(t.share[k]),
+                "base_rate": float(group_br[group or ""]["base_rate"] * t.br_factor[k]),
+                "selection_rate": float(t.selection_rate[k]),
+            }
+            for k in range(len(t.share))
+            if k * t.period_len < max(n_predictions, 1)
         ]
     return GroundTruth(
-        scenario=scenario.name, affected_feature=feature, affected_group=group,
-        onset_ts=ts_at(onset) if onset is not None else None, onset_index=onset,
-        description=scenario.description, extra=extra,
+        scenario=scenario.name,
+        affected_feature=feature,
+        affected_group=group,
+        onset_ts=ts_at(onset) if onset is not None else None,
+        onset_index=onset,
+        description=scenario.description,
+        extra=extra,
     )
 
 
 # -- scenarios ----------------------------------------------------------------------------------
 def _fair(**overrides: Any) -> Scenario:
     base = Scenario(
-        name="fair", features={"group": dict(FIVE_GROUPS)}, base_rate=0.3, tpr=0.8, fpr=0.1,
+        name="fair",
+        features={"group": dict(FIVE_GROUPS)},
+        base_rate=0.3,
+        tpr=0.8,
+        fpr=0.1,
         description="Five groups A..E (40/30/15/10/5 %), equal base rate, TPR and FPR.",
     )
     return replace(base, **overrides)
@@ -493,7 +518,9 @@ def _lending(*, tpr_drop: float = 0.25, **overrides: Any) -> Scenario:
             "race": {"White": 0.60, "Black": 0.15, "Hispanic": 0.15, "Asian": 0.10},
             "age": {"18-24": 0.2, "25-44": 0.5, "45+": 0.3},
         },
-        base_rate=0.4, tpr=tpr, fpr=0.10,
+        base_rate=0.4,
+        tpr=tpr,
+        fpr=0.10,
         tpr_by_cell={
             "race=Black&sex=Female": tpr - tpr_drop,
             "race=Black&sex=Male": min(tpr + 0.8 * tpr_drop, 0.98),
@@ -501,7 +528,8 @@ def _lending(*, tpr_drop: float = 0.25, **overrides: Any) -> Scenario:
             "race=White&sex=Male": tpr - 0.2 * tpr_drop,
         },
         fpr_by_cell={"race=Black&sex=Female": 0.05, "race=Black&sex=Male": 0.15},
-        label_delay_mean_s=600.0, affected="race=Black&sex=Female",
+        label_delay_mean_s=600.0,
+        affected="race=Black&sex=Female",
         description=f"credit-v3 under-approves Black women (TPR -{tpr_drop:g}); the marginal "
         "sex and race gaps stay small, the race&sex intersection shows it.",
     )
@@ -510,8 +538,11 @@ def _lending(*, tpr_drop: float = 0.25, **overrides: Any) -> Scenario:
 
 def _bias_onset(*, group: str = "E", tpr_drop: float = 0.10, **overrides: Any) -> Scenario:
     base = _fair(
-        name="bias_onset", drift_cell=f"group={group}", affected=f"group={group}",
-        tpr_drop=tpr_drop, onset_fraction=0.5,
+        name="bias_onset",
+        drift_cell=f"group={group}",
+        affected=f"group={group}",
+        tpr_drop=tpr_drop,
+        onset_fraction=0.5,
         description=f"Group {group}'s TPR drops by {tpr_drop:g} at onset_index (default n/2).",
     )
     return replace(base, **overrides)
@@ -519,8 +550,12 @@ def _bias_onset(*, group: str = "E", tpr_drop: float = 0.10, **overrides: Any) -
 
 def _gradual_drift(*, group: str = "C", tpr_drop: float = 0.20, **overrides: Any) -> Scenario:
     base = _fair(
-        name="gradual_drift", drift_cell=f"group={group}", affected=f"group={group}",
-        tpr_drop=tpr_drop, onset_fraction=0.3, drift_span_fraction=0.4,
+        name="gradual_drift",
+        drift_cell=f"group={group}",
+        affected=f"group={group}",
+        tpr_drop=tpr_drop,
+        onset_fraction=0.3,
+        drift_span_fraction=0.4,
         description=f"Group {group}'s TPR declines linearly by {tpr_drop:g} from onset over "
         "drift_span predictions (default 0.4 n).",
     )
@@ -531,11 +566,13 @@ def _selective_labels(
     *, group: str = "B", label_prob: float = 1.0, approved_only: bool = True, **overrides: Any
 ) -> Scenario:
     base = _fair(
-        name="selective_labels", affected=f"group={group}",
+        name="selective_labels",
+        affected=f"group={group}",
         label_prob_by_cell={f"group={group}": label_prob},
         label_only_approved=(f"group={group}",) if approved_only else (),
         description=f"Group {group} gets outcomes with probability {label_prob:g}"
-        + (" and only when approved" if approved_only else "") + "; other groups always.",
+        + (" and only when approved" if approved_only else "")
+        + "; other groups always.",
     )
     return replace(base, **overrides)
 
@@ -546,9 +583,13 @@ def _feedback_loop(*, group: str = "D", tpr_gap: float = 0.05, **overrides: Any)
     # to a tenth of it. D's share falls from 10% to ~5% by period 18 and ~1% by period 33, while
     # its selection-rate gap grows from 0.015 to ~0.1 only near the end.
     base = _fair(
-        name="feedback_loop", affected=f"group={group}", feedback_cell=f"group={group}",
+        name="feedback_loop",
+        affected=f"group={group}",
+        feedback_cell=f"group={group}",
         tpr_by_cell={f"group={group}": 0.8 - tpr_gap},
-        feedback_periods=40, share_coupling=0.5, base_rate_coupling=0.1,
+        feedback_periods=40,
+        share_coupling=0.5,
+        base_rate_coupling=0.1,
         description=f"Group {group} is under-approved (TPR -{tpr_gap:g}); each period its "
         "selection rate shrinks its next-period traffic share and base rate.",
     )
@@ -578,18 +619,33 @@ class MessyStream(Iterator[tuple[str, "dict[str, Any] | bytes"]]):
     ``malformed`` and ``malformed_<kind>`` for each of :data:`MALFORMED_KINDS`.
     """
 
-    def __init__(self, events: Iterable[tuple[str, Any]], *, seed: int, duplicate_rate: float,
-                 malformed_rate: float, early_outcome_rate: float, shuffle_window: int,
-                 max_hold: int) -> None:
+    def __init__(
+        self,
+        events: Iterable[tuple[str, Any]],
+        *,
+        seed: int,
+        duplicate_rate: float,
+        malformed_rate: float,
+        early_outcome_rate: float,
+        shuffle_window: int,
+        max_hold: int,
+    ) -> None:
         self.counts: Counter[str] = Counter()
         self._rnd = random.Random(seed)
         self._buf: list[tuple[str, Any, str | None]] = []
         self._buf_preds: Counter[str] = Counter()
         self._held: dict[str, tuple[int, dict[str, Any]]] = {}
-        self._template: dict[str, Any] = {"id": "req-0", "ts": 0.0, "model": "m",
-                                          "prediction": 0, "score": 0.1, "attributes": {}}
-        self._gen = self._run(iter(events), duplicate_rate, malformed_rate, early_outcome_rate,
-                              shuffle_window, max_hold)
+        self._template: dict[str, Any] = {
+            "id": "req-0",
+            "ts": 0.0,
+            "model": "m",
+            "prediction": 0,
+            "score": 0.1,
+            "attributes": {},
+        }
+        self._gen = self._run(
+            iter(events), duplicate_rate, malformed_rate, early_outcome_rate, shuffle_window, max_hold
+        )
 
     def __next__(self) -> tuple[str, dict[str, Any] | bytes]:
         return next(self._gen)
@@ -632,9 +688,15 @@ class MessyStream(Iterator[tuple[str, "dict[str, Any] | bytes"]]):
             return "prediction", {**junk, "prediction": "maybe"}
         return "prediction", {**junk, "ts": "not-a-timestamp"}
 
-    def _run(self, events: Iterator[tuple[str, Any]], duplicate_rate: float,
-             malformed_rate: float, early_rate: float, window: int,
-             max_hold: int) -> Iterator[tuple[str, Any]]:
+    def _run(
+        self,
+        events: Iterator[tuple[str, Any]],
+        duplicate_rate: float,
+        malformed_rate: float,
+        early_rate: float,
+        window: int,
+        max_hold: int,
+    ) -> Iterator[tuple[str, Any]]:
         rnd, held = self._rnd, self._held
 
         def countdown() -> int:
@@ -647,8 +709,7 @@ class MessyStream(Iterator[tuple[str, "dict[str, Any] | bytes"]]):
             ident = ident if isinstance(ident, str) else None
             if kind == "prediction" and isinstance(payload, dict):
                 self._template = payload
-            if (kind == "prediction" and ident is not None and ident not in held
-                    and rnd.random() < early_rate):
+            if kind == "prediction" and ident is not None and ident not in held and rnd.random() < early_rate:
                 held[ident] = (i + max_hold, payload)
             else:
                 self._push(kind, payload, ident)
@@ -702,6 +763,12 @@ def messy(
     >>> stream.counts["output"] == len(events)
     True
     """
-    return MessyStream(events, seed=seed, duplicate_rate=duplicate_rate,
-                       malformed_rate=malformed_rate, early_outcome_rate=early_outcome_rate,
-                       shuffle_window=shuffle_window, max_hold=max_hold)
+    return MessyStream(
+        events,
+        seed=seed,
+        duplicate_rate=duplicate_rate,
+        malformed_rate=malformed_rate,
+        early_outcome_rate=early_outcome_rate,
+        shuffle_window=shuffle_window,
+        max_hold=max_hold,
+    )

@@ -55,11 +55,14 @@ def _extremes(view: FeatureView) -> set[tuple[str, str]]:
         if not flagged or method != "between_groups" or base not in _COMPARES:
             continue
         for rate in _COMPARES[base]:
-            values = {g: gr.rates[rate].value for g, gr in fr.groups.items()
-                      if gr.eligible and rate in gr.rates}
+            values = {
+                g: gr.rates[rate].value for g, gr in fr.groups.items() if gr.eligible and rate in gr.rates
+            }
             if len(values) >= 2:
-                marked |= {(min(values, key=values.__getitem__), rate),
-                           (max(values, key=values.__getitem__), rate)}
+                marked |= {
+                    (min(values, key=values.__getitem__), rate),
+                    (max(values, key=values.__getitem__), rate),
+                }
     return marked
 
 
@@ -80,8 +83,10 @@ def render(report: Report, stats: PipelineStats) -> str:
     ]
     if flagged:
         features = sorted({f"{v.model} · {v.feature.name}" for v, _, _ in flagged})
-        out.append(f"<p class=verdict><span class=flag>{len(flagged)} disparities flagged</span> "
-                   f"in {e(', '.join(features))}</p>")
+        out.append(
+            f"<p class=verdict><span class=flag>{len(flagged)} disparities flagged</span> "
+            f"in {e(', '.join(features))}</p>"
+        )
     else:
         out.append("<p class=verdict><span class=ok>no disparity flagged</span></p>")
     out.append(
@@ -94,9 +99,11 @@ def render(report: Report, stats: PipelineStats) -> str:
 
     out.append("<h2>Flagged disparities</h2>")
     if flagged:
-        out.append("<table><tr><th class=l>model</th><th class=l>feature</th>"
-                   "<th class=l>disparity</th><th class=l>method</th><th>value</th>"
-                   "<th>interval</th><th>threshold</th></tr>")
+        out.append(
+            "<table><tr><th class=l>model</th><th class=l>feature</th>"
+            "<th class=l>disparity</th><th class=l>method</th><th>value</th>"
+            "<th>interval</th><th>threshold</th></tr>"
+        )
         for v, d, m in flagged:
             gap = v.report.disparities[d, m]
             out.append(
@@ -116,8 +123,11 @@ def render(report: Report, stats: PipelineStats) -> str:
         ref = f" · reference <b>{e(fr.reference)}</b>" if fr.reference else ""
         badge = f" <span class=flag>{n_flagged} flagged</span>" if n_flagged else ""
         out.append(f"<h2>{e(v.model)} · {e(v.feature.name)}{ref}{badge}</h2>")
-        out.append("<table><tr><th class=l>group</th><th>n</th>"
-                   + "".join(f"<th>{label}</th>" for _, label in _RATES) + "<th></th></tr>")
+        out.append(
+            "<table><tr><th class=l>group</th><th>n</th>"
+            + "".join(f"<th>{label}</th>" for _, label in _RATES)
+            + "<th></th></tr>"
+        )
         marked = _extremes(v)
         for g, gr in sorted(fr.groups.items(), key=lambda kv: -kv[1].counts.n):
             cells = []
@@ -125,26 +135,34 @@ def render(report: Report, stats: PipelineStats) -> str:
                 est = gr.rates.get(rate)
                 cls = " class=ext" if (g, rate) in marked else ""
                 cells.append(
-                    "<td>–</td>" if est is None else
-                    f"<td{cls}>{_fmt(est.value)} "
+                    "<td>–</td>"
+                    if est is None
+                    else f"<td{cls}>{_fmt(est.value)} "
                     f"<span class=ci>[{_fmt(est.lower)}, {_fmt(est.upper)}]</span></td>"
                 )
             note = "" if gr.eligible else "<span class=small>below min samples / excluded</span>"
-            out.append(f"<tr><td class=l>{e(g)}</td><td>{gr.counts.n}</td>{''.join(cells)}"
-                       f"<td class=l>{note}</td></tr>")
+            out.append(
+                f"<tr><td class=l>{e(g)}</td><td>{gr.counts.n}</td>{''.join(cells)}"
+                f"<td class=l>{note}</td></tr>"
+            )
         out.append("</table>")
 
     fates = list(next(iter(snap.fates.values()), {}))
-    out.append("<h2>Pipeline</h2><table><tr><th class=l>topic</th><th>consumed</th>"
-               "<th>pending</th>" + "".join(f"<th>{e(f)}</th>" for f in fates) + "</tr>")
+    out.append(
+        "<h2>Pipeline</h2><table><tr><th class=l>topic</th><th>consumed</th>"
+        "<th>pending</th>" + "".join(f"<th>{e(f)}</th>" for f in fates) + "</tr>"
+    )
     for t, by_fate in snap.fates.items():
-        out.append(f"<tr><td class=l>{e(t)}</td><td>{snap.consumed[t]}</td>"
-                   f"<td>{snap.pending[t]}</td>"
-                   + "".join(f"<td>{n}</td>" for n in by_fate.values()) + "</tr>")
+        out.append(
+            f"<tr><td class=l>{e(t)}</td><td>{snap.consumed[t]}</td>"
+            f"<td>{snap.pending[t]}</td>" + "".join(f"<td>{n}</td>" for n in by_fate.values()) + "</tr>"
+        )
     out.append("</table>")
     lag = sum(stats.lag.values())
-    out.append(f"<p class=muted>consumer lag {lag} · dead letters "
-               f"{sum(stats.dead_letters.values())} · every series: "
-               "<a href=/metrics>/metrics</a></p>")
+    out.append(
+        f"<p class=muted>consumer lag {lag} · dead letters "
+        f"{sum(stats.dead_letters.values())} · every series: "
+        "<a href=/metrics>/metrics</a></p>"
+    )
     out.append("</body></html>")
     return "".join(out)

@@ -228,8 +228,15 @@ class Tracker:
         last = s.last_ts[topic]
         if last is None or ts > last:
             s.last_ts[topic] = ts
-            if ts > s.join.watermark:
-                self._move_watermark(s)
+            join = s.join
+            if ts > join.watermark:
+                if s.behind[0] or s.behind[1]:
+                    self._move_watermark(s)
+                else:  # the common case, inlined: event time is the newest record's
+                    released = join.advance(ts)
+                    s.counts.advance(ts)
+                    if released is not None:
+                        self._release(s, released)
         join = s.join
         if len(join.predictions) + len(join.outcomes) > join.max_pending:
             released = join.enforce_capacity()

@@ -101,9 +101,7 @@ def substitute(expr: str, variables: Mapping[str, str]) -> str:
     def replace(match: re.Match[str]) -> str:
         name = match.group(1) or match.group(2) or match.group(3)
         if name not in values:
-            raise KeyError(
-                f"no value for Grafana variable ${name} in {expr!r}; pass it in variables"
-            )
+            raise KeyError(f"no value for Grafana variable ${name} in {expr!r}; pass it in variables")
         return values[name]
 
     return _VARIABLE.sub(replace, expr)

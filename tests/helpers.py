@@ -27,18 +27,14 @@ from prometheus_client.parser import text_string_to_metric_families
 T = TypeVar("T")
 
 # Consumer-group timings under which Tansu completes a join in seconds (docs: ENVIRONMENT.md).
-FAST_KAFKA = {
-    "session_timeout_ms": 6000, "heartbeat_interval_ms": 2000, "max_poll_interval_ms": 10000
-}
+FAST_KAFKA = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 2000, "max_poll_interval_ms": 10000}
 LENDING_FEATURES = ("sex", "race", "age")
 LENDING_INTERSECTIONS = (("race", "sex"),)
 ACTUAL_PREDICTED = ((1, 1), (0, 1), (0, 0), (1, 0))
 
 
 # -- waiting ------------------------------------------------------------------------------------
-def wait_for(
-    condition: Callable[[], T], timeout: float, what: str, interval: float = 0.1
-) -> T:
+def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
@@ -50,8 +46,9 @@ def wait_for(
         except (OSError, ValueError) as exc:  # endpoint not up yet
             last_error = exc
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} "
-                                 f"(last error: {last_error!r})")
+            raise AssertionError(
+                f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error!r})"
+            )
         time.sleep(interval)
 
 
@@ -82,7 +79,6 @@ class Scrape:
             if all(d.get(k) == v for k, v in fixed.items()):
                 out[tuple(d[k] for k in keys)] = value
         return out
-
 
 
 def parse_metrics(text: str) -> Scrape:
@@ -215,7 +211,8 @@ def recount(
         copies[topic][ident] += 1
         (first_pred if topic == "predictions" else first_out).setdefault(ident, payload)
     for topic, firsts, partners in (
-        ("predictions", first_pred, first_out), ("outcomes", first_out, first_pred),
+        ("predictions", first_pred, first_out),
+        ("outcomes", first_out, first_pred),
     ):
         for ident in firsts:
             if ident in partners:
@@ -301,7 +298,10 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "stream_fair", *args],
-        capture_output=True, text=True, timeout=timeout, env=env or cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or cli_env(),
     )
 
 
@@ -309,7 +309,10 @@ def start_cli(*args: str, log: Path, env: dict[str, str] | None = None) -> subpr
     with open(log, "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "stream_fair", *args],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env or cli_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env or cli_env(),
         )
 
 

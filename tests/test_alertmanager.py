@@ -64,9 +64,7 @@ def _route(amtool: str, labels: dict[str, str], receiver: str) -> subprocess.Com
 
 
 def test_check_config(amtool: str) -> None:
-    result = subprocess.run(
-        [amtool, "check-config", str(CONFIG)], capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run([amtool, "check-config", str(CONFIG)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
 
@@ -403,10 +401,21 @@ def test_detector_down_inhibits_its_models_alerts(alertmanager: str) -> None:
         ("StreamFairDisparityFlagged", "credit-v3", "b:9800", "race", "", ""),
         ("StreamFairOverallAccuracyDrop", "credit-v3", "", "", "", ""),
         ("StreamFairPipelineStalled", "", "a:9800", "", "", ""),
-        ("StreamFairDisparityIntervalBeyondThreshold", "fraud-v1", "", "sex",
-         "demographic_parity_difference", "between_groups"),
-        ("StreamFairDisparitySuspected", "fraud-v1", "", "sex", "demographic_parity_difference",
-         "to_reference"),
-        ("StreamFairDisparitySuspected", "fraud-v1", "", "age", "equal_opportunity_ratio",
-         "between_groups"),
+        (
+            "StreamFairDisparityIntervalBeyondThreshold",
+            "fraud-v1",
+            "",
+            "sex",
+            "demographic_parity_difference",
+            "between_groups",
+        ),
+        (
+            "StreamFairDisparitySuspected",
+            "fraud-v1",
+            "",
+            "sex",
+            "demographic_parity_difference",
+            "to_reference",
+        ),
+        ("StreamFairDisparitySuspected", "fraud-v1", "", "age", "equal_opportunity_ratio", "between_groups"),
     }

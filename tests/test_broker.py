@@ -52,7 +52,9 @@ def test_embedded_broker_lifecycle(tmp_path: os.PathLike[str]) -> None:
         assert os.getpgid(pid) == pid  # own process group
         create_topics(broker.bootstrap_servers, ["p", "o"])
         sent = produce_events(
-            broker.bootstrap_servers, "p", "o",
+            broker.bootstrap_servers,
+            "p",
+            "o",
             [("prediction", {"id": "req-1", "prediction": 1}), ("outcome", {"id": "req-1"})],
         )
         assert sent == 2
@@ -85,9 +87,7 @@ def test_produce_events_round_trip(kafka_bootstrap: str, topic_names: tuple[str,
 
     predictions, outcomes, _ = topic_names
     create_topics(kafka_bootstrap, [predictions, outcomes], partitions=3)
-    events: list[tuple[str, dict[str, object] | bytes]] = list(
-        generate(SCENARIOS["fair"](), 3_000, seed=5)
-    )
+    events: list[tuple[str, dict[str, object] | bytes]] = list(generate(SCENARIOS["fair"](), 3_000, seed=5))
     raw = [b"\xff\x00not json", b'{"ts": 1.0}']
     events += [("prediction", raw[0]), ("outcome", raw[1])]
     sent = produce_events(kafka_bootstrap, predictions, outcomes, events)
@@ -118,9 +118,7 @@ def test_produce_events_round_trip(kafka_bootstrap: str, topic_names: tuple[str,
 
 
 @pytest.mark.integration
-def test_produce_events_rejects_unknown_kind(
-    kafka_bootstrap: str, topic_names: tuple[str, ...]
-) -> None:
+def test_produce_events_rejects_unknown_kind(kafka_bootstrap: str, topic_names: tuple[str, ...]) -> None:
     predictions, outcomes, _ = topic_names
     create_topics(kafka_bootstrap, [predictions, outcomes])
     with pytest.raises(ValueError, match="unknown event kind 'label'"):

@@ -18,16 +18,19 @@ SECRET = "hunter2-very-secret"
 
 # (name, YAML text, words the one line must contain: the key and the fix)
 BAD_CONFIGS = [
-    ("unknown_key", "kafka:\n  bootstrap_server: localhost:9092\n",
-     ["'kafka.bootstrap_server'", "remove it or check its spelling"]),
-    ("bad_duration", "join:\n  ttl: soon\n",
-     ["join.ttl", "expected a duration such as 90s"]),
-    ("sasl_without_mechanism", "kafka:\n  security_protocol: SASL_SSL\n",
-     ["kafka.sasl_mechanism", "SASL_"]),
+    (
+        "unknown_key",
+        "kafka:\n  bootstrap_server: localhost:9092\n",
+        ["'kafka.bootstrap_server'", "remove it or check its spelling"],
+    ),
+    ("bad_duration", "join:\n  ttl: soon\n", ["join.ttl", "expected a duration such as 90s"]),
+    ("sasl_without_mechanism", "kafka:\n  security_protocol: SASL_SSL\n", ["kafka.sasl_mechanism", "SASL_"]),
     ("invalid_yaml", "kafka: [\n  bootstrap_servers\n", ["not valid YAML", "fix the syntax"]),
-    ("unknown_intersection_feature",
-     "fairness:\n  features: [sex]\n  intersections: [[sex, race]]\n",
-     ["fairness.intersections", "'race'", "add it there first"]),
+    (
+        "unknown_intersection_feature",
+        "fairness:\n  features: [sex]\n  intersections: [[sex, race]]\n",
+        ["fairness.intersections", "'race'", "add it there first"],
+    ),
     ("top_level_not_a_mapping", "- kafka\n", ["top level must be a mapping"]),
 ]
 
@@ -39,9 +42,7 @@ def _one_line(stderr: str) -> str:
 
 
 @pytest.mark.parametrize(("name", "text", "words"), BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
-def test_bad_config_exits_2_with_one_line(
-    tmp_path: Path, name: str, text: str, words: list[str]
-) -> None:
+def test_bad_config_exits_2_with_one_line(tmp_path: Path, name: str, text: str, words: list[str]) -> None:
     path = tmp_path / f"{name}.yaml"
     path.write_text(text, encoding="utf-8")
     result = run_cli("run", "--config", str(path))
@@ -69,10 +70,16 @@ def test_check_config_refuses_a_bad_environment_override() -> None:
 
 
 def test_check_config_masks_secrets(tmp_path: Path) -> None:
-    path = write_config(tmp_path / "sasl.yaml", {
-        "kafka": {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
-                  "sasl_username": "svc-fair"},
-    })
+    path = write_config(
+        tmp_path / "sasl.yaml",
+        {
+            "kafka": {
+                "security_protocol": "SASL_SSL",
+                "sasl_mechanism": "SCRAM-SHA-512",
+                "sasl_username": "svc-fair",
+            },
+        },
+    )
     env = cli_env(STREAM_FAIR_KAFKA__SASL_PASSWORD=SECRET, STREAM_FAIR_KAFKA__SSL_PASSWORD=SECRET)
     result = run_cli("check-config", "--config", str(path), env=env)
     assert result.returncode == 0, result.stderr
@@ -88,15 +95,21 @@ def test_check_config_masks_secrets(tmp_path: Path) -> None:
 
 
 def _run_config(tmp_path: Path, bootstrap: str, **topics: str) -> Path:
-    return write_config(tmp_path / "run.yaml", {
-        "kafka": {"bootstrap_servers": bootstrap, "request_timeout_ms": 2000,
-                  "group_id": "stream-fair-cli-test"},
-        "topics": {"predictions": "predictions", "outcomes": "outcomes", **topics},
-        "state": {"path": str(tmp_path / "state.db")},
-        "exporter": {"host": "127.0.0.1", "port": 0},
-        # INFO would add the informational "exporter on ..." line; warnings and errors must not
-        "log_level": "WARNING",
-    })
+    return write_config(
+        tmp_path / "run.yaml",
+        {
+            "kafka": {
+                "bootstrap_servers": bootstrap,
+                "request_timeout_ms": 2000,
+                "group_id": "stream-fair-cli-test",
+            },
+            "topics": {"predictions": "predictions", "outcomes": "outcomes", **topics},
+            "state": {"path": str(tmp_path / "state.db")},
+            "exporter": {"host": "127.0.0.1", "port": 0},
+            # INFO would add the informational "exporter on ..." line; warnings and errors must not
+            "log_level": "WARNING",
+        },
+    )
 
 
 def test_run_against_unreachable_broker_exits_2_quickly(tmp_path: Path) -> None:
@@ -115,8 +128,7 @@ def test_run_against_unreachable_broker_exits_2_quickly(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_run_with_missing_topic_exits_2(kafka_bootstrap: str, tmp_path: Path) -> None:
     tag = str(time.monotonic_ns())
-    path = _run_config(tmp_path, kafka_bootstrap, predictions=f"absent-p-{tag}",
-                       outcomes=f"absent-o-{tag}")
+    path = _run_config(tmp_path, kafka_bootstrap, predictions=f"absent-p-{tag}", outcomes=f"absent-o-{tag}")
     result = run_cli("run", "--config", str(path), timeout=60)
     assert result.returncode == 2, result
     line = _one_line(result.stderr)

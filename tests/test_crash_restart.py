@@ -52,8 +52,11 @@ FATES = ("joined", "expired", "orphan", "duplicate", "late", "rejected")
 
 def _events(n: int, seed: int) -> list[tuple[str, Any]]:
     scenario = simulate.SCENARIOS["lending"](label_delay_mean_s=60.0)
-    return list(simulate.messy(simulate.generate(scenario, n, seed=seed), seed=seed,
-                               duplicate_rate=0.05, malformed_rate=0.005))
+    return list(
+        simulate.messy(
+            simulate.generate(scenario, n, seed=seed), seed=seed, duplicate_rate=0.05, malformed_rate=0.005
+        )
+    )
 
 
 class Producer(threading.Thread):
@@ -93,8 +96,11 @@ class Service:
         log = self.config.parent / f"run-{len(self.procs) + 1}.log"
         proc = start_cli("run", "--config", str(self.config), log=log, env=env)
         self.procs.append(proc)
-        wait_for(lambda: proc.poll() is not None or scrape(self.port), 30,
-                 f"the exporter of run #{len(self.procs)}")
+        wait_for(
+            lambda: proc.poll() is not None or scrape(self.port),
+            30,
+            f"the exporter of run #{len(self.procs)}",
+        )
         assert proc.poll() is None, f"stream-fair run exited {proc.returncode}:\n{self.tail()}"
         return proc
 
@@ -162,8 +168,9 @@ def _setup(bootstrap: str, topics: Any, group_id: str, tmp_path: Path, **state: 
     # A SIGKILLed member stays in the group until its session times out and the rebalance
     # (max_poll_interval_ms) completes: shorter timings keep each restart's join short.
     fast = {"session_timeout_ms": 3000, "heartbeat_interval_ms": 1000, "max_poll_interval_ms": 4000}
-    cfg = detector_config(bootstrap, topics, group_id, tmp_path / "state.db", state=state,
-                          kafka=fast, log_level="INFO")  # the log says where each run resumed
+    cfg = detector_config(
+        bootstrap, topics, group_id, tmp_path / "state.db", state=state, kafka=fast, log_level="INFO"
+    )  # the log says where each run resumed
     return write_config(tmp_path / "stream-fair.yaml", cfg)
 
 
@@ -174,8 +181,9 @@ def test_kill_9_three_times_then_exact_counts(
     exp = recount(events)
     total = len(events)
     assert total > 24_000 and exp.fates["predictions"]["duplicate"] > 500
-    config = _setup(kafka_bootstrap, topic_names, group_id, tmp_path,
-                    checkpoint_interval="1s", checkpoint_events=3000)
+    config = _setup(
+        kafka_bootstrap, topic_names, group_id, tmp_path, checkpoint_interval="1s", checkpoint_events=3000
+    )
     service = Service(config)
     producer = Producer(kafka_bootstrap, topic_names, events, per_second=2_500)
     replayed = []
@@ -218,8 +226,14 @@ def test_sigterm_exits_0_with_final_checkpoint_and_resumes(
     exp = recount(events)
     total = len(events)
     # no periodic checkpoint can happen: what the file holds after SIGTERM is the final one
-    config = _setup(kafka_bootstrap, topic_names, group_id, tmp_path,
-                    checkpoint_interval="1h", checkpoint_events=10_000_000)
+    config = _setup(
+        kafka_bootstrap,
+        topic_names,
+        group_id,
+        tmp_path,
+        checkpoint_interval="1h",
+        checkpoint_events=10_000_000,
+    )
     service = Service(config)
     producer = Producer(kafka_bootstrap, topic_names, events, per_second=2_500)
     try:

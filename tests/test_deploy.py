@@ -34,11 +34,7 @@ def _yaml(path: Path) -> Any:
 def _k8s(kind: str) -> dict[str, Any]:
     for path in K8S.glob("*.yaml"):
         for doc in yaml.safe_load_all(path.read_text()):
-            if (
-                isinstance(doc, dict)
-                and doc.get("kind") == kind
-                and path.name != "secret.example.yaml"
-            ):
+            if isinstance(doc, dict) and doc.get("kind") == kind and path.name != "secret.example.yaml":
                 return doc
     raise AssertionError(f"no {kind} in {K8S}")
 
@@ -274,9 +270,7 @@ def test_compose_prometheus_wiring() -> None:
     scrape = {job["job_name"]: job for job in prom["scrape_configs"]}
     assert scrape["stream-fair"]["static_configs"][0]["targets"] == [f"stream-fair:{PORT}"]
     assert scrape["stream-fair"]["honor_labels"] is True
-    assert prom["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == [
-        "alertmanager:9093"
-    ]
+    assert prom["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["alertmanager:9093"]
     assert "alertmanager" in SERVICES and "9093:9093" in SERVICES["alertmanager"]["ports"]
     # both rule files are mounted where rule_files looks
     (pattern,) = prom["rule_files"]
@@ -301,21 +295,14 @@ def test_compose_prometheus_config_is_valid() -> None:
 def test_compose_alertmanager_and_grafana_wiring() -> None:
     am = _mounts("alertmanager")
     assert (
-        am["/etc/alertmanager/alertmanager.yml"]
-        == (DEPLOY / "alertmanager" / "alertmanager.yml").resolve()
+        am["/etc/alertmanager/alertmanager.yml"] == (DEPLOY / "alertmanager" / "alertmanager.yml").resolve()
     )
     assert "--cluster.listen-address=" in SERVICES["alertmanager"]["command"]
     grafana = _mounts("grafana")
     assert grafana["/etc/grafana/provisioning"] == (ROOT / "grafana" / "provisioning").resolve()
-    provider = _yaml(ROOT / "grafana" / "provisioning" / "dashboards" / "stream-fair.yml")[
-        "providers"
-    ][0]
+    provider = _yaml(ROOT / "grafana" / "provisioning" / "dashboards" / "stream-fair.yml")["providers"][0]
     assert grafana[provider["options"]["path"]] == (ROOT / "grafana" / "dashboards").resolve()
-    source = _yaml(ROOT / "grafana" / "provisioning" / "datasources" / "prometheus.yml")[
-        "datasources"
-    ][0]
-    assert (
-        source["url"] == "http://prometheus:9090" and "9090:9090" in SERVICES["prometheus"]["ports"]
-    )
+    source = _yaml(ROOT / "grafana" / "provisioning" / "datasources" / "prometheus.yml")["datasources"][0]
+    assert source["url"] == "http://prometheus:9090" and "9090:9090" in SERVICES["prometheus"]["ports"]
     home = SERVICES["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert (grafana[posixpath.dirname(home)] / posixpath.basename(home)).exists()

@@ -115,7 +115,10 @@ def result(prometheus: str, expr: str) -> list[dict[str, Any]]:
 
 def lending_config(bootstrap: str, topics: TopicNames, state: Path) -> Config:
     cfg = detector_config(
-        bootstrap, topics, f"stream-fair-e2e-{uuid.uuid4().hex[:8]}", state,
+        bootstrap,
+        topics,
+        f"stream-fair-e2e-{uuid.uuid4().hex[:8]}",
+        state,
         fairness={
             "features": [
                 {"name": "sex", "reference": "Male"},
@@ -140,8 +143,7 @@ def lending_stream() -> Iterator[tuple[str, Any]]:
     """20,000 lending predictions over the last ~28 minutes of event time, 10% never labelled,
     with duplicates and malformed records (rejections, dead letters)."""
     scenario = simulate.SCENARIOS["lending"](label_delay_mean_s=30.0, label_prob=0.9)
-    clean = simulate.generate(scenario, 20_000, seed=11, start_ts=time.time() - 1700,
-                              rate_per_s=12.0)
+    clean = simulate.generate(scenario, 20_000, seed=11, start_ts=time.time() - 1700, rate_per_s=12.0)
     return simulate.messy(clean, seed=11, duplicate_rate=0.002, malformed_rate=0.001)
 
 
@@ -159,11 +161,20 @@ def live(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         thread.start()
         instance = f"127.0.0.1:{detector.port}"
         stack = observability.start_stack(
-            tmp / "observability", instance, model=MODEL, for_duration=FOR, interval="1s",
-            group_wait="1s", group_interval="1s", repeat_interval=f"{REPEAT:g}s",
+            tmp / "observability",
+            instance,
+            model=MODEL,
+            for_duration=FOR,
+            interval="1s",
+            group_wait="1s",
+            group_interval="1s",
+            repeat_interval=f"{REPEAT:g}s",
         )
-        wait_for(lambda: result(stack.prometheus.url, 'up{job="stream-fair"} == 1'), 20,
-                 "Prometheus to scrape the detector")
+        wait_for(
+            lambda: result(stack.prometheus.url, 'up{job="stream-fair"} == 1'),
+            20,
+            "Prometheus to scrape the detector",
+        )
         # Produce only now, paced over ~8 s, so Prometheus sees the counters grow (increase()
         # in the recording rules needs the growth, not just the final values).
         sent: Counter[str] = Counter()
@@ -187,9 +198,12 @@ def _alerts(
     note: observability.Notification, status: str | None = None, **labels: str
 ) -> list[dict[str, Any]]:
     """The notification's alerts with these labels (and this status: firing / resolved)."""
-    return [a for a in note.payload.get("alerts", [])
-            if (status is None or a["status"] == status)
-            and all(a["labels"].get(k) == v for k, v in labels.items())]
+    return [
+        a
+        for a in note.payload.get("alerts", [])
+        if (status is None or a["status"] == status)
+        and all(a["labels"].get(k) == v for k, v in labels.items())
+    ]
 
 
 def fairness_page(live: Live) -> observability.Notification:
@@ -197,8 +211,13 @@ def fairness_page(live: Live) -> observability.Notification:
 
     def arrived() -> observability.Notification | None:
         for note in live.notifications("/credit-risk/page"):
-            if _alerts(note, alertname="StreamFairDisparityFlagged", feature=BIASED,
-                       disparity="equal_opportunity_difference", status="firing"):
+            if _alerts(
+                note,
+                alertname="StreamFairDisparityFlagged",
+                feature=BIASED,
+                disparity="equal_opportunity_difference",
+                status="firing",
+            ):
                 return note
         return None
 
@@ -217,15 +236,13 @@ def runbook_anchors() -> set[str]:
 
 # -- the fairness page ----------------------------------------------------------------------
 def test_rule_copies_differ_only_in_for(tmp_path: Path) -> None:
-    real = [(observability.DEPLOY / "prometheus" / f).read_text()
-            for f in observability.RULE_FILES]
+    real = [(observability.DEPLOY / "prometheus" / f).read_text() for f in observability.RULE_FILES]
     copies = [p.read_text() for p in observability.write_rule_files(tmp_path, FOR)]
     for original, copy in zip(real, copies, strict=True):
         original_lines, copy_lines = original.splitlines(), copy.splitlines()
         assert len(original_lines) == len(copy_lines)
         changed = [(a, b) for a, b in zip(original_lines, copy_lines, strict=True) if a != b]
-        assert all(a.strip().startswith("for:") and b.strip() == f"for: {FOR}"
-                   for a, b in changed), changed
+        assert all(a.strip().startswith("for:") and b.strip() == f"for: {FOR}" for a, b in changed), changed
     assert "keep_firing_for: 15m" in copies[1]
 
 
@@ -236,14 +253,18 @@ def test_fairness_page_reaches_the_model_team_pager(live: Live) -> None:
     assert payload["status"] == "firing"
     assert payload["groupLabels"] == {"model": MODEL, "feature": BIASED}
 
-    [alert] = _alerts(note, alertname="StreamFairDisparityFlagged",
-                      disparity="equal_opportunity_difference")
+    [alert] = _alerts(note, alertname="StreamFairDisparityFlagged", disparity="equal_opportunity_difference")
     labels, annotations = alert["labels"], alert["annotations"]
     # The page is the calibrated alarm: one per model, feature and disparity (no window/method).
     assert labels == {
-        "alertname": "StreamFairDisparityFlagged", "severity": "critical", "category": "fairness",
-        "model": MODEL, "feature": BIASED, "disparity": "equal_opportunity_difference",
-        "job": "stream-fair", "instance": live.instance,
+        "alertname": "StreamFairDisparityFlagged",
+        "severity": "critical",
+        "category": "fairness",
+        "model": MODEL,
+        "feature": BIASED,
+        "disparity": "equal_opportunity_difference",
+        "job": "stream-fair",
+        "instance": live.instance,
     }
     assert annotations["summary"] == (
         f"{MODEL}: calibrated alarm on equal_opportunity_difference for {BIASED}"
@@ -259,17 +280,24 @@ def test_fairness_page_reaches_the_model_team_pager(live: Live) -> None:
     assert url.startswith(RUNBOOK_BASE), url
     assert url.removeprefix(RUNBOOK_BASE) in runbook_anchors(), url
     # ... and the query the description names finds the biased group.
-    raised = result(live.prometheus,
-                    f'stream_fair_group_change_alarm{{model="{MODEL}",feature="{BIASED}"}} == 1')
+    raised = result(
+        live.prometheus, f'stream_fair_group_change_alarm{{model="{MODEL}",feature="{BIASED}"}} == 1'
+    )
     assert BIASED_GROUP in {r["metric"]["group"] for r in raised}, raised
 
     # The bias is in the intersection only: no marginal verdict pages anyone, and fairness
     # verdicts go to the model team alone, never to the on-call or the triage queue.
-    flagged = {a["labels"]["feature"] for n in live.notifications()
-               for a in _alerts(n, alertname="StreamFairDisparityFlagged")}
+    flagged = {
+        a["labels"]["feature"]
+        for n in live.notifications()
+        for a in _alerts(n, alertname="StreamFairDisparityFlagged")
+    }
     assert flagged == {BIASED}
-    elsewhere = [n.path for n in live.notifications() if not n.path.startswith("/credit-risk/")
-                 and _alerts(n, category="fairness", severity="critical")]
+    elsewhere = [
+        n.path
+        for n in live.notifications()
+        if not n.path.startswith("/credit-risk/") and _alerts(n, category="fairness", severity="critical")
+    ]
     assert elsewhere == []
 
 
@@ -277,8 +305,7 @@ def test_fairness_page_reaches_the_model_team_pager(live: Live) -> None:
 def _variable_values(live: Live, dashboard: dict[str, Any]) -> list[dict[str, str]]:
     """Every assignment Grafana could make: query variables resolved against the live
     Prometheus (the model's, the biased feature and group preferred), all custom options."""
-    preferred = {"model": MODEL, "feature": BIASED, "group": BIASED_GROUP,
-                 "instance": live.instance}
+    preferred = {"model": MODEL, "feature": BIASED, "group": BIASED_GROUP, "instance": live.instance}
     fixed: dict[str, str] = {}
     custom: dict[str, list[str]] = {}
     for var in template_variables(dashboard):
@@ -289,15 +316,15 @@ def _variable_values(live: Live, dashboard: dict[str, Any]) -> list[dict[str, st
             custom[name] = custom_options(var)
         elif var["type"] == "query":
             selector, label = label_values(substitute(variable_query(var), fixed))
-            series = _get(f"{live.prometheus}/api/v1/series?"
-                          + urllib.parse.urlencode({"match[]": selector}))["data"]
+            series = _get(
+                f"{live.prometheus}/api/v1/series?" + urllib.parse.urlencode({"match[]": selector})
+            )["data"]
             options = sorted({s[label] for s in series if label in s})
             assert preferred[name] in options, (dashboard["uid"], name, options)
             fixed[name] = preferred[name]
         else:
             raise AssertionError(f"{dashboard['uid']}: unexpected variable type {var['type']}")
-    return [{**fixed, **dict(zip(custom, values, strict=True))}
-            for values in product(*custom.values())]
+    return [{**fixed, **dict(zip(custom, values, strict=True))} for values in product(*custom.values())]
 
 
 def test_every_grafana_panel_query_returns_data(live: Live) -> None:
@@ -335,8 +362,11 @@ def test_detector_down_pages_oncall_and_inhibits_the_fairness_page(live: Live) -
     # Control: while the detector runs, the fairness group is re-sent every REPEAT seconds, so
     # OBSERVE seconds without a fairness notification below can only come from the inhibition.
     start = time.monotonic()
-    wait_for(lambda: len([n for n in live.notifications("/credit-risk/")
-                          if n.received > start]) >= 2, OBSERVE, "two fairness re-sends")
+    wait_for(
+        lambda: len([n for n in live.notifications("/credit-risk/") if n.received > start]) >= 2,
+        OBSERVE,
+        "two fairness re-sends",
+    )
 
     live.stop.set()  # stop the detector: its exporter goes away with it
     live.thread.join(timeout=30)
@@ -354,15 +384,21 @@ def test_detector_down_pages_oncall_and_inhibits_the_fairness_page(live: Live) -
     assert note.payload["receiver"] == "oncall-pager"
     [alert] = _alerts(note, alertname="StreamFairDetectorDown")
     assert alert["labels"] == {
-        "alertname": "StreamFairDetectorDown", "severity": "critical", "category": "pipeline",
-        "job": "stream-fair", "instance": live.instance, "model": MODEL,
+        "alertname": "StreamFairDetectorDown",
+        "severity": "critical",
+        "category": "pipeline",
+        "job": "stream-fair",
+        "instance": live.instance,
+        "model": MODEL,
     }
     assert alert["annotations"]["summary"] == f"stream-fair detector down on {live.instance}"
     assert alert["annotations"]["runbook_url"].removeprefix(RUNBOOK_BASE) in runbook_anchors()
 
     # Prometheus keeps the verdict firing (keep_firing_for) although its series went stale...
-    assert result(live.prometheus, 'ALERTS{alertname="StreamFairDisparityFlagged", '
-                                   f'alertstate="firing", feature="{BIASED}"}}')
+    assert result(
+        live.prometheus,
+        f'ALERTS{{alertname="StreamFairDisparityFlagged", alertstate="firing", feature="{BIASED}"}}',
+    )
     # ... and Alertmanager holds it back, inhibited by the detector-down alert of the same model.
     alerts = _get(f"{live.alertmanager}/api/v2/alerts")
     [down] = [a for a in alerts if a["labels"]["alertname"] == "StreamFairDetectorDown"]
@@ -376,28 +412,42 @@ def test_detector_down_pages_oncall_and_inhibits_the_fairness_page(live: Live) -
     # No fairness notification (neither a re-send nor a false "resolved") while it is down.
     time.sleep(OBSERVE)
     late = [n for n in live.notifications("/credit-risk/") if n.received > note.received]
-    assert late == [], [(n.path, [(a["status"], a["labels"]["alertname"])
-                                  for a in n.payload["alerts"]]) for n in late]
-    assert len([n for n in live.notifications("/oncall/page")
-                if n.received > note.received]) >= 1  # the down alert is still being re-sent
+    assert late == [], [
+        (n.path, [(a["status"], a["labels"]["alertname"]) for a in n.payload["alerts"]]) for n in late
+    ]
+    assert (
+        len([n for n in live.notifications("/oncall/page") if n.received > note.received]) >= 1
+    )  # the down alert is still being re-sent
 
 
 # -- the demo's own Prometheus and Alertmanager ---------------------------------------------
 def test_demo_starts_prometheus_and_alertmanager_and_a_fairness_alert_fires() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "stream_fair", "demo", "--seconds", "90", "--port", "0", "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
         env=cli_env(),
     )
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),  # type: ignore[union-attr]
-                              daemon=True)
+    reader = threading.Thread(
+        target=lambda: lines.extend(iter(proc.stdout.readline, "")),  # type: ignore[union-attr]
+        daemon=True,
+    )
     reader.start()
     try:
+
         def urls() -> re.Match[str] | None:
             assert proc.poll() is None, "".join(lines)
-            found = (re.match(r"prometheus (http://127\.0\.0\.1:\d+)/alerts; alertmanager "
-                              r"(http://127\.0\.0\.1:\d+)", line) for line in list(lines))
+            found = (
+                re.match(
+                    r"prometheus (http://127\.0\.0\.1:\d+)/alerts; alertmanager "
+                    r"(http://127\.0\.0\.1:\d+)",
+                    line,
+                )
+                for line in list(lines)
+            )
             return next((m for m in found if m), None)
 
         match = wait_for(urls, 40, "the demo's Prometheus and Alertmanager URLs", interval=0.2)
@@ -405,8 +455,7 @@ def test_demo_starts_prometheus_and_alertmanager_and_a_fairness_alert_fires() ->
 
         def target_up() -> list[dict[str, Any]]:
             active = _get(f"{prometheus}/api/v1/targets")["data"]["activeTargets"]
-            return [t for t in active if t["labels"].get("job") == "stream-fair"
-                    and t["health"] == "up"]
+            return [t for t in active if t["labels"].get("job") == "stream-fair" and t["health"] == "up"]
 
         [target] = wait_for(target_up, 20, "the demo's stream-fair target to be up")
         assert target["labels"]["model"] == MODEL
@@ -415,13 +464,24 @@ def test_demo_starts_prometheus_and_alertmanager_and_a_fairness_alert_fires() ->
         assert {"StreamFairDisparityFlagged", "StreamFairDetectorDown"} <= names
 
         # A newcomer sees the fairness alert fire: on the console, in Prometheus, in Alertmanager.
-        wait_for(lambda: any("ALERT firing -> team-credit-risk-pager: StreamFairDisparityFlagged"
-                             in line and BIASED in line for line in list(lines)),
-                 60, "the demo to print the fairness page", interval=0.5)
-        assert result(prometheus, 'ALERTS{alertname="StreamFairDisparityFlagged", '
-                                  f'alertstate="firing", feature="{BIASED}"}}')
-        assert any(a["labels"]["alertname"] == "StreamFairDisparityFlagged"
-                   for a in _get(f"{alertmanager}/api/v2/alerts"))
+        wait_for(
+            lambda: any(
+                "ALERT firing -> team-credit-risk-pager: StreamFairDisparityFlagged" in line
+                and BIASED in line
+                for line in list(lines)
+            ),
+            60,
+            "the demo to print the fairness page",
+            interval=0.5,
+        )
+        assert result(
+            prometheus,
+            f'ALERTS{{alertname="StreamFairDisparityFlagged", alertstate="firing", feature="{BIASED}"}}',
+        )
+        assert any(
+            a["labels"]["alertname"] == "StreamFairDisparityFlagged"
+            for a in _get(f"{alertmanager}/api/v2/alerts")
+        )
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=40) == 0, "".join(lines)

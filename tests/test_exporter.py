@@ -53,9 +53,7 @@ def tracker(n: int = 40) -> Tracker:
     t.update_prediction(0, b"garbage", n)
     t.update_prediction(
         0,
-        orjson.dumps(
-            {"id": "p", "ts": 2000, "prediction": 1, "attributes": {"sex": "F", "race": "A"}}
-        ),
+        orjson.dumps({"id": "p", "ts": 2000, "prediction": 1, "attributes": {"sex": "F", "race": "A"}}),
         n + 1,
     )
     return t
@@ -115,10 +113,7 @@ def test_collector_exports_exact_counts_rates_and_identity() -> None:
     )
     assert get("stream_fair_consumer_lag", {"topic": "predictions", "partition": "0"}) == 3
     assert get("stream_fair_dead_letters_total", {"topic": "predictions"}) == 1
-    assert (
-        get("stream_fair_rejected_events_total", {"topic": "predictions", "reason": "invalid_json"})
-        == 1
-    )
+    assert get("stream_fair_rejected_events_total", {"topic": "predictions", "reason": "invalid_json"}) == 1
     assert get("stream_fair_pending_events", {"topic": "predictions"}) == 1
     assert get("stream_fair_build_info", {"version": __import__("stream_fair").__version__}) == 1
     for topic in ("predictions", "outcomes"):
@@ -148,9 +143,7 @@ def test_every_exported_metric_is_documented() -> None:
     doc = (ROOT / "docs" / "metrics.md").read_text()
     documented = set(re.findall(r"`(stream_fair_[a-z_]+)", doc))
     t = tracker()
-    reg = registry_for(
-        lambda: (build_report(t.snapshot(), CFG), PipelineStats(last_checkpoint=1.0))
-    )
+    reg = registry_for(lambda: (build_report(t.snapshot(), CFG), PipelineStats(last_checkpoint=1.0)))
     exported = set()
     for family in text_string_to_metric_families(generate_latest(reg).decode()):
         if family.name.startswith("stream_fair_"):

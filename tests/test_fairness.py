@@ -39,9 +39,7 @@ def test_pure_core_imports_neither_kafka_nor_prometheus() -> None:
             alias.name.split(".")[0]
             for node in ast.walk(tree)
             if isinstance(node, ast.Import | ast.ImportFrom)
-            for alias in (
-                node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")]
-            )
+            for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])
         }
         assert not names & {"kafka", "prometheus_client"}
 
@@ -54,9 +52,7 @@ def test_interval_coverage_is_close_to_nominal(prior: str) -> None:
     sel = rng.binomial(n, p, size=trials)
     covered = 0
     for k in sel:
-        e = group_rates(Counts(tp=int(k), fp=0, tn=0, fn=n - int(k)), settings)[
-            "true_positive_rate"
-        ]
+        e = group_rates(Counts(tp=int(k), fp=0, tn=0, fn=n - int(k)), settings)["true_positive_rate"]
         covered += e.lower <= p <= e.upper
     assert 0.93 <= covered / trials <= 0.97
 
@@ -100,10 +96,7 @@ def test_rates_with_zero_denominator_are_absent() -> None:
 
 def test_pooling_shrinks_a_tiny_group_and_leaves_large_groups_alone() -> None:
     rng = np.random.default_rng(3)
-    counts = {
-        g: binomial_counts(rng, 5000, p)
-        for g, p in zip("ABCD", (0.3, 0.32, 0.28, 0.31), strict=True)
-    }
+    counts = {g: binomial_counts(rng, 5000, p) for g, p in zip("ABCD", (0.3, 0.32, 0.28, 0.31), strict=True)}
     counts["tiny"] = Counts(tp=4, fp=4, tn=1, fn=1)  # selection rate 0.8 on 10 pairs
     plain = evaluate_feature("f", counts, SETTINGS)
     pooled = evaluate_feature(
@@ -174,9 +167,7 @@ def test_flagged_only_when_the_interval_clears_the_threshold() -> None:
     assert r_big.disparities[ratio].upper < 0.8 and r_big.flagged[ratio]
     assert r_small.disparities[ratio].upper > 0.8 and not r_small.flagged[ratio]
     # a custom threshold moves the verdict
-    loose = FairnessSettings(
-        min_samples=100, draws=2000, thresholds={"demographic_parity_difference": 0.3}
-    )
+    loose = FairnessSettings(min_samples=100, draws=2000, thresholds={"demographic_parity_difference": 0.3})
     assert not evaluate_feature("f", big, loose).flagged[key]
 
 

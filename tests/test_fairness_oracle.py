@@ -208,9 +208,7 @@ def check_rates(
 
 
 def usable(report: FeatureReport, counts: dict[str, Counts], rate: str) -> list[str]:
-    return [
-        g for g, gr in report.groups.items() if gr.eligible and denominator(counts[g], rate) > 0
-    ]
+    return [g for g, gr in report.groups.items() if gr.eligible and denominator(counts[g], rate) > 0]
 
 
 def expected_from_by_group(
@@ -252,9 +250,7 @@ def expected_from_by_group(
     return out
 
 
-def check_disparities(
-    report: FeatureReport, counts: dict[str, Counts], by_group: pd.DataFrame
-) -> None:
+def check_disparities(report: FeatureReport, counts: dict[str, Counts], by_group: pd.DataFrame) -> None:
     expected = expected_from_by_group(report, counts, by_group)
     assert set(report.disparities) == set(expected)
     assert set(report.flagged) == set(expected)
@@ -265,9 +261,7 @@ def check_disparities(
         assert key[0] in DISPARITIES
 
 
-def restricted(
-    groups: Sequence[str], y: np.ndarray, p: np.ndarray, sf: np.ndarray
-) -> dict[str, Any]:
+def restricted(groups: Sequence[str], y: np.ndarray, p: np.ndarray, sf: np.ndarray) -> dict[str, Any]:
     rows = np.isin(sf, list(groups))
     # a Series: fairlearn misreads a length-1 array of strings as two-dimensional
     return {"y_true": y[rows], "y_pred": p[rows], "sensitive_features": pd.Series(sf[rows])}
@@ -330,9 +324,7 @@ events_strategy = st.lists(
 )
 
 
-@settings(
-    max_examples=5, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
-)
+@settings(max_examples=5, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(events=events_strategy)
 def test_every_step_matches_fairlearn(events: list[Event]) -> None:
     state = StreamState()

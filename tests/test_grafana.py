@@ -91,9 +91,7 @@ def _all_exprs(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
                 out.append((f"variable {var['name']}", inner.group(1)))
         for annotation in dashboard["annotations"]["list"]:
             if annotation.get("expr"):
-                out.append(
-                    (f"annotation {annotation['name']}", substitute(annotation["expr"], values))
-                )
+                out.append((f"annotation {annotation['name']}", substitute(annotation["expr"], values)))
     return out
 
 
@@ -234,9 +232,7 @@ def test_panel_queries_substitutes_grafana_syntax() -> None:
     }
     assert panel_queries(
         json.dumps(dash), {"model": "m1", "feature": "race", "group": "A|B", "__range": "6h"}
-    ) == [
-        ("p", 'rate(a_total{m="m1",f="race",g=~"A|B"}[5m]) + increase(b_total[6h]) / 60000 + race')
-    ]
+    ) == [("p", 'rate(a_total{m="m1",f="race",g=~"A|B"}[5m]) + increase(b_total[6h]) / 60000 + race')]
 
 
 def test_panel_queries_rejects_unknown_variables() -> None:
@@ -247,9 +243,7 @@ def test_panel_queries_rejects_unknown_variables() -> None:
 
 def test_checks_catch_bad_queries() -> None:
     """The static checks above must be able to fail."""
-    assert counters_outside_rate("sum(stream_fair_dead_letters_total)") == [
-        "stream_fair_dead_letters_total"
-    ]
+    assert counters_outside_rate("sum(stream_fair_dead_letters_total)") == ["stream_fair_dead_letters_total"]
     assert counters_outside_rate("sum by (topic) (rate(stream_fair_dead_letters_total[5m]))") == []
     assert metric_names('stream_fair_tpr{model="x"}') - _known_metrics() == {"stream_fair_tpr"}
 

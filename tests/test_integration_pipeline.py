@@ -45,8 +45,12 @@ from tests.helpers import (
 pytestmark = pytest.mark.integration
 
 FATES = ("joined", "expired", "orphan", "duplicate", "late", "rejected")
-HEADERS = ("stream_fair.reason", "stream_fair.source_topic", "stream_fair.source_partition",
-           "stream_fair.source_offset")
+HEADERS = (
+    "stream_fair.reason",
+    "stream_fair.source_topic",
+    "stream_fair.source_partition",
+    "stream_fair.source_offset",
+)
 
 
 class Running:
@@ -79,8 +83,11 @@ class Running:
 
 def _messy_lending(n: int, seed: int) -> list[tuple[str, Any]]:
     scenario = simulate.SCENARIOS["lending"](label_delay_mean_s=60.0)
-    return list(simulate.messy(simulate.generate(scenario, n, seed=seed), seed=seed,
-                               duplicate_rate=0.03, malformed_rate=0.01))
+    return list(
+        simulate.messy(
+            simulate.generate(scenario, n, seed=seed), seed=seed, duplicate_rate=0.03, malformed_rate=0.01
+        )
+    )
 
 
 def test_messy_stream_exact_counts_fates_rates_and_dead_letters(
@@ -91,22 +98,30 @@ def test_messy_stream_exact_counts_fates_rates_and_dead_letters(
     # the stream really is messy: every kind of trouble is present
     assert exp.fates["predictions"]["duplicate"] > 0 and exp.fates["outcomes"]["duplicate"] > 0
     assert set(exp.rejected["predictions"]) == {
-        "invalid_json", "missing_id", "invalid_prediction", "invalid_timestamp"
+        "invalid_json",
+        "missing_id",
+        "invalid_prediction",
+        "invalid_timestamp",
     }
     assert exp.rejected["outcomes"]["invalid_json"] + exp.rejected["outcomes"]["missing_id"] > 0
     assert any(k == "outcome" and not isinstance(p, bytes) for k, p in events[:50])
 
     create_topics(kafka_bootstrap, [topic_names.predictions, topic_names.outcomes], partitions=2)
     create_topics(kafka_bootstrap, [topic_names.dead_letters], partitions=1)
-    cfg = detector_config(kafka_bootstrap, topic_names, group_id, tmp_path / "state.db",
-                          state={"checkpoint_interval": "1s"})
+    cfg = detector_config(
+        kafka_bootstrap, topic_names, group_id, tmp_path / "state.db", state={"checkpoint_interval": "1s"}
+    )
     det = Running(cfg)
     producer_error: list[BaseException] = []
 
     def produce() -> None:
         try:
-            produce_events(kafka_bootstrap, topic_names.predictions, topic_names.outcomes,
-                           paced(events, per_second=2_000))
+            produce_events(
+                kafka_bootstrap,
+                topic_names.predictions,
+                topic_names.outcomes,
+                paced(events, per_second=2_000),
+            )
         except BaseException as exc:
             producer_error.append(exc)
 
@@ -161,8 +176,11 @@ def test_messy_stream_exact_counts_fates_rates_and_dead_letters(
         _assert_rates_match_fairlearn(s, exp.joined)
         # the dead-letter counter catches up within one lag refresh of the run loop
         letters = {(t,): float(exp.fates[t]["rejected"]) for t in ("predictions", "outcomes")}
-        wait_for(lambda: scrape(det.port).by("stream_fair_dead_letters_total", ["topic"])
-                 == letters, 10, "stream_fair_dead_letters_total to count every rejected record")
+        wait_for(
+            lambda: scrape(det.port).by("stream_fair_dead_letters_total", ["topic"]) == letters,
+            10,
+            "stream_fair_dead_letters_total to count every rejected record",
+        )
     finally:
         det.close()
         producer.join(timeout=30)
@@ -179,22 +197,29 @@ def _assert_rates_match_fairlearn(s: Any, joined: list[dict[str, Any]]) -> None:
     compared = 0
     for model, rows in df.groupby("model"):
         for feature in [*((f,) for f in LENDING_FEATURES), *LENDING_INTERSECTIONS]:
-            frame = MetricFrame(metrics=metrics, y_true=rows["y_true"], y_pred=rows["y_pred"],
-                                sensitive_features=rows[list(feature)])
+            frame = MetricFrame(
+                metrics=metrics,
+                y_true=rows["y_true"],
+                y_pred=rows["y_pred"],
+                sensitive_features=rows[list(feature)],
+            )
             for idx, row in frame.by_group.iterrows():
                 group = "&".join(idx) if isinstance(idx, tuple) else str(idx)
                 for name, value in row.items():
-                    got = s.get(f"stream_fair_{name}", model=model, feature="&".join(feature),
-                                group=group, window="cumulative")
+                    got = s.get(
+                        f"stream_fair_{name}",
+                        model=model,
+                        feature="&".join(feature),
+                        group=group,
+                        window="cumulative",
+                    )
                     assert got is not None, (name, feature, group)
                     assert got == pytest.approx(value, abs=1e-9, rel=0), (name, feature, group)
                     compared += 1
     assert compared >= 3 * (2 + 4 + 3 + 8)
 
 
-def _assert_dead_letters(
-    bootstrap: str, topics: Any, malformed: list[tuple[str, bytes, str]]
-) -> None:
+def _assert_dead_letters(bootstrap: str, topics: Any, malformed: list[tuple[str, bytes, str]]) -> None:
     """Every rejected record is in the dead-letter topic: its bytes, key and provenance."""
     sources: dict[tuple[str, int, int], Any] = {}
     expected: set[tuple[str, int, int]] = set()
@@ -212,8 +237,11 @@ def _assert_dead_letters(
     for d in letters:
         h = {k: v.decode() for k, v in d.headers}
         assert set(HEADERS) <= set(h), h
-        where = (h["stream_fair.source_topic"], int(h["stream_fair.source_partition"]),
-                 int(h["stream_fair.source_offset"]))
+        where = (
+            h["stream_fair.source_topic"],
+            int(h["stream_fair.source_partition"]),
+            int(h["stream_fair.source_offset"]),
+        )
         src = sources[where]
         assert d.value == src.value and d.key == src.key, where
         kind = "prediction" if where[0] == topics.predictions else "outcome"
@@ -224,8 +252,13 @@ def _assert_dead_letters(
 
 # -- expiry, orphans and late outcomes on a hand-built stream -----------------------------------
 def _pred(ident: str, ts: float, sex: str, predicted: int = 1) -> tuple[str, dict[str, Any]]:
-    return "prediction", {"id": ident, "ts": ts, "model": "m", "prediction": predicted,
-                          "attributes": {"sex": sex, "race": "White", "age": "25-44"}}
+    return "prediction", {
+        "id": ident,
+        "ts": ts,
+        "model": "m",
+        "prediction": predicted,
+        "attributes": {"sex": sex, "race": "White", "age": "25-44"},
+    }
 
 
 def _out(ident: str, ts: float, label: int = 1) -> tuple[str, dict[str, Any]]:
@@ -239,9 +272,12 @@ def test_expiry_orphans_and_late_outcomes(
     interleaving of the two topics cannot change any fate."""
     phases: list[list[tuple[str, dict[str, Any]]]] = [
         [  # t = 1000: three predictions wait; one outcome joins; one outcome has no prediction
-            _pred("p-join", 1000, "Female", 1), _pred("p-expire", 1000, "Female", 0),
+            _pred("p-join", 1000, "Female", 1),
+            _pred("p-expire", 1000, "Female", 0),
             _pred("p-late", 1001, "Male", 1),
-            _out("p-join", 1010, 1), _out("p-join", 1010, 1), _out("o-orphan", 1005, 0),
+            _out("p-join", 1010, 1),
+            _out("p-join", 1010, 1),
+            _out("o-orphan", 1005, 0),
         ],
         # t = 1200 passes every deadline (ts + 100): p-expire and p-late expire, o-orphan orphans
         [_pred("p-tick", 1200, "Male", 0)],
@@ -249,8 +285,13 @@ def test_expiry_orphans_and_late_outcomes(
         [_out("p-late", 1150, 1), _out("p-late", 1150, 1)],
     ]
     create_topics(kafka_bootstrap, [*topic_names], partitions=1)
-    cfg = detector_config(kafka_bootstrap, topic_names, group_id, tmp_path / "state.db",
-                          join={"ttl": "100s", "dedupe_retention": "1d"})
+    cfg = detector_config(
+        kafka_bootstrap,
+        topic_names,
+        group_id,
+        tmp_path / "state.db",
+        join={"ttl": "100s", "dedupe_retention": "1d"},
+    )
     det = Running(cfg)
     try:
         sent: Counter[str] = Counter()
@@ -262,25 +303,30 @@ def test_expiry_orphans_and_late_outcomes(
             assert_accounting(s)
         fates = s.by("stream_fair_event_fates_total", ["topic", "fate"])
         assert {k: v for k, v in fates.items() if v} == {
-            ("predictions", "joined"): 1, ("predictions", "expired"): 2,
-            ("outcomes", "joined"): 1, ("outcomes", "duplicate"): 2,
-            ("outcomes", "orphan"): 1, ("outcomes", "late"): 1,
+            ("predictions", "joined"): 1,
+            ("predictions", "expired"): 2,
+            ("outcomes", "joined"): 1,
+            ("outcomes", "duplicate"): 2,
+            ("outcomes", "orphan"): 1,
+            ("outcomes", "late"): 1,
         }
         pending = s.by("stream_fair_pending_events", ["topic"])
         assert pending == {("predictions",): 1, ("outcomes",): 0}
         expired = s.by("stream_fair_expired_predictions_total", ["feature", "group"], model="m")
         assert {k: v for k, v in expired.items() if k[0] == "sex"} == {
-            ("sex", "Female"): 1, ("sex", "Male"): 1
+            ("sex", "Female"): 1,
+            ("sex", "Male"): 1,
         }
         assert expired[("race&sex", "White&Male")] == 1
         # only p-join's pair is in the confusion counts; expired and late ones never are
-        conf = s.by("stream_fair_confusion_total", ["group", "actual", "predicted"],
-                    model="m", feature="sex")
+        conf = s.by("stream_fair_confusion_total", ["group", "actual", "predicted"], model="m", feature="sex")
         assert {k: v for k, v in conf.items() if v} == {("Female", "1", "1"): 1}
-        preds = s.by("stream_fair_predictions_total", ["group", "predicted"],
-                     model="m", feature="sex")
+        preds = s.by("stream_fair_predictions_total", ["group", "predicted"], model="m", feature="sex")
         assert {k: v for k, v in preds.items() if v} == {
-            ("Female", "1"): 1, ("Female", "0"): 1, ("Male", "1"): 1, ("Male", "0"): 1
+            ("Female", "1"): 1,
+            ("Female", "0"): 1,
+            ("Male", "1"): 1,
+            ("Male", "0"): 1,
         }
     finally:
         det.close()

@@ -48,11 +48,7 @@ class Reference:
 
     def add(self, kind: str, key: str, ts: float) -> tuple[str, list[tuple[str, str]]]:
         if kind == "p":
-            if (
-                self._has(self.preds, key)
-                or self._has(self.joined, key)
-                or self._has(self.expired, key)
-            ):
+            if self._has(self.preds, key) or self._has(self.joined, key) or self._has(self.expired, key):
                 fate = DUPLICATE
             elif self._has(self.outs, key):
                 o_ts = next(t for k, t in self.outs if k == key)
@@ -145,11 +141,7 @@ def test_every_event_has_exactly_one_fate(evs: list[tuple[str, int, float]], ttl
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    st.permutations(
-        [("p", i) for i in range(6)] + [("o", i) for i in range(6)] + [("p", 2), ("o", 4)]
-    )
-)
+@given(st.permutations([("p", i) for i in range(6)] + [("o", i) for i in range(6)] + [("p", 2), ("o", 4)]))
 def test_every_arrival_order_joins_each_pair_once(order: list[tuple[str, int]]) -> None:
     """Without expiry, any arrival order joins all six pairs exactly once; repeats are duplicates."""
     buf = JoinBuffer(ttl=1e9)

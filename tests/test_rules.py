@@ -210,9 +210,7 @@ def test_alert_labels_and_annotations(rule: dict[str, Any]) -> None:
 
 def test_runbook_anchors_exist() -> None:
     anchors = github_anchors(RUNBOOKS.read_text())
-    missing = [
-        r["alert"] for r in ALERTS if r["annotations"]["runbook_url"].split("#")[1] not in anchors
-    ]
+    missing = [r["alert"] for r in ALERTS if r["annotations"]["runbook_url"].split("#")[1] not in anchors]
     assert not missing, f"docs/runbooks.md has no section for {missing}"
 
 

@@ -68,9 +68,7 @@ def rates(j: Joined, mask: np.ndarray) -> dict[str, float]:
     }
 
 
-def by_group(
-    j: Joined, feature: str, mask: np.ndarray | None = None
-) -> dict[str, dict[str, float]]:
+def by_group(j: Joined, feature: str, mask: np.ndarray | None = None) -> dict[str, dict[str, float]]:
     groups = j.group(feature)
     base = np.ones(len(groups), bool) if mask is None else mask
     return {g: rates(j, base & (groups == g)) for g in sorted(set(groups))}
@@ -157,7 +155,12 @@ def test_scenario_validation_names_the_fix() -> None:
     with pytest.raises(ValueError, match=r"tpr values must lie in \[0, 1\]"):
         SCENARIOS["fair"](tpr_by_cell={"group=A": 1.5})
     assert set(SCENARIOS) == {
-        "lending", "fair", "bias_onset", "gradual_drift", "selective_labels", "feedback_loop",
+        "lending",
+        "fair",
+        "bias_onset",
+        "gradual_drift",
+        "selective_labels",
+        "feedback_loop",
     }
     assert all(isinstance(factory(), Scenario) for factory in SCENARIOS.values())
 
@@ -194,9 +197,7 @@ def test_lending_bias_hides_in_the_marginals() -> None:
     assert gap(cells, "tpr") > 0.3  # clear in the intersection
     others = {g: r for g, r in cells.items() if g != "Black&Female"}
     assert cells["Black&Female"]["tpr"] < min(r["tpr"] for r in others.values()) - 0.1
-    assert cells["Black&Female"]["selection_rate"] < min(
-        r["selection_rate"] for r in others.values()
-    )
+    assert cells["Black&Female"]["selection_rate"] < min(r["selection_rate"] for r in others.values())
     assert cells["Black&Female"]["tpr"] == pytest.approx(0.50, abs=0.04)
     # Ground truth's model-implied rates match what was generated.
     for g, r in cells.items():
@@ -283,9 +284,7 @@ def test_feedback_loop_couples_selection_to_next_period() -> None:
         share = r["share"] / in_period.mean()
         assert share == pytest.approx(p["share"], abs=within(p["share"], n // 40))
         assert r["base_rate"] == pytest.approx(p["base_rate"], abs=within(p["base_rate"], m))
-        assert r["selection_rate"] == pytest.approx(
-            p["selection_rate"], abs=within(p["selection_rate"], m)
-        )
+        assert r["selection_rate"] == pytest.approx(p["selection_rate"], abs=within(p["selection_rate"], m))
     # Under-approval (SR below the rest's) shrinks next period's share and base rate ...
     for k in range(len(periods) - 1):
         push = (periods[k]["selection_rate"] - ref) / ref
@@ -365,6 +364,5 @@ def test_messy_yields_every_perturbation_with_exact_fates() -> None:
 
 def test_messy_with_everything_off_is_identity() -> None:
     clean = list(generate(SCENARIOS["fair"](), 500, seed=1))
-    calm = messy(clean, seed=0, duplicate_rate=0, malformed_rate=0, early_outcome_rate=0,
-                 shuffle_window=0)
+    calm = messy(clean, seed=0, duplicate_rate=0, malformed_rate=0, early_outcome_rate=0, shuffle_window=0)
     assert list(calm) == clean

@@ -38,18 +38,21 @@ FLAG_RGB = (0xFD, 0xE2, 0xE1)  # background of a flagged disparity's badge (stat
 
 
 @pytest.fixture(scope="module")
-def page(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-        tuple[str, str]]:
+def page(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """``(url, html)`` of a detector that consumed a lending stream (bias in race&sex)."""
     tmp = tmp_path_factory.mktemp("status")
     tag = uuid.uuid4().hex[:12]
     topics = TopicNames(f"predictions-{tag}", f"outcomes-{tag}", f"dead-letters-{tag}")
     create_topics(kafka_bootstrap, list(topics), partitions=1)
     cfg = detector_config(
-        kafka_bootstrap, topics, f"stream-fair-status-{tag}", tmp / "state.db",
-        fairness={"features": [{"name": "sex", "reference": "Male"},
-                               {"name": "race", "reference": "White"}, "age"],
-                  "min_samples": 100},
+        kafka_bootstrap,
+        topics,
+        f"stream-fair-status-{tag}",
+        tmp / "state.db",
+        fairness={
+            "features": [{"name": "sex", "reference": "Male"}, {"name": "race", "reference": "White"}, "age"],
+            "min_samples": 100,
+        },
     )
     detector = Detector(Config.model_validate(cfg), exporter_port=0)
     stop = threading.Event()
@@ -57,8 +60,11 @@ def page(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     thread.start()
     try:
         scenario = simulate.SCENARIOS["lending"](label_delay_mean_s=5.0)
-        events = list(simulate.messy(simulate.generate(scenario, 8_000, seed=5), seed=5,
-                                     duplicate_rate=0.002, malformed_rate=0.002))
+        events = list(
+            simulate.messy(
+                simulate.generate(scenario, 8_000, seed=5), seed=5, duplicate_rate=0.002, malformed_rate=0.002
+            )
+        )
         sent = Counter(kind for kind, _ in events)
         produce_events(kafka_bootstrap, topics.predictions, topics.outcomes, events)
         wait_consumed(detector.port, (sent["prediction"], sent["outcome"]), timeout=60)
@@ -94,8 +100,9 @@ def test_page_shows_every_group_and_the_flagged_intersection(page: tuple[str, st
         assert header in table
     flagged = _section(html, "Flagged disparities")
     rows = [_text(r) for r in re.findall(r"<tr>.*?</tr>", flagged)]
-    eo = [r for r in rows if "race&sex" in r and "equal_opportunity_difference" in r
-          and "between_groups" in r]
+    eo = [
+        r for r in rows if "race&sex" in r and "equal_opportunity_difference" in r and "between_groups" in r
+    ]
     assert eo, rows
     assert not [r for r in rows if re.search(r"\bsex\b", r) and "race&sex" not in r], rows
     assert "Pipeline" in _text(html) and "predictions" in _text(_section(html, "Pipeline"))
@@ -131,8 +138,8 @@ def decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
     pos, idat, header = 8, b"", b""
     while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        chunk = data[pos + 8:pos + 8 + length]
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        chunk = data[pos + 8 : pos + 8 + length]
         if kind == b"IHDR":
             header = chunk
         elif kind == b"IDAT":
@@ -144,7 +151,7 @@ def decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
     raw, stride = zlib.decompress(idat), width * bpp
     rows, prev = [], bytearray(stride)
     for y in range(height):
-        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
         for i in range(stride):
             a = line[i - bpp] if i >= bpp else 0
             b, c = prev[i], prev[i - bpp] if i >= bpp else 0
@@ -165,10 +172,19 @@ def decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
 
 def screenshot(url: str, out: Path, profile: Path) -> Path:
     cmd = [
-        CHROMIUM or "chromium", "--headless", "--no-sandbox", "--disable-gpu",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--no-first-run", f"--user-data-dir={profile}", f"--screenshot={out}",
-        f"--window-size={WIDTH},{HEIGHT}", "--hide-scrollbars", url,
+        CHROMIUM or "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        f"--screenshot={out}",
+        f"--window-size={WIDTH},{HEIGHT}",
+        "--hide-scrollbars",
+        url,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert out.exists(), f"no screenshot (exit {proc.returncode}):\n{proc.stderr[-2000:]}"
@@ -176,13 +192,14 @@ def screenshot(url: str, out: Path, profile: Path) -> Path:
 
 
 def _colours(rows: list[bytes]) -> Counter[tuple[int, ...]]:
-    return Counter(tuple(r[i:i + 3]) for r in rows for i in range(0, len(r), 3))
+    return Counter(tuple(r[i : i + 3]) for r in rows for i in range(0, len(r), 3))
 
 
 def test_screenshot_shows_a_readable_page(page: tuple[str, str], tmp_path: Path) -> None:
     if CHROMIUM is None:
-        pytest.fail("chromium is not installed: apt-get install --no-install-recommends chromium "
-                    "(scripts/test does)")
+        pytest.fail(
+            "chromium is not installed: apt-get install --no-install-recommends chromium (scripts/test does)"
+        )
     url, _ = page
     started = time.monotonic()
     png = screenshot(url, tmp_path / "status.png", tmp_path / "profile")

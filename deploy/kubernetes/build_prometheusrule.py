@@ -54,9 +54,7 @@ def main(argv: list[str]) -> int:
     text = render()
     if "--check" in argv:
         if not TARGET.exists() or TARGET.read_text() != text:
-            print(
-                f"{TARGET} is out of date: run python {Path(__file__).relative_to(DEPLOY.parent)}"
-            )
+            print(f"{TARGET} is out of date: run python {Path(__file__).relative_to(DEPLOY.parent)}")
             return 1
         return 0
     TARGET.write_text(text)
