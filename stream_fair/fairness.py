@@ -84,7 +84,6 @@ MIN_POOLING_GROUPS = 3
 NEGATIVE_COUNTS_ERROR = "Counts must be non-negative integers, got {counts!r}"
 CREDIBLE_LEVEL_ERROR = "credible_level must lie strictly between 0 and 1, e.g. 0.95; got {value!r}"
 MIN_SAMPLES_ERROR = "min_samples must be at least 1 (groups need data to compare); got {value!r}"
-DRAWS_ERROR = "draws must be at least 100 for a usable interval, e.g. 4000; got {value!r}"
 PRIOR_ERROR = "prior must be one of {choices}; got {value!r}"
 POOLING_ERROR = "pooling must be one of {choices}; got {value!r}"
 THRESHOLD_NAME_ERROR = "unknown disparity {name!r} in thresholds; use one of {choices}"
@@ -200,16 +199,12 @@ class FairnessSettings:
     prior: Literal["jeffreys", "uniform"] = "jeffreys"
     pooling: Literal["none", "empirical_bayes"] = "none"
     thresholds: Mapping[str, float] = field(default_factory=_thresholds_default)
-    draws: int = 4000
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.credible_level < 1.0:
             raise ValueError(CREDIBLE_LEVEL_ERROR.format(value=self.credible_level))
         if self.min_samples < 1:
             raise ValueError(MIN_SAMPLES_ERROR.format(value=self.min_samples))
-        if self.draws < 100:
-            raise ValueError(DRAWS_ERROR.format(value=self.draws))
         if self.prior not in PRIORS:
             raise ValueError(PRIOR_ERROR.format(choices=tuple(PRIORS), value=self.prior))
         if self.pooling not in POOLINGS:
@@ -375,10 +370,11 @@ def evaluate_feature(
 
     A group is eligible when :math:`n \\ge` ``min_samples`` and it is not reserved
     (:func:`is_reserved`); a disparity uses the eligible groups whose rate has a non-zero
-    denominator. Values are the fairlearn functionals on observed rates; intervals are the
-    ``credible_level`` quantiles of the same functionals over ``settings.draws`` joint posterior
-    draws (:mod:`stream_fair.disparity`). With ``pooling="empirical_bayes"`` each rate's prior is
-    :func:`empirical_bayes_prior` fitted to the feature's non-reserved groups.
+    denominator. Values are the fairlearn functionals on observed rates; intervals are the range
+    of the same functionals over simultaneous (Bonferroni) per-group credible intervals, jointly
+    at level ``credible_level`` (:mod:`stream_fair.disparity`). With
+    ``pooling="empirical_bayes"`` each rate's prior is :func:`empirical_bayes_prior` fitted to the
+    feature's non-reserved groups.
 
     >>> r = evaluate_feature("race", {"A": Counts(50, 50, 50, 50), "__other__": Counts(9, 0, 0, 0)},
     ...                      FairnessSettings())
@@ -419,7 +415,7 @@ def evaluate_feature(
         if r in DISPARITY_INPUT_RATES
     }
     ref = names.index(reference) if reference is not None and reference in counts else None
-    table = disparity_table(posteriors, ref, settings.credible_level, settings.draws, settings.seed)
+    table = disparity_table(posteriors, ref, settings.credible_level)
     disparities = {key: Estimate(*v) for key, v in table.items()}
     flagged = {
         key: is_flagged(key[0], e.lower, e.upper, settings.thresholds[key[0]])

@@ -21,7 +21,7 @@ from stream_fair.fairness import (
     group_rates,
 )
 
-SETTINGS = FairnessSettings(min_samples=100, draws=2000)
+SETTINGS = FairnessSettings(min_samples=100)
 
 
 def binomial_counts(rng: np.random.Generator, n: int, p_sel: float) -> Counts:
@@ -99,9 +99,7 @@ def test_pooling_shrinks_a_tiny_group_and_leaves_large_groups_alone() -> None:
     counts = {g: binomial_counts(rng, 5000, p) for g, p in zip("ABCD", (0.3, 0.32, 0.28, 0.31), strict=True)}
     counts["tiny"] = Counts(tp=4, fp=4, tn=1, fn=1)  # selection rate 0.8 on 10 pairs
     plain = evaluate_feature("f", counts, SETTINGS)
-    pooled = evaluate_feature(
-        "f", counts, FairnessSettings(min_samples=100, draws=2000, pooling="empirical_bayes")
-    )
+    pooled = evaluate_feature("f", counts, FairnessSettings(min_samples=100, pooling="empirical_bayes"))
     overall = sum(c.tp + c.fp for c in counts.values()) / sum(c.n for c in counts.values())
     tiny, tiny_pooled = (r.groups["tiny"].rates["selection_rate"] for r in (plain, pooled))
     assert tiny_pooled.value == tiny.value == 0.8  # value stays the observed rate
@@ -167,7 +165,7 @@ def test_flagged_only_when_the_interval_clears_the_threshold() -> None:
     assert r_big.disparities[ratio].upper < 0.8 and r_big.flagged[ratio]
     assert r_small.disparities[ratio].upper > 0.8 and not r_small.flagged[ratio]
     # a custom threshold moves the verdict
-    loose = FairnessSettings(min_samples=100, draws=2000, thresholds={"demographic_parity_difference": 0.3})
+    loose = FairnessSettings(min_samples=100, thresholds={"demographic_parity_difference": 0.3})
     assert not evaluate_feature("f", big, loose).flagged[key]
 
 
@@ -179,23 +177,32 @@ def test_verdict_function() -> None:
 
 
 def test_disparity_interval_covers_the_true_difference() -> None:
+    """Simultaneous bounds are conservative: they cover at least the nominal 95%."""
     rng = np.random.default_rng(5)
     covered, trials = 0, 200
     key = ("demographic_parity_difference", "between_groups")
-    for seed in range(trials):
-        counts = {"A": binomial_counts(rng, 800, 0.3), "B": binomial_counts(rng, 800, 0.4)}
-        settings = FairnessSettings(min_samples=100, draws=1000, seed=seed)
-        est = evaluate_feature("f", counts, settings).disparities[key]
+    for _ in range(trials):
+        counts = {g: binomial_counts(rng, 800, p) for g, p in zip("ABC", (0.3, 0.4, 0.35), strict=True)}
+        est = evaluate_feature("f", counts, SETTINGS).disparities[key]
         covered += est.lower <= 0.1 <= est.upper
-    assert 0.9 <= covered / trials <= 0.99
+    assert covered / trials >= 0.95
 
 
-def test_cornish_fisher_draws_match_exact_beta_quantiles() -> None:
-    z = np.linspace(-3.8, 3.8, 41, dtype=np.float32)[None, :]
-    for a, b in [(20.5, 2000.5), (20.5, 30.5), (300.5, 700.5), (5000.5, 20.5)]:
-        approx = disparity._cornish_fisher(np.array([a]), np.array([b]), z)[0]
-        exact = stats.beta.ppf(stats.norm.cdf(z[0]), a, b)
-        assert np.max(np.abs(approx - exact)) < 0.015 * stats.beta.std(a, b)
+def test_fair_data_with_many_small_groups_is_not_flagged() -> None:
+    """The max - min of many small noisy groups is biased away from 0; the verdict must not be.
+
+    With 8 groups of 120 and identical rates, the difference's point estimate often exceeds 0.1,
+    yet no disparity may be flagged in more than 5% of the trials.
+    """
+    rng = np.random.default_rng(11)
+    flagged_trials, big_estimates, trials = 0, 0, 200
+    for _ in range(trials):
+        counts = {g: binomial_counts(rng, 120, 0.3) for g in "ABCDEFGH"}
+        report = evaluate_feature("f", counts, SETTINGS)
+        flagged_trials += any(report.flagged.values())
+        big_estimates += report.disparities["demographic_parity_difference", "between_groups"].value > 0.1
+    assert big_estimates > trials // 4  # the naive point estimate would cry wolf
+    assert flagged_trials / trials <= 0.05
 
 
 def test_to_reference() -> None:
@@ -230,7 +237,11 @@ def test_ratio_edge_cases_with_zero_rates() -> None:
     d = evaluate_feature("f", counts, SETTINGS, reference="A").disparities
     assert d[("demographic_parity_ratio", "between_groups")].value == 0.0
     assert d[("demographic_parity_ratio", "to_reference")].value == 0.0
-    assert 0.0 <= d[("demographic_parity_ratio", "between_groups")].upper < 0.1
+    # simultaneous bounds: upper = min U / max L over the groups' Bonferroni intervals
+    ratio = d[("demographic_parity_ratio", "between_groups")]
+    assert ratio.lower == 0.0 and 0.0 < ratio.upper < 0.8
+    report = evaluate_feature("f", counts, SETTINGS, reference="A")
+    assert report.flagged[("demographic_parity_ratio", "between_groups")]
     # TPR: only C has positives -> fewer than two usable groups, no equal opportunity
     assert ("equal_opportunity_difference", "between_groups") not in d
     assert ("equalized_odds_ratio", "between_groups") not in d
@@ -239,15 +250,10 @@ def test_ratio_edge_cases_with_zero_rates() -> None:
     assert d0[("demographic_parity_ratio", "between_groups")].value == 1.0
 
 
-def test_seeded_and_deterministic() -> None:
+def test_deterministic() -> None:
     rng = np.random.default_rng(2)
     counts = {g: binomial_counts(rng, 300, 0.3) for g in "ABCDE"}
-    one = evaluate_feature("f", counts, SETTINGS)
-    assert one == evaluate_feature("f", counts, SETTINGS)
-    other = evaluate_feature("f", counts, FairnessSettings(min_samples=100, draws=2000, seed=1))
-    key = ("demographic_parity_difference", "between_groups")
-    assert other.disparities[key].value == one.disparities[key].value
-    assert other.disparities[key].lower != one.disparities[key].lower
+    assert evaluate_feature("f", counts, SETTINGS) == evaluate_feature("f", counts, SETTINGS)
 
 
 def test_settings_validation_messages() -> None:

@@ -70,7 +70,7 @@ RACE = ("A", "B", "C", "__missing__")
 FEATURES = ("sex", "race", "race&sex")
 REFERENCE = {"sex": "M", "race": "A", "race&sex": "A&M"}
 MIN_SAMPLES = 2
-SETTINGS = FairnessSettings(min_samples=MIN_SAMPLES, draws=200)
+SETTINGS = FairnessSettings(min_samples=MIN_SAMPLES)
 CHECK_EVERY = 60
 
 Event = tuple[int, int, str, str]  # y_true, y_pred, sex, race
