@@ -22,8 +22,6 @@ from stream_fair.tracker import Feedback, Tracker
 
 log = logging.getLogger("stream_fair")
 
-_LAG_EVERY = 2.0
-
 
 def fingerprint(config: Config) -> dict[str, Any]:
     """What the stored counts depend on: changing any of it needs a new state file."""
@@ -92,10 +90,8 @@ class Detector:
 
         cfg = self.config
         topics = (cfg.topics.predictions, cfg.topics.outcomes)
-        roles = {topics[0]: "predictions", topics[1]: "outcomes"}
         self.server.start()
         self.health.heartbeat = time.monotonic()
-        log.info("exporter on http://%s:%d/metrics", cfg.exporter.host, self.port)
         consumer = kafka_io.make_consumer(cfg)
         try:
             kafka_io.check_copartitioned(consumer, cfg)
@@ -103,24 +99,21 @@ class Detector:
             consumer.close(autocommit=False)
             self.server.stop()
             raise
+        # after the broker checks, so a broker error stays the only line on stderr
+        log.info("exporter on http://%s:%d/metrics", cfg.exporter.host, self.port)
         dead = kafka_io.DeadLetters(cfg)
         self.attach(consumer, dead)
         listener = kafka_io.ShardListener(consumer, topics, self._on_revoke, self._on_assign)
         consumer.subscribe(list(topics), listener=listener)
-        last_lag = 0.0
         try:
             while not stop.is_set():
                 batches = consumer.poll(timeout_ms=200, max_records=cfg.kafka.max_poll_records)
                 self.health.heartbeat = time.monotonic()
                 self.process(batches)
-                now = time.monotonic()
-                self.maybe_checkpoint(now)
-                if now - last_lag >= _LAG_EVERY:
-                    last_lag = now
-                    self.stats.lag = {(roles[t], p): v for (t, p), v in kafka_io.lag(consumer).items()}
-                    self.stats.dead_letters = dict(dead.sent)
-                    if dead.failed:
-                        self.stats.errors["dead_letter_produce"] = dead.failed
+                self.maybe_checkpoint(time.monotonic())
+                self.stats.dead_letters = dict(dead.sent)
+                if dead.failed:
+                    self.stats.errors["dead_letter_produce"] = dead.failed
         finally:
             try:
                 self.checkpoint()
@@ -155,19 +148,24 @@ class Detector:
         return n
 
     def _mark_behind(self) -> None:
-        """Partitions with unread records hold event time back (see ``Tracker.set_behind``)."""
+        """Partitions with unread records hold event time back (see ``Tracker.set_behind``).
+
+        The same high-water marks give the exported consumer lag.
+        """
+        from stream_fair import kafka_io
+
         consumer = self._consumer
         if not hasattr(consumer, "assignment"):
             return
         predictions = self._topics[0]
-        for tp in consumer.assignment():
-            high = consumer.highwater(tp)
-            try:
-                position = consumer.position(tp, timeout_ms=0)
-            except Exception:  # position unknown right after an assignment
-                position = None
-            behind = high is None or position is None or position < high
-            self.tracker.set_behind(tp.partition, 0 if tp.topic == predictions else 1, behind)
+        lags = kafka_io.lag(consumer)
+        for (topic, partition), n in lags.items():
+            self.tracker.set_behind(partition, 0 if topic == predictions else 1, n is None or n > 0)
+        self.stats.lag = {
+            ("predictions" if topic == predictions else "outcomes", partition): n
+            for (topic, partition), n in lags.items()
+            if n is not None
+        }
 
     def maybe_checkpoint(self, now: float) -> None:
         state = self.config.state

@@ -341,7 +341,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 def _one_line(err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not isinstance(p, int) or True)
+    loc = ".".join(str(p) for p in first["loc"])
     loc = loc.replace("schema_", "schema")
     kind, msg = first["type"], first["msg"]
     if kind == "extra_forbidden":

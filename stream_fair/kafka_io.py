@@ -166,19 +166,19 @@ def commit_offsets(
         consumer.commit_async(offsets=commit)
 
 
-def lag(consumer: KafkaConsumer) -> dict[tuple[str, int], int]:
-    """High-water mark minus position per assigned partition (from the last fetch responses)."""
-    out: dict[tuple[str, int], int] = {}
+def lag(consumer: KafkaConsumer) -> dict[tuple[str, int], int | None]:
+    """High-water mark minus position per assigned partition (from the last fetch responses).
+
+    None where either is not known yet (right after an assignment, before the first fetch).
+    """
+    out: dict[tuple[str, int], int | None] = {}
     for tp in consumer.assignment():
         high = consumer.highwater(tp)
-        if high is None:
-            continue
         try:
             pos = consumer.position(tp, timeout_ms=0)
         except (KafkaError, TypeError):
             pos = None
-        if pos is not None:
-            out[(tp.topic, tp.partition)] = max(0, high - pos)
+        out[(tp.topic, tp.partition)] = None if high is None or pos is None else max(0, high - pos)
     return out
 
 

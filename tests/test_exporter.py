@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from stream_fair.app import _default_feedback
 from stream_fair.config import Config
 from stream_fair.exporter import ExporterServer, Health, PipelineStats, registry_for
 from stream_fair.report import build_report
@@ -142,7 +143,13 @@ def test_a_failing_snapshot_never_fails_the_scrape() -> None:
 def test_every_exported_metric_is_documented() -> None:
     doc = (ROOT / "docs" / "metrics.md").read_text()
     documented = set(re.findall(r"`(stream_fair_[a-z_]+)", doc))
-    t = tracker()
+    t = Tracker(CFG, _default_feedback(CFG))  # the feedback families must be documented too
+    for i in range(400):
+        sex, race, label, pred = ROWS[i % len(ROWS)]
+        attrs = {"sex": sex, "race": race}
+        p = {"id": f"r{i}", "ts": 1000 + 30 * i, "model": "m", "prediction": pred, "attributes": attrs}
+        t.update_prediction(0, orjson.dumps(p), i)
+        t.update_outcome(0, orjson.dumps({"id": f"r{i}", "ts": 1005 + 30 * i, "label": label}), i)
     reg = registry_for(lambda: (build_report(t.snapshot(), CFG), PipelineStats(last_checkpoint=1.0)))
     exported = set()
     for family in text_string_to_metric_families(generate_latest(reg).decode()):
@@ -157,6 +164,7 @@ def test_every_exported_metric_is_documented() -> None:
         return name in documented or f"`{base[len('stream_fair_') :]}`" in doc
 
     assert len(exported) > 40
+    assert "stream_fair_disparity_alarm" in exported and "stream_fair_label_coverage" in exported
     undocumented = sorted(n for n in exported if not is_documented(n))
     assert not undocumented, undocumented
 
