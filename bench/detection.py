@@ -7,7 +7,7 @@ Regenerate ``docs/detection.md`` with::
 Joined pairs are drawn directly with numpy (every prediction labelled, as in the simulator's
 ``fair`` and ``bias_onset`` scenarios) with the simulator's parameters: groups A..E with shares
 40/30/15/10/5%, base rate 0.3, TPR 0.8, FPR 0.1; ``bias_onset`` drops E's TPR by 0.10 at half the
-stream (``stream_fair.simulate.SCENARIOS``). Cumulative per-group counts are formed every 1,000
+stream (``stream_fair.dev.simulate.SCENARIOS``). Cumulative per-group counts are formed every 1,000
 events and handed to the product's verdict code
 (:class:`stream_fair.sequential.SequentialDisparity`), so only the event generation is vectorised.
 The naive rule: TPR gap (max - min point estimate over groups with >= 100 labelled events in the
@@ -16,7 +16,7 @@ the fair stream; delays count the affected group's events after onset up to the 
 check after onset.
 
 The selective-labels and feedback-loop rows run the real event stream of
-``stream_fair.simulate.generate`` through :class:`stream_fair.feedback.FeedbackMonitor` and compare
+``stream_fair.dev.simulate.generate`` through :class:`stream_fair.feedback.FeedbackMonitor` and compare
 the first event index at which the coverage gap / loop indicator is flagged with the first at
 which the sequential disparity verdict flags (any disparity).
 """
@@ -162,9 +162,9 @@ def scenario_race(name: str, n: int, seed: int, **overrides: float) -> dict[str,
     (``fairness.evaluate_feature(...).flagged`` at default ``FairnessSettings``, any disparity,
     between groups) on the cumulative joined pairs.
     """
+    from stream_fair.dev.simulate import SCENARIOS, generate
     from stream_fair.fairness import Counts as FCounts
     from stream_fair.fairness import FairnessSettings, evaluate_feature
-    from stream_fair.simulate import SCENARIOS, generate
 
     scenario = SCENARIOS[name](**overrides)
     if name == "feedback_loop":  # one simulator period per monitor period (5,000 predictions)
@@ -306,7 +306,7 @@ def main() -> None:
         "",
         "## Selective labels and feedback loop: which signal speaks first",
         "",
-        f"`stream_fair.simulate.generate` streams of {args.race_events:,} predictions "
+        f"`stream_fair.dev.simulate.generate` streams of {args.race_events:,} predictions "
         f"(seeds 1-{args.race_seeds}) "
         "through `FeedbackMonitor` (period 100 s = 5,000 predictions at the simulator's 50/s; "
         "expiry after 30 min; labels arrive after ~5 min); the prediction index at which each "

@@ -27,10 +27,10 @@ from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 
-from stream_fair import simulate
 from stream_fair.app import Detector, _default_feedback
-from stream_fair.broker import EmbeddedBroker, create_topics, produce_events
 from stream_fair.config import Config
+from stream_fair.dev import simulate
+from stream_fair.dev.broker import EmbeddedBroker, create_topics, produce_events
 from stream_fair.kafka_io import DeadLetters
 from stream_fair.tracker import Tracker
 

@@ -68,8 +68,8 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from stream_fair import simulate
-    from stream_fair.broker import create_topics, produce_events
+    from stream_fair.dev import simulate
+    from stream_fair.dev.broker import create_topics, produce_events
 
     factory = simulate.SCENARIOS.get(args.scenario)
     if factory is None:
@@ -96,7 +96,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from stream_fair.demo import run_demo
+    from stream_fair.dev.demo import run_demo
 
     return run_demo(seconds=args.seconds, port=args.port, rate=args.rate, quiet=args.quiet)
 

@@ -2,8 +2,8 @@
 
 Broker choice, first that works: ``$STREAM_FAIR_TEST_BOOTSTRAP`` (an existing cluster), a
 testcontainers ``KafkaContainer`` when a Docker daemon answers, else the embedded Tansu broker
-(:class:`stream_fair.broker.EmbeddedBroker`). Tansu keeps consumer-group joins fast only with
-:data:`stream_fair.broker.FAST_GROUP_CONFIG`; pass it to consumers in group tests.
+(:class:`stream_fair.dev.broker.EmbeddedBroker`). Tansu keeps consumer-group joins fast only with
+:data:`stream_fair.dev.broker.FAST_GROUP_CONFIG`; pass it to consumers in group tests.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def kafka_bootstrap() -> Iterator[str]:
         with container as kafka:  # type: ignore[attr-defined]
             yield kafka.get_bootstrap_server()
         return
-    from stream_fair.broker import EmbeddedBroker, EmbeddedBrokerError
+    from stream_fair.dev.broker import EmbeddedBroker, EmbeddedBrokerError
 
     try:
         broker = EmbeddedBroker().start()

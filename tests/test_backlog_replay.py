@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from stream_fair import simulate
-from stream_fair.broker import create_topics, produce_events
+from stream_fair.dev import simulate
+from stream_fair.dev.broker import create_topics, produce_events
 from tests.helpers import detector_config, recount, scrape, wait_consumed
 from tests.test_integration_pipeline import Running
 

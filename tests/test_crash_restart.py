@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from stream_fair import simulate
 from stream_fair.app import fingerprint
-from stream_fair.broker import create_topics, produce_events
 from stream_fair.config import load
+from stream_fair.dev import simulate
+from stream_fair.dev.broker import create_topics, produce_events
 from stream_fair.state import SqliteStore
 from tests.helpers import (
     Expected,

@@ -4,7 +4,7 @@ that Prometheus; the detector dying; and the demo's own Prometheus.
 
 Components: the embedded Kafka-protocol broker, an in-process :class:`~stream_fair.app.Detector`,
 Debian's ``prometheus`` and ``prometheus-alertmanager`` as subprocesses (started by
-:mod:`stream_fair.observability`, the same code the demo uses), and a webhook receiver on loopback.
+:mod:`stream_fair.dev.observability`, the same code the demo uses), and a webhook receiver on loopback.
 
 The test copies differ from ``deploy/`` only where waiting would be impossible:
 
@@ -39,10 +39,10 @@ from typing import Any
 
 import pytest
 
-from stream_fair import observability, simulate
 from stream_fair.app import Detector
-from stream_fair.broker import create_topics, produce_events
 from stream_fair.config import Config
+from stream_fair.dev import observability, simulate
+from stream_fair.dev.broker import create_topics, produce_events
 from tests.conftest import TopicNames
 from tests.grafana_queries import (
     custom_options,

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from scipy.stats import linregress
 
+from stream_fair.dev.simulate import SCENARIOS, generate
 from stream_fair.feedback import FeedbackMonitor, FeedbackSettings
 from stream_fair.feedback.loop import loop_indicator, share_trends
 from stream_fair.groups import feature_keys
-from stream_fair.simulate import SCENARIOS, generate
 
 N = 200_000  # 40 monitor periods of 100 s (5,000 predictions at 50/s)
 LENDING = (["sex", "race", "age"], [["race", "sex"]])

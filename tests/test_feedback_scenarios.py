@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from stream_fair.dev.simulate import SCENARIOS, generate
 from stream_fair.feedback import FeedbackMonitor, FeedbackSettings
 from stream_fair.groups import feature_keys
 from stream_fair.sequential import Counts, SequentialDisparity, SequentialSettings
-from stream_fair.simulate import SCENARIOS, generate
 
 QUAD = {(1, 1): 0, (1, 0): 1, (0, 0): 2, (0, 1): 3}
 

@@ -21,10 +21,10 @@ from fairlearn.metrics import (
     true_positive_rate,
 )
 
-from stream_fair import simulate
 from stream_fair.app import Detector
-from stream_fair.broker import consume_topic, create_topics, produce_events
 from stream_fair.config import Config
+from stream_fair.dev import simulate
+from stream_fair.dev.broker import consume_topic, create_topics, produce_events
 from tests.helpers import (
     LENDING_FEATURES,
     LENDING_INTERSECTIONS,

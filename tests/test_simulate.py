@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stream_fair.simulate import (
+from stream_fair.dev.simulate import (
     MALFORMED_KINDS,
     SCENARIOS,
     Scenario,
@@ -166,7 +166,7 @@ def test_scenario_validation_names_the_fix() -> None:
 
 
 def test_simulate_is_pure() -> None:
-    code = "import sys, stream_fair.simulate; assert 'kafka' not in sys.modules, 'kafka imported'"
+    code = "import sys, stream_fair.dev.simulate; assert 'kafka' not in sys.modules, 'kafka imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

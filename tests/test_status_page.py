@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from stream_fair import simulate
 from stream_fair.app import Detector
-from stream_fair.broker import create_topics, produce_events
 from stream_fair.config import Config
+from stream_fair.dev import simulate
+from stream_fair.dev.broker import create_topics, produce_events
 from tests.conftest import TopicNames
 from tests.helpers import detector_config, wait_consumed
 

@@ -43,7 +43,7 @@ ALERTMANAGER_BIN = "prometheus-alertmanager"  # Debian's name for the alertmanag
 JOB = "stream-fair"
 
 #: ``deploy/`` of a source checkout (rules and routes are not shipped in the wheel).
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 RULE_FILES = ("recording_rules.yml", "alert_rules.yml")
 ALERTMANAGER_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
 

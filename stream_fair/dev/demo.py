@@ -106,9 +106,9 @@ def _table(detector: Any) -> str:
 def run_demo(
     seconds: float | None = None, port: int = 9800, rate: float = 2000.0, quiet: bool = False
 ) -> int:
-    from stream_fair import observability, simulate
     from stream_fair.app import Detector
-    from stream_fair.broker import EmbeddedBroker, create_topics, produce_events
+    from stream_fair.dev import observability, simulate
+    from stream_fair.dev.broker import EmbeddedBroker, create_topics, produce_events
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.ERROR)
