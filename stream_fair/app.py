@@ -1,36 +1,80 @@
-"""The run loop: poll → decode → track → persist → commit. Wiring only.
+"""The run loop: poll → decode → track → checkpoint (changelog, then local store) → publish. Wiring only.
 
-One thread polls Kafka and updates the tracker under a lock; the exporter's scrape threads take a
-snapshot under the same lock and do the fairness math outside it. Checkpoints (every
-``state.checkpoint_interval`` seconds or ``state.checkpoint_events`` records, on rebalance and on
-shutdown) flush the dead-letter producer and then save every shard's state with its next offsets in
-one transaction, so a crash at any point resumes exactly after the last checkpoint.
+One thread polls Kafka, updates the tracker and checkpoints; the exporter's scrape threads read the
+snapshot published by the last checkpoint and do the fairness math outside the lock. A checkpoint
+(every ``state.checkpoint_interval`` seconds or ``state.checkpoint_events`` records, on revoke and
+on shutdown) flushes the dead letters, writes each changed partition's records to the changelog
+and, once they are acknowledged, the partition's meta (the commit marker), then writes the same
+changes to the local store in one batch. ``docs/state.md`` walks through every crash window.
+
+On assignment a partition's input is paused while its state is restored (local store, then the
+changelog tail it lacks) in steps between polls; the new owner then claims it (epoch + 1) with a
+checkpoint and resumes at the offsets that state recorded.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from typing import Any
 
-from stream_fair.config import Config
+from stream_fair.aggregate import ModelCounts
+from stream_fair.config import Config, format_duration
 from stream_fair.exporter import ExporterServer, Health, PipelineStats, registry_for
 from stream_fair.report import Report, build_report
-from stream_fair.state import SqliteStore, StateStore
-from stream_fair.tracker import Feedback, Tracker
+from stream_fair.state.codec import (
+    SPACE_COUNTS,
+    SPACE_ID,
+    encode_json,
+    increment_key,
+    meta_key,
+    parse_cell,
+    prefix,
+)
+from stream_fair.state.restore import PartitionRestore
+from stream_fair.tracker import TOPICS as TOPIC_NAMES
+from stream_fair.tracker import Checkpoint, Feedback, Snapshot, Tracker
 
 log = logging.getLogger("stream_fair")
 
+CRASH_ENV = "STREAM_FAIR_TEST_CRASH"
+"""Tests only: ``step:n`` SIGKILLs the process at the n-th time it reaches a checkpoint step."""
+CRASH_STEPS = ("changelog_data", "changelog_meta", "local", "restore")
+
+_RESTORING = b"restoring"
+
 
 def fingerprint(config: Config) -> dict[str, Any]:
-    """What the stored counts depend on: changing any of it needs a new state file."""
+    """What the stored state depends on: changing any of it needs a new state directory."""
     return {
         "features": [f.name for f in config.fairness.features],
         "intersections": config.fairness.intersections,
         "windows": config.windows,
         "window_resolution": config.window_resolution,
+        "group_id": config.kafka.group_id,
+        "topics": [config.topics.predictions, config.topics.outcomes],
     }
+
+
+class _Crash:
+    """The fault-injection hook of the crash-window tests (inactive unless ``CRASH_ENV`` is set)."""
+
+    def __init__(self) -> None:
+        spec = os.environ.get(CRASH_ENV, "")
+        step, _, n = spec.partition(":")
+        self.step = step if step in CRASH_STEPS else None
+        self.left = int(n or 1)
+
+    def __call__(self, step: str) -> None:
+        if step != self.step:
+            return
+        self.left -= 1
+        if self.left <= 0:
+            log.warning("test crash injected at %s", step)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Detector:
@@ -41,24 +85,30 @@ class Detector:
         config: Config,
         *,
         feedback: Feedback | None = None,
-        store: StateStore | None = None,
         exporter_port: int | None = None,
     ) -> None:
         self.config = config
-        if feedback is None:
-            feedback = _default_feedback(config)
-        self.tracker = Tracker(config, feedback)
-        self.store: StateStore = store or SqliteStore(config.state.path, fingerprint(config))
-        stored = self.store.load_global()
-        if stored is not None:
-            self.tracker.load_global(stored)
+        self.feedback = feedback if feedback is not None else _default_feedback(config)
+        self.backend: Any = None
+        self.tracker: Tracker | None = None
+        self.windows = ModelCounts(config.window_resolution, tuple(config.windows))
+        self._window_labels = tuple(format_duration(w) for w in config.windows)
         self.lock = threading.Lock()
         self.health = Health()
         self.stats = PipelineStats()
-        self._report: tuple[float, Report] | None = None
+        self._snapshot: Snapshot | None = None
+        self._report: tuple[Snapshot, Report] | None = None
         self._report_lock = threading.Lock()
         self._events_since_checkpoint = 0
         self._last_checkpoint_mono = time.monotonic()
+        self._crash = _Crash()
+        self._consumer: Any = None
+        self._dead: Any = None
+        self._writer: Any = None
+        self._reader: Any = None
+        self._topics = (config.topics.predictions, config.topics.outcomes)
+        self._to_restore: set[int] = set()
+        self._restores: dict[int, PartitionRestore] = {}
         registry = registry_for(self.current)
         from stream_fair.status_page import render
 
@@ -71,16 +121,38 @@ class Detector:
     def port(self) -> int:
         return self.server.port
 
+    # -- state ------------------------------------------------------------------------------
+    def open_state(self) -> Tracker:
+        """Open the local store (after the broker checks, so a broker error creates no files)."""
+        if self.tracker is None:
+            from stream_fair.state.rocks import RocksBackend
+
+            st = self.config.state
+            self.backend = RocksBackend(
+                st.path,
+                fingerprint(self.config),
+                cache_bytes=st.cache_bytes,
+                write_buffer_bytes=st.write_buffer_bytes,
+            )
+            self.tracker = Tracker(self.config, self.backend, self.feedback)
+            self._publish()
+        return self.tracker
+
+    def _publish(self) -> None:
+        """Make the committed state the one scrapes see (call with the lock held, or before threads)."""
+        assert self.tracker is not None
+        self._snapshot = self.tracker.snapshot(self.windows.window_quads(self._window_labels))
+
     # -- the exporter's view ----------------------------------------------------------------
     def current(self) -> tuple[Report, PipelineStats]:
-        """The latest report, recomputed at most every ``exporter.snapshot_max_age`` seconds."""
+        """The report of the last published snapshot, recomputed only when a new one is published."""
         with self._report_lock:
-            now = time.monotonic()
+            snap = self._snapshot
+            if snap is None:
+                snap = Snapshot(taken_at=time.time(), partitions={})
             cached = self._report
-            if cached is None or now - cached[0] >= self.config.exporter.snapshot_max_age:
-                with self.lock:
-                    snap = self.tracker.snapshot()
-                cached = self._report = (now, build_report(snap, self.config))
+            if cached is None or cached[0] is not snap:
+                cached = self._report = (snap, build_report(snap, self.config))
             return cached[1], self.stats
 
     # -- the loop ---------------------------------------------------------------------------
@@ -89,27 +161,38 @@ class Detector:
         from stream_fair import kafka_io
 
         cfg = self.config
-        topics = (cfg.topics.predictions, cfg.topics.outcomes)
         self.server.start()
         self.health.heartbeat = time.monotonic()
         consumer = kafka_io.make_consumer(cfg)
+        writer = reader = None
         try:
-            kafka_io.check_copartitioned(consumer, cfg)
+            partitions = kafka_io.check_copartitioned(consumer, cfg)
+            if cfg.state.changelog:
+                kafka_io.ensure_changelog(consumer, cfg, partitions)
+                writer, reader = kafka_io.ChangelogWriter(cfg), kafka_io.ChangelogReader(cfg)
+            self.open_state()
         except Exception:
             consumer.close(autocommit=False)
+            for c in (writer, reader):
+                if c is not None:
+                    c.close()
             self.server.stop()
             raise
         # after the broker checks, so a broker error stays the only line on stderr
         log.info("exporter on http://%s:%d/metrics", cfg.exporter.host, self.port)
         dead = kafka_io.DeadLetters(cfg)
-        self.attach(consumer, dead)
-        listener = kafka_io.ShardListener(consumer, topics, self._on_revoke, self._on_assign)
-        consumer.subscribe(list(topics), listener=listener)
+        self.attach(consumer, dead, writer, reader)
+        listener = kafka_io.ShardListener(consumer, self._topics, self._on_revoke, self._on_assign)
+        consumer.subscribe(list(self._topics), listener=listener)
         try:
             while not stop.is_set():
-                batches = consumer.poll(timeout_ms=200, max_records=cfg.kafka.max_poll_records)
+                batches = consumer.poll(
+                    timeout_ms=100 if self._to_restore else 200, max_records=cfg.kafka.max_poll_records
+                )
                 self.health.heartbeat = time.monotonic()
                 self.process(batches)
+                if self._to_restore:
+                    self.restore_step()
                 self.maybe_checkpoint(time.monotonic())
                 self.stats.dead_letters = dict(dead.sent)
                 if dead.failed:
@@ -120,28 +203,39 @@ class Detector:
             finally:
                 consumer.close(autocommit=False)
                 dead.close()
-                self.store.close()
+                for c in (writer, reader):
+                    if c is not None:
+                        c.close()
+                self.close()
                 self.server.stop()
                 log.info("stopped cleanly")
 
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+
+    def attach(self, consumer: Any, dead_letters: Any, writer: Any = None, reader: Any = None) -> None:
+        """Use these Kafka clients (the run loop, or a benchmark's manual assignment)."""
+        self._consumer, self._dead = consumer, dead_letters
+        self._writer, self._reader = writer, reader
+        self.open_state()
+
     def process(self, batches: dict[Any, list[Any]]) -> int:
         """Account for one poll's records (kafka-python ``{TopicPartition: [ConsumerRecord]}``)."""
+        tracker = self.open_state()
         predictions = self._topics[0]
-        update_p, update_o = self.tracker.update_prediction, self.tracker.update_outcome
         dead = self._dead
         n = 0
+        read = self.stats.records_read
         with self.lock:
             for tp, records in batches.items():
-                update = update_p if tp.topic == predictions else update_o
-                part = tp.partition
-                for r in records:
-                    rejection = update(part, r.value, r.offset, r.timestamp)
-                    if rejection is not None:
-                        role = "predictions" if tp.topic == predictions else "outcomes"
-                        dead.send(
-                            role, tp.topic, part, r.offset, r.key, r.value,
-                            rejection.reason, rejection.detail,
-                        )  # fmt: skip
+                role = 0 if tp.topic == predictions else 1
+                read[TOPIC_NAMES[role]] += len(records)
+                for r, rejection in tracker.process(tp.partition, role, records):
+                    dead.send(
+                        "predictions" if role == 0 else "outcomes", tp.topic, tp.partition, r.offset,
+                        r.key, r.value, rejection.reason, rejection.detail,
+                    )  # fmt: skip
                 n += len(records)
             self._mark_behind()
         self._events_since_checkpoint += n
@@ -157,14 +251,16 @@ class Detector:
         consumer = self._consumer
         if not hasattr(consumer, "assignment"):
             return
+        assert self.tracker is not None
         predictions = self._topics[0]
         lags = kafka_io.lag(consumer)
         for (topic, partition), n in lags.items():
-            self.tracker.set_behind(partition, 0 if topic == predictions else 1, n is None or n > 0)
+            if topic in self._topics:
+                self.tracker.set_behind(partition, 0 if topic == predictions else 1, n is None or n > 0)
         self.stats.lag = {
             ("predictions" if topic == predictions else "outcomes", partition): n
             for (topic, partition), n in lags.items()
-            if n is not None
+            if n is not None and topic in self._topics
         }
 
     def maybe_checkpoint(self, now: float) -> None:
@@ -175,54 +271,179 @@ class Detector:
         ):
             self.checkpoint()
 
-    def attach(self, consumer: Any, dead_letters: Any) -> None:
-        """Use this consumer and dead-letter writer (the run loop, or a benchmark's manual assignment)."""
-        cfg = self.config
-        self._consumer, self._dead = consumer, dead_letters
-        self._topics = (cfg.topics.predictions, cfg.topics.outcomes)
-
+    # -- checkpoints ------------------------------------------------------------------------
     def checkpoint(self, shards: set[int] | None = None) -> None:
-        """Persist shard states and offsets atomically, then mirror offsets into Kafka."""
+        """Make every change durable: dead letters, changelog (data, then metas), local store."""
         from stream_fair import kafka_io
 
-        self._dead.flush()  # dead letters first: never checkpoint past an unsent one
-        ids = set(self.tracker.shards) if shards is None else shards & set(self.tracker.shards)
-        states = {i: self.tracker.shard_state(i) for i in ids}
+        tracker = self.tracker
+        if tracker is None:
+            return
+        self._events_since_checkpoint = 0
+        self._last_checkpoint_mono = time.monotonic()
+        if self._dead is not None:
+            self._dead.flush()  # dead letters first: never checkpoint past an unsent one
+        restoring = self._to_restore
+        cp = tracker.checkpoint(None if shards is None else shards - restoring)
+        cp.shards = [sc for sc in cp.shards if sc.partition not in restoring]
+        if not cp.shards:
+            return
         try:
-            self.store.save(states, self.tracker.global_state())
+            changelog_next = self._write_changelog(cp) if self._writer is not None else None
+            with self.lock:
+                tracker.commit(cp, changelog_next)
+                for sc in cp.shards:
+                    if sc.increment is not None:
+                        self.windows.fold_increment(sc.increment)
+                self._publish()
         except Exception:
             self.stats.errors["checkpoint"] = self.stats.errors.get("checkpoint", 0) + 1
             raise
-        self._events_since_checkpoint = 0
-        self._last_checkpoint_mono = time.monotonic()
+        self._crash("local")
         self.stats.last_checkpoint = time.time()
-        offsets = {i: self.tracker.shards[i].offsets for i in ids}
+        offsets = {sc.partition: tracker.shards[sc.partition].offsets for sc in cp.shards}
         try:
             kafka_io.commit_offsets(self._consumer, self._topics, offsets)
         except Exception as exc:  # mirror only: the state store is the source of truth
             log.warning("offset commit to Kafka failed: %s", exc)
 
+    def _write_changelog(self, cp: Checkpoint) -> dict[int, int]:
+        assert self.tracker is not None
+        writer = self._writer
+        for sc in cp.shards:
+            epoch = self.tracker.shards[sc.partition].epoch
+            records = list(sc.changelog)
+            if sc.increment is not None:
+                records.append((increment_key(sc.partition), encode_json(sc.increment)))
+            writer.send(sc.partition, records, epoch)
+        self._crash("changelog_data")
+        writer.flush()
+        futures = {
+            sc.partition: writer.send_meta(
+                sc.partition,
+                meta_key(sc.partition),
+                encode_json(sc.meta),
+                self.tracker.shards[sc.partition].epoch,
+            )
+            for sc in cp.shards
+        }
+        writer.flush()
+        out = {p: writer.offset(f) + 1 for p, f in futures.items()}
+        self._crash("changelog_meta")
+        return out
+
+    # -- rebalances -------------------------------------------------------------------------
     def _on_revoke(self, shards: set[int]) -> None:
+        for s in shards & self._to_restore:  # restore not finished: drop it, a full one next time
+            self._to_restore.discard(s)
+            if s in self._restores:
+                del self._restores[s]
+                if self._reader is not None:
+                    self._reader.stop(s)
         self.checkpoint(shards)
         with self.lock:
+            assert self.tracker is not None
             for s in shards:
                 self.tracker.drop(s)
+            self._publish()
         log.info("partitions revoked: %s", sorted(shards))
 
-    def _on_assign(self, shards: set[int]) -> dict[int, list[int | None]]:
+    def _on_assign(self, shards: set[int]) -> None:
+        assert self.tracker is not None
+        new = {s for s in shards if s not in self.tracker.shards}
+        self._to_restore |= new
+        if not self._to_restore:
+            self.health.ready = True
+        log.info("partitions assigned: %s (restoring %s)", sorted(shards), sorted(new))
+
+    def restore_step(self, budget_s: float = 0.5) -> None:
+        """Advance the restores of newly assigned partitions; claim and resume the finished ones."""
+        tracker = self.tracker
+        assert tracker is not None
+        reader = self._reader
+        started = False
+        for p in sorted(self._to_restore - set(self._restores)):
+            if reader is None:
+                self._finish(p, epoch=0, repair=set())
+                continue
+            self._restores[p] = self._plan(p)
+            started = True
+        if reader is None:
+            return
+        if started:
+            reader.start({p: max(r.start, r.position) for p, r in self._restores.items()})
+        deadline = time.monotonic() + budget_s
+        while self._restores:
+            for p, offset, key, value, epoch in reader.poll(100):
+                r = self._restores.get(p)
+                if r is not None:
+                    r.feed(offset, key, value, epoch)
+            self._crash("restore")
+            for p in [p for p in self._restores if reader.done(p)]:
+                r = self._restores.pop(p)
+                repair = r.finish()
+                self.backend.write({prefix(0, p) + _RESTORING: None})
+                log.info(
+                    "partition %d restored from the changelog: %d records (%d checkpoints, %d fenced)",
+                    p, r.records, r.committed, r.fenced,
+                )  # fmt: skip
+                self._finish(p, epoch=r.epoch, repair=repair)
+            if time.monotonic() >= deadline:
+                break
+
+    def _plan(self, p: int) -> PartitionRestore:
+        """Restore only the changelog tail when the local copy is current, else everything."""
+        assert self.tracker is not None and self._reader is not None
+        reader, cfg = self._reader, self.config
+        local = self.tracker.stored_meta(p)
+        end = reader.end_offset(p)
+        incomplete = self.backend.get(prefix(0, p) + _RESTORING) is not None
+        nxt = None if local is None else local.get("changelog_next")
+        fresh = local is not None and time.time() - float(local.get("wall", 0.0)) < cfg.state.local_max_age
+        tail = nxt is not None and nxt <= end and fresh and not incomplete
+        if local is not None and not tail:
+            log.warning(
+                "partition %d: the local state is %s; restoring it from the changelog",
+                p, "incomplete" if incomplete else "stale" if not fresh else "ahead of the changelog",
+            )  # fmt: skip
+        j = cfg.join
+        outcome_ttl = j.ttl if j.outcome_ttl is None else j.outcome_ttl
+        if not tail:
+            self.backend.write({prefix(0, p) + _RESTORING: b"1"})
+        r = PartitionRestore(
+            self.backend,
+            p,
+            epoch=int(local["epoch"]) if tail and local is not None else 0,
+            full=not tail,
+            ttl=j.ttl,
+            outcome_ttl=outcome_ttl,
+        )
+        r.start = r.position = nxt if tail and nxt is not None else reader.beginning_offset(p)
+        return r
+
+    def _finish(self, p: int, epoch: int, repair: set[bytes]) -> None:
+        """Load a restored partition, claim it (epoch + 1, repairs) and resume its input."""
+        from stream_fair import kafka_io
+
+        assert self.tracker is not None
         with self.lock:
-            for s in shards:
-                if s in self.tracker.shards:
-                    continue
-                state = self.store.load(s)
-                if state is not None:
-                    self.tracker.load_shard(s, state)
-                else:
-                    self.tracker.shard(s)
-            offsets = {s: list(self.tracker.shards[s].offsets) for s in shards}
-        self.health.ready = True
-        log.info("partitions assigned: %s (resuming at %s)", sorted(shards), offsets)
-        return offsets
+            s = self.tracker.shard(p)
+            s.epoch = max(epoch, s.epoch) + 1
+            for key in repair:
+                if key[0] == SPACE_ID:
+                    s.join.ids.touch(key[3:].decode())
+                elif key[0] == SPACE_COUNTS:
+                    ci = parse_cell(key[3:])
+                    if ci < len(s.counts.rows):
+                        s.counts.dirty.add(ci)
+            s.changed = True
+        self._to_restore.discard(p)
+        self.checkpoint({p})  # the claim
+        if self._consumer is not None and hasattr(self._consumer, "resume"):
+            kafka_io.resume_at(self._consumer, self._topics, p, list(s.offsets))
+        if not self._to_restore:
+            self.health.ready = True
+        log.info("partition %d claimed (epoch %d), resuming at %s", p, s.epoch, s.offsets)
 
 
 def _default_feedback(config: Config) -> Feedback:

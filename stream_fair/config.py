@@ -61,6 +61,34 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
+_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
+_BYTE_UNIT = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+ERR_BYTES = "expected a size such as 64MB, 1GiB or a number of bytes"
+
+
+def parse_bytes(value: Any) -> int:
+    """Bytes from ``"64MB"``, ``"64MiB"``, ``"1GB"`` or a plain number.
+
+    >>> parse_bytes("64MiB"), parse_bytes("1GB"), parse_bytes(4096)
+    (67108864, 1000000000, 4096)
+    """
+    if isinstance(value, bool):
+        raise ValueError(ERR_BYTES)
+    if isinstance(value, int | float):
+        n = float(value)
+    else:
+        match = _BYTES.match(str(value))
+        if not match:
+            raise ValueError(ERR_BYTES)
+        unit = (match.group(2) or "").lower()
+        base = 1024 if "i" in unit else 1000
+        letter = unit[:1] if unit not in ("b", "") else ""
+        n = float(match.group(1)) * (base ** "kmgt".index(letter) * base if letter else 1)
+    if n <= 0:
+        raise ValueError("a size must be positive")
+    return int(n)
+
+
 def format_duration(seconds: float) -> str:
     """The shortest exact label for a window: ``3600 -> "1h"``.
 
@@ -221,7 +249,9 @@ class JoinConfig(_Section):
     ttl: float = 7 * 86400.0
     outcome_ttl: float | None = None
     dedupe_retention: float | None = None
-    max_pending: int = Field(1_000_000, gt=0)
+    # per partition; 30 days at 100 predictions/s is 259.2 million (on disk, ~100 bytes each)
+    max_pending: int = Field(300_000_000, gt=0)
+    max_remembered: int | None = Field(None, gt=0)
 
     _durations = field_validator("ttl", "outcome_ttl", "dedupe_retention", mode="before")(
         lambda v: None if v is None else parse_duration(v)
@@ -229,11 +259,18 @@ class JoinConfig(_Section):
 
 
 class StateConfig(_Section):
-    path: Path = Path("stream-fair-state/state.db")
-    checkpoint_interval: float = 5.0
+    path: Path = Path("stream-fair-state")
+    checkpoint_interval: float = 1.0
     checkpoint_events: int = Field(50_000, gt=0)
+    changelog: bool = True
+    changelog_topic: str | None = None
+    changelog_replication: int = Field(1, ge=1)
+    cache_bytes: int = Field(64 << 20, gt=0)
+    write_buffer_bytes: int = Field(16 << 20, gt=0)
+    local_max_age: float = 12 * 3600.0
 
-    _durations = field_validator("checkpoint_interval", mode="before")(parse_duration)
+    _durations = field_validator("checkpoint_interval", "local_max_age", mode="before")(parse_duration)
+    _sizes = field_validator("cache_bytes", "write_buffer_bytes", mode="before")(lambda v: parse_bytes(v))
 
 
 class ExporterConfig(_Section):

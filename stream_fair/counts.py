@@ -1,25 +1,30 @@
-"""Per (model, cell) confusion counts with river, cumulative and in event-time buckets.
+"""The one count store: per (model, cell) rows of plain ints, and the confusion-cell order.
 
-One joined pair updates one river :class:`~river.metrics.ConfusionMatrix` for its cell (plus the one
-of its event-time bucket); marginal features and intersections are sums over cells, computed at
-snapshot time (see :mod:`stream_fair.groups`).
+Every other module takes the cell order, the row layout and the (label, predicted) slots from
+here. A *cell* is the tuple of all sensitive-feature values (see :mod:`stream_fair.groups`); a
+marginal feature or an intersection is a projection of it, summed at read time, so each event
+costs one row update however many features are configured.
 
-Windows: ``river.utils.TimeRolling`` would keep every event of the window in memory (a day at
-1,000 events/s is 86 million entries) and could not be checkpointed cheaply, so windows are
-running sums per window and cell, added to with each pair and reverted bucket by bucket as the
-watermark slides (river's ``ConfusionMatrix.revert`` idea); fixed event-time buckets of
-``resolution`` seconds remember what to revert. The window sums are plain ``[tp, fp, tn, fn]``
-lists rather than river matrices: they sit on the per-event hot path, where each river update
-costs about 1 us and the whole pipeline has a budget of a few. A window of width ``w`` covers the
-``w / resolution`` buckets ending with the watermark's bucket.
+A row holds, in :data:`ROW` order: predictions by predicted value, the joined pairs' confusion
+counts (:data:`CONFUSION` order) and the predictions that expired unlabelled.
 
->>> c = CellCounts(resolution=60, windows=(3600,))
->>> c.add_joined("m", ("F",), label=1, predicted=0, ts=30.0)
->>> c.add_joined("m", ("F",), label=1, predicted=1, ts=7200.0)
->>> c.cumulative()[("m", ("F",))]
-(1, 0, 0, 1)
->>> c.window(0)[("m", ("F",))]
-(1, 0, 0, 0)
+:class:`PartitionCounts` keeps one partition's cumulative rows (exported as counters) and, since
+the last checkpoint, the same increments bucketed by the prediction's event-time *period*
+(:attr:`PartitionCounts.increments`), which the model-wide aggregator folds.
+
+River's ``ConfusionMatrix.update`` costs about 1 us per call and a row update about 0.1 us; the
+rows are converted to river matrices only where river's API is wanted (:func:`to_river`).
+
+>>> c = PartitionCounts(period=60.0)
+>>> i = c.cell("m", ("F",))
+>>> c.add_prediction(i, predicted=1, ts=30.0)
+>>> c.add_joined(i, label=1, predicted=1, ts=30.0)
+>>> c.rows[i]
+[0, 1, 1, 0, 0, 0, 0]
+>>> sorted(c.increments.items())
+[((0, 0), [0, 1, 1, 0, 0, 0, 0])]
+>>> int(to_river(confusion(c.rows[i]))[1][1])
+1
 """
 
 from __future__ import annotations
@@ -31,149 +36,113 @@ from river.metrics import ConfusionMatrix
 
 from stream_fair.groups import Cell
 
-Key = tuple[str, Cell]
-Quad = tuple[int, int, int, int]  # tp, fp, tn, fn
+CONFUSION: tuple[str, ...] = ("tp", "fp", "tn", "fn")
+"""The confusion-cell order used everywhere: true positive, false positive, true negative, false negative."""
+
+ACTUAL_PREDICTED: tuple[tuple[int, int], ...] = ((1, 1), (0, 1), (0, 0), (1, 0))
+"""(label, predicted) of each :data:`CONFUSION` slot."""
+
+SLOT: dict[tuple[int, int], int] = {lp: i for i, lp in enumerate(ACTUAL_PREDICTED)}
+"""(label, predicted) -> index in :data:`CONFUSION`."""
+
+ROW: tuple[str, ...] = ("predicted_0", "predicted_1", *CONFUSION, "expired")
+"""Columns of a count row."""
+
+PRED0, PRED1, TP, FP, TN, FN, EXPIRED = range(len(ROW))
+"""Column indexes of a row."""
+WIDTH = len(ROW)
+
+Key = tuple[str, Cell]  # (model, cell)
+Quad = tuple[int, int, int, int]  # CONFUSION order
 
 
-def quad(cm: ConfusionMatrix) -> Quad:
-    """(tp, fp, tn, fn) of a binary river confusion matrix."""
-    d = cm.data
-    one, zero = d.get(1, {}), d.get(0, {})
-    return (
-        int(one.get(1, 0)),
-        int(zero.get(1, 0)),
-        int(zero.get(0, 0)),
-        int(one.get(0, 0)),
-    )
+def confusion(row: list[int]) -> Quad:
+    """The row's confusion counts in :data:`CONFUSION` order."""
+    return (row[TP], row[FP], row[TN], row[FN])
 
 
-def _matrix(q: Quad) -> ConfusionMatrix:
+def add_rows(a: list[int], b: list[int] | tuple[int, ...]) -> None:
+    """``a += b`` elementwise."""
+    for i, v in enumerate(b):
+        a[i] += v
+
+
+def to_river(q: Quad) -> ConfusionMatrix:
+    """A river confusion matrix with these counts (``cm[label][predicted]``)."""
     cm = ConfusionMatrix()
-    for (y, p), w in zip(_ORDER, q, strict=True):
+    for (y, p), w in zip(ACTUAL_PREDICTED, q, strict=True):
         if w:
             cm.update(y, p, w=w)
     return cm
 
 
-def add_quads(a: Quad, b: Quad) -> Quad:
-    return (a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3])
+class PartitionCounts:
+    """Cumulative rows per interned (model, cell) and per-period increments since the checkpoint."""
 
+    __slots__ = ("period", "keys", "index", "rows", "dirty", "increments")
 
-class CellCounts:
-    """Counts of one partition: joined confusion, predictions and expiries per (model, cell)."""
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self.keys: list[Key] = []  # cell index -> (model, cell)
+        self.index: dict[Key, int] = {}
+        self.rows: list[list[int]] = []
+        self.dirty: set[int] = set()
+        # (cell index, period index) -> row of increments since the last checkpoint
+        self.increments: dict[tuple[int, int], list[int]] = {}
 
-    def __init__(self, resolution: float, windows: tuple[float, ...] = ()) -> None:
-        self.resolution = resolution
-        self.spans = tuple(max(1, round(w / resolution)) for w in windows)  # buckets per window
-        self.max_span = max(self.spans, default=0)
-        self.confusion: dict[Key, ConfusionMatrix] = {}
-        self.buckets: dict[int, dict[Key, list[int]]] = {}
-        self.windows: list[dict[Key, list[int]]] = [{} for _ in self.spans]
-        self.last_bucket: int | None = None  # the watermark's bucket
-        self.predictions: dict[Key, list[int]] = {}  # [predicted 0, predicted 1]
-        self.expired: dict[Key, int] = {}
+    def __repr__(self) -> str:
+        return f"PartitionCounts(cells={len(self.rows)}, changed={len(self.dirty)})"
 
-    def add_prediction(self, model: str, cell: Cell, predicted: int) -> None:
+    def cell(self, model: str, cell: Cell) -> int:
+        """The index of (model, cell), interned on first use."""
         key = (model, cell)
-        row = self.predictions.get(key)
-        if row is None:
-            row = self.predictions[key] = [0, 0]
-        row[predicted] += 1
+        i = self.index.get(key)
+        if i is None:
+            i = self.index[key] = len(self.keys)
+            self.keys.append(key)
+            self.rows.append([0] * WIDTH)
+        return i
 
-    def add_expired(self, model: str, cell: Cell) -> None:
-        key = (model, cell)
-        self.expired[key] = self.expired.get(key, 0) + 1
+    def _bump(self, i: int, column: int, ts: float) -> None:
+        self.rows[i][column] += 1
+        self.dirty.add(i)
+        k = (i, math.floor(ts / self.period))
+        inc = self.increments.get(k)
+        if inc is None:
+            inc = self.increments[k] = [0] * WIDTH
+        inc[column] += 1
 
-    def add_joined(self, model: str, cell: Cell, label: int, predicted: int, ts: float) -> None:
+    def add_prediction(self, i: int, predicted: int, ts: float) -> None:
+        self._bump(i, PRED1 if predicted else PRED0, ts)
+
+    def add_joined(self, i: int, label: int, predicted: int, ts: float) -> None:
         """Count a joined pair at its prediction's event time ``ts``."""
-        key = (model, cell)
-        cm = self.confusion.get(key)
-        if cm is None:
-            cm = self.confusion[key] = ConfusionMatrix()
-        cm.update(label, predicted)
-        if not self.spans:
-            return
-        b = math.floor(ts / self.resolution)
-        last = self.last_bucket
-        if last is None or b > last:
-            self.advance(ts)
-            last = b
-        if b <= last - self.max_span:
-            return  # older than every window: cumulative only
-        bucket = self.buckets.get(b)
-        if bucket is None:
-            bucket = self.buckets[b] = {}
-        q = bucket.get(key)
-        if q is None:
-            q = bucket[key] = [0, 0, 0, 0]
-        slot = _SLOT[label, predicted]
-        q[slot] += 1
-        for span, window in zip(self.spans, self.windows, strict=True):
-            if b > last - span:
-                w = window.get(key)
-                if w is None:
-                    w = window[key] = [0, 0, 0, 0]
-                w[slot] += 1
+        self._bump(i, TP + SLOT[label, predicted], ts)
 
-    def advance(self, watermark: float) -> None:
-        """Slide the windows to end at ``watermark``: buckets that fall out are reverted."""
-        if not self.spans:
-            return
-        new_last = math.floor(watermark / self.resolution)
-        last = self.last_bucket
-        if last is not None and new_last <= last:
-            return
-        self.last_bucket = new_last
-        if last is None:
-            return
-        for span, window in zip(self.spans, self.windows, strict=True):
-            for b in range(last - span + 1, min(new_last - span, last) + 1):
-                for key, q in self.buckets.get(b, {}).items():
-                    w = window[key]
-                    for i in range(4):
-                        w[i] -= q[i]
-                    if not any(w):
-                        del window[key]
-        horizon = new_last - self.max_span
-        for b in [b for b in self.buckets if b <= horizon]:
-            del self.buckets[b]
+    def add_expired(self, i: int, ts: float) -> None:
+        self._bump(i, EXPIRED, ts)
 
-    # -- reads ------------------------------------------------------------------------------
-    def cumulative(self) -> dict[Key, Quad]:
-        return {k: quad(cm) for k, cm in self.confusion.items()}
+    # -- checkpoint -----------------------------------------------------------------------------
+    def take_increments(self) -> dict[tuple[int, int], list[int]]:
+        out, self.increments = self.increments, {}
+        return out
 
-    def window(self, index: int) -> dict[Key, Quad]:
-        """Counts of the ``index``-th configured window (non-empty cells only)."""
-        return {k: (w[0], w[1], w[2], w[3]) for k, w in self.windows[index].items() if any(w)}
+    def row_document(self, i: int) -> list[Any]:
+        model, cell = self.keys[i]
+        return [model, list(cell), list(self.rows[i])]
 
-    # -- persistence ------------------------------------------------------------------------
-    def to_state(self) -> dict[str, Any]:
-        return {
-            "confusion": [[m, list(c), quad(cm)] for (m, c), cm in self.confusion.items()],
-            "buckets": [[b, [[m, list(c), q] for (m, c), q in d.items()]] for b, d in self.buckets.items()],
-            "last_bucket": self.last_bucket,
-            "predictions": [[m, list(c), row] for (m, c), row in self.predictions.items()],
-            "expired": [[m, list(c), n] for (m, c), n in self.expired.items()],
-        }
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.confusion = {(m, tuple(c)): _matrix(tuple(q)) for m, c, q in state["confusion"]}
-        self.buckets = {int(b): {(m, tuple(c)): list(q) for m, c, q in rows} for b, rows in state["buckets"]}
-        self.last_bucket = state["last_bucket"]
-        self.predictions = {(m, tuple(c)): list(row) for m, c, row in state["predictions"]}
-        self.expired = {(m, tuple(c)): int(n) for m, c, n in state["expired"]}
-        # Windows are derived state: rebuild them from the buckets they cover.
-        self.windows = [{} for _ in self.spans]
-        if self.last_bucket is None:
-            return
-        for span, window in zip(self.spans, self.windows, strict=True):
-            for b, bucket in self.buckets.items():
-                if b > self.last_bucket - span:
-                    for key, q in bucket.items():
-                        w = window.setdefault(key, [0, 0, 0, 0])
-                        for i in range(4):
-                            w[i] += q[i]
+    def load_row(self, i: int, doc: list[Any]) -> None:
+        model, cell, row = doc
+        while len(self.keys) <= i:  # indexes are dense; fill in order
+            self.keys.append(("", ()))
+            self.rows.append([0] * WIDTH)
+        key = (str(model), tuple(cell))
+        self.keys[i] = key
+        self.index[key] = i
+        self.rows[i] = [int(x) for x in row] + [0] * (WIDTH - len(row))
 
 
-_ORDER = ((1, 1), (0, 1), (0, 0), (1, 0))  # tp, fp, tn, fn as (label, predicted)
-_SLOT = {yp: i for i, yp in enumerate(_ORDER)}
+__all__ = [
+    "ACTUAL_PREDICTED", "CONFUSION", "ROW", "SLOT", "WIDTH", "Key", "Quad", "PartitionCounts",
+    "add_rows", "confusion", "to_river",
+]  # fmt: skip

@@ -23,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.process_collector import ProcessCollector
 
 from stream_fair import __version__
+from stream_fair.counts import ACTUAL_PREDICTED, EXPIRED, FN, FP, PRED0, PRED1, TN, TP
 from stream_fair.fairness import DISPARITIES, RATES
 from stream_fair.report import CUMULATIVE, Report
 from stream_fair.tracker import TOPICS
@@ -33,7 +34,7 @@ P = "stream_fair_"
 _GROUP = ["model", "feature", "group"]
 _GROUP_W = ["model", "feature", "group", "window"]
 _FEATURE_W = ["model", "feature", "window", "method"]
-_ACTUAL_PREDICTED = (("1", "1"), ("0", "1"), ("0", "0"), ("1", "0"))  # tp, fp, tn, fn
+_ACTUAL_PREDICTED = tuple((str(a), str(p)) for a, p in ACTUAL_PREDICTED)  # CONFUSION order
 
 
 @dataclass
@@ -44,6 +45,8 @@ class PipelineStats:
     dead_letters: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     last_checkpoint: float | None = None
+    # records this process read, checkpointed or not (re-reads after a restart included)
+    records_read: dict[str, int] = field(default_factory=lambda: {"predictions": 0, "outcomes": 0})
 
 
 Source = Callable[[], tuple[Report, PipelineStats]]
@@ -88,8 +91,8 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
 
     confusion = CounterMetricFamily(
         P + "confusion",
-        "Joined (prediction, outcome) pairs",
-        labels=[*_GROUP, "actual", "predicted"],
+        "Joined (prediction, outcome) pairs, per input partition",
+        labels=[*_GROUP, "actual", "predicted", "partition"],
     )
     window_conf = GaugeMetricFamily(
         P + "window_confusion",
@@ -128,10 +131,8 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
         for g, gr in fr.groups.items():
             labels = [view.model, fname, g, view.window]
             c = gr.counts
-            for (actual, predicted), n in zip(_ACTUAL_PREDICTED, (c.tp, c.fp, c.tn, c.fn), strict=True):
-                if view.window == CUMULATIVE:
-                    confusion.add_metric([view.model, fname, g, actual, predicted], n)
-                else:
+            if view.window != CUMULATIVE:
+                for (actual, predicted), n in zip(_ACTUAL_PREDICTED, (c.tp, c.fp, c.tn, c.fn), strict=True):
                     window_conf.add_metric([*labels, actual, predicted], n)
             samples.add_metric(labels, c.n)
             small.add_metric(labels, 0.0 if c.n >= report.settings.min_samples else 1.0)
@@ -153,7 +154,6 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
     )
     for d, t in sorted(report.settings.thresholds.items()):
         threshold.add_metric([d], t)
-    yield confusion
     yield window_conf
     yield samples
     yield small
@@ -165,18 +165,26 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
 
     predictions = CounterMetricFamily(
         P + "predictions",
-        "Accepted prediction events, labelled or not",
-        labels=[*_GROUP, "predicted"],
+        "Accepted prediction events, labelled or not, per input partition",
+        labels=[*_GROUP, "predicted", "partition"],
     )
     expired = CounterMetricFamily(
-        P + "expired_predictions", "Predictions that never received an outcome", labels=_GROUP
+        P + "expired_predictions",
+        "Predictions that never received an outcome, per input partition",
+        labels=[*_GROUP, "partition"],
     )
-    for tv in report.traffic:
-        for g, (n0, n1) in tv.predictions.items():
-            predictions.add_metric([tv.model, tv.feature.name, g, "0"], n0)
-            predictions.add_metric([tv.model, tv.feature.name, g, "1"], n1)
-        for g, n in tv.expired.items():
-            expired.add_metric([tv.model, tv.feature.name, g], n)
+    for pg in report.partitions:
+        part = str(pg.partition)
+        for (model, fname, g), row in sorted(pg.rows.items()):
+            if row[PRED0] or row[PRED1]:
+                predictions.add_metric([model, fname, g, "0", part], row[PRED0])
+                predictions.add_metric([model, fname, g, "1", part], row[PRED1])
+            if row[EXPIRED]:
+                expired.add_metric([model, fname, g, part], row[EXPIRED])
+            if any(row[TP : FN + 1]):
+                for (actual, predicted), col in zip(_ACTUAL_PREDICTED, (TP, FP, TN, FN), strict=True):
+                    confusion.add_metric([model, fname, g, actual, predicted, part], row[col])
+    yield confusion
     yield predictions
     yield expired
     if snap.feedback is not None:
@@ -189,49 +197,82 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
 
 def _pipeline(report: Report, stats: PipelineStats) -> Iterator[Metric]:
     snap = report.snapshot
-    consumed = CounterMetricFamily(P + "events_consumed", "Records read from Kafka", labels=["topic"])
-    fates = CounterMetricFamily(P + "event_fates", "Final fate of each record", labels=["topic", "fate"])
-    pending = GaugeMetricFamily(P + "pending_events", "Records waiting for their partner", labels=["topic"])
+    part = ["partition"]
+    consumed = CounterMetricFamily(P + "events_consumed", "Records read from Kafka", labels=["topic", *part])
+    fates = CounterMetricFamily(
+        P + "event_fates", "Final fate of each record", labels=["topic", "fate", *part]
+    )
+    pending = GaugeMetricFamily(
+        P + "pending_events", "Records waiting for their partner", labels=["topic", *part]
+    )
     rejected = CounterMetricFamily(
-        P + "rejected_events", "Rejected records by reason", labels=["topic", "reason"]
+        P + "rejected_events", "Rejected records by reason", labels=["topic", "reason", *part]
     )
     evictions = CounterMetricFamily(
         P + "capacity_evictions",
         "Pending records expired early at join.max_pending",
-        labels=["topic"],
+        labels=["topic", *part],
     )
+    last = GaugeMetricFamily(
+        P + "last_event_timestamp_seconds", "Event time of the newest record", labels=["topic", *part]
+    )
+    overflow = CounterMetricFamily(
+        P + "cardinality_overflow", "Predictions folded into __other__", labels=["feature", *part]
+    )
+    watermark = GaugeMetricFamily(
+        P + "watermark_timestamp_seconds", "Event-time watermark of the partition", labels=part
+    )
+    for p, v in sorted(snap.partitions.items()):
+        ps = str(p)
+        for i, t in enumerate(TOPICS):
+            consumed.add_metric([t, ps], v.consumed[i])
+            for fate, n in v.fates[i].items():
+                fates.add_metric([t, fate, ps], n)
+            pending.add_metric([t, ps], v.pending[i])
+            for reason, n in sorted(v.rejected[i].items()):
+                rejected.add_metric([t, reason, ps], n)
+            evictions.add_metric([t, ps], v.capacity_evictions[i])
+            if v.last_ts[i] is not None:
+                last.add_metric([t, ps], v.last_ts[i])  # type: ignore[arg-type]
+        for f, n in v.overflow.items():
+            overflow.add_metric([f, ps], n)
+        if v.watermark is not None:
+            watermark.add_metric([ps], v.watermark)
     dead = CounterMetricFamily(
         P + "dead_letters", "Records written to the dead-letter topic", labels=["topic"]
     )
-    last = GaugeMetricFamily(
-        P + "last_event_timestamp_seconds", "Event time of the newest record", labels=["topic"]
-    )
     for t in TOPICS:
-        consumed.add_metric([t], snap.consumed[t])
-        for fate, n in snap.fates[t].items():
-            fates.add_metric([t, fate], n)
-        pending.add_metric([t], snap.pending[t])
-        for reason, n in sorted(snap.rejected[t].items()):
-            rejected.add_metric([t, reason], n)
-        evictions.add_metric([t], snap.capacity_evictions[t])
         dead.add_metric([t], stats.dead_letters.get(t, 0))
-        if t in snap.last_event_ts:
-            last.add_metric([t], snap.last_event_ts[t])
-    overflow = CounterMetricFamily(
-        P + "cardinality_overflow", "Predictions folded into __other__", labels=["feature"]
-    )
-    for f, n in snap.overflow.items():
-        overflow.add_metric([f], n)
     lag = GaugeMetricFamily(
         P + "consumer_lag", "High-water mark minus position", labels=["topic", "partition"]
     )
     for (role, partition), n in sorted(stats.lag.items()):
         lag.add_metric([role, str(partition)], n)
-    yield from (consumed, fates, pending, rejected, evictions, dead, last, overflow, lag)
-    if snap.watermark is not None:
-        yield GaugeMetricFamily(
-            P + "watermark_timestamp_seconds", "Largest event time seen", value=snap.watermark
-        )
+    read = CounterMetricFamily(
+        P + "records_read",
+        "Records this process read from Kafka (not durable: includes re-reads after a restart)",
+        labels=["topic"],
+    )
+    for t, n in sorted(stats.records_read.items()):
+        read.add_metric([t], n)
+    owned = GaugeMetricFamily(
+        P + "partitions_owned", "Input partitions this replica owns and has restored", labels=[]
+    )
+    owned.add_metric([], len(snap.partitions))
+    yield from (
+        consumed,
+        fates,
+        pending,
+        rejected,
+        evictions,
+        dead,
+        last,
+        overflow,
+        lag,
+        watermark,
+        owned,
+        read,
+    )
     if stats.last_checkpoint is not None:
         yield GaugeMetricFamily(
             P + "last_checkpoint_timestamp_seconds",

@@ -13,34 +13,45 @@ Every event gets exactly one fate, per topic:
 =============  ===========================================================================
 
 Time is event time: the *watermark* is set by the tracker (the newest event time, held back while
-either topic still has unread records). A prediction expires
-when ``watermark > prediction.ts + ttl``; a waiting outcome becomes an orphan when
-``watermark > outcome.ts + outcome_ttl``. Joined and expired ids are remembered for
-``retention`` more seconds to recognise duplicates and late outcomes. Pending state is bounded by
-``max_pending``: at the bound the event closest to its deadline is expired (or orphaned) early and
-counted in ``capacity_evictions``; remembered ids are bounded the same way.
+either topic still has unread records). A prediction expires when ``watermark > ts + ttl``; a
+waiting outcome becomes an orphan when ``watermark > ts + outcome_ttl``. Joined and expired ids
+are remembered for ``retention`` more seconds (joined: from the later of the two event times;
+expired: from the deadline) to recognise duplicates and late outcomes. At most ``max_pending``
+events wait and at most ``max_remembered`` ids are remembered; beyond that, the event closest to
+its deadline is expired (or orphaned, or forgotten) early and counted.
 
-No maintained library offers a keyed two-sided join with per-event fates, so this is hand-written:
-two dicts for pending events and two heaps of deadlines with lazy deletion.
+The records live in an :class:`~stream_fair.state.ids.IdTable` over the local store, so a pending
+prediction costs disk, not RAM (see ``docs/state.md``).
 
->>> from stream_fair.events import Outcome, Prediction
->>> buf = JoinBuffer(ttl=60)
->>> buf.add_outcome(Outcome("a", 5.0, 1))        # the outcome comes first and waits
+>>> import tempfile
+>>> from stream_fair.state.rocks import RocksBackend
+>>> from stream_fair.state.codec import PendingPrediction
+>>> join = Join(RocksBackend(tempfile.mkdtemp()), partition=0, ttl=60)
+>>> join.add_outcome("a", ts=5.0, label=1)                     # the outcome comes first and waits
 ('pending', None)
->>> fate, other = buf.add_prediction(Prediction("a", 1.0, "m", 1, None, ("F",)))
->>> fate, other.label
+>>> fate, partner = join.add_prediction("a", PendingPrediction(1.0, cell=0, predicted=1, score=None))
+>>> fate, partner.label
 ('joined', 1)
->>> buf.add_prediction(Prediction("a", 1.0, "m", 1, None, ("F",)))[0]
+>>> join.add_prediction("a", PendingPrediction(1.0, cell=0, predicted=1, score=None))[0]
 'duplicate'
 """
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
 from typing import Any
 
-from stream_fair.events import Outcome, Prediction
+from stream_fair.state.codec import (
+    KIND_E,
+    KIND_J,
+    KIND_O,
+    KIND_P,
+    PendingOutcome,
+    PendingPrediction,
+    Record,
+    Remembered,
+)
+from stream_fair.state.ids import IdTable
 
 JOINED = "joined"
 PENDING = "pending"
@@ -51,169 +62,169 @@ LATE = "late"
 REJECTED = "rejected"
 FINAL_FATES = (JOINED, EXPIRED, ORPHAN, DUPLICATE, LATE, REJECTED)
 
-_PRED, _OUT = 0, 1
-
 
 @dataclass(slots=True)
 class Expiry:
-    """What one watermark advance released."""
+    """What one watermark advance (or a capacity eviction) released: ids with their records."""
 
-    predictions: list[Prediction] = field(default_factory=list)
-    outcomes: list[Outcome] = field(default_factory=list)
+    predictions: list[tuple[str, PendingPrediction]] = field(default_factory=list)
+    outcomes: list[str] = field(default_factory=list)
 
 
-class JoinBuffer:
+class Join:
     """Pending predictions and outcomes of one partition, joined by id in event time."""
+
+    __slots__ = (
+        "ids", "ttl", "outcome_ttl", "retention", "max_pending", "max_remembered", "watermark",
+        "pending_predictions", "pending_outcomes", "remembered", "capacity_evictions",
+        "memory_evictions",
+    )  # fmt: skip
 
     def __init__(
         self,
+        backend: Any,
+        partition: int,
         ttl: float,
         outcome_ttl: float | None = None,
         retention: float | None = None,
-        max_pending: int = 1_000_000,
+        max_pending: int = 300_000_000,
+        max_remembered: int | None = None,
     ) -> None:
         self.ttl = ttl
         self.outcome_ttl = ttl if outcome_ttl is None else outcome_ttl
         self.retention = ttl if retention is None else retention
         self.max_pending = max_pending
-        self.predictions: dict[str, Prediction] = {}
-        self.outcomes: dict[str, Outcome] = {}
-        self.joined_ids: dict[str, float] = {}  # id -> forget at (event time)
-        self.expired_ids: dict[str, float] = {}
+        self.max_remembered = max_pending if max_remembered is None else max_remembered
+        self.ids = IdTable(backend, partition, self.ttl, self.outcome_ttl)
         self.watermark = float("-inf")
+        self.pending_predictions = 0
+        self.pending_outcomes = 0
+        self.remembered = 0
         self.capacity_evictions = [0, 0]  # predictions, outcomes
         self.memory_evictions = 0
-        self._pending_heap: list[tuple[float, int, str]] = []  # (deadline, kind, id)
-        self._memory_heap: list[tuple[float, str]] = []  # (forget at, id)
 
     def __repr__(self) -> str:
         return (
-            f"JoinBuffer(pending_predictions={len(self.predictions)}, "
-            f"pending_outcomes={len(self.outcomes)}, watermark={self.watermark})"
+            f"Join(pending_predictions={self.pending_predictions}, "
+            f"pending_outcomes={self.pending_outcomes}, watermark={self.watermark})"
         )
 
     # -- updates ----------------------------------------------------------------------------
-    def add_prediction(self, p: Prediction) -> tuple[str, Outcome | None]:
+    def add_prediction(self, event_id: str, p: PendingPrediction) -> tuple[str, PendingOutcome | None]:
         """Offer a prediction; returns its fate and, when joined, the waiting outcome."""
-        pid = p.id
-        if pid in self.predictions or pid in self.joined_ids or pid in self.expired_ids:
-            return DUPLICATE, None
-        outcome = self.outcomes.pop(pid, None)
-        if outcome is not None:
-            self._remember(pid, max(p.ts, outcome.ts), self.joined_ids)
-            return JOINED, outcome
-        self.predictions[pid] = p
-        heapq.heappush(self._pending_heap, (p.ts + self.ttl, _PRED, pid))
-        return PENDING, None
+        ids = self.ids
+        rec = ids.get(event_id)
+        if rec is None:
+            ids.put(event_id, p)
+            self.pending_predictions += 1
+            return PENDING, None
+        if rec.__class__ is PendingOutcome:
+            o: PendingOutcome = rec  # type: ignore[assignment]
+            ids.put(event_id, Remembered(KIND_J, max(p.ts, o.ts) + self.retention))
+            self.pending_outcomes -= 1
+            self.remembered += 1
+            return JOINED, o
+        return DUPLICATE, None
 
-    def add_outcome(self, o: Outcome) -> tuple[str, Prediction | None]:
+    def add_outcome(self, event_id: str, ts: float, label: int) -> tuple[str, PendingPrediction | None]:
         """Offer an outcome; returns its fate and, when joined, the waiting prediction."""
-        oid = o.id
-        if oid in self.outcomes or oid in self.joined_ids:
-            return DUPLICATE, None
-        if oid in self.expired_ids:
-            del self.expired_ids[oid]  # a second copy of this outcome is a duplicate, not late
-            self._remember(oid, o.ts, self.joined_ids)
+        ids = self.ids
+        rec = ids.get(event_id)
+        if rec is None:
+            ids.put(event_id, PendingOutcome(ts, label))
+            self.pending_outcomes += 1
+            return PENDING, None
+        cls = rec.__class__
+        if cls is PendingPrediction:
+            p: PendingPrediction = rec  # type: ignore[assignment]
+            ids.put(event_id, Remembered(KIND_J, max(p.ts, ts) + self.retention))
+            self.pending_predictions -= 1
+            self.remembered += 1
+            return JOINED, p
+        if cls is Remembered and rec.kind == KIND_E:  # type: ignore[union-attr]
+            # a second copy of this outcome is a duplicate, not late
+            ids.put(event_id, Remembered(KIND_J, ts + self.retention))
             return LATE, None
-        prediction = self.predictions.pop(oid, None)
-        if prediction is not None:
-            self._remember(oid, max(prediction.ts, o.ts), self.joined_ids)
-            return JOINED, prediction
-        self.outcomes[oid] = o
-        heapq.heappush(self._pending_heap, (o.ts + self.outcome_ttl, _OUT, oid))
-        return PENDING, None
+        return DUPLICATE, None
 
     def advance(self, ts: float) -> Expiry | None:
         """Move the watermark to ``ts`` if later; return what expired, or None (the common case)."""
         if ts <= self.watermark:
             return None
         self.watermark = ts
+        ids = self.ids
         released = None
-        heap = self._pending_heap
-        while heap and heap[0][0] < ts:
-            released = self._release(heapq.heappop(heap), released)
-        memory = self._memory_heap
-        while memory and memory[0][0] < ts:
-            _, key = heapq.heappop(memory)
-            self._forget(key, ts)
+        if ids.due_before(ts):
+            released = self._release(ids.pop_due(ts))
+        if ids.forget_before(ts):
+            for event_id, _ in ids.pop_forget(ts):
+                ids.delete(event_id)
+                self.remembered -= 1
         return released
 
     def enforce_capacity(self) -> Expiry | None:
-        """Expire the events closest to their deadline while over ``max_pending``."""
+        """Expire the events closest to their deadline while over ``max_pending``; forget likewise."""
         released = None
-        heap = self._pending_heap
-        while len(self.predictions) + len(self.outcomes) > self.max_pending and heap:
-            before = len(self.predictions), len(self.outcomes)
-            released = self._release(heapq.heappop(heap), released)
-            after = len(self.predictions), len(self.outcomes)
-            self.capacity_evictions[0] += before[0] - after[0]
-            self.capacity_evictions[1] += before[1] - after[1]
-        while len(self.joined_ids) + len(self.expired_ids) > self.max_pending and self._memory_heap:
-            _, key = heapq.heappop(self._memory_heap)
-            if self._forget(key, float("inf")):
+        over = self.pending_predictions + self.pending_outcomes - self.max_pending
+        if over > 0:
+            before = self.pending_predictions, self.pending_outcomes
+            released = self._release(self.ids.pop_due(limit=over))
+            self.capacity_evictions[0] += before[0] - self.pending_predictions
+            self.capacity_evictions[1] += before[1] - self.pending_outcomes
+        over = self.remembered - self.max_remembered
+        if over > 0:
+            for event_id, _ in self.ids.pop_forget(limit=over):
+                self.ids.delete(event_id)
+                self.remembered -= 1
                 self.memory_evictions += 1
         return released
 
-    # -- internals --------------------------------------------------------------------------
-    def _release(self, entry: tuple[float, int, str], released: Expiry | None) -> Expiry | None:
-        deadline, kind, key = entry
-        if kind == _PRED:
-            p = self.predictions.get(key)
-            if p is None or p.ts + self.ttl != deadline:
-                return released  # joined since, or re-added later with another deadline
-            del self.predictions[key]
-            self._remember(key, deadline, self.expired_ids)
-            released = released or Expiry()
-            released.predictions.append(p)
-        else:
-            o = self.outcomes.get(key)
-            if o is None or o.ts + self.outcome_ttl != deadline:
-                return released
-            del self.outcomes[key]
-            released = released or Expiry()
-            released.outcomes.append(o)
-        return released
+    @property
+    def over_capacity(self) -> bool:
+        return (
+            self.pending_predictions + self.pending_outcomes > self.max_pending
+            or self.remembered > self.max_remembered
+        )
 
-    def _remember(self, key: str, ts: float, into: dict[str, float]) -> None:
-        forget_at = ts + self.retention
-        into[key] = forget_at
-        heapq.heappush(self._memory_heap, (forget_at, key))
+    def _release(self, due: list[tuple[str, Record]]) -> Expiry | None:
+        if not due:
+            return None
+        out = Expiry()
+        ids = self.ids
+        for event_id, rec in due:
+            if rec.kind == KIND_P:
+                p: PendingPrediction = rec  # type: ignore[assignment]
+                ids.put(event_id, Remembered(KIND_E, p.ts + self.ttl + self.retention))
+                self.pending_predictions -= 1
+                self.remembered += 1
+                out.predictions.append((event_id, p))
+            else:
+                assert rec.kind == KIND_O
+                ids.delete(event_id)
+                self.pending_outcomes -= 1
+                out.outcomes.append(event_id)
+        return out
 
-    def _forget(self, key: str, now: float) -> bool:
-        for ids in (self.joined_ids, self.expired_ids):
-            forget_at = ids.get(key)
-            if forget_at is not None and forget_at <= now:
-                del ids[key]
-                return True
-        return False
-
-    # -- persistence ------------------------------------------------------------------------
+    # -- persistence (the counters; records live in the store) -------------------------------
     def to_state(self) -> dict[str, Any]:
         return {
             "watermark": self.watermark if self.watermark != float("-inf") else None,
-            "predictions": [
-                [p.id, p.ts, p.model, p.predicted, p.score, list(p.cell)] for p in self.predictions.values()
-            ],
-            "outcomes": [[o.id, o.ts, o.label] for o in self.outcomes.values()],
-            "joined_ids": self.joined_ids,
-            "expired_ids": self.expired_ids,
-            "capacity_evictions": self.capacity_evictions,
+            "pending": [self.pending_predictions, self.pending_outcomes],
+            "remembered": self.remembered,
+            "capacity_evictions": list(self.capacity_evictions),
             "memory_evictions": self.memory_evictions,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
         wm = state["watermark"]
         self.watermark = float("-inf") if wm is None else float(wm)
-        self.predictions = {
-            r[0]: Prediction(r[0], r[1], r[2], r[3], r[4], tuple(r[5])) for r in state["predictions"]
-        }
-        self.outcomes = {r[0]: Outcome(r[0], r[1], r[2]) for r in state["outcomes"]}
-        self.joined_ids = dict(state["joined_ids"])
-        self.expired_ids = dict(state["expired_ids"])
-        self.capacity_evictions = list(state["capacity_evictions"])
+        self.pending_predictions, self.pending_outcomes = (int(x) for x in state["pending"])
+        self.remembered = int(state["remembered"])
+        self.capacity_evictions = [int(x) for x in state["capacity_evictions"]]
         self.memory_evictions = int(state["memory_evictions"])
-        self._pending_heap = [(p.ts + self.ttl, _PRED, k) for k, p in self.predictions.items()]
-        self._pending_heap += [(o.ts + self.outcome_ttl, _OUT, k) for k, o in self.outcomes.items()]
-        heapq.heapify(self._pending_heap)
-        self._memory_heap = [(t, k) for ids in (self.joined_ids, self.expired_ids) for k, t in ids.items()]
-        heapq.heapify(self._memory_heap)
+
+
+__all__ = [
+    "DUPLICATE", "EXPIRED", "FINAL_FATES", "JOINED", "LATE", "ORPHAN", "PENDING", "REJECTED",
+    "Expiry", "Join", "KIND_J",
+]  # fmt: skip

@@ -1,9 +1,10 @@
-"""Kafka I/O with kafka-python: the consumer, the rebalance listener, the dead-letter producer.
+"""Kafka I/O with kafka-python: the consumer, the rebalance listener, the changelog, dead letters.
 
 The only module that imports ``kafka``. Offsets live in the state store next to the counts they
-produced (see :mod:`stream_fair.state`); on assignment each partition is sought to the offset its
-shard's checkpoint recorded, so a restart neither skips nor recounts a record. Offsets are also
-committed to Kafka after each checkpoint, for lag tooling only.
+produced (see :mod:`stream_fair.state`); on assignment each partition's state is restored (from the
+local store, then the changelog tail) and the partition is sought to the offsets that state
+recorded, so a restart or a move neither skips nor recounts a record. Offsets are also committed to
+Kafka after each checkpoint, for lag tooling only.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from stream_fair.config import Config, KafkaConfig
 from stream_fair.errors import BrokerError
+from stream_fair.state.restore import EPOCH_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,7 @@ def make_consumer(config: Config) -> KafkaConsumer:
                 fetch_max_bytes=k.fetch_max_bytes,
                 # The range assignor gives partition p of both topics to the same member: the
                 # join needs a prediction and its outcome (same key) in the same shard.
+                partition_assignment_strategy=(RangePartitionAssignor,),
                 **client_options(k),
                 **extra,
             )
@@ -92,8 +96,8 @@ def make_consumer(config: Config) -> KafkaConsumer:
         ) from None
 
 
-def check_copartitioned(consumer: KafkaConsumer, config: Config) -> None:
-    """Both input topics must exist with the same partition count (keys = ids)."""
+def check_copartitioned(consumer: KafkaConsumer, config: Config) -> int:
+    """Both input topics must exist with the same partition count (keys = ids); returns it."""
     t = config.topics
     counts: dict[str, int] = {}
     for role, name in (("predictions", t.predictions), ("outcomes", t.outcomes)):
@@ -115,17 +119,23 @@ def check_copartitioned(consumer: KafkaConsumer, config: Config) -> None:
             f"kafka error: topics.predictions has {counts['predictions']} partitions but "
             f"topics.outcomes has {counts['outcomes']}: co-partition them (same count, key = id)"
         )
+    return counts["predictions"]
 
 
 class ShardListener(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Moves shard state with partitions: checkpoint on revoke, load and seek on assign."""
+    """Moves shard state with partitions: checkpoint on revoke; on assign, pause until restored.
+
+    Restoring can take longer than ``max_poll_interval_ms``, so it does not run inside the
+    callback: the assigned input partitions are paused, the run loop restores them while it keeps
+    polling (which keeps the membership alive), then seeks and resumes them (:func:`resume_at`).
+    """
 
     def __init__(
         self,
         consumer: KafkaConsumer,
         topics: tuple[str, str],
         on_revoke: Callable[[set[int]], None],
-        on_assign: Callable[[set[int]], dict[int, list[int | None]]],
+        on_assign: Callable[[set[int]], None],
     ) -> None:
         self.consumer = consumer
         self.topics = topics
@@ -133,24 +143,37 @@ class ShardListener(ConsumerRebalanceListener):  # type: ignore[misc]
         self._on_assign = on_assign
 
     def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        shards = {tp.partition for tp in revoked}
+        shards = {tp.partition for tp in revoked if tp.topic in self.topics}
         if shards:
             self._on_revoke(shards)
 
     def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        assigned = list(assigned)
-        offsets = self._on_assign({tp.partition for tp in assigned})
-        for tp in assigned:
-            role = self.topics.index(tp.topic)
-            position = offsets.get(tp.partition, [None, None])[role]
-            if position is not None:
-                self.consumer.seek(tp, position)
-            else:
-                # No checkpoint: recount from the retained history (auto_offset_reset).
-                if self.consumer.config["auto_offset_reset"] == "latest":
-                    self.consumer.seek_to_end(tp)
-                else:
-                    self.consumer.seek_to_beginning(tp)
+        inputs = [tp for tp in assigned if tp.topic in self.topics]
+        if inputs:
+            self.consumer.pause(*inputs)
+            self._on_assign({tp.partition for tp in inputs})
+
+
+def resume_at(
+    consumer: KafkaConsumer, topics: tuple[str, str], shard: int, offsets: list[int | None]
+) -> None:
+    """Seek both input partitions of a restored shard to its offsets and resume them.
+
+    Without a checkpoint, ``auto_offset_reset`` decides: the retained history (``earliest``) or
+    only new records (``latest``).
+    """
+    tps = [TopicPartition(t, shard) for t in topics]
+    owned = consumer.assignment()
+    for tp, position in zip(tps, offsets, strict=True):
+        if tp not in owned:
+            continue
+        if position is not None:
+            consumer.seek(tp, position)
+        elif consumer.config["auto_offset_reset"] == "latest":
+            consumer.seek_to_end(tp)
+        else:
+            consumer.seek_to_beginning(tp)
+    consumer.resume(*[tp for tp in tps if tp in owned])
 
 
 def commit_offsets(
@@ -225,3 +248,158 @@ class DeadLetters:
         if self._producer is not None:
             self._producer.flush(timeout=10)
             self._producer.close(timeout=5)
+
+
+# -- the changelog ---------------------------------------------------------------------------------
+CHANGELOG_CONFIGS = {
+    "cleanup.policy": "compact",
+    # an ignored (uncommitted) tail is rewritten by the next owner's claim within seconds;
+    # compaction must not hide the committed value before that (docs/state.md)
+    "min.compaction.lag.ms": str(3_600_000),
+    "delete.retention.ms": str(7 * 86_400_000),
+    "max.message.bytes": str(8 << 20),
+}
+
+
+def changelog_topic(config: Config) -> str:
+    return config.state.changelog_topic or f"{config.kafka.group_id}-stream-fair-changelog"
+
+
+def ensure_changelog(consumer: KafkaConsumer, config: Config, partitions: int) -> None:
+    """Create the changelog topic (compacted, co-partitioned with the inputs) or check it."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    name = changelog_topic(config)
+    try:
+        existing = consumer.partitions_for_topic(name)
+    except KafkaError:
+        existing = None
+    if existing:
+        if len(existing) != partitions:
+            raise BrokerError(
+                f"kafka error: the changelog topic {name!r} has {len(existing)} partitions but the input "
+                f"topics have {partitions}: recreate it with {partitions} partitions (its state is lost: "
+                "predictions still pending are then recounted from the input topics) or set "
+                "state.changelog_topic to a new name"
+            )
+        return
+    admin = KafkaAdminClient(**client_options(config.kafka))
+    try:
+        admin.create_topics(
+            [NewTopic(name, partitions, config.state.changelog_replication, topic_configs=CHANGELOG_CONFIGS)]
+        )
+    except TopicAlreadyExistsError:
+        pass
+    except KafkaError as exc:
+        raise BrokerError(
+            f"kafka error: cannot create the changelog topic {name!r} ({type(exc).__name__}): create it "
+            f"yourself (compacted, {partitions} partitions) or grant the CreateTopics permission"
+        ) from None
+    finally:
+        admin.close()
+
+
+class ChangelogWriter:
+    """Writes checkpoints to the changelog: data records, then each partition's meta alone.
+
+    The meta goes in its own batch after the data is acknowledged, so it is the commit marker (a
+    reader applies a checkpoint's records only once it reads the meta after them) and the last
+    record of the partition (high-water marks stay exact even on brokers that report the base
+    offset of the last batch + 1).
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.topic = changelog_topic(config)
+        self._producer = KafkaProducer(
+            acks="all",
+            linger_ms=5,
+            batch_size=1 << 20,
+            max_request_size=8 << 20,
+            **client_options(config.kafka),
+        )
+
+    def send(self, partition: int, records: list[tuple[bytes, bytes | None]], epoch: int) -> None:
+        headers = [(EPOCH_HEADER, str(epoch).encode())]
+        send = self._producer.send
+        for key, value in records:
+            send(self.topic, key=key, value=value, partition=partition, headers=headers)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        self._producer.flush(timeout=timeout)
+
+    def send_meta(self, partition: int, key: bytes, value: bytes, epoch: int) -> Any:
+        headers = [(EPOCH_HEADER, str(epoch).encode())]
+        return self._producer.send(self.topic, key=key, value=value, partition=partition, headers=headers)
+
+    @staticmethod
+    def offset(future: Any, timeout: float = 30.0) -> int:
+        return int(future.get(timeout=timeout).offset)
+
+    def close(self) -> None:
+        self._producer.close(timeout=5)
+
+
+class ChangelogReader:
+    """Reads changelog partitions from given offsets up to their end (as of :meth:`start`)."""
+
+    def __init__(self, config: Config) -> None:
+        self.topic = changelog_topic(config)
+        self._consumer = KafkaConsumer(
+            enable_auto_commit=False,
+            max_poll_records=50_000,
+            fetch_max_bytes=64 << 20,
+            max_partition_fetch_bytes=16 << 20,
+            **client_options(config.kafka),
+        )
+        self.ends: dict[int, int] = {}
+        self.positions: dict[int, int] = {}
+
+    def end_offset(self, partition: int) -> int:
+        tp = TopicPartition(self.topic, partition)
+        return int(self._consumer.end_offsets([tp])[tp])
+
+    def beginning_offset(self, partition: int) -> int:
+        tp = TopicPartition(self.topic, partition)
+        return int(self._consumer.beginning_offsets([tp])[tp])
+
+    def start(self, starts: dict[int, int]) -> None:
+        """Read these partitions from these offsets (replaces any previous assignment)."""
+        tps = {p: TopicPartition(self.topic, p) for p in starts}
+        ends = self._consumer.end_offsets(list(tps.values()))
+        self.ends = {p: int(ends[tp]) for p, tp in tps.items()}
+        self.positions = dict(starts)
+        self._consumer.assign(list(tps.values()))
+        for p, tp in tps.items():
+            self._consumer.seek(tp, starts[p])
+
+    def stop(self, partition: int) -> None:
+        self.ends.pop(partition, None)
+        self.positions.pop(partition, None)
+        self._consumer.assign([TopicPartition(self.topic, p) for p in self.ends])
+
+    def done(self, partition: int) -> bool:
+        return self.positions.get(partition, 0) >= self.ends.get(partition, 0)
+
+    def poll(self, timeout_ms: int = 200) -> list[tuple[int, int, bytes, bytes | None, int]]:
+        """``(partition, offset, key, value, epoch)`` of the next records, up to each end."""
+        out = []
+        for tp, records in self._consumer.poll(timeout_ms=timeout_ms).items():
+            end = self.ends.get(tp.partition)
+            if end is None:
+                continue
+            for r in records:
+                if r.offset >= end:
+                    break
+                epoch = 0
+                for name, value in r.headers or ():
+                    if name == EPOCH_HEADER:
+                        epoch = int(value)
+                out.append((tp.partition, r.offset, r.key, r.value, epoch))
+        for p in self.ends:
+            # the fetch position, which also moves past offsets compaction removed
+            self.positions[p] = int(self._consumer.position(TopicPartition(self.topic, p)))
+        return out
+
+    def close(self) -> None:
+        self._consumer.close(autocommit=False)

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from stream_fair.config import Config
-from stream_fair.counts import Key, Quad, add_quads
+from stream_fair.counts import Key, Quad, add_rows
 from stream_fair.fairness import Counts, FairnessSettings, FeatureReport, evaluate_feature
 from stream_fair.groups import SEPARATOR, FeatureKey, feature_keys
 from stream_fair.tracker import Snapshot
@@ -41,11 +41,20 @@ class TrafficView:
 
 
 @dataclass(frozen=True)
+class PartitionGroups:
+    """One partition's count rows summed per (model, feature, group): the exported counters."""
+
+    partition: int
+    rows: dict[tuple[str, str, str], list[int]]
+
+
+@dataclass(frozen=True)
 class Report:
     snapshot: Snapshot
     settings: FairnessSettings
     views: list[FeatureView] = field(default_factory=list)
     traffic: list[TrafficView] = field(default_factory=list)
+    partitions: list[PartitionGroups] = field(default_factory=list)
 
     def view(self, model: str, feature: str, window: str = CUMULATIVE) -> FeatureView:
         for v in self.views:
@@ -84,7 +93,7 @@ def group_quads(cells: Mapping[Key, Quad], key: FeatureKey) -> dict[str, dict[st
         groups = out.setdefault(model, {})
         g = key.group(cell)
         prev = groups.get(g)
-        groups[g] = q if prev is None else add_quads(prev, q)
+        groups[g] = q if prev is None else (prev[0] + q[0], prev[1] + q[1], prev[2] + q[2], prev[3] + q[3])
     return out
 
 
@@ -102,7 +111,25 @@ def build_report(snapshot: Snapshot, config: Config) -> Report:
                 fr = evaluate_feature(key.name, counts, settings, refs[key.name])
                 report.views.append(FeatureView(model, key, window, fr))
         report.traffic.extend(_traffic(snapshot, key))
+    report.partitions.extend(partition_groups(snapshot, keys))
     return report
+
+
+def partition_groups(snapshot: Snapshot, keys: Sequence[FeatureKey]) -> list[PartitionGroups]:
+    """Per owned partition, its rows projected onto every feature key (model, feature, group)."""
+    out = []
+    for p, view in sorted(snapshot.partitions.items()):
+        rows: dict[tuple[str, str, str], list[int]] = {}
+        for (model, cell), row in view.cells.items():
+            for key in keys:
+                k = (model, key.name, key.group(cell))
+                acc = rows.get(k)
+                if acc is None:
+                    rows[k] = list(row)
+                else:
+                    add_rows(acc, row)
+        out.append(PartitionGroups(p, rows))
+    return out
 
 
 def _traffic(snapshot: Snapshot, key: FeatureKey) -> list[TrafficView]:

@@ -1,40 +1,44 @@
-"""Ties decode → join → counts (→ feedback) together, per partition ("shard").
+"""Ties decode → join → counts together, per partition ("shard").
 
 The Kafka adapter hands every record to :meth:`Tracker.update_prediction` or
-:meth:`Tracker.update_outcome` with its partition and offset. Predictions and outcomes are keyed
-by id, so with co-partitioned topics partition *p* of both topics forms shard *p*: its join state,
-counts, event accounting and next offsets are one unit that is checkpointed atomically and can
-follow the partition to another replica on rebalance.
+:meth:`Tracker.update_outcome` (or a whole poll to :meth:`Tracker.process`) with its partition and
+offset. Predictions and outcomes are keyed by id, so with co-partitioned topics partition *p* of
+both topics forms shard *p*: its pending ids (on disk, :mod:`stream_fair.join`), counts
+(:mod:`stream_fair.counts`), event accounting and next offsets are one unit that is checkpointed
+atomically (:meth:`Tracker.checkpoint`) and follows the partition to another replica.
 
-:meth:`Tracker.snapshot` copies everything an exporter needs into plain data; the caller holds the
-lock, the fairness math runs afterwards on the copy (:mod:`stream_fair.report`).
+:meth:`Tracker.snapshot` copies the committed counters into plain data for the exporter; the
+fairness math runs afterwards on the copy (:mod:`stream_fair.report`).
 
+>>> import tempfile
 >>> from stream_fair.config import Config
->>> t = Tracker(Config.model_validate({"fairness": {"features": ["sex"]}}))
+>>> from stream_fair.state.rocks import RocksBackend
+>>> t = Tracker(Config.model_validate({"fairness": {"features": ["sex"]}}), RocksBackend(tempfile.mkdtemp()))
 >>> raw = b'{"id": "a", "ts": 1, "model": "m", "prediction": 1, "attributes": {"sex": "F"}}'
 >>> t.update_prediction(0, raw, 0)
 >>> t.update_outcome(0, b'{"id": "a", "ts": 2, "label": 1}', 0)
 >>> t.update_outcome(0, b'not json', 1).reason
 'invalid_json'
->>> snap = t.snapshot()
->>> snap.fates["outcomes"]["joined"], snap.fates["outcomes"]["rejected"], snap.cumulative
-(1, 1, {('m', ('F',)): (1, 0, 0, 0)})
+>>> t.commit(t.checkpoint())
+>>> part = t.snapshot().partitions[0]
+>>> part.fates[1]["joined"], part.fates[1]["rejected"], part.cells[("m", ("F",))]
+(1, 1, (0, 1, 1, 0, 0, 0, 0))
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from stream_fair.config import Config, format_duration
-from stream_fair.counts import CellCounts, Key, Quad, add_quads
+from stream_fair.config import Config
+from stream_fair.counts import EXPIRED, PRED0, PRED1, Key, PartitionCounts, Quad, add_rows, confusion
 from stream_fair.decode import Decoder
-from stream_fair.events import Outcome, Prediction, Rejection
+from stream_fair.events import Rejection
 from stream_fair.groups import CardinalityGuard, Cell, FeatureKey, feature_keys
 from stream_fair.join import (
     DUPLICATE,
-    EXPIRED,
     FINAL_FATES,
     JOINED,
     LATE,
@@ -42,7 +46,20 @@ from stream_fair.join import (
     PENDING,
     REJECTED,
     Expiry,
-    JoinBuffer,
+    Join,
+)
+from stream_fair.join import EXPIRED as FATE_EXPIRED
+from stream_fair.state.codec import (
+    FORMAT_VERSION,
+    SPACE_COUNTS,
+    PendingPrediction,
+    counts_key,
+    decode_json,
+    encode_json,
+    increment_key,
+    meta_key,
+    parse_cell,
+    prefix,
 )
 
 TOPICS = ("predictions", "outcomes")
@@ -55,13 +72,7 @@ class Feedback(Protocol):
     def on_prediction(self, model: str, cell: Cell, predicted: int, ts: float) -> None: ...
 
     def on_joined(
-        self,
-        model: str,
-        cell: Cell,
-        predicted: int,
-        label: int,
-        prediction_ts: float,
-        outcome_ts: float,
+        self, model: str, cell: Cell, predicted: int, label: int, prediction_ts: float, outcome_ts: float
     ) -> None: ...
 
     def on_expired(self, model: str, cell: Cell, prediction_ts: float) -> None: ...
@@ -75,8 +86,10 @@ class Feedback(Protocol):
 class Shard:
     """Everything stream-fair knows about one partition pair."""
 
-    join: JoinBuffer
-    counts: CellCounts
+    index: int
+    join: Join
+    counts: PartitionCounts
+    guard: CardinalityGuard
     consumed: list[int] = field(default_factory=lambda: [0, 0])
     fates: list[dict[str, int]] = field(
         default_factory=lambda: [dict.fromkeys(FINAL_FATES, 0), dict.fromkeys(FINAL_FATES, 0)]
@@ -84,86 +97,241 @@ class Shard:
     rejected: list[dict[str, int]] = field(default_factory=lambda: [{}, {}])
     offsets: list[int | None] = field(default_factory=lambda: [None, None])  # next to read
     last_ts: list[float | None] = field(default_factory=lambda: [None, None])
+    # Where the checkpoints of this shard stand: owner epoch, checkpoint sequence, and the
+    # changelog offset after the last committed checkpoint (see stream_fair.state.checkpoint).
+    epoch: int = 0
+    seq: int = 0
+    changelog_next: int | None = None
+    dead_letters: list[int] = field(default_factory=lambda: [0, 0])
+    # offsets at the previous checkpoint: an increment covers (from, to]
+    committed_offsets: list[int | None] = field(default_factory=lambda: [None, None])
     # A topic known to have unread records holds the watermark back (not persisted: the run loop
     # sets it after every poll from the partition's high-water mark).
     behind: list[bool] = field(default_factory=lambda: [False, False])
+    changed: bool = False
 
-    def to_state(self) -> dict[str, Any]:
+    def meta(self) -> dict[str, Any]:
         return {
-            "join": self.join.to_state(),
-            "counts": self.counts.to_state(),
+            "v": FORMAT_VERSION,
+            "partition": self.index,
+            "offsets": self.offsets,
             "consumed": self.consumed,
             "fates": self.fates,
             "rejected": self.rejected,
-            "offsets": self.offsets,
             "last_ts": self.last_ts,
+            "join": self.join.to_state(),
+            "guard": self.guard.to_state(),
+            "cells": len(self.counts.keys),
+            "epoch": self.epoch,
+            "seq": self.seq,
+            "dead_letters": self.dead_letters,
         }
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.join.load_state(state["join"])
-        self.counts.load_state(state["counts"])
-        self.consumed = list(state["consumed"])
-        self.fates = [dict(f) for f in state["fates"]]
-        self.rejected = [dict(r) for r in state["rejected"]]
-        self.offsets = list(state["offsets"])
-        self.last_ts = list(state["last_ts"])
+    def load_meta(self, m: dict[str, Any]) -> None:
+        self.offsets = list(m["offsets"])
+        self.committed_offsets = list(m["offsets"])
+        self.consumed = [int(x) for x in m["consumed"]]
+        self.fates = [{**dict.fromkeys(FINAL_FATES, 0), **f} for f in m["fates"]]
+        self.rejected = [dict(r) for r in m["rejected"]]
+        self.last_ts = list(m["last_ts"])
+        self.join.load_state(m["join"])
+        self.guard.load_state(m["guard"])
+        self.epoch = int(m["epoch"])
+        self.seq = int(m["seq"])
+        self.dead_letters = [int(x) for x in m.get("dead_letters", [0, 0])]
+        self.changelog_next = m.get("changelog_next")
+
+
+@dataclass(frozen=True)
+class PartitionView:
+    """One partition's committed counters (plain data, safe to read outside the lock)."""
+
+    partition: int
+    consumed: tuple[int, int]
+    fates: tuple[dict[str, int], dict[str, int]]
+    rejected: tuple[dict[str, int], dict[str, int]]
+    pending: tuple[int, int]
+    capacity_evictions: tuple[int, int]
+    last_ts: tuple[float | None, float | None]
+    watermark: float | None
+    cells: dict[tuple[str, Cell], tuple[int, ...]]
+    overflow: dict[str, int]
+    dead_letters: tuple[int, int]
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A consistent copy of the detector's raw state; no fairness math applied yet."""
+    """A consistent copy of the committed state; no fairness math applied yet.
+
+    ``partitions`` holds each owned partition's counters; the properties sum them (the replica's
+    view). ``windows`` are the event-time windows' confusion counts per (model, cell).
+    """
 
     taken_at: float
-    watermark: float | None
-    consumed: dict[str, int]
-    fates: dict[str, dict[str, int]]
-    pending: dict[str, int]
-    rejected: dict[str, dict[str, int]]
-    capacity_evictions: dict[str, int]
-    last_event_ts: dict[str, float]
-    cumulative: dict[Key, Quad]
-    windows: dict[str, dict[Key, Quad]]
-    predictions: dict[Key, tuple[int, int]]
-    expired: dict[Key, int]
-    overflow: dict[str, int]
-    shards: tuple[int, ...]
+    partitions: dict[int, PartitionView]
+    windows: dict[str, dict[Key, Quad]] = field(default_factory=dict)
     feedback: Any = None
+
+    @property
+    def shards(self) -> tuple[int, ...]:
+        return tuple(sorted(self.partitions))
+
+    @property
+    def consumed(self) -> dict[str, int]:
+        return {t: sum(v.consumed[i] for v in self.partitions.values()) for i, t in enumerate(TOPICS)}
+
+    @property
+    def fates(self) -> dict[str, dict[str, int]]:
+        return {
+            t: {f: sum(v.fates[i].get(f, 0) for v in self.partitions.values()) for f in FINAL_FATES}
+            for i, t in enumerate(TOPICS)
+        }
+
+    @property
+    def pending(self) -> dict[str, int]:
+        return {t: sum(v.pending[i] for v in self.partitions.values()) for i, t in enumerate(TOPICS)}
+
+    @property
+    def rejected(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {t: {} for t in TOPICS}
+        for v in self.partitions.values():
+            for i, t in enumerate(TOPICS):
+                for reason, n in v.rejected[i].items():
+                    out[t][reason] = out[t].get(reason, 0) + n
+        return out
+
+    @property
+    def capacity_evictions(self) -> dict[str, int]:
+        return {
+            t: sum(v.capacity_evictions[i] for v in self.partitions.values()) for i, t in enumerate(TOPICS)
+        }
+
+    @property
+    def last_event_ts(self) -> dict[str, float]:
+        out = {}
+        for i, t in enumerate(TOPICS):
+            seen = [ts for v in self.partitions.values() if (ts := v.last_ts[i]) is not None]
+            if seen:
+                out[t] = max(seen)
+        return out
+
+    @property
+    def watermark(self) -> float | None:
+        marks = [v.watermark for v in self.partitions.values() if v.watermark is not None]
+        return max(marks) if marks else None
+
+    def _rows(self) -> dict[Key, list[int]]:
+        out: dict[Key, list[int]] = {}
+        for v in self.partitions.values():
+            for k, row in v.cells.items():
+                acc = out.get(k)
+                if acc is None:
+                    out[k] = list(row)
+                else:
+                    add_rows(acc, row)
+        return out
+
+    @property
+    def cumulative(self) -> dict[Key, Quad]:
+        """Joined pairs' confusion counts per (model, cell), cells with no pair left out."""
+        return {k: q for k, row in self._rows().items() if any(q := confusion(row))}
+
+    @property
+    def predictions(self) -> dict[Key, tuple[int, int]]:
+        return {k: (row[PRED0], row[PRED1]) for k, row in self._rows().items()}
+
+    @property
+    def expired(self) -> dict[Key, int]:
+        return {k: row[EXPIRED] for k, row in self._rows().items() if row[EXPIRED]}
+
+    @property
+    def overflow(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for v in self.partitions.values():
+            for f, n in v.overflow.items():
+                out[f] = out.get(f, 0) + n
+        return out
+
+
+@dataclass
+class ShardCheckpoint:
+    """One shard's share of a checkpoint: local writes, changelog records and the commit marker."""
+
+    partition: int
+    store: dict[bytes, bytes | None]
+    changelog: list[tuple[bytes, bytes | None]]
+    meta: dict[str, Any]
+    increment: dict[str, Any] | None
+
+
+@dataclass
+class Checkpoint:
+    shards: list[ShardCheckpoint] = field(default_factory=list)
 
 
 class Tracker:
-    """The pure core's entry point: bytes in, consistent snapshots out."""
+    """The pure core's entry point: bytes in, checkpoints and snapshots out."""
 
-    def __init__(self, config: Config, feedback: Feedback | None = None) -> None:
+    def __init__(self, config: Config, backend: Any, feedback: Feedback | None = None) -> None:
         self.config = config
         fc = config.fairness
         self.features: list[FeatureKey] = feature_keys([f.name for f in fc.features], fc.intersections)
         self.decoder = Decoder(config)
-        self.guard = CardinalityGuard(
-            limits=tuple(f.cardinality_limit or fc.cardinality_limit for f in fc.features)
-        )
-        self.window_labels = tuple(format_duration(w) for w in config.windows)
+        self._limits = tuple(f.cardinality_limit or fc.cardinality_limit for f in fc.features)
+        self.backend = backend
         self.feedback = feedback
         self.shards: dict[int, Shard] = {}
+        self.views: dict[int, PartitionView] = {}
 
     def __repr__(self) -> str:
         return f"Tracker(shards={sorted(self.shards)}, features={[k.name for k in self.features]})"
 
     # -- shards -----------------------------------------------------------------------------
     def shard(self, index: int) -> Shard:
+        """The shard of a partition, loaded from the local store on first use."""
         s = self.shards.get(index)
         if s is None:
-            j = self.config.join
-            s = self.shards[index] = Shard(
-                JoinBuffer(j.ttl, j.outcome_ttl, j.dedupe_retention, j.max_pending),
-                CellCounts(self.config.window_resolution, tuple(self.config.windows)),
-            )
+            s = self.shards[index] = self._new_shard(index)
+            stored = self.backend.get(meta_key(index))
+            if stored is not None:
+                s.load_meta(decode_json(stored))
+                for key, value in self.backend.scan(
+                    prefix(SPACE_COUNTS, index), prefix(SPACE_COUNTS, index + 1)
+                ):
+                    s.counts.load_row(parse_cell(key[3:]), decode_json(value))
+            self.views[index] = self._view(s)
         return s
 
+    def _new_shard(self, index: int) -> Shard:
+        j = self.config.join
+        return Shard(
+            index,
+            Join(self.backend, index, j.ttl, j.outcome_ttl, j.dedupe_retention, j.max_pending),
+            PartitionCounts(self.config.window_resolution),
+            CardinalityGuard(limits=self._limits),
+        )
+
+    def stored_meta(self, index: int) -> dict[str, Any] | None:
+        raw = self.backend.get(meta_key(index))
+        return None if raw is None else decode_json(raw)  # type: ignore[no-any-return]
+
     def drop(self, index: int) -> None:
-        """Forget a shard (its partition moved to another replica)."""
+        """Forget a shard in memory (its partition moved to another replica); the store keeps it."""
         self.shards.pop(index, None)
+        self.views.pop(index, None)
 
     # -- updates ----------------------------------------------------------------------------
+    def process(self, shard: int, topic: int, records: Iterable[Any]) -> list[tuple[Any, Rejection]]:
+        """Account for one poll's records of one partition (objects with ``offset``, ``value``,
+        ``timestamp``); returns the rejected records with their reasons."""
+        update = self.update_prediction if topic == _P else self.update_outcome
+        rejected = []
+        for r in records:
+            rejection = update(shard, r.value, r.offset, r.timestamp)
+            if rejection is not None:
+                rejected.append((r, rejection))
+        return rejected
+
     def update_prediction(
         self, shard: int, raw: bytes | None, offset: int, kafka_ts_ms: int | None = None
     ) -> Rejection | None:
@@ -171,23 +339,29 @@ class Tracker:
         s = self.shards.get(shard)
         if s is None:
             s = self.shard(shard)
+        s.changed = True
         s.offsets[_P] = offset + 1
         s.consumed[_P] += 1
         ev = self.decoder.prediction(raw, kafka_ts_ms)
         if ev.__class__ is Rejection:
             return self._reject(s, _P, ev)  # type: ignore[arg-type]
-        p: Prediction = ev  # type: ignore[assignment]
-        p.cell = self.guard.cell(p.cell)
-        fate, outcome = s.join.add_prediction(p)
+        model, ts, predicted = ev.model, ev.ts, ev.predicted  # type: ignore[union-attr]
+        cell = s.guard.cell(ev.cell)  # type: ignore[union-attr]
+        counts = s.counts
+        ci = counts.index.get((model, cell))
+        if ci is None:
+            ci = counts.cell(model, cell)
+        p = PendingPrediction(ts, ci, predicted, ev.score)  # type: ignore[union-attr]
+        fate, outcome = s.join.add_prediction(ev.id, p)  # type: ignore[union-attr]
         if fate == DUPLICATE:
             s.fates[_P][DUPLICATE] += 1
         else:
-            s.counts.add_prediction(p.model, p.cell, p.predicted)
+            counts.add_prediction(ci, predicted, ts)
             if self.feedback is not None:
-                self.feedback.on_prediction(p.model, p.cell, p.predicted, p.ts)
+                self.feedback.on_prediction(model, cell, predicted, ts)
             if fate == JOINED:
-                self._joined(s, p, outcome)  # type: ignore[arg-type]
-        self._advance(s, _P, p.ts)
+                self._joined(s, p, outcome.ts, outcome.label)  # type: ignore[union-attr]
+        self._advance(s, _P, ts)
         return None
 
     def update_outcome(
@@ -197,18 +371,19 @@ class Tracker:
         s = self.shards.get(shard)
         if s is None:
             s = self.shard(shard)
+        s.changed = True
         s.offsets[_O] = offset + 1
         s.consumed[_O] += 1
         ev = self.decoder.outcome(raw, kafka_ts_ms)
         if ev.__class__ is Rejection:
             return self._reject(s, _O, ev)  # type: ignore[arg-type]
-        o: Outcome = ev  # type: ignore[assignment]
-        fate, prediction = s.join.add_outcome(o)
+        ts, label = ev.ts, ev.label  # type: ignore[union-attr]
+        fate, prediction = s.join.add_outcome(ev.id, ts, label)  # type: ignore[union-attr]
         if fate == JOINED:
-            self._joined(s, prediction, o)  # type: ignore[arg-type]
+            self._joined(s, prediction, ts, label)  # type: ignore[arg-type]
         elif fate != PENDING:
             s.fates[_O][fate] += 1  # duplicate or late
-        self._advance(s, _O, o.ts)
+        self._advance(s, _O, ts)
         return None
 
     def _reject(self, s: Shard, topic: int, r: Rejection) -> Rejection:
@@ -217,12 +392,13 @@ class Tracker:
         reasons[r.reason] = reasons.get(r.reason, 0) + 1
         return r
 
-    def _joined(self, s: Shard, p: Prediction, o: Outcome) -> None:
+    def _joined(self, s: Shard, p: PendingPrediction, outcome_ts: float, label: int) -> None:
         s.fates[_P][JOINED] += 1
         s.fates[_O][JOINED] += 1
-        s.counts.add_joined(p.model, p.cell, o.label, p.predicted, p.ts)
+        s.counts.add_joined(p.cell, label, p.predicted, p.ts)
         if self.feedback is not None:
-            self.feedback.on_joined(p.model, p.cell, p.predicted, o.label, p.ts, o.ts)
+            model, cell = s.counts.keys[p.cell]
+            self.feedback.on_joined(model, cell, p.predicted, label, p.ts, outcome_ts)
 
     def _advance(self, s: Shard, topic: int, ts: float) -> None:
         last = s.last_ts[topic]
@@ -234,12 +410,10 @@ class Tracker:
                     self._move_watermark(s)
                 else:  # the common case, inlined: event time is the newest record's
                     released = join.advance(ts)
-                    s.counts.advance(ts)
                     if released is not None:
                         self._release(s, released)
-        join = s.join
-        if len(join.predictions) + len(join.outcomes) > join.max_pending:
-            released = join.enforce_capacity()
+        if s.join.over_capacity:
+            released = s.join.enforce_capacity()
             if released is not None:
                 self._release(s, released)
 
@@ -258,7 +432,6 @@ class Tracker:
             wm = min(wm, lo) if lo is not None else float("-inf")
         if wm > s.join.watermark:
             released = s.join.advance(wm)
-            s.counts.advance(wm)
             if released is not None:
                 self._release(s, released)
 
@@ -269,113 +442,122 @@ class Tracker:
             return
         s.behind[topic] = behind
         if not behind and any(t is not None for t in s.last_ts):
+            s.changed = True
             self._move_watermark(s)  # a caught-up topic no longer holds event time back
 
     def _release(self, s: Shard, released: Expiry) -> None:
-        for p in released.predictions:
-            s.fates[_P][EXPIRED] += 1
-            s.counts.add_expired(p.model, p.cell)
+        counts = s.counts
+        for _, p in released.predictions:
+            s.fates[_P][FATE_EXPIRED] += 1
+            counts.add_expired(p.cell, p.ts)
             if self.feedback is not None:
-                self.feedback.on_expired(p.model, p.cell, p.ts)
+                model, cell = counts.keys[p.cell]
+                self.feedback.on_expired(model, cell, p.ts)
         s.fates[_O][ORPHAN] += len(released.outcomes)
 
+    # -- checkpoints ------------------------------------------------------------------------
+    def checkpoint(self, shards: Iterable[int] | None = None) -> Checkpoint:
+        """The changes of the given (default: all) shards since their last checkpoint.
+
+        Nothing is marked committed until :meth:`commit`: the caller first makes the changelog
+        records durable, then writes ``store`` to the local store, then calls :meth:`commit`.
+        """
+        out = Checkpoint()
+        ids = sorted(self.shards) if shards is None else sorted(set(shards) & set(self.shards))
+        for i in ids:
+            s = self.shards[i]
+            if not s.changed and not s.join.ids.changed:
+                continue
+            store, changelog = s.join.ids.changes()
+            counts = s.counts
+            for ci in sorted(counts.dirty):
+                value = encode_json(counts.row_document(ci))
+                store[counts_key(i, ci)] = value
+                changelog.append((counts_key(i, ci), value))
+            increment = self._increment(s)
+            meta = s.meta()
+            meta["seq"] = s.seq + 1
+            meta["wall"] = time.time()
+            out.shards.append(ShardCheckpoint(i, store, changelog, meta, increment))
+        return out
+
+    def _increment(self, s: Shard) -> dict[str, Any] | None:
+        rows = s.counts.take_increments()
+        if not rows and s.offsets == s.committed_offsets:
+            return None
+        refs: dict[int, int] = {}
+        cells: list[list[Any]] = []
+        out_rows = []
+        for (ci, period), row in sorted(rows.items()):
+            r = refs.get(ci)
+            if r is None:
+                model, cell = s.counts.keys[ci]
+                r = refs[ci] = len(cells)
+                cells.append([model, list(cell)])
+            out_rows.append([r, period, row])
+        return {
+            "v": FORMAT_VERSION,
+            "partition": s.index,
+            "from": list(s.committed_offsets),
+            "to": list(s.offsets),
+            "watermark": s.join.watermark if s.join.watermark != float("-inf") else None,
+            "period": self.config.window_resolution,
+            "cells": cells,
+            "rows": out_rows,
+        }
+
+    def commit(self, checkpoint: Checkpoint, changelog_next: dict[int, int] | None = None) -> None:
+        """The checkpoint is durable: write it locally (if not done) and start new overlays."""
+        writes: dict[bytes, bytes | None] = {}
+        for sc in checkpoint.shards:
+            s = self.shards[sc.partition]
+            s.seq = sc.meta["seq"]
+            if changelog_next is not None and sc.partition in changelog_next:
+                s.changelog_next = changelog_next[sc.partition]
+            local = dict(sc.meta)
+            local["changelog_next"] = s.changelog_next
+            writes.update(sc.store)
+            writes[meta_key(sc.partition)] = encode_json(local)
+        if writes:
+            self.backend.write(writes)
+        for sc in checkpoint.shards:
+            s = self.shards[sc.partition]
+            s.join.ids.committed()
+            s.counts.dirty.clear()
+            s.committed_offsets = list(s.offsets)
+            s.changed = False
+            self.views[sc.partition] = self._view(s)
+
     # -- reads ------------------------------------------------------------------------------
-    def snapshot(self) -> Snapshot:
-        """Copy the raw state of all shards (call under the same lock as the updates)."""
-        shards = list(self.shards.values())
-        consumed = {t: sum(s.consumed[i] for s in shards) for i, t in enumerate(TOPICS)}
-        fates = {
-            t: {f: sum(s.fates[i][f] for s in shards) for f in FINAL_FATES} for i, t in enumerate(TOPICS)
-        }
-        pending = {
-            "predictions": sum(len(s.join.predictions) for s in shards),
-            "outcomes": sum(len(s.join.outcomes) for s in shards),
-        }
-        rejected: dict[str, dict[str, int]] = {t: {} for t in TOPICS}
-        for s in shards:
-            for i, t in enumerate(TOPICS):
-                for reason, n in s.rejected[i].items():
-                    rejected[t][reason] = rejected[t].get(reason, 0) + n
-        last_ts = {
-            t: max(ts for s in shards if (ts := s.last_ts[i]) is not None)
-            for i, t in enumerate(TOPICS)
-            if any(s.last_ts[i] is not None for s in shards)
-        }
-        marks = [s.join.watermark for s in shards if s.join.watermark != float("-inf")]
+    def _view(self, s: Shard) -> PartitionView:
+        j = s.join
+        return PartitionView(
+            partition=s.index,
+            consumed=(s.consumed[0], s.consumed[1]),
+            fates=(dict(s.fates[0]), dict(s.fates[1])),
+            rejected=(dict(s.rejected[0]), dict(s.rejected[1])),
+            pending=(j.pending_predictions, j.pending_outcomes),
+            capacity_evictions=(j.capacity_evictions[0], j.capacity_evictions[1]),
+            last_ts=(s.last_ts[0], s.last_ts[1]),
+            watermark=j.watermark if j.watermark != float("-inf") else None,
+            cells={k: tuple(row) for k, row in zip(s.counts.keys, s.counts.rows, strict=True)},
+            overflow={
+                f.name: n for f, n in zip(self.config.fairness.features, s.guard.overflow, strict=True)
+            },
+            dead_letters=(s.dead_letters[0], s.dead_letters[1]),
+        )
+
+    def snapshot(self, windows: dict[str, dict[Key, Quad]] | None = None) -> Snapshot:
+        """The committed views of the owned partitions (call under the lock that guards commits)."""
         return Snapshot(
             taken_at=time.time(),
-            watermark=max(marks) if marks else None,
-            consumed=consumed,
-            fates=fates,
-            pending=pending,
-            rejected=rejected,
-            capacity_evictions={
-                t: sum(s.join.capacity_evictions[i] for s in shards) for i, t in enumerate(TOPICS)
-            },
-            last_event_ts=last_ts,
-            cumulative=_merge(s.counts.cumulative() for s in shards),
-            windows={
-                label: _merge(s.counts.window(i) for s in shards)
-                for i, label in enumerate(self.window_labels)
-            },
-            predictions={
-                k: (v[0], v[1]) for k, v in _merge_lists(s.counts.predictions for s in shards).items()
-            },
-            expired=_merge_ints(s.counts.expired for s in shards),
-            overflow={
-                f.name: n for f, n in zip(self.config.fairness.features, self.guard.overflow, strict=True)
-            },
-            shards=tuple(sorted(self.shards)),
+            partitions={i: self.views[i] for i in sorted(self.shards) if i in self.views},
+            windows=windows or {},
             feedback=self.feedback.snapshot() if self.feedback is not None else None,
         )
 
-    # -- persistence ------------------------------------------------------------------------
-    def shard_state(self, index: int) -> dict[str, Any]:
-        return self.shards[index].to_state()
 
-    def load_shard(self, index: int, state: dict[str, Any]) -> None:
-        self.shard(index).load_state(state)
-
-    def global_state(self) -> dict[str, Any]:
-        """Replica-wide state (cardinality admissions, feedback monitor)."""
-        return {
-            "guard": self.guard.to_state(),
-            "feedback": self.feedback.to_state() if self.feedback is not None else None,
-        }
-
-    def load_global(self, state: dict[str, Any]) -> None:
-        self.guard.load_state(state["guard"])
-        stored = state.get("feedback")
-        if self.feedback is not None and stored is not None:
-            monitor = type(self.feedback)
-            self.feedback = monitor.from_state(stored, self.features, self.feedback.settings)  # type: ignore[attr-defined]
-
-
-def _merge(parts: Any) -> dict[Key, Quad]:
-    out: dict[Key, Quad] = {}
-    for part in parts:
-        for k, q in part.items():
-            prev = out.get(k)
-            out[k] = q if prev is None else add_quads(prev, q)
-    return out
-
-
-def _merge_lists(parts: Any) -> dict[Key, list[int]]:
-    out: dict[Key, list[int]] = {}
-    for part in parts:
-        for k, row in part.items():
-            acc = out.setdefault(k, [0] * len(row))
-            for i, n in enumerate(row):
-                acc[i] += n
-    return out
-
-
-def _merge_ints(parts: Any) -> dict[Key, int]:
-    out: dict[Key, int] = {}
-    for part in parts:
-        for k, n in part.items():
-            out[k] = out.get(k, 0) + n
-    return out
-
-
-__all__ = ["TOPICS", "Tracker", "Snapshot", "Shard", "Feedback", "LATE", "ORPHAN"]
+__all__ = [
+    "TOPICS", "Tracker", "Snapshot", "Shard", "PartitionView", "Feedback", "Checkpoint",
+    "ShardCheckpoint", "LATE", "ORPHAN", "increment_key",
+]  # fmt: skip

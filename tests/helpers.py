@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -23,6 +24,11 @@ from typing import Any, TypeVar
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+
+from stream_fair.aggregate import ModelCounts
+from stream_fair.config import Config, format_duration
+from stream_fair.state.rocks import RocksBackend
+from stream_fair.tracker import Snapshot, Tracker
 
 T = TypeVar("T")
 
@@ -69,15 +75,23 @@ class Scrape:
     samples: dict[str, dict[Labels, float]]
 
     def get(self, name: str, **labels: str) -> float | None:
-        return self.samples.get(name, {}).get(frozenset(labels.items()))
+        """The sample with exactly these labels; for per-partition counters, their sum over the
+        partitions when ``partition`` is not given (None when there is no such sample)."""
+        exact = self.samples.get(name, {}).get(frozenset(labels.items()))
+        if exact is not None or "partition" in labels:
+            return exact
+        summed = self.by(name, list(labels), **labels)
+        return summed.get(tuple(labels.values())) if summed else None
 
     def by(self, name: str, keys: Sequence[str], **fixed: str) -> dict[tuple[str, ...], float]:
-        """``{(label values in ``keys`` order): value}`` for the samples matching ``fixed``."""
+        """``{(label values in ``keys`` order): value}`` for the samples matching ``fixed``,
+        summed over the labels not in ``keys`` (e.g. the ``partition`` of a counter)."""
         out: dict[tuple[str, ...], float] = {}
         for labels, value in self.samples.get(name, {}).items():
             d = dict(labels)
-            if all(d.get(k) == v for k, v in fixed.items()):
-                out[tuple(d[k] for k in keys)] = value
+            if all(d.get(k) == v for k, v in fixed.items()) and all(k in d for k in keys):
+                key = tuple(d[k] for k in keys)
+                out[key] = out.get(key, 0.0) + value
         return out
 
 
@@ -134,6 +148,26 @@ def accounting_holds(s: Scrape) -> dict[str, tuple[float, float, float]]:
 def assert_accounting(s: Scrape) -> None:
     for topic, (n, fates, pending) in accounting_holds(s).items():
         assert n == fates + pending, f"{topic}: consumed {n} != fates {fates} + pending {pending}"
+
+
+# -- the core on a local store ----------------------------------------------------------------------
+class LocalTracker(Tracker):
+    """The tracker on a temporary local store; ``snapshot()`` checkpoints and publishes first,
+    as the run loop does (counters are exported as of the last checkpoint)."""
+
+    def __init__(self, cfg: Config, path: str | None = None, feedback: Any = None) -> None:
+        self.path = path or tempfile.mkdtemp()
+        super().__init__(cfg, RocksBackend(self.path), feedback)
+        self.model_counts = ModelCounts(cfg.window_resolution, tuple(cfg.windows))
+        self.labels = tuple(format_duration(w) for w in cfg.windows)
+
+    def snapshot(self, windows: object = None) -> Snapshot:
+        cp = self.checkpoint()
+        self.commit(cp)
+        for sc in cp.shards:
+            if sc.increment is not None:
+                self.model_counts.fold_increment(sc.increment)
+        return super().snapshot(self.model_counts.window_quads(self.labels))
 
 
 # -- independent recount ------------------------------------------------------------------------

@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from stream_fair.app import fingerprint
 from stream_fair.config import load
 from stream_fair.dev import simulate
 from stream_fair.dev.broker import create_topics, produce_events
-from stream_fair.state import SqliteStore
+from stream_fair.state.codec import decode_json, meta_key
+from stream_fair.state.rocks import RocksBackend
 from tests.helpers import (
     Expected,
     Scrape,
@@ -104,14 +106,18 @@ class Service:
         assert proc.poll() is None, f"stream-fair run exited {proc.returncode}:\n{self.tail()}"
         return proc
 
-    def scrape_until(self, proc: subprocess.Popen[bytes], at_least: int, timeout: float) -> Scrape:
-        """Scrape (checking the accounting identity each time) until ``at_least`` are consumed."""
+    def scrape_until(
+        self, proc: subprocess.Popen[bytes], at_least: int, timeout: float, read: bool = False
+    ) -> Scrape:
+        """Scrape (checking the accounting identity each time) until ``at_least`` are consumed
+        (checkpointed), or only read when ``read``."""
         deadline = time.monotonic() + timeout
         while True:
             assert proc.poll() is None, f"stream-fair run died:\n{self.tail()}"
             s = scrape(self.port)
             assert_accounting(s)
-            if sum(consumed(s)) >= at_least:
+            n = sum(s.by("stream_fair_records_read_total", ["topic"]).values()) if read else sum(consumed(s))
+            if n >= at_least:
                 return s
             assert time.monotonic() < deadline, f"consumed {consumed(s)}, wanted {at_least}"
             time.sleep(0.05)
@@ -121,9 +127,10 @@ class Service:
 
         def parse() -> dict[int, list[int | None]] | None:
             found: dict[int, list[int | None]] = {}
-            for m in re.finditer(r"partitions assigned: .*? \(resuming at (\{.*\})\)", self.tail()):
-                for shard, offsets in ast.literal_eval(m.group(1)).items():
-                    found.setdefault(shard, offsets)
+            for m in re.finditer(
+                r"partition (\d+) claimed \(epoch \d+\), resuming at (\[.*?\])", self.tail()
+            ):
+                found.setdefault(int(m.group(1)), ast.literal_eval(m.group(2)))
             return found if len(found) == 2 else None
 
         return wait_for(parse, timeout, "both partitions assigned in the log")
@@ -137,11 +144,11 @@ class Service:
 
 
 def _stored(config_path: Path) -> dict[int, dict[str, Any]]:
-    """Shard states in the state file, read through the store (the process has exited)."""
+    """Each partition's last committed meta in the local store (the process has exited)."""
     config = load(config_path, environ={})
-    store = SqliteStore(config.state.path, fingerprint(config))
+    store = RocksBackend(config.state.path, fingerprint(config))
     try:
-        return {i: s for i in range(8) if (s := store.load(i)) is not None}
+        return {i: decode_json(raw) for i in range(8) if (raw := store.get(meta_key(i))) is not None}
     finally:
         store.close()
 
@@ -169,7 +176,7 @@ def _setup(bootstrap: str, topics: Any, group_id: str, tmp_path: Path, **state: 
     # (max_poll_interval_ms) completes: shorter timings keep each restart's join short.
     fast = {"session_timeout_ms": 3000, "heartbeat_interval_ms": 1000, "max_poll_interval_ms": 4000}
     cfg = detector_config(
-        bootstrap, topics, group_id, tmp_path / "state.db", state=state, kafka=fast, log_level="INFO"
+        bootstrap, topics, group_id, tmp_path / "state", state=state, kafka=fast, log_level="INFO"
     )  # the log says where each run resumed
     return write_config(tmp_path / "stream-fair.yaml", cfg)
 
@@ -200,7 +207,10 @@ def test_kill_9_three_times_then_exact_counts(
             seen = consumed(s)
             assert sum(seen) < total, f"the stream was already consumed at the {fraction:.0%} kill"
             stored = _stored(config)
-            replayed.append(sum(sum(st["consumed"]) for st in stored.values()) < sum(seen))
+            # this run read more than its last checkpoint covers: those records are read again
+            read = sum(s.by("stream_fair_records_read_total", ["topic"]).values())
+            started_at = sum(o or 0 for offs in service.resumed_at().values() for o in offs)
+            replayed.append(read > sum(sum(st["consumed"]) for st in stored.values()) - started_at)
             proc = service.start()
             # the restart resumes exactly at the last checkpoint, not at the start of the topics
             assert service.resumed_at() == {i: st["offsets"] for i, st in stored.items()}
@@ -239,17 +249,23 @@ def test_sigterm_exits_0_with_final_checkpoint_and_resumes(
     try:
         proc = service.start()
         producer.start()
-        s = service.scrape_until(proc, total // 2, timeout=60)
+        s = service.scrape_until(proc, total // 2, timeout=60, read=True)
+        assert consumed(s) == (0, 0)  # nothing checkpointed yet, so nothing exported yet
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, service.tail()
         stored = _stored(config)
         assert stored, "no checkpoint written on SIGTERM"
-        seen = consumed(s)
+        read = s.by("stream_fair_records_read_total", ["topic"])
+        seen = (int(read[("predictions",)]), int(read[("outcomes",)]))
         saved = [sum(st["consumed"][i] for st in stored.values()) for i in (0, 1)]
         assert saved[0] >= seen[0] and saved[1] >= seen[1], (saved, seen)
         for shard, st in stored.items():  # offsets and counts were saved together
             next_offsets = [o or 0 for o in st["offsets"]]
             assert next_offsets == st["consumed"], shard
+        # the second run checkpoints (and so publishes) as usual
+        cfg = yaml.safe_load(config.read_text())
+        cfg["state"].update(checkpoint_interval="1s", checkpoint_events=3000)
+        write_config(config, cfg)
         proc = service.start()
         assert service.resumed_at() == {i: st["offsets"] for i, st in stored.items()}
         producer.join(timeout=60)

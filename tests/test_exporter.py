@@ -17,7 +17,7 @@ from stream_fair.app import _default_feedback
 from stream_fair.config import Config
 from stream_fair.exporter import ExporterServer, Health, PipelineStats, registry_for
 from stream_fair.report import build_report
-from stream_fair.tracker import Tracker
+from tests.helpers import LocalTracker as Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = Config.model_validate(
@@ -69,21 +69,35 @@ def test_collector_exports_exact_counts_rates_and_identity() -> None:
     assert (
         get(
             "stream_fair_confusion_total",
-            {"model": "m", "feature": "race&sex", "group": "A&F", "actual": "1", "predicted": "1"},
+            {
+                "model": "m",
+                "feature": "race&sex",
+                "group": "A&F",
+                "actual": "1",
+                "predicted": "1",
+                "partition": "0",
+            },
         )
         == 8
     )
     assert (
         get(
             "stream_fair_confusion_total",
-            {"model": "m", "feature": "race&sex", "group": "A&F", "actual": "0", "predicted": "1"},
+            {
+                "model": "m",
+                "feature": "race&sex",
+                "group": "A&F",
+                "actual": "0",
+                "predicted": "1",
+                "partition": "0",
+            },
         )
         == 8
     )
     assert (
         get(
             "stream_fair_confusion_total",
-            {"model": "m", "feature": "sex", "group": "F", "actual": "1", "predicted": "0"},
+            {"model": "m", "feature": "sex", "group": "F", "actual": "1", "predicted": "0", "partition": "0"},
         )
         == 8
     )
@@ -108,22 +122,26 @@ def test_collector_exports_exact_counts_rates_and_identity() -> None:
     assert (
         get(
             "stream_fair_predictions_total",
-            {"model": "default", "feature": "sex", "group": "F", "predicted": "1"},
+            {"model": "default", "feature": "sex", "group": "F", "predicted": "1", "partition": "0"},
         )
         == 1
     )
     assert get("stream_fair_consumer_lag", {"topic": "predictions", "partition": "0"}) == 3
     assert get("stream_fair_dead_letters_total", {"topic": "predictions"}) == 1
-    assert get("stream_fair_rejected_events_total", {"topic": "predictions", "reason": "invalid_json"}) == 1
-    assert get("stream_fair_pending_events", {"topic": "predictions"}) == 1
+    part = {"partition": "0"}
+    assert (
+        get("stream_fair_rejected_events_total", {"topic": "predictions", "reason": "invalid_json", **part})
+        == 1
+    )
+    assert get("stream_fair_pending_events", {"topic": "predictions", **part}) == 1
     assert get("stream_fair_build_info", {"version": __import__("stream_fair").__version__}) == 1
     for topic in ("predictions", "outcomes"):
         fates = sum(
-            get("stream_fair_event_fates_total", {"topic": topic, "fate": f}) or 0
+            get("stream_fair_event_fates_total", {"topic": topic, "fate": f, **part}) or 0
             for f in ("joined", "expired", "orphan", "duplicate", "late", "rejected")
         )
-        assert get("stream_fair_events_consumed_total", {"topic": topic}) == fates + get(
-            "stream_fair_pending_events", {"topic": topic}
+        assert get("stream_fair_events_consumed_total", {"topic": topic, **part}) == fates + get(
+            "stream_fair_pending_events", {"topic": topic, **part}
         )
 
 
@@ -143,7 +161,7 @@ def test_a_failing_snapshot_never_fails_the_scrape() -> None:
 def test_every_exported_metric_is_documented() -> None:
     doc = (ROOT / "docs" / "metrics.md").read_text()
     documented = set(re.findall(r"`(stream_fair_[a-z_]+)", doc))
-    t = Tracker(CFG, _default_feedback(CFG))  # the feedback families must be documented too
+    t = Tracker(CFG, feedback=_default_feedback(CFG))  # the feedback families must be documented too
     for i in range(400):
         sex, race, label, pred = ROWS[i % len(ROWS)]
         attrs = {"sex": sex, "race": race}

@@ -1,8 +1,10 @@
-"""Durable state: each shard's join state, counts and next offsets, saved together atomically."""
+"""Durable state: pending ids, counts and offsets per partition, on local disk and in a changelog.
 
-from __future__ import annotations
+* :mod:`.codec` — the on-disk and changelog format (explicit, versioned)
+* :mod:`.rocks` — the local store (RocksDB)
+* :mod:`.ids` — one partition's id records: an overlay of changes and the two ordered indexes
+* :mod:`.restore` — rebuilding a partition from its changelog records
 
-from stream_fair.state.base import StateStore
-from stream_fair.state.sqlite import SqliteStore
-
-__all__ = ["StateStore", "SqliteStore"]
+``docs/state.md`` describes the checkpoint protocol and why no crash loses or double-counts an
+event.
+"""

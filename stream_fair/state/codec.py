@@ -1,0 +1,185 @@
+"""The on-disk and changelog format: keys and values, explicit and versioned (never pickle).
+
+Every key starts with a one-byte *space* and the partition (big-endian u16), so one embedded
+database holds all partitions of a replica and a partition's keys form one contiguous range::
+
+    space  partition  rest
+    0x01   u16        id (UTF-8)                        -> id record (see below)
+    0x02   u16        deadline f64-BE, kind u8, id      -> pending payload (expiry index, derived)
+    0x03   u16        forget_at f64-BE, id              -> b""  (forget index, derived)
+    0x04   u16        cell index u32-BE                 -> counts row (JSON)
+    0x05   u16        (nothing)                         -> increment (JSON; changelog only)
+    0x06   u16        (nothing)                         -> partition meta (JSON; the commit marker)
+    0x00   0xFFFF     b"format"                         -> store format (JSON; local only)
+
+Big-endian IEEE-754 bytes of non-negative doubles sort like the numbers, so an index range scan
+visits entries in deadline order. Only spaces 0x01, 0x04, 0x05 and 0x06 go to the changelog: the
+two indexes are rebuilt from the id records on restore.
+
+Id records (first byte = kind, little-endian fields):
+
+=====  =====================================================  =======
+kind   fields                                                 bytes
+=====  =====================================================  =======
+``P``  pending prediction: ts f64, cell u32, predicted u8,    22
+       score f64 (NaN = no score)
+``O``  pending outcome: ts f64, label u8                      10
+``J``  joined id, remembered: forget_at f64                   9
+``E``  expired id, remembered: forget_at f64                  9
+=====  =====================================================  =======
+
+>>> rec = PendingPrediction(ts=10.0, cell=3, predicted=1, score=None)
+>>> decode_record(encode_record(rec)) == rec
+True
+>>> len(encode_record(rec)), len(id_key(7, "req-1"))
+(22, 8)
+>>> deadline_key(7, 5.0, KIND_P, "a") < deadline_key(7, 40.0, KIND_P, "a") < deadline_key(7, 300.0, KIND_O, "a")
+True
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from stream_fair.errors import StateError
+
+FORMAT_VERSION = 2
+"""Version of this layout. A store or changelog written with another version is refused."""
+
+SPACE_FORMAT, SPACE_ID, SPACE_DEADLINE, SPACE_FORGET, SPACE_COUNTS, SPACE_INCREMENT, SPACE_META = range(7)
+KIND_P, KIND_O, KIND_J, KIND_E = b"P", b"O", b"J", b"E"
+FORMAT_KEY = bytes([SPACE_FORMAT]) + b"\xff\xff" + b"format"
+
+_PREFIX = struct.Struct(">BH")
+_F64 = struct.Struct(">d")
+_U32 = struct.Struct(">I")
+_P = struct.Struct("<dIBd")
+_O = struct.Struct("<dB")
+_MEM = struct.Struct("<d")
+_NAN = float("nan")
+
+
+@dataclass(frozen=True, slots=True)
+class PendingPrediction:
+    ts: float
+    cell: int
+    predicted: int
+    score: float | None
+
+    @property
+    def kind(self) -> bytes:
+        return KIND_P
+
+
+@dataclass(frozen=True, slots=True)
+class PendingOutcome:
+    ts: float
+    label: int
+
+    @property
+    def kind(self) -> bytes:
+        return KIND_O
+
+
+@dataclass(frozen=True, slots=True)
+class Remembered:
+    """A joined (``J``) or expired (``E``) id kept until ``forget_at`` to classify later copies."""
+
+    kind: bytes
+    forget_at: float
+
+
+Record = PendingPrediction | PendingOutcome | Remembered
+
+
+def prefix(space: int, partition: int) -> bytes:
+    return _PREFIX.pack(space, partition)
+
+
+def id_key(partition: int, event_id: str) -> bytes:
+    return _PREFIX.pack(SPACE_ID, partition) + event_id.encode()
+
+
+def deadline_key(partition: int, deadline: float, kind: bytes, event_id: str) -> bytes:
+    return _PREFIX.pack(SPACE_DEADLINE, partition) + _F64.pack(deadline) + kind + event_id.encode()
+
+
+def forget_key(partition: int, forget_at: float, event_id: str) -> bytes:
+    return _PREFIX.pack(SPACE_FORGET, partition) + _F64.pack(forget_at) + event_id.encode()
+
+
+def counts_key(partition: int, cell: int) -> bytes:
+    return _PREFIX.pack(SPACE_COUNTS, partition) + _U32.pack(cell)
+
+
+def meta_key(partition: int) -> bytes:
+    return _PREFIX.pack(SPACE_META, partition)
+
+
+def increment_key(partition: int) -> bytes:
+    return _PREFIX.pack(SPACE_INCREMENT, partition)
+
+
+def split_key(key: bytes) -> tuple[int, int, bytes]:
+    """``(space, partition, rest)`` of a key."""
+    space, partition = _PREFIX.unpack_from(key)
+    return space, partition, key[3:]
+
+
+def parse_deadline(rest: bytes) -> tuple[float, bytes, str]:
+    """``(deadline, kind, id)`` from the rest of an expiry-index key."""
+    return _F64.unpack_from(rest)[0], rest[8:9], rest[9:].decode()
+
+
+def parse_forget(rest: bytes) -> tuple[float, str]:
+    return _F64.unpack_from(rest)[0], rest[8:].decode()
+
+
+def parse_cell(rest: bytes) -> int:
+    return int(_U32.unpack(rest)[0])
+
+
+def encode_record(rec: Record) -> bytes:
+    if rec.__class__ is PendingPrediction:
+        p: PendingPrediction = rec  # type: ignore[assignment]
+        score = _NAN if p.score is None else p.score
+        return KIND_P + _P.pack(p.ts, p.cell, p.predicted, score)
+    if rec.__class__ is PendingOutcome:
+        o: PendingOutcome = rec  # type: ignore[assignment]
+        return KIND_O + _O.pack(o.ts, o.label)
+    r: Remembered = rec  # type: ignore[assignment]
+    return r.kind + _MEM.pack(r.forget_at)
+
+
+def decode_record(value: bytes) -> Record:
+    kind = value[:1]
+    try:
+        if kind == KIND_P:
+            ts, cell, predicted, score = _P.unpack_from(value, 1)
+            return PendingPrediction(ts, cell, predicted, None if math.isnan(score) else score)
+        if kind == KIND_O:
+            ts, label = _O.unpack_from(value, 1)
+            return PendingOutcome(ts, label)
+        if kind in (KIND_J, KIND_E):
+            return Remembered(kind, _MEM.unpack_from(value, 1)[0])
+    except struct.error:
+        pass
+    raise StateError(
+        f"state error: unreadable id record {value[:16]!r}: the state is corrupt or of another version"
+    )
+
+
+def encode_json(obj: Any) -> bytes:
+    return orjson.dumps(obj)
+
+
+def decode_json(value: bytes) -> Any:
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise StateError(f"state error: unreadable state document: {exc}") from None

@@ -1,0 +1,177 @@
+"""The local store: one RocksDB database per replica (through ``rocksdict``, as quix-streams uses).
+
+Why RocksDB: pending predictions must live on disk (months of labels at 100/s are hundreds of
+millions of ids) with RAM bounded by a budget, point lookups by id, ordered range scans for the
+expiry index, and atomic multi-key writes for checkpoints. Measured on the reference machine
+(``bench/state.py`` has the numbers): RocksDB 0.9 us per missing-key lookup (bloom filter),
+~4 us per hit, ~0.3 us per key in a write batch, and about a tenth of LMDB's bytes on disk per
+pending id; LMDB reads are faster (1.4 us) but its memory map grows the process RSS with the data,
+which breaks a memory budget.
+
+Memory: the block cache (index and filter blocks included) and the memtables are bounded by
+``cache_bytes`` and ``write_buffer_bytes``; nothing grows with the number of pending ids.
+Durability: RocksDB's write-ahead log makes each :meth:`RocksBackend.write` atomic; with
+``sync=False`` a process crash loses nothing (the OS has the log) and a power cut loses at most the
+newest writes, which the changelog topic restores (see ``docs/state.md``).
+
+RocksDB's own ``LOCK`` file keeps a second process out of a database that is in use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rocksdict import (
+    BlockBasedOptions,
+    Cache,
+    DBCompressionType,
+    Options,
+    Rdict,
+    WriteBatch,
+    WriteOptions,
+)
+
+from stream_fair.errors import StateError
+from stream_fair.state.codec import FORMAT_KEY, FORMAT_VERSION, decode_json, encode_json
+
+ERR_LOCKED = (
+    "state error: {path} is in use by another stream-fair process: give each replica its own "
+    "state.path (a pod-local volume), or stop the other process"
+)
+ERR_OPEN = "state error: cannot open {path}: {reason}: set state.path to a writable directory"
+ERR_FINGERPRINT = (
+    "state error: {path} was written for another configuration ({stored}): point state.path to a "
+    "new directory, or delete it to restore from the changelog"
+)
+ERR_FORMAT = (
+    "state error: {path} has state format {found}, this version reads {expected}: point state.path "
+    "to a new directory (state is restored from the changelog)"
+)
+
+
+class RocksBackend:
+    """Byte keys and values in one RocksDB database; atomic batch writes; ordered scans."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        fingerprint: dict[str, Any] | None = None,
+        *,
+        cache_bytes: int = 64 << 20,
+        write_buffer_bytes: int = 16 << 20,
+    ) -> None:
+        self.path = Path(path)
+        opts = Options(raw_mode=True)
+        opts.create_if_missing(True)
+        table = BlockBasedOptions()
+        table.set_bloom_filter(10, False)
+        table.set_block_cache(Cache(cache_bytes))
+        table.set_cache_index_and_filter_blocks(True)
+        table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+        opts.set_block_based_table_factory(table)
+        opts.set_write_buffer_size(write_buffer_bytes)
+        opts.set_max_write_buffer_number(2)
+        opts.set_compression_type(DBCompressionType.lz4())
+        opts.set_bottommost_compression_type(DBCompressionType.zstd())
+        opts.set_max_open_files(256)
+        opts.set_keep_log_file_num(2)
+        opts.set_max_background_jobs(2)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._db = Rdict(str(self.path), opts)
+        except Exception as exc:  # rocksdict raises plain Exceptions with RocksDB's message
+            text = str(exc)
+            if "lock" in text.lower():
+                raise StateError(ERR_LOCKED.format(path=self.path)) from None
+            raise StateError(ERR_OPEN.format(path=self.path, reason=text.splitlines()[0])) from None
+        self._async = WriteOptions()
+        self._async.sync = False
+        self._sync = WriteOptions()
+        self._sync.sync = True
+        self._check_format(fingerprint or {})
+
+    def __repr__(self) -> str:
+        return f"RocksBackend({str(self.path)!r})"
+
+    def _check_format(self, fingerprint: dict[str, Any]) -> None:
+        raw = self._db.get(FORMAT_KEY)
+        meta = {"version": FORMAT_VERSION, "fingerprint": fingerprint}
+        if raw is None:
+            self.write({FORMAT_KEY: encode_json(meta)}, sync=True)
+            return
+        stored = decode_json(raw)
+        if stored.get("version") != FORMAT_VERSION:
+            self.close()
+            raise StateError(
+                ERR_FORMAT.format(path=self.path, found=stored.get("version"), expected=FORMAT_VERSION)
+            )
+        if stored.get("fingerprint") != fingerprint:
+            self.close()
+            raise StateError(ERR_FINGERPRINT.format(path=self.path, stored=stored.get("fingerprint")))
+
+    # -- reads ----------------------------------------------------------------------------------
+    def get(self, key: bytes) -> bytes | None:
+        return self._db.get(key)  # type: ignore[no-any-return]
+
+    def scan(self, start: bytes, end: bytes, limit: int | None = None) -> list[tuple[bytes, bytes]]:
+        """Up to ``limit`` ``(key, value)`` pairs with ``start <= key < end``, in key order."""
+        out: list[tuple[bytes, bytes]] = []
+        it = self._db.iter()
+        it.seek(start)
+        while it.valid():
+            key = it.key()
+            if key >= end:
+                break
+            out.append((key, it.value()))
+            if limit is not None and len(out) >= limit:
+                break
+            it.next()
+        return out
+
+    def first_key(self, start: bytes, end: bytes) -> bytes | None:
+        it = self._db.iter()
+        it.seek(start)
+        if it.valid():
+            key: bytes = it.key()
+            if key < end:
+                return key
+        return None
+
+    # -- writes ---------------------------------------------------------------------------------
+    def write(self, items: dict[bytes, bytes | None], sync: bool = False) -> None:
+        """Apply puts (bytes) and deletes (None) atomically."""
+        batch = WriteBatch(raw_mode=True)
+        for key, value in items.items():
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
+        try:
+            self._db.write(batch, self._sync if sync else self._async)
+        except Exception as exc:
+            raise StateError(f"state error: cannot write {self.path}: {exc}") from None
+
+    def delete_range(self, start: bytes, end: bytes) -> None:
+        """Remove every key in ``[start, end)`` (a partition that moved away, or a stale copy)."""
+        batch = WriteBatch(raw_mode=True)
+        batch.delete_range(start, end)
+        self._db.write(batch, self._async)
+
+    # -- facts ----------------------------------------------------------------------------------
+    def disk_bytes(self) -> int:
+        """Live SST and WAL bytes on disk (RocksDB's own estimate)."""
+        total = 0
+        for name in ("rocksdb.total-sst-files-size", "rocksdb.cur-size-all-mem-tables"):
+            value = self._db.property_int_value(name)
+            total += int(value or 0)
+        return total
+
+    def flush(self) -> None:
+        self._db.flush()
+
+    def close(self) -> None:
+        try:
+            self._db.close()
+        except Exception:  # noqa: S110 - closing twice or after a failed open is harmless
+            pass
