@@ -401,7 +401,7 @@ class Detector:
         nxt = None if local is None else local.get("changelog_next")
         fresh = local is not None and time.time() - float(local.get("wall", 0.0)) < cfg.state.local_max_age
         tail = nxt is not None and nxt <= end and fresh and not incomplete
-        if local is not None and not tail:
+        if (local is not None or incomplete) and not tail:
             log.warning(
                 "partition %d: the local state is %s; restoring it from the changelog",
                 p, "incomplete" if incomplete else "stale" if not fresh else "ahead of the changelog",
