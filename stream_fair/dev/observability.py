@@ -445,7 +445,7 @@ def start_demo_stack(
         )
         return None
     if not rules_available():
-        out(f"(no alert rules under {DEPLOY}: reinstall stream-fair from a wheel or a checkout to see alerts)")
+        out(f"(no alert rules under {DEPLOY}: reinstall stream-fair from a wheel to see alerts)")
         return None
     try:
         stack = start_stack(
