@@ -16,6 +16,7 @@ from typing import Any
 
 from stream_fair.config import Config
 from stream_fair.exporter import ExporterServer, Health, PipelineStats, registry_for
+from stream_fair.missing import MissingFeatureLog
 from stream_fair.report import Report, build_report
 from stream_fair.state import SqliteStore, StateStore
 from stream_fair.tracker import Feedback, Tracker
@@ -59,6 +60,7 @@ class Detector:
         self._report_lock = threading.Lock()
         self._events_since_checkpoint = 0
         self._last_checkpoint_mono = time.monotonic()
+        self.missing_log = MissingFeatureLog({f.name: str(f.path) for f in config.fairness.features})
         registry = registry_for(self.current)
         from stream_fair.status_page import render
 
@@ -111,6 +113,7 @@ class Detector:
                 self.health.heartbeat = time.monotonic()
                 self.process(batches)
                 self.maybe_checkpoint(time.monotonic())
+                self.missing_log.maybe_warn(time.monotonic(), lambda: self.current()[0].snapshot.predictions)
                 self.stats.dead_letters = dict(dead.sent)
                 if dead.failed:
                     self.stats.errors["dead_letter_produce"] = dead.failed
