@@ -62,11 +62,16 @@ class Detector:
         self._last_checkpoint_mono = time.monotonic()
         self.missing_log = MissingFeatureLog({f.name: str(f.path) for f in config.fairness.features})
         registry = registry_for(self.current)
-        from stream_fair.status_page import render
+        from stream_fair.status_page import History, render
 
+        self.history = History()  # the status page's sparklines
         port = config.exporter.port if exporter_port is None else exporter_port
         self.server = ExporterServer(
-            config.exporter.host, port, registry, self.health, page=lambda: render(*self.current())
+            config.exporter.host,
+            port,
+            registry,
+            self.health,
+            page=lambda: render(*self.current(), history=self.history),
         )
 
     @property
@@ -83,6 +88,7 @@ class Detector:
                 with self.lock:
                     snap = self.tracker.snapshot()
                 cached = self._report = (now, build_report(snap, self.config))
+                self.history.record(cached[1])
             return cached[1], self.stats
 
     # -- the loop ---------------------------------------------------------------------------
