@@ -432,11 +432,13 @@ def start_demo_stack(
     model: str = "credit-v3",
     fixed_ports: bool = True,
     out: Callable[[str], None] = print,
+    on_alert: Callable[[str], None] | None = None,
 ) -> Stack | None:
     """Prometheus (:9090) and Alertmanager (:9093) for ``stream-fair demo``, or ``None``.
 
     Ports fall back to free ones when taken (or always with ``fixed_ports=False``). Alert
-    notifications are printed through ``out``. Missing binaries or rules are reported, not fatal.
+    notifications go to ``on_alert`` (default ``out``), one line each (see :func:`describe`).
+    Missing binaries or rules are reported, not fatal.
     """
     if not binaries_available():
         out(
@@ -458,7 +460,7 @@ def start_demo_stack(
             interval="2s",
             group_wait="2s",
             group_interval="10s",
-            on_notification=_new_alerts_printer(out),
+            on_notification=_new_alerts_printer(on_alert or out),
         )
     except ObservabilityError as exc:
         out(f"(Prometheus / Alertmanager did not start: {exc})")
