@@ -70,9 +70,7 @@ def exporter_error(host: str, port: int, exc: OSError) -> StreamFairError:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """Raise the one-line error now if the exporter could not bind ``host:port``."""
-    if port == 0:
-        return
+    """Raise the one-line error now if the exporter could not bind ``host:port`` (0: any port)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:

@@ -81,7 +81,7 @@ def probe_topic(role: str, topic: str, values: Iterable[bytes | None], config: C
     present: Counter[str] = Counter()
     getters = {key: getter(path) for key, path in paths.items()}
     features = [f.name for f in config.fairness.features]
-    probe.groups = {name: Counter() for name in features}
+    probe.groups = {name: Counter() for name in features} if role == "predictions" else {}
     for raw in values:
         probe.records += 1
         try:

@@ -231,7 +231,10 @@ def test_pure_core_imports_neither_kafka_nor_prometheus() -> None:
         "disparity",
         "tracker",
         "report",
-        "simulate",
+        "dev.simulate",
+        "missing",
+        "probe",
+        "svg",
         "state",
         "sequential",
     ]

@@ -286,9 +286,9 @@ def run_demo(
                 console.table(_table(detector, injected))
         finally:
             stop.set()
+            consumer.join(timeout=30)  # the exporter first: no scrape is cut off mid-response
             if stack is not None:
                 stack.stop()
-            consumer.join(timeout=30)
             producer.join(timeout=10)
     if failure:
         print(f"stream-fair demo: the detector failed: {failure[0]}", file=sys.stderr)
