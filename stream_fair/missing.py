@@ -99,8 +99,11 @@ class MissingFeatureLog:
         """Check (at most every ``check_every`` s) and warn; ``predictions`` is read only then."""
         if now < self._next_check:
             return
-        self._next_check = now + self.check_every
-        for m in missing_shares(predictions(), list(self.paths)):
+        shares = missing_shares(predictions(), list(self.paths))
+        # Until a model has enough predictions to judge, look again soon: the start-up warning.
+        judged = any(m.predictions >= MIN_PREDICTIONS for m in shares)
+        self._next_check = now + (self.check_every if judged else min(1.0, self.check_every))
+        for m in shares:
             key = (m.model, m.feature)
             last = self._last_warned.get(key)
             if m.mostly_missing and (last is None or now - last >= self.every):
