@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -149,6 +150,15 @@ def _table(detector: Any, injected: dict[str, int]) -> str:
     return "\n".join(lines + flags)
 
 
+def _silence_stdio() -> None:
+    """The terminal is gone: send fds 1 and 2 to /dev/null so shutdown and exit stay clean."""
+    with contextlib.suppress(OSError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+
+
 class Console:
     """Where the demo writes: survives a closed terminal, and keeps alerts in view.
 
@@ -160,7 +170,10 @@ class Console:
     def __init__(self, quiet: bool, stream: Any = None) -> None:
         self.stream = stream or sys.stdout
         self.quiet = quiet
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)()) and not quiet
+        try:
+            self.tty = bool(self.stream.isatty()) and not quiet
+        except (OSError, ValueError):
+            self.tty = False
         self.alerts: deque[str] = deque(maxlen=ALERTS_SHOWN)
         self.header: list[str] = []
         self._lock = threading.Lock()
@@ -175,6 +188,8 @@ class Console:
                 self.stream.flush()
             except (OSError, ValueError):
                 self._gone = True
+                if self.stream is sys.stdout:
+                    _silence_stdio()
 
     def banner(self, line: str) -> None:
         self.header.append(line)
@@ -293,6 +308,8 @@ def run_demo(
     if failure:
         print(f"stream-fair demo: the detector failed: {failure[0]}", file=sys.stderr)
         return 1
-    with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
-        print("demo stopped.", file=sys.stderr)
+    try:
+        print("demo stopped.", file=sys.stderr, flush=True)
+    except OSError:  # the terminal is gone (SIGHUP)
+        _silence_stdio()
     return 0
