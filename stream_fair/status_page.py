@@ -161,7 +161,9 @@ def render(report: Report, stats: PipelineStats, history: History | None = None)
         f"{settings.credible_level:.0%} credible interval. A disparity is flagged when its whole "
         f"interval lies beyond the threshold; groups with fewer than {settings.min_samples} "
         "joined pairs are shown but take no part. Marked cells: the groups at both ends of a "
-        "flagged disparity.</p>"
+        "flagged disparity. Forest plots: each group's rate (dot) and credible interval (bar) "
+        "from 0 to 1, the dashed line at the reference group's rate (or all eligible groups "
+        "pooled), grey below min samples, red at the ends of a flagged disparity.</p>"
     )
 
     out.append("<h2>Flagged disparities</h2>")
@@ -261,10 +263,7 @@ def _forest(view: FeatureView, marked: set[tuple[str, str]]) -> str:
     else:  # no reference group: the pooled rate of the eligible groups
         references = [_pooled(view, rate) for rate, _ in _FOREST]
         label = "all eligible groups pooled"
-    caption = (
-        "Each group's rate (dot) and credible interval (bar); dashed: "
-        f"{html.escape(label)}; grey: below min samples; red: the ends of a flagged disparity."
-    )
+    caption = f"dashed line: {html.escape(label)}"
     return (
         f"<figure class=forest-fig>{forest_plot(rows, [t for _, t in _FOREST], references, label)}"
         f"<figcaption class=ci>{caption}</figcaption></figure>"
