@@ -276,3 +276,24 @@ def test_run_with_missing_topic_exits_2(kafka_bootstrap: str, tmp_path: Path) ->
     line = _one_line(result.stderr)
     assert f"topics.predictions='absent-p-{tag}' does not exist" in line, line
     assert "create it or fix topics.predictions" in line
+
+
+@pytest.mark.parametrize("scenario", ["lending", "bias_onset", "feedback_loop"])
+def test_simulate_prints_the_config_that_reads_its_stream(tmp_path: Path, scenario: str) -> None:
+    from stream_fair import config as sf_config
+    from stream_fair.dev.simulate import SCENARIOS
+
+    result = run_cli(
+        "simulate", "--scenario", scenario, "--bootstrap-servers", "kafka:9092", "--print-config",
+        "--predictions-topic", "p", "--outcomes-topic", "o",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "sim.yaml"
+    path.write_text(result.stdout, encoding="utf-8")
+    cfg = sf_config.load(path, environ={})
+    s = SCENARIOS[scenario]()
+    assert [f.name for f in cfg.fairness.features] == list(s.features)
+    assert all(f.reference in s.features[f.name] for f in cfg.fairness.features)
+    assert (cfg.topics.predictions, cfg.topics.outcomes) == ("p", "o")
+    assert cfg.kafka.bootstrap_servers == "kafka:9092"
+    assert cfg.fairness.intersections == ([["race", "sex"]] if scenario == "lending" else [])
