@@ -82,13 +82,14 @@ def missing_shares(
 
 
 class MissingFeatureLog:
-    """Logs a warning for each mostly-missing feature: at the first check, then every ``every`` s.
+    """Logs a warning for each mostly-missing feature: at start-up, then every ``every`` seconds.
 
-    The first check runs once ``MIN_PREDICTIONS`` predictions of a model are in (start-up), later
-    ones every ``every`` seconds for as long as the feature stays mostly missing.
+    It looks every second until some model has ``MIN_PREDICTIONS`` predictions (the start-up
+    warning comes as soon as there is enough to judge), then every ``check_every`` seconds (each
+    look reads a report), and warns again every ``every`` seconds while a feature stays missing.
     """
 
-    def __init__(self, paths: Mapping[str, str], every: float = 300.0, check_every: float = 5.0) -> None:
+    def __init__(self, paths: Mapping[str, str], every: float = 300.0, check_every: float = 30.0) -> None:
         self.paths = dict(paths)  # feature name -> configured path, for the message
         self.every = every
         self.check_every = check_every

@@ -242,7 +242,7 @@ def run_demo(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
-    exporter_port = _pick_port(port, console.write)
+    exporter_port = _pick_port(port, console.banner)
     failure: list[BaseException] = []
     with (
         tempfile.TemporaryDirectory(prefix="stream-fair-demo-") as tmp,
@@ -285,7 +285,7 @@ def run_demo(
             Path(tmp) / "observability",
             detector.port,
             fixed_ports=port != 0,
-            out=console.write,
+            out=console.banner,  # the Prometheus and Alertmanager URLs stay on a redrawn screen
             on_alert=console.alert,
         )
         console.banner("Ctrl-C stops everything (--quiet: alerts only).")
