@@ -221,7 +221,7 @@ def _subcommand(sub: Any, name: str, summary: str, details: str = "") -> argpars
     )
 
 
-def _scenario_names() -> list[str] | None:
+def _scenario_names() -> list[str]:
     from stream_fair.dev.simulate import SCENARIOS
 
     return sorted(SCENARIOS)
