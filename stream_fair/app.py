@@ -24,6 +24,7 @@ from typing import Any
 from stream_fair.aggregate import ModelCounts
 from stream_fair.config import Config, format_duration
 from stream_fair.exporter import ExporterServer, Health, PipelineStats, registry_for
+from stream_fair.missing import MissingFeatureLog
 from stream_fair.report import Report, build_report
 from stream_fair.state.codec import (
     SPACE_COUNTS,
@@ -109,12 +110,18 @@ class Detector:
         self._topics = (config.topics.predictions, config.topics.outcomes)
         self._to_restore: set[int] = set()
         self._restores: dict[int, PartitionRestore] = {}
+        self.missing_log = MissingFeatureLog({f.name: str(f.path) for f in config.fairness.features})
         registry = registry_for(self.current)
-        from stream_fair.status_page import render
+        from stream_fair.status_page import History, render
 
+        self.history = History()  # the status page's sparklines
         port = config.exporter.port if exporter_port is None else exporter_port
         self.server = ExporterServer(
-            config.exporter.host, port, registry, self.health, page=lambda: render(*self.current())
+            config.exporter.host,
+            port,
+            registry,
+            self.health,
+            page=lambda: render(*self.current(), history=self.history),
         )
 
     @property
@@ -153,6 +160,7 @@ class Detector:
             cached = self._report
             if cached is None or cached[0] is not snap:
                 cached = self._report = (snap, build_report(snap, self.config))
+                self.history.record(cached[1])
             return cached[1], self.stats
 
     # -- the loop ---------------------------------------------------------------------------
@@ -194,6 +202,7 @@ class Detector:
                 if self._to_restore:
                     self.restore_step()
                 self.maybe_checkpoint(time.monotonic())
+                self.missing_log.maybe_warn(time.monotonic(), lambda: self.current()[0].snapshot.predictions)
                 self.stats.dead_letters = dict(dead.sent)
                 if dead.failed:
                     self.stats.errors["dead_letter_produce"] = dead.failed

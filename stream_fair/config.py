@@ -421,6 +421,14 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"config error: {p}{where}: not valid YAML: fix the syntax") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"config error: {p}: byte {exc.start} is not UTF-8: save the file as UTF-8"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(
+                f"config error: {p}: cannot read it ({exc.strerror}): check its permissions"
+            ) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config error: {p}: the top level must be a mapping of sections")
         data = loaded or {}

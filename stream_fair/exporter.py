@@ -25,6 +25,7 @@ from prometheus_client.process_collector import ProcessCollector
 from stream_fair import __version__
 from stream_fair.counts import ACTUAL_PREDICTED, EXPIRED, FN, FP, PRED0, PRED1, TN, TP
 from stream_fair.fairness import DISPARITIES, RATES
+from stream_fair.missing import report_missing
 from stream_fair.report import CUMULATIVE, Report
 from stream_fair.tracker import TOPICS
 
@@ -187,6 +188,14 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
     yield confusion
     yield predictions
     yield expired
+    missing = GaugeMetricFamily(
+        P + "feature_missing_ratio",
+        "Share of accepted predictions with no value for the feature (group __missing__)",
+        labels=["model", "feature"],
+    )
+    for m in report_missing(report):
+        missing.add_metric([m.model, m.feature], m.share)
+    yield missing
     if snap.feedback is not None:
         try:
             from stream_fair.feedback_metrics import feedback_families

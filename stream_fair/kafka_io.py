@@ -403,3 +403,127 @@ class ChangelogReader:
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
+
+# -- before the run loop: reach the cluster, read a sample (the CLI's run and check-config --probe) --
+def _host_port(server: str) -> tuple[str, int]:
+    host, _, port = server.strip().rpartition(":")
+    if not host or not port.isdigit():
+        raise BrokerError(
+            f"kafka error: kafka.bootstrap_servers entry {server.strip()!r} is not host:port, e.g. kafka:9092"
+        )
+    return host.strip("[]"), int(port)
+
+
+def wait_for_broker(
+    k: KafkaConfig, progress: Callable[[str], None], *, attempt_timeout_s: float = 3.0
+) -> None:
+    """Return once a bootstrap server answers Kafka requests; report each failed attempt.
+
+    Retries for ``kafka.request_timeout_ms`` in all, calling ``progress`` with one line per
+    attempt (why it failed, time left), then raises :class:`BrokerError` with one line. A host
+    name that does not resolve fails at once: retrying cannot fix a typo.
+    """
+    import socket
+    import time
+
+    servers = [_host_port(s) for s in k.bootstrap_servers.split(",") if s.strip()]
+    unresolved = []
+    for host, port in servers:
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError):
+            unresolved.append(host)
+    if len(unresolved) == len(servers):
+        raise BrokerError(
+            f"kafka error: cannot resolve host {unresolved[0]!r} of kafka.bootstrap_servers="
+            f"{k.bootstrap_servers!r}: check the address (DNS name, or host:port)"
+        )
+    budget = k.request_timeout_ms / 1000
+    start = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
+        left = budget - (time.monotonic() - start)
+        why = _try_bootstrap(k, servers, max(0.5, min(attempt_timeout_s, left)))
+        if why is None:
+            return
+        elapsed = time.monotonic() - start
+        if elapsed >= budget:
+            raise BrokerError(
+                f"kafka error: cannot connect to kafka.bootstrap_servers={k.bootstrap_servers!r} "
+                f"({why}) after {elapsed:.0f} s: check the address, security_protocol and credentials"
+            )
+        progress(
+            f"waiting for Kafka at {k.bootstrap_servers}: {why} "
+            f"(attempt {attempt}, {elapsed:.0f} s of {budget:.0f} s)"
+        )
+        time.sleep(min(float(attempt), 5.0, max(0.0, budget - elapsed)))  # back off: fewer lines
+
+
+def _try_bootstrap(k: KafkaConfig, servers: list[tuple[str, int]], timeout_s: float) -> str | None:
+    """None when the cluster answers a metadata request, else why not (short, for a log line)."""
+    import socket
+
+    reasons = []
+    for host, port in servers:
+        where = f"{host}:{port}: " if len(servers) > 1 else ""
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                break
+        except (socket.gaierror, UnicodeError):
+            reasons.append(f"{where}unknown host")
+        except TimeoutError:
+            reasons.append(f"{where}no answer in {timeout_s:.0f} s")
+        except OSError as exc:
+            reasons.append(f"{where}{exc.strerror or exc}".lower())
+    else:
+        return "; ".join(reasons)
+    # TCP works: now the Kafka protocol (TLS, SASL and advertised listeners fail here).
+    opts = {**client_options(k), "request_timeout_ms": max(1000, int(timeout_s * 1000))}
+    if "bootstrap_timeout_ms" in KafkaConsumer.DEFAULT_CONFIG:
+        opts["bootstrap_timeout_ms"] = int(timeout_s * 1000)
+    try:
+        with _quiet_kafka_logs():
+            consumer = KafkaConsumer(group_id=None, enable_auto_commit=False, **opts)
+            try:
+                consumer.topics()
+            finally:
+                consumer.close(autocommit=False)
+    except KafkaError as exc:
+        return f"the broker did not answer Kafka requests ({type(exc).__name__})"
+    return None
+
+
+def sample_records(config: Config, topic: str, limit: int, timeout_s: float = 10.0) -> list[Any]:
+    """Up to ``limit`` of the newest records of ``topic``, spread over its partitions.
+
+    Reads without a consumer group (manual assignment, nothing committed), so it never moves the
+    detector's offsets. Returns kafka-python ``ConsumerRecord`` objects; raises
+    :class:`BrokerError` when the topic does not exist.
+    """
+    import time
+
+    k = config.kafka
+    with _quiet_kafka_logs():
+        consumer = KafkaConsumer(group_id=None, enable_auto_commit=False, **client_options(k))
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            raise BrokerError(f"kafka error: topic {topic!r} does not exist: create it or fix topics.*")
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        begin, end = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
+        share = max(1, -(-limit // len(tps)))
+        wanted = 0
+        for tp in tps:
+            start = max(begin[tp], end[tp] - share)
+            consumer.seek(tp, start)
+            wanted += end[tp] - start
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while len(out) < min(limit, wanted) and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=200).values():
+                out.extend(batch)
+        return out[:limit]
+    finally:
+        consumer.close(autocommit=False)

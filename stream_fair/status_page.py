@@ -1,18 +1,25 @@
 """A human-readable status page, server-rendered HTML with no external assets.
 
-For people without Grafana: a one-line verdict, the flagged disparities, the live per-group table
-of every model and feature (cumulative window) with the groups that make a flagged disparity
-marked, the pipeline accounting, and links to ``/metrics``. It refreshes itself every 5 s.
+For people without Grafana: a one-line verdict, features missing from the events, the flagged
+disparities, a sparkline of each disparity and its alarm over the last minutes, then per model and
+feature (cumulative window) a forest plot of the per-group rates with their intervals and the live
+per-group table with the groups that make a flagged disparity marked, the pipeline accounting, and
+links to ``/metrics``. It refreshes itself every 5 s. Pictures are inline SVG (:mod:`stream_fair.svg`).
 """
 
 from __future__ import annotations
 
 import html
 import math
+import threading
 import time
+from collections import deque
+from collections.abc import Mapping, Sequence
 
 from stream_fair.exporter import PipelineStats
+from stream_fair.missing import report_missing
 from stream_fair.report import CUMULATIVE, FeatureView, Report
+from stream_fair.svg import ForestRow, Point, forest_plot, sparkline
 
 _RATES = (
     ("selection_rate", "selection"),
@@ -40,7 +47,64 @@ th.l,td.l{text-align:left} th{background:#f3f4f8}
 .ok{background:#e2f5e6;color:#17692b;font-weight:600;padding:.1rem .4rem;border-radius:.3rem}
 td.ext{background:#fde2e1;color:#8a1c17;font-weight:600}
 .verdict{font-size:1rem;margin:.8rem 0} .small{color:#a66b00} .ci{color:#778;font-size:.8rem}
+.warn{background:#fff4d6;border-left:4px solid #e0a800;padding:.4rem .7rem;margin:.4rem 0}
+.sparks{display:flex;flex-wrap:wrap;gap:.6rem 1.2rem;margin:.3rem 0 1rem}
+.spark-card{font-size:.8rem} .spark-card b{font-weight:600}
+svg text{font-family:system-ui,sans-serif} svg .ax{font-size:12px;fill:#1d2330}
+svg .lab{font-size:11px;fill:#1d2330} svg .tick{font-size:9px;fill:#778}
 """
+
+#: The forest plot's panels: the rates the main disparities compare.
+_FOREST = (
+    ("selection_rate", "selection rate"),
+    ("true_positive_rate", "TPR"),
+    ("false_positive_rate", "FPR"),
+)
+#: Disparities drawn as sparklines (the differences; ratios carry the same information).
+_SPARK_METHOD = "between_groups"
+
+
+class History:
+    """A small bounded in-process history of each disparity for the sparklines.
+
+    Keeps the last ``capacity`` points per (model, feature, disparity), at most one every
+    ``interval`` seconds: (snapshot time, value, lower, upper, calibrated alarm raised). Written
+    whenever a new report is built, read by the page; the lock makes both safe across threads.
+    """
+
+    def __init__(self, capacity: int = 90, interval: float = 10.0) -> None:
+        self.capacity = capacity
+        self.interval = interval
+        self._last: float | None = None
+        self._points: dict[tuple[str, str, str], deque[Point]] = {}
+        self._lock = threading.Lock()
+
+    def record(self, report: Report) -> bool:
+        """Add a point per disparity unless the last one is younger than ``interval``."""
+        t = report.snapshot.taken_at
+        with self._lock:
+            if self._last is not None and t - self._last < self.interval:
+                return False
+            self._last = t
+            fb = report.snapshot.feedback
+            for v in report.views:
+                if v.window != CUMULATIVE:
+                    continue
+                alarms = fb.features.get((v.model, v.feature.name)) if fb is not None else None
+                for (d, method), est in v.report.disparities.items():
+                    if method != _SPARK_METHOD or not d.endswith("_difference"):
+                        continue
+                    alarm = alarms.alarms.get(d) if alarms is not None else None
+                    raised = bool(alarm is not None and alarm.flagged)
+                    series = self._points.setdefault(
+                        (v.model, v.feature.name, d), deque(maxlen=self.capacity)
+                    )
+                    series.append((t, est.value, est.lower, est.upper, raised))
+            return True
+
+    def series(self, model: str, feature: str, disparity: str) -> list[Point]:
+        with self._lock:
+            return list(self._points.get((model, feature, disparity), ()))
 
 
 def _fmt(x: float | None) -> str:
@@ -66,8 +130,8 @@ def _extremes(view: FeatureView) -> set[tuple[str, str]]:
     return marked
 
 
-def render(report: Report, stats: PipelineStats) -> str:
-    """The whole page as one HTML string."""
+def render(report: Report, stats: PipelineStats, history: History | None = None) -> str:
+    """The whole page as one HTML string (sparklines only with a ``history``)."""
     snap, settings = report.snapshot, report.settings
     e = html.escape
     views = [v for v in report.views if v.window == CUMULATIVE]
@@ -89,12 +153,17 @@ def render(report: Report, stats: PipelineStats) -> str:
         )
     else:
         out.append("<p class=verdict><span class=ok>no disparity flagged</span></p>")
+    for missing in report_missing(report):
+        if missing.mostly_missing:
+            out.append(f"<p class=warn><b>Missing feature</b>: {e(missing.message())}</p>")
     out.append(
         f"<p class=muted>Cumulative window. <span class=ci>[lower, upper]</span>: "
         f"{settings.credible_level:.0%} credible interval. A disparity is flagged when its whole "
         f"interval lies beyond the threshold; groups with fewer than {settings.min_samples} "
         "joined pairs are shown but take no part. Marked cells: the groups at both ends of a "
-        "flagged disparity.</p>"
+        "flagged disparity. Forest plots: each group's rate (dot) and credible interval (bar) "
+        "from 0 to 1, the dashed line at the reference group's rate (or all eligible groups "
+        "pooled), grey below min samples, red at the ends of a flagged disparity.</p>"
     )
 
     out.append("<h2>Flagged disparities</h2>")
@@ -116,6 +185,8 @@ def render(report: Report, stats: PipelineStats) -> str:
         out.append("</table>")
     else:
         out.append("<p>None: no disparity is credibly beyond its threshold.</p>")
+    if history is not None:
+        out.extend(_sparklines(views, history, settings.thresholds))
 
     for v in views:
         fr = v.report
@@ -129,6 +200,7 @@ def render(report: Report, stats: PipelineStats) -> str:
             + "<th></th></tr>"
         )
         marked = _extremes(v)
+        out.append(_forest(v, marked))
         for g, gr in sorted(fr.groups.items(), key=lambda kv: -kv[1].counts.n):
             cells = []
             for rate, _ in _RATES:
@@ -166,3 +238,74 @@ def render(report: Report, stats: PipelineStats) -> str:
     )
     out.append("</body></html>")
     return "".join(out)
+
+
+def _forest(view: FeatureView, marked: set[tuple[str, str]]) -> str:
+    """The forest plot of one feature: each group's rates with intervals, the reference line."""
+    fr = view.report
+    groups = sorted(fr.groups.items(), key=lambda kv: -kv[1].counts.n)
+    rows = [
+        ForestRow(
+            g,
+            [
+                (est.value, est.lower, est.upper) if (est := gr.rates.get(rate)) is not None else None
+                for rate, _ in _FOREST
+            ],
+            gr.eligible,
+            frozenset(i for i, (rate, _) in enumerate(_FOREST) if (g, rate) in marked),
+        )
+        for g, gr in groups
+    ]
+    ref = fr.groups.get(fr.reference) if fr.reference else None
+    if ref is not None:
+        references = [est.value if (est := ref.rates.get(rate)) else None for rate, _ in _FOREST]
+        label = f"reference group {fr.reference}"
+    else:  # no reference group: the pooled rate of the eligible groups
+        references = [_pooled(view, rate) for rate, _ in _FOREST]
+        label = "all eligible groups pooled"
+    caption = f"dashed line: {html.escape(label)}"
+    return (
+        f"<figure class=forest-fig>{forest_plot(rows, [t for _, t in _FOREST], references, label)}"
+        f"<figcaption class=ci>{caption}</figcaption></figure>"
+    )
+
+
+def _pooled(view: FeatureView, rate: str) -> float | None:
+    """``rate`` over the eligible groups' summed counts (TP, FP, TN, FN)."""
+    tp = fp = tn = fn = 0
+    for gr in view.report.groups.values():
+        if gr.eligible:
+            c = gr.counts
+            tp, fp, tn, fn = tp + c.tp, fp + c.fp, tn + c.tn, fn + c.fn
+    num, den = {
+        "selection_rate": (tp + fp, tp + fp + tn + fn),
+        "true_positive_rate": (tp, tp + fn),
+        "false_positive_rate": (fp, fp + tn),
+    }[rate]
+    return num / den if den else None
+
+
+def _sparklines(views: Sequence[FeatureView], history: History, thresholds: Mapping[str, float]) -> list[str]:
+    out = [
+        "<h2>Disparities over time</h2>",
+        f"<p class=muted>Last points of the cumulative {_SPARK_METHOD} disparities, one every "
+        f"{history.interval:g} s: value (line), credible interval (band), threshold (dashed), red "
+        "dots where the calibrated alarm was raised.</p><div class=sparks>",
+    ]
+    e = html.escape
+    for v in views:
+        for d, method in sorted(v.report.disparities):
+            if method != _SPARK_METHOD or not d.endswith("_difference"):
+                continue
+            points = history.series(v.model, v.feature.name, d)
+            if not points:
+                continue
+            last = points[-1]
+            alarm = " <span class=flag>alarm</span>" if last[4] else ""
+            out.append(
+                f"<div class=spark-card><b>{e(v.model)} · {e(v.feature.name)}</b><br>"
+                f"{e(d.removesuffix('_difference').replace('_', ' '))} {_fmt(last[1])}{alarm}<br>"
+                f"{sparkline(points, threshold=thresholds.get(d))}</div>"
+            )
+    out.append("</div>")
+    return out

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import orjson
 import pytest
@@ -123,3 +128,42 @@ def test_produce_events_rejects_unknown_kind(kafka_bootstrap: str, topic_names: 
     create_topics(kafka_bootstrap, [predictions, outcomes])
     with pytest.raises(ValueError, match="unknown event kind 'label'"):
         produce_events(kafka_bootstrap, predictions, outcomes, [("label", {"id": "x"})])
+
+
+@pytest.mark.integration
+def test_default_log_is_removed_at_stop(tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    broker = EmbeddedBroker().start()
+    log = broker.log_path
+    assert log is not None and log.parent == Path(tmp_path) and log.exists()
+    broker.stop()
+    assert not log.exists()
+    assert os.listdir(tmp_path) == []  # every broker start used to leave its log behind
+
+
+@pytest.mark.integration
+def test_broker_dies_with_the_process_that_started_it(tmp_path: os.PathLike[str]) -> None:
+    """SIGKILL of the starter (no chance to clean up) must not orphan the broker."""
+    code = (
+        "import sys, time\n"
+        "from stream_fair.dev.broker import EmbeddedBroker\n"
+        f"b = EmbeddedBroker(log_path={os.path.join(tmp_path, 'tansu.log')!r}).start()\n"
+        "print(b.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    starter = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(starter.stdout.readline())  # type: ignore[union-attr]
+        assert _pid_alive(pid)
+        starter.kill()
+        starter.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)  # not our child: reaped by init; this is a no-op
+            time.sleep(0.1)
+        assert not _pid_alive(pid), "the broker outlived the process that started it"
+    finally:
+        if starter.poll() is None:
+            starter.kill()

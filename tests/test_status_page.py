@@ -1,5 +1,6 @@
-"""The status page of a real detector: its content, no external assets, and how it renders in
-headless Chromium (a screenshot decoded and checked for content, not just for existence).
+"""The status page of a real detector: its content, its pictures (a forest plot per feature, a
+sparkline per disparity), no external assets, and how it renders in headless Chromium (a
+screenshot decoded and checked for content and for the pictures' colours, not just for existence).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from stream_fair import svg
 from stream_fair.app import Detector
 from stream_fair.config import Config
 from stream_fair.dev import simulate
@@ -35,6 +37,10 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 WIDTH, HEIGHT = 1280, 1600
 BIASED_GROUP = "Black&Female"
 FLAG_RGB = (0xFD, 0xE2, 0xE1)  # background of a flagged disparity's badge (status_page._CSS)
+
+
+def _rgb(colour: str) -> tuple[int, int, int]:
+    return (int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16))
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +61,7 @@ def page(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         },
     )
     detector = Detector(Config.model_validate(cfg), exporter_port=0)
+    detector.history.interval = 0.0  # a sparkline point at every new report (default: every 10 s)
     stop = threading.Event()
     thread = threading.Thread(target=detector.run, args=(stop,), name="detector", daemon=True)
     thread.start()
@@ -118,6 +125,59 @@ def test_page_shows_every_group_and_the_flagged_intersection(page: tuple[str, st
     for marginal in ("sex", "race"):  # the marginals hide the bias: nothing flagged or marked
         section = _section(html, f"{MODEL} · {marginal} ·")
         assert "flagged" not in _text(section) and "class=ext" not in section
+
+
+def _svgs(html: str, kind: str) -> list[str]:
+    return re.findall(rf'<svg class="{kind}".*?</svg>', html, re.S)
+
+
+def test_a_forest_plot_per_feature(page: tuple[str, str]) -> None:
+    _, html = page
+    for feature, groups, reference in (
+        ("sex", ["Female", "Male"], "Male"),
+        ("race", ["White", "Black", "Hispanic", "Asian"], "White"),
+        ("race&sex", RACE_SEX, "White&Male"),
+    ):
+        section = _section(html, f"{MODEL} · {feature} ·")
+        [plot] = _svgs(section, "forest")
+        labels = re.findall(r'class="lab">([^<]+)</text>', plot)
+        assert sorted(unescape(g) for g in labels) == sorted(groups)
+        # three panels (selection, TPR, FPR): an interval and a point per group in each
+        assert len(re.findall(r'<line class="ci"', plot)) == 3 * len(groups)
+        assert len(re.findall(r'<circle class="pt"', plot)) == 3 * len(groups)
+        # the reference line in each panel sits at the reference group's rate
+        refs = [float(x) for x in re.findall(r'<line class="ref" x1="([\d.]+)"', plot)]
+        assert len(refs) == 3
+        rows = dict(
+            zip(
+                (unescape(g) for g in labels),
+                re.findall(r'<circle class="pt" cx="([\d.]+)"', plot)[::3],
+                strict=False,
+            )
+        )
+        assert abs(float(rows[reference]) - refs[0]) < 0.2, (rows[reference], refs)
+        assert f"dashed line: reference group {reference}" in unescape(section)
+    age = _svgs(_section(html, f"{MODEL} · age"), "forest")[0]  # no reference: the pooled rate
+    assert "all eligible groups pooled" in age and len(re.findall(r'<line class="ref"', age)) == 3
+    # the flagged intersection: Black women's TPR (lowest) and Black men's (highest) drawn in red
+    [rs] = _svgs(_section(html, f"{MODEL} · race&sex ·"), "forest")
+    red = re.findall(rf'<line class="ci"[^>]*stroke="{svg.FLAGGED}"', rs)
+    assert len(red) >= 2, "the ends of the flagged disparity are not marked"
+    assert svg.FLAGGED not in _svgs(_section(html, f"{MODEL} · sex ·"), "forest")[0]
+
+
+def test_a_sparkline_per_disparity(page: tuple[str, str]) -> None:
+    _, html = page
+    section = _section(html, "Disparities over time")
+    cards = re.findall(r"<div class=spark-card>(.*?)</div>", section, re.S)
+    titles = [unescape(re.sub(r"<[^>]+>", " ", c.split("<svg")[0])) for c in cards]
+    eo = [c for c, t in zip(cards, titles, strict=True) if "race&sex" in t and "equal opportunity" in t]
+    assert len(eo) == 1, titles
+    line = re.search(r'<polyline class="val" points="([^"]+)"', eo[0])
+    assert line is not None and len(line.group(1).split()) >= 2  # a line over several reports
+    assert '<line class="thr"' in eo[0] and '<polygon class="band"' in eo[0]
+    for feature in ("sex", "race", "age", "race&sex"):
+        assert any(f"credit-v3 · {feature} " in t for t in titles), feature
 
 
 def test_page_links_metrics_and_loads_nothing_external(page: tuple[str, str]) -> None:
@@ -215,6 +275,10 @@ def test_screenshot_shows_a_readable_page(page: tuple[str, str], tmp_path: Path)
     dark = sum(n for c, n in colours.items() if max(c) < 0x60)
     assert dark > 5_000, dark  # text (the body colour is #1d2330)
     assert colours.get(FLAG_RGB, 0) > 200, "the flagged disparity's red badge is not visible"
+    # the pictures render: interval bars and points, reference lines, sparkline bands, red marks
+    assert colours.get(_rgb(svg.INTERVAL), 0) > 1_000, "no forest-plot intervals or sparklines drawn"
+    assert colours.get(_rgb(svg.REFERENCE), 0) > 50, "no reference or threshold lines drawn"
+    assert colours.get(_rgb(svg.BAND), 0) > 2_000, "no sparkline interval bands drawn"
     blank_rows = sum(len(set(r)) == 1 for r in rows[: height // 2])
     assert blank_rows < height // 2 * 0.8  # content fills the top half, not a one-line page
     assert time.monotonic() - started < 60

@@ -247,6 +247,9 @@ def test_pure_core_imports_neither_kafka_nor_prometheus() -> None:
         "state.ids",
         "state.restore",
         "state.rocks",
+        "missing",
+        "probe",
+        "svg",
         "sequential",
     ]
     code = (

