@@ -428,7 +428,7 @@ def groups() -> dict[str, Any]:
             "Joined pairs per second",
             [
                 target(
-                    'sum by (group) (rate(stream_fair_confusion_total{model="$model", feature="$feature", group=~"$group"}[$__rate_interval]))',
+                    'sum by (group) (rate(partition:stream_fair_confusion:max{model="$model", feature="$feature", group=~"$group"}[$__rate_interval]))',
                     "{{group}}",
                 )
             ],
@@ -440,7 +440,7 @@ def groups() -> dict[str, Any]:
             "Predictions per second",
             [
                 target(
-                    'sum by (group) (rate(stream_fair_predictions_total{model="$model", feature="$feature", group=~"$group"}[$__rate_interval]))',
+                    'sum by (group) (rate(partition:stream_fair_predictions:max{model="$model", feature="$feature", group=~"$group"}[$__rate_interval]))',
                     "{{group}}",
                 )
             ],
@@ -592,7 +592,7 @@ def feedback() -> dict[str, Any]:
             "Expired predictions per second (no outcome within join.ttl)",
             [
                 target(
-                    f"sum by (group) (rate(stream_fair_expired_predictions_total{{{sel}}}[$__rate_interval]))",
+                    f"sum by (group) (rate(partition:stream_fair_expired_predictions:max{{{sel}}}[$__rate_interval]))",
                     "{{group}}",
                 )
             ],
@@ -604,7 +604,7 @@ def feedback() -> dict[str, Any]:
             "Predictions per second",
             [
                 target(
-                    f"sum by (group) (rate(stream_fair_predictions_total{{{sel}}}[$__rate_interval]))",
+                    f"sum by (group) (rate(partition:stream_fair_predictions:max{{{sel}}}[$__rate_interval]))",
                     "{{group}}",
                 )
             ],
@@ -736,6 +736,8 @@ def feedback() -> dict[str, Any]:
 
 def pipeline() -> dict[str, Any]:
     t = 'job="stream-fair", model=~"$model", instance=~"$instance"'
+    # recorded per-partition series have no instance: a partition's owners are joined (docs/state.md)
+    tm = 'job="stream-fair", model=~"$model"'
     panels = [
         row("Health"),
         panel(
@@ -777,7 +779,7 @@ def pipeline() -> dict[str, Any]:
             "Records consumed per second",
             [
                 target(
-                    f"sum by (topic) (rate(stream_fair_events_consumed_total{{{t}}}[$__rate_interval]))",
+                    f"sum by (topic) (rate(stream_fair_records_read_total{{{t}}}[$__rate_interval]))",
                     "{{topic}}",
                 )
             ],
@@ -815,7 +817,7 @@ def pipeline() -> dict[str, Any]:
             "Event fates per second",
             [
                 target(
-                    f"sum by (topic, fate) (rate(stream_fair_event_fates_total{{{t}}}[$__rate_interval]))",
+                    f"sum by (topic, fate) (rate(partition:stream_fair_event_fates:max{{{tm}}}[$__rate_interval]))",
                     "{{topic}} {{fate}}",
                 )
             ],

@@ -46,6 +46,8 @@ CRASH_ENV = "STREAM_FAIR_TEST_CRASH"
 CRASH_STEPS = ("changelog_data", "changelog_meta", "local", "restore")
 
 _RESTORING = b"restoring"
+# The replica's own feedback monitor (until the model-wide aggregation takes it over): local only.
+_FEEDBACK_KEY = prefix(0, 0xFFFE) + b"feedback"
 
 
 def fingerprint(config: Config) -> dict[str, Any]:
@@ -142,6 +144,15 @@ class Detector:
                 write_buffer_bytes=st.write_buffer_bytes,
             )
             self.tracker = Tracker(self.config, self.backend, self.feedback)
+            stored = self.backend.get(_FEEDBACK_KEY)
+            if stored is not None and hasattr(self.feedback, "from_state"):
+                from stream_fair.state.codec import decode_json
+
+                monitor = type(self.feedback)
+                self.feedback = monitor.from_state(  # type: ignore[attr-defined]
+                    decode_json(stored), self.tracker.features, self.feedback.settings  # type: ignore[attr-defined]
+                )
+                self.tracker.feedback = self.feedback
             self._publish()
         return self.tracker
 
@@ -299,8 +310,11 @@ class Detector:
             return
         try:
             changelog_next = self._write_changelog(cp) if self._writer is not None else None
+            feedback = (
+                {_FEEDBACK_KEY: encode_json(self.feedback.to_state())} if self.feedback is not None else {}
+            )
             with self.lock:
-                tracker.commit(cp, changelog_next)
+                tracker.commit(cp, changelog_next, extra=feedback)
                 for sc in cp.shards:
                     if sc.increment is not None:
                         self.windows.fold_increment(sc.increment)
@@ -310,6 +324,7 @@ class Detector:
             raise
         self._crash("local")
         self.stats.last_checkpoint = time.time()
+        self.stats.state_disk_bytes = self.backend.disk_bytes()
         offsets = {sc.partition: tracker.shards[sc.partition].offsets for sc in cp.shards}
         try:
             kafka_io.commit_offsets(self._consumer, self._topics, offsets)

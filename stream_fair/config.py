@@ -276,9 +276,6 @@ class StateConfig(_Section):
 class ExporterConfig(_Section):
     host: str = "0.0.0.0"
     port: int = Field(9800, ge=0, le=65535)
-    snapshot_max_age: float = 1.0
-
-    _durations = field_validator("snapshot_max_age", mode="before")(parse_duration)
 
 
 class Config(_Section):

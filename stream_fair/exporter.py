@@ -48,6 +48,7 @@ class PipelineStats:
     last_checkpoint: float | None = None
     # records this process read, checkpointed or not (re-reads after a restart included)
     records_read: dict[str, int] = field(default_factory=lambda: {"predictions": 0, "outcomes": 0})
+    state_disk_bytes: int = 0
 
 
 Source = Callable[[], tuple[Report, PipelineStats]]
@@ -231,6 +232,12 @@ def _pipeline(report: Report, stats: PipelineStats) -> Iterator[Metric]:
     watermark = GaugeMetricFamily(
         P + "watermark_timestamp_seconds", "Event-time watermark of the partition", labels=part
     )
+    capacity = GaugeMetricFamily(
+        P + "pending_capacity", "join.max_pending: the bound on waiting events of a partition", labels=part
+    )
+    remembered = GaugeMetricFamily(
+        P + "remembered_ids", "Joined or expired ids kept to classify later copies", labels=part
+    )
     for p, v in sorted(snap.partitions.items()):
         ps = str(p)
         for i, t in enumerate(TOPICS):
@@ -247,6 +254,8 @@ def _pipeline(report: Report, stats: PipelineStats) -> Iterator[Metric]:
             overflow.add_metric([f, ps], n)
         if v.watermark is not None:
             watermark.add_metric([ps], v.watermark)
+        capacity.add_metric([ps], v.capacity)
+        remembered.add_metric([ps], v.remembered)
     dead = CounterMetricFamily(
         P + "dead_letters", "Records written to the dead-letter topic", labels=["topic"]
     )

@@ -157,6 +157,8 @@ class PartitionView:
     cells: dict[tuple[str, Cell], tuple[int, ...]]
     overflow: dict[str, int]
     dead_letters: tuple[int, int]
+    remembered: int = 0
+    capacity: int = 0
 
 
 @dataclass(frozen=True)
@@ -306,7 +308,7 @@ class Tracker:
         j = self.config.join
         return Shard(
             index,
-            Join(self.backend, index, j.ttl, j.outcome_ttl, j.dedupe_retention, j.max_pending),
+            Join(self.backend, index, j.ttl, j.outcome_ttl, j.dedupe_retention, j.max_pending, j.max_remembered),
             PartitionCounts(self.config.window_resolution),
             CardinalityGuard(limits=self._limits),
         )
@@ -506,9 +508,15 @@ class Tracker:
             "rows": out_rows,
         }
 
-    def commit(self, checkpoint: Checkpoint, changelog_next: dict[int, int] | None = None) -> None:
-        """The checkpoint is durable: write it locally (if not done) and start new overlays."""
-        writes: dict[bytes, bytes | None] = {}
+    def commit(
+        self,
+        checkpoint: Checkpoint,
+        changelog_next: dict[int, int] | None = None,
+        extra: dict[bytes, bytes | None] | None = None,
+    ) -> None:
+        """The checkpoint is durable in the changelog (when there is one): write it to the local
+        store, with ``extra`` keys in the same batch, and start new overlays."""
+        writes: dict[bytes, bytes | None] = dict(extra or {})
         for sc in checkpoint.shards:
             s = self.shards[sc.partition]
             s.seq = sc.meta["seq"]
@@ -545,6 +553,8 @@ class Tracker:
                 f.name: n for f, n in zip(self.config.fairness.features, s.guard.overflow, strict=True)
             },
             dead_letters=(s.dead_letters[0], s.dead_letters[1]),
+            remembered=j.remembered,
+            capacity=j.max_pending,
         )
 
     def snapshot(self, windows: dict[str, dict[Key, Quad]] | None = None) -> Snapshot:

@@ -307,7 +307,7 @@ def detector_config(
         },
         "join": {"ttl": "3650d"},
         "state": {"path": str(state_path)},
-        "exporter": {"host": "127.0.0.1", "port": 0, "snapshot_max_age": "10ms"},
+        "exporter": {"host": "127.0.0.1", "port": 0},
         "log_level": "WARNING",
     }
     for section, values in sections.items():

@@ -31,7 +31,7 @@ def test_backlog_read_in_one_go_keeps_every_labelled_pair(
     produce_events(kafka_bootstrap, topic_names.predictions, topic_names.outcomes, events)
     # a ttl of 2 minutes of event time against 5 s mean delays (P(delay > ttl) = e^-24): no true
     # expiry; but one fetch skews the two topics by minutes of event time
-    cfg = detector_config(kafka_bootstrap, topic_names, group_id, tmp_path / "state.db", join={"ttl": "2m"})
+    cfg = detector_config(kafka_bootstrap, topic_names, group_id, tmp_path / "state", join={"ttl": "2m"})
     running = Running(cfg)
     try:
         s = wait_consumed(running.port, (exp.consumed["predictions"], exp.consumed["outcomes"]), 120)

@@ -121,7 +121,7 @@ def _run_config(
             },
             "topics": {"predictions": "predictions", "outcomes": "outcomes", **topics},
             "fairness": {"features": ["sex"]},
-            "state": {"path": str(tmp_path / "state.db")},
+            "state": {"path": str(tmp_path / "state")},
             "exporter": {"host": host, "port": port},
             # INFO would add the informational "exporter on ..." line; warnings and errors must not
             "log_level": "WARNING",
@@ -144,7 +144,7 @@ def test_run_against_unreachable_broker_reports_retries_then_one_line(tmp_path: 
     assert [int(m) for line in progress for m in re.findall(r"attempt (\d+)", line)] == list(
         range(1, len(progress) + 1)
     )
-    assert not (tmp_path / "state.db").exists()  # nothing on disk before the broker answers
+    assert not (tmp_path / "state").exists()  # nothing on disk before the broker answers
     assert list(tmp_path.iterdir()) == [path]
 
 

@@ -153,7 +153,7 @@ def live(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     tag = uuid.uuid4().hex[:12]
     topics = TopicNames(f"predictions-{tag}", f"outcomes-{tag}", f"dead-letters-{tag}")
     create_topics(kafka_bootstrap, list(topics), partitions=1)
-    detector = Detector(lending_config(kafka_bootstrap, topics, tmp / "state.db"), exporter_port=0)
+    detector = Detector(lending_config(kafka_bootstrap, topics, tmp / "state"), exporter_port=0)
     stop = threading.Event()
     thread = threading.Thread(target=detector.run, args=(stop,), name="detector", daemon=True)
     stack = None

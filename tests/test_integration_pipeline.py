@@ -109,7 +109,7 @@ def test_messy_stream_exact_counts_fates_rates_and_dead_letters(
     create_topics(kafka_bootstrap, [topic_names.predictions, topic_names.outcomes], partitions=2)
     create_topics(kafka_bootstrap, [topic_names.dead_letters], partitions=1)
     cfg = detector_config(
-        kafka_bootstrap, topic_names, group_id, tmp_path / "state.db", state={"checkpoint_interval": "1s"}
+        kafka_bootstrap, topic_names, group_id, tmp_path / "state", state={"checkpoint_interval": "1s"}
     )
     det = Running(cfg)
     producer_error: list[BaseException] = []
@@ -289,7 +289,7 @@ def test_expiry_orphans_and_late_outcomes(
         kafka_bootstrap,
         topic_names,
         group_id,
-        tmp_path / "state.db",
+        tmp_path / "state",
         join={"ttl": "100s", "dedupe_retention": "1d"},
     )
     det = Running(cfg)

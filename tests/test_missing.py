@@ -120,7 +120,7 @@ def test_readme_config_on_the_bias_onset_stream_is_called_out(
         kafka_bootstrap,
         topics,
         f"stream-fair-missing-{tag}",
-        tmp_path / "state.db",
+        tmp_path / "state",
         fairness={
             "features": [{"name": "sex", "reference": "Male"}, {"name": "race", "reference": "White"}, "age"]
         },

@@ -54,7 +54,7 @@ def page(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         kafka_bootstrap,
         topics,
         f"stream-fair-status-{tag}",
-        tmp / "state.db",
+        tmp / "state",
         fairness={
             "features": [{"name": "sex", "reference": "Male"}, {"name": "race", "reference": "White"}, "age"],
             "min_samples": 100,

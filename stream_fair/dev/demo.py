@@ -59,7 +59,7 @@ def demo_config(bootstrap: str, state_dir: Path, port: int) -> Config:
             "windows": ["15m", "1h", "1d"],  # the alert rules judge the 1d window
             "window_resolution": "1m",
             "join": {"ttl": "2h"},
-            "state": {"path": str(state_dir / "state.db"), "checkpoint_interval": "2s"},
+            "state": {"path": str(state_dir / "state"), "checkpoint_interval": "2s"},
             "exporter": {"host": "127.0.0.1", "port": port},
         }
     )
