@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +40,9 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, None: 1.0}
 
 ERR_DURATION = "expected a duration such as 90s, 15m, 1h, 7d or a number of seconds"
+ERR_TIMESTAMP = (
+    "expected an ISO 8601 date or time such as 2020-01-01 or 2020-01-01T00:00:00Z, or Unix seconds"
+)
 
 
 def parse_duration(value: Any) -> float:
@@ -244,10 +248,53 @@ class ExporterConfig(_Section):
     _durations = field_validator("snapshot_max_age", mode="before")(parse_duration)
 
 
+def parse_timestamp(value: Any) -> float:
+    """Unix seconds from an ISO 8601 date/time (UTC unless zoned) or a number.
+
+    >>> parse_timestamp("2020-01-01"), parse_timestamp(0)
+    (1577836800.0, 0.0)
+    """
+    if isinstance(value, bool):
+        raise ValueError(ERR_TIMESTAMP)
+    if isinstance(value, int | float):
+        return float(value)
+    text = value.isoformat() if isinstance(value, datetime | date) else str(value).strip()
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(ERR_TIMESTAMP) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
+
+
+class EventTimeConfig(_Section):
+    """Which event times are believed (docs/configuration.md, ``event_time``)."""
+
+    allowed_skew: float = 900.0
+    min_timestamp: float = 0.0
+    max_jump: float | None = None
+    confirmations: int = Field(5, ge=1)
+
+    _durations = field_validator("allowed_skew", "max_jump", mode="before")(
+        lambda v: None if v is None else parse_duration(v)
+    )
+    _timestamp = field_validator("min_timestamp", mode="before")(parse_timestamp)
+
+    @model_validator(mode="after")
+    def _jump_above_skew(self) -> EventTimeConfig:
+        if self.max_jump is not None and self.max_jump < self.allowed_skew:
+            raise ValueError(
+                "event_time.max_jump must be at least event_time.allowed_skew: raise it or unset it"
+            )
+        return self
+
+
 class Config(_Section):
     kafka: KafkaConfig = KafkaConfig()
     topics: TopicsConfig = TopicsConfig()
     schema_: SchemaConfig = Field(SchemaConfig(), alias="schema")
+    event_time: EventTimeConfig = EventTimeConfig()
     fairness: FairnessConfig = FairnessConfig()
     windows: list[float] = Field(default_factory=lambda: [3600.0, 86400.0])
     window_resolution: float = 300.0

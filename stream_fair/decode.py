@@ -22,7 +22,9 @@ from typing import Any, cast
 
 import orjson
 
+from stream_fair import event_time
 from stream_fair.config import Config
+from stream_fair.event_time import EventTimeGuard
 from stream_fair.events import Outcome, Prediction, Rejection
 from stream_fair.groups import MISSING
 
@@ -42,7 +44,7 @@ INVALID_ATTRIBUTE = "invalid_attribute"
 REASONS = (
     INVALID_JSON, NOT_AN_OBJECT, MISSING_ID, INVALID_ID, MISSING_TIMESTAMP, INVALID_TIMESTAMP,
     INVALID_MODEL, MISSING_PREDICTION, INVALID_PREDICTION, INVALID_SCORE, MISSING_LABEL,
-    INVALID_LABEL, INVALID_ATTRIBUTE,
+    INVALID_LABEL, INVALID_ATTRIBUTE, *event_time.REASONS,
 )  # fmt: skip
 
 _ABSENT = object()
@@ -55,6 +57,10 @@ _BINARY: dict[Any, int] = {0: 0, 1: 1, "0": 0, "1": 1}  # False == 0 and True ==
 class _Reject(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         self.rejection = Rejection(reason, detail)
+
+    @classmethod
+    def of(cls, rejection: Rejection) -> _Reject:
+        return cls(rejection.reason, rejection.detail)
 
 
 def getter(path: str) -> Callable[[dict[str, Any]], Any]:
@@ -191,14 +197,22 @@ class Decoder:
         self._default_model = schema.default_model
         self._ts_scale = 0.001 if schema.timestamp_unit == "milliseconds" else 1.0
         self._kafka_ts_fallback = schema.missing_timestamp == "use_kafka_timestamp"
+        et = config.event_time
+        self.event_time = EventTimeGuard(
+            et.allowed_skew, et.min_timestamp, et.max_jump, et.confirmations, self._ts_scale
+        )
+        self._min_ts, self._latest = et.min_timestamp, self.event_time.latest
 
     def _ts(self, value: Any, kafka_ts_ms: int | None) -> float:
+        raw: float | None = None
         if value is _ABSENT or value is None:
             if self._kafka_ts_fallback and kafka_ts_ms is not None and kafka_ts_ms >= 0:
-                return kafka_ts_ms / 1000.0
-            raise _Reject(MISSING_TIMESTAMP, "no timestamp field")
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            ts = float(value) * self._ts_scale
+                ts = kafka_ts_ms / 1000.0
+            else:
+                raise _Reject(MISSING_TIMESTAMP, "no timestamp field")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            raw = float(value)
+            ts = raw * self._ts_scale
         elif isinstance(value, str):
             try:
                 parsed = datetime.fromisoformat(value)
@@ -207,7 +221,8 @@ class Decoder:
                 ts = parsed.timestamp()
             except ValueError:
                 try:
-                    ts = float(value) * self._ts_scale
+                    raw = float(value)
+                    ts = raw * self._ts_scale
                 except ValueError:
                     raise _Reject(
                         INVALID_TIMESTAMP,
@@ -215,8 +230,11 @@ class Decoder:
                     ) from None
         else:
             raise _Reject(INVALID_TIMESTAMP, f"timestamp of type {type(value).__name__}")
-        if not math.isfinite(ts) or ts < 0:
-            raise _Reject(INVALID_TIMESTAMP, f"timestamp {value!r} is out of range")
+        if not math.isfinite(ts):
+            raise _Reject(INVALID_TIMESTAMP, f"timestamp {value!r:.40} is not a finite number")
+        implausible = self.event_time.check(ts, raw)
+        if implausible is not None:
+            raise _Reject.of(implausible)
         return ts
 
     def prediction(self, raw: bytes | None, kafka_ts_ms: int | None = None) -> Prediction | Rejection:
@@ -234,7 +252,7 @@ class Decoder:
                 if (
                     eid.__class__ is str and 0 < len(eid) <= _MAX_ID
                     and (ts.__class__ is float or ts.__class__ is int)
-                    and 0 <= (ts := ts * self._ts_scale) < _INF
+                    and self._min_ts <= (ts := ts * self._ts_scale) <= self._latest()
                     and model.__class__ is str and 0 < len(model) <= _MAX_VALUE
                     and pred.__class__ is int and (pred == 0 or pred == 1)
                     and (
@@ -327,7 +345,7 @@ class Decoder:
                 if (
                     eid.__class__ is str and 0 < len(eid) <= _MAX_ID
                     and (ts.__class__ is float or ts.__class__ is int)
-                    and 0 <= (ts := ts * self._ts_scale) < _INF
+                    and self._min_ts <= (ts := ts * self._ts_scale) <= self._latest()
                     and label.__class__ is int and (label == 0 or label == 1)
                 ):  # fmt: skip
                     return Outcome(eid, float(ts), label)

@@ -177,6 +177,10 @@ class Tracker:
         if ev.__class__ is Rejection:
             return self._reject(s, _P, ev)  # type: ignore[arg-type]
         p: Prediction = ev  # type: ignore[assignment]
+        # event time the watermark may see: a far jump moves it by event_time.allowed_skew at most
+        t = self.decoder.event_time.admit((shard, _P), s.join.watermark, s.last_ts[_P], p.ts)
+        if t.__class__ is Rejection:
+            return self._reject(s, _P, t)  # type: ignore[arg-type]
         p.cell = self.guard.cell(p.cell)
         fate, outcome = s.join.add_prediction(p)
         if fate == DUPLICATE:
@@ -187,7 +191,7 @@ class Tracker:
                 self.feedback.on_prediction(p.model, p.cell, p.predicted, p.ts)
             if fate == JOINED:
                 self._joined(s, p, outcome)  # type: ignore[arg-type]
-        self._advance(s, _P, p.ts)
+        self._advance(s, _P, t)  # type: ignore[arg-type]
         return None
 
     def update_outcome(
@@ -203,12 +207,15 @@ class Tracker:
         if ev.__class__ is Rejection:
             return self._reject(s, _O, ev)  # type: ignore[arg-type]
         o: Outcome = ev  # type: ignore[assignment]
+        t = self.decoder.event_time.admit((shard, _O), s.join.watermark, s.last_ts[_O], o.ts)
+        if t.__class__ is Rejection:
+            return self._reject(s, _O, t)  # type: ignore[arg-type]
         fate, prediction = s.join.add_outcome(o)
         if fate == JOINED:
             self._joined(s, prediction, o)  # type: ignore[arg-type]
         elif fate != PENDING:
             s.fates[_O][fate] += 1  # duplicate or late
-        self._advance(s, _O, o.ts)
+        self._advance(s, _O, t)  # type: ignore[arg-type]
         return None
 
     def _reject(self, s: Shard, topic: int, r: Rejection) -> Rejection:
