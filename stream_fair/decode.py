@@ -15,6 +15,7 @@ Rejection(reason='invalid_label', detail="label 'yes' is not 0/1 (add it to sche
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from operator import itemgetter
@@ -51,6 +52,11 @@ _ABSENT = object()
 _INF = float("inf")
 _MAX_ID = 256
 _MAX_VALUE = 128
+# Control characters (Unicode category Cc: C0, DEL, C1) never reach a label value: a raw CR or NUL
+# breaks the exposition format and log lines. Rejected rather than escaped, so a group is always
+# exactly the value the producer sent.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_RESERVED = ("__other__", "__missing__")
 _BINARY: dict[Any, int] = {0: 0, 1: 1, "0": 0, "1": 1}  # False == 0 and True == 1 as keys
 
 
@@ -191,6 +197,7 @@ class Decoder:
         self._o_fast = _required([o.id, o.timestamp, o.label])
         self._features = _feature_reader([f.path or f.name for f in config.fairness.features])
         self._values: dict[Any, str] = {}  # validated attribute values (few distinct ones)
+        self._models: set[str] = set()  # validated model names
         self._pred_values = dict(schema.prediction_values)
         self._label_values = dict(schema.label_values)
         self._threshold = schema.score_threshold
@@ -253,7 +260,7 @@ class Decoder:
                     eid.__class__ is str and 0 < len(eid) <= _MAX_ID
                     and (ts.__class__ is float or ts.__class__ is int)
                     and self._min_ts <= (ts := ts * self._ts_scale) <= self._latest()
-                    and model.__class__ is str and 0 < len(model) <= _MAX_VALUE
+                    and model in self._models
                     and pred.__class__ is int and (pred == 0 or pred == 1)
                     and (
                         score is None or score is _ABSENT
@@ -275,8 +282,8 @@ class Decoder:
             model = self._p_model(doc)
             if model is _ABSENT or model is None:
                 model = self._default_model
-            elif not isinstance(model, str) or not model or len(model) > _MAX_VALUE:
-                raise _Reject(INVALID_MODEL, "model must be a non-empty string")
+            elif model not in self._models:
+                self._model(model)
             score = None
             if self._p_score is not None:
                 raw_score = self._p_score(doc)
@@ -309,6 +316,19 @@ class Decoder:
         except _Reject as r:
             return r.rejection
 
+    def _model(self, model: Any) -> None:
+        if not isinstance(model, str) or not model or len(model) > _MAX_VALUE:
+            raise _Reject(INVALID_MODEL, f"model must be a string of 1..{_MAX_VALUE} characters")
+        bad = _CONTROL.search(model)
+        if bad:
+            raise _Reject(
+                INVALID_MODEL, f"model {model!r:.40} contains control character U+{ord(bad[0]):04X}"
+            )
+        if model in _RESERVED:
+            raise _Reject(INVALID_MODEL, f"model {model!r} is a reserved name")
+        if len(self._models) < 10_000:
+            self._models.add(model)
+
     def _value(self, raw: Any) -> str:
         try:
             hash(raw)
@@ -326,10 +346,16 @@ class Decoder:
         if isinstance(value, str):
             if len(value) > _MAX_VALUE:
                 raise _Reject(INVALID_ATTRIBUTE, f"attribute value longer than {_MAX_VALUE} chars")
-            if "&" in value or value in ("__other__", "__missing__"):
+            if "&" in value or value in _RESERVED:
                 raise _Reject(
                     INVALID_ATTRIBUTE,
                     f"attribute value {value!r:.40} uses a reserved character or name",
+                )
+            bad = _CONTROL.search(value)
+            if bad:
+                raise _Reject(
+                    INVALID_ATTRIBUTE,
+                    f"attribute value {value!r:.40} contains control character U+{ord(bad[0]):04X}",
                 )
             return value
         if isinstance(value, bool | int):
