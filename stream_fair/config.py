@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -92,10 +92,13 @@ class KafkaConfig(_Section):
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    sasl_username_file: Path | None = None
+    sasl_password_file: Path | None = None
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     ssl_password: SecretStr | None = None
+    ssl_password_file: Path | None = None
     ssl_check_hostname: bool = True
     session_timeout_ms: int = Field(10000, gt=0)
     heartbeat_interval_ms: int = Field(3000, gt=0)
@@ -104,6 +107,19 @@ class KafkaConfig(_Section):
     max_poll_records: int = Field(2000, gt=0)
     fetch_max_bytes: int = Field(52428800, gt=0)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_files(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in SECRET_FILE_KEYS:
+                path = data.get(f"{key}_file")
+                if path is not None:
+                    if data.get(key) is not None:
+                        raise ValueError(ERR_SECRET_TWICE.format(key=key))
+                    data[key] = read_secret_file(f"kafka.{key}_file", path)
+        return data
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaConfig:
@@ -119,6 +135,24 @@ class KafkaConfig(_Section):
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
             raise ValueError("kafka.heartbeat_interval_ms must be below kafka.session_timeout_ms")
         return self
+
+
+SECRET_FILE_KEYS = ("sasl_username", "sasl_password", "ssl_password")
+ERR_SECRET_TWICE = "set kafka.{key} or kafka.{key}_file, not both"
+ERR_SECRET_FILE = "{key}: cannot read {path!r} ({reason}): mount the secret there or fix the path"
+
+
+def read_secret_file(key: str, path: Any) -> str:
+    """A secret file's content, verbatim but for one trailing newline (as ``echo`` writes).
+
+    Kubernetes mounts each key of a Secret as a file; its bytes are the secret, never YAML.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ValueError(ERR_SECRET_FILE.format(key=key, path=str(path), reason=reason)) from None
+    return text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
 
 
 class TopicsConfig(_Section):
@@ -352,10 +386,37 @@ def feedback_settings(options: Mapping[str, Any]) -> Any:
         raise ValueError(str(exc)) from None
 
 
+def _verbatim(path: list[str]) -> bool | None:
+    """Whether the field at ``path`` takes an environment value verbatim (a string-typed field).
+
+    True for secrets (always verbatim), None for other plain string fields (verbatim except
+    ``null``/``~``), False for everything else (parsed as YAML: numbers, lists, durations).
+    """
+    model: Any = Config
+    field = None
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return False
+        field = next((f for name, f in fields.items() if part in (name, f.alias)), None)
+        if field is None:
+            return False
+        model = field.annotation
+    if field is None:
+        return False
+    args = set(get_args(field.annotation)) or {field.annotation}
+    args.discard(type(None))
+    if args == {SecretStr}:
+        return True
+    return None if args <= {str, Path} else False
+
+
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """``STREAM_FAIR_KAFKA__SASL_PASSWORD=x`` -> ``{"kafka": {"sasl_password": "x"}}``.
 
-    Values are parsed as YAML scalars/flow collections, so ``[1h, 1d]`` and ``true`` work.
+    Values of string fields are taken verbatim (a password ``p@ss #1`` or a group id
+    ``2024-01-01`` stays exactly as given; ``null`` unsets an optional one, except for secrets);
+    other values are parsed as YAML scalars/flow collections, so ``[1h, 1d]`` and ``true`` work.
     """
     tree: dict[str, Any] = {}
     for key, raw in environ.items():
@@ -364,12 +425,17 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         path = key[len(ENV_PREFIX) :].lower().split(ENV_DELIMITER)
         if path == ["config"]:
             continue
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
+        verbatim = _verbatim(path)
+        value: Any
+        if verbatim is True:
             value = raw
-        if isinstance(value, int | float) and path[-1].endswith(("password", "username")):
-            value = raw
+        elif verbatim is None:
+            value = None if raw in ("null", "~") else raw
+        else:
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                value = raw
         node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})
