@@ -159,6 +159,7 @@ class TopicsConfig(_Section):
     predictions: str = "predictions"
     outcomes: str = "outcomes"
     dead_letters: str | None = "stream-fair-dead-letters"
+    dead_letter_max_bytes: int = Field(1_000_000, ge=10_000)
 
 
 class PredictionFields(_Section):

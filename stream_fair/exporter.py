@@ -42,6 +42,8 @@ class PipelineStats:
 
     lag: dict[tuple[str, int], int] = field(default_factory=dict)  # (role, partition) -> lag
     dead_letters: dict[str, int] = field(default_factory=dict)
+    dead_letter_errors: dict[str, int] = field(default_factory=dict)
+    dead_letters_pending: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     last_checkpoint: float | None = None
 
@@ -203,6 +205,9 @@ def _pipeline(report: Report, stats: PipelineStats) -> Iterator[Metric]:
     dead = CounterMetricFamily(
         P + "dead_letters", "Records written to the dead-letter topic", labels=["topic"]
     )
+    dead_errors = CounterMetricFamily(
+        P + "dead_letter_errors", "Failed dead-letter writes (each is retried)", labels=["topic"]
+    )
     last = GaugeMetricFamily(
         P + "last_event_timestamp_seconds", "Event time of the newest record", labels=["topic"]
     )
@@ -215,6 +220,7 @@ def _pipeline(report: Report, stats: PipelineStats) -> Iterator[Metric]:
             rejected.add_metric([t, reason], n)
         evictions.add_metric([t], snap.capacity_evictions[t])
         dead.add_metric([t], stats.dead_letters.get(t, 0))
+        dead_errors.add_metric([t], stats.dead_letter_errors.get(t, 0))
         if t in snap.last_event_ts:
             last.add_metric([t], snap.last_event_ts[t])
     overflow = CounterMetricFamily(
@@ -227,7 +233,12 @@ def _pipeline(report: Report, stats: PipelineStats) -> Iterator[Metric]:
     )
     for (role, partition), n in sorted(stats.lag.items()):
         lag.add_metric([role, str(partition)], n)
-    yield from (consumed, fates, pending, rejected, evictions, dead, last, overflow, lag)
+    yield from (consumed, fates, pending, rejected, evictions, dead, dead_errors, last, overflow, lag)
+    yield GaugeMetricFamily(
+        P + "dead_letters_pending",
+        "Rejected records whose dead letter the broker has not acknowledged yet",
+        value=stats.dead_letters_pending,
+    )
     if snap.watermark is not None:
         yield GaugeMetricFamily(
             P + "watermark_timestamp_seconds", "Largest event time seen", value=snap.watermark
