@@ -215,6 +215,8 @@ class FeatureConfig(_Section):
     def _no_separator(cls, v: str) -> str:
         if "&" in v:
             raise ValueError("a feature name cannot contain '&' (it joins intersection names)")
+        if v.startswith("__"):
+            raise ValueError(f"feature name {v!r}: names starting with '__' are reserved; rename it")
         return v
 
     @model_validator(mode="before")
@@ -238,6 +240,8 @@ class FairnessConfig(_Section):
     pooling: Literal["none", "empirical_bayes"] = "none"
     thresholds: dict[str, float] = Field(default_factory=dict)
     cardinality_limit: int = Field(50, gt=0)
+    intersection_cardinality_limit: int = Field(100, gt=0)
+    model_limit: int = Field(10, gt=0)
 
     @model_validator(mode="after")
     def _intersections_known(self) -> FairnessConfig:
