@@ -53,7 +53,7 @@ class Detector:
         if stored is not None:
             self.tracker.load_global(stored)
         self.lock = threading.Lock()
-        self.health = Health()
+        self.health = Health(unavailable_after=config.kafka.unavailable_after)
         self.stats = PipelineStats()
         self._report: tuple[float, Report] | None = None
         self._report_lock = threading.Lock()
@@ -106,6 +106,7 @@ class Detector:
         log.info("exporter on http://%s:%d/metrics", cfg.exporter.host, self.port)
         dead = kafka_io.DeadLetters(cfg)
         self.attach(consumer, dead)
+        self.stats.kafka_connected = lambda: self.health.connected(time.monotonic())
         listener = kafka_io.ShardListener(consumer, topics, self._on_revoke, self._on_assign)
         consumer.subscribe(list(topics), listener=listener)
         try:
@@ -113,6 +114,7 @@ class Detector:
                 self._backpressure(consumer, dead)
                 batches = consumer.poll(timeout_ms=200, max_records=cfg.kafka.max_poll_records)
                 self.health.heartbeat = time.monotonic()
+                self.health.heard(kafka_io.last_heard(consumer))
                 self.process(batches)
                 self.maybe_checkpoint(time.monotonic())
                 self._dead_letter_stats()

@@ -107,6 +107,9 @@ class KafkaConfig(_Section):
     max_poll_records: int = Field(2000, gt=0)
     fetch_max_bytes: int = Field(52428800, gt=0)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    unavailable_after: float = 30.0
+
+    _unavailable = field_validator("unavailable_after", mode="before")(parse_duration)
 
     @model_validator(mode="before")
     @classmethod

@@ -44,6 +44,7 @@ class PipelineStats:
     dead_letters: dict[str, int] = field(default_factory=dict)
     dead_letter_errors: dict[str, int] = field(default_factory=dict)
     dead_letters_pending: int = 0
+    kafka_connected: Callable[[], bool] | None = None  # asked at each scrape; None before the run loop
     errors: dict[str, int] = field(default_factory=dict)
     last_checkpoint: float | None = None
 
@@ -231,9 +232,17 @@ def _pipeline(report: Report, stats: PipelineStats) -> Iterator[Metric]:
     lag = GaugeMetricFamily(
         P + "consumer_lag", "High-water mark minus position", labels=["topic", "partition"]
     )
-    for (role, partition), n in sorted(stats.lag.items()):
-        lag.add_metric([role, str(partition)], n)
+    connected = None if stats.kafka_connected is None else stats.kafka_connected()
+    if connected is not False:  # while disconnected the lag is unknown, not 0
+        for (role, partition), n in sorted(stats.lag.items()):
+            lag.add_metric([role, str(partition)], n)
     yield from (consumed, fates, pending, rejected, evictions, dead, dead_errors, last, overflow, lag)
+    if connected is not None:
+        yield GaugeMetricFamily(
+            P + "kafka_connected",
+            "1 while the consumer is a stable group member whose coordinator answers",
+            value=float(connected),
+        )
     yield GaugeMetricFamily(
         P + "dead_letters_pending",
         "Rejected records whose dead letter the broker has not acknowledged yet",
@@ -259,12 +268,29 @@ def registry_for(source: Source) -> CollectorRegistry:
 
 
 class Health:
-    """Liveness (the loop ticks) and readiness (partitions assigned, state loaded)."""
+    """Liveness (the loop ticks) and readiness (state loaded and Kafka reachable).
 
-    def __init__(self, stale_after: float = 60.0) -> None:
+    ``ready`` is set once the first partitions are assigned and their state loaded;
+    :meth:`connected` turns false when the group has not been healthy (a stable member whose
+    coordinator answers heartbeats) for ``unavailable_after`` seconds, and true again when it is.
+    """
+
+    def __init__(self, stale_after: float = 60.0, unavailable_after: float = 30.0) -> None:
         self.stale_after = stale_after
+        self.unavailable_after = unavailable_after
         self.heartbeat = 0.0
         self.ready = False
+        self.kafka_seen: float | None = None  # monotonic time the group was last healthy
+
+    def heard(self, when: float | None) -> None:
+        if when is not None and (self.kafka_seen is None or when > self.kafka_seen):
+            self.kafka_seen = when
+
+    def connected(self, now: float) -> bool:
+        return self.kafka_seen is not None and now - self.kafka_seen <= self.unavailable_after
+
+    def is_ready(self, now: float) -> bool:
+        return self.ready and self.connected(now)
 
 
 class ExporterServer:
@@ -292,8 +318,13 @@ class ExporterServer:
                     alive = now() - health.heartbeat < health.stale_after
                     self._send(200 if alive else 503, b"ok\n" if alive else b"run loop stalled\n")
                 elif path == "/readyz":
-                    ready = health.ready
-                    self._send(200 if ready else 503, b"ready\n" if ready else b"not ready\n")
+                    t = now()
+                    if health.is_ready(t):
+                        self._send(200, b"ready\n")
+                    elif health.ready:
+                        self._send(503, b"not ready: kafka unreachable or group not joined\n")
+                    else:
+                        self._send(503, b"not ready: no partitions assigned yet\n")
                 elif path == "/" and page is not None:
                     try:
                         body = page().encode()

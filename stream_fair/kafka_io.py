@@ -19,7 +19,7 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
-from kafka.structs import OffsetAndMetadata
+from kafka.structs import MemberState, OffsetAndMetadata
 
 from stream_fair.config import Config, KafkaConfig
 from stream_fair.errors import BrokerError
@@ -154,6 +154,20 @@ class ShardListener(ConsumerRebalanceListener):  # type: ignore[misc]
                     self.consumer.seek_to_end(tp)
                 else:
                     self.consumer.seek_to_beginning(tp)
+
+
+def last_heard(consumer: KafkaConsumer) -> float | None:
+    """When (``time.monotonic()``) the group last showed it is healthy, or None while it is not.
+
+    Healthy: a stable member of the group whose coordinator is known. The time is that of the last
+    heartbeat answer (or of the last join): it stops moving while the broker is unreachable or
+    hangs, even before kafka-python notices and drops the connection.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None or coordinator.state != MemberState.STABLE or coordinator.coordinator_unknown():
+        return None
+    beat = coordinator.heartbeat
+    return float(max(beat.last_receive, beat.last_reset))
 
 
 def commit_offsets(
