@@ -67,8 +67,9 @@ class Detector:
 
         port = config.exporter.port if exporter_port is None else exporter_port
         self.server = ExporterServer(
-            config.exporter.host, port, registry, self.health, page=lambda: render(*self.current())
-        )
+            config.exporter.host, port, registry, self.health, page=lambda: render(*self.current()),
+            **server_options(config.exporter),
+        )  # fmt: skip
 
     @property
     def port(self) -> int:
@@ -103,7 +104,7 @@ class Detector:
             self.server.stop()
             raise
         # after the broker checks, so a broker error stays the only line on stderr
-        log.info("exporter on http://%s:%d/metrics", cfg.exporter.host, self.port)
+        log.info("exporter on %s://%s:%d/metrics", self.server.scheme, cfg.exporter.host, self.port)
         dead = kafka_io.DeadLetters(cfg)
         self.attach(consumer, dead)
         self.stats.kafka_connected = lambda: self.health.connected(time.monotonic())
@@ -283,6 +284,19 @@ class Detector:
         self.health.ready = True
         log.info("partitions assigned: %s (resuming at %s)", sorted(shards), offsets)
         return offsets
+
+
+def server_options(exporter: Any) -> dict[str, Any]:
+    """ExporterServer keyword arguments from the ``exporter`` section (web config read and checked)."""
+    from stream_fair.web import load_web_config
+
+    web = None if exporter.web_config_file is None else load_web_config(exporter.web_config_file)
+    return {
+        "read_timeout": exporter.read_timeout,
+        "workers": exporter.workers,
+        "max_connections": exporter.max_connections,
+        "web": web,
+    }
 
 
 def _default_feedback(config: Config) -> Feedback:

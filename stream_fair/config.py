@@ -286,8 +286,12 @@ class ExporterConfig(_Section):
     host: str = "0.0.0.0"
     port: int = Field(9800, ge=0, le=65535)
     snapshot_max_age: float = 1.0
+    read_timeout: float = 10.0
+    workers: int = Field(4, ge=1, le=64)
+    max_connections: int = Field(512, ge=1)
+    web_config_file: Path | None = None
 
-    _durations = field_validator("snapshot_max_age", mode="before")(parse_duration)
+    _durations = field_validator("snapshot_max_age", "read_timeout", mode="before")(parse_duration)
 
 
 def parse_timestamp(value: Any) -> float:

@@ -15,7 +15,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -26,6 +26,7 @@ from stream_fair import __version__
 from stream_fair.fairness import DISPARITIES, RATES
 from stream_fair.report import CUMULATIVE, Report
 from stream_fair.tracker import TOPICS
+from stream_fair.web import UNPROTECTED, BoundedHTTPServer, WebConfig
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,13 @@ class Health:
 
 
 class ExporterServer:
-    """A small threaded HTTP server for /metrics, /, /healthz, /readyz."""
+    """The HTTP endpoints /metrics, /, /healthz, /readyz on a bounded server.
+
+    A fixed pool of ``workers`` threads serves requests, each socket operation bounded by
+    ``read_timeout``; idle connections wait without a thread and are closed after ``read_timeout``
+    (at most ``max_connections`` of them). ``web`` adds TLS and basic auth (exporter-toolkit
+    format, :mod:`stream_fair.web`); the probes /healthz and /readyz need no credentials.
+    """
 
     def __init__(
         self,
@@ -304,15 +311,23 @@ class ExporterServer:
         health: Health,
         page: Callable[[], str] | None = None,
         clock: Callable[[], float] | None = None,
+        *,
+        read_timeout: float = 10.0,
+        workers: int = 4,
+        max_connections: int = 512,
+        web: WebConfig | None = None,
     ) -> None:
         import time
 
         now: Callable[[], float] = clock or time.monotonic
+        settings: WebConfig = web or WebConfig()
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
                 path = self.path.split("?", 1)[0]
-                if path == "/metrics":
+                if path not in UNPROTECTED and not settings.authorized(self.headers.get("Authorization")):
+                    self._send(401, b"unauthorized\n", auth=True)
+                elif path == "/metrics":
                     self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
                     alive = now() - health.heartbeat < health.stale_after
@@ -335,19 +350,32 @@ class ExporterServer:
                 else:
                     self._send(404, b"not found: try /metrics, /, /healthz, /readyz\n")
 
-            def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+            def _send(
+                self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8", auth: bool = False
+            ) -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
+                if auth:
+                    self.send_header("WWW-Authenticate", 'Basic realm="stream-fair"')
+                for name, value in settings.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(body)
 
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = BoundedHTTPServer(
+            (host, port),
+            Handler,
+            workers=workers,
+            max_connections=max_connections,
+            read_timeout=read_timeout,
+            tls=settings.tls,
+        )
         self.port = self.httpd.server_address[1]
+        self.scheme = "https" if settings.tls is not None else "http"
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="exporter", daemon=True)
 
     def start(self) -> ExporterServer:
