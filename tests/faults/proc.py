@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -129,4 +130,4 @@ def headers(record: Any) -> dict[str, bytes]:
     return {k: v for k, v in (record.headers or [])}
 
 
-__all__ = ["Run", "setup", "consumed_all", "headers", "signal"]
+__all__ = ["Run", "setup", "consumed_all", "headers"]
