@@ -31,7 +31,7 @@ from stream_fair.config import Config, format_duration
 from stream_fair.counts import CellCounts, Key, Quad, add_quads
 from stream_fair.decode import Decoder
 from stream_fair.events import Outcome, Prediction, Rejection
-from stream_fair.groups import CardinalityGuard, Cell, FeatureKey, feature_keys
+from stream_fair.groups import MODEL_OVERFLOW, CardinalityGuard, Cell, FeatureKey, feature_keys
 from stream_fair.join import (
     DUPLICATE,
     EXPIRED,
@@ -139,7 +139,10 @@ class Tracker:
         self.features: list[FeatureKey] = feature_keys([f.name for f in fc.features], fc.intersections)
         self.decoder = Decoder(config)
         self.guard = CardinalityGuard(
-            limits=tuple(f.cardinality_limit or fc.cardinality_limit for f in fc.features)
+            limits=tuple(f.cardinality_limit or fc.cardinality_limit for f in fc.features),
+            intersections=tuple(k.indices for k in self.features if k.is_intersection),
+            intersection_limit=fc.intersection_cardinality_limit,
+            model_limit=fc.model_limit,
         )
         self.window_labels = tuple(format_duration(w) for w in config.windows)
         self.feedback = feedback
@@ -177,7 +180,11 @@ class Tracker:
         if ev.__class__ is Rejection:
             return self._reject(s, _P, ev)  # type: ignore[arg-type]
         p: Prediction = ev  # type: ignore[assignment]
-        p.cell = self.guard.cell(p.cell)
+        # event time the watermark may see: a far jump moves it by event_time.allowed_skew at most
+        t = self.decoder.event_time.admit((shard, _P), s.join.watermark, s.last_ts[_P], p.ts)
+        if t.__class__ is Rejection:
+            return self._reject(s, _P, t)  # type: ignore[arg-type]
+        self.guard.fold(p)  # cell, intersection groups and model within their cardinality limits
         fate, outcome = s.join.add_prediction(p)
         if fate == DUPLICATE:
             s.fates[_P][DUPLICATE] += 1
@@ -187,7 +194,7 @@ class Tracker:
                 self.feedback.on_prediction(p.model, p.cell, p.predicted, p.ts)
             if fate == JOINED:
                 self._joined(s, p, outcome)  # type: ignore[arg-type]
-        self._advance(s, _P, p.ts)
+        self._advance(s, _P, t)  # type: ignore[arg-type]
         return None
 
     def update_outcome(
@@ -203,12 +210,15 @@ class Tracker:
         if ev.__class__ is Rejection:
             return self._reject(s, _O, ev)  # type: ignore[arg-type]
         o: Outcome = ev  # type: ignore[assignment]
+        t = self.decoder.event_time.admit((shard, _O), s.join.watermark, s.last_ts[_O], o.ts)
+        if t.__class__ is Rejection:
+            return self._reject(s, _O, t)  # type: ignore[arg-type]
         fate, prediction = s.join.add_outcome(o)
         if fate == JOINED:
             self._joined(s, prediction, o)  # type: ignore[arg-type]
         elif fate != PENDING:
             s.fates[_O][fate] += 1  # duplicate or late
-        self._advance(s, _O, o.ts)
+        self._advance(s, _O, t)  # type: ignore[arg-type]
         return None
 
     def _reject(self, s: Shard, topic: int, r: Rejection) -> Rejection:
@@ -323,7 +333,8 @@ class Tracker:
             },
             expired=_merge_ints(s.counts.expired for s in shards),
             overflow={
-                f.name: n for f, n in zip(self.config.fairness.features, self.guard.overflow, strict=True)
+                **{k.name: n for k, n in zip(self.features, self.guard.overflow, strict=True)},
+                MODEL_OVERFLOW: self.guard.model_overflow,
             },
             shards=tuple(sorted(self.shards)),
             feedback=self.feedback.snapshot() if self.feedback is not None else None,
