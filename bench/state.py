@@ -85,7 +85,9 @@ class Stream:
         self.ts = 1_700_000_000.0
 
     def id_of(self, i: int) -> str:
-        h = hashlib.blake2b(i.to_bytes(8, "little") + self.seed.to_bytes(4, "little"), digest_size=16).hexdigest()
+        h = hashlib.blake2b(
+            i.to_bytes(8, "little") + self.seed.to_bytes(4, "little"), digest_size=16
+        ).hexdigest()
         return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-a{h[17:20]}-{h[20:]}"
 
     def predictions(self, n: int) -> list[bytes]:
@@ -175,7 +177,10 @@ def fill(core: Core, stream: Stream, n: int, chunk: int = 200_000) -> float:
         done += k
         if done % 2_000_000 < chunk:
             cur, _ = rss_mb()
-            print(f"  {done:>11,} pending  rss {cur:6.0f} MB  {done / (time.perf_counter() - t0):8.0f}/s", flush=True)
+            print(
+                f"  {done:>11,} pending  rss {cur:6.0f} MB  {done / (time.perf_counter() - t0):8.0f}/s",
+                flush=True,
+            )
     core.checkpoint()
     return time.perf_counter() - t0
 
@@ -262,7 +267,12 @@ def restore_bench(n: int, workdir: Path, bootstrap: str | None) -> dict[str, flo
             a, lambda: a._snapshot is not None and a._snapshot.consumed["predictions"] >= n, timeout=3600
         )
         # new records waiting when the second replica starts: the first one processed is the clock
-        produce_events(bootstrap, topics[0], topics[1], [("outcome", orjson.loads(r)) for r in stream.outcomes(list(range(1000)))])
+        produce_events(
+            bootstrap,
+            topics[0],
+            topics[1],
+            [("outcome", orjson.loads(r)) for r in stream.outcomes(list(range(1000)))],
+        )
         b = Detector(cfg(workdir / "b"))
         marks: dict[str, float] = {}
         on_assign = b._on_assign
@@ -308,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n1) {args.small:,} pending (small store)")
         small_stream, small = Stream(seed=1), Core(workdir / "small", args.checkpoint_events)
         fill(small, small_stream, args.small)
-        print(f"\n2) {args.pending:,} pending (big store), checkpoint every {args.checkpoint_events:,} records")
+        print(
+            f"\n2) {args.pending:,} pending (big store), checkpoint every {args.checkpoint_events:,} records"
+        )
         big_stream, big = Stream(seed=2), Core(workdir / "big", args.checkpoint_events)
         # checkpoint cost at 100k pending, measured on the way up
         fill(big, big_stream, 100_000)

@@ -113,6 +113,9 @@ class Detector:
         self._to_restore: set[int] = set()
         self._restores: dict[int, PartitionRestore] = {}
         self.missing_log = MissingFeatureLog({f.name: str(f.path) for f in config.fairness.features})
+        self._checkpoint_failures = 0  # consecutive: the retry backs off
+        self._retry_at = 0.0
+        self._held_back = False
         registry = registry_for(self.current)
         from stream_fair.status_page import History, render
 
@@ -124,6 +127,7 @@ class Detector:
             registry,
             self.health,
             page=lambda: render(*self.current(), history=self.history),
+            **server_options(config.exporter),
         )
 
     @property
@@ -150,7 +154,9 @@ class Detector:
 
                 monitor = type(self.feedback)
                 self.feedback = monitor.from_state(  # type: ignore[attr-defined]
-                    decode_json(stored), self.tracker.features, self.feedback.settings  # type: ignore[attr-defined]
+                    decode_json(stored),
+                    self.tracker.features,
+                    self.feedback.settings,  # type: ignore[attr-defined]
                 )
                 self.tracker.feedback = self.feedback
             self._publish()
@@ -198,28 +204,31 @@ class Detector:
             self.server.stop()
             raise
         # after the broker checks, so a broker error stays the only line on stderr
-        log.info("exporter on http://%s:%d/metrics", cfg.exporter.host, self.port)
+        log.info("exporter on %s://%s:%d/metrics", self.server.scheme, cfg.exporter.host, self.port)
         dead = kafka_io.DeadLetters(cfg)
         self.attach(consumer, dead, writer, reader)
+        self.stats.kafka_connected = lambda: self.health.connected(time.monotonic())
         listener = kafka_io.ShardListener(consumer, self._topics, self._on_revoke, self._on_assign)
         consumer.subscribe(list(self._topics), listener=listener)
+        clean = False
         try:
             while not stop.is_set():
+                self._backpressure(consumer, dead)
                 batches = consumer.poll(
                     timeout_ms=100 if self._to_restore else 200, max_records=cfg.kafka.max_poll_records
                 )
                 self.health.heartbeat = time.monotonic()
+                self.health.heard(kafka_io.last_heard(consumer))
                 self.process(batches)
                 if self._to_restore:
                     self.restore_step()
                 self.maybe_checkpoint(time.monotonic())
                 self.missing_log.maybe_warn(time.monotonic(), lambda: self.current()[0].snapshot.predictions)
-                self.stats.dead_letters = dict(dead.sent)
-                if dead.failed:
-                    self.stats.errors["dead_letter_produce"] = dead.failed
+                self._dead_letter_stats()
         finally:
             try:
-                self.checkpoint()
+                # at shutdown, wait longer for unsent dead letters before giving up on them
+                clean = self.checkpoint(settle=max(10.0, cfg.kafka.request_timeout_ms / 1000))
             finally:
                 consumer.close(autocommit=False)
                 dead.close()
@@ -228,7 +237,31 @@ class Detector:
                         c.close()
                 self.close()
                 self.server.stop()
+            if clean:
                 log.info("stopped cleanly")
+            else:
+                log.error("stopped; the last checkpoint is older than the last record read (see above)")
+
+    def _dead_letter_stats(self) -> None:
+        dead = self._dead
+        self.stats.dead_letters = dead.sent
+        self.stats.dead_letter_errors = dead.errors
+        self.stats.dead_letters_pending = dead.pending
+        if self.tracker is not None:
+            self.stats.dead_letter_partitions = {i: dead.state(i) for i in list(self.tracker.shards)}
+
+    def _backpressure(self, consumer: Any, dead: Any) -> None:
+        """Stop reading while too many dead letters are unsent (the broker refuses them)."""
+        from stream_fair import kafka_io
+
+        if dead.backlogged:
+            consumer.pause(*consumer.assignment())
+            dead.settle(1.0)
+            self._dead_letter_stats()
+        else:  # resume what backpressure paused, never a partition still being restored
+            paused = [tp for tp in consumer.paused() if tp.partition not in self._to_restore]
+            if paused:
+                kafka_io.resume(consumer, paused)
 
     def close(self) -> None:
         if self.backend is not None:
@@ -285,6 +318,8 @@ class Detector:
 
     def maybe_checkpoint(self, now: float) -> None:
         state = self.config.state
+        if now < self._retry_at:
+            return
         if (
             self._events_since_checkpoint >= state.checkpoint_events
             or now - self._last_checkpoint_mono >= state.checkpoint_interval
@@ -292,44 +327,78 @@ class Detector:
             self.checkpoint()
 
     # -- checkpoints ------------------------------------------------------------------------
-    def checkpoint(self, shards: set[int] | None = None) -> None:
-        """Make every change durable: dead letters, changelog (data, then metas), local store."""
+    def checkpoint(self, shards: set[int] | None = None, settle: float | None = None) -> bool:
+        """Make every change durable: dead letters, changelog (data, then metas), local store.
+
+        A shard with a rejected record whose dead letter is not yet acknowledged is not
+        checkpointed, so its offsets never pass that record. A failure (a full disk, a broker
+        that refuses the changelog) is counted in ``errors_total{kind="checkpoint"}``, logged in
+        one line and retried with a growing pause; the previous checkpoint stays valid.
+        Returns whether every requested shard was checkpointed.
+        """
         from stream_fair import kafka_io
 
         tracker = self.tracker
         if tracker is None:
-            return
-        self._events_since_checkpoint = 0
-        self._last_checkpoint_mono = time.monotonic()
+            return True
+        cfg = self.config
+        if settle is None:  # short, so the poll loop stays within max_poll_interval_ms
+            settle = min(5.0, cfg.kafka.max_poll_interval_ms / 4000)
+        unsent = self._dead.settle(settle) if self._dead is not None else set()
+        ids = set(tracker.shards) if shards is None else shards & set(tracker.shards)
+        ids -= self._to_restore
+        saved = ids - unsent
         if self._dead is not None:
-            self._dead.flush()  # dead letters first: never checkpoint past an unsent one
-        restoring = self._to_restore
-        cp = tracker.checkpoint(None if shards is None else shards - restoring)
-        cp.shards = [sc for sc in cp.shards if sc.partition not in restoring]
-        if not cp.shards:
-            return
+            for i in saved:  # dead-letter counts travel with the shard
+                tracker.shards[i].dead_letters = self._dead.state(i)
+        cp = tracker.checkpoint(saved)
         try:
-            changelog_next = self._write_changelog(cp) if self._writer is not None else None
-            feedback = (
-                {_FEEDBACK_KEY: encode_json(self.feedback.to_state())} if self.feedback is not None else {}
-            )
-            with self.lock:
-                tracker.commit(cp, changelog_next, extra=feedback)
-                for sc in cp.shards:
-                    if sc.increment is not None:
-                        self.windows.fold_increment(sc.increment)
-                self._publish()
-        except Exception:
-            self.stats.errors["checkpoint"] = self.stats.errors.get("checkpoint", 0) + 1
-            raise
-        self._crash("local")
-        self.stats.last_checkpoint = time.time()
-        self.stats.state_disk_bytes = self.backend.disk_bytes()
+            if cp.shards:
+                changelog_next = self._write_changelog(cp) if self._writer is not None else None
+                feedback = (
+                    {_FEEDBACK_KEY: encode_json(self.feedback.to_state())}
+                    if self.feedback is not None
+                    else {}
+                )
+                with self.lock:
+                    tracker.commit(cp, changelog_next, extra=feedback)
+                    for sc in cp.shards:
+                        if sc.increment is not None:
+                            self.windows.fold_increment(sc.increment)
+                    self._publish()
+                self._crash("local")
+                self.stats.state_disk_bytes = self.backend.disk_bytes()
+        except Exception as exc:  # nothing was committed: the next attempt writes it all again
+            self._checkpoint_failed(exc)
+            return False
+        self._dead_letter_stats()
+        if unsent & ids:
+            self._retry_at = time.monotonic() + 1.0
+            if not self._held_back:  # once per episode; the dead-letter errors log on their own
+                log.warning(
+                    "checkpoint of partitions %s held back: dead letters unsent", sorted(unsent & ids)
+                )
+            self._held_back = True
+        else:
+            self._held_back = False
+            self._checkpoint_failures = 0
+            self._retry_at = 0.0
+            self._events_since_checkpoint = 0
+            self._last_checkpoint_mono = time.monotonic()
+            self.stats.last_checkpoint = time.time()
         offsets = {sc.partition: tracker.shards[sc.partition].offsets for sc in cp.shards}
         try:
             kafka_io.commit_offsets(self._consumer, self._topics, offsets)
         except Exception as exc:  # mirror only: the state store is the source of truth
             log.warning("offset commit to Kafka failed: %s", exc)
+        return not (unsent & ids)
+
+    def _checkpoint_failed(self, exc: Exception) -> None:
+        self.stats.errors["checkpoint"] = self.stats.errors.get("checkpoint", 0) + 1
+        self._checkpoint_failures += 1
+        pause = min(60.0, 2.0 ** (self._checkpoint_failures - 1))
+        self._retry_at = time.monotonic() + pause
+        log.error("checkpoint failed, retrying in %.0f s (the previous one stays valid): %s", pause, exc)
 
     def _write_changelog(self, cp: Checkpoint) -> dict[int, int]:
         assert self.tracker is not None
@@ -369,6 +438,8 @@ class Detector:
             assert self.tracker is not None
             for s in shards:
                 self.tracker.drop(s)
+                if self._dead is not None:
+                    self._dead.drop(s)
             self._publish()
         log.info("partitions revoked: %s", sorted(shards))
 
@@ -452,6 +523,8 @@ class Detector:
         assert self.tracker is not None
         with self.lock:
             s = self.tracker.shard(p)
+            if self._dead is not None:
+                self._dead.load(p, s.dead_letters)
             s.epoch = max(epoch, s.epoch) + 1
             for key in repair:
                 if key[0] == SPACE_ID:
@@ -468,6 +541,19 @@ class Detector:
         if not self._to_restore:
             self.health.ready = True
         log.info("partition %d claimed (epoch %d), resuming at %s", p, s.epoch, s.offsets)
+
+
+def server_options(exporter: Any) -> dict[str, Any]:
+    """ExporterServer keyword arguments from the ``exporter`` section (web config read and checked)."""
+    from stream_fair.web import load_web_config
+
+    web = None if exporter.web_config_file is None else load_web_config(exporter.web_config_file)
+    return {
+        "read_timeout": exporter.read_timeout,
+        "workers": exporter.workers,
+        "max_connections": exporter.max_connections,
+        "web": web,
+    }
 
 
 def _default_feedback(config: Config) -> Feedback:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -39,6 +40,9 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, None: 1.0}
 
 ERR_DURATION = "expected a duration such as 90s, 15m, 1h, 7d or a number of seconds"
+ERR_TIMESTAMP = (
+    "expected an ISO 8601 date or time such as 2020-01-01 or 2020-01-01T00:00:00Z, or Unix seconds"
+)
 
 
 def parse_duration(value: Any) -> float:
@@ -116,10 +120,13 @@ class KafkaConfig(_Section):
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    sasl_username_file: Path | None = None
+    sasl_password_file: Path | None = None
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     ssl_password: SecretStr | None = None
+    ssl_password_file: Path | None = None
     ssl_check_hostname: bool = True
     session_timeout_ms: int = Field(10000, gt=0)
     heartbeat_interval_ms: int = Field(3000, gt=0)
@@ -128,6 +135,22 @@ class KafkaConfig(_Section):
     max_poll_records: int = Field(2000, gt=0)
     fetch_max_bytes: int = Field(52428800, gt=0)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    unavailable_after: float = 30.0
+
+    _unavailable = field_validator("unavailable_after", mode="before")(parse_duration)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_files(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in SECRET_FILE_KEYS:
+                path = data.get(f"{key}_file")
+                if path is not None:
+                    if data.get(key) is not None:
+                        raise ValueError(ERR_SECRET_TWICE.format(key=key))
+                    data[key] = read_secret_file(f"kafka.{key}_file", path)
+        return data
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaConfig:
@@ -145,10 +168,29 @@ class KafkaConfig(_Section):
         return self
 
 
+SECRET_FILE_KEYS = ("sasl_username", "sasl_password", "ssl_password")
+ERR_SECRET_TWICE = "set kafka.{key} or kafka.{key}_file, not both"
+ERR_SECRET_FILE = "{key}: cannot read {path!r} ({reason}): mount the secret there or fix the path"
+
+
+def read_secret_file(key: str, path: Any) -> str:
+    """A secret file's content, verbatim but for one trailing newline (as ``echo`` writes).
+
+    Kubernetes mounts each key of a Secret as a file; its bytes are the secret, never YAML.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ValueError(ERR_SECRET_FILE.format(key=key, path=str(path), reason=reason)) from None
+    return text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
+
+
 class TopicsConfig(_Section):
     predictions: str = "predictions"
     outcomes: str = "outcomes"
     dead_letters: str | None = "stream-fair-dead-letters"
+    dead_letter_max_bytes: int = Field(1_000_000, ge=10_000)
 
 
 class PredictionFields(_Section):
@@ -204,6 +246,8 @@ class FeatureConfig(_Section):
     def _no_separator(cls, v: str) -> str:
         if "&" in v:
             raise ValueError("a feature name cannot contain '&' (it joins intersection names)")
+        if v.startswith("__"):
+            raise ValueError(f"feature name {v!r}: names starting with '__' are reserved; rename it")
         return v
 
     @model_validator(mode="before")
@@ -227,6 +271,8 @@ class FairnessConfig(_Section):
     pooling: Literal["none", "empirical_bayes"] = "none"
     thresholds: dict[str, float] = Field(default_factory=dict)
     cardinality_limit: int = Field(50, gt=0)
+    intersection_cardinality_limit: int = Field(100, gt=0)
+    model_limit: int = Field(10, gt=0)
 
     @model_validator(mode="after")
     def _intersections_known(self) -> FairnessConfig:
@@ -276,12 +322,61 @@ class StateConfig(_Section):
 class ExporterConfig(_Section):
     host: str = "0.0.0.0"
     port: int = Field(9800, ge=0, le=65535)
+    read_timeout: float = 10.0
+    workers: int = Field(4, ge=1, le=64)
+    max_connections: int = Field(512, ge=1)
+    web_config_file: Path | None = None
+
+    _durations = field_validator("read_timeout", mode="before")(parse_duration)
+
+
+def parse_timestamp(value: Any) -> float:
+    """Unix seconds from an ISO 8601 date/time (UTC unless zoned) or a number.
+
+    >>> parse_timestamp("2020-01-01"), parse_timestamp(0)
+    (1577836800.0, 0.0)
+    """
+    if isinstance(value, bool):
+        raise ValueError(ERR_TIMESTAMP)
+    if isinstance(value, int | float):
+        return float(value)
+    text = value.isoformat() if isinstance(value, datetime | date) else str(value).strip()
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(ERR_TIMESTAMP) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
+
+
+class EventTimeConfig(_Section):
+    """Which event times are believed (docs/configuration.md, ``event_time``)."""
+
+    allowed_skew: float = 900.0
+    min_timestamp: float = 0.0
+    max_jump: float | None = None
+    confirmations: int = Field(5, ge=1)
+
+    _durations = field_validator("allowed_skew", "max_jump", mode="before")(
+        lambda v: None if v is None else parse_duration(v)
+    )
+    _timestamp = field_validator("min_timestamp", mode="before")(parse_timestamp)
+
+    @model_validator(mode="after")
+    def _jump_above_skew(self) -> EventTimeConfig:
+        if self.max_jump is not None and self.max_jump < self.allowed_skew:
+            raise ValueError(
+                "event_time.max_jump must be at least event_time.allowed_skew: raise it or unset it"
+            )
+        return self
 
 
 class Config(_Section):
     kafka: KafkaConfig = KafkaConfig()
     topics: TopicsConfig = TopicsConfig()
     schema_: SchemaConfig = Field(SchemaConfig(), alias="schema")
+    event_time: EventTimeConfig = EventTimeConfig()
     fairness: FairnessConfig = FairnessConfig()
     windows: list[float] = Field(default_factory=lambda: [3600.0, 86400.0])
     window_resolution: float = 300.0
@@ -339,10 +434,37 @@ def feedback_settings(options: Mapping[str, Any]) -> Any:
         raise ValueError(str(exc)) from None
 
 
+def _verbatim(path: list[str]) -> bool | None:
+    """Whether the field at ``path`` takes an environment value verbatim (a string-typed field).
+
+    True for secrets (always verbatim), None for other plain string fields (verbatim except
+    ``null``/``~``), False for everything else (parsed as YAML: numbers, lists, durations).
+    """
+    model: Any = Config
+    field = None
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return False
+        field = next((f for name, f in fields.items() if part in (name, f.alias)), None)
+        if field is None:
+            return False
+        model = field.annotation
+    if field is None:
+        return False
+    args = set(get_args(field.annotation)) or {field.annotation}
+    args.discard(type(None))
+    if args == {SecretStr}:
+        return True
+    return None if args <= {str, Path} else False
+
+
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """``STREAM_FAIR_KAFKA__SASL_PASSWORD=x`` -> ``{"kafka": {"sasl_password": "x"}}``.
 
-    Values are parsed as YAML scalars/flow collections, so ``[1h, 1d]`` and ``true`` work.
+    Values of string fields are taken verbatim (a password ``p@ss #1`` or a group id
+    ``2024-01-01`` stays exactly as given; ``null`` unsets an optional one, except for secrets);
+    other values are parsed as YAML scalars/flow collections, so ``[1h, 1d]`` and ``true`` work.
     """
     tree: dict[str, Any] = {}
     for key, raw in environ.items():
@@ -351,12 +473,17 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         path = key[len(ENV_PREFIX) :].lower().split(ENV_DELIMITER)
         if path == ["config"]:
             continue
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
+        verbatim = _verbatim(path)
+        value: Any
+        if verbatim is True:
             value = raw
-        if isinstance(value, int | float) and path[-1].endswith(("password", "username")):
-            value = raw
+        elif verbatim is None:
+            value = None if raw in ("null", "~") else raw
+        else:
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                value = raw
         node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})

@@ -123,10 +123,6 @@ class PartitionCounts:
         self._bump(i, EXPIRED, ts)
 
     # -- checkpoint -----------------------------------------------------------------------------
-    def take_increments(self) -> dict[tuple[int, int], list[int]]:
-        out, self.increments = self.increments, {}
-        return out
-
     def row_document(self, i: int) -> list[Any]:
         model, cell = self.keys[i]
         return [model, list(cell), list(self.rows[i])]

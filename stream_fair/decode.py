@@ -15,6 +15,7 @@ Rejection(reason='invalid_label', detail="label 'yes' is not 0/1 (add it to sche
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from operator import itemgetter
@@ -22,7 +23,9 @@ from typing import Any, cast
 
 import orjson
 
+from stream_fair import event_time
 from stream_fair.config import Config
+from stream_fair.event_time import EventTimeGuard
 from stream_fair.events import Outcome, Prediction, Rejection
 from stream_fair.groups import MISSING
 
@@ -42,19 +45,28 @@ INVALID_ATTRIBUTE = "invalid_attribute"
 REASONS = (
     INVALID_JSON, NOT_AN_OBJECT, MISSING_ID, INVALID_ID, MISSING_TIMESTAMP, INVALID_TIMESTAMP,
     INVALID_MODEL, MISSING_PREDICTION, INVALID_PREDICTION, INVALID_SCORE, MISSING_LABEL,
-    INVALID_LABEL, INVALID_ATTRIBUTE,
+    INVALID_LABEL, INVALID_ATTRIBUTE, *event_time.REASONS,
 )  # fmt: skip
 
 _ABSENT = object()
 _INF = float("inf")
 _MAX_ID = 256
 _MAX_VALUE = 128
+# Control characters (Unicode category Cc: C0, DEL, C1) never reach a label value: a raw CR or NUL
+# breaks the exposition format and log lines. Rejected rather than escaped, so a group is always
+# exactly the value the producer sent.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_RESERVED = ("__other__", "__missing__")
 _BINARY: dict[Any, int] = {0: 0, 1: 1, "0": 0, "1": 1}  # False == 0 and True == 1 as keys
 
 
 class _Reject(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         self.rejection = Rejection(reason, detail)
+
+    @classmethod
+    def of(cls, rejection: Rejection) -> _Reject:
+        return cls(rejection.reason, rejection.detail)
 
 
 def getter(path: str) -> Callable[[dict[str, Any]], Any]:
@@ -185,20 +197,29 @@ class Decoder:
         self._o_fast = _required([o.id, o.timestamp, o.label])
         self._features = _feature_reader([f.path or f.name for f in config.fairness.features])
         self._values: dict[Any, str] = {}  # validated attribute values (few distinct ones)
+        self._models: set[str] = set()  # validated model names
         self._pred_values = dict(schema.prediction_values)
         self._label_values = dict(schema.label_values)
         self._threshold = schema.score_threshold
         self._default_model = schema.default_model
         self._ts_scale = 0.001 if schema.timestamp_unit == "milliseconds" else 1.0
         self._kafka_ts_fallback = schema.missing_timestamp == "use_kafka_timestamp"
+        et = config.event_time
+        self.event_time = EventTimeGuard(
+            et.allowed_skew, et.min_timestamp, et.max_jump, et.confirmations, self._ts_scale
+        )
+        self._min_ts, self._latest = et.min_timestamp, self.event_time.latest
 
     def _ts(self, value: Any, kafka_ts_ms: int | None) -> float:
+        raw: float | None = None
         if value is _ABSENT or value is None:
             if self._kafka_ts_fallback and kafka_ts_ms is not None and kafka_ts_ms >= 0:
-                return kafka_ts_ms / 1000.0
-            raise _Reject(MISSING_TIMESTAMP, "no timestamp field")
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            ts = float(value) * self._ts_scale
+                ts = kafka_ts_ms / 1000.0
+            else:
+                raise _Reject(MISSING_TIMESTAMP, "no timestamp field")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            raw = float(value)
+            ts = raw * self._ts_scale
         elif isinstance(value, str):
             try:
                 parsed = datetime.fromisoformat(value)
@@ -207,7 +228,8 @@ class Decoder:
                 ts = parsed.timestamp()
             except ValueError:
                 try:
-                    ts = float(value) * self._ts_scale
+                    raw = float(value)
+                    ts = raw * self._ts_scale
                 except ValueError:
                     raise _Reject(
                         INVALID_TIMESTAMP,
@@ -215,8 +237,11 @@ class Decoder:
                     ) from None
         else:
             raise _Reject(INVALID_TIMESTAMP, f"timestamp of type {type(value).__name__}")
-        if not math.isfinite(ts) or ts < 0:
-            raise _Reject(INVALID_TIMESTAMP, f"timestamp {value!r} is out of range")
+        if not math.isfinite(ts):
+            raise _Reject(INVALID_TIMESTAMP, f"timestamp {value!r:.40} is not a finite number")
+        implausible = self.event_time.check(ts, raw)
+        if implausible is not None:
+            raise _Reject.of(implausible)
         return ts
 
     def prediction(self, raw: bytes | None, kafka_ts_ms: int | None = None) -> Prediction | Rejection:
@@ -234,8 +259,8 @@ class Decoder:
                 if (
                     eid.__class__ is str and 0 < len(eid) <= _MAX_ID
                     and (ts.__class__ is float or ts.__class__ is int)
-                    and 0 <= (ts := ts * self._ts_scale) < _INF
-                    and model.__class__ is str and 0 < len(model) <= _MAX_VALUE
+                    and self._min_ts <= (ts := ts * self._ts_scale) <= self._latest()
+                    and model in self._models
                     and pred.__class__ is int and (pred == 0 or pred == 1)
                     and (
                         score is None or score is _ABSENT
@@ -257,8 +282,8 @@ class Decoder:
             model = self._p_model(doc)
             if model is _ABSENT or model is None:
                 model = self._default_model
-            elif not isinstance(model, str) or not model or len(model) > _MAX_VALUE:
-                raise _Reject(INVALID_MODEL, "model must be a non-empty string")
+            elif model not in self._models:
+                self._model(model)
             score = None
             if self._p_score is not None:
                 raw_score = self._p_score(doc)
@@ -291,6 +316,19 @@ class Decoder:
         except _Reject as r:
             return r.rejection
 
+    def _model(self, model: Any) -> None:
+        if not isinstance(model, str) or not model or len(model) > _MAX_VALUE:
+            raise _Reject(INVALID_MODEL, f"model must be a string of 1..{_MAX_VALUE} characters")
+        bad = _CONTROL.search(model)
+        if bad:
+            raise _Reject(
+                INVALID_MODEL, f"model {model!r:.40} contains control character U+{ord(bad[0]):04X}"
+            )
+        if model in _RESERVED:
+            raise _Reject(INVALID_MODEL, f"model {model!r} is a reserved name")
+        if len(self._models) < 10_000:
+            self._models.add(model)
+
     def _value(self, raw: Any) -> str:
         try:
             hash(raw)
@@ -308,10 +346,16 @@ class Decoder:
         if isinstance(value, str):
             if len(value) > _MAX_VALUE:
                 raise _Reject(INVALID_ATTRIBUTE, f"attribute value longer than {_MAX_VALUE} chars")
-            if "&" in value or value in ("__other__", "__missing__"):
+            if "&" in value or value in _RESERVED:
                 raise _Reject(
                     INVALID_ATTRIBUTE,
                     f"attribute value {value!r:.40} uses a reserved character or name",
+                )
+            bad = _CONTROL.search(value)
+            if bad:
+                raise _Reject(
+                    INVALID_ATTRIBUTE,
+                    f"attribute value {value!r:.40} contains control character U+{ord(bad[0]):04X}",
                 )
             return value
         if isinstance(value, bool | int):
@@ -327,7 +371,7 @@ class Decoder:
                 if (
                     eid.__class__ is str and 0 < len(eid) <= _MAX_ID
                     and (ts.__class__ is float or ts.__class__ is int)
-                    and 0 <= (ts := ts * self._ts_scale) < _INF
+                    and self._min_ts <= (ts := ts * self._ts_scale) <= self._latest()
                     and label.__class__ is int and (label == 0 or label == 1)
                 ):  # fmt: skip
                     return Outcome(eid, float(ts), label)

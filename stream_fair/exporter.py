@@ -15,7 +15,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -28,6 +28,7 @@ from stream_fair.fairness import DISPARITIES, RATES
 from stream_fair.missing import report_missing
 from stream_fair.report import CUMULATIVE, Report
 from stream_fair.tracker import TOPICS
+from stream_fair.web import UNPROTECTED, BoundedHTTPServer, WebConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,11 @@ class PipelineStats:
 
     lag: dict[tuple[str, int], int] = field(default_factory=dict)  # (role, partition) -> lag
     dead_letters: dict[str, int] = field(default_factory=dict)
+    dead_letter_errors: dict[str, int] = field(default_factory=dict)
+    dead_letters_pending: int = 0
+    # per owned partition: {"sent": [predictions, outcomes], "errors": [...]}, live
+    dead_letter_partitions: dict[int, Any] = field(default_factory=dict)
+    kafka_connected: Callable[[], bool] | None = None  # asked at each scrape; None before the run loop
     errors: dict[str, int] = field(default_factory=dict)
     last_checkpoint: float | None = None
     # records this process read, checkpointed or not (re-reads after a restart included)
@@ -208,7 +214,9 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
 def _pipeline(report: Report, stats: PipelineStats) -> Iterator[Metric]:
     snap = report.snapshot
     part = ["partition"]
-    consumed = CounterMetricFamily(P + "events_consumed", "Records read from Kafka", labels=["topic", *part])
+    consumed = CounterMetricFamily(
+        P + "events_consumed", "Records accounted for (checkpointed)", labels=["topic", *part]
+    )
     fates = CounterMetricFamily(
         P + "event_fates", "Final fate of each record", labels=["topic", "fate", *part]
     )
@@ -222,6 +230,12 @@ def _pipeline(report: Report, stats: PipelineStats) -> Iterator[Metric]:
         P + "capacity_evictions",
         "Pending records expired early at join.max_pending",
         labels=["topic", *part],
+    )
+    dead = CounterMetricFamily(
+        P + "dead_letters", "Records written to the dead-letter topic", labels=["topic", *part]
+    )
+    dead_errors = CounterMetricFamily(
+        P + "dead_letter_errors", "Failed dead-letter writes (each is retried)", labels=["topic", *part]
     )
     last = GaugeMetricFamily(
         P + "last_event_timestamp_seconds", "Event time of the newest record", labels=["topic", *part]
@@ -248,6 +262,10 @@ def _pipeline(report: Report, stats: PipelineStats) -> Iterator[Metric]:
             for reason, n in sorted(v.rejected[i].items()):
                 rejected.add_metric([t, reason, ps], n)
             evictions.add_metric([t, ps], v.capacity_evictions[i])
+            # side effects, not counts of the stream: live (the checkpoint waits for unsent letters)
+            letters = stats.dead_letter_partitions.get(p, v.dead_letters)
+            dead.add_metric([t, ps], letters["sent"][i])
+            dead_errors.add_metric([t, ps], letters["errors"][i])
             if v.last_ts[i] is not None:
                 last.add_metric([t, ps], v.last_ts[i])  # type: ignore[arg-type]
         for f, n in v.overflow.items():
@@ -256,16 +274,13 @@ def _pipeline(report: Report, stats: PipelineStats) -> Iterator[Metric]:
             watermark.add_metric([ps], v.watermark)
         capacity.add_metric([ps], v.capacity)
         remembered.add_metric([ps], v.remembered)
-    dead = CounterMetricFamily(
-        P + "dead_letters", "Records written to the dead-letter topic", labels=["topic"]
-    )
-    for t in TOPICS:
-        dead.add_metric([t], stats.dead_letters.get(t, 0))
     lag = GaugeMetricFamily(
         P + "consumer_lag", "High-water mark minus position", labels=["topic", "partition"]
     )
-    for (role, partition), n in sorted(stats.lag.items()):
-        lag.add_metric([role, str(partition)], n)
+    connected = None if stats.kafka_connected is None else stats.kafka_connected()
+    if connected is not False:  # while disconnected the lag is unknown, not 0
+        for (role, partition), n in sorted(stats.lag.items()):
+            lag.add_metric([role, str(partition)], n)
     read = CounterMetricFamily(
         P + "records_read",
         "Records this process read from Kafka (not durable: includes re-reads after a restart)",
@@ -277,19 +292,20 @@ def _pipeline(report: Report, stats: PipelineStats) -> Iterator[Metric]:
         P + "partitions_owned", "Input partitions this replica owns and has restored", labels=[]
     )
     owned.add_metric([], len(snap.partitions))
-    yield from (
-        consumed,
-        fates,
-        pending,
-        rejected,
-        evictions,
-        dead,
-        last,
-        overflow,
-        lag,
-        watermark,
-        owned,
-        read,
+    disk = GaugeMetricFamily(P + "state_disk_bytes", "Bytes of the local state store on disk", labels=[])
+    disk.add_metric([], stats.state_disk_bytes)
+    yield from (consumed, fates, pending, rejected, evictions, dead, dead_errors, last, overflow, lag)
+    yield from (watermark, capacity, remembered, owned, read, disk)
+    if connected is not None:
+        yield GaugeMetricFamily(
+            P + "kafka_connected",
+            "1 while the consumer is a stable group member whose coordinator answers",
+            value=float(connected),
+        )
+    yield GaugeMetricFamily(
+        P + "dead_letters_pending",
+        "Rejected records whose dead letter the broker has not acknowledged yet",
+        value=stats.dead_letters_pending,
     )
     if stats.last_checkpoint is not None:
         yield GaugeMetricFamily(
@@ -307,16 +323,39 @@ def registry_for(source: Source) -> CollectorRegistry:
 
 
 class Health:
-    """Liveness (the loop ticks) and readiness (partitions assigned, state loaded)."""
+    """Liveness (the loop ticks) and readiness (state loaded and Kafka reachable).
 
-    def __init__(self, stale_after: float = 60.0) -> None:
+    ``ready`` is set once the first partitions are assigned and their state loaded;
+    :meth:`connected` turns false when the group has not been healthy (a stable member whose
+    coordinator answers heartbeats) for ``unavailable_after`` seconds, and true again when it is.
+    """
+
+    def __init__(self, stale_after: float = 60.0, unavailable_after: float = 30.0) -> None:
         self.stale_after = stale_after
+        self.unavailable_after = unavailable_after
         self.heartbeat = 0.0
         self.ready = False
+        self.kafka_seen: float | None = None  # monotonic time the group was last healthy
+
+    def heard(self, when: float | None) -> None:
+        if when is not None and (self.kafka_seen is None or when > self.kafka_seen):
+            self.kafka_seen = when
+
+    def connected(self, now: float) -> bool:
+        return self.kafka_seen is not None and now - self.kafka_seen <= self.unavailable_after
+
+    def is_ready(self, now: float) -> bool:
+        return self.ready and self.connected(now)
 
 
 class ExporterServer:
-    """A small threaded HTTP server for /metrics, /, /healthz, /readyz."""
+    """The HTTP endpoints /metrics, /, /healthz, /readyz on a bounded server.
+
+    A fixed pool of ``workers`` threads serves requests, each socket operation bounded by
+    ``read_timeout``; idle connections wait without a thread and are closed after ``read_timeout``
+    (at most ``max_connections`` of them). ``web`` adds TLS and basic auth (exporter-toolkit
+    format, :mod:`stream_fair.web`); the probes /healthz and /readyz need no credentials.
+    """
 
     def __init__(
         self,
@@ -326,22 +365,35 @@ class ExporterServer:
         health: Health,
         page: Callable[[], str] | None = None,
         clock: Callable[[], float] | None = None,
+        *,
+        read_timeout: float = 10.0,
+        workers: int = 4,
+        max_connections: int = 512,
+        web: WebConfig | None = None,
     ) -> None:
         import time
 
         now: Callable[[], float] = clock or time.monotonic
+        settings: WebConfig = web or WebConfig()
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
                 path = self.path.split("?", 1)[0]
-                if path == "/metrics":
+                if path not in UNPROTECTED and not settings.authorized(self.headers.get("Authorization")):
+                    self._send(401, b"unauthorized\n", auth=True)
+                elif path == "/metrics":
                     self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
                     alive = now() - health.heartbeat < health.stale_after
                     self._send(200 if alive else 503, b"ok\n" if alive else b"run loop stalled\n")
                 elif path == "/readyz":
-                    ready = health.ready
-                    self._send(200 if ready else 503, b"ready\n" if ready else b"not ready\n")
+                    t = now()
+                    if health.is_ready(t):
+                        self._send(200, b"ready\n")
+                    elif health.ready:
+                        self._send(503, b"not ready: kafka unreachable or group not joined\n")
+                    else:
+                        self._send(503, b"not ready: no partitions assigned yet\n")
                 elif path == "/" and page is not None:
                     try:
                         body = page().encode()
@@ -352,19 +404,32 @@ class ExporterServer:
                 else:
                     self._send(404, b"not found: try /metrics, /, /healthz, /readyz\n")
 
-            def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+            def _send(
+                self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8", auth: bool = False
+            ) -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
+                if auth:
+                    self.send_header("WWW-Authenticate", 'Basic realm="stream-fair"')
+                for name, value in settings.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(body)
 
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = BoundedHTTPServer(
+            (host, port),
+            Handler,
+            workers=workers,
+            max_connections=max_connections,
+            read_timeout=read_timeout,
+            tls=settings.tls,
+        )
         self.port = self.httpd.server_address[1]
+        self.scheme = "https" if settings.tls is not None else "http"
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="exporter", daemon=True)
 
     def start(self) -> ExporterServer:

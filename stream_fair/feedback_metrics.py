@@ -75,6 +75,9 @@ def _group_families(snapshot: FeedbackSnapshot) -> Iterator[Metric]:
     delay = _gauge(
         "label_delay_seconds", "Quantile of outcome minus prediction event time", [*_G, "quantile"]
     )
+    # quantiles of a distribution: typed as a summary (without _sum/_count), since promtool and
+    # Prometheus accept a `quantile` label only there; names and labels are unchanged
+    delay.type = "summary"
     share = _gauge("traffic_share", "Group's share of predictions in the last period", _G)
     share_ref = _gauge("traffic_share_reference", "Group's share of predictions in the reference periods", _G)
     exposure = _gauge("exposure_ratio", "Group's selection rate over the overall one, last period", _G)

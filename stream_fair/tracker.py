@@ -36,7 +36,7 @@ from stream_fair.config import Config
 from stream_fair.counts import EXPIRED, PRED0, PRED1, Key, PartitionCounts, Quad, add_rows, confusion
 from stream_fair.decode import Decoder
 from stream_fair.events import Rejection
-from stream_fair.groups import CardinalityGuard, Cell, FeatureKey, feature_keys
+from stream_fair.groups import MODEL_OVERFLOW, CardinalityGuard, Cell, FeatureKey, feature_keys
 from stream_fair.join import (
     DUPLICATE,
     FINAL_FATES,
@@ -102,7 +102,7 @@ class Shard:
     epoch: int = 0
     seq: int = 0
     changelog_next: int | None = None
-    dead_letters: list[int] = field(default_factory=lambda: [0, 0])
+    dead_letters: dict[str, list[int]] = field(default_factory=lambda: {"sent": [0, 0], "errors": [0, 0]})
     # offsets at the previous checkpoint: an increment covers (from, to]
     committed_offsets: list[int | None] = field(default_factory=lambda: [None, None])
     # A topic known to have unread records holds the watermark back (not persisted: the run loop
@@ -138,7 +138,8 @@ class Shard:
         self.guard.load_state(m["guard"])
         self.epoch = int(m["epoch"])
         self.seq = int(m["seq"])
-        self.dead_letters = [int(x) for x in m.get("dead_letters", [0, 0])]
+        dl = m.get("dead_letters") or {}
+        self.dead_letters = {k: [int(x) for x in dl.get(k, [0, 0])] for k in ("sent", "errors")}
         self.changelog_next = m.get("changelog_next")
 
 
@@ -156,7 +157,7 @@ class PartitionView:
     watermark: float | None
     cells: dict[tuple[str, Cell], tuple[int, ...]]
     overflow: dict[str, int]
-    dead_letters: tuple[int, int]
+    dead_letters: dict[str, tuple[int, int]]
     remembered: int = 0
     capacity: int = 0
 
@@ -280,6 +281,7 @@ class Tracker:
         self.features: list[FeatureKey] = feature_keys([f.name for f in fc.features], fc.intersections)
         self.decoder = Decoder(config)
         self._limits = tuple(f.cardinality_limit or fc.cardinality_limit for f in fc.features)
+        self._intersections = tuple(k.indices for k in self.features if k.is_intersection)
         self.backend = backend
         self.feedback = feedback
         self.shards: dict[int, Shard] = {}
@@ -308,9 +310,16 @@ class Tracker:
         j = self.config.join
         return Shard(
             index,
-            Join(self.backend, index, j.ttl, j.outcome_ttl, j.dedupe_retention, j.max_pending, j.max_remembered),
+            Join(
+                self.backend, index, j.ttl, j.outcome_ttl, j.dedupe_retention, j.max_pending, j.max_remembered
+            ),
             PartitionCounts(self.config.window_resolution),
-            CardinalityGuard(limits=self._limits),
+            CardinalityGuard(
+                limits=self._limits,
+                intersections=self._intersections,
+                intersection_limit=self.config.fairness.intersection_cardinality_limit,
+                model_limit=self.config.fairness.model_limit,
+            ),
         )
 
     def stored_meta(self, index: int) -> dict[str, Any] | None:
@@ -347,8 +356,12 @@ class Tracker:
         ev = self.decoder.prediction(raw, kafka_ts_ms)
         if ev.__class__ is Rejection:
             return self._reject(s, _P, ev)  # type: ignore[arg-type]
-        model, ts, predicted = ev.model, ev.ts, ev.predicted  # type: ignore[union-attr]
-        cell = s.guard.cell(ev.cell)  # type: ignore[union-attr]
+        # event time the watermark may see: a far jump moves it by event_time.allowed_skew at most
+        t = self.decoder.event_time.admit((shard, _P), s.join.watermark, s.last_ts[_P], ev.ts)  # type: ignore[union-attr]
+        if t.__class__ is Rejection:
+            return self._reject(s, _P, t)  # type: ignore[arg-type]
+        s.guard.fold(ev)  # cell, intersection groups and model within their cardinality limits
+        model, ts, predicted, cell = ev.model, ev.ts, ev.predicted, ev.cell  # type: ignore[union-attr]
         counts = s.counts
         ci = counts.index.get((model, cell))
         if ci is None:
@@ -363,7 +376,7 @@ class Tracker:
                 self.feedback.on_prediction(model, cell, predicted, ts)
             if fate == JOINED:
                 self._joined(s, p, outcome.ts, outcome.label)  # type: ignore[union-attr]
-        self._advance(s, _P, ts)
+        self._advance(s, _P, t)  # type: ignore[arg-type]
         return None
 
     def update_outcome(
@@ -380,12 +393,15 @@ class Tracker:
         if ev.__class__ is Rejection:
             return self._reject(s, _O, ev)  # type: ignore[arg-type]
         ts, label = ev.ts, ev.label  # type: ignore[union-attr]
+        t = self.decoder.event_time.admit((shard, _O), s.join.watermark, s.last_ts[_O], ts)
+        if t.__class__ is Rejection:
+            return self._reject(s, _O, t)  # type: ignore[arg-type]
         fate, prediction = s.join.add_outcome(ev.id, ts, label)  # type: ignore[union-attr]
         if fate == JOINED:
             self._joined(s, prediction, ts, label)  # type: ignore[arg-type]
         elif fate != PENDING:
             s.fates[_O][fate] += 1  # duplicate or late
-        self._advance(s, _O, ts)
+        self._advance(s, _O, t)  # type: ignore[arg-type]
         return None
 
     def _reject(self, s: Shard, topic: int, r: Rejection) -> Rejection:
@@ -484,7 +500,7 @@ class Tracker:
         return out
 
     def _increment(self, s: Shard) -> dict[str, Any] | None:
-        rows = s.counts.take_increments()
+        rows = s.counts.increments  # cleared by commit(): a failed checkpoint is simply retried
         if not rows and s.offsets == s.committed_offsets:
             return None
         refs: dict[int, int] = {}
@@ -532,6 +548,7 @@ class Tracker:
             s = self.shards[sc.partition]
             s.join.ids.committed()
             s.counts.dirty.clear()
+            s.counts.increments = {}
             s.committed_offsets = list(s.offsets)
             s.changed = False
             self.views[sc.partition] = self._view(s)
@@ -550,9 +567,10 @@ class Tracker:
             watermark=j.watermark if j.watermark != float("-inf") else None,
             cells={k: tuple(row) for k, row in zip(s.counts.keys, s.counts.rows, strict=True)},
             overflow={
-                f.name: n for f, n in zip(self.config.fairness.features, s.guard.overflow, strict=True)
+                **{k.name: n for k, n in zip(self.features, s.guard.overflow, strict=True)},
+                MODEL_OVERFLOW: s.guard.model_overflow,
             },
-            dead_letters=(s.dead_letters[0], s.dead_letters[1]),
+            dead_letters={k: (v[0], v[1]) for k, v in s.dead_letters.items()},
             remembered=j.remembered,
             capacity=j.max_pending,
         )

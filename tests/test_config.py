@@ -116,3 +116,56 @@ def test_every_config_key_is_in_the_reference() -> None:
         if f"`{leaf}`" not in body and f".{leaf}`" not in body and f"`{leaf}," not in body:
             missing.append(key)
     assert not missing, f"undocumented config keys: {missing}"
+
+
+SASL = {
+    "STREAM_FAIR_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+    "STREAM_FAIR_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
+}
+TRICKY = ["p@ss #1", "'quoted'", "2024-01-01", "12345", "null", " spaced ", "yes", "[a, b]", "a: b", "~"]
+
+
+@pytest.mark.parametrize("secret", TRICKY)
+def test_secrets_from_the_environment_are_verbatim(secret: str) -> None:
+    # an optional plain string is unset by null or ~, a secret never
+    user = "u" if secret in ("null", "~") else secret
+    env = {**SASL, "STREAM_FAIR_KAFKA__SASL_USERNAME": user, "STREAM_FAIR_KAFKA__SASL_PASSWORD": secret}
+    cfg = load(environ=env)
+    assert cfg.kafka.sasl_password is not None and cfg.kafka.sasl_password.get_secret_value() == secret
+    assert cfg.kafka.sasl_username == user
+
+
+def test_plain_string_keys_are_verbatim_too() -> None:
+    cfg = load(
+        environ={"STREAM_FAIR_KAFKA__GROUP_ID": "2024-01-01", "STREAM_FAIR_TOPICS__PREDICTIONS": "p #1"}
+    )
+    assert cfg.kafka.group_id == "2024-01-01" and cfg.topics.predictions == "p #1"
+    assert load(environ={"STREAM_FAIR_TOPICS__DEAD_LETTERS": "null"}).topics.dead_letters is None
+
+
+@pytest.mark.parametrize("secret", TRICKY)
+def test_secrets_from_files_are_verbatim(tmp_path: Path, secret: str) -> None:
+    (tmp_path / "user").write_text(secret)  # as Kubernetes mounts a Secret key: no newline
+    (tmp_path / "password").write_text(secret + "\n")  # as `echo` writes it: one newline dropped
+    (tmp_path / "c.yaml").write_text(f"kafka: {{sasl_password_file: {tmp_path / 'password'}}}\n")
+    cfg = load(
+        tmp_path / "c.yaml", environ={**SASL, "STREAM_FAIR_KAFKA__SASL_USERNAME_FILE": str(tmp_path / "user")}
+    )
+    assert cfg.kafka.sasl_password is not None and cfg.kafka.sasl_password.get_secret_value() == secret
+    assert cfg.kafka.sasl_username == secret
+    assert secret.strip() not in str(cfgmod.redacted(cfg).get("kafka", {}).get("sasl_password"))
+
+
+def test_secret_file_errors_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(environ={"STREAM_FAIR_KAFKA__SASL_PASSWORD_FILE": str(tmp_path / "absent")})
+    assert "\n" not in str(err.value)
+    assert "kafka.sasl_password_file: cannot read" in str(err.value) and "mount the secret" in str(err.value)
+    (tmp_path / "p").write_text("x")
+    with pytest.raises(ConfigError, match="set kafka.sasl_password or kafka.sasl_password_file, not both"):
+        load(
+            environ={
+                "STREAM_FAIR_KAFKA__SASL_PASSWORD_FILE": str(tmp_path / "p"),
+                "STREAM_FAIR_KAFKA__SASL_PASSWORD": "y",
+            }
+        )

@@ -86,7 +86,10 @@ def test_kafka_timestamp_fallback_and_reject_mode() -> None:
         (p(id=[1]), decode.INVALID_ID),
         (p(id="x" * 300), decode.INVALID_ID),
         (p(ts="yesterday"), decode.INVALID_TIMESTAMP),
-        (p(ts=-5), decode.INVALID_TIMESTAMP),
+        (p(ts=-5), decode.event_time.TIMESTAMP_BEFORE_EPOCH),
+        (p(ts=1e13), decode.event_time.FUTURE_TIMESTAMP),
+        (p(ts="9999-12-31T23:59:59Z"), decode.event_time.FUTURE_TIMESTAMP),
+        (p(ts="nan"), decode.INVALID_TIMESTAMP),
         (p(model=3), decode.INVALID_MODEL),
         (p(prediction=...), decode.MISSING_PREDICTION),
         (p(prediction="maybe"), decode.INVALID_PREDICTION),
@@ -96,6 +99,13 @@ def test_kafka_timestamp_fallback_and_reject_mode() -> None:
         (p(attributes={"sex": ["F"]}), decode.INVALID_ATTRIBUTE),
         (p(attributes={"sex": "A&B"}), decode.INVALID_ATTRIBUTE),
         (p(attributes={"sex": "__other__"}), decode.INVALID_ATTRIBUTE),
+        (p(attributes={"sex": "F\r\nx"}), decode.INVALID_ATTRIBUTE),
+        (p(attributes={"sex": "F\x00"}), decode.INVALID_ATTRIBUTE),
+        (p(attributes={"sex": "F\x85"}), decode.INVALID_ATTRIBUTE),
+        (p(model="m\r"), decode.INVALID_MODEL),
+        (p(model="m\x00"), decode.INVALID_MODEL),
+        (p(model="__other__"), decode.INVALID_MODEL),
+        (p(model=""), decode.INVALID_MODEL),
     ],
 )
 def test_prediction_rejections(raw: bytes | None, reason: str) -> None:
@@ -117,3 +127,11 @@ def test_prediction_rejections(raw: bytes | None, reason: str) -> None:
 def test_outcome_rejections(raw: bytes, reason: str) -> None:
     r = decoder().outcome(raw)
     assert isinstance(r, Rejection) and r.reason == reason
+
+
+def test_control_characters_never_reach_a_label_even_after_warm_up() -> None:
+    d = decoder()
+    assert isinstance(d.prediction(p()), Prediction)  # "m" and "F" are now known to the fast path
+    for raw in (p(model="m\r"), p(attributes={"sex": "F\x00"}), p(model="m\x1b[31m")):
+        r = d.prediction(raw)
+        assert isinstance(r, Rejection) and "control character" in r.detail, r

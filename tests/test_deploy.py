@@ -121,8 +121,9 @@ def test_sidecar_port_and_probes() -> None:
     c = _sidecar()
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"sf-metrics": PORT}
-    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "sf-metrics"}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "sf-metrics"}
+    # the example serves HTTPS (exporter.web_config_file); the probe paths need no credentials
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "sf-metrics", "scheme": "HTTPS"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "sf-metrics", "scheme": "HTTPS"}
     assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
     assert c["args"] == ["--config", "/etc/stream-fair/config.yaml"]
 
@@ -182,6 +183,33 @@ def test_podmonitor_selects_the_pods_and_port() -> None:
         if re.sub(r"[^a-zA-Z0-9]", "_", k) == source.removeprefix("__meta_kubernetes_pod_label_")
     )
     assert labels[pod_label] == "credit-v3"
+
+
+def test_podmonitor_scrapes_the_web_config_it_mounts() -> None:
+    """TLS + basic auth end to end in the manifests: the config names a web config that the pod
+    mounts from a Secret, the probes speak HTTPS, and the PodMonitor scrapes with https and
+    basic auth; the example web config is in the exporter-toolkit format the exporter reads."""
+    from stream_fair.web import parse_web_config
+
+    cfg = sf_config.load(K8S / "config.yaml", environ=_config_env())
+    assert cfg.exporter.web_config_file is not None
+    web_dir = posixpath.dirname(str(cfg.exporter.web_config_file))
+    mounts = {m["mountPath"]: m for m in _sidecar()["volumeMounts"]}
+    volumes = {v["name"]: v for v in _k8s("Deployment")["spec"]["template"]["spec"]["volumes"]}
+    secret = volumes[mounts[web_dir]["name"]]["secret"]["secretName"]
+    examples = {
+        d["metadata"]["name"]: d for d in yaml.safe_load_all((K8S / "secret.example.yaml").read_text())
+    }
+    web = yaml.safe_load(
+        examples[secret]["stringData"][posixpath.basename(str(cfg.exporter.web_config_file))]
+    )
+    assert set(web["tls_server_config"]) == {"cert_file", "key_file"}
+    assert set(web["tls_server_config"].values()) <= set(examples[secret]["stringData"])
+    assert parse_web_config({"basic_auth_users": web["basic_auth_users"]}, ".").users
+    (endpoint,) = _k8s("PodMonitor")["spec"]["podMetricsEndpoints"]
+    assert endpoint["scheme"] == "https" and endpoint["basicAuth"]["password"]["name"] in examples
+    assert endpoint["tlsConfig"]["ca"]["secret"]["name"] in examples
+    assert _sidecar()["startupProbe"]["httpGet"]["scheme"] == "HTTPS"
 
 
 def test_kustomization_resources_exist() -> None:

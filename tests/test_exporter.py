@@ -204,7 +204,11 @@ def test_http_endpoints() -> None:
 
         assert status("/readyz") == 503 and status("/healthz") == 503
         health.ready, health.heartbeat = True, time.monotonic()
+        assert status("/readyz") == 503  # partitions assigned, but Kafka never heard from
+        health.heard(time.monotonic())
         assert status("/readyz") == 200 and status("/healthz") == 200
+        health.kafka_seen = time.monotonic() - health.unavailable_after - 1  # silent too long
+        assert status("/readyz") == 503 and status("/healthz") == 200
         assert status("/") == 200 and status("/nope") == 404
         with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
             assert "stream_fair_confusion_total" in r.read().decode()

@@ -26,8 +26,8 @@ from stream_fair.groups import MISSING
 from stream_fair.missing import MIN_PREDICTIONS, MissingFeatureLog, missing_shares, report_missing
 from stream_fair.report import build_report
 from stream_fair.status_page import render
-from stream_fair.tracker import Tracker
 from tests.conftest import TopicNames
+from tests.helpers import LocalTracker as Tracker
 from tests.helpers import detector_config, wait_consumed, wait_for
 
 

@@ -243,25 +243,40 @@ def test_recording_rule_names(rule: dict[str, Any]) -> None:
     level, metric, operations = rule["record"].split(":")
     assert re.fullmatch(r"[a-z_]+", level) and re.fullmatch(r"[a-z0-9_]+", operations)
     assert metric.startswith("stream_fair_") and not metric.endswith("_total")
+    if level == "partition":  # one continuous series per partition, no window (see below)
+        assert operations == "max" and not re.findall(r"\[(\w+)\]", rule["expr"]), rule["record"]
+        return
     # the window in the name is the window the rule aggregates over
     window = re.search(r"(1h|1d)$", operations)
     assert window is not None
     for rng in re.findall(r"\[(\w+)\]", rule["expr"]):
         assert rng == window.group(1), rule["record"]
     for name in metric_names(rule["expr"]):
-        if ":" in name:
+        if ":" in name and not name.startswith("partition:"):
             assert name.endswith(window.group(1)), f"{rule['record']} mixes windows via {name}"
 
 
-def test_counters_are_summed_across_replicas_before_dividing() -> None:
-    """Raw counters enter only through `sum without (instance, pod) (increase(...))`."""
+def test_counters_are_joined_per_partition_then_summed_before_dividing() -> None:
+    """Raw counters enter only through `max without (instance, pod) (X_total)`: one continuous
+    series per partition, whichever replica owns it (docs/state.md); those enter only through
+    `sum without (partition) (increase(partition:X:max[w]))`, then numerators and denominators
+    are divided."""
+    joined = set()
     for rule in RECORDS:
-        if any(n.endswith("_total") for n in metric_names(rule["expr"])):
-            first_level = (
-                r"sum without \(instance, pod\) "
-                r"\(increase\(stream_fair_confusion_total\[1[hd]\]\)\)"
-            )
-            assert re.fullmatch(first_level, rule["expr"].strip()), rule["record"]
+        expr = rule["expr"].strip()
+        if any(n.endswith("_total") for n in metric_names(expr)):
+            m = re.fullmatch(r"max without \(instance, pod\) \((stream_fair_(\w+)_total)\)", expr)
+            assert m is not None and rule["record"] == f"partition:stream_fair_{m.group(2)}:max", rule[
+                "record"
+            ]
+            joined.add(rule["record"])
+    assert "partition:stream_fair_confusion:max" in joined
+    for rule in RECORDS:
+        expr = rule["expr"].strip()
+        used = {n for n in metric_names(expr) if n.startswith("partition:")}
+        if used and not rule["record"].startswith("partition:"):
+            first_level = r"sum without \(partition\) \(increase\(partition:stream_fair_\w+:max\[1[hd]\]\)\)"
+            assert re.fullmatch(first_level, expr), rule["record"]
 
 
 def test_recording_rules_cover_both_windows() -> None:
@@ -275,6 +290,9 @@ ALL_EXPRS = [(r.get("record") or r["alert"], r["expr"]) for r in RECORDS + ALERT
 
 @pytest.mark.parametrize("name,expr", ALL_EXPRS, ids=[n for n, _ in ALL_EXPRS])
 def test_counters_only_through_rate_or_increase(name: str, expr: str) -> None:
+    if name.startswith("partition:"):  # the per-partition join of the owners' series (see above)
+        assert re.fullmatch(r"max without \(instance, pod\) \(stream_fair_\w+_total\)", expr.strip())
+        return
     assert counters_outside_rate(expr) == []
 
 

@@ -194,7 +194,7 @@ def test_cardinality_overflow_folds_into_other_and_is_counted() -> None:
     snap = tracker.snapshot()
     groups = sorted(cell[0] for (_, cell) in snap.predictions)
     assert groups == ["__other__", "z0", "z1", "z2"]
-    assert snap.overflow == {"zip": 7}
+    assert snap.overflow == {"zip": 7, "__model__": 0}
     assert snap.predictions[("m", ("__other__",))] == (0, 7)
 
 

@@ -19,6 +19,8 @@ RocksDB's own ``LOCK`` file keeps a second process out of a database that is in 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,8 @@ from rocksdict import (
 
 from stream_fair.errors import StateError
 from stream_fair.state.codec import FORMAT_KEY, FORMAT_VERSION, decode_json, encode_json
+
+log = logging.getLogger(__name__)
 
 ERR_LOCKED = (
     "state error: {path} is in use by another stream-fair process: give each replica its own "
@@ -77,6 +81,7 @@ class RocksBackend:
         opts.set_max_open_files(256)
         opts.set_keep_log_file_num(2)
         opts.set_max_background_jobs(2)
+        self._opts = opts
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._db = Rdict(str(self.path), opts)
@@ -141,6 +146,8 @@ class RocksBackend:
     # -- writes ---------------------------------------------------------------------------------
     def write(self, items: dict[bytes, bytes | None], sync: bool = False) -> None:
         """Apply puts (bytes) and deletes (None) atomically."""
+        if self._closed():
+            self._reopen()
         batch = WriteBatch(raw_mode=True)
         for key, value in items.items():
             if value is None:
@@ -150,7 +157,18 @@ class RocksBackend:
         try:
             self._db.write(batch, self._sync if sync else self._async)
         except Exception as exc:
+            # RocksDB turns read-only after a failed log write (a full disk): reopening recovers
+            # the last good state, so the caller can simply retry the whole checkpoint later.
+            self._reopen()
             raise StateError(f"state error: cannot write {self.path}: {exc}") from None
+
+    def _reopen(self) -> None:
+        with contextlib.suppress(Exception):
+            self._db.close()
+        try:
+            self._db = Rdict(str(self.path), self._opts)
+        except Exception as exc:  # still failing (the disk is still full): retried at the next write
+            log.warning("state store %s could not be reopened yet: %s", self.path, str(exc).splitlines()[0])
 
     def delete_range(self, start: bytes, end: bytes) -> None:
         """Remove every key in ``[start, end)`` (a partition that moved away, or a stale copy)."""
@@ -170,8 +188,13 @@ class RocksBackend:
     def flush(self) -> None:
         self._db.flush()
 
-    def close(self) -> None:
+    def _closed(self) -> bool:
         try:
+            self._db.get(FORMAT_KEY)
+            return False
+        except Exception:
+            return True
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # closing twice or after a failed open is harmless
             self._db.close()
-        except Exception:  # noqa: S110 - closing twice or after a failed open is harmless
-            pass

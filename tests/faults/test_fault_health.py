@@ -1,0 +1,60 @@
+"""Health tells the truth during a broker outage (issue 9, item 7).
+
+The broker process is frozen with SIGSTOP after the group is joined (a hang: connections stay
+open, nothing answers). Before, /readyz stayed 200 for the whole hang, the lag read 0 and nothing
+said Kafka was gone; readiness, once set, was never cleared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stream_fair.dev import simulate
+from stream_fair.dev.broker import produce_events
+from tests.faults.netfault import ProxiedBroker
+from tests.faults.proc import Run, consumed_all, setup
+from tests.helpers import recount, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def broker() -> Iterator[ProxiedBroker]:
+    b = ProxiedBroker().start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+def test_readiness_and_kafka_connected_follow_a_broker_hang(
+    broker: ProxiedBroker, topic_names: Any, group_id: str, tmp_path: Path
+) -> None:
+    config = setup(
+        broker.bootstrap_servers, topic_names, group_id, tmp_path, kafka={"unavailable_after": "5s"}
+    )
+    events = list(simulate.generate(simulate.SCENARIOS["lending"](), 100, seed=5, start_ts=1_790_000_000.0))
+    produce_events(broker.bootstrap_servers, topic_names.predictions, topic_names.outcomes, events)
+    exp = recount(events)
+    run = Run(config).start()
+    try:
+        consumed_all(run, exp.consumed["predictions"], exp.consumed["outcomes"])
+        wait_for(lambda: run.status("/readyz") == 200, 60, "ready")
+        assert run.scrape().get("stream_fair_kafka_connected") == 1.0
+        broker.pause()
+        wait_for(lambda: run.status("/readyz") == 503, 60, "/readyz to fail during the hang")
+        s = run.scrape()
+        assert s.get("stream_fair_kafka_connected") == 0.0
+        assert not s.by("stream_fair_consumer_lag", ["topic", "partition"]), "lag is unknown, not 0"
+        assert run.status("/healthz") == 200  # the process is fine: no restart would help
+        broker.resume()
+        wait_for(lambda: run.status("/readyz") == 200, 120, "ready again after the hang")
+        assert run.scrape().get("stream_fair_kafka_connected") == 1.0
+        assert run.stop() == 0, run.log
+    finally:
+        broker.resume()
+        run.kill()

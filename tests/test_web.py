@@ -1,0 +1,135 @@
+"""The exporter's HTTP server: exporter-toolkit web config (TLS, basic auth), one-line errors.
+
+Real TLS (a self-signed certificate made with openssl), real bcrypt hashes, real sockets.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import bcrypt
+import pytest
+import yaml
+
+from stream_fair.errors import ConfigError
+from stream_fair.exporter import ExporterServer, Health, PipelineStats, registry_for
+from stream_fair.report import build_report
+from stream_fair.web import load_web_config
+from tests.helpers import LocalTracker as Tracker
+from tests.test_exporter import CFG
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    openssl = shutil.which("openssl")
+    assert openssl, "openssl is needed to make a test certificate (Debian package openssl)"
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+         "-keyout", str(d / "tls.key"), "-out", str(d / "tls.crt")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return d
+
+
+def _write(d: Path, doc: dict[str, object]) -> Path:
+    path = d / "web-config.yml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _get(url: str, ctx: ssl.SSLContext | None, auth: tuple[str, str] | None = None) -> int:
+    req = urllib.request.Request(url)
+    if auth:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def test_tls_and_basic_auth_from_an_exporter_toolkit_web_config(cert: Path) -> None:
+    hashed = bcrypt.hashpw(b"s3cret #1", bcrypt.gensalt(rounds=4)).decode().replace("$2b$", "$2y$")
+    path = _write(
+        cert,
+        {
+            "tls_server_config": {"cert_file": "tls.crt", "key_file": "tls.key"},  # relative to the file
+            "basic_auth_users": {"prometheus": hashed},
+            "http_server_config": {"headers": {"X-Content-Type-Options": "nosniff"}},
+        },
+    )
+    t = Tracker(CFG)
+    health = Health()
+    health.ready, health.heartbeat = True, time.monotonic()
+    health.heard(time.monotonic())
+    reg = registry_for(lambda: (build_report(t.snapshot(), CFG), PipelineStats()))
+    server = ExporterServer("127.0.0.1", 0, reg, health, web=load_web_config(path)).start()
+    ctx = ssl.create_default_context(cafile=str(cert / "tls.crt"))
+    base = f"https://127.0.0.1:{server.port}"
+    try:
+        assert server.scheme == "https"
+        assert _get(base + "/metrics", ctx) == 401
+        assert _get(base + "/metrics", ctx, ("prometheus", "wrong")) == 401
+        assert _get(base + "/metrics", ctx, ("nobody", "s3cret #1")) == 401
+        assert _get(base + "/metrics", ctx, ("prometheus", "s3cret #1")) == 200
+        assert _get(base + "/metrics", ctx, ("prometheus", "s3cret #1")) == 200  # cached grant
+        assert _get(base + "/", ctx) == 401
+        assert _get(base + "/healthz", ctx) == 200 and _get(base + "/readyz", ctx) == 200  # probes
+        with pytest.raises(OSError):  # plain HTTP is not served on a TLS port (reset or refused)
+            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10)
+        req = urllib.request.Request(base + "/healthz")
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as resp:
+            assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("doc", "expected"),
+    [
+        ({"tls_server_config": {"cert_file": "tls.crt"}}, "needs cert_file and key_file"),
+        ({"tls_server_config": {"cert_file": "nope.crt", "key_file": "tls.key"}}, "cannot load cert_file"),
+        (
+            {"tls_server_config": {"cert_file": "tls.crt", "key_file": "tls.key", "min_version": "SSL3"}},
+            "TLS version 'SSL3' is unknown",
+        ),
+        (
+            {"tls_server_config": {"cert_file": "tls.crt", "key_file": "tls.key", "cipher_suites": []}},
+            "cipher_suites is not supported",
+        ),
+        (
+            {
+                "tls_server_config": {
+                    "cert_file": "tls.crt",
+                    "key_file": "tls.key",
+                    "client_auth_type": "RequireAndVerifyClientCert",
+                }
+            },
+            "needs client_ca_file",
+        ),
+        ({"basic_auth_users": {"u": "plaintext"}}, "basic_auth_users.u is not a bcrypt hash"),
+        ({"basic_auth": {}}, "unknown or unsupported key 'basic_auth'"),
+    ],
+)
+def test_a_bad_web_config_is_one_line_naming_the_key(
+    cert: Path, doc: dict[str, object], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_web_config(_write(cert, doc))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("config error: exporter.web_config_file: ")
+    assert expected in message
+
+
+def test_a_missing_web_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="exporter.web_config_file: cannot read"):
+        load_web_config(tmp_path / "absent.yml")
