@@ -80,6 +80,13 @@ class Scrape:
         exact = self.samples.get(name, {}).get(frozenset(labels.items()))
         if exact is not None or "partition" in labels:
             return exact
+        if name.endswith("_timestamp_seconds"):  # the newest over the partitions
+            found = [
+                v
+                for lbl, v in self.samples.get(name, {}).items()
+                if {k: x for k, x in lbl if k != "partition"} == labels
+            ]
+            return max(found) if found else None
         summed = self.by(name, list(labels), **labels)
         return summed.get(tuple(labels.values())) if summed else None
 
