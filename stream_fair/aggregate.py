@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from stream_fair.counts import WIDTH, Key, Quad, add_rows, confusion
+from stream_fair.counts import FN, TP, WIDTH, Key, Quad, add_rows, confusion
 
 
 class ModelCounts:
@@ -56,10 +56,12 @@ class ModelCounts:
             self._dirty_cells.add(key)
             if not self.spans:
                 continue
-            if self.last_bucket is None or b > self.last_bucket:
+            # joined pairs move the windows (a lone far-future prediction must not slide them away)
+            if (self.last_bucket is None or b > self.last_bucket) and any(row[TP : FN + 1]):
                 self.advance_to(b)
             last = self.last_bucket
-            assert last is not None
+            if last is None:
+                last = b
             if b <= last - self.max_span:
                 continue  # older than every window: cumulative only
             bucket = self.buckets.setdefault(b, {})

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import struct
 import threading
 import time
 from typing import Any
@@ -46,8 +47,10 @@ CRASH_ENV = "STREAM_FAIR_TEST_CRASH"
 CRASH_STEPS = ("changelog_data", "changelog_meta", "local", "restore")
 
 _RESTORING = b"restoring"
-# The replica's own feedback monitor (until the model-wide aggregation takes it over): local only.
+# The replica's own feedback monitor and event-time windows (until the model-wide aggregation
+# takes them over): local only.
 _FEEDBACK_KEY = prefix(0, 0xFFFE) + b"feedback"
+_WINDOWS = prefix(0, 0xFFFD)
 
 
 def fingerprint(config: Config) -> dict[str, Any]:
@@ -148,6 +151,7 @@ class Detector:
                 write_buffer_bytes=st.write_buffer_bytes,
             )
             self.tracker = Tracker(self.config, self.backend, self.feedback)
+            self._load_windows()
             stored = self.backend.get(_FEEDBACK_KEY)
             if stored is not None and hasattr(self.feedback, "from_state"):
                 from stream_fair.state.codec import decode_json
@@ -366,8 +370,10 @@ class Detector:
                         if sc.increment is not None:
                             self.windows.fold_increment(sc.increment)
                     self._publish()
+                self._save_windows()
                 self._crash("local")
                 self.stats.state_disk_bytes = self.backend.disk_bytes()
+                self._apply_byte_budget()
         except Exception as exc:  # nothing was committed: the next attempt writes it all again
             self._checkpoint_failed(exc)
             return False
@@ -392,6 +398,53 @@ class Detector:
         except Exception as exc:  # mirror only: the state store is the source of truth
             log.warning("offset commit to Kafka failed: %s", exc)
         return not (unsent & ids)
+
+    def _save_windows(self) -> None:
+        """The windows' changed buckets, after the checkpoint they were folded from (a crash in
+        between loses that checkpoint's rows from the windows only, never from the counters)."""
+        _, buckets = self.windows.changes()
+        writes: dict[bytes, bytes | None] = {
+            _WINDOWS + b"b" + struct.pack(">q", b): None
+            if rows is None
+            else encode_json([[m, list(c), row] for (m, c), row in rows.items()])
+            for b, rows in buckets.items()
+        }
+        if writes:
+            writes[_WINDOWS + b"m"] = encode_json(self.windows.state_meta())
+            self.backend.write(writes)
+
+    def _load_windows(self) -> None:
+        from stream_fair.state.codec import decode_json
+
+        meta = self.backend.get(_WINDOWS + b"m")
+        if meta is None:
+            return
+        buckets = {}
+        for key, value in self.backend.scan(_WINDOWS + b"b", _WINDOWS + b"c"):
+            b = struct.unpack(">q", key[len(_WINDOWS) + 1 :])[0]
+            buckets[b] = {(m, tuple(c)): row for m, c, row in decode_json(value)}
+        self.windows.load({}, buckets, decode_json(meta)["last_bucket"])
+
+    def _apply_byte_budget(self) -> None:
+        """With ``join.max_pending_bytes``, turn the byte budget into each partition's count bound.
+
+        The bound is the budget divided by the measured bytes per stored id (pending and
+        remembered), shared out by the partitions' current sizes; at the bound the events closest
+        to their deadline expire early, exactly as with a count (``docs/state.md``).
+        """
+        budget = self.config.join.max_pending_bytes
+        tracker = self.tracker
+        if budget is None or tracker is None or not tracker.shards:
+            return
+        entries = {i: s.join.pending_predictions + s.join.pending_outcomes + s.join.remembered
+                   for i, s in tracker.shards.items()}  # fmt: skip
+        total = sum(entries.values())
+        if total < 10_000:  # too few to measure the cost per id: no bound yet
+            return
+        allowed = budget / max(1.0, self.stats.state_disk_bytes / total)
+        for i, s in tracker.shards.items():
+            share = allowed * (entries[i] / total if total else 1 / len(entries))
+            s.join.max_pending = max(1, int(share))
 
     def _checkpoint_failed(self, exc: Exception) -> None:
         self.stats.errors["checkpoint"] = self.stats.errors.get("checkpoint", 0) + 1

@@ -298,6 +298,12 @@ class JoinConfig(_Section):
     # per partition; 30 days at 100 predictions/s is 259.2 million (on disk, ~100 bytes each)
     max_pending: int = Field(300_000_000, gt=0)
     max_remembered: int | None = Field(None, gt=0)
+    # a byte budget for the whole local store instead (e.g. "50GB"): the counts follow from it
+    max_pending_bytes: int | None = Field(None, gt=0)
+
+    _sizes = field_validator("max_pending_bytes", mode="before")(
+        lambda v: None if v is None else parse_bytes(v)
+    )
 
     _durations = field_validator("ttl", "outcome_ttl", "dedupe_retention", mode="before")(
         lambda v: None if v is None else parse_duration(v)

@@ -515,6 +515,7 @@ class ChangelogWriter:
 
     def __init__(self, config: Config) -> None:
         self.topic = changelog_topic(config)
+        self.timeout = config.kafka.request_timeout_ms / 1000
         self._producer = KafkaProducer(
             acks="all",
             linger_ms=5,
@@ -529,16 +530,15 @@ class ChangelogWriter:
         for key, value in records:
             send(self.topic, key=key, value=value, partition=partition, headers=headers)
 
-    def flush(self, timeout: float = 30.0) -> None:
-        self._producer.flush(timeout=timeout)
+    def flush(self, timeout: float | None = None) -> None:
+        self._producer.flush(timeout=self.timeout if timeout is None else timeout)
 
     def send_meta(self, partition: int, key: bytes, value: bytes, epoch: int) -> Any:
         headers = [(EPOCH_HEADER, str(epoch).encode())]
         return self._producer.send(self.topic, key=key, value=value, partition=partition, headers=headers)
 
-    @staticmethod
-    def offset(future: Any, timeout: float = 30.0) -> int:
-        return int(future.get(timeout=timeout).offset)
+    def offset(self, future: Any) -> int:
+        return int(future.get(timeout=self.timeout).offset)
 
     def close(self) -> None:
         self._producer.close(timeout=5)

@@ -62,7 +62,9 @@ def tracker(n: int = 40) -> Tracker:
 
 def test_collector_exports_exact_counts_rates_and_identity() -> None:
     t = tracker()
-    stats = PipelineStats(lag={("predictions", 0): 3}, dead_letters={"predictions": 1})
+    stats = PipelineStats(
+        lag={("predictions", 0): 3}, dead_letter_partitions={0: {"sent": [1, 0], "errors": [0, 0]}}
+    )
     reg = registry_for(lambda: (build_report(t.snapshot(), CFG), stats))
     get = reg.get_sample_value
     # F&A rows: (1,1) and (0,1) -> 8 each over 40 events
@@ -127,7 +129,7 @@ def test_collector_exports_exact_counts_rates_and_identity() -> None:
         == 1
     )
     assert get("stream_fair_consumer_lag", {"topic": "predictions", "partition": "0"}) == 3
-    assert get("stream_fair_dead_letters_total", {"topic": "predictions"}) == 1
+    assert get("stream_fair_dead_letters_total", {"topic": "predictions", "partition": "0"}) == 1
     part = {"partition": "0"}
     assert (
         get("stream_fair_rejected_events_total", {"topic": "predictions", "reason": "invalid_json", **part})

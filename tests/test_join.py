@@ -22,6 +22,7 @@ from stream_fair.join import (
     Join,
 )
 from stream_fair.state.codec import (
+    FORMAT_VERSION,
     KIND_E,
     KIND_J,
     PendingOutcome,
@@ -145,7 +146,7 @@ def checkpoint(join: Join, b: RocksBackend, log: list[tuple[bytes, bytes | None]
         import orjson
 
         log.extend(changelog)
-        log.append((meta_key(0), orjson.dumps({"join": join.to_state()})))
+        log.append((meta_key(0), orjson.dumps({"v": FORMAT_VERSION, "join": join.to_state()})))
 
 
 events = st.lists(
@@ -270,7 +271,7 @@ def test_records_of_a_fenced_epoch_are_ignored() -> None:
         pr = PartitionRestore(r, 0, epoch=0, full=True, ttl=100.0, outcome_ttl=100.0)
         from stream_fair.state.codec import encode_record, id_key
 
-        meta = orjson.dumps({"join": {}})
+        meta = orjson.dumps({"v": FORMAT_VERSION, "join": {}})
         seq = [
             (id_key(0, "a"), encode_record(pred(1.0)), 1),
             (meta_key(0), meta, 1),
@@ -356,3 +357,16 @@ def test_pending_records_are_compact_on_disk() -> None:
     assert len(encode_record(rec)) == 22
     assert len(encode_record(PendingOutcome(1.0, 1))) == 10
     assert len(encode_record(Remembered(KIND_E, 1.0))) == 9
+
+
+def test_a_changelog_of_another_format_is_refused_in_one_line() -> None:
+    import orjson
+    import pytest
+
+    from stream_fair.errors import StateError
+
+    with backend() as r:
+        pr = PartitionRestore(r, 0, epoch=0, full=True, ttl=1.0, outcome_ttl=1.0)
+        with pytest.raises(StateError, match=r"holds state format 1 .* set state.changelog_topic") as err:
+            pr.feed(0, meta_key(0), orjson.dumps({"v": 1}), 0)
+        assert "\n" not in str(err.value)

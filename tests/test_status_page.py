@@ -27,7 +27,7 @@ from stream_fair.config import Config
 from stream_fair.dev import simulate
 from stream_fair.dev.broker import create_topics, produce_events
 from tests.conftest import TopicNames
-from tests.helpers import detector_config, wait_consumed
+from tests.helpers import detector_config, paced, wait_consumed
 
 pytestmark = pytest.mark.integration
 
@@ -59,6 +59,7 @@ def page(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
             "features": [{"name": "sex", "reference": "Male"}, {"name": "race", "reference": "White"}, "age"],
             "min_samples": 100,
         },
+        state={"checkpoint_interval": "200ms"},  # reports (and sparkline points) follow checkpoints
     )
     detector = Detector(Config.model_validate(cfg), exporter_port=0)
     detector.history.interval = 0.0  # a sparkline point at every new report (default: every 10 s)
@@ -73,8 +74,15 @@ def page(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
             )
         )
         sent = Counter(kind for kind, _ in events)
-        produce_events(kafka_bootstrap, topics.predictions, topics.outcomes, events)
+        # paced over a few seconds, scraped meanwhile: the sparklines get several points
+        producer = threading.Thread(
+            target=produce_events,
+            args=(kafka_bootstrap, topics.predictions, topics.outcomes, paced(events, 5000)),
+            daemon=True,
+        )
+        producer.start()
         wait_consumed(detector.port, (sent["prediction"], sent["outcome"]), timeout=60)
+        producer.join(timeout=30)
         url = f"http://127.0.0.1:{detector.port}/"
         with urllib.request.urlopen(url, timeout=10) as resp:
             assert resp.status == 200

@@ -5,7 +5,7 @@ database holds all partitions of a replica and a partition's keys form one conti
 
     space  partition  rest
     0x01   u16        id (UTF-8)                        -> id record (see below)
-    0x02   u16        deadline f64-BE, kind u8, id      -> pending payload (expiry index, derived)
+    0x02   u16        deadline f64-BE, kind u8, id      -> b""  (expiry index, derived)
     0x03   u16        forget_at f64-BE, id              -> b""  (forget index, derived)
     0x04   u16        cell index u32-BE                 -> counts row (JSON)
     0x05   u16        (nothing)                         -> increment (JSON; changelog only)

@@ -10,7 +10,8 @@ Two indexes, kept exact (an entry exists iff its record does):
 
 * the **expiry index** orders pending predictions and outcomes by deadline
   (``ts + ttl``); :meth:`IdTable.pop_due` hands out, in deadline order, those due before a
-  watermark. Its value is the pending record itself, so expiring needs no lookup by id.
+  watermark (one lookup by id each: expiring is rarer than joining, so the index carries no copy
+  of the record).
 * the **forget index** orders remembered (joined or expired) ids by ``forget_at``.
 
 Both are read in chunks (``chunk`` entries per range scan) and merged with the entries created
@@ -86,7 +87,7 @@ class IdTable:
         return f"IdTable(partition={self.partition}, changed={len(self._dirty)})"
 
     def _reset_scans(self) -> None:
-        self._due_buf: list[tuple[float, bytes, str, bytes]] = []  # reversed: next at the end
+        self._due_buf: list[tuple[float, bytes, str]] = []  # reversed: next at the end
         self._due_cursor = prefix(SPACE_DEADLINE, self.partition)
         self._due_done = False
         self._forget_buf: list[tuple[float, str]] = []
@@ -148,10 +149,7 @@ class IdTable:
             self._due_done = True
         if rows:
             self._due_cursor = rows[-1][0] + b"\x00"
-        buf = []
-        for key, value in rows:
-            d, kind, event_id = parse_deadline(key[3:])
-            buf.append((d, kind, event_id, value))
+        buf = [parse_deadline(key[3:]) for key, _ in rows]
         buf.reverse()
         self._due_buf = buf
 
@@ -184,12 +182,12 @@ class IdTable:
             else:
                 if b >= until:
                     break
-                d, kind, event_id, value = buf.pop()
+                d, kind, event_id = buf.pop()
                 if event_id in dirty:
                     continue  # changed since the checkpoint: its new record has its own entry
-                rec = decode_record(value)
-                self._orig.setdefault(event_id, rec)
-                out.append((event_id, rec))
+                rec = self._stored(event_id)
+                if rec is not None and rec.__class__ is not Remembered:
+                    out.append((event_id, rec))
         self._fill_due()
         self.next_due = self._due_head()
         return out
@@ -285,7 +283,7 @@ class IdTable:
                 if new.__class__ is Remembered:
                     store[forget_key(p, new.forget_at, event_id)] = b""  # type: ignore[union-attr]
                 else:
-                    store[deadline_key(p, self.deadline(new), new.kind, event_id)] = value  # type: ignore[arg-type,union-attr]
+                    store[deadline_key(p, self.deadline(new), new.kind, event_id)] = b""  # type: ignore[arg-type,union-attr]
             store[key] = value
             changelog.append((key, value))
         return store, changelog

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from stream_fair.errors import StateError
 from stream_fair.state.codec import (
+    FORMAT_VERSION,
     SPACE_COUNTS,
     SPACE_DEADLINE,
     SPACE_FORGET,
@@ -53,7 +55,7 @@ def index_entries(
     if rec.__class__ is Remembered:
         return forget_key(partition, rec.forget_at, event_id), b""  # type: ignore[union-attr]
     deadline = rec.ts + (ttl if rec.__class__ is PendingPrediction else outcome_ttl)  # type: ignore[union-attr]
-    return deadline_key(partition, deadline, rec.kind, event_id), value  # type: ignore[union-attr]
+    return deadline_key(partition, deadline, rec.kind, event_id), b""  # type: ignore[union-attr]
 
 
 class PartitionRestore:
@@ -111,6 +113,12 @@ class PartitionRestore:
         self._aborted.clear()  # a commit (a claim first of all) rewrote every ignored key
         assert value is not None
         meta = decode_json(value)
+        if meta.get("v") != FORMAT_VERSION:
+            raise StateError(
+                f"state error: the changelog of partition {self.partition} holds state format "
+                f"{meta.get('v')} at offset {offset}, this version reads {FORMAT_VERSION}: set "
+                "state.changelog_topic to a new topic (pending predictions are then recounted from the inputs)"
+            )
         meta["changelog_next"] = offset + 1
         self.meta = meta
         self._batch[key] = encode_json(meta)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rocksdict import (
+    BlockBasedIndexType,
     BlockBasedOptions,
     Cache,
     DBCompressionType,
@@ -71,13 +72,21 @@ class RocksBackend:
         table = BlockBasedOptions()
         table.set_bloom_filter(10, False)
         table.set_block_cache(Cache(cache_bytes))
+        # Partitioned index and filter blocks live in the block cache (only their small top level
+        # is pinned), so their memory stays within cache_bytes however many ids are stored.
+        table.set_index_type(BlockBasedIndexType.two_level_index_search())
+        table.set_partition_filters(True)
+        table.set_metadata_block_size(4096)
         table.set_cache_index_and_filter_blocks(True)
+        table.set_pin_top_level_index_and_filter(True)
         table.set_pin_l0_filter_and_index_blocks_in_cache(True)
         opts.set_block_based_table_factory(table)
         opts.set_write_buffer_size(write_buffer_bytes)
         opts.set_max_write_buffer_number(2)
-        opts.set_compression_type(DBCompressionType.lz4())
-        opts.set_bottommost_compression_type(DBCompressionType.zstd())
+        # Most data sits in the bottommost level: LZ4 there (measured: a lookup costs about the same
+        # as uncompressed, ZSTD costs 3x); recent levels uncompressed.
+        opts.set_compression_type(DBCompressionType.none())
+        opts.set_bottommost_compression_type(DBCompressionType.lz4())
         opts.set_max_open_files(256)
         opts.set_keep_log_file_num(2)
         opts.set_max_background_jobs(2)

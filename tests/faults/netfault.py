@@ -30,6 +30,7 @@ class ProxiedBroker:
 
     def __init__(self) -> None:
         self.block_produce = False
+        self.block_produce_topic: str | None = None  # refuse only produce requests naming it
         self.broker_port = _free_port()
         self.port = _free_port()
         self._listener: socket.socket | None = None
@@ -95,7 +96,10 @@ class ProxiedBroker:
                     if len(buffer) < 4 + size:
                         break
                     frame, buffer = buffer[: 4 + size], buffer[4 + size :]
-                    if api_key == PRODUCE and self.block_produce:
+                    blocked = self.block_produce or (
+                        self.block_produce_topic is not None and self.block_produce_topic.encode() in frame
+                    )
+                    if api_key == PRODUCE and blocked:
                         raise ConnectionAbortedError("produce refused")
                     upstream.sendall(frame)
         except OSError:

@@ -114,7 +114,8 @@ def test_failed_dead_letter_writes_are_retried_counted_and_hold_the_checkpoint(
     bad = [("prediction", b"not json %d" % i) for i in range(5)]
     produce_events(bootstrap, topic_names.predictions, topic_names.outcomes, events + bad)
     exp = recount(events + bad)
-    proxied.block_produce = True  # from now on every produce request is refused
+    # from now on every produce request to the dead-letter topic is refused (the changelog's pass)
+    proxied.block_produce_topic = topic_names.dead_letters
     run = Run(config).start()
     try:
         read_all(run, exp.consumed["predictions"], exp.consumed["outcomes"])
@@ -133,7 +134,7 @@ def test_failed_dead_letter_writes_are_retried_counted_and_hold_the_checkpoint(
         first_bad = exp.consumed["predictions"] - 5
         assert saved[0] <= first_bad, saved  # never past an unsent letter
         assert "dead-letter write" in run.log and "Traceback" not in run.log
-        proxied.block_produce = False
+        proxied.block_produce_topic = None
         s = wait_for(
             lambda: (
                 (x := run.scrape()).get("stream_fair_dead_letters_total", topic="predictions") == 5.0 and x
