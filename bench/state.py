@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         ck_big = checkpoint_time(big, big_stream, args.checkpoint_events)
         # throughput side by side, alternating, twice
         rates_small, rates_big = [], []
-        for r in range(2):
+        for _ in range(2):
             rates_small.append(join_rate(small, small_stream, args.pairs))
             rates_big.append(join_rate(big, big_stream, args.pairs))
         big.checkpoint()
@@ -351,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.small:,}: ratio {rb / rs:.2f}   (goal >= 0.8)"
         )
         print(
-            f"checkpoint of {args.checkpoint_events:,} records: {ck_big * 1e3:.0f} ms at {pending:,} pending vs "
-            f"{ck_100k * 1e3:.0f} ms at 100,000: ratio {ck_big / ck_100k:.2f}   (goal <= 1.5)"
+            f"checkpoint of {args.checkpoint_events:,} records: {ck_big * 1e3:.0f} ms at {pending:,} "
+            f"pending vs {ck_100k * 1e3:.0f} ms at 100,000: ratio {ck_big / ck_100k:.2f}   (goal <= 1.5)"
         )
         if args.restore:
             print(f"\n3) restore of {args.restore:,} pending predictions from the changelog (empty disk)")

@@ -256,8 +256,6 @@ class Detector:
 
     def _backpressure(self, consumer: Any, dead: Any) -> None:
         """Stop reading while too many dead letters are unsent (the broker refuses them)."""
-        from stream_fair import kafka_io
-
         if dead.backlogged:
             consumer.pause(*consumer.assignment())
             dead.settle(1.0)
@@ -265,7 +263,7 @@ class Detector:
         else:  # resume what backpressure paused, never a partition still being restored
             paused = [tp for tp in consumer.paused() if tp.partition not in self._to_restore]
             if paused:
-                kafka_io.resume(consumer, paused)
+                consumer.resume(*paused)
 
     def close(self) -> None:
         if self.backend is not None:

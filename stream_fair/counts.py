@@ -30,6 +30,7 @@ rows are converted to river matrices only where river's API is wanted (:func:`to
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from river.metrics import ConfusionMatrix
@@ -61,7 +62,7 @@ def confusion(row: list[int]) -> Quad:
     return (row[TP], row[FP], row[TN], row[FN])
 
 
-def add_rows(a: list[int], b: list[int] | tuple[int, ...]) -> None:
+def add_rows(a: list[int], b: Sequence[int]) -> None:
     """``a += b`` elementwise."""
     for i, v in enumerate(b):
         a[i] += v

@@ -40,7 +40,8 @@ def produce(bootstrap: str, topic: str, kind: str, n: int, seed: int) -> None:
             key = b"r%d" % i
             if kind == "p":
                 value = (
-                    b'{"id":"r%d","ts":%d,"model":"m","prediction":%d,"attributes":{"sex":"%s","race":"%s","age":"x"}}'
+                    b'{"id":"r%d","ts":%d,"model":"m","prediction":%d,'
+                    b'"attributes":{"sex":"%s","race":"%s","age":"x"}}'
                     % (
                         i,
                         1_700_000_000 + i // 100,

@@ -33,7 +33,8 @@ kind   fields                                                 bytes
 True
 >>> len(encode_record(rec)), len(id_key(7, "req-1"))
 (22, 8)
->>> deadline_key(7, 5.0, KIND_P, "a") < deadline_key(7, 40.0, KIND_P, "a") < deadline_key(7, 300.0, KIND_O, "a")
+>>> a, b, c = (deadline_key(7, d, KIND_P, "a") for d in (5.0, 40.0, 300.0))
+>>> a < b < c
 True
 """
 

@@ -117,7 +117,8 @@ class PartitionRestore:
             raise StateError(
                 f"state error: the changelog of partition {self.partition} holds state format "
                 f"{meta.get('v')} at offset {offset}, this version reads {FORMAT_VERSION}: set "
-                "state.changelog_topic to a new topic (pending predictions are then recounted from the inputs)"
+                "state.changelog_topic to a new topic (pending predictions are then recounted from the "
+                "inputs)"
             )
         meta["changelog_next"] = offset + 1
         self.meta = meta
