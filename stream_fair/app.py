@@ -357,7 +357,7 @@ class Detector:
         try:
             if cp.shards:
                 changelog_next = self._write_changelog(cp) if self._writer is not None else None
-                feedback = (
+                feedback: dict[bytes, bytes | None] = (
                     {_FEEDBACK_KEY: encode_json(self.feedback.to_state())}
                     if self.feedback is not None
                     else {}
