@@ -175,11 +175,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             [args.predictions_topic, args.outcomes_topic],
             partitions=args.partitions,
         )
-    # Event time ends about now, so the stream looks live to the detector's windows and alerts.
+    # Event time ends now (the newest record, outcomes with their label delays included), so the
+    # stream looks live to the detector's windows and alerts and nothing lies in the future.
     start_ts = time.time() - args.events / SIMULATE_RATE
-    events: Any = simulate.generate(
-        scenario, args.events, seed=args.seed, start_ts=start_ts, rate_per_s=SIMULATE_RATE
+    events: Any = list(
+        simulate.generate(scenario, args.events, seed=args.seed, start_ts=start_ts, rate_per_s=SIMULATE_RATE)
     )
+    shift = time.time() - max((e["ts"] for _, e in events), default=time.time())
+    events = [(kind, {**e, "ts": e["ts"] + shift}) for kind, e in events]
+    start_ts += shift
     if args.messy:
         events = simulate.messy(events, seed=args.seed)
     n = produce_events(args.bootstrap_servers, args.predictions_topic, args.outcomes_topic, events)
