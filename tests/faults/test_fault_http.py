@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.faults.proc import Run, setup
-from tests.helpers import wait_for
+from tests.helpers import ready, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -41,6 +41,13 @@ def test_a_thousand_idle_connections_hold_no_threads(
     run = Run(config).start()
     idle: list[socket.socket] = []
     try:
+        # every thread the detector runs exists once it is ready (Kafka clients, the store's
+        # background jobs); wait for the count to settle before opening the connections
+        wait_for(lambda: ready(run.port), 60, "the detector ready")
+        counts: list[int] = []
+        wait_for(
+            lambda: counts.append(_threads(run.pid)) or counts[-5:] == [counts[-1]] * 5, 30, "threads settled"
+        )
         before = _threads(run.pid)
         for _ in range(1000):
             idle.append(socket.create_connection(("127.0.0.1", run.port), timeout=10))
