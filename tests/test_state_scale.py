@@ -101,3 +101,39 @@ def test_two_million_pending_predictions_bounded_rss_then_all_join(
         assert joined[("sex",)] == N
     finally:
         replica.proc.kill()
+
+
+def test_a_byte_budget_bounds_the_pending_predictions(
+    kafka_bootstrap: str, topic_names: Any, group_id: str, tmp_path: Path
+) -> None:
+    """``join.max_pending_bytes`` turns into per-partition counts; beyond them the oldest expire
+    early and are counted, never dropped."""
+    n = 100_000
+    config = setup(kafka_bootstrap, topic_names, group_id, tmp_path)
+    import yaml
+
+    cfg = yaml.safe_load(config.read_text())
+    cfg["join"]["max_pending_bytes"] = "1MB"
+    config.write_text(yaml.safe_dump(cfg))
+    replica = Replica(config, "budget", tmp_path / "state")
+    try:
+        produce(kafka_bootstrap, topic_names.predictions, "p", n, 3)
+
+        def settled() -> Any:
+            s = scrape(replica.port)
+            consumed = s.get("stream_fair_events_consumed_total", topic="predictions") or 0
+            return s if consumed == n else None
+
+        s = wait_for(settled, 300, f"{n} predictions consumed", interval=1.0)
+        evicted = s.get("stream_fair_capacity_evictions_total", topic="predictions") or 0
+        pending = s.get("stream_fair_pending_events", topic="predictions") or 0
+        # the records went to partitions 0 and 1: their bounds came from the budget
+        capacity = s.by("stream_fair_pending_capacity", ["partition"])
+        assert evicted > 0 and 0 < capacity[("0",)] + capacity[("1",)] < n, (evicted, capacity)
+        # every prediction is accounted for: waiting, or expired early (counted)
+        assert (
+            pending + (s.get("stream_fair_event_fates_total", topic="predictions", fate="expired") or 0) == n
+        )
+        assert pending < n / 2, pending
+    finally:
+        replica.proc.kill()
