@@ -60,12 +60,15 @@ def rss_mb() -> tuple[float, float]:
     return fields["VmRSS"], fields["VmHWM"]
 
 
+STATE: dict[str, Any] = {}  # state-section overrides from the command line (cache, write buffer)
+
+
 def core_config(path: Path) -> Config:
     return Config.model_validate(
         {
             "fairness": {"features": ["sex", "race", "age"], "intersections": [["race", "sex"]]},
             "join": {"ttl": "3650d"},
-            "state": {"path": str(path)},
+            "state": {"path": str(path), **STATE},
         }
     )
 
@@ -134,7 +137,8 @@ class Core:
 
     def __init__(self, path: Path, every: int) -> None:
         self.cfg = core_config(path)
-        self.backend = RocksBackend(path, cache_bytes=self.cfg.state.cache_bytes)
+        st = self.cfg.state
+        self.backend = RocksBackend(path, cache_bytes=st.cache_bytes, write_buffer_bytes=st.write_buffer_bytes)
         self.tracker = Tracker(self.cfg, self.backend)
         self.every = every
         self.offsets = [0, 0]
@@ -312,7 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--restore", type=int, default=1_000_000, help="pending predictions to restore (0: skip)")
     ap.add_argument("--bootstrap-servers", default=None, help="a Kafka cluster (default: embedded Tansu)")
     ap.add_argument("--workdir", default=None, help="where the stores go (default: a temp dir)")
+    ap.add_argument("--cache-bytes", default=None, help="state.cache_bytes (default: the config default)")
+    ap.add_argument("--write-buffer-bytes", default=None, help="state.write_buffer_bytes (default: the default)")
     args = ap.parse_args(argv)
+    if args.cache_bytes:
+        STATE["cache_bytes"] = args.cache_bytes
+    if args.write_buffer_bytes:
+        STATE["write_buffer_bytes"] = args.write_buffer_bytes
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sf-state-bench-"))
     print(f"stores in {workdir}; cpu count {os.cpu_count()}; load {os.getloadavg()[0]:.1f}")
     try:

@@ -469,6 +469,59 @@ def changelog_topic(config: Config) -> str:
     return config.state.changelog_topic or f"{config.kafka.group_id}-stream-fair-changelog"
 
 
+def increments_topic(config: Config) -> str:
+    """Partition owners publish each committed checkpoint's increment here; the leader folds them."""
+    return f"{config.kafka.group_id}-stream-fair-increments"
+
+
+def leader_topic(config: Config) -> str:
+    """One partition: its owner (by the group's own assignment) is the leader, and the topic is the
+    changelog of the leader's model-wide state."""
+    return f"{config.kafka.group_id}-stream-fair-leader"
+
+
+INCREMENTS_CONFIGS = {"cleanup.policy": "delete", "retention.ms": str(7 * 86_400_000), "max.message.bytes": str(8 << 20)}
+
+
+def ensure_internal_topics(consumer: KafkaConsumer, config: Config) -> None:
+    """Create the increments topic and the leader topic (one partition each) when missing."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    wanted = {increments_topic(config): INCREMENTS_CONFIGS, leader_topic(config): CHANGELOG_CONFIGS}
+    missing = {}
+    for name, configs in wanted.items():
+        try:
+            parts = consumer.partitions_for_topic(name)
+        except KafkaError:
+            parts = None
+        if parts and len(parts) != 1:
+            raise BrokerError(
+                f"kafka error: the internal topic {name!r} has {len(parts)} partitions, it needs 1: "
+                "recreate it with one partition"
+            )
+        if not parts:
+            missing[name] = configs
+    if not missing:
+        return
+    admin = KafkaAdminClient(**client_options(config.kafka))
+    try:
+        for name, configs in missing.items():
+            try:
+                admin.create_topics(
+                    [NewTopic(name, 1, config.state.changelog_replication, topic_configs=configs)]
+                )
+            except TopicAlreadyExistsError:
+                pass
+    except KafkaError as exc:
+        raise BrokerError(
+            f"kafka error: cannot create the internal topics {sorted(missing)} ({type(exc).__name__}): "
+            "create them yourself (one partition each) or grant the CreateTopics permission"
+        ) from None
+    finally:
+        admin.close()
+
+
 def ensure_changelog(consumer: KafkaConsumer, config: Config, partitions: int) -> None:
     """Create the changelog topic (compacted, co-partitioned with the inputs) or check it."""
     from kafka.admin import KafkaAdminClient, NewTopic
@@ -513,8 +566,8 @@ class ChangelogWriter:
     offset of the last batch + 1).
     """
 
-    def __init__(self, config: Config) -> None:
-        self.topic = changelog_topic(config)
+    def __init__(self, config: Config, topic: str | None = None) -> None:
+        self.topic = topic or changelog_topic(config)
         self.timeout = config.kafka.request_timeout_ms / 1000
         self._producer = KafkaProducer(
             acks="all",
@@ -547,8 +600,8 @@ class ChangelogWriter:
 class ChangelogReader:
     """Reads changelog partitions from given offsets up to their end (as of :meth:`start`)."""
 
-    def __init__(self, config: Config) -> None:
-        self.topic = changelog_topic(config)
+    def __init__(self, config: Config, topic: str | None = None) -> None:
+        self.topic = topic or changelog_topic(config)
         self._consumer = KafkaConsumer(
             enable_auto_commit=False,
             max_poll_records=50_000,

@@ -37,10 +37,12 @@ import heapq
 from typing import Any
 
 from stream_fair.state.codec import (
+    _F64,
     KIND_E,
     KIND_J,
     KIND_P,
     SPACE_DEADLINE,
+    SPACE_ID,
     SPACE_FORGET,
     PendingOutcome,
     PendingPrediction,
@@ -264,26 +266,37 @@ class IdTable:
     def changes(self) -> tuple[dict[bytes, bytes | None], list[tuple[bytes, bytes | None]]]:
         """The store writes (records and index entries) and the changelog records of the overlay."""
         p = self.partition
+        id_prefix = prefix(SPACE_ID, p)
+        due_prefix = prefix(SPACE_DEADLINE, p)
+        forget_prefix = prefix(SPACE_FORGET, p)
+        f64 = _F64.pack
+        ttl, outcome_ttl = self.ttl, self.outcome_ttl
         store: dict[bytes, bytes | None] = {}
         changelog: list[tuple[bytes, bytes | None]] = []
+        orig = self._orig
         for event_id, new in self._dirty.items():
-            old = self._orig.get(event_id, _MISSING)
+            eid = event_id.encode()
+            old = orig.get(event_id, _MISSING)
             if old is _MISSING:  # written without a read (restore repairs): look it up
                 old = self._stored(event_id)
             if old is not None:
-                if old.__class__ is Remembered:
-                    store[forget_key(p, old.forget_at, event_id)] = None  # type: ignore[union-attr]
+                cls = old.__class__
+                if cls is Remembered:
+                    store[forget_prefix + f64(old.forget_at) + eid] = None  # type: ignore[union-attr]
                 else:
-                    store[deadline_key(p, self.deadline(old), old.kind, event_id)] = None  # type: ignore[arg-type,union-attr]
-            key = id_key(p, event_id)
+                    d = old.ts + (ttl if cls is PendingPrediction else outcome_ttl)  # type: ignore[union-attr]
+                    store[due_prefix + f64(d) + old.kind + eid] = None  # type: ignore[union-attr]
+            key = id_prefix + eid
             if new is None:
                 value = None
             else:
                 value = encode_record(new)
-                if new.__class__ is Remembered:
-                    store[forget_key(p, new.forget_at, event_id)] = b""  # type: ignore[union-attr]
+                cls = new.__class__
+                if cls is Remembered:
+                    store[forget_prefix + f64(new.forget_at) + eid] = b""  # type: ignore[union-attr]
                 else:
-                    store[deadline_key(p, self.deadline(new), new.kind, event_id)] = b""  # type: ignore[arg-type,union-attr]
+                    d = new.ts + (ttl if cls is PendingPrediction else outcome_ttl)  # type: ignore[union-attr]
+                    store[due_prefix + f64(d) + new.kind + eid] = b""  # type: ignore[union-attr]
             store[key] = value
             changelog.append((key, value))
         return store, changelog
