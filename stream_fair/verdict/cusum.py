@@ -156,11 +156,26 @@ class CohortCusum:
                 cnt[i] += rec[_XG + i]
         return value, start, cnt
 
+    def _raise_tracks(self) -> tuple[float, float]:
+        """Values of the two raise tracks in one pass (the hot path of :meth:`step`)."""
+        down, up = self.prefix[_DOWN][0], self.prefix[_UP][0]
+        for c in sorted(self.open):
+            rec = self.open[c]
+            w = rec[_W]
+            if w > NEG:
+                if w >= down:
+                    down = w
+                if w >= up:
+                    up = w
+            down += rec[_DOWN]
+            up += rec[_UP]
+        return down, up
+
     def statistic(self) -> float:
         """The larger raise statistic (frozen at the raise while raised); -inf before any start."""
         if self.side:
             return self.raised_statistic
-        return max(self._track(_DOWN)[0], self._track(_UP)[0])
+        return max(self._raise_tracks())
 
     def clear_statistic(self) -> float:
         """The clear statistic while raised, else -inf."""
@@ -172,10 +187,10 @@ class CohortCusum:
         ``ts`` is the event time of the evidence, ``newest`` the newest cohort seen so far.
         """
         if self.side == 0:
+            if max(self._raise_tracks()) < h:
+                return None
             down, up = self._track(_DOWN), self._track(_UP)
             best, side = (down, -1) if down[0] >= up[0] else (up, 1)
-            if best[0] < h:
-                return None
             self.side, self.raised_side = side, side
             self.raised_total, self.last_raised_ts = self.raised_total + 1, ts
             self.raised_statistic, self.raised_segment = best[0], (best[1], best[2])

@@ -51,6 +51,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -88,13 +89,35 @@ def _rate_columns(rate: str, bins: int) -> tuple[list[int], list[int], slice | N
     return [_LAB + i for i in num], [_LAB + i for i in den], hist if bins else None
 
 
+def _sum_by(index: NDArray[np.int64], rows: NDArray[np.float64], size: int) -> NDArray[np.float64]:
+    """Rows summed by ``index`` into ``size`` rows (a one-hot product: faster than ``np.add.at``)."""
+    onehot = np.zeros((size, index.size))
+    onehot[index, np.arange(index.size)] = 1.0
+    return np.asarray(onehot @ rows)
+
+
+@dataclass
+class _Strata:
+    """One feature's strata of one slot: row ``i`` is ``groups[group[i]]`` in cohort ``cohort[i]``."""
+
+    feature: str
+    groups: list[str]
+    cohort: NDArray[np.int64]
+    group: NDArray[np.int64]
+    own: NDArray[np.float64]
+    rest: NDArray[np.float64]  # the rest of the feature in the same cohort and slot
+    rest_before: NDArray[np.float64]  # the rest's cumulative row before the slot
+    weight: NDArray[np.float64]  # the group's start weight (0: not tested)
+
+
 class _Model:
     """Everything the engine keeps for one model."""
 
     __slots__ = ("cum", "detectors", "budget", "newest", "evidence_ts", "alarms")
 
     def __init__(self) -> None:
-        self.cum: dict[Cell, NDArray[np.float64]] = {}
+        # feature -> group -> cumulative row (all slots evaluated so far)
+        self.cum: dict[str, dict[str, NDArray[np.float64]]] = {}
         self.detectors: dict[tuple[str, str, str], CohortCusum] = {}
         self.budget: dict[tuple[str, int], float] = {}
         self.newest: int | None = None
@@ -121,6 +144,17 @@ class VerdictEngine:
         self._models: dict[str, _Model] = {}
         self._events: deque[AlarmEvent] = deque(maxlen=s.max_events)
         self._seq = 0
+        self._groups: dict[tuple[str, Cell], str | None] = {}
+        # rate columns as matrices: row @ num = successes, row @ den = trials (one column per rate)
+        self._num = np.zeros((self._width, len(s.rates)))
+        self._den = np.zeros((self._width, len(s.rates)))
+        self._hist_of_rate = np.full(len(s.rates), -1, dtype=np.int64)
+        for j, rate in enumerate(s.rates):
+            num, den, hist = _rate_columns(rate, self._bins)
+            self._num[num, j] = 1.0
+            self._den[den, j] = 1.0
+            if hist is not None:
+                self._hist_of_rate[j] = hist.start
 
     def __repr__(self) -> str:
         raised = sum(a[2] != () for m in self._models.values() for a in m.alarms.values())
@@ -186,119 +220,162 @@ class VerdictEngine:
             [c.predictions + c.labelled + (c.positive_scores or z) + (c.negative_scores or z) for c in rows],
             dtype=np.float64,
         ).reshape(len(rows), self._width)
-        agg = np.zeros((len(index), self._width))
-        np.add.at(agg, [index[(c.cell, c.cohort)] for c in rows], flat)
+        agg = _sum_by(np.array([index[(c.cell, c.cohort)] for c in rows]), flat, len(index))
         keys = list(index)
         ms.evidence_ts = max(ms.evidence_ts, max(c.max_ts for c in rows))
         newest = max(k[1] for k in keys)
         if ms.newest is None or newest > ms.newest:
             ms.newest = newest
-        touched: set[tuple[str, str, str]] = set()
-        for f in self.features:
-            touched |= self._compare(ms, f, keys, agg)
-        self._decide(model, ms, sorted(touched))
-        for (cell, _), row in zip(keys, agg, strict=True):
-            acc = ms.cum.get(cell)
-            ms.cum[cell] = row.copy() if acc is None else acc + row
+        strata = [st for f in self.features if (st := self._strata(ms, f, keys, agg)) is not None]
+        touched = self._feed(ms, strata) if strata else []
+        self._decide(model, ms, touched)
         self._fold(ms)
 
-    def _compare(
+    def _group_of(self, f: FeatureKey, cell: Cell) -> str | None:
+        key = (f.name, cell)
+        g = self._groups.get(key, "")
+        if g == "":
+            name = f.group(cell)
+            g = self._groups[key] = None if is_reserved(name) else name
+        return g
+
+    def _strata(
         self, ms: _Model, f: FeatureKey, keys: list[tuple[Cell, int]], agg: NDArray[np.float64]
-    ) -> set[tuple[str, str, str]]:
-        """Add every (cohort, group) stratum of feature ``f`` to its detectors."""
-        s = self.settings
-        names = [f.group(cell) for cell, _ in keys]
-        keep = np.array([not is_reserved(g) for g in names], dtype=bool)
-        if not keep.any():
-            return set()
-        cum = self._cum_by_group(ms, f)
-        groups = sorted(set(cum) | {g for g, k in zip(names, keep, strict=True) if k})
-        tested = groups[:1] if len(groups) == 2 else groups
+    ) -> _Strata | None:
+        """Sum the slot's rows of feature ``f`` into (cohort, group) strata; update its totals."""
+        names = [self._group_of(f, cell) for cell, _ in keys]
+        keep = [i for i, g in enumerate(names) if g is not None]
+        if not keep:
+            return None
+        cum = ms.cum.setdefault(f.name, {})
+        groups = sorted(set(cum) | {names[i] for i in keep})  # type: ignore[misc]
         gid = {g: i for i, g in enumerate(groups)}
-        cohorts = np.array([c for _, c in keys], dtype=np.int64)
-        ucoh, cidx = np.unique(cohorts[keep], return_inverse=True)
-        key = cidx * len(groups) + np.array([gid[g] for g, k in zip(names, keep, strict=True) if k])
+        big = len(groups)
+        key = np.array([keys[i][1] * big + gid[names[i]] for i in keep], dtype=np.int64)  # type: ignore[index]
         ukey, inv = np.unique(key, return_inverse=True)
-        strata = np.zeros((ukey.size, self._width))
-        np.add.at(strata, inv, agg[keep])
-        totals = np.zeros((ucoh.size, self._width))
-        np.add.at(totals, ukey // len(groups), strata)
-        s_cohort = ucoh[ukey // len(groups)]
-        s_group = [groups[i] for i in (ukey % len(groups)).tolist()]
-        rest = totals[ukey // len(groups)] - strata
-        weights = self._weights(cum, tested)
-        total_cum = sum(cum.values()) if cum else np.zeros(self._width)
-        touched: set[tuple[str, str, str]] = set()
-        for rate in s.rates:
-            num, den, hist = _rate_columns(rate, self._bins)
-            x, n = strata[:, num].sum(axis=1), strata[:, den].sum(axis=1)
-            xr, nr = rest[:, num].sum(axis=1), rest[:, den].sum(axis=1)
-            ok = (n > 0) & (nr > 0) & np.array([g in weights for g in s_group], dtype=bool)
-            rows = np.flatnonzero(ok)
-            if rows.size == 0:
-                continue
-            ref = np.empty(rows.size)
-            for i, r in enumerate(rows.tolist()):
-                own = cum.get(s_group[r])
-                cx = total_cum[num].sum() - (own[num].sum() if own is not None else 0.0)
-                cn = total_cum[den].sum() - (own[den].sum() if own is not None else 0.0)
-                # the rest's rate before this slot; the stratum's pooled rate (a margin) until known
-                ref[i] = cx / cn if cn >= 20 else (x[r] + xr[r]) / (n[r] + nr[r])
-            lp = np.concatenate(
-                [design_log_psi(ref, s.min_effect), design_log_psi(ref, s.clear_effect)], axis=1
-            )
-            binary = fisher_log_lr(x[rows], n[rows], nr[rows], x[rows] + xr[rows], lp)
-            raise_llr = binary[:, :2].copy()
-            if hist is not None and s.use_scores:
-                hg, ht = strata[rows][:, hist], strata[rows][:, hist] + rest[rows][:, hist]
-                scored = np.isclose(hg.sum(axis=1), n[rows]) & np.isclose(ht.sum(axis=1), n[rows] + nr[rows])
-                if scored.any():
-                    reference = total_cum[hist]
-                    chain = proportional_odds_chain(reference, lp[scored][:, :2].reshape(-1))
-                    chain = chain.reshape(int(scored.sum()), 2, self._bins)
-                    raise_llr[scored] = chain_log_lr(hg[scored], ht[scored], chain)
-            for i, r in enumerate(rows.tolist()):
-                g, cohort = s_group[r], int(s_cohort[r])
-                dkey = (f.name, g, rate)
-                det = ms.detectors.get(dkey)
-                if det is None:
-                    det = ms.detectors[dkey] = CohortCusum()
-                clear = 0.0
-                if det.side:
-                    clear = -float(binary[i, 2 if det.side < 0 else 3])
-                weight = (
-                    self._take(ms, f.name, cohort, weights[g] / len(s.rates))
-                    if det.wants_start(cohort)
-                    else 0.0
-                )
-                det.add(
-                    cohort,
-                    (float(raise_llr[i, 0]), float(raise_llr[i, 1]), clear),
-                    (float(x[r]), float(n[r]), float(xr[r]), float(nr[r])),
-                    weight,
-                )
-                touched.add(dkey)
-        return touched
+        own = _sum_by(inv, agg[keep], ukey.size)
+        cohort, g_idx = ukey // big, ukey % big
+        ucoh, cinv = np.unique(cohort, return_inverse=True)
+        totals = _sum_by(cinv, own, ucoh.size)
+        zero = np.zeros(self._width)
+        before = np.array([cum.get(g, zero) for g in groups])
+        added = _sum_by(g_idx, own, big)
+        for i in np.flatnonzero(added.any(axis=1)).tolist():
+            cum[groups[i]] = before[i] + added[i]
+        return _Strata(
+            feature=f.name,
+            groups=groups,
+            cohort=cohort,
+            group=g_idx,
+            own=own,
+            rest=totals[cinv] - own,
+            rest_before=before.sum(axis=0)[None, :] - before[g_idx],
+            weight=self._weights(groups, before)[g_idx],
+        )
 
-    def _cum_by_group(self, ms: _Model, f: FeatureKey) -> dict[str, NDArray[np.float64]]:
-        out: dict[str, NDArray[np.float64]] = {}
-        for cell, row in ms.cum.items():
-            g = f.group(cell)
-            if not is_reserved(g):
-                acc = out.get(g)
-                out[g] = row.copy() if acc is None else acc + row
-        return out
+    def _weights(self, groups: list[str], before: NDArray[np.float64]) -> NDArray[np.float64]:
+        """Start weight of each group (0 when untested), summing to 1 over the tested groups.
 
-    def _weights(self, cum: dict[str, NDArray[np.float64]], tested: list[str]) -> dict[str, float]:
-        """Start weight of each tested group (summing to 1): traffic-weighted or uniform."""
+        Two groups are one hypothesis (group one against two is two against one): only the first
+        is tested.
+        """
         s = self.settings
-        if s.weighting == "uniform" or len(tested) == 1:
-            return {g: 1.0 / len(tested) for g in tested}
-        n = {g: float(cum[g][:2].sum()) if g in cum else 0.0 for g in tested}
-        total = sum(n.values())
-        inv = {g: 1.0 / max(n[g] / total if total > 0 else 0.0, s.min_share) for g in tested}
-        norm = sum(inv.values())
-        return {g: v / norm for g, v in inv.items()}
+        tested = 1 if len(groups) == 2 else len(groups)
+        w = np.zeros(len(groups))
+        if s.weighting == "uniform" or tested == 1:
+            w[:tested] = 1.0 / tested
+            return w
+        n = before[:, :2].sum(axis=1)
+        share = n / n.sum() if n.sum() > 0 else np.zeros(len(groups))
+        inv = 1.0 / np.maximum(share, s.min_share)
+        return np.asarray(inv / inv.sum())
+
+    def _feed(self, ms: _Model, strata: list[_Strata]) -> list[tuple[str, str, str]]:
+        """Every stratum's e-values, added to its detector; the detectors touched."""
+        s = self.settings
+        own = np.concatenate([st.own for st in strata])
+        rest = np.concatenate([st.rest for st in strata])
+        num, den = self._num, self._den
+        x_all, n_all, xr_all, nr_all = own @ num, own @ den, rest @ num, rest @ den
+        rest_before = np.concatenate([st.rest_before for st in strata])
+        cx, cn = rest_before @ num, rest_before @ den
+        weight = np.concatenate([st.weight for st in strata])
+        row, col = np.nonzero((n_all > 0) & (nr_all > 0) & (weight[:, None] > 0))
+        if row.size == 0:
+            return []
+        x, n, xr, nr = x_all[row, col], n_all[row, col], xr_all[row, col], nr_all[row, col]
+        # the rest's rate before this slot; the stratum's pooled rate (a margin) until known
+        known = cn[row, col] >= 20
+        ref = np.where(known, cx[row, col] / np.maximum(cn[row, col], 1.0), (x + xr) / (n + nr))
+        lp = design_log_psi(ref, s.min_effect)
+        raise_llr = np.zeros((row.size, 2))
+        scored = self._score_chains(own, rest, rest_before, row, col, n, nr, lp, raise_llr)
+        plain = np.flatnonzero(~scored)
+        if plain.size:
+            raise_llr[plain] = fisher_log_lr(x[plain], n[plain], nr[plain], x[plain] + xr[plain], lp[plain])
+        where = [(st, i) for st in strata for i in range(st.own.shape[0])]
+        dets: list[tuple[tuple[str, str, str], CohortCusum, int, float]] = []
+        rates = s.rates
+        for r, c in zip(row.tolist(), col.tolist(), strict=True):
+            st, j = where[r]
+            dkey = (st.feature, st.groups[st.group[j]], rates[c])
+            det = ms.detectors.get(dkey)
+            if det is None:
+                det = ms.detectors[dkey] = CohortCusum()
+            dets.append((dkey, det, int(st.cohort[j]), float(st.weight[j])))
+        clear = np.zeros(row.size)
+        raised = np.array([d.side for _, d, _, _ in dets])
+        up = np.flatnonzero(raised)
+        if up.size:
+            side = (raised[up] > 0).astype(int)  # column 0: the group below the rest, 1: above
+            psi_clear = design_log_psi(ref[up], s.clear_effect)[np.arange(up.size), side]
+            clear[up] = -fisher_log_lr(x[up], n[up], nr[up], x[up] + xr[up], psi_clear)
+        n_rates = len(rates)
+        for i, (dkey, det, cohort, w) in enumerate(dets):
+            weight_i = self._take(ms, dkey[0], cohort, w / n_rates) if det.wants_start(cohort) else 0.0
+            det.add(
+                cohort,
+                (float(raise_llr[i, 0]), float(raise_llr[i, 1]), float(clear[i])),
+                (float(x[i]), float(n[i]), float(xr[i]), float(nr[i])),
+                weight_i,
+            )
+        return sorted({d[0] for d in dets})
+
+    def _score_chains(
+        self,
+        own: NDArray[np.float64],
+        rest: NDArray[np.float64],
+        rest_before: NDArray[np.float64],
+        row: NDArray[np.int64],
+        col: NDArray[np.int64],
+        n: NDArray[np.float64],
+        nr: NDArray[np.float64],
+        lp: NDArray[np.float64],
+        raise_llr: NDArray[np.float64],
+    ) -> NDArray[np.bool_]:
+        """Raise e-values of the score chain where every pair of a stratum has a score.
+
+        Writes them into ``raise_llr`` and returns which rows got one.
+        """
+        done = np.zeros(row.size, dtype=bool)
+        if not (self.settings.use_scores and self._bins):
+            return done
+        start = self._hist_of_rate[col]  # first histogram column of the row's rate, or -1
+        pos = np.flatnonzero(start >= 0)
+        if pos.size == 0:
+            return done
+        cols = start[pos][:, None] + np.arange(self._bins)[None, :]
+        hg = own[row[pos][:, None], cols]
+        ht = hg + rest[row[pos][:, None], cols]
+        scored = (hg.sum(axis=1) == n[pos]) & (ht.sum(axis=1) == n[pos] + nr[pos])
+        pos, hg, ht, cols = pos[scored], hg[scored], ht[scored], cols[scored]
+        if pos.size == 0:
+            return done
+        # reference: the rest's score histogram before the slot
+        chain = proportional_odds_chain(rest_before[row[pos][:, None], cols], lp[pos])
+        raise_llr[pos] = chain_log_lr(hg, ht, chain)
+        done[pos] = True
+        return done
 
     @staticmethod
     def _take(ms: _Model, feature: str, cohort: int, want: float) -> float:
@@ -455,7 +532,7 @@ class VerdictEngine:
         models = {}
         for name, ms in self._models.items():
             models[name] = {
-                "cum": [[list(cell), row.tolist()] for cell, row in ms.cum.items()],
+                "cum": [[f, g, row.tolist()] for f, by in ms.cum.items() for g, row in by.items()],
                 "detectors": [[*k, d.to_state()] for k, d in ms.detectors.items()],
                 "budget": [[f, c, v] for (f, c), v in ms.budget.items()],
                 "newest": ms.newest,
@@ -491,7 +568,8 @@ class VerdictEngine:
         e._pending = {int(slot): [CellCounts.from_json(r) for r in rows] for slot, rows in state["pending"]}
         for name, m in state["models"].items():
             ms = e._models[name] = _Model()
-            ms.cum = {tuple(cell): np.array(row, dtype=np.float64) for cell, row in m["cum"]}
+            for f, g, row in m["cum"]:
+                ms.cum.setdefault(f, {})[g] = np.array(row, dtype=np.float64)
             ms.detectors = {(f, g, r): CohortCusum.from_state(d) for f, g, r, d in m["detectors"]}
             ms.budget = {(f, int(c)): float(v) for f, c, v in m["budget"]}
             ms.newest = m["newest"]

@@ -21,9 +21,9 @@ the group's odds of scoring at or above every bin edge are :math:`\\psi_1` times
 odds ratio of the rate. With a logistic score a 0.10 TPR drop from 0.8 carries about 0.045 nats
 per positive this way against 0.028 from the decision alone.
 
->>> lp = proportional_odds_chain(np.array([1.0, 1.0, 1.0, 1.0]), np.array([np.log(0.5)]))
->>> lp.shape, bool(lp[0, -1] == 0.0)
-((1, 4), True)
+>>> lp = proportional_odds_chain(np.array([[1.0, 1.0, 1.0, 1.0]]), np.array([[np.log(0.5)]]))
+>>> lp.shape, bool(lp[0, 0, -1] == 0.0)
+((1, 1, 4), True)
 """
 
 from __future__ import annotations
@@ -57,25 +57,27 @@ def design_log_psi(rate: NDArray[np.float64], effect: float) -> NDArray[np.float
 def proportional_odds_chain(
     reference: NDArray[np.float64], log_psi: NDArray[np.float64]
 ) -> NDArray[np.float64]:
-    """Continuation-ratio log odds ratios ``(alternatives, bins)`` of the proportional-odds shift.
+    """Continuation-ratio log odds ratios ``(rows, alternatives, bins)`` of proportional-odds shifts.
 
-    ``reference`` is a score histogram (counts; half a count is added to every bin); under the
-    alternative the odds of a score at or above each bin edge are ``exp(log_psi)`` times the
-    reference's. Link ``j`` compares "in bin j" against "above bin j" among scores at or above
-    bin ``j``; the last link is certain and gets 0.
+    ``reference`` is a ``(rows, bins)`` score histogram (counts; half a count is added to every
+    bin), ``log_psi`` ``(rows, alternatives)``: under an alternative the odds of a score at or
+    above each bin edge are ``exp(log_psi)`` times the reference's. Link ``j`` compares "in bin
+    j" against "above bin j" among scores at or above bin ``j``; the last link is certain and gets 0.
     """
     f = np.asarray(reference, dtype=np.float64) + 0.5
-    f = f / f.sum()
-    tail = np.concatenate([np.cumsum(f[::-1])[::-1], [0.0]])  # P(bin >= j), j = 0..K
-    psi = np.exp(np.asarray(log_psi, dtype=np.float64))[:, None]
-    g_tail = psi * tail / (1.0 - tail + psi * tail)
+    f = f / f.sum(axis=1, keepdims=True)
+    rows, bins = f.shape
+    tail = np.concatenate([np.cumsum(f[:, ::-1], axis=1)[:, ::-1], np.zeros((rows, 1))], axis=1)
+    psi = np.exp(np.asarray(log_psi, dtype=np.float64))[:, :, None]
+    t = tail[:, None, :]
+    g_tail = psi * t / (1.0 - t + psi * t)
     with np.errstate(divide="ignore", invalid="ignore"):
-        h_ref = f / tail[:-1]
-        h_alt = (g_tail[:, :-1] - g_tail[:, 1:]) / g_tail[:, :-1]
+        h_ref = f / tail[:, :-1]
+        h_alt = (g_tail[:, :, :-1] - g_tail[:, :, 1:]) / g_tail[:, :, :-1]
     h_ref = np.clip(h_ref, 1e-12, 1.0 - 1e-12)
     h_alt = np.clip(h_alt, 1e-12, 1.0 - 1e-12)
-    out = _logit(h_alt) - _logit(h_ref)[None, :]
-    out[:, -1] = 0.0
+    out = _logit(h_alt) - _logit(h_ref)[:, None, :]
+    out[:, :, -1] = 0.0
     return np.asarray(out)
 
 
@@ -105,5 +107,6 @@ def chain_log_lr(
     r, j = np.nonzero(live)
     if r.size:
         lr = fisher_log_lr(g[r, j], mine_above[r, j], rest_above[r, j], p[r, j], log_psi[r, :, j])
-        np.add.at(out, r, lr)
+        for j in range(k):
+            out[:, j] = np.bincount(r, weights=lr[:, j], minlength=rows)
     return out

@@ -74,6 +74,27 @@ def fisher_log_lr(
         return np.zeros(lp.shape, dtype=np.float64)
     lo = np.maximum(0, sa - ma)
     hi = np.minimum(na, sa)
+    # rows are padded to the widest support of their call: group them by width (powers of 4)
+    width_class = np.ceil(np.log2(hi - lo + 1.0) / 2.0).astype(np.int64)
+    classes = np.unique(width_class)
+    if classes.size == 1:
+        return _fisher(xa, na, ma, sa, lo, hi, lp)
+    out = np.empty(lp.shape, dtype=np.float64)
+    for c in classes.tolist():
+        rows = np.flatnonzero(width_class == c)
+        out[rows] = _fisher(xa[rows], na[rows], ma[rows], sa[rows], lo[rows], hi[rows], lp[rows])
+    return out
+
+
+def _fisher(
+    xa: NDArray[np.float64],
+    na: NDArray[np.int64],
+    ma: NDArray[np.int64],
+    sa: NDArray[np.int64],
+    lo: NDArray[np.int64],
+    hi: NDArray[np.int64],
+    lp: NDArray[np.float64],
+) -> NDArray[np.float64]:
     width = int((hi - lo).max(initial=0)) + 1
     k = lo[:, None] + np.arange(width)[None, :]
     valid = k <= hi[:, None]

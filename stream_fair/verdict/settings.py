@@ -63,7 +63,7 @@ class VerdictSettings:
     """
 
     period: float = 3600.0
-    slot: float = 300.0
+    slot: float = 600.0
     min_effect: float = 0.10
     clear_effect: float = 0.05
     alpha: float = 0.05
@@ -83,7 +83,7 @@ class VerdictSettings:
         if not 0.0 < self.clear_effect < self.min_effect < 1.0:
             raise ValueError("need 0 < clear_effect < min_effect < 1, e.g. clear_effect=0.05, min_effect=0.1")
         if self.period <= 0 or self.slot <= 0 or self.horizon < self.period:
-            raise ValueError("need period > 0, slot > 0 and horizon >= period, e.g. period=3600, slot=300")
+            raise ValueError("need period > 0, slot > 0 and horizon >= period, e.g. period=3600, slot=600")
         if self.open_cohorts < 1:
             raise ValueError("open_cohorts must be at least 1, e.g. VerdictSettings(open_cohorts=24)")
         unknown = [r for r in self.rates if r not in RATES_WATCHED]
