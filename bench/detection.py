@@ -50,9 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from streams import Stream, draw, increments  # noqa: E402
 
 from stream_fair.dev.simulate import SCENARIOS  # noqa: E402
-from stream_fair.feedback import FeedbackSettings  # noqa: E402
 from stream_fair.feedback.alert import AlertCondition  # noqa: E402
+from stream_fair.feedback.change import ChangeSettings  # noqa: E402
 from stream_fair.groups import feature_keys  # noqa: E402
+from stream_fair.sequential import SequentialSettings  # noqa: E402
 from stream_fair.verdict import VerdictEngine, VerdictSettings  # noqa: E402
 
 FEATURES = ("group", "sex")
@@ -76,7 +77,9 @@ def verdict_events(stream: Stream, settings: VerdictSettings) -> list[dict[str, 
 
 def legacy_events(stream: Stream) -> list[dict[str, Any]]:
     """The old default alarm's raises: one ``AlertCondition`` per feature, labels in arrival order."""
-    seq, change = FeedbackSettings().per_feature(len(FEATURES)).alert_settings()
+    # the old defaults, alpha split over the features as the monitor did
+    seq = SequentialSettings(alpha=0.05 / len(FEATURES), threshold=0.05, min_samples=100)
+    change = ChangeSettings(min_effect=0.10, alpha=0.05 / len(FEATURES), horizon=2_000_000, batch=1_000)
     lab = np.flatnonzero(stream.labelled & (stream.outcome_ts <= stream.ts[-1]))
     lab = lab[np.argsort(stream.outcome_ts[lab], kind="stable")]
     quad = QUAD[stream.pred[lab].astype(int), stream.label[lab].astype(int)]
@@ -97,7 +100,15 @@ def legacy_events(stream: Stream) -> list[dict[str, Any]]:
                 if a.raised_total > raised[name]:
                     raised[name] = a.raised_total
                     group = next((g for g in names if f"change: {g} " in a.reason), "")
-                    out.append({"kind": "alarm_raised", "feature": fname, "disparity": name, "group": group, "ts": ts})
+                    out.append(
+                        {
+                            "kind": "alarm_raised",
+                            "feature": fname,
+                            "disparity": name,
+                            "group": group,
+                            "ts": ts,
+                        }
+                    )
     return out
 
 
@@ -115,7 +126,12 @@ def delays(stream: Stream, onset: int, raise_ts: float | None) -> dict[str, floa
 
 def first_eo_raise(events: Iterable[dict[str, Any]], after: float) -> float | None:
     for e in events:
-        if e["kind"] == "alarm_raised" and e["disparity"] == EO and e["feature"] == "group" and e["group"] == "E":
+        if (
+            e["kind"] == "alarm_raised"
+            and e["disparity"] == EO
+            and e["feature"] == "group"
+            and e["group"] == "E"
+        ):
             if e["ts"] >= after:
                 return float(e["ts"])
     return None
@@ -161,7 +177,11 @@ def fmt(xs: list[float]) -> str:
     fin = a[np.isfinite(a)]
     med, p90 = np.median(a), np.percentile(a, 90)
     top = a.max()
-    return f"{med:,.0f} / {p90:,.0f} / {top:,.0f}{tail}" if np.isfinite(top) else f"{med:,.0f} / {p90:,.0f} / max {fin.max():,.0f}{tail}"
+    return (
+        f"{med:,.0f} / {p90:,.0f} / {top:,.0f}{tail}"
+        if np.isfinite(top)
+        else f"{med:,.0f} / {p90:,.0f} / max {fin.max():,.0f}{tail}"
+    )
 
 
 def fmt_hours(xs: list[float]) -> str:

@@ -100,9 +100,9 @@ def increments(
     width = 6 + 2 * bins
     cohort = np.floor(stream.ts / s.period).astype(np.int64)
     lab = stream.labelled & (stream.outcome_ts <= stream.ts[-1])
-    slot = np.concatenate(
-        [np.floor(stream.ts / s.slot), np.floor(stream.outcome_ts[lab] / s.slot)]
-    ).astype(np.int64)
+    slot = np.concatenate([np.floor(stream.ts / s.slot), np.floor(stream.outcome_ts[lab] / s.slot)]).astype(
+        np.int64
+    )
     cell = np.concatenate([stream.cell, stream.cell[lab]])
     coh = np.concatenate([cohort, cohort[lab]])
     y, p = stream.label[lab], stream.pred[lab]

@@ -62,6 +62,7 @@ class Feedback(Protocol):
         label: int,
         prediction_ts: float,
         outcome_ts: float,
+        score: float | None = None,
     ) -> None: ...
 
     def on_expired(self, model: str, cell: Cell, prediction_ts: float) -> None: ...
@@ -222,7 +223,7 @@ class Tracker:
         s.fates[_O][JOINED] += 1
         s.counts.add_joined(p.model, p.cell, o.label, p.predicted, p.ts)
         if self.feedback is not None:
-            self.feedback.on_joined(p.model, p.cell, p.predicted, o.label, p.ts, o.ts)
+            self.feedback.on_joined(p.model, p.cell, p.predicted, o.label, p.ts, o.ts, p.score)
 
     def _advance(self, s: Shard, topic: int, ts: float) -> None:
         last = s.last_ts[topic]
