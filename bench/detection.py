@@ -5,7 +5,7 @@ Regenerate ``docs/detection.md`` (about half an hour on 2 shared cores) with::
     python bench/detection.py --jobs 2 --out docs/detection.md
 
 Streams are the simulator's scenarios (``stream_fair.dev.simulate.SCENARIOS``), drawn as numpy
-arrays by ``bench/streams.py`` (the same events ``generate`` yields for the seed) at one
+arrays by ``stream_fair.dev.arrays`` (the same events ``generate`` yields for the seed) at one
 prediction per second: a run is 1,000,000 predictions (11.6 days) and the outcomes that arrive
 before the last of them. Two sensitive features, ``group`` (A..E, 40/30/15/10/5 %) and ``sex``
 (F/M), labels after hours. Each run's counts go to the product's
@@ -44,11 +44,9 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streams import Stream, draw, increments  # noqa: E402
-
+from stream_fair.dev.arrays import Stream, draw, increments  # noqa: E402
 from stream_fair.dev.simulate import SCENARIOS  # noqa: E402
 from stream_fair.feedback.alert import AlertCondition  # noqa: E402
 from stream_fair.feedback.change import ChangeSettings  # noqa: E402

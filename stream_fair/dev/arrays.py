@@ -1,15 +1,23 @@
-"""Vectorised streams for the detection benchmark: the simulator's scenarios as numpy arrays.
+"""The simulator's scenarios as numpy arrays, and the verdict engine's increments from them.
 
 :func:`draw` consumes the simulator's random streams exactly as
 :func:`stream_fair.dev.simulate.generate` does (same chunks, same draws, same order), so its
 arrays are the events ``generate`` would emit for the same seed -- without building a payload dict
-per event (``tests/test_detection_bench.py`` checks the equality). :func:`increments` counts them
-into the verdict engine's :class:`~stream_fair.verdict.increments.CellCounts` per arrival slot.
+per event, which is what lets ``bench/detection.py`` run hundreds of 1,000,000-event streams
+(``tests/test_verdict_engine.py`` checks the equality). :func:`increments` counts them into the
+verdict engine's :class:`~stream_fair.verdict.increments.CellCounts`, one increment per arrival
+slot.
+
+>>> from stream_fair.dev.simulate import SCENARIOS
+>>> from stream_fair.verdict import VerdictSettings
+>>> stream = draw(SCENARIOS["fair"](), 1_000, seed=1)
+>>> incs = list(increments(stream, VerdictSettings()))
+>>> sum(c.predictions[0] + c.predictions[1] for i in incs for c in i.counts)
+1000
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -26,7 +34,7 @@ from stream_fair.dev.simulate import (
 )
 from stream_fair.verdict import CellCounts, Increment, VerdictSettings
 
-START_TS = 1_790_000_000.0
+START_TS = 1_790_000_000.0  # generate's default start
 
 
 @dataclass(frozen=True)
@@ -149,9 +157,3 @@ def increments(
         yield Increment(source, (int(u_slot[lo]) + 1) * s.slot, tuple(batch))
 
 
-def onset_ts(stream: Stream, onset: int) -> float:
-    return float(stream.ts[onset])
-
-
-def hours(seconds: float) -> float:
-    return seconds / 3600.0 if math.isfinite(seconds) else math.inf
