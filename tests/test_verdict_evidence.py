@@ -23,7 +23,9 @@ def _multivariate_hypergeometric(pooled: list[int], n: int) -> list[tuple[tuple[
     return out
 
 
-@pytest.mark.parametrize(("pooled", "n"), [([3, 2, 4], 4), ([1, 5, 0, 3], 3), ([6, 6], 5), ([2, 2, 2, 2, 2], 6)])
+@pytest.mark.parametrize(
+    ("pooled", "n"), [([3, 2, 4], 4), ([1, 5, 0, 3], 3), ([6, 6], 5), ([2, 2, 2, 2, 2], 6)]
+)
 def test_score_chain_is_an_exact_e_value(pooled: list[int], n: int) -> None:
     """Under exchangeability E[exp(chain log LR)] = 1 exactly, for any predictable alternative."""
     rng = np.random.default_rng(len(pooled) * 10 + n)
