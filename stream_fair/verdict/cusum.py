@@ -213,6 +213,8 @@ class CohortCusum:
 
     def fold(self, upto: int) -> None:
         """Fold open cohorts ``<= upto`` into the prefix (they stop being separate starts)."""
+        if self.folded_upto is not None and upto <= self.folded_upto:
+            return
         old = sorted(c for c in self.open if c <= upto)
         for c in old:
             rec = self.open.pop(c)
@@ -224,8 +226,7 @@ class CohortCusum:
                 p[0] += rec[t]
                 for i in range(4):
                     p[2][i] += rec[_XG + i]
-        if self.folded_upto is None or upto > self.folded_upto:
-            self.folded_upto = upto
+        self.folded_upto = upto
 
     # -- state -------------------------------------------------------------------------------
     def to_state(self) -> dict[str, Any]:

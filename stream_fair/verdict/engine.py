@@ -37,7 +37,7 @@ state, alarms and events.
 >>> for hour in range(24):  # C's TPR falls from 0.8 to 0.5 at hour 12
 ...     for g, tp in (("A", 800), ("B", 800), ("C", 800 if hour < 12 else 500)):
 ...         labelled = (tp, 100, 900, 1000 - tp)
-...         rows.append(CellCounts("m", (g,), hour, hour * 12, (690, 310), labelled, max_ts=3600.0 * hour))
+...         rows.append(CellCounts("m", (g,), hour, hour * 6, (690, 310), labelled, max_ts=3600.0 * hour))
 >>> engine.update(Increment("p0", 86400.0, tuple(rows)))
 >>> [(e.kind, e.disparity, e.group, e.direction) for e in engine.events]
 [('alarm_raised', 'equal_opportunity_difference', 'C', 'below'), \
@@ -113,7 +113,7 @@ class _Strata:
 class _Model:
     """Everything the engine keeps for one model."""
 
-    __slots__ = ("cum", "detectors", "budget", "newest", "evidence_ts", "alarms")
+    __slots__ = ("cum", "detectors", "budget", "newest", "folded", "evidence_ts", "alarms")
 
     def __init__(self) -> None:
         # feature -> group -> cumulative row (all slots evaluated so far)
@@ -121,6 +121,7 @@ class _Model:
         self.detectors: dict[tuple[str, str, str], CohortCusum] = {}
         self.budget: dict[tuple[str, int], float] = {}
         self.newest: int | None = None
+        self.folded: int | None = None  # cohorts up to this are folded in every detector
         self.evidence_ts = NEG
         # (feature, disparity) -> [raised_total, last_raised_ts, raised_by, last event]
         self.alarms: dict[tuple[str, str], list[Any]] = {}
@@ -226,10 +227,10 @@ class VerdictEngine:
         newest = max(k[1] for k in keys)
         if ms.newest is None or newest > ms.newest:
             ms.newest = newest
+        self._fold(ms)
         strata = [st for f in self.features if (st := self._strata(ms, f, keys, agg)) is not None]
         touched = self._feed(ms, strata) if strata else []
         self._decide(model, ms, touched)
-        self._fold(ms)
 
     def _group_of(self, f: FeatureKey, cell: Cell) -> str | None:
         key = (f.name, cell)
@@ -243,15 +244,15 @@ class VerdictEngine:
         self, ms: _Model, f: FeatureKey, keys: list[tuple[Cell, int]], agg: NDArray[np.float64]
     ) -> _Strata | None:
         """Sum the slot's rows of feature ``f`` into (cohort, group) strata; update its totals."""
-        names = [self._group_of(f, cell) for cell, _ in keys]
-        keep = [i for i, g in enumerate(names) if g is not None]
-        if not keep:
+        found = [(i, g) for i, (cell, _) in enumerate(keys) if (g := self._group_of(f, cell)) is not None]
+        if not found:
             return None
+        keep = [i for i, _ in found]
         cum = ms.cum.setdefault(f.name, {})
-        groups = sorted(set(cum) | {names[i] for i in keep})  # type: ignore[misc]
+        groups = sorted(set(cum) | {g for _, g in found})
         gid = {g: i for i, g in enumerate(groups)}
         big = len(groups)
-        key = np.array([keys[i][1] * big + gid[names[i]] for i in keep], dtype=np.int64)  # type: ignore[index]
+        key = np.array([keys[i][1] * big + gid[g] for i, g in found], dtype=np.int64)
         ukey, inv = np.unique(key, return_inverse=True)
         own = _sum_by(inv, agg[keep], ukey.size)
         cohort, g_idx = ukey // big, ukey % big
@@ -313,33 +314,44 @@ class VerdictEngine:
         plain = np.flatnonzero(~scored)
         if plain.size:
             raise_llr[plain] = fisher_log_lr(x[plain], n[plain], nr[plain], x[plain] + xr[plain], lp[plain])
-        where = [(st, i) for st in strata for i in range(st.own.shape[0])]
-        dets: list[tuple[tuple[str, str, str], CohortCusum, int, float]] = []
-        rates = s.rates
-        for r, c in zip(row.tolist(), col.tolist(), strict=True):
-            st, j = where[r]
-            dkey = (st.feature, st.groups[st.group[j]], rates[c])
+        # detector of each row: (feature, group) index times the number of rates plus the rate
+        base = np.cumsum([0] + [len(st.groups) for st in strata])
+        pair = np.concatenate([base[k] + st.group for k, st in enumerate(strata)])
+        det_id = pair[row] * len(s.rates) + col
+        names = [(st.feature, g) for st in strata for g in st.groups]
+        ids, inv = np.unique(det_id, return_inverse=True)
+        dets: list[tuple[tuple[str, str, str], CohortCusum]] = []
+        for i in ids.tolist():
+            dkey = (*names[i // len(s.rates)], s.rates[i % len(s.rates)])
             det = ms.detectors.get(dkey)
             if det is None:
                 det = ms.detectors[dkey] = CohortCusum()
-            dets.append((dkey, det, int(st.cohort[j]), float(st.weight[j])))
+                if ms.folded is not None:
+                    det.fold(ms.folded)
+            dets.append((dkey, det))
         clear = np.zeros(row.size)
-        raised = np.array([d.side for _, d, _, _ in dets])
+        raised = np.array([d.side for _, d in dets])[inv]
         up = np.flatnonzero(raised)
         if up.size:
             side = (raised[up] > 0).astype(int)  # column 0: the group below the rest, 1: above
             psi_clear = design_log_psi(ref[up], s.clear_effect)[np.arange(up.size), side]
             clear[up] = -fisher_log_lr(x[up], n[up], nr[up], x[up] + xr[up], psi_clear)
-        n_rates = len(rates)
-        for i, (dkey, det, cohort, w) in enumerate(dets):
-            weight_i = self._take(ms, dkey[0], cohort, w / n_rates) if det.wants_start(cohort) else 0.0
-            det.add(
-                cohort,
-                (float(raise_llr[i, 0]), float(raise_llr[i, 1]), float(clear[i])),
-                (float(x[i]), float(n[i]), float(xr[i]), float(nr[i])),
-                weight_i,
-            )
-        return sorted({d[0] for d in dets})
+        cohort = np.concatenate([st.cohort for st in strata])[row]
+        values = np.column_stack([raise_llr, clear, x, n, xr, nr])
+        late = cohort <= ms.folded if ms.folded is not None else np.zeros(row.size, dtype=bool)
+        if late.any():  # strata of folded cohorts all go to the detectors' prefixes: sum them first
+            summed = _sum_by(inv[late], values[late], ids.size)
+            for u in np.unique(inv[late]).tolist():
+                v = summed[u].tolist()
+                dets[u][1].add(int(ms.folded), v[:3], v[3:])  # type: ignore[arg-type]
+        weight = np.concatenate([st.weight for st in strata])[row] / len(s.rates)
+        for i in np.flatnonzero(~late).tolist():
+            dkey, det = dets[inv[i]]
+            c = int(cohort[i])
+            w = self._take(ms, dkey[0], c, float(weight[i])) if det.wants_start(c) else 0.0
+            v = values[i].tolist()
+            det.add(c, v[:3], v[3:], w)
+        return sorted(d[0] for d in dets)
 
     def _score_chains(
         self,
@@ -472,12 +484,15 @@ class VerdictEngine:
         )
 
     def _fold(self, ms: _Model) -> None:
+        """Fold cohorts older than ``open_cohorts`` behind the newest into every detector's prefix."""
         if ms.newest is None:
             return
         upto = ms.newest - self.settings.open_cohorts
+        if ms.folded is not None and upto <= ms.folded:
+            return
+        ms.folded = upto
         for det in ms.detectors.values():
-            if det.open and min(det.open) <= upto:
-                det.fold(upto)
+            det.fold(upto)
         for key in [k for k in ms.budget if k[1] <= upto]:
             del ms.budget[key]
 
@@ -536,6 +551,7 @@ class VerdictEngine:
                 "detectors": [[*k, d.to_state()] for k, d in ms.detectors.items()],
                 "budget": [[f, c, v] for (f, c), v in ms.budget.items()],
                 "newest": ms.newest,
+                "folded": ms.folded,
                 "evidence_ts": None if math.isinf(ms.evidence_ts) else ms.evidence_ts,
                 "alarms": [
                     [f, d, a[0], a[1], [list(x) for x in a[2]], None if a[3] is None else a[3].to_json()]
@@ -573,6 +589,7 @@ class VerdictEngine:
             ms.detectors = {(f, g, r): CohortCusum.from_state(d) for f, g, r, d in m["detectors"]}
             ms.budget = {(f, int(c)): float(v) for f, c, v in m["budget"]}
             ms.newest = m["newest"]
+            ms.folded = m["folded"]
             ms.evidence_ts = NEG if m["evidence_ts"] is None else float(m["evidence_ts"])
             for f, d, total, last_ts, raised_by, last in m["alarms"]:
                 event = None if last is None else AlarmEvent.from_json(last)

@@ -107,6 +107,6 @@ def chain_log_lr(
     r, j = np.nonzero(live)
     if r.size:
         lr = fisher_log_lr(g[r, j], mine_above[r, j], rest_above[r, j], p[r, j], log_psi[r, :, j])
-        for j in range(k):
-            out[:, j] = np.bincount(r, weights=lr[:, j], minlength=rows)
+        for alt in range(k):
+            out[:, alt] = np.bincount(r, weights=lr[:, alt], minlength=rows)
     return out
