@@ -44,7 +44,10 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from race import SIGNALS, hook_cost, scenario_race  # noqa: E402
 
 from stream_fair.dev.arrays import Stream, draw, increments  # noqa: E402
 from stream_fair.dev.simulate import SCENARIOS  # noqa: E402
@@ -124,14 +127,9 @@ def delays(stream: Stream, onset: int, raise_ts: float | None) -> dict[str, floa
 
 def first_eo_raise(events: Iterable[dict[str, Any]], after: float) -> float | None:
     for e in events:
-        if (
-            e["kind"] == "alarm_raised"
-            and e["disparity"] == EO
-            and e["feature"] == "group"
-            and e["group"] == "E"
-        ):
-            if e["ts"] >= after:
-                return float(e["ts"])
+        target = e["disparity"] == EO and e["feature"] == "group" and e["group"] == "E"
+        if e["kind"] == "alarm_raised" and target and e["ts"] >= after:
+            return float(e["ts"])
     return None
 
 
@@ -247,9 +245,8 @@ def tables(results: list[dict[str, Any]], runs: int, n: int) -> list[str]:
             arrived = [r[rule]["arrived"] for r in rs]
             hrs = [r[rule]["hours"] for r in rs]
             false = sum(bool(r[rule]["false"]) for r in rs)
-            lines.append(
-                f"| {label} | {seeds} | {fmt(post)} | {fmt(arrived)} | {fmt_hours(hrs)} | {false} / {len(rs)} |"
-            )
+            cells = f"{fmt(post)} | {fmt(arrived)} | {fmt_hours(hrs)} | {false} / {len(rs)}"
+            lines.append(f"| {label} | {seeds} | {cells} |")
     lines += [
         "",
         f"Engine defaults: `{s}`; raise level {s.threshold(len(FEATURES)):.2f} nats for two features "
@@ -274,6 +271,31 @@ def _run(spec: tuple[str, str, int, int, bool, str]) -> dict[str, Any]:
     return r
 
 
+def race_table(n: int, seeds: int) -> list[str]:
+    lines = [
+        "",
+        "## Selective labels and feedback loop: which signal speaks first",
+        "",
+        f"`stream_fair.dev.simulate.generate` streams of {n:,} predictions (seeds 1-{seeds}, 50 "
+        "predictions/s, labels after ~5 min) through `FeedbackMonitor` (period 100 s = 5,000 "
+        "predictions, expiry after 30 min, the verdict engine at its defaults); the prediction index "
+        "at which each signal is first flagged, checked every 1,000 predictions ('-' = never). "
+        "`alarm` = the default alarm (verdict engine), any disparity; `plain` = "
+        "`fairness.evaluate_feature(...).flagged` at default settings, any between-groups disparity "
+        "(ratios included); `plain diff` = the same for the DP / EO / EOdds differences only; `loop` = "
+        "`feedback_loop.amplifying`.",
+        "",
+        "| scenario | seed | coverage flagged | loop amplifying | default alarm | plain | plain diff |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in ("selective_labels", "feedback_loop", "fair", "bias_onset"):
+        for seed in range(1, seeds + 1):
+            first = scenario_race(name, n, seed)
+            lines.append(f"| {name} | {seed} | " + " | ".join(str(first[k] or "-") for k in SIGNALS) + " |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=20)
@@ -282,35 +304,49 @@ def main() -> None:
     ap.add_argument("--seeds", choices=("tuned", "fresh", "both"), default="both")
     ap.add_argument("--only", default=None, help="one scenario name (quick checks)")
     ap.add_argument("--no-legacy", action="store_true")
+    ap.add_argument("--part", choices=("detection", "race", "all"), default="all")
+    ap.add_argument("--race-events", type=int, default=200_000)
+    ap.add_argument("--race-seeds", type=int, default=5)
+    ap.add_argument("--hooks", action="store_true", help="only measure the monitor's hook cost")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    todo = [
-        sp
-        for sp in specs(args.runs, args.events, not args.no_legacy)
-        if (args.seeds == "both" or sp[5] == args.seeds) and (args.only is None or sp[1] == args.only)
-    ]
+    if args.hooks:
+        print(f"FeedbackMonitor hooks: {hook_cost():.2f} us per call")
+        return
     t0 = time.perf_counter()
     results = []
-    with Pool(args.jobs) as pool:
-        for r in pool.imap_unordered(_run, todo):
-            results.append(r)
-            v = r["verdict"]
-            extra = "" if r["kind"] == "fair" else f" post {v['post']:.0f} hours {v['hours']:.1f}"
-            print(
-                f"{r['seeds']} {r['scenario']} {r['seed']}: {len(v['false'])} false{extra} ({r['seconds']:.1f}s)",
-                file=sys.stderr,
-                flush=True,
-            )
+    todo = []
+    if args.part in ("detection", "all"):
+        todo = [
+            sp
+            for sp in specs(args.runs, args.events, not args.no_legacy)
+            if (args.seeds == "both" or sp[5] == args.seeds) and (args.only is None or sp[1] == args.only)
+        ]
+        with Pool(args.jobs) as pool:
+            for r in pool.imap_unordered(_run, todo):
+                results.append(r)
+                v = r["verdict"]
+                extra = "" if r["kind"] == "fair" else f" post {v['post']:.0f} hours {v['hours']:.1f}"
+                print(
+                    f"{r['seeds']} {r['scenario']} {r['seed']}: {len(v['false'])} false{extra} "
+                    f"({r['seconds']:.1f}s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
     lines = [
         "# Detection quality",
         "",
-        f"Generated by `python bench/detection.py --runs {args.runs} --events {args.events}` "
-        f"({len(todo)} runs, {(time.perf_counter() - t0) / 60:.0f} minutes on {args.jobs} shared cores). "
+        f"Generated by `python bench/detection.py --runs {args.runs} --events {args.events} "
+        f"--part {args.part}` ({len(todo)} detection runs; "
+        f"{(time.perf_counter() - t0) / 60:.0f} minutes on {args.jobs} shared cores for them). "
         "What the streams are, what counts as a false alarm and how delays are counted: the "
         "docstring of `bench/detection.py`; the engine and its guarantees: `docs/feedback.md`.",
         "",
-        *tables(results, args.runs, args.events),
     ]
+    if results:
+        lines += tables(results, args.runs, args.events)
+    if args.part in ("race", "all"):
+        lines += race_table(args.race_events, args.race_seeds)
     print("\n".join(lines))
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")

@@ -168,25 +168,25 @@ class IncrementBuilder:
     (:class:`~stream_fair.verdict.settings.VerdictSettings`). Costs one dict lookup per event.
     """
 
-    __slots__ = ("period", "slot", "bins", "_rows", "_width")
+    __slots__ = ("period", "slot", "bins", "_rows", "_width", "_low", "_scale", "_top")
 
     def __init__(self, period: float, slot: float, bins: ScoreBins) -> None:
         self.period, self.slot, self.bins = period, slot, bins
         self._width = 6 + 2 * bins.count
         self._rows: dict[tuple[str, Cell, int, int], list[float]] = {}
+        # ScoreBins.index inlined for the hot path
+        self._low, self._top = bins.low, bins.count - 1
+        self._scale = bins.count / (bins.high - bins.low) if bins.count else 0.0
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def _row(self, key: tuple[str, Cell, int, int]) -> list[float]:
+    def add_prediction(self, model: str, cell: Cell, predicted: int, ts: float) -> None:
+        """Count one prediction (``predicted`` 0 or 1) made at event time ``ts``."""
+        key = (model, cell, math.floor(ts / self.period), math.floor(ts / self.slot))
         row = self._rows.get(key)
         if row is None:
             row = self._rows[key] = [0] * self._width + [-math.inf]
-        return row
-
-    def add_prediction(self, model: str, cell: Cell, predicted: int, ts: float) -> None:
-        """Count one prediction (``predicted`` 0 or 1) made at event time ``ts``."""
-        row = self._row((model, cell, math.floor(ts / self.period), math.floor(ts / self.slot)))
         row[1 if predicted else 0] += 1
         if ts > row[-1]:
             row[-1] = ts
@@ -203,10 +203,14 @@ class IncrementBuilder:
     ) -> None:
         """Count one joined pair at its prediction's cohort and its outcome's slot."""
         key = (model, cell, math.floor(prediction_ts / self.period), math.floor(outcome_ts / self.slot))
-        row = self._row(key)
+        row = self._rows.get(key)
+        if row is None:
+            row = self._rows[key] = [0] * self._width + [-math.inf]
         row[_QUAD[(1 if predicted else 0, 1 if label else 0)]] += 1
-        if score is not None and self.bins.count:
-            row[6 + (0 if label else self.bins.count) + self.bins.index(score)] += 1
+        if score is not None and self._top >= 0:
+            i = int((score - self._low) * self._scale)
+            i = 0 if i < 0 else self._top if i > self._top else i
+            row[(6 if label else 7 + self._top) + i] += 1
         if outcome_ts > row[-1]:
             row[-1] = outcome_ts
 
