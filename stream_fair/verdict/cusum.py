@@ -1,5 +1,8 @@
 """A cohort-ordered e-detector with hysteresis: raise on evidence of a gap, clear on evidence of none.
 
+Written by hand: river's drift detectors carry no false-alarm guarantee over a stream, and none
+is indexed by prediction time while its data arrive in label time.
+
 One detector watches one (feature, group, rate). Its data arrive as stratum log e-values
 :math:`\\ell_{c,t}` (cohort :math:`c`, slot :math:`t`; :mod:`.evidence`), each with conditional
 mean at most 0 in the exponent (``E[exp(l)] <= 1``) under the detector's null given everything
