@@ -285,7 +285,7 @@ def test_a_backlog_in_one_increment_gives_the_same_events_at_their_evidence_time
 def test_memory_is_bounded() -> None:
     s = VerdictSettings()
     sizes = []
-    for n in (150_000, 400_000):
+    for n in (100_000, 270_000):
         engine = run(draw(SCENARIOS["group_delays"](), n, seed=2), s)
         for model in engine._models.values():
             assert all(len(d.open) <= s.open_cohorts + 1 for d in model.detectors.values())

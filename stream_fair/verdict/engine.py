@@ -91,6 +91,10 @@ def _rate_columns(rate: str, bins: int) -> tuple[list[int], list[int], slice | N
 
 def _sum_by(index: NDArray[np.int64], rows: NDArray[np.float64], size: int) -> NDArray[np.float64]:
     """Rows summed by ``index`` into ``size`` rows (a one-hot product: faster than ``np.add.at``)."""
+    if size * index.size > 4_000_000:  # a huge slot: do not build a huge one-hot matrix
+        out = np.zeros((size, rows.shape[1]))
+        np.add.at(out, index, rows)
+        return out
     onehot = np.zeros((size, index.size))
     onehot[index, np.arange(index.size)] = 1.0
     return np.asarray(onehot @ rows)
@@ -338,12 +342,13 @@ class VerdictEngine:
             clear[up] = -fisher_log_lr(x[up], n[up], nr[up], x[up] + xr[up], psi_clear)
         cohort = np.concatenate([st.cohort for st in strata])[row]
         values = np.column_stack([raise_llr, clear, x, n, xr, nr])
-        late = cohort <= ms.folded if ms.folded is not None else np.zeros(row.size, dtype=bool)
+        folded = ms.folded if ms.folded is not None else int(cohort.min()) - 1
+        late = cohort <= folded
         if late.any():  # strata of folded cohorts all go to the detectors' prefixes: sum them first
             summed = _sum_by(inv[late], values[late], ids.size)
             for u in np.unique(inv[late]).tolist():
                 v = summed[u].tolist()
-                dets[u][1].add(int(ms.folded), v[:3], v[3:])  # type: ignore[arg-type]
+                dets[u][1].add(folded, v[:3], v[3:])
         weight = np.concatenate([st.weight for st in strata])[row] / len(s.rates)
         for i in np.flatnonzero(~late).tolist():
             dkey, det = dets[inv[i]]
