@@ -22,6 +22,7 @@ from stream_fair.groups import feature_keys
 from stream_fair.sequential import SequentialSettings
 from stream_fair.verdict import CellCounts, Increment, ScoreBins, VerdictEngine, VerdictSettings
 from stream_fair.verdict.increments import BINS_ERROR, VERSION_ERROR
+from stream_fair.verdict.strata import group_weights
 
 EO = "equal_opportunity_difference"
 DP = "demographic_parity_difference"
@@ -312,14 +313,13 @@ def test_demographic_parity_needs_no_labels_and_two_groups_are_one_hypothesis() 
 
 
 def test_small_groups_get_more_of_alpha() -> None:
-    engine = VerdictEngine(KEYS, VerdictSettings())
-    before = np.zeros((3, engine._width))
+    before = np.zeros((3, 6))
     before[:, 0] = [800, 150, 50]
-    w = engine._weights(["A", "B", "C"], before)
+    w = group_weights(["A", "B", "C"], before, "traffic", 0.01)
     assert w.sum() == pytest.approx(1.0) and w[2] > w[1] > w[0]
     assert w[2] / w[0] == pytest.approx(16.0)
-    uniform = VerdictEngine(KEYS, VerdictSettings(weighting="uniform"))._weights(["A", "B", "C"], before)
-    assert uniform.tolist() == pytest.approx([1 / 3] * 3)
+    assert group_weights(["A", "B", "C"], before, "uniform", 0.01).tolist() == pytest.approx([1 / 3] * 3)
+    assert group_weights(["F", "M"], before[:2], "traffic", 0.01).tolist() == [1.0, 0.0]
 
 
 def test_increments_are_versioned_json_and_errors_name_the_fix() -> None:

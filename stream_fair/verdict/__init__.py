@@ -7,9 +7,11 @@ One concept per module:
 * :mod:`.settings` -- :class:`VerdictSettings` and the levels they imply
 * :mod:`.fisher` -- the exact conditional (Fisher) likelihood ratio of one 2x2 table
 * :mod:`.evidence` -- e-values of one stratum: decisions, and the score chain
+* :mod:`.strata` -- a slot's rows summed into (cohort, group) strata, and their e-values
 * :mod:`.cusum` -- the cohort-ordered e-detector with its clear test
 * :mod:`.records` -- the alarm event log and status snapshots
-* :mod:`.engine` -- :class:`VerdictEngine`: slots, strata, weights, alarms, state
+* :mod:`.engine` -- :class:`VerdictEngine`: sources and slots, detectors and their start
+  weights, alarms and their event log, state
 
 It imports neither Kafka nor Prometheus; the statistics and their guarantees are in
 ``docs/feedback.md`` ("The verdict engine").

@@ -51,7 +51,6 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -59,10 +58,8 @@ from numpy.typing import NDArray
 
 from stream_fair.fairness import is_reserved
 from stream_fair.groups import Cell, FeatureKey
-from stream_fair.sequential import DISPARITIES, RATES
+from stream_fair.sequential import DISPARITIES
 from stream_fair.verdict.cusum import NEG, CohortCusum
-from stream_fair.verdict.evidence import chain_log_lr, design_log_psi, proportional_odds_chain
-from stream_fair.verdict.fisher import fisher_log_lr
 from stream_fair.verdict.increments import (
     BINS_ERROR,
     VERSION,
@@ -72,46 +69,11 @@ from stream_fair.verdict.increments import (
 )
 from stream_fair.verdict.records import AlarmEvent, DetectorStatus, DisparityStatus
 from stream_fair.verdict.settings import VerdictSettings
+from stream_fair.verdict.strata import RateColumns, Strata, feature_strata, slot_evidence, sum_by
 
 __all__ = ["VerdictEngine"]
 
 FEATURES_ERROR = "state was saved for features {saved}, not {given}: restore with the same feature keys"
-
-_LAB = 2  # labelled counts start at column 2, in sequential.Counts order (tp, fp, tn, fn)
-
-
-def _rate_columns(rate: str, bins: int) -> tuple[list[int], list[int], slice | None]:
-    """Row columns summed into successes and trials, and the score-histogram columns of a rate."""
-    if rate == "selection_rate":  # from all predictions [n0, n1], not from labelled pairs
-        return [1], [0, 1], None
-    num, den = RATES[rate]
-    hist = slice(6, 6 + bins) if rate == "true_positive_rate" else slice(6 + bins, 6 + 2 * bins)
-    return [_LAB + i for i in num], [_LAB + i for i in den], hist if bins else None
-
-
-def _sum_by(index: NDArray[np.int64], rows: NDArray[np.float64], size: int) -> NDArray[np.float64]:
-    """Rows summed by ``index`` into ``size`` rows (a one-hot product: faster than ``np.add.at``)."""
-    if size * index.size > 4_000_000:  # a huge slot: do not build a huge one-hot matrix
-        out = np.zeros((size, rows.shape[1]))
-        np.add.at(out, index, rows)
-        return out
-    onehot = np.zeros((size, index.size))
-    onehot[index, np.arange(index.size)] = 1.0
-    return np.asarray(onehot @ rows)
-
-
-@dataclass
-class _Strata:
-    """One feature's strata of one slot: row ``i`` is ``groups[group[i]]`` in cohort ``cohort[i]``."""
-
-    feature: str
-    groups: list[str]
-    cohort: NDArray[np.int64]
-    group: NDArray[np.int64]
-    own: NDArray[np.float64]
-    rest: NDArray[np.float64]  # the rest of the feature in the same cohort and slot
-    rest_before: NDArray[np.float64]  # the rest's cumulative row before the slot
-    weight: NDArray[np.float64]  # the group's start weight (0: not tested)
 
 
 class _Model:
@@ -150,16 +112,7 @@ class VerdictEngine:
         self._events: deque[AlarmEvent] = deque(maxlen=s.max_events)
         self._seq = 0
         self._groups: dict[tuple[str, Cell], str | None] = {}
-        # rate columns as matrices: row @ num = successes, row @ den = trials (one column per rate)
-        self._num = np.zeros((self._width, len(s.rates)))
-        self._den = np.zeros((self._width, len(s.rates)))
-        self._hist_of_rate = np.full(len(s.rates), -1, dtype=np.int64)
-        for j, rate in enumerate(s.rates):
-            num, den, hist = _rate_columns(rate, self._bins)
-            self._num[num, j] = 1.0
-            self._den[den, j] = 1.0
-            if hist is not None:
-                self._hist_of_rate[j] = hist.start
+        self._columns = RateColumns(s.rates, self._bins)
 
     def __repr__(self) -> str:
         raised = sum(a[2] != () for m in self._models.values() for a in m.alarms.values())
@@ -225,7 +178,7 @@ class VerdictEngine:
             [c.predictions + c.labelled + (c.positive_scores or z) + (c.negative_scores or z) for c in rows],
             dtype=np.float64,
         ).reshape(len(rows), self._width)
-        agg = _sum_by(np.array([index[(c.cell, c.cohort)] for c in rows]), flat, len(index))
+        agg = sum_by(np.array([index[(c.cell, c.cohort)] for c in rows]), flat, len(index))
         keys = list(index)
         ms.evidence_ts = max(ms.evidence_ts, max(c.max_ts for c in rows))
         newest = max(k[1] for k in keys)
@@ -246,153 +199,49 @@ class VerdictEngine:
 
     def _strata(
         self, ms: _Model, f: FeatureKey, keys: list[tuple[Cell, int]], agg: NDArray[np.float64]
-    ) -> _Strata | None:
-        """Sum the slot's rows of feature ``f`` into (cohort, group) strata; update its totals."""
+    ) -> Strata | None:
         found = [(i, g) for i, (cell, _) in enumerate(keys) if (g := self._group_of(f, cell)) is not None]
         if not found:
             return None
-        keep = [i for i, _ in found]
-        cum = ms.cum.setdefault(f.name, {})
-        groups = sorted(set(cum) | {g for _, g in found})
-        gid = {g: i for i, g in enumerate(groups)}
-        big = len(groups)
-        key = np.array([keys[i][1] * big + gid[g] for i, g in found], dtype=np.int64)
-        ukey, inv = np.unique(key, return_inverse=True)
-        own = _sum_by(inv, agg[keep], ukey.size)
-        cohort, g_idx = ukey // big, ukey % big
-        ucoh, cinv = np.unique(cohort, return_inverse=True)
-        totals = _sum_by(cinv, own, ucoh.size)
-        zero = np.zeros(self._width)
-        before = np.array([cum.get(g, zero) for g in groups])
-        added = _sum_by(g_idx, own, big)
-        for i in np.flatnonzero(added.any(axis=1)).tolist():
-            cum[groups[i]] = before[i] + added[i]
-        return _Strata(
-            feature=f.name,
-            groups=groups,
-            cohort=cohort,
-            group=g_idx,
-            own=own,
-            rest=totals[cinv] - own,
-            rest_before=before.sum(axis=0)[None, :] - before[g_idx],
-            weight=self._weights(groups, before)[g_idx],
-        )
-
-    def _weights(self, groups: list[str], before: NDArray[np.float64]) -> NDArray[np.float64]:
-        """Start weight of each group (0 when untested), summing to 1 over the tested groups.
-
-        Two groups are one hypothesis (group one against two is two against one): only the first
-        is tested.
-        """
         s = self.settings
-        tested = 1 if len(groups) == 2 else len(groups)
-        w = np.zeros(len(groups))
-        if s.weighting == "uniform" or tested == 1:
-            w[:tested] = 1.0 / tested
-            return w
-        n = before[:, :2].sum(axis=1)
-        share = n / n.sum() if n.sum() > 0 else np.zeros(len(groups))
-        inv = 1.0 / np.maximum(share, s.min_share)
-        return np.asarray(inv / inv.sum())
+        cum = ms.cum.setdefault(f.name, {})
+        return feature_strata(f.name, found, [c for _, c in keys], agg, cum, s.weighting, s.min_share)
 
-    def _feed(self, ms: _Model, strata: list[_Strata]) -> list[tuple[str, str, str]]:
+    def _feed(self, ms: _Model, strata: list[Strata]) -> list[tuple[str, str, str]]:
         """Every stratum's e-values, added to its detector; the detectors touched."""
         s = self.settings
-        own = np.concatenate([st.own for st in strata])
-        rest = np.concatenate([st.rest for st in strata])
-        num, den = self._num, self._den
-        x_all, n_all, xr_all, nr_all = own @ num, own @ den, rest @ num, rest @ den
-        rest_before = np.concatenate([st.rest_before for st in strata])
-        cx, cn = rest_before @ num, rest_before @ den
-        weight = np.concatenate([st.weight for st in strata])
-        row, col = np.nonzero((n_all > 0) & (nr_all > 0) & (weight[:, None] > 0))
-        if row.size == 0:
+        ev = slot_evidence(strata, self._columns, s.min_effect, s.use_scores)
+        if ev is None:
             return []
-        x, n, xr, nr = x_all[row, col], n_all[row, col], xr_all[row, col], nr_all[row, col]
-        # the rest's rate before this slot; the stratum's pooled rate (a margin) until known
-        known = cn[row, col] >= 20
-        ref = np.where(known, cx[row, col] / np.maximum(cn[row, col], 1.0), (x + xr) / (n + nr))
-        lp = design_log_psi(ref, s.min_effect)
-        raise_llr = np.zeros((row.size, 2))
-        scored = self._score_chains(own, rest, rest_before, row, col, n, nr, lp, raise_llr)
-        plain = np.flatnonzero(~scored)
-        if plain.size:
-            raise_llr[plain] = fisher_log_lr(x[plain], n[plain], nr[plain], x[plain] + xr[plain], lp[plain])
+        rates = s.rates
         # detector of each row: (feature, group) index times the number of rates plus the rate
-        base = np.cumsum([0] + [len(st.groups) for st in strata])
-        pair = np.concatenate([base[k] + st.group for k, st in enumerate(strata)])
-        det_id = pair[row] * len(s.rates) + col
         names = [(st.feature, g) for st in strata for g in st.groups]
-        ids, inv = np.unique(det_id, return_inverse=True)
+        ids, inv = np.unique(ev.pair * len(rates) + ev.col, return_inverse=True)
         dets: list[tuple[tuple[str, str, str], CohortCusum]] = []
         for i in ids.tolist():
-            dkey = (*names[i // len(s.rates)], s.rates[i % len(s.rates)])
+            dkey = (*names[i // len(rates)], rates[i % len(rates)])
             det = ms.detectors.get(dkey)
             if det is None:
                 det = ms.detectors[dkey] = CohortCusum()
                 if ms.folded is not None:
                     det.fold(ms.folded)
             dets.append((dkey, det))
-        clear = np.zeros(row.size)
-        raised = np.array([d.side for _, d in dets])[inv]
-        up = np.flatnonzero(raised)
-        if up.size:
-            side = (raised[up] > 0).astype(int)  # column 0: the group below the rest, 1: above
-            psi_clear = design_log_psi(ref[up], s.clear_effect)[np.arange(up.size), side]
-            clear[up] = -fisher_log_lr(x[up], n[up], nr[up], x[up] + xr[up], psi_clear)
-        cohort = np.concatenate([st.cohort for st in strata])[row]
-        values = np.column_stack([raise_llr, clear, x, n, xr, nr])
-        folded = ms.folded if ms.folded is not None else int(cohort.min()) - 1
-        late = cohort <= folded
+        side = np.array([d.side for _, d in dets])[inv]
+        values = np.column_stack([ev.raise_llr, ev.clear_llr(side, s.clear_effect), ev.x, ev.n, ev.xr, ev.nr])
+        folded = ms.folded if ms.folded is not None else int(ev.cohort.min()) - 1
+        late = ev.cohort <= folded
         if late.any():  # strata of folded cohorts all go to the detectors' prefixes: sum them first
-            summed = _sum_by(inv[late], values[late], ids.size)
+            summed = sum_by(inv[late], values[late], ids.size)
             for u in np.unique(inv[late]).tolist():
                 v = summed[u].tolist()
                 dets[u][1].add(folded, v[:3], v[3:])
-        weight = np.concatenate([st.weight for st in strata])[row] / len(s.rates)
         for i in np.flatnonzero(~late).tolist():
             dkey, det = dets[inv[i]]
-            c = int(cohort[i])
-            w = self._take(ms, dkey[0], c, float(weight[i])) if det.wants_start(c) else 0.0
+            c = int(ev.cohort[i])
+            w = self._take(ms, dkey[0], c, float(ev.weight[i]) / len(rates)) if det.wants_start(c) else 0.0
             v = values[i].tolist()
             det.add(c, v[:3], v[3:], w)
         return sorted(d[0] for d in dets)
-
-    def _score_chains(
-        self,
-        own: NDArray[np.float64],
-        rest: NDArray[np.float64],
-        rest_before: NDArray[np.float64],
-        row: NDArray[np.int64],
-        col: NDArray[np.int64],
-        n: NDArray[np.float64],
-        nr: NDArray[np.float64],
-        lp: NDArray[np.float64],
-        raise_llr: NDArray[np.float64],
-    ) -> NDArray[np.bool_]:
-        """Raise e-values of the score chain where every pair of a stratum has a score.
-
-        Writes them into ``raise_llr`` and returns which rows got one.
-        """
-        done = np.zeros(row.size, dtype=bool)
-        if not (self.settings.use_scores and self._bins):
-            return done
-        start = self._hist_of_rate[col]  # first histogram column of the row's rate, or -1
-        pos = np.flatnonzero(start >= 0)
-        if pos.size == 0:
-            return done
-        cols = start[pos][:, None] + np.arange(self._bins)[None, :]
-        hg = own[row[pos][:, None], cols]
-        ht = hg + rest[row[pos][:, None], cols]
-        scored = (hg.sum(axis=1) == n[pos]) & (ht.sum(axis=1) == n[pos] + nr[pos])
-        pos, hg, ht, cols = pos[scored], hg[scored], ht[scored], cols[scored]
-        if pos.size == 0:
-            return done
-        # reference: the rest's score histogram before the slot
-        chain = proportional_odds_chain(rest_before[row[pos][:, None], cols], lp[pos])
-        raise_llr[pos] = chain_log_lr(hg, ht, chain)
-        done[pos] = True
-        return done
 
     @staticmethod
     def _take(ms: _Model, feature: str, cohort: int, want: float) -> float:
