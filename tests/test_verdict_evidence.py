@@ -136,3 +136,25 @@ def test_cusum_raises_then_clears_only_on_evidence_after_the_raise() -> None:
     det.add(2, (100.0, 0.0, 0.0), (0, 0, 0, 0))
     assert det.statistic() == NEG and det.step(10.0, 5.0, 103.0, 8) is None
     assert det.wants_start(9) and not det.wants_start(8)
+
+
+def test_wide_supports_are_cut_without_changing_the_ratio(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Busy strata (tens of thousands of trials): the cut support gives the full sums' result."""
+    import stream_fair.verdict.fisher as fisher
+
+    rng = np.random.default_rng(1)
+    rows = 300
+    n = rng.integers(300, 20_000, rows).astype(float)
+    m = rng.integers(300, 40_000, rows).astype(float)
+    s = np.round(rng.uniform(0.002, 0.998, rows) * (n + m))
+    lo, hi = np.maximum(0, s - m), np.minimum(n, s)
+    x = np.round(lo + rng.uniform(0, 1, rows) * (hi - lo))
+    design = np.column_stack([rng.uniform(-0.6, -0.01, rows), rng.uniform(0.01, 0.8, rows)])
+    extreme = np.column_stack([rng.uniform(-5, -0.01, rows), rng.uniform(0.01, 5, rows)])
+    ints = [v.astype(int) for v in (n, m, s, lo, hi)]
+    cut_lo, cut_hi = fisher._window(*ints, design)
+    assert (cut_hi - cut_lo).mean() < 0.3 * (hi - lo).mean()  # the cut is real
+    got = [fisher_log_lr(x, n, m, s, lp) for lp in (design, extreme)]
+    monkeypatch.setattr(fisher, "_WIDE", 10**12)  # no cut: sums over the whole support
+    for lp, cut in zip((design, extreme), got, strict=True):
+        assert np.allclose(cut, fisher_log_lr(x, n, m, s, lp), rtol=0, atol=1e-9)
