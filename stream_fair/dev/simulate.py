@@ -70,9 +70,9 @@ class Scenario:
     every event ``score = sigmoid(z)`` with ``z ~ Logistic(logit(rate), 1)``, ``rate`` the event's
     TPR (label 1) or FPR (label 0), and decides ``prediction = score >= 0.5``: per cell and label
     the scores differ, and a TPR drop is a downward shift of the positives' scores.
-    ``label_prob``
-    is the chance an outcome is ever emitted; cells in ``label_only_approved`` get outcomes only
-    for ``prediction == 1`` (selective labels). Label delays have mean ``label_delay_mean_s``
+    ``label_prob`` is the chance an outcome is ever emitted; cells in ``label_only_approved`` get
+    outcomes only for ``prediction == 1`` (selective labels). Label delays have mean
+    ``label_delay_mean_s``
     (per cell: ``label_delay_mean_by_cell``), multiplied for positives by
     ``label_delay_positive_factor_by_cell`` (label-dependent delays). From ``onset_index``
     (default ``onset_fraction * n``) the TPR of ``drift_cell`` (``"*"``: every cell, a model-wide
