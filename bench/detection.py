@@ -255,8 +255,37 @@ def tables(results: list[dict[str, Any]], runs: int, n: int) -> list[str]:
         "",
         f"Engine defaults: `{s}`; raise level {s.threshold(len(FEATURES)):.2f} nats for two features "
         f"(before the start weights), clear level {s.clear_threshold:.2f} nats.",
+        "",
+        *goals(results),
     ]
     return lines
+
+
+def goals(results: list[dict[str, Any]]) -> list[str]:
+    """The issue's goals, checked on each seed set (the headline: fresh seeds)."""
+    out = ["## Goals", ""]
+    for seeds in ("fresh", "tuned"):
+        fair = [r for r in results if r["kind"] == "fair" and r["seeds"] == seeds]
+        onset = [r["verdict"]["post"] for r in results if r["kind"] == "onset" and r["seeds"] == seeds]
+        if not fair or not onset:
+            continue
+        worst = {
+            name: sum(bool(r["verdict"]["false"]) for r in fair if r["scenario"] == name) for name in FAIR
+        }
+        silent = all(v == 0 for v in worst.values())
+        a = np.array(onset, dtype=float)
+        med, p90 = float(np.median(a)), float(np.percentile(a, 90, method="inverted_cdf"))
+        runs = len(fair) // len(FAIR)
+        out.append(
+            f"* {seeds} seeds: zero false alarms over {runs} fair runs of every fair scenario: "
+            + ("**met**" if silent else f"**not met** ({worst})")
+            + f"; median delay {med:,.0f} <= 1,500: "
+            + ("**met**" if med <= 1500 else "**not met**")
+            + f"; p90 {p90:,.0f} <= 2,500: "
+            + ("**met**" if p90 <= 2500 else "**not met**")
+            + "."
+        )
+    return out
 
 
 def specs(runs: int, n: int, legacy: bool) -> list[tuple[str, str, int, int, bool, str]]:
