@@ -181,6 +181,9 @@ class IncrementBuilder:
     def __len__(self) -> int:
         return len(self._rows)
 
+    def __repr__(self) -> str:
+        return f"IncrementBuilder(rows={len(self._rows)}, period={self.period:g}, slot={self.slot:g})"
+
     def add_prediction(self, model: str, cell: Cell, predicted: int, ts: float) -> None:
         """Count one prediction (``predicted`` 0 or 1) made at event time ``ts``."""
         key = (model, cell, math.floor(ts / self.period), math.floor(ts / self.slot))
