@@ -312,7 +312,8 @@ def race_table(n: int, seeds: int) -> list[str]:
         "",
         f"`stream_fair.dev.simulate.generate` streams of {n:,} predictions (seeds 1-{seeds}, 50 "
         "predictions/s, labels after ~5 min) through `FeedbackMonitor` (period 100 s = 5,000 "
-        "predictions, expiry after 30 min, the verdict engine at its defaults); the prediction index "
+        "predictions, expiry after 30 min; the verdict engine's cohorts scaled to the same 100 s, "
+        "slots 20 s, otherwise its defaults); the prediction index "
         "at which each signal is first flagged, checked every 1,000 predictions ('-' = never). "
         "`alarm` = the default alarm (verdict engine), any disparity; `plain` = "
         "`fairness.evaluate_feature(...).flagged` at default settings, any between-groups disparity "

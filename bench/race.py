@@ -28,7 +28,10 @@ def scenario_race(name: str, n: int, seed: int) -> dict[str, int | None]:
     cumulative joined pairs. Expiry after 30 minutes; the simulator's 50 predictions/s.
     """
     scenario = SCENARIOS[name]()
-    monitor = FeedbackMonitor(feature_keys(["group"], []), FeedbackSettings(period=100.0))
+    # the stream is 67 minutes long: the monitor's periods and the engine's cohorts and slots are
+    # scaled down with it (a cohort per period, five slots per cohort)
+    settings = FeedbackSettings(period=100.0, cohort_period=100.0, alarm_slot=20.0)
+    monitor = FeedbackMonitor(feature_keys(["group"], []), settings)
     pending: dict[str, tuple[tuple[str, ...], int, float, float]] = {}
     cum = {g: [0, 0, 0, 0] for g in "ABCDE"}
     first: dict[str, int | None] = dict.fromkeys(SIGNALS)
