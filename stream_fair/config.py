@@ -427,7 +427,7 @@ def feedback_settings(options: Mapping[str, Any]) -> Any:
     for key, value in options.items():
         if key not in known:
             raise ValueError(f"unknown key {key!r}: choose one of {', '.join(sorted(known))}")
-        if key in ("period",):
+        if key in ("period", "cohort_period", "alarm_slot", "alarm_horizon"):
             value = parse_duration(value)
         elif key == "detector_params" and isinstance(value, dict):
             value = tuple(sorted(value.items()))

@@ -179,7 +179,7 @@ def _feature_families(snapshot: FeedbackSnapshot) -> Iterator[Metric]:
     )
     alarm = _gauge(
         "disparity_alarm",
-        "1 while the calibrated alert condition holds: time-uniform verdict or change detector",
+        "1 while the calibrated alarm (verdict engine) of the disparity is raised",
         [*_F, "disparity"],
     )
     alarm_total = _counter(
@@ -190,14 +190,9 @@ def _feature_families(snapshot: FeedbackSnapshot) -> Iterator[Metric]:
         "Event time (watermark) of the last raise of the disparity alarm",
         [*_F, "disparity"],
     )
-    alarm_lo = _gauge(
-        "disparity_alarm_lower",
-        "Time-uniform lower bound of the disparity (the verdict's)",
-        [*_F, "disparity"],
-    )
-    alarm_hi = _gauge(
-        "disparity_alarm_upper",
-        "Time-uniform upper bound of the disparity (the verdict's)",
+    alarm_cp = _gauge(
+        "disparity_alarm_change_point_timestamp_seconds",
+        "Estimated change point (event time) of the disparity alarm's last raise or clear",
         [*_F, "disparity"],
     )
     for (model, feature), f in sorted(snapshot.features.items()):
@@ -228,9 +223,7 @@ def _feature_families(snapshot: FeedbackSnapshot) -> Iterator[Metric]:
             alarm.add_metric(dl, 1.0 if a.flagged else 0.0)
             if a.last_raised_ts is not None:
                 alarm_ts.add_metric(dl, a.last_raised_ts)
-            if a.lower is not None:
-                alarm_lo.add_metric(dl, a.lower)
-            if a.upper is not None:
-                alarm_hi.add_metric(dl, a.upper)
+            if a.change_point_ts is not None:
+                alarm_cp.add_metric(dl, a.change_point_ts)
     yield from (gap, gap_lo, gap_hi, gap_flag, d_trend, loop, loop_amp, loop_pairs)
-    yield from (d_drift, d_drift_ts, alarm, alarm_total, alarm_ts, alarm_lo, alarm_hi)
+    yield from (d_drift, d_drift_ts, alarm, alarm_total, alarm_ts, alarm_cp)

@@ -72,7 +72,14 @@ class Feedback(Protocol):
     def on_prediction(self, model: str, cell: Cell, predicted: int, ts: float) -> None: ...
 
     def on_joined(
-        self, model: str, cell: Cell, predicted: int, label: int, prediction_ts: float, outcome_ts: float
+        self,
+        model: str,
+        cell: Cell,
+        predicted: int,
+        label: int,
+        prediction_ts: float,
+        outcome_ts: float,
+        score: float | None = None,
     ) -> None: ...
 
     def on_expired(self, model: str, cell: Cell, prediction_ts: float) -> None: ...
@@ -416,7 +423,7 @@ class Tracker:
         s.counts.add_joined(p.cell, label, p.predicted, p.ts)
         if self.feedback is not None:
             model, cell = s.counts.keys[p.cell]
-            self.feedback.on_joined(model, cell, p.predicted, label, p.ts, outcome_ts)
+            self.feedback.on_joined(model, cell, p.predicted, label, p.ts, outcome_ts, p.score)
 
     def _advance(self, s: Shard, topic: int, ts: float) -> None:
         last = s.last_ts[topic]

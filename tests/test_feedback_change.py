@@ -8,9 +8,10 @@ import numpy as np
 import orjson
 
 from stream_fair.feedback.alert import AlertCondition
-from stream_fair.feedback.change import ChangeDetectors, ChangeSettings, fisher_log_lr
+from stream_fair.feedback.change import ChangeDetectors, ChangeSettings
 from stream_fair.feedback.coverage import arrival_ratios
 from stream_fair.sequential import SequentialSettings, rate_bounds
+from stream_fair.verdict.fisher import fisher_log_lr
 
 SHARES = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
 GROUPS = "ABCDE"

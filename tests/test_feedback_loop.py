@@ -115,16 +115,14 @@ def test_share_trend_t_matches_scipy() -> None:
 
 def test_monitor_splits_alphas_over_its_feature_keys() -> None:
     keys = feature_keys(*LENDING)
-    settings = FeedbackSettings(change_alpha=0.08, verdict_alpha=0.04, loop_alpha=0.02)
+    settings = FeedbackSettings(alarm_alpha=0.08, loop_alpha=0.02)
     monitor = FeedbackMonitor(keys, settings)
-    monitor.on_prediction("m", ("F", "White", "18-24"), 1, 0.0)
-    monitor.on_joined("m", ("F", "White", "18-24"), 1, 1, 0.0, 1.0)
-    monitor.snapshot()
-    alert = monitor._alerts[("m", "sex")]
     assert len(keys) == 4
-    assert alert.change.settings.alpha == pytest.approx(0.02)
-    assert alert.sequential.settings.alpha == pytest.approx(0.01)
     assert monitor._per_feature.loop_alpha == pytest.approx(0.005)
+    # the verdict engine spreads alarm_alpha over the four feature keys in its raise level
+    engine = monitor.verdict.settings
+    assert engine.alpha == pytest.approx(0.08)
+    assert monitor.verdict._h == pytest.approx(math.log(engine.horizon_cohorts * 4 / 0.08))
     # one feature (the benchmark's case): nothing is divided
     single = FeedbackMonitor(feature_keys(["group"], []), settings)
     assert single._per_feature == settings

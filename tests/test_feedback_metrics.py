@@ -78,8 +78,8 @@ def _snapshot() -> FeedbackSnapshot:
         disparity_drift_detections={DP: 1},
         last_disparity_drift_timestamp_seconds={DP: 99.0},
         alarms={
-            EO: Alarm(True, 0.04, 0.2, 3, 5000.0, "change: F true_positive_rate"),
-            DP: Alarm(False, None, None, 0, None, ""),
+            EO: Alarm(True, 3, 5000.0, "F true_positive_rate", "F", "true_positive_rate", 15.2, 13.3, 3600.0),
+            DP: Alarm(False, 0, None, ""),
         },
         label_coverage_flagged=True,
     )
@@ -124,10 +124,9 @@ def test_every_family_with_labels_and_values() -> None:
     assert get("stream_fair_disparity_alarm", eo) == 1.0
     assert get("stream_fair_disparity_alarms_total", eo) == 3
     assert get("stream_fair_last_disparity_alarm_timestamp_seconds", eo) == 5000.0
-    assert get("stream_fair_disparity_alarm_lower", eo) == 0.04
-    assert get("stream_fair_disparity_alarm_upper", eo) == 0.2
+    assert get("stream_fair_disparity_alarm_change_point_timestamp_seconds", eo) == 3600.0
     assert get("stream_fair_disparity_alarm", {**mf, "disparity": DP}) == 0.0
-    assert get("stream_fair_disparity_alarm_lower", {**mf, "disparity": DP}) is None
+    assert get("stream_fair_disparity_alarm_change_point_timestamp_seconds", {**mf, "disparity": DP}) is None
     assert get("stream_fair_feedback_periods_closed_total") == 7
     assert get("stream_fair_feedback_watermark_timestamp_seconds") == 5100.0
     # counters start at 0 for every known label set; undefined gauges are omitted
@@ -160,7 +159,7 @@ def test_undefined_trend_is_omitted(bad: float | None) -> None:
 
 def test_monitor_snapshot_exports_alarms_and_zero_counters() -> None:
     monitor = FeedbackMonitor(feature_keys(["sex"], []), FeedbackSettings(period=10.0))
-    for i in range(6000):  # two batches of 1,000 labelled events: detectors exist
+    for i in range(6000):  # nine 10-minute slots close: detectors exist
         cell = ("F",) if i % 3 else ("M",)
         monitor.on_prediction("m", cell, i % 2, float(i))
         monitor.on_joined("m", cell, i % 2, (i // 2) % 2, float(i), i + 5.0)

@@ -60,11 +60,13 @@ def test_coverage_gap_flags_selective_labels_and_not_fair() -> None:
 
 def test_label_arrival_flags_selective_labels_before_the_plain_differences() -> None:
     """The coverage flag does not wait for the time-to-live: it speaks while B has too few
-    joined pairs for the plain (fixed-level) differences or the time-uniform verdict."""
+    joined pairs for the plain (fixed-level) differences or the default alarm (whose slots and
+    cohorts are shortened here to fit the 4-minute stream)."""
     from stream_fair.fairness import Counts as FCounts
     from stream_fair.fairness import FairnessSettings, evaluate_feature
 
-    monitor = FeedbackMonitor(feature_keys(["group"], []), FeedbackSettings(period=100.0))
+    settings = FeedbackSettings(period=100.0, alarm_slot=10.0, cohort_period=60.0)
+    monitor = FeedbackMonitor(feature_keys(["group"], []), settings)
     pending: dict[str, tuple[tuple[str, ...], int, float]] = {}
     cum = {g: [0, 0, 0, 0] for g in "ABCDE"}
     first: dict[str, int | None] = {"coverage": None, "plain": None, "alarm": None}

@@ -161,6 +161,12 @@ def test_scenario_validation_names_the_fix() -> None:
         "gradual_drift",
         "selective_labels",
         "feedback_loop",
+        "bias_onset_delayed",
+        "unequal_base_rates",
+        "mix_shift",
+        "group_delays",
+        "label_delays",
+        "model_change",
     }
     assert all(isinstance(factory(), Scenario) for factory in SCENARIOS.values())
 
@@ -303,6 +309,105 @@ def test_feedback_loop_couples_selection_to_next_period() -> None:
     flat = ground_truth(static, n, seed=6).extra["periods"]
     assert {p["share"] for p in flat} == {0.10}
     assert len({round(p["base_rate"], 12) for p in flat}) == 1
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    q = np.clip(p, 1e-4, 1 - 1e-4)
+    return np.log(q / (1 - q))
+
+
+def test_scores_are_logistic_per_label_and_a_tpr_drop_shifts_them() -> None:
+    """score = sigmoid(z), z ~ Logistic(logit(rate)): decisions, medians and the shift of a drop."""
+    scenario = SCENARIOS["bias_onset"](tpr_drop=0.2)
+    n = 100_000
+    j = join(list(generate(scenario, n, seed=8)))
+    assert np.array_equal(j.prediction, (j.score >= 0.5).astype(int))
+    is_e, after = j.group("group") == "E", j.index >= n // 2
+    pos, neg = j.label == 1, j.label == 0
+    z = _logit(j.score)
+    assert np.median(z[pos & ~is_e]) == pytest.approx(np.log(0.8 / 0.2), abs=0.05)
+    assert np.median(z[neg & ~is_e]) == pytest.approx(np.log(0.1 / 0.9), abs=0.05)
+    # logistic scale: the interquartile range of z is 2 log 3
+    q1, q3 = np.percentile(z[pos & ~is_e], [25, 75])
+    assert q3 - q1 == pytest.approx(2 * np.log(3), abs=0.1)
+    # E's TPR 0.8 -> 0.6: its positives' latent scores move down by logit(0.8) - logit(0.6)
+    shift = np.median(z[pos & is_e & ~after]) - np.median(z[pos & is_e & after])
+    assert shift == pytest.approx(np.log(4) - np.log(1.5), abs=0.2)
+    assert np.median(z[neg & is_e & after]) == pytest.approx(np.log(0.1 / 0.9), abs=0.15)
+
+
+def _delays_of(j: Joined, mask: np.ndarray) -> float:
+    return float((j.outcome_ts - j.ts)[mask].mean())
+
+
+HOUR = 3600.0
+
+
+def test_delayed_scenarios_have_two_features_and_hours_of_delay() -> None:
+    n = 40_000
+    j = join(list(generate(SCENARIOS["bias_onset_delayed"](), n, seed=3)))
+    sex, group = by_group(j, "sex"), by_group(j, "group")
+    assert set(sex) == {"F", "M"} and set(group) == set("ABCDE")
+    assert sex["F"]["share"] == pytest.approx(0.5, abs=0.01)
+    assert _delays_of(j, j.label >= 0) == pytest.approx(4 * HOUR, rel=0.05)
+    is_e, after = j.group("group") == "E", j.index >= n // 2
+    assert rates(j, is_e & after)["tpr"] == pytest.approx(0.7, abs=0.05)
+    assert rates(j, ~is_e & after)["tpr"] == pytest.approx(0.8, abs=0.02)
+    gt = ground_truth(SCENARIOS["bias_onset_delayed"](), n, seed=3)
+    assert (gt.affected_feature, gt.affected_group, gt.onset_index) == ("group", "E", n // 2)
+
+
+def test_unequal_base_rates_keep_tpr_and_fpr_equal() -> None:
+    per_group = by_group(join(list(generate(SCENARIOS["unequal_base_rates"](), 60_000, seed=4))), "group")
+    for g, br in zip("ABCDE", (0.2, 0.3, 0.4, 0.5, 0.6), strict=True):
+        assert per_group[g]["base_rate"] == pytest.approx(br, abs=0.03)
+    assert gap(per_group, "tpr") < 0.06 and gap(per_group, "fpr") < 0.04
+    assert gap(per_group, "selection_rate") > 0.25  # demographic parity is truly violated
+
+
+def test_mix_shift_moves_traffic_only() -> None:
+    n = 80_000
+    scenario = SCENARIOS["mix_shift"]()
+    j = join(list(generate(scenario, n, seed=5)))
+    is_e = j.group("group") == "E"
+    first, last = j.index < n // 40, j.index >= n - n // 40
+    assert is_e[first].mean() == pytest.approx(0.05, abs=0.02)
+    assert is_e[last].mean() == pytest.approx(0.05 * 1.04**39, abs=0.03)
+    late = by_group(j, "group", last)
+    assert gap(late, "tpr") < 0.12 and gap(late, "fpr") < 0.08
+    periods = ground_truth(scenario, n, seed=5).extra["periods"]
+    assert periods[-1]["share"] == pytest.approx(0.05 * 1.04**39)
+
+
+def test_group_delays_depend_on_the_group_only() -> None:
+    j = join(list(generate(SCENARIOS["group_delays"](), 40_000, seed=6)))
+    groups = j.group("group")
+    for g, mean in zip("ABCDE", (12, 4, 2, 1, 0.5), strict=True):
+        assert _delays_of(j, groups == g) == pytest.approx(mean * HOUR, rel=0.1)
+    assert gap(by_group(j, "group"), "tpr") < 0.06
+
+
+def test_label_delays_depend_on_label_and_group() -> None:
+    j = join(list(generate(SCENARIOS["label_delays"](), 60_000, seed=7)))
+    groups = j.group("group")
+    for g, factor in zip("ABCDE", (1, 2, 3, 4, 8), strict=True):
+        neg = (groups == g) & (j.label == 0)
+        pos = (groups == g) & (j.label == 1)
+        assert _delays_of(j, neg) == pytest.approx(2 * HOUR, rel=0.1)
+        assert _delays_of(j, pos) == pytest.approx(2 * HOUR * factor, rel=0.12)
+    assert gap(by_group(j, "group"), "tpr") < 0.06
+
+
+def test_model_change_moves_every_group_at_once() -> None:
+    n = 60_000
+    j = join(list(generate(SCENARIOS["model_change"](), n, seed=9)))
+    groups, after = j.group("group"), j.index >= n // 2
+    for g in "ABCDE":
+        assert rates(j, (groups == g) & ~after)["tpr"] == pytest.approx(0.8, abs=0.06)
+        assert rates(j, (groups == g) & after)["tpr"] == pytest.approx(0.7, abs=0.06)
+    assert _delays_of(j, groups == "E") == pytest.approx(24 * HOUR, rel=0.1)
+    assert _delays_of(j, groups != "E") == pytest.approx(20 * 24 * HOUR, rel=0.05)
+    assert ground_truth(SCENARIOS["model_change"](), n).affected_group is None
 
 
 def test_expected_rates_intersection_names() -> None:

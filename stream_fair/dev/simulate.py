@@ -46,7 +46,6 @@ __all__ = [
 FIVE_GROUPS: Mapping[str, float] = {"A": 0.40, "B": 0.30, "C": 0.15, "D": 0.10, "E": 0.05}
 DelayDistribution = Literal["exponential", "fixed", "uniform", "lognormal"]
 _CHUNK = 8192
-_SCORE_SEPARATION = 1.5  # logit-scale shift of positives vs negatives in the score draw
 
 
 @dataclass(frozen=True)
@@ -67,16 +66,26 @@ class Scenario:
     """A synthetic population, model, labelling process and drift.
 
     Rates are probabilities: ``base_rate`` = P(label=1), ``tpr`` = P(prediction=1 | label=1),
-    ``fpr`` = P(prediction=1 | label=0); ``*_by_cell`` override them per cell. ``label_prob``
-    is the chance an outcome is ever emitted; cells in ``label_only_approved`` get outcomes only
-    for ``prediction == 1`` (selective labels). From ``onset_index`` (default
-    ``onset_fraction * n``) the TPR of ``drift_cell`` drops by ``tpr_drop``, at once or linearly
-    over ``drift_span`` predictions (default ``drift_span_fraction * n``). With ``feedback_cell``
+    ``fpr`` = P(prediction=1 | label=0); ``*_by_cell`` override them per cell. The model scores
+    every event ``score = sigmoid(z)`` with ``z ~ Logistic(logit(rate), 1)``, ``rate`` the event's
+    TPR (label 1) or FPR (label 0), and decides ``prediction = score >= 0.5``: per cell and label
+    the scores differ, and a TPR drop is a downward shift of the positives' scores.
+    ``label_prob`` is the chance an outcome is ever emitted; cells in ``label_only_approved`` get
+    outcomes only for ``prediction == 1`` (selective labels). Label delays have mean
+    ``label_delay_mean_s``
+    (per cell: ``label_delay_mean_by_cell``), multiplied for positives by
+    ``label_delay_positive_factor_by_cell`` (label-dependent delays). From ``onset_index``
+    (default ``onset_fraction * n``) the TPR of ``drift_cell`` (``"*"``: every cell, a model-wide
+    change) drops by ``tpr_drop``, at once or linearly over ``drift_span`` predictions (default
+    ``drift_span_fraction * n``). With ``feedback_cell``
     the stream is cut into ``feedback_periods`` periods and, with SR the cell's model-implied
     selection rate and SR_ref the rest's (period 0)::
 
         share[k+1]     = share[k]     * (1 + share_coupling     * (SR[k] - SR_ref) / SR_ref)
         base_rate[k+1] = base_rate[k] * (1 + base_rate_coupling * (SR[k] - SR_ref) / SR_ref)
+
+    and ``share_trend`` multiplies the share by ``1 + share_trend`` each period on top (a
+    traffic-mix shift that selection does not cause).
     """
 
     name: str
@@ -90,6 +99,7 @@ class Scenario:
     label_delay: DelayDistribution = "exponential"
     label_delay_mean_s: float = 300.0
     label_delay_mean_by_cell: Mapping[str, float] = field(default_factory=dict)
+    label_delay_positive_factor_by_cell: Mapping[str, float] = field(default_factory=dict)
     label_prob: float = 1.0
     label_prob_by_cell: Mapping[str, float] = field(default_factory=dict)
     label_only_approved: tuple[str, ...] = ()
@@ -103,6 +113,7 @@ class Scenario:
     feedback_cell: str | None = None
     feedback_periods: int = 8
     share_coupling: float = 0.5
+    share_trend: float = 0.0
     base_rate_coupling: float = 0.3
     min_share: float = 0.005
     min_base_rate: float = 0.02
@@ -165,11 +176,16 @@ class _Compiled:
         self.fpr = table(s.fpr, s.fpr_by_cell, "fpr")
         self.label_prob = table(s.label_prob, s.label_prob_by_cell, "label_prob")
         self.delay_mean = table(s.label_delay_mean_s, s.label_delay_mean_by_cell, "delay")
+        self.positive_delay = table(1.0, s.label_delay_positive_factor_by_cell, "delay")
         self.only_approved = np.zeros(len(self.cells), bool)
         for spec in s.label_only_approved:
             self.only_approved |= self.mask(_parse_cell(s, spec))
         none = np.zeros(len(self.cells), bool)
-        self.drift = self.mask(_parse_cell(s, s.drift_cell)) if s.drift_cell else none
+        self.drift = none
+        if s.drift_cell == "*":
+            self.drift = np.ones(len(self.cells), bool)
+        elif s.drift_cell:
+            self.drift = self.mask(_parse_cell(s, s.drift_cell))
         self.feedback: tuple[int, int] | None = None
         if s.feedback_cell:
             parsed = _parse_cell(s, s.feedback_cell)
@@ -228,7 +244,8 @@ def _timeline(s: Scenario, c: _Compiled, n: int) -> _Timeline:
             rate[k] = float((probs * sr_k)[in_group].sum() / probs[in_group].sum())
             if k + 1 < periods:
                 push = (rate[k] - ref) / ref
-                share[k + 1] = min(max(share[k] * (1 + s.share_coupling * push), s.min_share), 0.95)
+                moved = share[k] * (1 + s.share_coupling * push) * (1 + s.share_trend)
+                share[k + 1] = min(max(moved, s.min_share), 0.95)
                 group_br = float((probs * c.base_rate)[in_group].sum() / probs[in_group].sum())
                 new_br = max(group_br * factor[k] * (1 + s.base_rate_coupling * push), s.min_base_rate)
                 factor[k + 1] = new_br / group_br
@@ -301,10 +318,12 @@ def generate(
             br = np.where(c.mask([c.feedback])[codes], np.clip(br * t.br_factor[period], 0, 1), br)
         tpr = np.clip(c.tpr[codes] - scenario.tpr_drop * t.ramp(index) * c.drift[codes], 0, 1)
         label = u[k + 1] < br
-        pred = u[k + 2] < np.where(label, tpr, c.fpr[codes])
-        score = _scores(label, pred, u[k + 3])
+        rate = np.where(label, tpr, c.fpr[codes])
+        pred = u[k + 2] < rate
+        score = _scores(pred, u[k + 3], rate)
         observed = (u[k + 4] < c.label_prob[codes]) & ~(c.only_approved[codes] & ~pred)
-        delay = _delays(scenario.label_delay, c.delay_mean[codes], u[k + 5])
+        mean = c.delay_mean[codes] * np.where(label, c.positive_delay[codes], 1.0)
+        delay = _delays(scenario.label_delay, mean, u[k + 5])
 
         last = math.inf if lo + m >= n_predictions else float(ts[-1])
         pend_ts = np.concatenate((pend_ts, (ts + delay)[observed]))
@@ -343,9 +362,14 @@ def generate(
         lo += m
 
 
-def _scores(label: np.ndarray, pred: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Logistic score draw conditioned on the decided prediction, so ``pred == score >= 0.5``."""
-    loc = np.where(label, _SCORE_SEPARATION, -_SCORE_SEPARATION)
+def _scores(pred: np.ndarray, u: np.ndarray, rate: np.ndarray) -> np.ndarray:
+    """Score ``sigmoid(z)``, ``z ~ Logistic(logit(rate), 1)``, drawn given the decision ``z >= 0``.
+
+    ``pred`` was drawn with probability ``rate`` = P(z >= 0), so the pair (score, prediction) has
+    exactly the law of scoring first and deciding ``prediction = score >= 0.5``.
+    """
+    p = np.clip(rate, 1e-6, 1 - 1e-6)
+    loc = np.log(p / (1 - p))
     below = 1.0 / (1.0 + np.exp(loc))  # P(z < 0) for z ~ Logistic(loc, 1)
     q = np.clip(np.where(pred, below + u * (1 - below), u * below), 1e-9, 1 - 1e-9)
     score = np.round(1.0 / (1.0 + np.exp(-(loc + np.log(q / (1 - q))))), 4)
@@ -468,7 +492,8 @@ def ground_truth(
             "reference_selection_rate": t.reference_selection_rate,
             "formula": "x[k+1] = x[k] * (1 + coupling * (SR[k] - SR_ref) / SR_ref)",
         }
-        group_br = expected_rates(scenario, feature or "", n_predictions=n_predictions)
+        moved_feature, moved_group = _cell_name(scenario, scenario.feedback_cell or "")
+        group_br = expected_rates(scenario, moved_feature, n_predictions=n_predictions)
         extra["periods"] = [
             {
                 "period": k,
@@ -476,7 +501,7 @@ def ground_truth(
                 "end_index": min((k + 1) * t.period_len, n_predictions),
                 "start_ts": ts_at(k * t.period_len),
                 "share": float(t.share[k]),
-                "base_rate": float(group_br[group or ""]["base_rate"] * t.br_factor[k]),
+                "base_rate": float(group_br[moved_group]["base_rate"] * t.br_factor[k]),
                 "selection_rate": float(t.selection_rate[k]),
             }
             for k in range(len(t.share))
@@ -600,6 +625,90 @@ def _feedback_loop(*, group: str = "D", tpr_gap: float = 0.05, **overrides: Any)
     return replace(base, **overrides)
 
 
+# -- two features, labels after hours: the verdict engine's benchmark scenarios -----------------
+TWO_FEATURES: Mapping[str, Mapping[str, float]] = {"group": FIVE_GROUPS, "sex": {"F": 0.5, "M": 0.5}}
+HOUR = 3600.0
+
+
+def _delayed(name: str, description: str, **fields: Any) -> Scenario:
+    """Groups A..E and sex F/M (independent), labels after an exponential delay of mean 4 h."""
+    fields.setdefault("label_delay_mean_s", 4 * HOUR)
+    features = {k: dict(v) for k, v in TWO_FEATURES.items()}
+    return Scenario(name=name, features=features, description=description, **fields)
+
+
+def _bias_onset_delayed(*, group: str = "E", tpr_drop: float = 0.10, **overrides: Any) -> Scenario:
+    base = _delayed(
+        "bias_onset_delayed",
+        f"Two features (group A..E, sex F/M), labels after ~4 h; group {group}'s TPR drops by "
+        f"{tpr_drop:g} at onset_index (default n/2).",
+        drift_cell=f"group={group}",
+        affected=f"group={group}",
+        tpr_drop=tpr_drop,
+    )
+    return replace(base, **overrides)
+
+
+def _unequal_base_rates(**overrides: Any) -> Scenario:
+    rates = {"A": 0.2, "B": 0.3, "C": 0.4, "D": 0.5, "E": 0.6}
+    base = _delayed(
+        "unequal_base_rates",
+        "Fair in TPR and FPR (equal opportunity, equalized odds) with base rates 0.2..0.6 over "
+        "groups A..E: selection rates differ, so demographic parity is truly violated.",
+        base_rate_by_cell={f"group={g}": r for g, r in rates.items()},
+    )
+    return replace(base, **overrides)
+
+
+def _mix_shift(*, group: str = "E", share_trend: float = 0.04, **overrides: Any) -> Scenario:
+    base = _delayed(
+        "mix_shift",
+        f"Fair; group {group}'s traffic share grows by {share_trend:g} (relative) per period over "
+        "40 periods (5% to ~23%), the other groups shrinking in proportion.",
+        feedback_cell=f"group={group}",
+        feedback_periods=40,
+        share_coupling=0.0,
+        base_rate_coupling=0.0,
+        share_trend=share_trend,
+    )
+    return replace(base, **overrides)
+
+
+def _group_delays(**overrides: Any) -> Scenario:
+    delays = {"A": 12 * HOUR, "B": 4 * HOUR, "C": 2 * HOUR, "D": HOUR, "E": 0.5 * HOUR}
+    base = _delayed(
+        "group_delays",
+        "Fair; mean label delay depends on the group: A 12 h, B 4 h, C 2 h, D 1 h, E 30 min.",
+        label_delay_mean_by_cell={f"group={g}": d for g, d in delays.items()},
+    )
+    return replace(base, **overrides)
+
+
+def _label_delays(**overrides: Any) -> Scenario:
+    factors = {"A": 1.0, "B": 2.0, "C": 3.0, "D": 4.0, "E": 8.0}
+    base = _delayed(
+        "label_delays",
+        "Fair; positives are labelled later than negatives, by a factor depending on the group "
+        "(A 1, B 2, C 3, D 4, E 8; negatives after ~2 h).",
+        label_delay_mean_s=2 * HOUR,
+        label_delay_positive_factor_by_cell={f"group={g}": f for g, f in factors.items()},
+    )
+    return replace(base, **overrides)
+
+
+def _model_change(*, tpr_drop: float = 0.10, **overrides: Any) -> Scenario:
+    base = _delayed(
+        "model_change",
+        f"Fair at every moment: every group's TPR drops by {tpr_drop:g} at onset_index (default "
+        "n/2), while group E's labels arrive after ~1 day and the others' after ~20 days.",
+        drift_cell="*",
+        tpr_drop=tpr_drop,
+        label_delay_mean_s=20 * 24 * HOUR,
+        label_delay_mean_by_cell={"group=E": 24 * HOUR},
+    )
+    return replace(base, **overrides)
+
+
 SCENARIOS: dict[str, Callable[..., Scenario]] = {
     "lending": _lending,
     "fair": _fair,
@@ -607,6 +716,12 @@ SCENARIOS: dict[str, Callable[..., Scenario]] = {
     "gradual_drift": _gradual_drift,
     "selective_labels": _selective_labels,
     "feedback_loop": _feedback_loop,
+    "bias_onset_delayed": _bias_onset_delayed,
+    "unequal_base_rates": _unequal_base_rates,
+    "mix_shift": _mix_shift,
+    "group_delays": _group_delays,
+    "label_delays": _label_delays,
+    "model_change": _model_change,
 }
 """Scenario factories by name; keyword arguments override any :class:`Scenario` field."""
 

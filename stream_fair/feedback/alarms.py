@@ -1,8 +1,7 @@
 """The alarm records the snapshot carries: per-group change alarms and per-feature disparity alarms.
 
-Plain frozen data, read by the exporter (``stream_fair.feedback_metrics``); the detectors that
-produce them live in :mod:`.change` (change detectors) and :mod:`stream_fair.sequential` (the
-time-uniform verdict).
+Plain frozen data, read by the exporter (``stream_fair.feedback_metrics``); the monitor fills them
+from the verdict engine's detectors and alarms (:mod:`stream_fair.verdict`).
 
 >>> ChangeAlarm(flagged=False, statistic=0.0, threshold=13.3, raised_total=0, last_raised_ts=None)
 ChangeAlarm(flagged=False, statistic=0.0, threshold=13.3, raised_total=0, last_raised_ts=None)
@@ -15,11 +14,12 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ChangeAlarm:
-    """One (model, feature, group, signal) change detector.
+    """One (model, feature, group, signal) detector of the verdict engine.
 
-    ``statistic`` is the larger of the two one-sided CUSUM log e-values (nats), ``threshold`` the
-    level at which it raises; ``flagged`` while raised; ``raised_total`` counts raises (a
-    counter); ``last_raised_ts`` is the watermark of the last raise, None before the first.
+    ``statistic`` is the larger of the two one-sided raise statistics (weighted log e-values,
+    nats; frozen at the raise value while raised), ``threshold`` the level at which it raises;
+    ``flagged`` while raised; ``raised_total`` counts raises (a counter); ``last_raised_ts`` is
+    the event time of the evidence of the last raise, None before the first.
     """
 
     flagged: bool
@@ -31,17 +31,22 @@ class ChangeAlarm:
 
 @dataclass(frozen=True)
 class Alarm:
-    """The calibrated default alert condition of one (model, feature, disparity).
+    """The calibrated default alarm of one (model, feature, disparity): the verdict engine's.
 
-    ``flagged`` = the time-uniform verdict flags the disparity OR a change detector of a rate it
-    is built from is raised; ``lower`` / ``upper`` are the verdict's time-uniform bounds of the
-    disparity (None while fewer than two groups are eligible); ``reason`` says what raised it
-    (``""`` when not flagged).
+    ``flagged`` while any detector of a rate the disparity is built from is raised (demographic
+    parity: ``selection_rate`` of all predictions; equal opportunity: ``true_positive_rate``;
+    equalized odds: either rate); it clears only when the clear test shows the gap is gone.
+    ``reason`` names the raised detectors as ``"group rate"`` (``""`` when not flagged);
+    ``group``, ``rate``, ``statistic``, ``threshold`` and ``change_point_ts`` describe the alarm's
+    last event, its raise or the clear that ended it (None before the first).
     """
 
     flagged: bool
-    lower: float | None
-    upper: float | None
     raised_total: int
     last_raised_ts: float | None
     reason: str
+    group: str | None = None
+    rate: str | None = None
+    statistic: float | None = None
+    threshold: float | None = None
+    change_point_ts: float | None = None

@@ -1,9 +1,12 @@
-"""The calibrated default alert condition: time-uniform verdict OR change detector.
+"""The previous default alert condition (time-uniform verdict OR change detector), kept as a baseline.
+
+The monitor's default alarm is now the verdict engine (:mod:`stream_fair.verdict`); this per-replica
+condition on cumulative labelled pairs remains as the comparison in ``bench/detection.py``.
 
 Per (model, feature), :class:`AlertCondition` keeps a :class:`~stream_fair.sequential.
 SequentialDisparity` (is the gap certainly above ``threshold``? valid at every look) and the
 :class:`~.change.ChangeDetectors` (did one group's rate just move ``min_effect`` away from the
-rest? valid over a stated horizon). A disparity's :class:`~.alarms.Alarm` is raised when the
+rest? valid over a stated horizon). A disparity's :class:`LegacyAlarm` is raised when the
 verdict flags it or a change detector of one of its rates is raised (demographic parity:
 ``selection_rate``; equal opportunity: ``true_positive_rate``; equalized odds: either rate).
 Both parts have their own guarantee (``docs/feedback.md``); the union of two alarms with false
@@ -22,12 +25,24 @@ raise probabilities a and b has at most a + b.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from stream_fair.feedback.alarms import Alarm
 from stream_fair.feedback.change import ChangeDetectors, ChangeSettings
 from stream_fair.sequential import DISPARITIES, SequentialDisparity, SequentialSettings, Verdict
 
-__all__ = ["AlertCondition"]
+__all__ = ["AlertCondition", "LegacyAlarm"]
+
+
+@dataclass(frozen=True)
+class LegacyAlarm:
+    """One disparity of :class:`AlertCondition`: flag, the verdict's time-uniform bounds, raises."""
+
+    flagged: bool
+    lower: float | None
+    upper: float | None
+    raised_total: int
+    last_raised_ts: float | None
+    reason: str
 
 
 class AlertCondition:
@@ -52,7 +67,7 @@ class AlertCondition:
         if self.change.update(cumulative, ts):
             self._evaluate(ts)
 
-    def check(self, cumulative: Mapping[str, Sequence[int]], ts: float) -> dict[str, Alarm]:
+    def check(self, cumulative: Mapping[str, Sequence[int]], ts: float) -> dict[str, LegacyAlarm]:
         """Update verdict and change detectors from cumulative counts; the alarms."""
         self.verdict = self.sequential.update(cumulative)
         self.change.update(cumulative, ts)
@@ -73,12 +88,12 @@ class AlertCondition:
             self._flagged[name] = flagged
             self._reason[name] = "; ".join(reasons)
 
-    def alarms(self) -> dict[str, Alarm]:
-        """``{disparity: Alarm}`` as of the last feed or check."""
+    def alarms(self) -> dict[str, LegacyAlarm]:
+        """``{disparity: LegacyAlarm}`` as of the last feed or check."""
         out = {}
         for name in DISPARITIES:
             bounds = self.verdict.disparities.get(name) if self.verdict is not None else None
-            out[name] = Alarm(
+            out[name] = LegacyAlarm(
                 flagged=self._flagged.get(name, False),
                 lower=bounds.lower if bounds is not None else None,
                 upper=bounds.upper if bounds is not None else None,

@@ -74,14 +74,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.typing import NDArray
-from scipy.special import gammaln
 
 from stream_fair.fairness import is_reserved
 from stream_fair.feedback.alarms import ChangeAlarm
 from stream_fair.sequential import RATES
+from stream_fair.verdict.fisher import fisher_log_lr
 
-__all__ = ["ChangeSettings", "ChangeDetectors", "fisher_log_lr"]
+__all__ = ["ChangeSettings", "ChangeDetectors"]
 
 
 @dataclass(frozen=True)
@@ -115,60 +114,6 @@ class ChangeSettings:
             raise ValueError("alpha must lie in (0, 1), e.g. ChangeSettings(alpha=0.05)")
         if self.batch < 1 or self.horizon < self.batch:
             raise ValueError("need 1 <= batch <= horizon, e.g. batch=1000, horizon=1_000_000")
-
-
-_LOG_FACT = gammaln(np.arange(1.0, 4097.0))  # log k! for k < 4096, grown on demand
-
-
-def _log_fact(k: NDArray[np.int64]) -> NDArray[np.float64]:
-    global _LOG_FACT
-    top = int(k.max(initial=0))
-    if top >= _LOG_FACT.size:
-        _LOG_FACT = gammaln(np.arange(1.0, 2.0 * top + 2.0))
-    return _LOG_FACT[k]
-
-
-def _log_binom(n: NDArray[np.int64], k: NDArray[np.int64]) -> NDArray[np.float64]:
-    return _log_fact(n) - _log_fact(k) - _log_fact(n - k)
-
-
-def _logsumexp(a: NDArray[np.float64]) -> NDArray[np.float64]:
-    top = a.max(axis=1)
-    return np.asarray(top + np.log(np.exp(a - top[:, None]).sum(axis=1)), dtype=np.float64)
-
-
-def fisher_log_lr(
-    x: Sequence[float] | NDArray[np.float64],
-    n: Sequence[float] | NDArray[np.float64],
-    m: Sequence[float] | NDArray[np.float64],
-    s: Sequence[float] | NDArray[np.float64],
-    log_psi: Sequence[float] | NDArray[np.float64],
-) -> NDArray[np.float64]:
-    """Log likelihood ratio of Fisher's noncentral hypergeometric (odds ratio psi) vs psi = 1.
-
-    ``x`` successes of ``n`` trials against the rest's ``s - x`` of ``m``, elementwise; a 2-d
-    ``log_psi`` (rows, alternatives) gives a (rows, alternatives) result sharing the support sums.
-
-    >>> lr = fisher_log_lr([3.0], [5.0], [5.0], [5.0], [math.log(2.0)])
-    >>> bool(abs(lr[0] - 3 * math.log(2.0) + math.log(sum(
-    ...     math.comb(5, k) * math.comb(5, 5 - k) * 2.0**k for k in range(6)) / 252)) < 1e-12)
-    True
-    """
-    xa, lp = np.asarray(x, dtype=np.float64), np.asarray(log_psi, dtype=np.float64)
-    na, ma, sa = (np.asarray(v, dtype=np.float64).astype(np.int64) for v in (n, m, s))
-    lo = np.maximum(0, sa - ma)
-    hi = np.minimum(na, sa)
-    width = int((hi - lo).max(initial=0)) + 1
-    k = lo[:, None] + np.arange(width)[None, :]
-    valid = k <= hi[:, None]
-    kk = np.where(valid, k, lo[:, None])
-    logw = _log_binom(na[:, None], kk) + _log_binom(ma[:, None], sa[:, None] - kk)
-    logw = np.where(valid, logw, -np.inf)
-    log_den = _logsumexp(logw)
-    if lp.ndim == 1:
-        return np.asarray(xa * lp - (_logsumexp(logw + kk * lp[:, None]) - log_den))
-    cols = [_logsumexp(logw + kk * lp[:, j, None]) for j in range(lp.shape[1])]
-    return np.asarray(xa[:, None] * lp - (np.stack(cols, axis=1) - log_den[:, None]))
 
 
 def _odds(p: float) -> float:

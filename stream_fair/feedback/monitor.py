@@ -7,7 +7,11 @@ lazily:
 * every ``flush_every`` hook calls (and at every snapshot) the delay buffers are binned and the
   drift detectors are fed batch rates (:mod:`.drift`);
 * when a prediction's event time crosses a period boundary, the period is closed: traffic shares,
-  exposure, reference shares, trends and the loop history are updated from the period's counts.
+  exposure, reference shares, trends and the loop history are updated from the period's counts;
+* the default alarm is the verdict engine (:mod:`stream_fair.verdict`): the hooks count into an
+  :class:`~stream_fair.verdict.IncrementBuilder` (one row per model, cell, cohort and slot) and
+  every flush hands the rows to the engine as one increment, the monitor's watermark (largest
+  event time seen) closing slots; new alarm events are logged.
 
 Predictions whose event time lies before the open period (out of order) count in the open
 period. Periods without any prediction are skipped, so the loop indicator pairs the periods on
@@ -33,6 +37,7 @@ either side of a gap.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -40,8 +45,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from stream_fair.feedback.alarms import Alarm, ChangeAlarm
-from stream_fair.feedback.alert import AlertCondition
-from stream_fair.feedback.change import ChangeSettings
 from stream_fair.feedback.coverage import CoverageGap, arrival_ratios, coverage, coverage_gap
 from stream_fair.feedback.delay import DelayHistogram
 from stream_fair.feedback.drift import BatchedDetector
@@ -49,7 +52,16 @@ from stream_fair.feedback.loop import LoopEstimate, loop_indicator
 from stream_fair.feedback.traffic import ReferenceShares, exposure_ratios, shares
 from stream_fair.feedback.trends import Trend
 from stream_fair.groups import Cell, FeatureKey
-from stream_fair.sequential import SequentialSettings
+from stream_fair.verdict import (
+    AlarmEvent,
+    DisparityStatus,
+    IncrementBuilder,
+    ScoreBins,
+    VerdictEngine,
+    VerdictSettings,
+)
+
+log = logging.getLogger(__name__)
 
 GROUP_SIGNALS = ("selection_rate", "true_positive_rate", "false_positive_rate")
 """Per-group signals watched by drift detectors (fairlearn names)."""
@@ -100,17 +112,18 @@ class FeedbackSettings:
         Period pairs in the loop indicator's window; periods a group needs for the share-trend
         test; probability of any false ``amplifying`` within ``loop_horizon`` period closes
         (:mod:`.loop`).
-    min_effect, change_alpha, change_horizon, change_batch
-        Change detectors (:mod:`.change`): design shift of a group's rate vs the rest, false-raise
-        probability over ``change_horizon`` labelled events of a feature, labelled events per
-        batch.
-    verdict_alpha, verdict_threshold
-        Time-uniform verdict (:mod:`stream_fair.sequential`) of the default alarm.
+    min_effect, clear_effect, alarm_alpha, alarm_clear_alpha, alarm_horizon, cohort_period,
+    alarm_slot, open_cohorts, score_range, score_bins, use_scores, alarm_weighting
+        The default alarm (:class:`~stream_fair.verdict.VerdictSettings`: ``min_effect``,
+        ``clear_effect``, ``alpha``, ``clear_alpha``, ``horizon``, ``period``, ``slot``,
+        ``open_cohorts``, ``bins = ScoreBins(*score_range, score_bins)``, ``use_scores``,
+        ``weighting``); see :meth:`verdict_settings`.
 
-    ``loop_alpha``, ``change_alpha`` and ``verdict_alpha`` hold for *all* the monitor's feature
-    keys together (marginals and intersections): the monitor gives each (model, feature)
-    ``alpha / n_features`` (Bonferroni, :meth:`per_feature`). They are not split over models,
-    which are discovered from the stream: divide them by the number of models yourself.
+    ``loop_alpha`` and ``alarm_alpha`` hold for *all* the monitor's feature keys together
+    (marginals and intersections): the loop test gives each (model, feature)
+    ``loop_alpha / n_features`` (Bonferroni, :meth:`per_feature`), the verdict engine spreads
+    ``alarm_alpha`` over the features itself. They are not split over models, which are
+    discovered from the stream: divide them by the number of models yourself.
     """
 
     detector: Literal["adwin", "page_hinkley"] = "adwin"
@@ -131,40 +144,48 @@ class FeedbackSettings:
     loop_horizon: int = 10_000
     arrival_ratio_threshold: float = 0.8
     min_effect: float = 0.10
-    change_alpha: float = 0.05
-    change_horizon: int = 2_000_000
-    change_batch: int = 1_000
-    verdict_alpha: float = 0.05
-    verdict_threshold: float = 0.05
+    clear_effect: float = 0.05
+    alarm_alpha: float = 0.05
+    alarm_clear_alpha: float = 0.05
+    alarm_horizon: float = 365 * 86400.0
+    cohort_period: float = 3600.0
+    alarm_slot: float = 600.0
+    open_cohorts: int = 24
+    score_range: tuple[float, float] = (0.0, 1.0)
+    score_bins: int = 20
+    use_scores: bool = True
+    alarm_weighting: Literal["traffic", "uniform"] = "traffic"
+
+    def __post_init__(self) -> None:
+        self.verdict_settings()  # fails early, naming the setting
 
     def per_feature(self, n_features: int) -> FeedbackSettings:
-        """The settings one of ``n_features`` feature keys gets: the three alphas divided.
+        """The settings one of ``n_features`` feature keys gets: ``loop_alpha`` divided.
 
-        >>> s = FeedbackSettings(change_alpha=0.04, verdict_alpha=0.08, loop_alpha=0.02)
-        >>> p = s.per_feature(4)
-        >>> p.change_alpha, p.verdict_alpha, p.loop_alpha
-        (0.01, 0.02, 0.005)
+        >>> FeedbackSettings(loop_alpha=0.02).per_feature(4).loop_alpha
+        0.005
         """
-        k = max(1, n_features)
-        return replace(
-            self,
-            change_alpha=self.change_alpha / k,
-            verdict_alpha=self.verdict_alpha / k,
-            loop_alpha=self.loop_alpha / k,
-        )
+        return replace(self, loop_alpha=self.loop_alpha / max(1, n_features))
 
-    def alert_settings(self) -> tuple[SequentialSettings, ChangeSettings]:
-        """Settings of the two parts of the default alarm (verdict, change detectors)."""
-        seq = SequentialSettings(
-            alpha=self.verdict_alpha, threshold=self.verdict_threshold, min_samples=self.min_samples
-        )
-        change = ChangeSettings(
+    def verdict_settings(self) -> VerdictSettings:
+        """Settings of the default alarm, the verdict engine.
+
+        >>> FeedbackSettings(alarm_slot=300.0).verdict_settings().slot
+        300.0
+        """
+        return VerdictSettings(
+            period=self.cohort_period,
+            slot=self.alarm_slot,
             min_effect=self.min_effect,
-            alpha=self.change_alpha,
-            horizon=self.change_horizon,
-            batch=self.change_batch,
+            clear_effect=self.clear_effect,
+            alpha=self.alarm_alpha,
+            clear_alpha=self.alarm_clear_alpha,
+            horizon=self.alarm_horizon,
+            open_cohorts=self.open_cohorts,
+            bins=ScoreBins(self.score_range[0], self.score_range[1], self.score_bins),
+            use_scores=self.use_scores,
+            weighting=self.alarm_weighting,
         )
-        return seq, change
 
 
 @dataclass(frozen=True)
@@ -208,6 +229,7 @@ class FeedbackSnapshot:
     features: dict[tuple[str, str], FeatureFeedback]
     watermark: float | None
     periods_closed: int
+    alarm_events: tuple[AlarmEvent, ...] = ()
 
 
 class FeedbackMonitor:
@@ -234,7 +256,10 @@ class FeedbackMonitor:
         self._detectors: dict[tuple[str, str, str, str], BatchedDetector] = {}
         self._disp_detectors: dict[tuple[str, str, str], BatchedDetector] = {}
         self._disp_base: dict[tuple[str, str, str], dict[str, tuple[int, int]]] = {}
-        self._alerts: dict[tuple[str, str], AlertCondition] = {}
+        verdict = settings.verdict_settings()
+        self._builder = IncrementBuilder(verdict.period, verdict.slot, verdict.bins)
+        self.verdict = VerdictEngine(self.features, verdict)
+        self._logged = 0  # sequence number of the last alarm event logged
 
     def __repr__(self) -> str:
         return f"FeedbackMonitor(cells={len(self._rows)}, periods_closed={self.periods_closed})"
@@ -251,6 +276,7 @@ class FeedbackMonitor:
         if predicted:
             row[_POS] += 1
             row[_PPOS] += 1
+        self._builder.add_prediction(model, cell, predicted, ts)
         if ts > self._watermark:
             self._watermark = ts
         self._ticks += 1
@@ -265,6 +291,7 @@ class FeedbackMonitor:
         label: int,
         prediction_ts: float,
         outcome_ts: float,
+        score: float | None = None,
     ) -> None:
         key = (model, cell)
         row = self._rows.get(key)
@@ -275,6 +302,7 @@ class FeedbackMonitor:
         row[_TP + q] += 1
         row[_PTP + q] += 1
         self._delays[key].append(outcome_ts - prediction_ts)
+        self._builder.add_labelled(model, cell, predicted, label, prediction_ts, outcome_ts, score)
         if outcome_ts > self._watermark:
             self._watermark = outcome_ts
         self._ticks += 1
@@ -374,14 +402,12 @@ class FeedbackMonitor:
             for name, rate in zip(DISPARITY_SIGNALS, ("selection_rate", "true_positive_rate"), strict=False):
                 cum = {g: r[rate] for g, r in ratios.items()}
                 self._feed_disparity((model, fname, name), cum, ts)
-            conf = {g: v[2:] for g, v in groups.items()}
-            self._alert((model, fname)).feed(conf, ts)
-
-    def _alert(self, key: tuple[str, str]) -> AlertCondition:
-        a = self._alerts.get(key)
-        if a is None:
-            a = self._alerts[key] = AlertCondition(*self._per_feature.alert_settings())
-        return a
+        if len(self._builder):
+            watermark = None if self._watermark == -math.inf else self._watermark
+            self.verdict.update(self._builder.build("local", watermark))
+        for event in self.verdict.events_after(self._logged):
+            log.warning("%s", event.message())
+            self._logged = event.seq
 
     def _feed_disparity(self, key: tuple[str, str, str], cum: dict[str, tuple[int, int]], ts: float) -> None:
         """Feed max - min of the groups' batch rates once every established group has a batch.
@@ -413,7 +439,12 @@ class FeedbackMonitor:
         self._flush()
         s = self.settings
         totals = self._by_group((_N, _POS, _J, _E, _TP, _FP, _TN, _FN))
-        ts = self._watermark if self._watermark != -math.inf else 0.0
+        verdict_alarms = self.verdict.alarms()
+        change: dict[tuple[str, str, str], dict[str, ChangeAlarm]] = {}
+        for (model, fname, g, rate), d in self.verdict.detectors().items():
+            change.setdefault((model, fname, g), {})[rate] = ChangeAlarm(
+                d.flagged, d.statistic, d.threshold, d.raised_total, d.last_raised_ts
+            )
         hists: dict[tuple[str, str, str], DelayHistogram] = {}
         for (model, cell), h in self._hist.items():
             for f in self.features:
@@ -426,11 +457,7 @@ class FeedbackMonitor:
             share_now = shares(last)
             ref = self._reference[mf].shares() if mf in self._reference else {}
             exposure = exposure_ratios(last)
-            alert = self._alert(mf)
-            alarms = alert.check({g: v[4:] for g, v in by_group.items()}, ts)
-            change: dict[str, dict[str, ChangeAlarm]] = {}
-            for (g, sig), a in alert.change.alarms().items():
-                change.setdefault(g, {})[sig] = a
+            alarms = {name: _alarm(st) for (m, f, name), st in verdict_alarms.items() if (m, f) == mf}
             arrival = arrival_ratios(
                 {g: (v[0], v[2]) for g, v in by_group.items()},
                 s.min_samples,
@@ -462,7 +489,7 @@ class FeedbackMonitor:
                     last_drift_timestamp_seconds={
                         sig: d.last_ts for sig, d in dets.items() if d.last_ts is not None
                     },
-                    change_alarms=change.get(g, {}),
+                    change_alarms=change.get(key, {}),
                     label_arrival_ratio=arrival.ratios.get(g),
                 )
             resolved = {g: (v[2], v[3]) for g, v in by_group.items()}
@@ -495,7 +522,7 @@ class FeedbackMonitor:
                 label_coverage_flagged=bool((gap is not None and gap.flagged) or arrival.flagged),
             )
         wm = self._watermark if self._watermark != -math.inf else None
-        return FeedbackSnapshot(groups, features, wm, self.periods_closed)
+        return FeedbackSnapshot(groups, features, wm, self.periods_closed, self.verdict.events)
 
     # -- persistence ---------------------------------------------------------------------------
     def to_state(self) -> dict:
@@ -519,7 +546,8 @@ class FeedbackMonitor:
             "detectors": [[*k, d.to_state()] for k, d in self._detectors.items()],
             "disp_detectors": [[*k, d.to_state()] for k, d in self._disp_detectors.items()],
             "disp_base": [[*k, _enc_counts(v)] for k, v in self._disp_base.items()],
-            "alerts": [[*k, a.to_state()] for k, a in self._alerts.items()],
+            "verdict": self.verdict.to_state(),
+            "logged": self._logged,
         }
 
     @classmethod
@@ -547,9 +575,26 @@ class FeedbackMonitor:
             (a, b, c): BatchedDetector.from_state(x) for a, b, c, x in state["disp_detectors"]
         }
         m._disp_base = {(a, b, c): _dec_counts(v) for a, b, c, v in state["disp_base"]}
-        seq, change = m._per_feature.alert_settings()
-        m._alerts = {(a, b): AlertCondition.from_state(x, seq, change) for a, b, x in state.get("alerts", [])}
+        if "verdict" in state:
+            m.verdict = VerdictEngine.from_state(state["verdict"], features, settings.verdict_settings())
+            m._logged = int(state["logged"])
         return m
+
+
+def _alarm(status: DisparityStatus) -> Alarm:
+    """The exporter's record of one verdict-engine alarm."""
+    last = status.last_event
+    return Alarm(
+        flagged=status.flagged,
+        raised_total=status.raised_total,
+        last_raised_ts=status.last_raised_ts,
+        reason="; ".join(f"{g} {r}" for g, r in status.raised_by),
+        group=last.group if last else None,
+        rate=last.rate if last else None,
+        statistic=last.statistic if last else None,
+        threshold=last.threshold if last else None,
+        change_point_ts=last.change_point_ts if last else None,
+    )
 
 
 def _enc_counts(counts: dict[str, tuple[int, int]]) -> dict[str, list[int]]:
