@@ -119,6 +119,13 @@ class Detector:
         self._checkpoint_failures = 0  # consecutive: the retry backs off
         self._retry_at = 0.0
         self._held_back = False
+        # the model-wide verdict (stream_fair.leader): on in the run loop, off for manual use
+        self.model_wide = False
+        self._publisher: Any = None
+        self.leader: Any = None
+        self._lead_wanted = False
+        self._partitions = 0  # of each input topic
+        self._leader_published = 0.0
         registry = registry_for(self.current)
         from stream_fair.status_page import History, render
 
@@ -130,6 +137,7 @@ class Detector:
             registry,
             self.health,
             page=lambda: render(*self.current(), history=self.history),
+            alarms=self.alarms_document,
             **server_options(config.exporter),
         )
 
@@ -150,7 +158,12 @@ class Detector:
                 cache_bytes=st.cache_bytes,
                 write_buffer_bytes=st.write_buffer_bytes,
             )
-            self.tracker = Tracker(self.config, self.backend, self.feedback)
+            verdict = None
+            if self.model_wide:
+                from stream_fair.config import feedback_settings
+
+                verdict = feedback_settings(self.config.feedback).verdict_settings()
+            self.tracker = Tracker(self.config, self.backend, self.feedback, verdict=verdict)
             self._load_windows()
             stored = self.backend.get(_FEEDBACK_KEY)
             if stored is not None and hasattr(self.feedback, "from_state"):
@@ -163,8 +176,23 @@ class Detector:
                     self.feedback.settings,  # type: ignore[attr-defined]
                 )
                 self.tracker.feedback = self.feedback
+            self._use_engine()
             self._publish()
         return self.tracker
+
+    def _use_engine(self) -> None:
+        """In model-wide mode the exported alarm is the leader's engine (none elsewhere)."""
+        fb = self.feedback
+        if not self.model_wide or fb is None or not hasattr(fb, "local_verdict"):
+            return
+        from stream_fair.verdict import VerdictEngine
+
+        fb.local_verdict = False
+        fb.verdict = (
+            self.leader.fold.engine
+            if self.leader is not None
+            else VerdictEngine(fb.features, fb.verdict.settings)
+        )
 
     def _publish(self) -> None:
         """Make the committed state the one scrapes see (call with the lock held, or before threads)."""
@@ -184,6 +212,22 @@ class Detector:
                 self.history.record(cached[1])
             return cached[1], self.stats
 
+    def alarms_document(self) -> dict[str, Any]:
+        """``/alarms``: the calibrated alarms now and their event log (the leader's, model-wide)."""
+        report, stats = self.current()
+        fb = report.snapshot.feedback
+        alarms = []
+        if fb is not None:
+            for (model, feature), ff in sorted(fb.features.items()):
+                for disparity, a in sorted(ff.alarms.items()):
+                    alarms.append({"model": model, "feature": feature, "disparity": disparity,
+                                   "raised": a.flagged, "raised_total": a.raised_total,
+                                   "last_raised_ts": a.last_raised_ts, "raised_by": a.reason,
+                                   "group": a.group, "rate": a.rate, "statistic": a.statistic,
+                                   "threshold": a.threshold, "change_point_ts": a.change_point_ts})  # fmt: skip
+        events = [e.to_json() for e in fb.alarm_events] if fb is not None else []
+        return {"leader": stats.leader, "alarms": alarms, "events": events}
+
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, then checkpoint and close everything."""
@@ -193,16 +237,21 @@ class Detector:
         self.server.start()
         self.health.heartbeat = time.monotonic()
         consumer = kafka_io.make_consumer(cfg)
-        writer = reader = None
+        writer = reader = publisher = None
+        self.model_wide = cfg.state.changelog
         try:
-            partitions = kafka_io.check_copartitioned(consumer, cfg)
+            partitions = self._partitions = kafka_io.check_copartitioned(consumer, cfg)
             if cfg.state.changelog:
                 kafka_io.ensure_changelog(consumer, cfg, partitions)
+                kafka_io.ensure_internal_topics(consumer, cfg)
                 writer, reader = kafka_io.ChangelogWriter(cfg), kafka_io.ChangelogReader(cfg)
+                from stream_fair.leader import IncrementPublisher
+
+                publisher = IncrementPublisher(cfg)
             self.open_state()
         except Exception:
             consumer.close(autocommit=False)
-            for c in (writer, reader):
+            for c in (writer, reader, publisher):
                 if c is not None:
                     c.close()
             self.server.stop()
@@ -211,9 +260,16 @@ class Detector:
         log.info("exporter on %s://%s:%d/metrics", self.server.scheme, cfg.exporter.host, self.port)
         dead = kafka_io.DeadLetters(cfg)
         self.attach(consumer, dead, writer, reader)
+        self._publisher = publisher
         self.stats.kafka_connected = lambda: self.health.connected(time.monotonic())
-        listener = kafka_io.ShardListener(consumer, self._topics, self._on_revoke, self._on_assign)
-        consumer.subscribe(list(self._topics), listener=listener)
+        topics = list(self._topics)
+        lead = None
+        if self.model_wide:
+            topics.append(kafka_io.leader_topic(cfg))
+            lead = (topics[-1], self._on_leader)
+            self.stats.leader = False
+        listener = kafka_io.ShardListener(consumer, self._topics, self._on_revoke, self._on_assign, lead)
+        consumer.subscribe(topics, listener=listener)
         clean = False
         try:
             while not stop.is_set():
@@ -227,6 +283,7 @@ class Detector:
                 if self._to_restore:
                     self.restore_step()
                 self.maybe_checkpoint(time.monotonic())
+                self.lead_step(time.monotonic())
                 self.missing_log.maybe_warn(time.monotonic(), lambda: self.current()[0].snapshot.predictions)
                 self._dead_letter_stats()
         finally:
@@ -234,9 +291,10 @@ class Detector:
                 # at shutdown, wait longer for unsent dead letters before giving up on them
                 clean = self.checkpoint(settle=max(10.0, cfg.kafka.request_timeout_ms / 1000))
             finally:
+                self._on_leader(False)
                 consumer.close(autocommit=False)
                 dead.close()
-                for c in (writer, reader):
+                for c in (writer, reader, publisher):
                     if c is not None:
                         c.close()
                 self.close()
@@ -375,6 +433,7 @@ class Detector:
         except Exception as exc:  # nothing was committed: the next attempt writes it all again
             self._checkpoint_failed(exc)
             return False
+        self._publish_outboxes()
         self._dead_letter_stats()
         if unsent & ids:
             self._retry_at = time.monotonic() + 1.0
@@ -396,6 +455,62 @@ class Detector:
         except Exception as exc:  # mirror only: the state store is the source of truth
             log.warning("offset commit to Kafka failed: %s", exc)
         return not (unsent & ids)
+
+    # -- the model-wide verdict (stream_fair.leader) ------------------------------------------------
+    def _publish_outboxes(self) -> None:
+        """Publish every owned partition's committed outbox; empty it once acknowledged."""
+        if self._publisher is None or self.tracker is None:
+            return
+        shards = [s for i, s in sorted(self.tracker.shards.items()) if s.outbox and i not in self._to_restore]
+        if not shards:
+            return
+        if self._publisher.publish([m for s in shards for m in s.outbox]):
+            for s in shards:
+                s.outbox = []  # the next checkpoint's meta says so; until then a re-publish is a no-op
+        self.stats.increments_published = self._publisher.sent
+        self.stats.errors["increments"] = self._publisher.errors
+
+    def _on_leader(self, lead: bool) -> None:
+        """Group assignment: this replica gained (start in the loop) or lost the leader partition."""
+        self._lead_wanted = lead
+        if not lead and self.leader is not None:
+            leader, self.leader = self.leader, None
+            leader.stop()
+            with self.lock:
+                self._use_engine()
+            self.stats.leader = False
+            log.info("model-wide verdict: leadership moved away")
+
+    def lead_step(self, now: float) -> None:
+        """Start leading when elected; fold new increments, checkpoint, show the alarms."""
+        if self._lead_wanted and self.leader is None:
+            from stream_fair.config import feedback_settings
+            from stream_fair.leader import Leader
+
+            assert self.tracker is not None
+            settings = feedback_settings(self.config.feedback).verdict_settings()
+            leader = Leader(self.config, self.tracker.features, settings, self._partitions)
+            try:
+                leader.start()
+            except Exception as exc:
+                log.error("model-wide verdict: cannot take the lead yet (retried): %s", exc)
+                leader.stop()
+                return
+            self.leader = leader
+            with self.lock:
+                self._use_engine()
+                self._publish()
+            self.stats.leader = True
+        leader = self.leader
+        if leader is None:
+            return
+        if leader.step():
+            self.stats.increments_folded = leader.applied
+            if now - self._leader_published >= 1.0:
+                with self.lock:
+                    self._publish()
+                self._leader_published = now
+        leader.maybe_checkpoint(now)
 
     def _save_windows(self) -> None:
         """The windows' changed buckets, after the checkpoint they were folded from (a crash in

@@ -5,12 +5,13 @@ Prometheus "writing exporters" pattern): no shared gauges mutated per event, no 
 no torn reads. ``collect()`` never raises: a failure is logged, counted in
 ``stream_fair_errors_total{kind="snapshot"}`` and the scrape still answers.
 
-Endpoints: ``/metrics``, ``/`` (status page), ``/healthz`` (the run loop is alive), ``/readyz``
+Endpoints: ``/metrics``, ``/`` (status page), ``/alarms`` (the alarms and their event log, JSON), ``/healthz`` (the run loop is alive), ``/readyz``
 (partitions assigned and state loaded).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -55,6 +56,10 @@ class PipelineStats:
     # records this process read, checkpointed or not (re-reads after a restart included)
     records_read: dict[str, int] = field(default_factory=lambda: {"predictions": 0, "outcomes": 0})
     state_disk_bytes: int = 0
+    # the model-wide verdict (stream_fair.leader): None when this process does not take part
+    leader: bool | None = None
+    increments_published: int = 0
+    increments_folded: int = 0
 
 
 Source = Callable[[], tuple[Report, PipelineStats]]
@@ -296,6 +301,17 @@ def _pipeline(report: Report, stats: PipelineStats) -> Iterator[Metric]:
     disk.add_metric([], stats.state_disk_bytes)
     yield from (consumed, fates, pending, rejected, evictions, dead, dead_errors, last, overflow, lag)
     yield from (watermark, capacity, remembered, owned, read, disk)
+    if stats.leader is not None:
+        yield GaugeMetricFamily(
+            P + "leader",
+            "1 on the replica that folds every partition's increments and exports the model-wide alarm",
+            value=float(stats.leader),
+        )
+        yield CounterMetricFamily(
+            P + "increments_published",
+            "Verdict increments this process published to the increments topic",
+            value=stats.increments_published,
+        )
     if connected is not None:
         yield GaugeMetricFamily(
             P + "kafka_connected",
@@ -365,6 +381,7 @@ class ExporterServer:
         health: Health,
         page: Callable[[], str] | None = None,
         clock: Callable[[], float] | None = None,
+        alarms: Callable[[], dict[str, Any]] | None = None,
         *,
         read_timeout: float = 10.0,
         workers: int = 4,
@@ -394,6 +411,9 @@ class ExporterServer:
                         self._send(503, b"not ready: kafka unreachable or group not joined\n")
                     else:
                         self._send(503, b"not ready: no partitions assigned yet\n")
+                elif path == "/alarms" and alarms is not None:
+                    body = json.dumps(alarms(), indent=1).encode()
+                    self._send(200, body, "application/json")
                 elif path == "/" and page is not None:
                     try:
                         body = page().encode()
@@ -402,7 +422,7 @@ class ExporterServer:
                         log.exception("status page failed")
                         self._send(500, b"status page failed; see /metrics\n")
                 else:
-                    self._send(404, b"not found: try /metrics, /, /healthz, /readyz\n")
+                    self._send(404, b"not found: try /metrics, /, /alarms, /healthz, /readyz\n")
 
             def _send(
                 self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8", auth: bool = False

@@ -139,22 +139,35 @@ class ShardListener(ConsumerRebalanceListener):  # type: ignore[misc]
         topics: tuple[str, str],
         on_revoke: Callable[[set[int]], None],
         on_assign: Callable[[set[int]], None],
+        leader: tuple[str, Callable[[bool], None]] | None = None,
     ) -> None:
         self.consumer = consumer
         self.topics = topics
         self._on_revoke = on_revoke
         self._on_assign = on_assign
+        # (leader topic, callback): owning its partition 0 makes this replica the leader
+        # (stream_fair.leader); the partition stays paused, it is never read through the group
+        self._leader = leader
 
     def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        revoked = list(revoked)
         shards = {tp.partition for tp in revoked if tp.topic in self.topics}
         if shards:
             self._on_revoke(shards)
+        if self._leader is not None and any(tp.topic == self._leader[0] for tp in revoked):
+            self._leader[1](False)
 
     def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        assigned = list(assigned)
         inputs = [tp for tp in assigned if tp.topic in self.topics]
         if inputs:
             self.consumer.pause(*inputs)
             self._on_assign({tp.partition for tp in inputs})
+        if self._leader is not None:
+            lead = [tp for tp in assigned if tp.topic == self._leader[0]]
+            if lead:
+                self.consumer.pause(*lead)
+                self._leader[1](True)
 
 
 def resume_at(

@@ -61,6 +61,8 @@ from stream_fair.state.codec import (
     parse_cell,
     prefix,
 )
+from stream_fair.verdict.increments import CellCounts, IncrementBuilder
+from stream_fair.verdict.settings import VerdictSettings
 
 TOPICS = ("predictions", "outcomes")
 _P, _O = 0, 1
@@ -116,6 +118,19 @@ class Shard:
     # sets it after every poll from the partition's high-water mark).
     behind: list[bool] = field(default_factory=lambda: [False, False])
     changed: bool = False
+    # The model-wide verdict's input (stream_fair.leader): counts by cohort and slot since the
+    # last checkpoint, and the committed increments not yet acknowledged by the increments topic
+    # (the outbox travels in the meta, so a new owner publishes what the old one could not).
+    builder: IncrementBuilder | None = None
+    built: list[CellCounts] = field(default_factory=list)
+    outbox: list[dict[str, Any]] = field(default_factory=list)
+    lag_seen: list[bool] = field(default_factory=lambda: [False, False])
+    announced: bool | None = None  # the caught_up of the last message (None: none since loading)
+
+    @property
+    def caught_up(self) -> bool:
+        """Both input partitions read to their end, as far as the run loop last measured."""
+        return all(self.lag_seen) and not any(self.behind)
 
     def meta(self) -> dict[str, Any]:
         return {
@@ -132,6 +147,7 @@ class Shard:
             "epoch": self.epoch,
             "seq": self.seq,
             "dead_letters": self.dead_letters,
+            "outbox": self.outbox,
         }
 
     def load_meta(self, m: dict[str, Any]) -> None:
@@ -148,6 +164,7 @@ class Shard:
         dl = m.get("dead_letters") or {}
         self.dead_letters = {k: [int(x) for x in dl.get(k, [0, 0])] for k in ("sent", "errors")}
         self.changelog_next = m.get("changelog_next")
+        self.outbox = list(m.get("outbox") or [])
 
 
 @dataclass(frozen=True)
@@ -282,8 +299,16 @@ class Checkpoint:
 class Tracker:
     """The pure core's entry point: bytes in, checkpoints and snapshots out."""
 
-    def __init__(self, config: Config, backend: Any, feedback: Feedback | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        backend: Any,
+        feedback: Feedback | None = None,
+        verdict: VerdictSettings | None = None,
+    ) -> None:
         self.config = config
+        # with settings, every shard counts the model-wide verdict's increments (stream_fair.leader)
+        self.verdict = verdict
         fc = config.fairness
         self.features: list[FeatureKey] = feature_keys([f.name for f in fc.features], fc.intersections)
         self.decoder = Decoder(config)
@@ -315,6 +340,7 @@ class Tracker:
 
     def _new_shard(self, index: int) -> Shard:
         j = self.config.join
+        v = self.verdict
         return Shard(
             index,
             Join(
@@ -327,6 +353,7 @@ class Tracker:
                 intersection_limit=self.config.fairness.intersection_cardinality_limit,
                 model_limit=self.config.fairness.model_limit,
             ),
+            builder=None if v is None else IncrementBuilder(v.period, v.slot, v.bins),
         )
 
     def stored_meta(self, index: int) -> dict[str, Any] | None:
@@ -381,6 +408,8 @@ class Tracker:
             counts.add_prediction(ci, predicted, ts)
             if self.feedback is not None:
                 self.feedback.on_prediction(model, cell, predicted, ts)
+            if s.builder is not None:
+                s.builder.add_prediction(model, cell, predicted, ts)
             if fate == JOINED:
                 self._joined(s, p, outcome.ts, outcome.label)  # type: ignore[union-attr]
         self._advance(s, _P, t)  # type: ignore[arg-type]
@@ -421,9 +450,12 @@ class Tracker:
         s.fates[_P][JOINED] += 1
         s.fates[_O][JOINED] += 1
         s.counts.add_joined(p.cell, label, p.predicted, p.ts)
-        if self.feedback is not None:
+        if self.feedback is not None or s.builder is not None:
             model, cell = s.counts.keys[p.cell]
-            self.feedback.on_joined(model, cell, p.predicted, label, p.ts, outcome_ts, p.score)
+            if self.feedback is not None:
+                self.feedback.on_joined(model, cell, p.predicted, label, p.ts, outcome_ts, p.score)
+            if s.builder is not None:
+                s.builder.add_labelled(model, cell, p.predicted, label, p.ts, outcome_ts, p.score)
 
     def _advance(self, s: Shard, topic: int, ts: float) -> None:
         last = s.last_ts[topic]
@@ -463,9 +495,16 @@ class Tracker:
     def set_behind(self, shard: int, topic: int, behind: bool) -> None:
         """Tell the core whether a partition has unread records (0 = predictions, 1 = outcomes)."""
         s = self.shards.get(shard)
-        if s is None or s.behind[topic] == behind:
+        if s is None:
+            return
+        s.lag_seen[topic] = True
+        if s.builder is not None and s.caught_up != s.announced:
+            s.changed = True  # the model-wide fold hears when a partition is caught up or not
+        if s.behind[topic] == behind:
             return
         s.behind[topic] = behind
+        if s.builder is not None and s.caught_up != s.announced:
+            s.changed = True
         if not behind and any(t is not None for t in s.last_ts):
             s.changed = True
             self._move_watermark(s)  # a caught-up topic no longer holds event time back
@@ -502,9 +541,32 @@ class Tracker:
             increment = self._increment(s)
             meta = s.meta()
             meta["seq"] = s.seq + 1
+            if s.builder is not None:
+                meta["outbox"] = self._outbox(s, meta["seq"])
             meta["wall"] = time.time()
             out.shards.append(ShardCheckpoint(i, store, changelog, meta, increment))
         return out
+
+    def _outbox(self, s: Shard, seq: int) -> list[dict[str, Any]]:
+        """The outbox with this checkpoint's verdict increment (see :mod:`stream_fair.leader`).
+
+        Rows built by a checkpoint that then failed stay in ``built`` and go with the next one.
+        """
+        assert s.builder is not None
+        if len(s.builder):
+            s.built.extend(s.builder.build("", None).counts)
+        if not s.built and s.offsets == s.committed_offsets and s.caught_up == s.announced:
+            return list(s.outbox)
+        wm = s.join.watermark
+        message = {
+            "partition": s.index,
+            "seq": seq,
+            "epoch": s.epoch,
+            "watermark": None if wm == float("-inf") else wm,
+            "caught_up": s.caught_up,
+            "rows": [c.to_json() for c in s.built],
+        }
+        return [*s.outbox, message]
 
     def _increment(self, s: Shard) -> dict[str, Any] | None:
         rows = s.counts.increments  # cleared by commit(): a failed checkpoint is simply retried
@@ -543,6 +605,11 @@ class Tracker:
         for sc in checkpoint.shards:
             s = self.shards[sc.partition]
             s.seq = sc.meta["seq"]
+            if "outbox" in sc.meta:
+                if sc.meta["outbox"] and sc.meta["outbox"][-1]["seq"] == sc.meta["seq"]:
+                    s.announced = sc.meta["outbox"][-1]["caught_up"]
+                s.outbox = sc.meta["outbox"]
+                s.built = []
             if changelog_next is not None and sc.partition in changelog_next:
                 s.changelog_next = changelog_next[sc.partition]
             local = dict(sc.meta)

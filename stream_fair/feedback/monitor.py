@@ -260,6 +260,9 @@ class FeedbackMonitor:
         self._builder = IncrementBuilder(verdict.period, verdict.slot, verdict.bins)
         self.verdict = VerdictEngine(self.features, verdict)
         self._logged = 0  # sequence number of the last alarm event logged
+        # False when the alarm is the model-wide one (stream_fair.leader): the run loop then sets
+        # ``verdict`` to the leader's engine (or an empty one) and the hooks do not count for it
+        self.local_verdict = True
 
     def __repr__(self) -> str:
         return f"FeedbackMonitor(cells={len(self._rows)}, periods_closed={self.periods_closed})"
@@ -276,7 +279,8 @@ class FeedbackMonitor:
         if predicted:
             row[_POS] += 1
             row[_PPOS] += 1
-        self._builder.add_prediction(model, cell, predicted, ts)
+        if self.local_verdict:
+            self._builder.add_prediction(model, cell, predicted, ts)
         if ts > self._watermark:
             self._watermark = ts
         self._ticks += 1
@@ -302,7 +306,8 @@ class FeedbackMonitor:
         row[_TP + q] += 1
         row[_PTP + q] += 1
         self._delays[key].append(outcome_ts - prediction_ts)
-        self._builder.add_labelled(model, cell, predicted, label, prediction_ts, outcome_ts, score)
+        if self.local_verdict:
+            self._builder.add_labelled(model, cell, predicted, label, prediction_ts, outcome_ts, score)
         if outcome_ts > self._watermark:
             self._watermark = outcome_ts
         self._ticks += 1
@@ -402,6 +407,8 @@ class FeedbackMonitor:
             for name, rate in zip(DISPARITY_SIGNALS, ("selection_rate", "true_positive_rate"), strict=False):
                 cum = {g: r[rate] for g, r in ratios.items()}
                 self._feed_disparity((model, fname, name), cum, ts)
+        if not self.local_verdict:
+            return
         if len(self._builder):
             watermark = None if self._watermark == -math.inf else self._watermark
             self.verdict.update(self._builder.build("local", watermark))
@@ -546,8 +553,7 @@ class FeedbackMonitor:
             "detectors": [[*k, d.to_state()] for k, d in self._detectors.items()],
             "disp_detectors": [[*k, d.to_state()] for k, d in self._disp_detectors.items()],
             "disp_base": [[*k, _enc_counts(v)] for k, v in self._disp_base.items()],
-            "verdict": self.verdict.to_state(),
-            "logged": self._logged,
+            **({"verdict": self.verdict.to_state(), "logged": self._logged} if self.local_verdict else {}),
         }
 
     @classmethod

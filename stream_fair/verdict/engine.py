@@ -144,6 +144,11 @@ class VerdictEngine:
             self._done = slot
 
     @property
+    def sources(self) -> dict[str, float]:
+        """Each source's watermark (a copy)."""
+        return dict(self._sources)
+
+    @property
     def watermark(self) -> float | None:
         """The smallest source watermark: slots ending before it have been evaluated."""
         return min(self._sources.values()) if self._sources else None

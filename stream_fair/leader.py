@@ -1,0 +1,214 @@
+"""One model-wide verdict from N replicas: partition owners publish increments, the leader folds them.
+
+Each replica counts, per owned input partition, the verdict engine's input (predictions and
+labelled pairs by prediction-time cohort and arrival slot, :mod:`stream_fair.verdict.increments`).
+A checkpoint puts that partition's new counts in its *outbox*, which travels in the partition's
+meta (so in the changelog and the local store, committed with the counts); once committed, the
+outbox is published to the increments topic (``<group>-stream-fair-increments``, one partition)
+and emptied when the broker acknowledges it. A new owner publishes the outbox it restored, so a
+crash between the commit and the acknowledgement loses nothing; the leader applies each
+``(partition, seq)`` once (:class:`~stream_fair.verdict.fold.ModelWide`).
+
+The **leader** is the replica that owns partition 0 of ``<group>-stream-fair-leader``: the topic
+is part of the group's subscription, so Kafka's own group assignment elects it (no other
+coordination service). Its consumer never reads that partition; the topic is the compacted
+changelog of the leader's state instead. On election the new leader reads the topic, keeps the
+state of the highest epoch, writes it back with epoch + 1 (its claim) and reads the increments
+topic from the offset that state recorded; every ``state.checkpoint_interval`` (at least 5 s) it
+writes the fold (engine, applied sequences, offset) again. A leader that dies is replaced with its
+detectors' state as of its last checkpoint; the increments since are folded again in the same
+order, so the same alarms are raised, once (``docs/feedback.md``, "One verdict per model").
+
+Only the leader exports the model-wide alarm (``stream_fair_disparity_alarm`` and friends) and
+``stream_fair_leader 1``; the alert rules take the maximum over replicas.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from stream_fair.config import Config
+from stream_fair.groups import FeatureKey
+from stream_fair.kafka_io import (
+    EPOCH_HEADER,
+    ChangelogReader,
+    ChangelogWriter,
+    client_options,
+    increments_topic,
+    leader_topic,
+)
+from stream_fair.verdict.fold import ModelWide
+from stream_fair.verdict.settings import VerdictSettings
+
+log = logging.getLogger("stream_fair")
+
+STATE_KEY = b"model-wide/"  # + epoch: compaction keeps one record per epoch, never a zombie's over ours
+MIN_CHECKPOINT_INTERVAL = 5.0
+
+
+class IncrementPublisher:
+    """Publishes committed outboxes to the increments topic (acks=all, in order)."""
+
+    def __init__(self, config: Config) -> None:
+        self.topic = increments_topic(config)
+        self.timeout = config.kafka.request_timeout_ms / 1000
+        self._producer = KafkaProducer(
+            acks="all",
+            linger_ms=5,
+            max_in_flight_requests_per_connection=1,
+            max_request_size=8 << 20,
+            **client_options(config.kafka),
+        )
+        self.sent = 0
+        self.errors = 0
+
+    def publish(self, messages: Sequence[dict[str, Any]]) -> bool:
+        """Send and wait for the acknowledgements; False (and nothing forgotten) on any failure."""
+        try:
+            futures = [
+                self._producer.send(
+                    self.topic,
+                    key=str(m["partition"]).encode(),
+                    value=json.dumps(m, separators=(",", ":")).encode(),
+                    partition=0,
+                )
+                for m in messages
+            ]
+            self._producer.flush(timeout=self.timeout)
+            for f in futures:
+                f.get(timeout=self.timeout)
+        except Exception as exc:  # the outbox stays; the next checkpoint publishes it again
+            self.errors += 1
+            log.warning("increments not published (kept in the outbox, retried): %s", exc)
+            return False
+        self.sent += len(messages)
+        return True
+
+    def close(self) -> None:
+        self._producer.close(timeout=5)
+
+
+class Leader:
+    """The model-wide fold while this replica owns the leader topic's partition (module docstring)."""
+
+    def __init__(
+        self, config: Config, features: Sequence[FeatureKey], settings: VerdictSettings, partitions: int
+    ) -> None:
+        self.config = config
+        self.partitions = partitions
+        self.features = list(features)
+        self.settings = settings
+        self.fold = ModelWide(self.features, settings)
+        self.epoch = 0
+        self.interval = max(MIN_CHECKPOINT_INTERVAL, config.state.checkpoint_interval)
+        self._tp = TopicPartition(increments_topic(config), 0)
+        self._consumer: KafkaConsumer | None = None
+        self._writer: ChangelogWriter | None = None
+        self._dirty = False
+        self._last = 0.0
+        self.applied = 0
+
+    def __repr__(self) -> str:
+        return f"Leader(epoch={self.epoch}, fold={self.fold!r})"
+
+    # -- election ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Restore the state of the highest epoch, claim it (epoch + 1), position the reader."""
+        reader = ChangelogReader(self.config, topic=leader_topic(self.config))
+        best: tuple[int, int] | None = None
+        state = None
+        try:
+            reader.start({0: reader.beginning_offset(0)})
+            while not reader.done(0):
+                for _p, offset, key, value, epoch in reader.poll(200):
+                    mine = key is not None and key.startswith(STATE_KEY)
+                    if mine and value is not None and (best is None or (epoch, offset) > best):
+                        best, state = (epoch, offset), value
+        finally:
+            reader.close()
+        if state is not None:
+            doc = json.loads(state)
+            self.fold = ModelWide.from_state(doc["fold"], self.features, self.settings)
+            self.epoch = int(doc["epoch"])
+        self.epoch += 1
+        self.fold.expect(self.partitions)
+        self._consumer = KafkaConsumer(enable_auto_commit=False, **client_options(self.config.kafka))
+        self._consumer.assign([self._tp])
+        if self.fold.offset is None:
+            self._consumer.seek_to_beginning(self._tp)
+        else:
+            self._consumer.seek(self._tp, self.fold.offset)
+        self._writer = ChangelogWriter(self.config, topic=leader_topic(self.config))
+        self.checkpoint(force=True)  # the claim: a zombie's later writes carry a lower epoch
+        log.info(
+            "model-wide verdict: this replica leads (epoch %d, %d partitions folded, increments from offset %s)",
+            self.epoch, len(self.fold.applied), self.fold.offset,
+        )  # fmt: skip
+
+    # -- the loop ------------------------------------------------------------------------------
+    def step(self, max_records: int = 2000) -> int:
+        """Fold the increments published since the last step; returns how many were applied."""
+        assert self._consumer is not None
+        n = 0
+        for records in self._consumer.poll(timeout_ms=0, max_records=max_records).values():
+            for r in records:
+                try:
+                    message = json.loads(r.value)
+                    if self.fold.update(message):
+                        n += 1
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.error("increment at offset %d skipped (unreadable): %s", r.offset, exc)
+                self.fold.offset = r.offset + 1
+                self._dirty = True
+        for event in self.fold.new_events():
+            log.warning("%s", event.message())
+        self.applied += n
+        return n
+
+    def maybe_checkpoint(self, now: float) -> None:
+        if self._dirty and now - self._last >= self.interval:
+            self.checkpoint()
+
+    def checkpoint(self, force: bool = False) -> bool:
+        """Write the fold to the leader topic; a failure keeps the previous checkpoint valid."""
+        if self._writer is None or not (self._dirty or force):
+            return True
+        value = json.dumps({"epoch": self.epoch, "fold": self.fold.to_state()}, separators=(",", ":"))
+        try:
+            key = STATE_KEY + str(self.epoch).encode()
+            future = self._writer.send_meta(0, key, value.encode(), self.epoch)
+            self._writer.flush()
+            self._writer.offset(future)
+        except Exception as exc:
+            log.error("model-wide checkpoint failed (retried): %s", exc)
+            return False
+        self._dirty = False
+        self._last = time.monotonic()
+        return True
+
+    def lag(self) -> int | None:
+        """Increments published but not folded yet."""
+        if self._consumer is None:
+            return None
+        end = self._consumer.end_offsets([self._tp])[self._tp]
+        return max(0, int(end) - int(self._consumer.position(self._tp)))
+
+    def stop(self) -> None:
+        """Leadership moved away (or shutdown): checkpoint, close the clients."""
+        self.checkpoint()
+        for c in (self._consumer, self._writer):
+            if c is not None:
+                try:
+                    c.close() if isinstance(c, ChangelogWriter) else c.close(autocommit=False)
+                except Exception:
+                    pass
+        self._consumer = self._writer = None
+
+
+__all__ = ["EPOCH_HEADER", "IncrementPublisher", "Leader", "STATE_KEY"]

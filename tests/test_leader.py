@@ -1,0 +1,144 @@
+"""One model-wide verdict from several ``stream-fair run`` replicas on the real broker.
+
+The same stream (group E's true-positive rate drops by 0.3 at 30 % of it) is read by three
+replicas in one group, and again by a single replica in another group. The three replicas' leader
+(the owner of the leader topic's partition) must raise the same alarms as the single replica,
+from the model's whole stream; killing the leader once the alarm is raised must neither clear it
+nor raise it a second time (the next leader continues from the fold's checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stream_fair.dev import simulate
+from stream_fair.dev.broker import create_topics, produce_events
+from tests.helpers import detector_config, stop_process, wait_for, write_config
+from tests.test_replicas import Producer, Replica
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS = 6
+SLOT = 10.0
+GROUP = {"session_timeout_ms": 3000, "heartbeat_interval_ms": 1000, "max_poll_interval_ms": 6000}
+
+
+def events(n: int) -> list[tuple[str, Any]]:
+    scenario = simulate.SCENARIOS["bias_onset"](tpr_drop=0.3, label_delay_mean_s=30.0, onset_fraction=0.3)
+    return list(simulate.generate(scenario, n, seed=3, rate_per_s=200.0))
+
+
+def config(bootstrap: str, topics: Any, group_id: str, tmp_path: Path) -> Path:
+    cfg = detector_config(
+        bootstrap,
+        topics,
+        group_id,
+        tmp_path / "unused",
+        kafka=GROUP,
+        fairness={"features": ["group"], "intersections": []},
+        feedback={"cohort_period": "60s", "alarm_slot": f"{SLOT:g}s"},
+        state={"checkpoint_interval": "500ms"},
+        log_level="INFO",
+    )
+    return write_config(tmp_path / f"{group_id}.yaml", cfg)
+
+
+def alarms(r: Replica) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{r.port}/alarms", timeout=5) as resp:
+        return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
+def raised(doc: dict[str, Any]) -> dict[tuple[str, str, str], float]:
+    """``(feature, disparity, group) -> raise time`` of the alarm_raised events."""
+    out: dict[tuple[str, str, str], float] = {}
+    for e in doc["events"]:
+        if e["kind"] == "alarm_raised":
+            key = (e["feature"], e["disparity"], e["group"])
+            assert key not in out, f"{key} raised twice: {doc['events']}"
+            out[key] = e["ts"]
+    return out
+
+
+def leaders(replicas: list[Replica]) -> list[Replica]:
+    out = []
+    for r in replicas:
+        if r.scrape().get("stream_fair_leader") == 1.0:
+            out.append(r)
+    return out
+
+
+def consumed(replicas: list[Replica]) -> float:
+    return sum(r.scrape().get("stream_fair_events_consumed_total") or 0.0 for r in replicas)
+
+
+def test_three_replicas_page_like_one_and_a_dead_leader_neither_clears_nor_raises_twice(
+    kafka_bootstrap: str, topic_names: Any, group_id: str, tmp_path: Path
+) -> None:
+    evs = events(30_000)
+    total = len(evs)
+    create_topics(kafka_bootstrap, [topic_names.predictions, topic_names.outcomes], partitions=PARTITIONS)
+    create_topics(kafka_bootstrap, [topic_names.dead_letters], partitions=1)
+    three = config(kafka_bootstrap, topic_names, group_id + "-three", tmp_path)
+    live: list[Replica] = []
+    producer = Producer(kafka_bootstrap, topic_names, evs, per_second=1200)
+    try:
+        live = [Replica(three, name, tmp_path / name) for name in ("a", "b", "c")]
+        wait_for(lambda: len(leaders(live)) == 1, 60, "one leader among the three replicas", interval=0.5)
+        producer.start()
+        first = wait_for(
+            lambda: next((r for r in leaders(live) if raised(alarms(r))), None),
+            180,
+            "the model-wide alarm raised by the leader",
+            interval=0.5,
+        )
+        before = raised(alarms(first))
+        assert ("group", "equal_opportunity_difference", "E") in before
+        assert all(not raised(alarms(r)) for r in live if r is not first), "only the leader pages"
+        live.remove(first)
+        first.kill()  # mid-stream: the producer is still sending
+        assert producer.is_alive(), "the leader was killed after the stream ended"
+        nxt = wait_for(lambda: next(iter(leaders(live)), None), 60, "a new leader", interval=0.5)
+        producer.join(timeout=120)
+        assert producer.error is None, producer.error
+        wait_for(lambda: consumed(live) >= total, 120, f"{total} records consumed", interval=0.5)
+
+        def final() -> dict[str, Any] | None:
+            doc = alarms(nxt)
+            return doc if raised(doc).keys() >= before.keys() else None
+
+        doc = wait_for(final, 60, "the new leader's alarms", interval=0.5)
+        after = raised(doc)
+        assert [e for e in doc["events"] if e["kind"] == "alarm_cleared"] == [], "cleared by the failover"
+        for key, ts in before.items():
+            assert after[key] == ts, f"{key}: raised again at {after[key]} after {ts}"
+        now = {(a["feature"], a["disparity"], a["group"]) for a in doc["alarms"] if a["raised"]}
+        assert now >= before.keys()
+        for r in live:
+            stop_process(r.proc)
+        live = []
+
+        # the same stream through one replica (its own group, state and internal topics)
+        one = Replica(
+            config(kafka_bootstrap, topic_names, group_id + "-one", tmp_path), "one", tmp_path / "one"
+        )
+        live = [one]
+        wait_for(
+            lambda: consumed(live) >= total, 120, f"{total} records consumed by one replica", interval=0.5
+        )
+        single = wait_for(
+            lambda: raised(alarms(one)) if raised(alarms(one)).keys() >= after.keys() else None,
+            60,
+            "the single replica's alarms",
+            interval=0.5,
+        )
+        assert single.keys() == after.keys(), (single, after)
+        for key, ts in single.items():
+            assert abs(ts - after[key]) <= 2 * SLOT, f"{key}: one replica at {ts}, three at {after[key]}"
+    finally:
+        for r in live:
+            stop_process(r.proc)
