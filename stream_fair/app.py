@@ -220,11 +220,22 @@ class Detector:
         if fb is not None:
             for (model, feature), ff in sorted(fb.features.items()):
                 for disparity, a in sorted(ff.alarms.items()):
-                    alarms.append({"model": model, "feature": feature, "disparity": disparity,
-                                   "raised": a.flagged, "raised_total": a.raised_total,
-                                   "last_raised_ts": a.last_raised_ts, "raised_by": a.reason,
-                                   "group": a.group, "rate": a.rate, "statistic": a.statistic,
-                                   "threshold": a.threshold, "change_point_ts": a.change_point_ts})  # fmt: skip
+                    alarms.append(
+                        {
+                            "model": model,
+                            "feature": feature,
+                            "disparity": disparity,
+                            "raised": a.flagged,
+                            "raised_total": a.raised_total,
+                            "last_raised_ts": a.last_raised_ts,
+                            "raised_by": a.reason,
+                            "group": a.group,
+                            "rate": a.rate,
+                            "statistic": a.statistic,
+                            "threshold": a.threshold,
+                            "change_point_ts": a.change_point_ts,
+                        }
+                    )
         events = [e.to_json() for e in fb.alarm_events] if fb is not None else []
         return {"leader": stats.leader, "alarms": alarms, "events": events}
 

@@ -5,8 +5,8 @@ Prometheus "writing exporters" pattern): no shared gauges mutated per event, no 
 no torn reads. ``collect()`` never raises: a failure is logged, counted in
 ``stream_fair_errors_total{kind="snapshot"}`` and the scrape still answers.
 
-Endpoints: ``/metrics``, ``/`` (status page), ``/alarms`` (the alarms and their event log, JSON), ``/healthz`` (the run loop is alive), ``/readyz``
-(partitions assigned and state loaded).
+Endpoints: ``/metrics``, ``/`` (status page), ``/alarms`` (alarms and their event log, JSON),
+``/healthz`` (the run loop is alive), ``/readyz`` (partitions assigned and state loaded).
 """
 
 from __future__ import annotations

@@ -493,7 +493,11 @@ def leader_topic(config: Config) -> str:
     return f"{config.kafka.group_id}-stream-fair-leader"
 
 
-INCREMENTS_CONFIGS = {"cleanup.policy": "delete", "retention.ms": str(7 * 86_400_000), "max.message.bytes": str(8 << 20)}
+INCREMENTS_CONFIGS = {
+    "cleanup.policy": "delete",
+    "retention.ms": str(7 * 86_400_000),
+    "max.message.bytes": str(8 << 20),
+}
 
 
 def ensure_internal_topics(consumer: KafkaConsumer, config: Config) -> None:
@@ -520,12 +524,10 @@ def ensure_internal_topics(consumer: KafkaConsumer, config: Config) -> None:
     admin = KafkaAdminClient(**client_options(config.kafka))
     try:
         for name, configs in missing.items():
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):
                 admin.create_topics(
                     [NewTopic(name, 1, config.state.changelog_replication, topic_configs=configs)]
                 )
-            except TopicAlreadyExistsError:
-                pass
     except KafkaError as exc:
         raise BrokerError(
             f"kafka error: cannot create the internal topics {sorted(missing)} ({type(exc).__name__}): "

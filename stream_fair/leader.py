@@ -25,6 +25,7 @@ Only the leader exports the model-wide alarm (``stream_fair_disparity_alarm`` an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -147,7 +148,7 @@ class Leader:
         self._writer = ChangelogWriter(self.config, topic=leader_topic(self.config))
         self.checkpoint(force=True)  # the claim: a zombie's later writes carry a lower epoch
         log.info(
-            "model-wide verdict: this replica leads (epoch %d, %d partitions folded, increments from offset %s)",
+            "model-wide verdict: this replica leads (epoch %d, %d partitions folded, increments from %s)",
             self.epoch, len(self.fold.applied), self.fold.offset,
         )  # fmt: skip
 
@@ -204,10 +205,8 @@ class Leader:
         self.checkpoint()
         for c in (self._consumer, self._writer):
             if c is not None:
-                try:
+                with contextlib.suppress(Exception):
                     c.close() if isinstance(c, ChangelogWriter) else c.close(autocommit=False)
-                except Exception:
-                    pass
         self._consumer = self._writer = None
 
 

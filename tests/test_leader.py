@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from stream_fair.dev import simulate
-from stream_fair.dev.broker import create_topics, produce_events
+from stream_fair.dev.broker import create_topics
 from tests.helpers import detector_config, stop_process, wait_for, write_config
 from tests.test_replicas import Producer, Replica
 

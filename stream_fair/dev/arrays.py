@@ -155,5 +155,3 @@ def increments(
                 )
             )
         yield Increment(source, (int(u_slot[lo]) + 1) * s.slot, tuple(batch))
-
-
