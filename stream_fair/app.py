@@ -182,7 +182,7 @@ class Detector:
 
     def _use_engine(self) -> None:
         """In model-wide mode the exported alarm is the leader's engine (none elsewhere)."""
-        fb = self.feedback
+        fb: Any = self.feedback
         if not self.model_wide or fb is None or not hasattr(fb, "local_verdict"):
             return
         from stream_fair.verdict import VerdictEngine
