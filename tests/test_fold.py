@@ -1,4 +1,4 @@
-"""The model-wide fold: each partition's increment applied once, all partitions awaited, idle ones released."""
+"""The model-wide fold: each increment applied once, every partition awaited, idle ones released."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ SETTINGS = VerdictSettings(period=60.0, slot=10.0)
 
 def stream_messages(partitions: int) -> tuple[list[dict], VerdictEngine]:
     """The same stream as one engine source, and split round-robin into partition messages."""
-    stream = draw(SCENARIOS["bias_onset"](tpr_drop=0.3, label_delay_mean_s=30.0, onset_fraction=0.3), 30_000, seed=3,
-                  rate_per_s=200.0)  # fmt: skip
+    scenario = SCENARIOS["bias_onset"](tpr_drop=0.3, label_delay_mean_s=30.0, onset_fraction=0.3)
+    stream = draw(scenario, 30_000, seed=3, rate_per_s=200.0)
     whole = VerdictEngine(KEYS, SETTINGS)
     messages: list[dict] = []
     seq = [0] * partitions
