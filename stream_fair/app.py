@@ -20,6 +20,7 @@ import signal
 import struct
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 from stream_fair.aggregate import ModelCounts
@@ -197,7 +198,15 @@ class Detector:
     def _publish(self) -> None:
         """Make the committed state the one scrapes see (call with the lock held, or before threads)."""
         assert self.tracker is not None
-        self._snapshot = self.tracker.snapshot(self.windows.window_quads(self._window_labels))
+        snap = self.tracker.snapshot(self.windows.window_quads(self._window_labels))
+        if self.model_wide and snap.feedback is not None and hasattr(snap.feedback, "features"):
+            # the loop test is the leader's, from every partition (none on the other replicas)
+            loops = self.leader.fold.loop_estimates() if self.leader is not None else {}
+            features = {
+                mf: replace(ff, feedback_loop=loops.get(mf)) for mf, ff in snap.feedback.features.items()
+            }
+            snap = replace(snap, feedback=replace(snap.feedback, features=features))
+        self._snapshot = snap
 
     # -- the exporter's view ----------------------------------------------------------------
     def current(self) -> tuple[Report, PipelineStats]:
@@ -330,7 +339,11 @@ class Detector:
             dead.settle(1.0)
             self._dead_letter_stats()
         else:  # resume what backpressure paused, never a partition still being restored
-            paused = [tp for tp in consumer.paused() if tp.partition not in self._to_restore]
+            paused = [
+                tp
+                for tp in consumer.paused()
+                if tp.topic in self._topics and tp.partition not in self._to_restore
+            ]  # never the leader topic's partition: it is the leader's changelog, not input
             if paused:
                 consumer.resume(*paused)
 
@@ -353,6 +366,8 @@ class Detector:
         read = self.stats.records_read
         with self.lock:
             for tp, records in batches.items():
+                if tp.topic not in self._topics:
+                    continue  # never expected: the leader topic's partition stays paused
                 role = 0 if tp.topic == predictions else 1
                 read[TOPIC_NAMES[role]] += len(records)
                 for r, rejection in tracker.process(tp.partition, role, records):
@@ -499,8 +514,13 @@ class Detector:
             from stream_fair.leader import Leader
 
             assert self.tracker is not None
-            settings = feedback_settings(self.config.feedback).verdict_settings()
-            leader = Leader(self.config, self.tracker.features, settings, self._partitions)
+            from stream_fair.verdict.fold import LoopSettings
+
+            fs = feedback_settings(self.config.feedback)
+            loop = LoopSettings(
+                fs.period, fs.loop_window, fs.min_samples, fs.loop_min_periods, fs.loop_alpha, fs.loop_horizon
+            )
+            leader = Leader(self.config, self.tracker.features, fs.verdict_settings(), self._partitions, loop)
             try:
                 leader.start()
             except Exception as exc:

@@ -44,7 +44,7 @@ from stream_fair.kafka_io import (
     increments_topic,
     leader_topic,
 )
-from stream_fair.verdict.fold import ModelWide
+from stream_fair.verdict.fold import LoopSettings, ModelWide
 from stream_fair.verdict.settings import VerdictSettings
 
 log = logging.getLogger("stream_fair")
@@ -99,13 +99,19 @@ class Leader:
     """The model-wide fold while this replica owns the leader topic's partition (module docstring)."""
 
     def __init__(
-        self, config: Config, features: Sequence[FeatureKey], settings: VerdictSettings, partitions: int
+        self,
+        config: Config,
+        features: Sequence[FeatureKey],
+        settings: VerdictSettings,
+        partitions: int,
+        loop: LoopSettings | None = None,
     ) -> None:
         self.config = config
         self.partitions = partitions
         self.features = list(features)
         self.settings = settings
-        self.fold = ModelWide(self.features, settings)
+        self.loop = loop
+        self.fold = ModelWide(self.features, settings, loop)
         self.epoch = 0
         self.interval = max(MIN_CHECKPOINT_INTERVAL, config.state.checkpoint_interval)
         self._tp = TopicPartition(increments_topic(config), 0)
@@ -135,7 +141,7 @@ class Leader:
             reader.close()
         if state is not None:
             doc = json.loads(state)
-            self.fold = ModelWide.from_state(doc["fold"], self.features, self.settings)
+            self.fold = ModelWide.from_state(doc["fold"], self.features, self.settings, self.loop)
             self.epoch = int(doc["epoch"])
         self.epoch += 1
         self.fold.expect(self.partitions)

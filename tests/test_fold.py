@@ -63,3 +63,41 @@ def test_silent_partitions_hold_the_verdict_back_until_caught_up() -> None:
     # partition 1 has no records at all and is read to its end: it follows the newest watermark
     fold.update({"partition": 1, "seq": 1, "epoch": 1, "watermark": None, "caught_up": True, "rows": []})
     assert fold.engine.watermark == 100.0
+
+
+def test_the_loop_test_runs_on_the_whole_stream_like_the_monitor() -> None:
+    """The feedback_loop scenario split over three partitions' builders, folded: the same loop
+    estimate as one monitor that saw every prediction (period 100 s, a multiple of the slot)."""
+    from stream_fair.dev.simulate import generate
+    from stream_fair.feedback import FeedbackMonitor, FeedbackSettings
+    from stream_fair.verdict import IncrementBuilder
+    from stream_fair.verdict.fold import LoopSettings
+
+    settings = VerdictSettings(period=100.0, slot=20.0)
+    fs = FeedbackSettings(period=100.0)
+    monitor = FeedbackMonitor(KEYS, fs)
+    loop = LoopSettings(100.0, fs.loop_window, fs.min_samples, fs.loop_min_periods, fs.loop_alpha)
+    fold = ModelWide(KEYS, settings, loop)
+    fold.expect(3)
+    builders = [IncrementBuilder(settings.period, settings.slot, settings.bins) for _ in range(3)]
+    seq = [0, 0, 0]
+    wm = [0.0, 0.0, 0.0]
+    for i, (kind, ev) in enumerate(generate(SCENARIOS["feedback_loop"](), 120_000, seed=1)):
+        if kind != "prediction":
+            continue
+        p = i % 3
+        cell = (str(ev["attributes"]["group"]),)
+        monitor.on_prediction("m", cell, int(ev["prediction"]), float(ev["ts"]))
+        builders[p].add_prediction("m", cell, int(ev["prediction"]), float(ev["ts"]))
+        wm[p] = float(ev["ts"])
+        if i % 500 == 0:
+            for q in range(3):
+                seq[q] += 1
+                rows = [c.to_json() for c in builders[q].build("", None).counts]
+                fold.update({"partition": q, "seq": seq[q], "epoch": 1, "watermark": wm[q], "rows": rows})
+    got = fold.loop_estimates()[("m", "group")]
+    want = monitor.snapshot().features[("m", "group")].feedback_loop
+    assert got is not None and want is not None
+    assert got.amplifying and want.amplifying and got.group == want.group == "D"
+    assert got.pairs == want.pairs and got.statistic == want.statistic
+    assert abs(got.value - want.value) < 1e-12

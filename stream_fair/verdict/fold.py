@@ -9,6 +9,11 @@ sequence. A message is applied only if its ``seq`` is above the last applied one
 so the re-publication of an outbox after a crash or a move is a no-op; ``seq`` may skip numbers
 (checkpoints with nothing to say publish nothing).
 
+The fold also runs the **feedback-loop test** (:mod:`stream_fair.feedback.loop`) on the model's
+whole stream: prediction rows are counted per ``loop.period`` (by their slot's start, exact when
+the period is a multiple of the slot, as the defaults are) and a period is closed once the
+engine's watermark has passed its end.
+
 Each partition is one engine *source*: the engine evaluates a slot once every source's watermark
 has passed it. A partition whose input is read to its end (``caught_up``) will next see records of
 the present, so it does not hold the model back: its watermark follows the newest of all sources.
@@ -27,16 +32,19 @@ the present, so it does not hold the model back: its watermark follows the newes
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from stream_fair.groups import FeatureKey
+from stream_fair.feedback.loop import LoopEstimate, loop_indicator
+from stream_fair.groups import Cell, FeatureKey
 from stream_fair.verdict.engine import VerdictEngine
 from stream_fair.verdict.increments import CellCounts, Increment
 from stream_fair.verdict.records import AlarmEvent
 from stream_fair.verdict.settings import VerdictSettings
 
-__all__ = ["ModelWide", "source_of"]
+__all__ = ["LoopSettings", "ModelWide", "source_of"]
 
 STATE_VERSION = 1
 
@@ -49,9 +57,16 @@ def source_of(partition: int) -> str:
 class ModelWide:
     """One verdict engine over the increments of every partition (module docstring)."""
 
-    def __init__(self, features: Sequence[FeatureKey], settings: VerdictSettings) -> None:
+    def __init__(
+        self, features: Sequence[FeatureKey], settings: VerdictSettings, loop: LoopSettings | None = None
+    ) -> None:
         self.features = list(features)
+        self.loop = loop
         self.engine = VerdictEngine(self.features, settings)
+        # the loop test's input: open periods' prediction counts, closed periods per (model, feature)
+        self._open: dict[int, dict[tuple[str, Cell], list[int]]] = {}
+        self._history: dict[tuple[str, str], deque[dict[str, tuple[int, int]]]] = {}
+        self._closed: int | None = None
         self.applied: dict[int, int] = {}
         self.caught_up: dict[int, bool] = {}
         self.offset: int | None = None  # next increments-topic offset to read
@@ -73,7 +88,54 @@ class ModelWide:
         rows = tuple(CellCounts.from_json(r) for r in message.get("rows", ()))
         self.engine.update(Increment(source_of(p), None if wm is None else float(wm), rows))
         self._release_caught_up()
+        if self.loop is not None:
+            self._count_periods(rows)
+            self._close_periods()
         return True
+
+    # -- the feedback-loop test ----------------------------------------------------------------
+    def _count_periods(self, rows: Sequence[CellCounts]) -> None:
+        assert self.loop is not None
+        slot, period = self.engine.settings.slot, self.loop.period
+        for c in rows:
+            n0, n1 = c.predictions
+            if not n0 and not n1:
+                continue
+            k = math.floor(c.slot * slot / period)
+            if self._closed is not None and k <= self._closed:
+                k = self._closed + 1  # late rows count in the oldest open period
+            acc = self._open.setdefault(k, {}).setdefault((c.model, c.cell), [0, 0])
+            acc[0] += n0 + n1
+            acc[1] += n1
+
+    def _close_periods(self) -> None:
+        assert self.loop is not None
+        wm = self.engine.watermark
+        if wm is None or math.isinf(wm):
+            return
+        for k in sorted(k for k in self._open if (k + 1) * self.loop.period <= wm):
+            per: dict[tuple[str, str], dict[str, tuple[int, int]]] = {}
+            for (model, cell), (n, pos) in self._open.pop(k).items():
+                for f in self.features:
+                    g = f.group(cell)
+                    by = per.setdefault((model, f.name), {})
+                    old = by.get(g, (0, 0))
+                    by[g] = (old[0] + n, old[1] + pos)
+            for mf, counts in per.items():
+                hist = self._history.setdefault(mf, deque(maxlen=self.loop.window + 1))
+                hist.append(counts)
+            self._closed = k
+
+    def loop_estimates(self) -> dict[tuple[str, str], LoopEstimate | None]:
+        """The feedback-loop test of every (model, feature) over the model's closed periods."""
+        if self.loop is None:
+            return {}
+        lp = self.loop
+        alpha = lp.alpha / max(1, len(self.features))  # Bonferroni over the feature keys
+        return {
+            mf: loop_indicator(list(h), lp.min_samples, lp.min_periods, alpha, lp.horizon)
+            for mf, h in self._history.items()
+        }
 
     def expect(self, partitions: int) -> None:
         """Wait for these input partitions (``0 .. partitions - 1``) before evaluating any slot.
@@ -114,19 +176,50 @@ class ModelWide:
             "offset": self.offset,
             "duplicates": self.duplicates,
             "logged": self.logged,
+            "open": [[k, [[m, list(c), v] for (m, c), v in by.items()]] for k, by in self._open.items()],
+            "history": [
+                [m, f, [{g: list(v) for g, v in p.items()} for p in h]] for (m, f), h in self._history.items()
+            ],
+            "closed": self._closed,
         }
 
     @classmethod
     def from_state(
-        cls, state: dict[str, Any], features: Sequence[FeatureKey], settings: VerdictSettings
+        cls,
+        state: dict[str, Any],
+        features: Sequence[FeatureKey],
+        settings: VerdictSettings,
+        loop: LoopSettings | None = None,
     ) -> ModelWide:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported model-wide state version {state.get('version')!r}")
-        m = cls(features, settings)
+        m = cls(features, settings, loop)
         m.engine = VerdictEngine.from_state(state["engine"], features, settings)
         m.applied = {int(p): int(s) for p, s in state["applied"]}
         m.caught_up = {int(p): bool(u) for p, u in state["caught_up"]}
         m.offset = state["offset"]
         m.duplicates = int(state["duplicates"])
         m.logged = int(state["logged"])
+        m._open = {
+            int(k): {(mo, tuple(c)): [int(x) for x in v] for mo, c, v in by} for k, by in state["open"]
+        }
+        window = (loop.window + 1) if loop is not None else None
+        for mo, f, periods in state["history"]:
+            m._history[(mo, f)] = deque(
+                ({g: (int(v[0]), int(v[1])) for g, v in p.items()} for p in periods), maxlen=window
+            )
+        m._closed = state["closed"]
         return m
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The feedback-loop test's settings (``FeedbackSettings``: ``period``, ``loop_window``,
+    ``min_samples``, ``loop_min_periods``, ``loop_alpha`` over all feature keys, ``loop_horizon``)."""
+
+    period: float = 3600.0
+    window: int = 48
+    min_samples: int = 100
+    min_periods: int = 8
+    alpha: float = 0.01
+    horizon: int = 10_000
