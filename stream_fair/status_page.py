@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from stream_fair.exporter import PipelineStats
 from stream_fair.missing import report_missing
@@ -130,6 +131,47 @@ def _extremes(view: FeatureView) -> set[tuple[str, str]]:
     return marked
 
 
+def _alarm_log(feedback: Any, stats: PipelineStats, last: int = 20) -> list[str]:
+    """The calibrated alarm's event log (the newest first), or where to find it."""
+    e = html.escape
+    out = ["<h2>Calibrated alarm: events</h2>"]
+    if stats.leader is False:
+        out.append(
+            "<p class=muted>The model-wide alarm is computed by the leader replica "
+            "(<code>stream_fair_leader == 1</code>); its status page and <a href=/alarms>/alarms</a> "
+            "list the events.</p>"
+        )
+        return out
+    events = list(getattr(feedback, "alarm_events", ()) or ())[-last:][::-1]
+    if not events:
+        out.append("<p class=muted>No alarm raised or cleared yet. <a href=/alarms>/alarms</a> (JSON)</p>")
+        return out
+    out.append(
+        "<table><tr><th class=l>evidence time (UTC)</th><th class=l>event</th><th class=l>model</th>"
+        "<th class=l>feature</th><th class=l>disparity</th><th class=l>group</th><th class=l>rate</th>"
+        "<th>group</th><th>rest</th><th>statistic / threshold</th><th class=l>change point (UTC)</th>"
+        "<th class=l>evidence</th></tr>"
+    )
+
+    def when(ts: float | None) -> str:
+        return "–" if ts is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))
+
+    for ev in events:
+        flag = "flag" if ev.kind == "alarm_raised" else "ok"
+        evidence = ", ".join(f"{k} {v}" for k, v in sorted(ev.evidence.items()))
+        out.append(
+            f"<tr><td class=l>{when(ev.ts)}</td><td class=l><span class={flag}>{e(ev.kind)}</span></td>"
+            f"<td class=l>{e(ev.model)}</td><td class=l>{e(ev.feature)}</td>"
+            f"<td class=l>{e(ev.disparity)}</td>"
+            f"<td class=l>{e(str(ev.group))}</td><td class=l>{e(str(ev.rate))}</td>"
+            f"<td>{_fmt(ev.group_value)}</td><td>{_fmt(ev.rest_value)}</td>"
+            f"<td>{ev.statistic:.1f} / {ev.threshold:.1f}</td><td class=l>{when(ev.change_point_ts)}</td>"
+            f"<td class=l>{e(evidence)}</td></tr>"
+        )
+    out.append("</table><p class=muted>Newest first; all of them: <a href=/alarms>/alarms</a> (JSON).</p>")
+    return out
+
+
 def render(report: Report, stats: PipelineStats, history: History | None = None) -> str:
     """The whole page as one HTML string (sparklines only with a ``history``)."""
     snap, settings = report.snapshot, report.settings
@@ -166,6 +208,7 @@ def render(report: Report, stats: PipelineStats, history: History | None = None)
         "pooled), grey below min samples, red at the ends of a flagged disparity.</p>"
     )
 
+    out.extend(_alarm_log(snap.feedback, stats))
     out.append("<h2>Flagged disparities</h2>")
     if flagged:
         out.append(

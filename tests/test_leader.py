@@ -53,6 +53,11 @@ def alarms(r: Replica) -> dict[str, Any]:
         return json.loads(resp.read())  # type: ignore[no-any-return]
 
 
+def page(r: Replica) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{r.port}/", timeout=10) as resp:
+        return resp.read().decode()  # type: ignore[no-any-return]
+
+
 def raised(doc: dict[str, Any]) -> dict[tuple[str, str, str], float]:
     """``(feature, disparity, group) -> raise time`` of the alarm_raised events."""
     out: dict[tuple[str, str, str], float] = {}
@@ -118,6 +123,11 @@ def test_three_replicas_page_like_one_and_a_dead_leader_neither_clears_nor_raise
             assert after[key] == ts, f"{key}: raised again at {after[key]} after {ts}"
         now = {(a["feature"], a["disparity"], a["group"]) for a in doc["alarms"] if a["raised"]}
         assert now >= before.keys()
+        # the event log on the status pages: the leader's lists the raise, the others point to it
+        log = page(nxt).split("Calibrated alarm: events", 1)[1].split("<h2>", 1)[0]
+        assert "alarm_raised" in log and "equal_opportunity_difference" in log and ">E<" in log
+        other = next(r for r in live if r is not nxt)
+        assert "computed by the leader replica" in page(other)
         for r in live:
             stop_process(r.proc)
         live = []
