@@ -208,7 +208,6 @@ def render(report: Report, stats: PipelineStats, history: History | None = None)
         "pooled), grey below min samples, red at the ends of a flagged disparity.</p>"
     )
 
-    out.extend(_alarm_log(snap.feedback, stats))
     out.append("<h2>Flagged disparities</h2>")
     if flagged:
         out.append(
@@ -262,6 +261,7 @@ def render(report: Report, stats: PipelineStats, history: History | None = None)
             )
         out.append("</table>")
 
+    out.extend(_alarm_log(snap.feedback, stats))  # below the plots: the page's first screen stays theirs
     fates = list(next(iter(snap.fates.values()), {}))
     out.append(
         "<h2>Pipeline</h2><table><tr><th class=l>topic</th><th>consumed</th>"

@@ -59,6 +59,10 @@ def demo_config(bootstrap: str, state_dir: Path, port: int) -> Config:
             "windows": ["15m", "1h", "1d"],  # the alert rules judge the 1d window
             "window_resolution": "1m",
             "join": {"ttl": "2h"},
+            # The calibrated alarm compares prediction-time cohorts and evaluates arrival slots once
+            # every partition has passed them: hour cohorts and 10-minute slots by default. The demo
+            # runs for minutes, so it uses 1-minute cohorts and 10-second slots.
+            "feedback": {"cohort_period": "1m", "alarm_slot": "10s"},
             "state": {"path": str(state_dir / "state"), "checkpoint_interval": "2s"},
             "exporter": {"host": "127.0.0.1", "port": port},
         }
