@@ -48,6 +48,7 @@ CRASH_ENV = "STREAM_FAIR_TEST_CRASH"
 CRASH_STEPS = ("changelog_data", "changelog_meta", "local", "restore")
 
 _RESTORING = b"restoring"
+MAX_OUTBOX = 64  # unacknowledged verdict messages of all owned partitions before input pauses
 # The replica's own feedback monitor and event-time windows (until the model-wide aggregation
 # takes them over): local only.
 _FEEDBACK_KEY = prefix(0, 0xFFFE) + b"feedback"
@@ -127,6 +128,7 @@ class Detector:
         self._lead_wanted = False
         self._partitions = 0  # of each input topic
         self._leader_published = 0.0
+        self._leader_dirty = False
         registry = registry_for(self.current)
         from stream_fair.status_page import History, render
 
@@ -332,9 +334,19 @@ class Detector:
         if self.tracker is not None:
             self.stats.dead_letter_partitions = {i: dead.state(i) for i in list(self.tracker.shards)}
 
+    def _outbox_backlogged(self) -> bool:
+        """Too many committed verdict increments unacknowledged (the increments topic refuses them)."""
+        if self._publisher is None or self.tracker is None:
+            return False
+        return sum(len(s.outbox) for s in self.tracker.shards.values()) > MAX_OUTBOX
+
     def _backpressure(self, consumer: Any, dead: Any) -> None:
-        """Stop reading while too many dead letters are unsent (the broker refuses them)."""
-        if dead.backlogged:
+        """Stop reading while too many dead letters or verdict increments are unsent (the broker
+        refuses them): the backlog, and the partitions' metas that carry the outboxes, stay bounded."""
+        if self._outbox_backlogged():
+            consumer.pause(*[tp for tp in consumer.assignment() if tp.topic in self._topics])
+            self._publish_outboxes()
+        elif dead.backlogged:
             consumer.pause(*consumer.assignment())
             dead.settle(1.0)
             self._dead_letter_stats()
@@ -437,6 +449,8 @@ class Detector:
         if self._dead is not None:
             for i in saved:  # dead-letter counts travel with the shard
                 tracker.shards[i].dead_letters = self._dead.state(i)
+        if self.model_wide:
+            tracker.heartbeat()
         cp = tracker.checkpoint(saved)
         try:
             if cp.shards:
@@ -458,6 +472,7 @@ class Detector:
                 self._apply_byte_budget()
         except Exception as exc:  # nothing was committed: the next attempt writes it all again
             self._checkpoint_failed(exc)
+            self._publish_outboxes()  # what earlier checkpoints committed can still go
             return False
         self._publish_outboxes()
         self._dead_letter_stats()
@@ -504,6 +519,7 @@ class Detector:
             leader.stop()
             with self.lock:
                 self._use_engine()
+                self._publish()  # stop exporting the alarms now, not at the next checkpoint
             self.stats.leader = False
             log.info("model-wide verdict: leadership moved away")
 
@@ -535,12 +551,14 @@ class Detector:
         leader = self.leader
         if leader is None:
             return
-        if leader.step():
+        if leader.step(now):
             self.stats.increments_folded = leader.applied
-            if now - self._leader_published >= 1.0:
-                with self.lock:
-                    self._publish()
-                self._leader_published = now
+            self._leader_dirty = True
+        if self._leader_dirty and now - self._leader_published >= 1.0:
+            with self.lock:
+                self._publish()
+            self._leader_published = now
+            self._leader_dirty = False
         leader.maybe_checkpoint(now)
 
     def _save_windows(self) -> None:
@@ -624,6 +642,9 @@ class Detector:
 
     # -- rebalances -------------------------------------------------------------------------
     def _on_revoke(self, shards: set[int]) -> None:
+        assert self.tracker is not None
+        for s in shards:
+            self.tracker.unannounce(s)
         for s in shards & self._to_restore:  # restore not finished: drop it, a full one next time
             self._to_restore.discard(s)
             if s in self._restores:

@@ -136,9 +136,9 @@ def _group_families(snapshot: FeedbackSnapshot) -> Iterator[Metric]:
             if signal in g.last_drift_timestamp_seconds:
                 drift_ts.add_metric(sl, g.last_drift_timestamp_seconds[signal])
             alarm = g.change_alarms.get(signal)
-            change_total.add_metric(sl, alarm.raised_total if alarm is not None else 0)
-            if alarm is None:
+            if alarm is None:  # no detector here (e.g. not the leader replica): no counter either
                 continue
+            change_total.add_metric(sl, alarm.raised_total)
             change.add_metric(sl, 1.0 if alarm.flagged else 0.0)
             change_stat.add_metric(sl, alarm.statistic)
             change_thr.add_metric(sl, alarm.threshold)
@@ -217,9 +217,9 @@ def _feature_families(snapshot: FeedbackSnapshot) -> Iterator[Metric]:
         for name in DISPARITIES:
             dl = [*lab, name]
             a = f.alarms.get(name)
-            alarm_total.add_metric(dl, a.raised_total if a is not None else 0)
             if a is None:
                 continue
+            alarm_total.add_metric(dl, a.raised_total)
             alarm.add_metric(dl, 1.0 if a.flagged else 0.0)
             if a.last_raised_ts is not None:
                 alarm_ts.add_metric(dl, a.last_raised_ts)

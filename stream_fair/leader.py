@@ -58,7 +58,8 @@ class IncrementPublisher:
 
     def __init__(self, config: Config) -> None:
         self.topic = increments_topic(config)
-        self.timeout = config.kafka.request_timeout_ms / 1000
+        # short: the poll loop waits for it (a refused write is retried at the next checkpoint)
+        self.timeout = min(5.0, config.kafka.request_timeout_ms / 1000)
         self._producer = KafkaProducer(
             acks="all",
             linger_ms=5,
@@ -119,6 +120,7 @@ class Leader:
         self._writer: ChangelogWriter | None = None
         self._dirty = False
         self._last = 0.0
+        self._stale_keys: set[bytes] = set()
         self.applied = 0
 
     def __repr__(self) -> str:
@@ -130,49 +132,80 @@ class Leader:
         reader = ChangelogReader(self.config, topic=leader_topic(self.config))
         best: tuple[int, int] | None = None
         state = None
+        keys: set[bytes] = set()
+        deadline = time.monotonic() + self.config.kafka.max_poll_interval_ms / 2000
         try:
             reader.start({0: reader.beginning_offset(0)})
             while not reader.done(0):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("reading the leader topic took too long; retried")
                 for _p, offset, key, value, epoch in reader.poll(200):
                     mine = key is not None and key.startswith(STATE_KEY)
-                    if mine and value is not None and (best is None or (epoch, offset) > best):
-                        best, state = (epoch, offset), value
+                    if mine and value is not None:
+                        keys.add(key)
+                        if best is None or (epoch, offset) > best:
+                            best, state = (epoch, offset), value
+                    elif mine:
+                        keys.discard(key)
         finally:
             reader.close()
         if state is not None:
             doc = json.loads(state)
-            self.fold = ModelWide.from_state(doc["fold"], self.features, self.settings, self.loop)
             self.epoch = int(doc["epoch"])
+            try:
+                self.fold = ModelWide.from_state(doc["fold"], self.features, self.settings, self.loop)
+            except (ValueError, KeyError, TypeError) as exc:  # features or format changed
+                log.error(
+                    "model-wide verdict: the stored state does not fit this config (%s); starting fresh", exc
+                )
         self.epoch += 1
+        self._stale_keys = keys
         self.fold.expect(self.partitions)
-        self._consumer = KafkaConsumer(enable_auto_commit=False, **client_options(self.config.kafka))
+        self._consumer = KafkaConsumer(
+            enable_auto_commit=False, auto_offset_reset="earliest", **client_options(self.config.kafka)
+        )
         self._consumer.assign([self._tp])
         if self.fold.offset is None:
             self._consumer.seek_to_beginning(self._tp)
         else:
             self._consumer.seek(self._tp, self.fold.offset)
         self._writer = ChangelogWriter(self.config, topic=leader_topic(self.config))
-        self.checkpoint(force=True)  # the claim: a zombie's later writes carry a lower epoch
+        if not self.checkpoint(force=True):  # the claim: a zombie's later writes carry a lower epoch
+            raise RuntimeError("the claim could not be written to the leader topic")
+        self._drop_stale_keys()
         log.info(
             "model-wide verdict: this replica leads (epoch %d, %d partitions folded, increments from %s)",
             self.epoch, len(self.fold.applied), self.fold.offset,
         )  # fmt: skip
 
     # -- the loop ------------------------------------------------------------------------------
-    def step(self, max_records: int = 2000) -> int:
+    def _drop_stale_keys(self) -> None:
+        """Tombstone the states of older epochs (compaction then removes them)."""
+        assert self._writer is not None
+        mine = STATE_KEY + str(self.epoch).encode()
+        stale: list[tuple[bytes, bytes | None]] = [(k, None) for k in self._stale_keys if k != mine]
+        if stale:
+            try:
+                self._writer.send(0, stale, self.epoch)
+                self._writer.flush()
+            except Exception as exc:  # harmless: the next claim tries again
+                log.warning("model-wide verdict: old states not removed from the leader topic: %s", exc)
+
+    def step(self, now: float | None = None, max_records: int = 2000) -> int:
         """Fold the increments published since the last step; returns how many were applied."""
         assert self._consumer is not None
         n = 0
         for records in self._consumer.poll(timeout_ms=0, max_records=max_records).values():
             for r in records:
                 try:
-                    message = json.loads(r.value)
-                    if self.fold.update(message):
+                    if self.fold.update(json.loads(r.value), now):
                         n += 1
-                except (ValueError, KeyError, TypeError) as exc:
+                except Exception as exc:  # one bad record must not stop every leader in turn
                     log.error("increment at offset %d skipped (unreadable): %s", r.offset, exc)
                 self.fold.offset = r.offset + 1
                 self._dirty = True
+        if now is not None:
+            self.fold.release(now)  # a caught-up partition gone silent is held again
         for event in self.fold.new_events():
             log.warning("%s", event.message())
         self.applied += n
@@ -180,6 +213,7 @@ class Leader:
 
     def maybe_checkpoint(self, now: float) -> None:
         if self._dirty and now - self._last >= self.interval:
+            self._last = now  # also after a failure: retried one interval later
             self.checkpoint()
 
     def checkpoint(self, force: bool = False) -> bool:

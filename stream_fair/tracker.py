@@ -28,6 +28,7 @@ fairness math runs afterwards on the copy (:mod:`stream_fair.report`).
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -91,6 +92,10 @@ class Feedback(Protocol):
     def to_state(self) -> dict[str, Any]: ...
 
 
+HEARTBEAT_SECONDS = 10.0
+"""A partition repeats its verdict message at least this often (see ``Tracker.heartbeat``)."""
+
+
 @dataclass(slots=True)
 class Shard:
     """Everything stream-fair knows about one partition pair."""
@@ -126,6 +131,10 @@ class Shard:
     outbox: list[dict[str, Any]] = field(default_factory=list)
     lag_seen: list[bool] = field(default_factory=lambda: [False, False])
     announced: bool | None = None  # the caught_up of the last message (None: none since loading)
+    announced_at: float = 0.0  # wall clock of the last message (a caught-up partition repeats it)
+    # a random id given to a partition's state when it starts empty: the fold restarts the
+    # partition's sequence when it changes (the state was wiped, the changelog renamed)
+    incarnation: str = ""
 
     @property
     def caught_up(self) -> bool:
@@ -148,6 +157,7 @@ class Shard:
             "seq": self.seq,
             "dead_letters": self.dead_letters,
             "outbox": self.outbox,
+            "incarnation": self.incarnation,
         }
 
     def load_meta(self, m: dict[str, Any]) -> None:
@@ -165,6 +175,7 @@ class Shard:
         self.dead_letters = {k: [int(x) for x in dl.get(k, [0, 0])] for k in ("sent", "errors")}
         self.changelog_next = m.get("changelog_next")
         self.outbox = list(m.get("outbox") or [])
+        self.incarnation = str(m.get("incarnation", ""))
 
 
 @dataclass(frozen=True)
@@ -329,7 +340,9 @@ class Tracker:
         if s is None:
             s = self.shards[index] = self._new_shard(index)
             stored = self.backend.get(meta_key(index))
-            if stored is not None:
+            if stored is None:
+                s.incarnation = uuid.uuid4().hex
+            else:
                 s.load_meta(decode_json(stored))
                 for key, value in self.backend.scan(
                     prefix(SPACE_COUNTS, index), prefix(SPACE_COUNTS, index + 1)
@@ -492,6 +505,22 @@ class Tracker:
             if released is not None:
                 self._release(s, released)
 
+    def heartbeat(self) -> None:
+        """Partitions whose last verdict message is older than ``HEARTBEAT_SECONDS`` send one at
+        the next checkpoint, so the leader can tell an idle, caught-up partition from a lost one."""
+        now = time.time()
+        for s in self.shards.values():
+            if s.builder is not None and now - s.announced_at >= HEARTBEAT_SECONDS:
+                s.changed = True
+
+    def unannounce(self, shard: int) -> None:
+        """The partition is leaving this replica: its next message says it is not caught up, so the
+        leader waits for its next owner instead of lifting its watermark."""
+        s = self.shards.get(shard)
+        if s is not None and s.builder is not None:
+            s.lag_seen = [False, False]
+            s.changed = True
+
     def set_behind(self, shard: int, topic: int, behind: bool) -> None:
         """Tell the core whether a partition has unread records (0 = predictions, 1 = outcomes)."""
         s = self.shards.get(shard)
@@ -555,7 +584,8 @@ class Tracker:
         assert s.builder is not None
         if len(s.builder):
             s.built.extend(s.builder.build("", None).counts)
-        if not s.built and s.offsets == s.committed_offsets and s.caught_up == s.announced:
+        quiet = time.time() - s.announced_at < HEARTBEAT_SECONDS
+        if not s.built and s.offsets == s.committed_offsets and s.caught_up == s.announced and quiet:
             return list(s.outbox)
         wm = s.join.watermark
         message = {
@@ -564,6 +594,7 @@ class Tracker:
             "epoch": s.epoch,
             "watermark": None if wm == float("-inf") else wm,
             "caught_up": s.caught_up,
+            "incarnation": s.incarnation,
             "rows": [c.to_json() for c in s.built],
         }
         return [*s.outbox, message]
@@ -608,6 +639,7 @@ class Tracker:
             if "outbox" in sc.meta:
                 if sc.meta["outbox"] and sc.meta["outbox"][-1]["seq"] == sc.meta["seq"]:
                     s.announced = sc.meta["outbox"][-1]["caught_up"]
+                    s.announced_at = sc.meta["wall"]
                 s.outbox = sc.meta["outbox"]
                 s.built = []
             if changelog_next is not None and sc.partition in changelog_next:

@@ -101,3 +101,48 @@ def test_the_loop_test_runs_on_the_whole_stream_like_the_monitor() -> None:
     assert got.amplifying and want.amplifying and got.group == want.group == "D"
     assert got.pairs == want.pairs and got.statistic == want.statistic
     assert abs(got.value - want.value) < 1e-12
+
+
+def _msg(p: int, seq: int, epoch: int, wm: float | None, up: bool, **extra: object) -> dict:
+    row = ["m", ["A"], 0, 0, [5, 5], [0, 0, 0, 0], [], [], 5.0]
+    return {
+        "partition": p,
+        "seq": seq,
+        "epoch": epoch,
+        "watermark": wm,
+        "caught_up": up,
+        "rows": [row],
+        **extra,
+    }
+
+
+def test_a_zombie_owner_is_fenced_and_a_new_owner_is_held_until_caught_up() -> None:
+    fold = ModelWide(KEYS, SETTINGS)
+    fold.expect(2)
+    fold.update(_msg(0, 1, 1, 100.0, False))
+    fold.update(_msg(1, 1, 1, 50.0, True))  # idle and caught up: follows partition 0
+    assert fold.engine.watermark == 100.0
+    # partition 1 moves: its new owner (epoch 2) is restoring, its first message not caught up
+    assert fold.update(_msg(1, 2, 2, 60.0, False))
+    assert fold.engine.watermark == 60.0  # the lift is taken back: slots wait for partition 1
+    # the old owner (epoch 1) publishes late: fenced, nothing counted
+    assert not fold.update(_msg(1, 3, 1, 500.0, True)) and fold.fenced == 1
+    assert fold.engine.watermark == 60.0
+
+
+def test_a_silent_caught_up_partition_is_held_again() -> None:
+    fold = ModelWide(KEYS, SETTINGS)
+    fold.expect(2)
+    fold.update(_msg(1, 1, 1, 10.0, True), now=0.0)
+    fold.update(_msg(0, 1, 1, 100.0, False), now=1.0)
+    assert fold.engine.watermark == 100.0
+    fold.release(now=200.0)  # partition 1 not heard for 200 s: its owner may be gone
+    assert fold.engine.watermark == 10.0
+
+
+def test_a_new_incarnation_restarts_the_sequence() -> None:
+    fold = ModelWide(KEYS, SETTINGS)
+    assert fold.update(_msg(0, 7, 3, 10.0, False, incarnation="a"))
+    assert not fold.update(_msg(0, 2, 3, 20.0, False, incarnation="a"))  # a duplicate
+    assert fold.update(_msg(0, 1, 1, 20.0, False, incarnation="b"))  # the state started over
+    assert fold.applied[0] == 1

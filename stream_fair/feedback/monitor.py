@@ -528,6 +528,15 @@ class FeedbackMonitor:
                 alarms=alarms,
                 label_coverage_flagged=bool((gap is not None and gap.flagged) or arrival.flagged),
             )
+        if not self.local_verdict:  # the leader's engine saw groups and models this replica did not
+            for (model, fname, name), st in verdict_alarms.items():
+                if (model, fname) not in features:
+                    features[(model, fname)] = FeatureFeedback(None, {}, None, {}, {})
+                features[(model, fname)].alarms[name] = _alarm(st)
+            for key, alarms_by_rate in change.items():
+                if key not in groups:
+                    groups[key] = GroupFeedback(0, 0, 0, 0, None, {}, None, None, None, None, {}, {})
+                groups[key].change_alarms.update(alarms_by_rate)
         wm = self._watermark if self._watermark != -math.inf else None
         return FeedbackSnapshot(groups, features, wm, self.periods_closed, self.verdict.events)
 

@@ -132,6 +132,15 @@ class VerdictEngine:
             self._sources[increment.source] = max(old, increment.watermark)
         self._advance()
 
+    def hold(self, source: str, watermark: float) -> None:
+        """Set ``source``'s watermark to exactly this (lower included), then evaluate what it allows.
+
+        For a caller that lifts a source's watermark for a while and must be able to take the lift
+        back (:mod:`.fold`); slots already evaluated stay evaluated.
+        """
+        self._sources[source] = watermark
+        self._advance()
+
     def retire(self, source: str) -> None:
         """Stop waiting for ``source`` (its partition was revoked or went idle)."""
         self._sources.pop(source, None)

@@ -63,35 +63,90 @@ class ModelWide:
         self.features = list(features)
         self.loop = loop
         self.engine = VerdictEngine(self.features, settings)
+        self.applied: dict[int, int] = {}
+        self.epochs: dict[int, int] = {}  # the highest owner epoch seen per partition
+        self.incarnations: dict[int, str] = {}
+        self.reported: dict[int, float] = {}  # each partition's own watermark
+        self.caught_up: dict[int, bool] = {}
+        self.heard: dict[int, float] = {}  # when each partition was last heard (caller's clock)
+        self.offset: int | None = None  # next increments-topic offset to read
+        self.duplicates = 0
+        self.fenced = 0
+        self.logged = 0  # seq of the last alarm event written to the log
         # the loop test's input: open periods' prediction counts, closed periods per (model, feature)
         self._open: dict[int, dict[tuple[str, Cell], list[int]]] = {}
         self._history: dict[tuple[str, str], deque[dict[str, tuple[int, int]]]] = {}
         self._closed: int | None = None
-        self.applied: dict[int, int] = {}
-        self.caught_up: dict[int, bool] = {}
-        self.offset: int | None = None  # next increments-topic offset to read
-        self.duplicates = 0
-        self.logged = 0  # seq of the last alarm event written to the log
 
     def __repr__(self) -> str:
         return f"ModelWide(partitions={sorted(self.applied)}, offset={self.offset}, engine={self.engine!r})"
 
-    def update(self, message: dict[str, Any]) -> bool:
-        """Apply one published increment; False when its partition's ``seq`` was applied already."""
+    def expect(self, partitions: int) -> None:
+        """Wait for these input partitions (``0 .. partitions - 1``) before evaluating any slot.
+
+        Without it, the first partition to report would let the engine evaluate slots the others
+        have not reported yet, and their rows would count late (in the next slot).
+        """
+        known = self.engine.sources
+        for p in range(partitions):
+            if source_of(p) not in known:
+                self.engine.hold(source_of(p), -math.inf)
+
+    def update(self, message: dict[str, Any], now: float | None = None) -> bool:
+        """Apply one published increment; False when it was applied already or is fenced.
+
+        A message of an owner epoch below the highest seen for its partition comes from an owner
+        that lost the partition (a zombie) and is dropped; a new ``incarnation`` (the partition's
+        state started over) restarts its sequence. ``now`` (seconds, any clock) is when it was
+        received: a caught-up partition silent for longer than ``stale_after`` is held again.
+        """
         p, seq = int(message["partition"]), int(message["seq"])
+        epoch = int(message.get("epoch", 0))
+        incarnation = str(message.get("incarnation", ""))
+        wm = message.get("watermark")
+        rows = tuple(CellCounts.from_json(r) for r in message.get("rows", ()))  # parse before mutating
+        if incarnation != self.incarnations.get(p, incarnation):
+            self.applied.pop(p, None)
+            self.epochs.pop(p, None)
+        if epoch < self.epochs.get(p, epoch):
+            self.fenced += 1
+            return False
         if seq <= self.applied.get(p, 0):
             self.duplicates += 1
             return False
+        if epoch > self.epochs.get(p, epoch):
+            self.caught_up[p] = False  # a new owner: held until it says it is caught up
+        self.incarnations[p] = incarnation
+        self.epochs[p] = epoch
         self.applied[p] = seq
         self.caught_up[p] = bool(message.get("caught_up", False))
-        wm = message.get("watermark")
-        rows = tuple(CellCounts.from_json(r) for r in message.get("rows", ()))
-        self.engine.update(Increment(source_of(p), None if wm is None else float(wm), rows))
-        self._release_caught_up()
+        if now is not None:
+            self.heard[p] = now
+        if wm is not None:
+            self.reported[p] = max(self.reported.get(p, -math.inf), float(wm))
+        self.engine.update(Increment(source_of(p), None, rows))
+        self.release(now)
         if self.loop is not None:
             self._count_periods(rows)
             self._close_periods()
         return True
+
+    def release(self, now: float | None = None, stale_after: float = 60.0) -> None:
+        """Each partition's watermark for the engine: its own, or the newest of all while it is
+        caught up (and was heard within ``stale_after`` of ``now``, when given)."""
+        finite = [m for m in self.reported.values() if not math.isinf(m)]
+        newest = max(finite) if finite else -math.inf
+        for p, own in self.reported.items():
+            up = self.caught_up.get(p, False)
+            if up and now is not None and now - self.heard.get(p, -math.inf) > stale_after:
+                up = False
+            want = newest if up else own
+            if self.engine.sources.get(source_of(p)) != want:
+                self.engine.hold(source_of(p), want)
+        for p, up in self.caught_up.items():  # caught up before it ever had a watermark
+            fresh = now is None or now - self.heard.get(p, -math.inf) <= stale_after
+            if p not in self.reported and up and fresh and not math.isinf(newest):
+                self.engine.hold(source_of(p), newest)
 
     # -- the feedback-loop test ----------------------------------------------------------------
     def _count_periods(self, rows: Sequence[CellCounts]) -> None:
@@ -137,28 +192,6 @@ class ModelWide:
             for mf, h in self._history.items()
         }
 
-    def expect(self, partitions: int) -> None:
-        """Wait for these input partitions (``0 .. partitions - 1``) before evaluating any slot.
-
-        Without it, the first partition to report would let the engine evaluate slots the others
-        have not reported yet, and their rows would count late (in the next slot).
-        """
-        known = self.engine.sources
-        for p in range(partitions):
-            if source_of(p) not in known:
-                self.engine.update(Increment(source_of(p), -math.inf, ()))
-
-    def _release_caught_up(self) -> None:
-        marks = self.engine.sources
-        finite = [m for m in marks.values() if not math.isinf(m)]
-        if not finite:
-            return
-        newest = max(finite)
-        for p, up in self.caught_up.items():
-            src = source_of(p)
-            if up and marks.get(src, -math.inf) < newest:
-                self.engine.update(Increment(src, newest, ()))
-
     def new_events(self) -> list[AlarmEvent]:
         """Alarm events not returned before (for the log line)."""
         events = self.engine.events_after(self.logged)
@@ -172,7 +205,11 @@ class ModelWide:
             "version": STATE_VERSION,
             "engine": self.engine.to_state(),
             "applied": [[p, s] for p, s in self.applied.items()],
+            "epochs": [[p, e] for p, e in self.epochs.items()],
+            "incarnations": [[p, i] for p, i in self.incarnations.items()],
+            "reported": [[p, w] for p, w in self.reported.items() if not math.isinf(w)],
             "caught_up": [[p, u] for p, u in self.caught_up.items()],
+            "fenced": self.fenced,
             "offset": self.offset,
             "duplicates": self.duplicates,
             "logged": self.logged,
@@ -196,7 +233,12 @@ class ModelWide:
         m = cls(features, settings, loop)
         m.engine = VerdictEngine.from_state(state["engine"], features, settings)
         m.applied = {int(p): int(s) for p, s in state["applied"]}
-        m.caught_up = {int(p): bool(u) for p, u in state["caught_up"]}
+        m.epochs = {int(p): int(e) for p, e in state["epochs"]}
+        m.incarnations = {int(p): str(i) for p, i in state["incarnations"]}
+        m.reported = {int(p): float(w) for p, w in state["reported"]}
+        # after a failover nobody is known to be caught up until it says so again
+        m.caught_up = {int(p): False for p, _ in state["caught_up"]}
+        m.fenced = int(state["fenced"])
         m.offset = state["offset"]
         m.duplicates = int(state["duplicates"])
         m.logged = int(state["logged"])
