@@ -340,8 +340,13 @@ class Detector:
             consumer.pause(*consumer.assignment())
             dead.settle(1.0)
             self._dead_letter_stats()
-        else:  # resume what backpressure paused, never a partition still being restored
-            paused = [tp for tp in consumer.paused() if tp.partition not in self._to_restore]
+        else:  # resume what backpressure paused: never a partition still being restored, nor the
+            # leader topic's (paused for good: read as input, its records counted as outcomes)
+            paused = [
+                tp
+                for tp in consumer.paused()
+                if tp.topic in self._topics and tp.partition not in self._to_restore
+            ]
             if paused:
                 consumer.resume(*paused)
 
