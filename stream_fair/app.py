@@ -115,6 +115,7 @@ class Detector:
         self._writer: Any = None
         self._reader: Any = None
         self._inputs: Any = None  # reads single input records: the topic identity check
+        self._ids_seen: list[str | None] = [None, None]  # the input topics' ids, last loop
         self._topics = (config.topics.predictions, config.topics.outcomes)
         self._to_restore: set[int] = set()
         self._restores: dict[int, PartitionRestore] = {}
@@ -295,6 +296,7 @@ class Detector:
                 if listener.assigned:  # the join is right only while the inputs stay co-partitioned
                     listener.assigned = False
                     kafka_io.check_copartitioned(consumer, cfg, expected=self._partitions)
+                self._watch_topic_ids()
                 self.health.heartbeat = time.monotonic()
                 self.health.heard(kafka_io.last_heard(consumer))
                 self.process(batches)
@@ -737,6 +739,25 @@ class Detector:
         if not self._to_restore:
             self.health.ready = True
         log.info("partition %d claimed (epoch %d), resuming at %s", p, s.epoch, s.offsets)
+
+    def _watch_topic_ids(self) -> None:
+        """An input topic re-created under the running detector (same name, same partition count,
+        a new topic id in the consumer's metadata) stops it, as it would at the next start."""
+        from stream_fair import kafka_io
+
+        ids = kafka_io.topic_ids(self._consumer, self._topics)
+        if ids == self._ids_seen or self.tracker is None:
+            return
+        self._ids_seen = ids
+        for p, s in sorted(self.tracker.shards.items()):
+            for role, topic in enumerate(self._topics):
+                was, now = s.topic_ids[role], ids[role]
+                if p not in self._to_restore and was is not None and now is not None and was != now:
+                    raise BrokerError(
+                        identity.ERR_TOPIC_ID.format(
+                            topic=topic, role=TOPIC_NAMES[role], partition=p, now=now, was=was
+                        )
+                    )
 
     def _check_identity(self, s: Shard) -> None:
         """Refuse offsets read from another topic than the one now there (``state/identity.py``).

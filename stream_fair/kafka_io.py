@@ -107,6 +107,7 @@ def make_consumer(config: Config) -> KafkaConsumer:
                 max_poll_interval_ms=k.max_poll_interval_ms,
                 max_poll_records=k.max_poll_records,
                 fetch_max_bytes=k.fetch_max_bytes,
+                metadata_max_age_ms=k.metadata_max_age_ms,
                 # The range assignor gives partition p of both topics to the same member: the
                 # join needs a prediction and its outcome (same key) in the same shard.
                 partition_assignment_strategy=(RangePartitionAssignor,),
