@@ -749,6 +749,9 @@ class Detector:
         if ids == self._ids_seen or self.tracker is None:
             return
         self._ids_seen = ids
+        # a topic gone or re-created with another partition count: say that first (as an
+        # assignment would), whichever of the two the run loop sees first
+        kafka_io.check_copartitioned(self._consumer, self.config, expected=self._partitions)
         for p, s in sorted(self.tracker.shards.items()):
             for role, topic in enumerate(self._topics):
                 was, now = s.topic_ids[role], ids[role]
@@ -782,7 +785,9 @@ class Detector:
             why = identity.problem(TOPIC_NAMES[role], topic, s.index, offset, stored, seen)
             if why is not None:
                 raise BrokerError(why)
-        s.topic_ids, s.partitions = ids, self._partitions
+        # kept where the metadata shows none (an older broker): the marks decide there
+        s.topic_ids = [now if now is not None else was for now, was in zip(ids, s.topic_ids, strict=True)]
+        s.partitions = self._partitions
 
 
 def server_options(exporter: Any) -> dict[str, Any]:

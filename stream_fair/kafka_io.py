@@ -251,18 +251,24 @@ class InputReader:
     """
 
     def __init__(self, config: Config) -> None:
-        self.timeout = min(10.0, config.kafka.request_timeout_ms / 1000)
-        with _quiet_kafka_logs():
-            self._consumer = never_create_topics(
-                KafkaConsumer(
+        k = config.kafka
+        self.timeout = min(10.0, k.request_timeout_ms / 1000)
+        try:
+            with _quiet_kafka_logs():
+                consumer = KafkaConsumer(
                     group_id=None,
                     enable_auto_commit=False,
                     auto_offset_reset="none",  # an offset past the end is an answer, not a reset
                     max_poll_records=10,
                     **_no_auto_create(),
-                    **client_options(config.kafka),
+                    **client_options(k),
                 )
-            )
+        except KafkaError as exc:
+            raise BrokerError(
+                f"kafka error: cannot connect to kafka.bootstrap_servers={k.bootstrap_servers!r} "
+                f"({type(exc).__name__}): check the address, security_protocol and credentials"
+            ) from None
+        self._consumer = never_create_topics(consumer)
 
     def bounds(self, topic: str, partition: int) -> tuple[int, int]:
         """The partition's beginning and (reported) end offsets."""
