@@ -25,9 +25,11 @@ from typing import Any
 
 from stream_fair.aggregate import ModelCounts
 from stream_fair.config import Config, format_duration
+from stream_fair.errors import BrokerError
 from stream_fair.exporter import ExporterServer, Health, PipelineStats, registry_for
 from stream_fair.missing import MissingFeatureLog
 from stream_fair.report import Report, build_report
+from stream_fair.state import identity
 from stream_fair.state.codec import (
     SPACE_COUNTS,
     SPACE_ID,
@@ -39,7 +41,7 @@ from stream_fair.state.codec import (
 )
 from stream_fair.state.restore import PartitionRestore
 from stream_fair.tracker import TOPICS as TOPIC_NAMES
-from stream_fair.tracker import Checkpoint, Feedback, Snapshot, Tracker
+from stream_fair.tracker import Checkpoint, Feedback, Shard, Snapshot, Tracker
 
 log = logging.getLogger("stream_fair")
 
@@ -114,6 +116,8 @@ class Detector:
         self._dead: Any = None
         self._writer: Any = None
         self._reader: Any = None
+        self._inputs: Any = None  # reads single input records: the topic identity check
+        self._ids_seen: list[str | None] = [None, None]  # the input topics' ids, last loop
         self._topics = (config.topics.predictions, config.topics.outcomes)
         self._to_restore: set[int] = set()
         self._restores: dict[int, PartitionRestore] = {}
@@ -259,10 +263,11 @@ class Detector:
         self.server.start()
         self.health.heartbeat = time.monotonic()
         consumer = kafka_io.make_consumer(cfg)
-        writer = reader = publisher = None
+        writer = reader = publisher = inputs = None
         self.model_wide = cfg.state.changelog
         try:
             partitions = self._partitions = kafka_io.check_copartitioned(consumer, cfg)
+            inputs = self._inputs = kafka_io.InputReader(cfg)
             if cfg.state.changelog:
                 kafka_io.ensure_changelog(consumer, cfg, partitions)
                 kafka_io.ensure_internal_topics(consumer, cfg)
@@ -273,7 +278,7 @@ class Detector:
             self.open_state()
         except Exception:
             consumer.close(autocommit=False)
-            for c in (writer, reader, publisher):
+            for c in (writer, reader, publisher, inputs):
                 if c is not None:
                     c.close()
             self.server.stop()
@@ -292,13 +297,17 @@ class Detector:
             self.stats.leader = False
         listener = kafka_io.ShardListener(consumer, self._topics, self._on_revoke, self._on_assign, lead)
         consumer.subscribe(topics, listener=listener)
-        clean = False
+        clean = failed = False
         try:
             while not stop.is_set():
                 self._backpressure(consumer, dead)
                 batches = consumer.poll(
                     timeout_ms=100 if self._to_restore else 200, max_records=cfg.kafka.max_poll_records
                 )
+                if listener.assigned:  # the join is right only while the inputs stay co-partitioned
+                    listener.assigned = False
+                    kafka_io.check_copartitioned(consumer, cfg, expected=self._partitions)
+                self._watch_topic_ids()
                 self.health.heartbeat = time.monotonic()
                 self.health.heard(kafka_io.last_heard(consumer))
                 self.process(batches)
@@ -308,6 +317,9 @@ class Detector:
                 self.lead_step(time.monotonic())
                 self.missing_log.maybe_warn(time.monotonic(), lambda: self.current()[0].snapshot.predictions)
                 self._dead_letter_stats()
+        except BaseException:
+            failed = True
+            raise
         finally:
             try:
                 # at shutdown, wait longer for unsent dead letters before giving up on them
@@ -316,14 +328,15 @@ class Detector:
                 self._on_leader(False)
                 consumer.close(autocommit=False)
                 dead.close()
-                for c in (writer, reader, publisher):
+                for c in (writer, reader, publisher, inputs):
                     if c is not None:
                         c.close()
                 self.close()
                 self.server.stop()
-            if clean:
+            # an error that stopped the loop is reported by the caller, in one line
+            if clean and not failed:
                 log.info("stopped cleanly")
-            else:
+            elif not failed:
                 log.error("stopped; the last checkpoint is older than the last record read (see above)")
 
     def _dead_letter_stats(self) -> None:
@@ -350,12 +363,13 @@ class Detector:
             consumer.pause(*consumer.assignment())
             dead.settle(1.0)
             self._dead_letter_stats()
-        else:  # resume what backpressure paused, never a partition still being restored
+        else:  # resume what backpressure paused: never a partition still being restored, nor the
+            # leader topic's (paused for good: read as input, its records counted as outcomes)
             paused = [
                 tp
                 for tp in consumer.paused()
                 if tp.topic in self._topics and tp.partition not in self._to_restore
-            ]  # never the leader topic's partition: it is the leader's changelog, not input
+            ]
             if paused:
                 consumer.resume(*paused)
 
@@ -735,12 +749,15 @@ class Detector:
         return r
 
     def _finish(self, p: int, epoch: int, repair: set[bytes]) -> None:
-        """Load a restored partition, claim it (epoch + 1, repairs) and resume its input."""
+        """Load a restored partition, check that its offsets belong to the input topics there now,
+        claim it (epoch + 1, repairs) and resume its input."""
         from stream_fair import kafka_io
 
         assert self.tracker is not None
         with self.lock:
             s = self.tracker.shard(p)
+        self._check_identity(s)  # before the claim: a refused partition writes nothing
+        with self.lock:
             if self._dead is not None:
                 self._dead.load(p, s.dead_letters)
             s.epoch = max(epoch, s.epoch) + 1
@@ -759,6 +776,55 @@ class Detector:
         if not self._to_restore:
             self.health.ready = True
         log.info("partition %d claimed (epoch %d), resuming at %s", p, s.epoch, s.offsets)
+
+    def _watch_topic_ids(self) -> None:
+        """An input topic re-created under the running detector (same name, same partition count,
+        a new topic id in the consumer's metadata) stops it, as it would at the next start."""
+        from stream_fair import kafka_io
+
+        ids = kafka_io.topic_ids(self._consumer, self._topics)
+        if ids == self._ids_seen or self.tracker is None:
+            return
+        self._ids_seen = ids
+        # a topic gone or re-created with another partition count: say that first (as an
+        # assignment would), whichever of the two the run loop sees first
+        kafka_io.check_copartitioned(self._consumer, self.config, expected=self._partitions)
+        for p, s in sorted(self.tracker.shards.items()):
+            for role, topic in enumerate(self._topics):
+                was, now = s.topic_ids[role], ids[role]
+                if p not in self._to_restore and was is not None and now is not None and was != now:
+                    raise BrokerError(
+                        identity.ERR_TOPIC_ID.format(
+                            topic=topic, role=TOPIC_NAMES[role], partition=p, now=now, was=was
+                        )
+                    )
+
+    def _check_identity(self, s: Shard) -> None:
+        """Refuse offsets read from another topic than the one now there (``state/identity.py``).
+
+        Raises :class:`BrokerError` with one line: the run loop stops (exit status 2).
+        """
+        from stream_fair import kafka_io
+
+        inputs = self._inputs
+        if inputs is None:  # manual use (benchmarks): no identity to check
+            return
+        ids = kafka_io.topic_ids(self._consumer, self._topics)
+        for role, topic in enumerate(self._topics):
+            offset = s.offsets[role]
+            stored = identity.Stored(s.marks[role], s.topic_ids[role], s.partitions)
+            begin = end = 0
+            if offset and (stored.topic_id is None or ids[role] is None):
+                begin, end = inputs.bounds(topic, s.index)
+            at = identity.to_read(offset, stored, ids[role], begin)
+            record = None if at is None else inputs.mark_at(topic, s.index, at)
+            seen = identity.Seen(ids[role], self._partitions, end, at is not None, record, begin)
+            why = identity.problem(TOPIC_NAMES[role], topic, s.index, offset, stored, seen)
+            if why is not None:
+                raise BrokerError(why)
+        # kept where the metadata shows none (an older broker): the marks decide there
+        s.topic_ids = [now if now is not None else was for now, was in zip(ids, s.topic_ids, strict=True)]
+        s.partitions = self._partitions
 
 
 def server_options(exporter: Any) -> dict[str, Any]:

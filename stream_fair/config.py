@@ -134,6 +134,8 @@ class KafkaConfig(_Section):
     request_timeout_ms: int = Field(30000, gt=0)
     max_poll_records: int = Field(2000, gt=0)
     fetch_max_bytes: int = Field(52428800, gt=0)
+    # how soon a deleted input topic or a changed partition count is seen (then the run loop stops)
+    metadata_max_age_ms: int = Field(60000, gt=0)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     unavailable_after: float = 30.0
 

@@ -25,6 +25,7 @@ from kafka.structs import MemberState, OffsetAndMetadata
 
 from stream_fair.config import Config, KafkaConfig
 from stream_fair.errors import BrokerError
+from stream_fair.state.identity import FIX, mark
 from stream_fair.state.restore import EPOCH_HEADER
 
 log = logging.getLogger(__name__)
@@ -69,15 +70,35 @@ def _quiet_kafka_logs() -> Iterator[None]:
         kafka_log.setLevel(level)
 
 
+def never_create_topics(consumer: KafkaConsumer) -> KafkaConsumer:
+    """Make the consumer's metadata requests say ``allow_auto_topic_creation=False``.
+
+    A consumer must not create a missing input topic (the broker would use its default partition
+    count, and the detector would read an empty topic as if nothing had happened). kafka-python
+    3.0.12 accepts ``allow_auto_create_topics=False`` but does not hand it to the cluster metadata
+    that builds the requests (they still say True), so it is also set there.
+    """
+    cluster = getattr(consumer, "_cluster", None)
+    config = getattr(cluster, "config", None)
+    if isinstance(config, dict) and "allow_auto_create_topics" in config:
+        config["allow_auto_create_topics"] = False
+    return consumer
+
+
+def _no_auto_create() -> dict[str, Any]:
+    known = "allow_auto_create_topics" in KafkaConsumer.DEFAULT_CONFIG  # kafka-python >= 2.0.2
+    return {"allow_auto_create_topics": False} if known else {}
+
+
 def make_consumer(config: Config) -> KafkaConsumer:
     k = config.kafka
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = _no_auto_create()
     if "bootstrap_timeout_ms" in KafkaConsumer.DEFAULT_CONFIG:  # kafka-python >= 2.1
         # Otherwise an unreachable cluster takes 30 s to report, whatever request_timeout_ms says.
         extra["bootstrap_timeout_ms"] = k.request_timeout_ms
     try:
         with _quiet_kafka_logs():
-            return KafkaConsumer(
+            consumer = KafkaConsumer(
                 group_id=k.group_id,
                 enable_auto_commit=False,
                 auto_offset_reset=k.auto_offset_reset,
@@ -86,6 +107,7 @@ def make_consumer(config: Config) -> KafkaConsumer:
                 max_poll_interval_ms=k.max_poll_interval_ms,
                 max_poll_records=k.max_poll_records,
                 fetch_max_bytes=k.fetch_max_bytes,
+                metadata_max_age_ms=k.metadata_max_age_ms,
                 # The range assignor gives partition p of both topics to the same member: the
                 # join needs a prediction and its outcome (same key) in the same shard.
                 partition_assignment_strategy=(RangePartitionAssignor,),
@@ -97,10 +119,21 @@ def make_consumer(config: Config) -> KafkaConsumer:
             f"kafka error: cannot connect to kafka.bootstrap_servers={k.bootstrap_servers!r} "
             f"({type(exc).__name__}): check the address, security_protocol and credentials"
         ) from None
+    return never_create_topics(consumer)
 
 
-def check_copartitioned(consumer: KafkaConsumer, config: Config) -> int:
-    """Both input topics must exist with the same partition count (keys = ids); returns it."""
+ERR_REPARTITIONED = (
+    "kafka error: topics.predictions and topics.outcomes now have {now} partitions, {was} when "
+    "stream-fair started: keys moved to other partitions, the state no longer matches them; " + FIX
+)
+
+
+def check_copartitioned(consumer: KafkaConsumer, config: Config, expected: int | None = None) -> int:
+    """Both input topics must exist with the same partition count (keys = ids); returns it.
+
+    Checked at start and again after every assignment, then with the count at start as
+    ``expected``: the run loop stops when a topic went missing or its partition count changed.
+    """
     t = config.topics
     counts: dict[str, int] = {}
     for role, name in (("predictions", t.predictions), ("outcomes", t.outcomes)):
@@ -122,6 +155,8 @@ def check_copartitioned(consumer: KafkaConsumer, config: Config) -> int:
             f"kafka error: topics.predictions has {counts['predictions']} partitions but "
             f"topics.outcomes has {counts['outcomes']}: co-partition them (same count, key = id)"
         )
+    if expected is not None and counts["predictions"] != expected:
+        raise BrokerError(ERR_REPARTITIONED.format(now=counts["predictions"], was=expected))
     return counts["predictions"]
 
 
@@ -148,6 +183,9 @@ class ShardListener(ConsumerRebalanceListener):  # type: ignore[misc]
         # (leader topic, callback): owning its partition 0 makes this replica the leader
         # (stream_fair.leader); the partition stays paused, it is never read through the group
         self._leader = leader
+        # set on every assignment, cleared by the run loop once it has re-checked the input
+        # topics (outside this callback: the check may need a metadata request)
+        self.assigned = False
 
     def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         revoked = list(revoked)
@@ -158,6 +196,7 @@ class ShardListener(ConsumerRebalanceListener):  # type: ignore[misc]
             self._leader[1](False)
 
     def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self.assigned = True
         assigned = list(assigned)
         inputs = [tp for tp in assigned if tp.topic in self.topics]
         if inputs:
@@ -190,6 +229,79 @@ def resume_at(
         else:
             consumer.seek_to_beginning(tp)
     consumer.resume(*[tp for tp in tps if tp in owned])
+
+
+def topic_ids(consumer: KafkaConsumer, topics: Iterable[str]) -> list[str | None]:
+    """The topics' ids in the consumer's metadata (Kafka 2.8+, metadata v10+), as strings.
+
+    None where the broker sends none or this kafka-python does not expose them.
+    """
+    lookup = getattr(getattr(consumer, "_cluster", None), "topic_id", None)
+    out: list[str | None] = []
+    for topic in topics:
+        tid = lookup(topic) if lookup is not None else None
+        out.append(None if tid is None or getattr(tid, "int", 1) == 0 else str(tid))
+    return out
+
+
+class InputReader:
+    """Reads the record at one offset of an input partition: the topic identity check on assignment.
+
+    No consumer group (manual assignment, nothing committed), and it never creates a topic.
+    """
+
+    def __init__(self, config: Config) -> None:
+        k = config.kafka
+        self.timeout = min(10.0, k.request_timeout_ms / 1000)
+        try:
+            with _quiet_kafka_logs():
+                consumer = KafkaConsumer(
+                    group_id=None,
+                    enable_auto_commit=False,
+                    auto_offset_reset="none",  # an offset past the end is an answer, not a reset
+                    max_poll_records=10,
+                    **_no_auto_create(),
+                    **client_options(k),
+                )
+        except KafkaError as exc:
+            raise BrokerError(
+                f"kafka error: cannot connect to kafka.bootstrap_servers={k.bootstrap_servers!r} "
+                f"({type(exc).__name__}): check the address, security_protocol and credentials"
+            ) from None
+        self._consumer = never_create_topics(consumer)
+
+    def bounds(self, topic: str, partition: int) -> tuple[int, int]:
+        """The partition's beginning and (reported) end offsets."""
+        tp = TopicPartition(topic, partition)
+        try:
+            return int(self._consumer.beginning_offsets([tp])[tp]), int(self._consumer.end_offsets([tp])[tp])
+        except KafkaError as exc:
+            raise BrokerError(
+                f"kafka error: cannot read the offsets of {topic!r} partition {partition} "
+                f"({type(exc).__name__}): check that the topic exists and the broker answers"
+            ) from None
+
+    def mark_at(self, topic: str, partition: int, offset: int) -> list[int] | None:
+        """The mark (:func:`stream_fair.state.identity.mark`) of the record at ``offset``, or of the
+        first one after it when compaction removed it; None when the partition has none there."""
+        tp = TopicPartition(topic, partition)
+        consumer = self._consumer
+        consumer.assign([tp])
+        consumer.seek(tp, offset)
+        deadline = time.monotonic() + self.timeout
+        try:
+            while time.monotonic() < deadline:
+                for r in consumer.poll(timeout_ms=200).get(tp, ()):
+                    if r.offset >= offset:
+                        return mark(r.offset, r.timestamp, r.key, r.value)
+        except KafkaError:  # out of range: the partition ends before the offset
+            return None
+        finally:
+            consumer.assign([])
+        return None  # at the end (or past it, on a broker that does not say so)
+
+    def close(self) -> None:
+        self._consumer.close(autocommit=False)
 
 
 def last_heard(consumer: KafkaConsumer) -> float | None:

@@ -62,6 +62,7 @@ from stream_fair.state.codec import (
     parse_cell,
     prefix,
 )
+from stream_fair.state.identity import mark
 from stream_fair.verdict.increments import CellCounts, IncrementBuilder
 from stream_fair.verdict.settings import VerdictSettings
 
@@ -135,6 +136,12 @@ class Shard:
     # a random id given to a partition's state when it starts empty: the fold restarts the
     # partition's sequence when it changes (the state was wiped, the changelog renamed)
     incarnation: str = ""
+    # Which topics the offsets belong to (stream_fair.state.identity): per topic the mark of the
+    # last record read, and the topic ids and partition count the run loop saw when it claimed
+    # the shard. A meta written before they existed loads with None.
+    marks: list[list[int] | None] = field(default_factory=lambda: [None, None])
+    topic_ids: list[str | None] = field(default_factory=lambda: [None, None])
+    partitions: int | None = None
 
     @property
     def caught_up(self) -> bool:
@@ -158,6 +165,9 @@ class Shard:
             "dead_letters": self.dead_letters,
             "outbox": self.outbox,
             "incarnation": self.incarnation,
+            "marks": self.marks,
+            "topic_ids": self.topic_ids,
+            "partitions": self.partitions,
         }
 
     def load_meta(self, m: dict[str, Any]) -> None:
@@ -176,6 +186,9 @@ class Shard:
         self.changelog_next = m.get("changelog_next")
         self.outbox = list(m.get("outbox") or [])
         self.incarnation = str(m.get("incarnation", ""))
+        self.marks = list(m.get("marks") or [None, None])
+        self.topic_ids = list(m.get("topic_ids") or [None, None])
+        self.partitions = m.get("partitions")
 
 
 @dataclass(frozen=True)
@@ -384,10 +397,13 @@ class Tracker:
         ``timestamp``); returns the rejected records with their reasons."""
         update = self.update_prediction if topic == _P else self.update_outcome
         rejected = []
+        r = None
         for r in records:
             rejection = update(shard, r.value, r.offset, r.timestamp)
             if rejection is not None:
                 rejected.append((r, rejection))
+        if r is not None:  # what the stored offset is checked against on resume
+            self.shards[shard].marks[topic] = mark(r.offset, r.timestamp, getattr(r, "key", None), r.value)
         return rejected
 
     def update_prediction(
