@@ -49,6 +49,19 @@ def _logging(level: str) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("kafka").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_one_line)
+
+
+def _one_line(record: logging.LogRecord) -> bool:
+    """kafka-python logs some network errors with a traceback: keep them to one line."""
+    if record.name.startswith("kafka") and record.exc_info and record.exc_info[1] is not None:
+        exc = record.exc_info[1]
+        record.msg = f"{record.getMessage()} ({type(exc).__name__}: {exc})"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+    return True
 
 
 def exporter_error(host: str, port: int, exc: OSError) -> StreamFairError:

@@ -375,15 +375,16 @@ def test_detector_down_pages_oncall_and_inhibits_the_fairness_page(live: Live) -
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://{live.instance}/metrics", timeout=2)
 
+    # (on a slow start, the absent() variant may have paged before the first scrape: not this one)
     def down_page() -> observability.Notification | None:
         for note in live.notifications("/oncall/page"):
-            if _alerts(note, alertname="StreamFairDetectorDown", status="firing"):
+            if _alerts(note, alertname="StreamFairDetectorDown", status="firing", instance=live.instance):
                 return note
         return None
 
     note = wait_for(down_page, 30, "the StreamFairDetectorDown page", interval=0.2)
     assert note.payload["receiver"] == "oncall-pager"
-    [alert] = _alerts(note, alertname="StreamFairDetectorDown")
+    [alert] = _alerts(note, alertname="StreamFairDetectorDown", instance=live.instance)
     assert alert["labels"] == {
         "alertname": "StreamFairDetectorDown",
         "severity": "critical",
@@ -402,7 +403,12 @@ def test_detector_down_pages_oncall_and_inhibits_the_fairness_page(live: Live) -
     )
     # ... and Alertmanager holds it back, inhibited by the detector-down alert of the same model.
     alerts = _get(f"{live.alertmanager}/api/v2/alerts")
-    [down] = [a for a in alerts if a["labels"]["alertname"] == "StreamFairDetectorDown"]
+    [down] = [
+        a
+        for a in alerts
+        if a["labels"]["alertname"] == "StreamFairDetectorDown"
+        and a["labels"].get("instance") == live.instance
+    ]
     assert down["status"]["state"] == "active"
     fairness = [a for a in alerts if a["labels"]["alertname"] == "StreamFairDisparityFlagged"]
     assert fairness
