@@ -566,7 +566,6 @@ class Detector:
         if leader is None:
             return
         if leader.step(now):
-            self.stats.increments_folded = leader.applied
             self._leader_dirty = True
         if self._leader_dirty and now - self._leader_published >= 1.0:
             with self.lock:

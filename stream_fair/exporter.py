@@ -59,7 +59,6 @@ class PipelineStats:
     # the model-wide verdict (stream_fair.leader): None when this process does not take part
     leader: bool | None = None
     increments_published: int = 0
-    increments_folded: int = 0
 
 
 Source = Callable[[], tuple[Report, PipelineStats]]

@@ -37,7 +37,6 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from stream_fair.config import Config
 from stream_fair.groups import FeatureKey
 from stream_fair.kafka_io import (
-    EPOCH_HEADER,
     ChangelogReader,
     ChangelogWriter,
     client_options,
@@ -121,7 +120,6 @@ class Leader:
         self._dirty = False
         self._last = 0.0
         self._stale_keys: set[bytes] = set()
-        self.applied = 0
 
     def __repr__(self) -> str:
         return f"Leader(epoch={self.epoch}, fold={self.fold!r})"
@@ -208,7 +206,6 @@ class Leader:
             self.fold.release(now)  # a caught-up partition gone silent is held again
         for event in self.fold.new_events():
             log.warning("%s", event.message())
-        self.applied += n
         return n
 
     def maybe_checkpoint(self, now: float) -> None:
@@ -233,13 +230,6 @@ class Leader:
         self._last = time.monotonic()
         return True
 
-    def lag(self) -> int | None:
-        """Increments published but not folded yet."""
-        if self._consumer is None:
-            return None
-        end = self._consumer.end_offsets([self._tp])[self._tp]
-        return max(0, int(end) - int(self._consumer.position(self._tp)))
-
     def stop(self) -> None:
         """Leadership moved away (or shutdown): checkpoint, close the clients."""
         self.checkpoint()
@@ -250,4 +240,4 @@ class Leader:
         self._consumer = self._writer = None
 
 
-__all__ = ["EPOCH_HEADER", "IncrementPublisher", "Leader", "STATE_KEY"]
+__all__ = ["IncrementPublisher", "Leader", "STATE_KEY"]

@@ -542,15 +542,12 @@ class Tracker:
         s = self.shards.get(shard)
         if s is None:
             return
+        moved = s.behind[topic] != behind
         s.lag_seen[topic] = True
-        if s.builder is not None and s.caught_up != s.announced:
-            s.changed = True  # the model-wide fold hears when a partition is caught up or not
-        if s.behind[topic] == behind:
-            return
         s.behind[topic] = behind
         if s.builder is not None and s.caught_up != s.announced:
-            s.changed = True
-        if not behind and any(t is not None for t in s.last_ts):
+            s.changed = True  # the model-wide fold hears when a partition is caught up or not
+        if moved and not behind and any(t is not None for t in s.last_ts):
             s.changed = True
             self._move_watermark(s)  # a caught-up topic no longer holds event time back
 

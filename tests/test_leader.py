@@ -19,13 +19,11 @@ import pytest
 from stream_fair.dev import simulate
 from stream_fair.dev.broker import create_topics
 from tests.helpers import detector_config, stop_process, wait_for, write_config
-from tests.test_replicas import Producer, Replica
+from tests.test_replicas import GROUP, PARTITIONS, Producer, Replica
 
 pytestmark = pytest.mark.integration
 
-PARTITIONS = 6
 SLOT = 10.0
-GROUP = {"session_timeout_ms": 3000, "heartbeat_interval_ms": 1000, "max_poll_interval_ms": 6000}
 
 
 def events(n: int) -> list[tuple[str, Any]]:

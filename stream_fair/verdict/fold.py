@@ -136,17 +136,15 @@ class ModelWide:
         caught up (and was heard within ``stale_after`` of ``now``, when given)."""
         finite = [m for m in self.reported.values() if not math.isinf(m)]
         newest = max(finite) if finite else -math.inf
-        for p, own in self.reported.items():
-            up = self.caught_up.get(p, False)
-            if up and now is not None and now - self.heard.get(p, -math.inf) > stale_after:
-                up = False
-            want = newest if up else own
-            if self.engine.sources.get(source_of(p)) != want:
-                self.engine.hold(source_of(p), want)
-        for p, up in self.caught_up.items():  # caught up before it ever had a watermark
+        marks = self.engine.sources
+        for p in self.reported.keys() | self.caught_up.keys():
+            src = source_of(p)
             fresh = now is None or now - self.heard.get(p, -math.inf) <= stale_after
-            if p not in self.reported and up and fresh and not math.isinf(newest):
-                self.engine.hold(source_of(p), newest)
+            lifted = self.caught_up.get(p, False) and fresh and not math.isinf(newest)
+            want = newest if lifted else self.reported.get(p, -math.inf)
+            # a partition with no watermark yet that nobody awaits (no expect()) stays unknown
+            if marks.get(src) != want and (src in marks or not math.isinf(want)):
+                self.engine.hold(src, want)
 
     # -- the feedback-loop test ----------------------------------------------------------------
     def _count_periods(self, rows: Sequence[CellCounts]) -> None:
