@@ -261,7 +261,6 @@ def render(report: Report, stats: PipelineStats, history: History | None = None)
             )
         out.append("</table>")
 
-    out.extend(_alarm_log(snap.feedback, stats))  # below the plots: the page's first screen stays theirs
     fates = list(next(iter(snap.fates.values()), {}))
     out.append(
         "<h2>Pipeline</h2><table><tr><th class=l>topic</th><th>consumed</th>"
@@ -279,6 +278,7 @@ def render(report: Report, stats: PipelineStats, history: History | None = None)
         f"{sum(stats.dead_letters.values())} · every series: "
         "<a href=/metrics>/metrics</a></p>"
     )
+    out.extend(_alarm_log(snap.feedback, stats))  # last: the first screen stays the plots'
     out.append("</body></html>")
     return "".join(out)
 
