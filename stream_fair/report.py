@@ -14,6 +14,7 @@ from stream_fair.config import Config
 from stream_fair.counts import Key, Quad, add_rows
 from stream_fair.fairness import Counts, FairnessSettings, FeatureReport, evaluate_feature
 from stream_fair.groups import SEPARATOR, FeatureKey, feature_keys
+from stream_fair.histograms import ScoreHistogram
 from stream_fair.tracker import Snapshot
 
 CUMULATIVE = "cumulative"
@@ -55,6 +56,20 @@ class Report:
     views: list[FeatureView] = field(default_factory=list)
     traffic: list[TrafficView] = field(default_factory=list)
     partitions: list[PartitionGroups] = field(default_factory=list)
+    keys: list[FeatureKey] = field(default_factory=list)
+
+    def feature_key(self, feature: str) -> FeatureKey:
+        """The configured feature or intersection named ``feature`` (KeyError if none)."""
+        for k in self.keys:
+            if k.name == feature:
+                return k
+        raise KeyError(feature)
+
+    def score_histograms(self, model: str, feature: str) -> dict[str, ScoreHistogram]:
+        """group -> :class:`~stream_fair.histograms.ScoreHistogram` of one (model, feature), summed
+        over this replica's partitions; ``{}`` when the model has no scored prediction.
+        KeyError when ``feature`` is not a configured feature or intersection."""
+        return self.snapshot.score_histograms(self.feature_key(feature)).get(model, {})
 
     def view(self, model: str, feature: str, window: str = CUMULATIVE) -> FeatureView:
         for v in self.views:
@@ -102,7 +117,7 @@ def build_report(snapshot: Snapshot, config: Config) -> Report:
     settings = fairness_settings(config)
     keys = feature_keys([f.name for f in config.fairness.features], config.fairness.intersections)
     refs = references(config, keys)
-    report = Report(snapshot=snapshot, settings=settings)
+    report = Report(snapshot=snapshot, settings=settings, keys=list(keys))
     windows = {CUMULATIVE: snapshot.cumulative, **snapshot.windows}
     for key in keys:
         for window, cells in windows.items():
