@@ -227,3 +227,21 @@ def test_the_report_serves_histograms_by_model_and_feature_name() -> None:
     assert report.score_histograms("other-model", "sex") == {}
     with pytest.raises(KeyError):
         report.score_histograms("m", "nope")
+
+
+def test_out_of_range_scores_are_exported_per_partition() -> None:
+    from stream_fair.exporter import PipelineStats, registry_for
+    from stream_fair.report import build_report
+
+    cfg = config()
+    events, truth = make_stream(900, 4)
+    t = LocalTracker(cfg)
+    feed(t, events, {})
+    reg = registry_for(lambda: (build_report(t.snapshot(), cfg), PipelineStats()))
+    for p in range(3):
+        want = sum(1 for r in truth if r["part"] == p and r["score"] is not None and not 0 <= r["score"] <= 1)
+        assert want > 0
+        got = reg.get_sample_value(
+            "stream_fair_scores_out_of_range_total", {"model": "m", "partition": str(p)}
+        )
+        assert got == want
