@@ -8,7 +8,8 @@ projection summed at read time: the search needs no state of its own.
 attributes that is not a configured intersection, and every ``audit_only`` attribute alone (it is
 monitored by nobody); in each, every non-reserved group with at least ``min_samples`` labelled
 pairs; for each rate of ``rates``: the group against the rest of the model's pairs (reserved
-values left out), two-sided. Hypotheses are enumerated lowest order first and capped at
+values left out), two-sided; a combination with two groups is one hypothesis (its smaller group
+against the other). Hypotheses are enumerated lowest order first and capped at
 ``max_tests`` (the cap is reported as ``truncated``); memory is the projection of the count rows,
 whose number the cardinality limits bound.
 
@@ -172,7 +173,10 @@ def search(
             groups[g] = q.copy() if acc is None else acc + q
         usable = {g: q for g, q in groups.items() if not is_reserved(g)}
         total = sum(usable.values(), np.zeros(4))
-        for g, q in sorted(usable.items()):
+        tested = sorted(usable.items())
+        if len(tested) == 2:  # one group against the other either way round: one hypothesis, the smaller
+            tested = [min(tested, key=lambda gq: gq[1].sum())]
+        for g, q in tested:
             if q.sum() < min_samples:
                 continue
             rest = total - q
