@@ -129,3 +129,60 @@ def test_family_wise_error_on_fair_streams_over_fresh_seeds(label_delay: tuple[f
         f"{elapsed / FAIR_SEEDS * 1000:.0f} ms per search"
     )
     assert any_finding <= bound
+
+
+def test_audit_only_attribute_flows_through_the_tracker_into_report_and_metrics() -> None:
+    """Decoded like a feature, kept with the pending prediction, searched, never exported per group."""
+    import orjson
+
+    from stream_fair.config import Config
+    from stream_fair.exporter import PipelineStats, registry_for
+    from stream_fair.report import build_report
+    from tests.helpers import LocalTracker
+
+    cfg = Config.model_validate(
+        {
+            "fairness": {
+                "features": ["race", "sex"],
+                "intersections": [["race", "sex"]],
+                "audit_only": [{"name": "region", "path": "context.region"}],
+            },
+            "windows": ["1h"],
+            "window_resolution": "1m",
+        }
+    )
+    pop = Population(
+        {"race": ATTRS["race"], "sex": ATTRS["sex"], "region": ATTRS["region"]},
+        overrides=[({"race": "B", "region": "s"}, {"tpr": 0.35})],
+    )
+    ev = generate(pop, 12_000, np.random.default_rng(31))
+    tracker = LocalTracker(cfg)
+    for i in range(ev.label.size):  # every outcome after every prediction: the join must carry region
+        attrs = {"race": str(ev.values["race"][i]), "sex": str(ev.values["sex"][i])}
+        p = {"id": f"r{i}", "ts": 1000.0 + i * 0.1, "model": "m", "prediction": int(ev.predicted[i]),
+             "attributes": attrs, "context": {"region": str(ev.values["region"][i])}}  # fmt: skip
+        tracker.update_prediction(0, orjson.dumps(p), i)
+    for i in range(ev.label.size):
+        o = {"id": f"r{i}", "ts": 1000.0 + i * 0.1 + 60, "label": int(ev.label[i])}
+        tracker.update_outcome(0, orjson.dumps(o), i)
+    report = build_report(tracker.snapshot(), cfg)
+    assert {v.feature.name for v in report.views} == {"race", "sex", "race&sex"}
+    (sv,) = report.searches
+    top = sv.result.findings[0]
+    assert (sv.window, top.intersection, top.group, top.rate) == (
+        "1h",
+        "race&region",
+        "B&s",
+        "true_positive_rate",
+    )
+    sel = (ev.values["race"] == "B") & (ev.values["region"] == "s") & (ev.label == 1)
+    assert (top.trials, top.successes) == (int(sel.sum()), int(ev.predicted[sel].sum()))
+    reg = registry_for(lambda: (report, PipelineStats()))
+    labels = {"model": "m", "window": "1h", "intersection": "race&region", "group": "B&s", "rate": top.rate}
+    assert reg.get_sample_value("stream_fair_search_finding_gap", labels) == pytest.approx(top.gap)
+    assert (
+        reg.get_sample_value("stream_fair_search_hypotheses", {"model": "m", "window": "1h"})
+        == sv.result.tested
+    )
+    assert reg.get_sample_value("stream_fair_group_samples", {"model": "m", "feature": "region", "group": "s",
+                                                               "window": "cumulative"}) is None  # fmt: skip
