@@ -209,6 +209,7 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
     for m in report_missing(report):
         missing.add_metric([m.model, m.feature], m.share)
     yield missing
+    yield from _search_families(report)
     if snap.feedback is not None:
         try:
             from stream_fair.feedback_metrics import feedback_families
@@ -231,6 +232,34 @@ def _out_of_range(report: Report) -> Metric:
         for model, n in sorted(per.items()):
             fam.add_metric([model, str(p)], n)
     return fam
+
+
+def _search_families(report: Report) -> Iterator[Metric]:
+    """The search of unconfigured intersections (stream_fair.search): size and findings."""
+    tested = GaugeMetricFamily(
+        P + "search_hypotheses",
+        "Hypotheses (cell x rate) the last search of unconfigured intersections tested (Holm family size)",
+        labels=["model", "window"],
+    )
+    count = GaugeMetricFamily(
+        P + "search_findings",
+        "Cells of unconfigured intersections whose rate differs from the rest after Holm's correction",
+        labels=["model", "window"],
+    )
+    gap = GaugeMetricFamily(
+        P + "search_finding_gap",
+        "A finding's rate minus the rest's (0..1 scale, negative below the rest)",
+        labels=["model", "window", "intersection", "group", "rate"],
+    )
+    for sv in report.searches:
+        r = sv.result
+        tested.add_metric([sv.model, sv.window], r.tested)
+        count.add_metric([sv.model, sv.window], len(r.findings))
+        for f in r.findings:
+            gap.add_metric([sv.model, sv.window, f.intersection, f.group, f.rate], f.gap)
+    yield tested
+    yield count
+    yield gap
 
 
 def _pipeline(report: Report, stats: PipelineStats) -> Iterator[Metric]:

@@ -346,10 +346,16 @@ class Tracker:
         # with settings, every shard counts the model-wide verdict's increments (stream_fair.leader)
         self.verdict = verdict
         fc = config.fairness
-        self.features: list[FeatureKey] = feature_keys([f.name for f in fc.features], fc.intersections)
+        self.features: list[FeatureKey] = feature_keys(
+            [f.name for f in fc.features], fc.intersections, [f.name for f in fc.audit_only]
+        )
         self.decoder = Decoder(config)
-        self._limits = tuple(f.cardinality_limit or fc.cardinality_limit for f in fc.features)
+        # audit_only attributes are bounded like features: they multiply the count rows
+        self._limits = tuple(f.cardinality_limit or fc.cardinality_limit for f in fc.carried)
         self._intersections = tuple(k.indices for k in self.features if k.is_intersection)
+        # the guard's overflow order: every carried attribute, then the intersections
+        self._overflow_names = [f.name for f in fc.carried]
+        self._overflow_names += [k.name for k in self.features if k.is_intersection]
         self.backend = backend
         self.feedback = feedback
         self.shards: dict[int, Shard] = {}
@@ -713,7 +719,7 @@ class Tracker:
             watermark=j.watermark if j.watermark != float("-inf") else None,
             cells={k: tuple(row) for k, row in zip(s.counts.keys, s.counts.rows, strict=True)},
             overflow={
-                **{k.name: n for k, n in zip(self.features, s.guard.overflow, strict=True)},
+                **{name: n for name, n in zip(self._overflow_names, s.guard.overflow, strict=True)},
                 MODEL_OVERFLOW: s.guard.model_overflow,
             },
             dead_letters={k: (v[0], v[1]) for k, v in s.dead_letters.items()},
