@@ -225,3 +225,58 @@ def test_a_score_shift_in_one_group_moves_the_estimated_gap_and_flags_it() -> No
         k = m & (both["g"] == g)
         truth.append((both["s"][k] * both["d"][k]).sum() / both["s"][k].sum())
     assert eo.value == pytest.approx(abs(truth[0] - truth[1]), abs=0.01)
+
+
+def test_exported_estimates_are_the_reports_and_never_use_realized_names() -> None:
+    from prometheus_client import generate_latest
+
+    from stream_fair.exporter import PipelineStats, registry_for
+
+    rng = np.random.default_rng(17)
+    ev = events(rng, {"A": (2.0, 3.0), "B": (3.0, 2.0)}, 3000, labelled=0.5)
+    cfg = config()
+    t = LocalTracker(cfg)
+    for i in range(len(ev["s"])):
+        ts, score = 1000.0 + i, float(ev["s"][i])
+        doc = {"id": f"r{i}", "ts": ts, "model": "m", "score": score, "attributes": {"g": ev["g"][i]}}
+        t.update_prediction(0, orjson.dumps(doc), 2 * i)
+        if ev["labelled"][i]:
+            t.update_outcome(
+                0, orjson.dumps({"id": f"r{i}", "ts": ts + 0.5, "label": int(ev["y"][i])}), 2 * i + 1
+            )
+    report = build_report(t.snapshot(), cfg)
+    reg = registry_for(lambda: (report, PipelineStats()))
+    (view,) = [v for v in report.estimates if v.feature.name == "g"]
+    fe = view.estimates
+    get = reg.get_sample_value
+    for g in ("A", "B"):
+        for v in VIEWS:
+            labels = {"model": "m", "feature": "g", "group": g, "view": v}
+            e = fe.groups[v][g].rates["true_positive_rate"]
+            assert get("stream_fair_estimated_true_positive_rate", labels) == e.value
+            assert get("stream_fair_estimated_true_positive_rate_lower", labels) == e.lower
+            tp = get("stream_fair_estimated_confusion", {**labels, "actual": "1", "predicted": "1"})
+            assert tp == fe.groups[v][g].expected[0]
+        gl = {"model": "m", "feature": "g", "group": g}
+        assert get("stream_fair_estimated_pending_predictions", gl) == int(
+            (~ev["labelled"] & (ev["g"] == g)).sum()
+        )
+        assert get("stream_fair_calibration_error", gl) == fe.calibration[g].ece.value  # type: ignore[union-attr]
+        assert get("stream_fair_estimated_group_trusted", gl) == 1.0
+        # the realized TPR is the labelled pairs' only, whatever is pending
+        m = (ev["g"] == g) & ev["labelled"]
+        realized = Counts.from_labels(ev["y"][m], ev["d"][m])
+        want = realized.tp / (realized.tp + realized.fn)
+        got = get("stream_fair_true_positive_rate", {**gl, "window": "cumulative"})
+        assert got == pytest.approx(want, abs=1e-12)
+    d = fe.disparities["pending"]["equal_opportunity_difference", "between_groups"]
+    fl = {"model": "m", "feature": "g", "view": "pending", "method": "between_groups"}
+    assert get("stream_fair_estimated_equal_opportunity_difference", fl) == d.value
+    flagged = get(
+        "stream_fair_estimated_disparity_flagged", {**fl, "disparity": "equal_opportunity_difference"}
+    )
+    assert flagged == float(fe.flagged["pending"]["equal_opportunity_difference", "between_groups"])
+    text = generate_latest(reg).decode()
+    assert 'view="' not in "\n".join(
+        x for x in text.splitlines() if x.startswith("stream_fair_true_positive_rate")
+    )
