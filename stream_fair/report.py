@@ -66,6 +66,7 @@ class Report:
     traffic: list[TrafficView] = field(default_factory=list)
     partitions: list[PartitionGroups] = field(default_factory=list)
     searches: list[SearchView] = field(default_factory=list)
+    attributes: tuple[tuple[str, int], ...] = ()  # (name, cell position) of every carried attribute
 
     def view(self, model: str, feature: str, window: str = CUMULATIVE) -> FeatureView:
         for v in self.views:
@@ -119,7 +120,9 @@ def build_report(snapshot: Snapshot, config: Config) -> Report:
     settings = fairness_settings(config)
     keys = config_keys(config)
     refs = references(config, keys)
-    report = Report(snapshot=snapshot, settings=settings)
+    fc = config.fairness
+    carried = carried_attributes([f.name for f in fc.features], [f.name for f in fc.audit_only])
+    report = Report(snapshot=snapshot, settings=settings, attributes=tuple(carried))
     windows = {CUMULATIVE: snapshot.cumulative, **snapshot.windows}
     for key in keys:
         for window, cells in windows.items():
