@@ -33,6 +33,7 @@ from stream_fair.report import Report, build_report
 from stream_fair.state import identity
 from stream_fair.state.codec import (
     SPACE_COUNTS,
+    SPACE_HIST,
     SPACE_ID,
     encode_json,
     increment_key,
@@ -860,6 +861,10 @@ class Detector:
                     ci = parse_cell(key[3:])
                     if ci < len(s.counts.rows):
                         s.counts.dirty.add(ci)
+                elif key[0] == SPACE_HIST:
+                    ci = parse_cell(key[3:])
+                    if ci < len(s.counts.rows):  # a zero row where none was committed
+                        s.histograms.touch(ci)
             s.changed = True
         self._to_restore.discard(p)
         self.checkpoint({p})  # the claim

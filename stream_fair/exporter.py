@@ -29,6 +29,7 @@ from prometheus_client.process_collector import ProcessCollector
 from stream_fair import __version__
 from stream_fair.counts import ACTUAL_PREDICTED, EXPIRED, FN, FP, PRED0, PRED1, TN, TP
 from stream_fair.fairness import DISPARITIES, RATES
+from stream_fair.histograms import OUT_OF_RANGE
 from stream_fair.missing import report_missing
 from stream_fair.report import CUMULATIVE, Report
 from stream_fair.tracker import TOPICS
@@ -205,6 +206,7 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
     yield confusion
     yield predictions
     yield expired
+    yield _out_of_range(report)
     missing = GaugeMetricFamily(
         P + "feature_missing_ratio",
         "Share of accepted predictions with no value for the feature (group __missing__)",
@@ -220,6 +222,22 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
         except ImportError:  # the feedback exporter is optional while it is being built
             return
         yield from feedback_families(snap.feedback)
+
+
+def _out_of_range(report: Report) -> Metric:
+    fam = CounterMetricFamily(
+        P + "scores_out_of_range",
+        "Scored predictions whose score lies outside [0, 1] (counted in the edge histogram bin)",
+        labels=["model", "partition"],
+    )
+    for p, view in sorted(report.snapshot.partitions.items()):
+        per: dict[str, int] = {}
+        for (model, _cell), row in view.histograms.items():
+            if row[OUT_OF_RANGE]:
+                per[model] = per.get(model, 0) + row[OUT_OF_RANGE]
+        for model, n in sorted(per.items()):
+            fam.add_metric([model, str(p)], n)
+    return fam
 
 
 def _search_families(report: Report) -> Iterator[Metric]:

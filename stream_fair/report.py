@@ -14,6 +14,7 @@ from stream_fair.config import Config, format_duration
 from stream_fair.counts import Key, Quad, add_rows
 from stream_fair.fairness import Counts, FairnessSettings, FeatureReport, evaluate_feature
 from stream_fair.groups import SEPARATOR, Cell, FeatureKey, carried_attributes, feature_keys
+from stream_fair.histograms import ScoreHistogram
 from stream_fair.search import SearchResult, search
 from stream_fair.tracker import Snapshot
 
@@ -67,6 +68,20 @@ class Report:
     partitions: list[PartitionGroups] = field(default_factory=list)
     searches: list[SearchView] = field(default_factory=list)
     attributes: tuple[tuple[str, int], ...] = ()  # (name, cell position) of every carried attribute
+    keys: list[FeatureKey] = field(default_factory=list)
+
+    def feature_key(self, feature: str) -> FeatureKey:
+        """The configured feature or intersection named ``feature`` (KeyError if none)."""
+        for k in self.keys:
+            if k.name == feature:
+                return k
+        raise KeyError(feature)
+
+    def score_histograms(self, model: str, feature: str) -> dict[str, ScoreHistogram]:
+        """group -> :class:`~stream_fair.histograms.ScoreHistogram` of one (model, feature), summed
+        over this replica's partitions; ``{}`` when the model has no scored prediction.
+        KeyError when ``feature`` is not a configured feature or intersection."""
+        return self.snapshot.score_histograms(self.feature_key(feature)).get(model, {})
 
     def view(self, model: str, feature: str, window: str = CUMULATIVE) -> FeatureView:
         for v in self.views:
@@ -122,7 +137,7 @@ def build_report(snapshot: Snapshot, config: Config) -> Report:
     refs = references(config, keys)
     fc = config.fairness
     carried = carried_attributes([f.name for f in fc.features], [f.name for f in fc.audit_only])
-    report = Report(snapshot=snapshot, settings=settings, attributes=tuple(carried))
+    report = Report(snapshot=snapshot, settings=settings, keys=list(keys), attributes=tuple(carried))
     windows = {CUMULATIVE: snapshot.cumulative, **snapshot.windows}
     for key in keys:
         for window, cells in windows.items():
