@@ -17,3 +17,7 @@ class StateError(StreamFairError):
 
 class BrokerError(StreamFairError):
     """Kafka is unreachable or a topic is missing or incompatible."""
+
+
+class WhatIfError(StreamFairError):
+    """A threshold what-if cannot be answered (unknown criterion or group, too few labelled pairs)."""
