@@ -6,12 +6,13 @@ no torn reads. ``collect()`` never raises: a failure is logged, counted in
 ``stream_fair_errors_total{kind="snapshot"}`` and the scrape still answers.
 
 Endpoints: ``/metrics``, ``/`` (status page), ``/alarms`` (alarms and their event log, JSON),
-``/healthz`` (the run loop is alive), ``/readyz`` (partitions assigned and state loaded).
+``/whatif`` (threshold what-ifs, JSON: :mod:`stream_fair.whatif_query`), ``/healthz`` (the run loop is alive), ``/readyz`` (partitions assigned and state loaded).
 """
 
 from __future__ import annotations
 
 import json
+import urllib.parse
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -381,6 +382,7 @@ class ExporterServer:
         page: Callable[[], str] | None = None,
         clock: Callable[[], float] | None = None,
         alarms: Callable[[], dict[str, Any]] | None = None,
+        whatif: Callable[[dict[str, list[str]]], tuple[int, dict[str, Any]]] | None = None,
         *,
         read_timeout: float = 10.0,
         workers: int = 4,
@@ -413,6 +415,14 @@ class ExporterServer:
                 elif path == "/alarms" and alarms is not None:
                     body = json.dumps(alarms(), indent=1).encode()
                     self._send(200, body, "application/json")
+                elif path == "/whatif" and whatif is not None:
+                    query = urllib.parse.parse_qs(self.path.partition("?")[2], keep_blank_values=True)
+                    try:
+                        code, doc = whatif(query)
+                    except Exception:
+                        log.exception("what-if failed")
+                        code, doc = 500, {"error": "what-if failed; see the detector's log"}
+                    self._send(code, json.dumps(doc, indent=1).encode(), "application/json")
                 elif path == "/" and page is not None:
                     try:
                         body = page().encode()
@@ -421,7 +431,7 @@ class ExporterServer:
                         log.exception("status page failed")
                         self._send(500, b"status page failed; see /metrics\n")
                 else:
-                    self._send(404, b"not found: try /metrics, /, /alarms, /healthz, /readyz\n")
+                    self._send(404, b"not found: try /metrics, /, /alarms, /whatif, /healthz, /readyz\n")
 
             def _send(
                 self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8", auth: bool = False

@@ -64,7 +64,7 @@ from numpy.typing import NDArray
 from scipy import special
 
 from stream_fair.disparity import DISPARITY_RATES
-from stream_fair.errors import WhatIfError
+from stream_fair.errors import TooFewSamplesError, WhatIfError
 from stream_fair.fairness import (
     RATES,
     Counts,
@@ -106,6 +106,8 @@ TOO_FEW_GROUPS_ERROR = (
     "eligible: {eligible}; too small or reserved: {small}"
 )
 HISTOGRAM_ERROR = "a labelled histogram needs increasing edges and {bins} non-negative counts per label; {problem}"
+EXCLUDED_GROUP_ERROR = "group {group!r} cannot be projected: {reason}"
+NO_CURRENT_ERROR = "no current threshold for groups {groups}: give one per group, or one for all"
 TOLERANCE_ERROR = "tolerance must lie in [0, 1], e.g. 0.05; got {value!r}"
 _EPS = 1e-12
 
@@ -319,7 +321,7 @@ def _eligible(
         else:
             eligible.append(g)
     if len(eligible) < 2:
-        raise WhatIfError(
+        raise TooFewSamplesError(
             TOO_FEW_GROUPS_ERROR.format(
                 min_samples=settings.min_samples,
                 labels=" of both labels" if both else "",
@@ -335,7 +337,10 @@ def _currents(hists: Mapping[str, Any], current: float | Mapping[str, float]) ->
         for g in current:
             if g not in hists:
                 raise WhatIfError(UNKNOWN_GROUP_ERROR.format(value=g, choices=sorted(hists)))
-        return {g: float(current.get(g, 0.5)) for g in hists}
+        missing = sorted(set(hists) - set(current))
+        if missing:
+            raise WhatIfError(NO_CURRENT_ERROR.format(groups=missing))
+        return {g: float(current[g]) for g in hists}
     return dict.fromkeys(hists, float(current))
 
 
@@ -353,6 +358,9 @@ def evaluate(
     """Project ``rules`` (groups not in it keep their current threshold) against the current ones."""
     _check_criterion(criterion)
     eligible, excluded = _eligible(hists, criterion, settings)
+    for g in rules:
+        if g in excluded:
+            raise TooFewSamplesError(EXCLUDED_GROUP_ERROR.format(group=g, reason=excluded[g]))
     cur = _currents(hists, current)
     level = settings.credible_level
     groups: dict[str, GroupWhatIf] = {}
