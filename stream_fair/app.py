@@ -145,6 +145,7 @@ class Detector:
             self.health,
             page=lambda: render(*self.current(), history=self.history),
             alarms=self.alarms_document,
+            whatif=self.whatif_document,
             **server_options(config.exporter),
         )
 
@@ -253,6 +254,33 @@ class Detector:
                     )
         events = [e.to_json() for e in fb.alarm_events] if fb is not None else []
         return {"leader": stats.leader, "alarms": alarms, "events": events}
+
+    def whatif_document(self, query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
+        """``/whatif``: threshold what-ifs over the labelled score histograms of this replica's
+        partitions (:mod:`stream_fair.whatif_query`)."""
+        from stream_fair.groups import feature_keys
+        from stream_fair.report import fairness_settings
+        from stream_fair.whatif_query import answer
+
+        report, _ = self.current()
+        snap = report.snapshot
+        fc = self.config.fairness
+        keys = {k.name: k for k in feature_keys([f.name for f in fc.features], fc.intersections)}
+
+        def histograms(model: str, feature: str) -> Any:
+            key = keys.get(feature)
+            if key is None:
+                return None
+            by_group = snap.score_histograms(key).get(model)
+            if not by_group:
+                return None
+            edges = next(iter(by_group.values())).edges
+            return edges, {g: (h.positives, h.negatives) for g, h in by_group.items()}
+
+        def known() -> list[tuple[str, str]]:
+            return sorted({(v.model, v.feature.name) for v in report.views})
+
+        return answer(query, histograms, fairness_settings(self.config), self.config.schema_.score_threshold, known)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
