@@ -204,3 +204,15 @@ def test_errors_name_the_problem() -> None:
     hists["big2"] = hists["big"]
     w = optimize(hists, "demographic_parity", 0.5, SETTINGS)
     assert set(w.groups) == {"big", "big2"} and set(w.excluded) == {"small", "__other__"}
+
+
+def test_whatif_core_loads_neither_kafka_nor_prometheus() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, stream_fair.whatif, stream_fair.whatif_query, stream_fair.whatif_client; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('kafka', 'prometheus_client')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
