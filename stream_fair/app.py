@@ -280,7 +280,9 @@ class Detector:
         def known() -> list[tuple[str, str]]:
             return sorted({(v.model, v.feature.name) for v in report.views})
 
-        return answer(query, histograms, fairness_settings(self.config), self.config.schema_.score_threshold, known)
+        return answer(
+            query, histograms, fairness_settings(self.config), self.config.schema_.score_threshold, known
+        )
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:

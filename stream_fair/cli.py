@@ -237,9 +237,7 @@ def cmd_whatif(args: argparse.Namespace) -> int:
     if args.tolerance is not None:
         params.append(("tolerance", str(args.tolerance)))
     params += [("threshold", t) for t in args.threshold] + [("current", c) for c in args.current]
-    doc = fetch(
-        args.url, params, user=args.user, password=os.environ.get(PASSWORD_ENV), cafile=args.cacert
-    )
+    doc = fetch(args.url, params, user=args.user, password=os.environ.get(PASSWORD_ENV), cafile=args.cacert)
     if args.json:
         import json
 
@@ -409,7 +407,10 @@ def parser(dev: bool = True) -> argparse.ArgumentParser:
         help="one threshold per group (deterministic, default) or fairlearn-style mixing (exact parity)",
     )
     whatif.add_argument(
-        "--tolerance", type=float, metavar="D", help="largest allowed difference (default: fairness.thresholds)"
+        "--tolerance",
+        type=float,
+        metavar="D",
+        help="largest allowed difference (default: fairness.thresholds)",
     )
     whatif.add_argument(
         "--threshold", action="append", default=[], metavar="GROUP:T", help="plain what-if (repeatable)"

@@ -6,15 +6,16 @@ no torn reads. ``collect()`` never raises: a failure is logged, counted in
 ``stream_fair_errors_total{kind="snapshot"}`` and the scrape still answers.
 
 Endpoints: ``/metrics``, ``/`` (status page), ``/alarms`` (alarms and their event log, JSON),
-``/whatif`` (threshold what-ifs, JSON: :mod:`stream_fair.whatif_query`), ``/healthz`` (the run loop is alive), ``/readyz`` (partitions assigned and state loaded).
+``/whatif`` (threshold what-ifs, JSON: :mod:`stream_fair.whatif_query`), ``/healthz`` (the run
+loop is alive), ``/readyz`` (partitions assigned and state loaded).
 """
 
 from __future__ import annotations
 
 import json
-import urllib.parse
 import logging
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler

@@ -105,7 +105,9 @@ TOO_FEW_GROUPS_ERROR = (
     "a what-if needs at least 2 groups with min_samples={min_samples} labelled pairs{labels}; "
     "eligible: {eligible}; too small or reserved: {small}"
 )
-HISTOGRAM_ERROR = "a labelled histogram needs increasing edges and {bins} non-negative counts per label; {problem}"
+HISTOGRAM_ERROR = (
+    "a labelled histogram needs increasing edges and {bins} non-negative counts per label; {problem}"
+)
 EXCLUDED_GROUP_ERROR = "group {group!r} cannot be projected: {reason}"
 NO_CURRENT_ERROR = "no current threshold for groups {groups}: give one per group, or one for all"
 TOLERANCE_ERROR = "tolerance must lie in [0, 1], e.g. 0.05; got {value!r}"
@@ -126,7 +128,9 @@ class LabelledHistogram:
         neg = np.asarray(self.negatives, dtype=np.int64)
         bins = edges.size - 1
         if edges.ndim != 1 or bins < 1 or np.any(np.diff(edges) <= 0):
-            raise WhatIfError(HISTOGRAM_ERROR.format(bins="len(edges) - 1", problem="edges are not increasing"))
+            raise WhatIfError(
+                HISTOGRAM_ERROR.format(bins="len(edges) - 1", problem="edges are not increasing")
+            )
         if pos.shape != (bins,) or neg.shape != (bins,) or pos.min() < 0 or neg.min() < 0:
             raise WhatIfError(HISTOGRAM_ERROR.format(bins=bins, problem="counts do not match"))
         object.__setattr__(self, "edges", edges)

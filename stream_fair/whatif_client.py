@@ -21,7 +21,12 @@ UNREACHABLE_ERROR = "cannot reach {url} ({reason}): is stream-fair running there
 NOT_JSON_ERROR = "{url} answered {status} without a what-if document: is it a stream-fair {need}?"
 PASSWORD_ENV = "STREAM_FAIR_PASSWORD"
 _SHOWN = ("selection_rate", "true_positive_rate", "false_positive_rate", "accuracy")
-_SHORT = {"selection_rate": "selection", "true_positive_rate": "TPR", "false_positive_rate": "FPR", "accuracy": "accuracy"}
+_SHORT = {
+    "selection_rate": "selection",
+    "true_positive_rate": "TPR",
+    "false_positive_rate": "FPR",
+    "accuracy": "accuracy",
+}
 
 
 def fetch(
@@ -105,7 +110,9 @@ def format_document(doc: dict[str, Any]) -> str:
         lines.append(f"{name}: {now['value']:.3f} -> {_est(e)}" if now else f"{name}: {_est(e)}")
     acc_now, acc = doc["current_overall"]["accuracy"], doc["overall"]["accuracy"]
     sel_now, sel = doc["current_overall"]["selection_rate"], doc["overall"]["selection_rate"]
-    lines.append(f"overall accuracy: {acc_now['value']:.3f} -> {_est(acc)}, change {_change(doc['accuracy_change'])}")
+    lines.append(
+        f"overall accuracy: {acc_now['value']:.3f} -> {_est(acc)}, change {_change(doc['accuracy_change'])}"
+    )
     lines.append(f"overall selection rate: {sel_now['value']:.3f} -> {_est(sel)}")
     for g, why in doc.get("excluded", {}).items():
         lines.append(f"excluded {g}: {why}")

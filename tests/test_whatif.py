@@ -117,7 +117,9 @@ def test_plain_what_if_and_overcorrection_match_numpy() -> None:
     overall_old = np.mean((s >= 0.5) == (y == 1))
     assert w.overall["accuracy"].value == pytest.approx(overall_new)
     assert w.accuracy_change.value == pytest.approx(overall_new - overall_old)
-    tprs = [np.mean(np.where(a == g, s >= (tb if g == "b" else 0.5), False)[(a == g) & (y == 1)]) for g in GROUPS]
+    tprs = [
+        np.mean(np.where(a == g, s >= (tb if g == "b" else 0.5), False)[(a == g) & (y == 1)]) for g in GROUPS
+    ]
     assert w.disparities["equal_opportunity_difference"].value == pytest.approx(max(tprs) - min(tprs))
     assert w.met == (max(tprs) - min(tprs) <= 0.1)
     json.dumps(w.to_json())  # serializable as served
@@ -158,7 +160,10 @@ def test_randomized_agrees_with_fairlearn_threshold_optimizer(criterion: str, se
     hists = _hists(s, y, a, edges)
     w = optimize(hists, criterion, 0.5, SETTINGS, mode="randomized")
     opt = ThresholdOptimizer(
-        estimator=_Scores().fit(None, None), constraints=_FAIRLEARN[criterion], prefit=True, predict_method="predict"
+        estimator=_Scores().fit(None, None),
+        constraints=_FAIRLEARN[criterion],
+        prefit=True,
+        predict_method="predict",
     )
     X = s[:, None]
     opt.fit(X, y, sensitive_features=a)

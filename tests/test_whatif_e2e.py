@@ -60,10 +60,22 @@ def _events(seed: int) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, np.n
             i += 1
             attrs = {"grp": g, "region": "north" if k % 2 else "south"}
             rows.append(
-                (ts[k], "prediction", {"id": rid, "ts": ts[k], "model": MODEL, "prediction": int(s[k] >= 0.5),
-                                       "score": float(s[k]), "attributes": attrs})  # fmt: skip
+                (
+                    ts[k],
+                    "prediction",
+                    {
+                        "id": rid,
+                        "ts": ts[k],
+                        "model": MODEL,
+                        "prediction": int(s[k] >= 0.5),
+                        "score": float(s[k]),
+                        "attributes": attrs,
+                    },
+                )
             )
-            rows.append((ts[k] + delay[k], "outcome", {"id": rid, "ts": ts[k] + delay[k], "label": int(y[k])}))
+            rows.append(
+                (ts[k] + delay[k], "outcome", {"id": rid, "ts": ts[k] + delay[k], "label": int(y[k])})
+            )
         raw["s"] += s.tolist()
         raw["y"] += y.tolist()
         raw["g"] += [g] * n
@@ -88,7 +100,9 @@ def _get(url: str, auth: bool = True) -> tuple[int, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def instance(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+def instance(
+    kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     tmp = tmp_path_factory.mktemp("whatif")
     web = tmp / "web.yml"
     hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
@@ -138,29 +152,52 @@ def _np_rates(s: np.ndarray, y: np.ndarray, t: float) -> dict[str, float]:
     }
 
 
-def test_equal_opportunity_thresholds_are_the_brute_force_optimum(instance: tuple[str, dict[str, np.ndarray]]) -> None:
+def test_equal_opportunity_thresholds_are_the_brute_force_optimum(
+    instance: tuple[str, dict[str, np.ndarray]],
+) -> None:
     url, raw = instance
     code, doc = _get(f"{url}/whatif?model={MODEL}&feature=grp&criterion=equal_opportunity&tolerance=0.03")
     assert code == 200, doc
     assert doc["met"] is True and set(doc["groups"]) == set(GROUPS)
     assert "D" in doc["excluded"] and "min_samples=100" in doc["excluded"]["D"]
     # brute force over all 51^3 edge combinations, rates by numpy on the raw events
-    tpr = {g: np.array([_np_rates(raw["s"][raw["g"] == g], raw["y"][raw["g"] == g], t)["true_positive_rate"] for t in EDGES]) for g in GROUPS}
-    correct = {g: np.array([_np_rates(raw["s"][raw["g"] == g], raw["y"][raw["g"] == g], t)["accuracy"] * GROUPS[g][0] for t in EDGES]) for g in GROUPS}
+    tpr = {
+        g: np.array(
+            [
+                _np_rates(raw["s"][raw["g"] == g], raw["y"][raw["g"] == g], t)["true_positive_rate"]
+                for t in EDGES
+            ]
+        )
+        for g in GROUPS
+    }
+    correct = {
+        g: np.array(
+            [
+                _np_rates(raw["s"][raw["g"] == g], raw["y"][raw["g"] == g], t)["accuracy"] * GROUPS[g][0]
+                for t in EDGES
+            ]
+        )
+        for g in GROUPS
+    }
     a, b, c = np.meshgrid(*(np.arange(51),) * 3, indexing="ij")
     rates = np.stack([tpr["A"][a], tpr["B"][b], tpr["C"][c]])
     ok = rates.max(axis=0) - rates.min(axis=0) <= 0.03 + 1e-12
     total = correct["A"][a] + correct["B"][b] + correct["C"][c]
     best = total[ok].max() / sum(v[0] for v in GROUPS.values())
     assert doc["overall"]["accuracy"]["value"] == pytest.approx(best, abs=1e-12)
-    chosen = {g: _np_rates(raw["s"][raw["g"] == g], raw["y"][raw["g"] == g], r["rule"]["thresholds"][0]) for g, r in doc["groups"].items()}
+    chosen = {
+        g: _np_rates(raw["s"][raw["g"] == g], raw["y"][raw["g"] == g], r["rule"]["thresholds"][0])
+        for g, r in doc["groups"].items()
+    }
     for g, r in doc["groups"].items():
         now = _np_rates(raw["s"][raw["g"] == g], raw["y"][raw["g"] == g], 0.5)
         for name, value in chosen[g].items():
             assert r["rates"][name]["value"] == pytest.approx(value, abs=1e-12)
             assert r["rates"][name]["lower"] <= value <= r["rates"][name]["upper"]
             assert r["current_rates"][name]["value"] == pytest.approx(now[name], abs=1e-12)
-        assert r["accuracy_change"]["value"] == pytest.approx(chosen[g]["accuracy"] - now["accuracy"], abs=1e-12)
+        assert r["accuracy_change"]["value"] == pytest.approx(
+            chosen[g]["accuracy"] - now["accuracy"], abs=1e-12
+        )
     tprs = [v["true_positive_rate"] for v in chosen.values()]
     assert doc["disparities"]["equal_opportunity_difference"]["value"] == pytest.approx(max(tprs) - min(tprs))
 
@@ -172,8 +209,12 @@ def test_randomized_equalized_odds_agrees_with_fairlearn(instance: tuple[str, di
     keep = raw["g"] != TINY[0]
     s = EDGES[np.searchsorted(EDGES, raw["s"][keep], side="right") - 1]  # the bins fairlearn sees
     y, g = raw["y"][keep], raw["g"][keep]
-    opt = ThresholdOptimizer(estimator=_Scores().fit(None, None), constraints=_FAIRLEARN["equalized_odds"],
-                             prefit=True, predict_method="predict").fit(s[:, None], y, sensitive_features=g)  # fmt: skip
+    opt = ThresholdOptimizer(
+        estimator=_Scores().fit(None, None),
+        constraints=_FAIRLEARN["equalized_odds"],
+        prefit=True,
+        predict_method="predict",
+    ).fit(s[:, None], y, sensitive_features=g)
     p = opt._pmf_predict(s[:, None], sensitive_features=g)[:, 1]
     for group, r in doc["groups"].items():
         m = g == group
@@ -221,9 +262,19 @@ def test_cli(instance: tuple[str, dict[str, np.ndarray]], tmp_path: Path) -> Non
     as_json = run_cli(*args, "--criterion", "demographic_parity", "--tolerance", "0.05", "--json", env=env)
     assert json.loads(as_json.stdout) == doc
     bad = run_cli(
-        "whatif", "--url", url, "--user", USER, "--model", "nope", "--feature", "grp", "--criterion",
-        "equal_opportunity", env=env,
-    )  # fmt: skip
+        "whatif",
+        "--url",
+        url,
+        "--user",
+        USER,
+        "--model",
+        "nope",
+        "--feature",
+        "grp",
+        "--criterion",
+        "equal_opportunity",
+        env=env,
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("stream-fair: no labelled score histograms")
     assert len(bad.stderr.strip().splitlines()) == 1
     small = run_cli(*args, "--threshold", "D:0.3", env=env)
