@@ -258,20 +258,16 @@ class Detector:
     def whatif_document(self, query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
         """``/whatif``: threshold what-ifs over the labelled score histograms of this replica's
         partitions (:mod:`stream_fair.whatif_query`)."""
-        from stream_fair.groups import feature_keys
         from stream_fair.report import fairness_settings
         from stream_fair.whatif_query import answer
 
         report, _ = self.current()
-        snap = report.snapshot
-        fc = self.config.fairness
-        keys = {k.name: k for k in feature_keys([f.name for f in fc.features], fc.intersections)}
 
         def histograms(model: str, feature: str) -> Any:
-            key = keys.get(feature)
-            if key is None:
+            try:
+                by_group = report.score_histograms(model, feature)
+            except KeyError:  # not a configured feature or intersection
                 return None
-            by_group = snap.score_histograms(key).get(model)
             if not by_group:
                 return None
             edges = next(iter(by_group.values())).edges
@@ -280,9 +276,8 @@ class Detector:
         def known() -> list[tuple[str, str]]:
             return sorted({(v.model, v.feature.name) for v in report.views})
 
-        return answer(
-            query, histograms, fairness_settings(self.config), self.config.schema_.score_threshold, known
-        )
+        settings = fairness_settings(self.config)
+        return answer(query, histograms, settings, self.config.schema_.score_threshold, known)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
