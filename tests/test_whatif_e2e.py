@@ -53,8 +53,8 @@ def _events(seed: int) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, np.n
         s = 1 / (1 + np.exp(-rng.normal(sep * (y - 0.5), 1.0)))
         # never within 1e-9 of a bin edge: the oracle's `score >= edge` and the binning then agree
         s = np.where(np.abs(s * 50 - np.round(s * 50)) < 1e-6, s + 1e-5, s)
-        ts = np.sort(rng.uniform(1_700_000_000, 1_700_000_030, n))
-        delay = rng.exponential(np.where(y == 1, d1, d0))
+        ts = np.sort(rng.uniform(1_700_000_000, 1_700_000_030, n)).tolist()
+        delay = rng.exponential(np.where(y == 1, d1, d0)).tolist()
         for k in range(n):
             rid = f"r{i}"
             i += 1
