@@ -221,3 +221,36 @@ def test_whatif_core_loads_neither_kafka_nor_prometheus() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_query_statuses() -> None:
+    from stream_fair.whatif_query import NO_CURRENT_ERROR, answer
+
+    s, y, a = _stream(8, {**GROUPS, "tiny": (10, 0.5, 2.0)})
+    hists = _hists(s, y, a, np.linspace(0, 1, 51))
+    store = {("m", "grp"): (hists["a"].edges, {g: (h.positives, h.negatives) for g, h in hists.items()})}
+
+    def ask(configured: float | None = 0.5, **q: str | list[str]) -> tuple[int, dict]:
+        query = {k: v if isinstance(v, list) else [v] for k, v in q.items()}
+        return answer(query, lambda m, f: store.get((m, f)), SETTINGS, configured, lambda: sorted(store))
+
+    code, doc = ask(model="m", feature="grp", criterion="equal_opportunity")
+    assert (
+        code == 200
+        and doc["model"] == "m"
+        and doc["excluded"] == {"tiny": "10 labelled pairs < min_samples=20"}
+    )
+    assert ask(model="m", feature="nope", criterion="equal_opportunity")[0] == 404
+    assert ask(model="m", feature="grp", criterion="parity")[0] == 400
+    assert ask(model="m", feature="grp", criterion="equal_opportunity", tolerance="1.5")[0] == 400
+    assert ask(model="m", feature="grp", threshold="b0.4")[0] == 400
+    assert ask(model="m", feature="grp", threshold="tiny:0.4")[0] == 422
+    assert ask(None, model="m", feature="grp", criterion="demographic_parity") == (
+        400,
+        {"error": NO_CURRENT_ERROR},
+    )
+    # per-group current thresholds, the rest from schema.score_threshold
+    code, doc = ask(model="m", feature="grp", threshold="a:0.6", current=["b:0.4"])
+    assert code == 200 and doc["groups"]["b"]["current_threshold"] == pytest.approx(0.4)
+    assert doc["groups"]["c"]["current_threshold"] == pytest.approx(0.5)
+    assert ask(None, model="m", feature="grp", threshold="a:0.6", current=["b:0.4"])[0] == 400
