@@ -30,7 +30,7 @@ from stream_fair.config import Config
 from stream_fair.dev.broker import create_topics, produce_events
 from tests.conftest import TopicNames
 from tests.helpers import cli_env, detector_config, paced, run_cli, wait_for
-from tests.test_whatif import _FAIRLEARN, _Scores
+from tests.test_whatif import _FAIRLEARN, _np_rates, _Scores
 
 pytestmark = pytest.mark.integration
 
@@ -140,16 +140,6 @@ def instance(
     finally:
         stop.set()
         thread.join(timeout=30)
-
-
-def _np_rates(s: np.ndarray, y: np.ndarray, t: float) -> dict[str, float]:
-    d = s >= t
-    return {
-        "selection_rate": d.mean(),
-        "true_positive_rate": d[y == 1].mean(),
-        "false_positive_rate": d[y == 0].mean(),
-        "accuracy": (d == (y == 1)).mean(),
-    }
 
 
 def test_equal_opportunity_thresholds_are_the_brute_force_optimum(
