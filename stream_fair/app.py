@@ -32,6 +32,7 @@ from stream_fair.report import Report, build_report
 from stream_fair.state import identity
 from stream_fair.state.codec import (
     SPACE_COUNTS,
+    SPACE_HIST,
     SPACE_ID,
     encode_json,
     increment_key,
@@ -62,6 +63,8 @@ def fingerprint(config: Config) -> dict[str, Any]:
     return {
         "features": [f.name for f in config.fairness.features],
         "intersections": config.fairness.intersections,
+        # only when set: stores written before audit_only existed stay valid
+        **({"audit_only": [f.name for f in fc.audit_only]} if (fc := config.fairness).audit_only else {}),
         "windows": config.windows,
         "window_resolution": config.window_resolution,
         "group_id": config.kafka.group_id,
@@ -792,6 +795,10 @@ class Detector:
                     ci = parse_cell(key[3:])
                     if ci < len(s.counts.rows):
                         s.counts.dirty.add(ci)
+                elif key[0] == SPACE_HIST:
+                    ci = parse_cell(key[3:])
+                    if ci < len(s.counts.rows):  # a zero row where none was committed
+                        s.histograms.touch(ci)
             s.changed = True
         self._to_restore.discard(p)
         self.checkpoint({p})  # the claim
@@ -867,8 +874,6 @@ def server_options(exporter: Any) -> dict[str, Any]:
 def _default_feedback(config: Config) -> Feedback:
     from stream_fair.config import feedback_settings
     from stream_fair.feedback import FeedbackMonitor
-    from stream_fair.groups import feature_keys
+    from stream_fair.report import config_keys
 
-    fc = config.fairness
-    keys = feature_keys([f.name for f in fc.features], fc.intersections)
-    return FeedbackMonitor(keys, feedback_settings(config.feedback))
+    return FeedbackMonitor(config_keys(config), feedback_settings(config.feedback))

@@ -28,6 +28,7 @@ from prometheus_client.process_collector import ProcessCollector
 from stream_fair import __version__
 from stream_fair.counts import ACTUAL_PREDICTED, EXPIRED, FN, FP, PRED0, PRED1, TN, TP
 from stream_fair.fairness import DISPARITIES, RATES
+from stream_fair.histograms import OUT_OF_RANGE
 from stream_fair.missing import report_missing
 from stream_fair.report import CUMULATIVE, Report
 from stream_fair.tracker import TOPICS
@@ -201,6 +202,7 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
     yield confusion
     yield predictions
     yield expired
+    yield _out_of_range(report)
     missing = GaugeMetricFamily(
         P + "feature_missing_ratio",
         "Share of accepted predictions with no value for the feature (group __missing__)",
@@ -209,12 +211,57 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
     for m in report_missing(report):
         missing.add_metric([m.model, m.feature], m.share)
     yield missing
+    yield from _search_families(report)
     if snap.feedback is not None:
         try:
             from stream_fair.feedback_metrics import feedback_families
         except ImportError:  # the feedback exporter is optional while it is being built
             return
         yield from feedback_families(snap.feedback)
+
+
+def _out_of_range(report: Report) -> Metric:
+    fam = CounterMetricFamily(
+        P + "scores_out_of_range",
+        "Scored predictions whose score lies outside [0, 1] (counted in the edge histogram bin)",
+        labels=["model", "partition"],
+    )
+    for p, view in sorted(report.snapshot.partitions.items()):
+        per: dict[str, int] = {}
+        for (model, _cell), row in view.histograms.items():
+            if row[OUT_OF_RANGE]:
+                per[model] = per.get(model, 0) + row[OUT_OF_RANGE]
+        for model, n in sorted(per.items()):
+            fam.add_metric([model, str(p)], n)
+    return fam
+
+
+def _search_families(report: Report) -> Iterator[Metric]:
+    """The search of unconfigured intersections (stream_fair.search): size and findings."""
+    tested = GaugeMetricFamily(
+        P + "search_hypotheses",
+        "Hypotheses (cell x rate) the last search of unconfigured intersections tested (Holm family size)",
+        labels=["model", "window"],
+    )
+    count = GaugeMetricFamily(
+        P + "search_findings",
+        "Cells of unconfigured intersections whose rate differs from the rest after Holm's correction",
+        labels=["model", "window"],
+    )
+    gap = GaugeMetricFamily(
+        P + "search_finding_gap",
+        "A finding's rate minus the rest's (0..1 scale, negative below the rest)",
+        labels=["model", "window", "intersection", "group", "rate"],
+    )
+    for sv in report.searches:
+        r = sv.result
+        tested.add_metric([sv.model, sv.window], r.tested)
+        count.add_metric([sv.model, sv.window], len(r.findings))
+        for f in r.findings:
+            gap.add_metric([sv.model, sv.window, f.intersection, f.group, f.rate], f.gap)
+    yield tested
+    yield count
+    yield gap
 
 
 def _pipeline(report: Report, stats: PipelineStats) -> Iterator[Metric]:

@@ -47,6 +47,7 @@ __all__ = [
     "DISPARITIES",
     "METHODS",
     "RATES",
+    "RATE_CELLS",
     "RESERVED_GROUPS",
     "Counts",
     "Estimate",
@@ -103,6 +104,8 @@ _RATE_CELLS: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "negative_predictive_value": ((_TN,), (_TN, _FN)),
     "accuracy": ((_TP, _TN), (_TP, _FP, _TN, _FN)),
 }
+RATE_CELLS = _RATE_CELLS
+"""rate -> (confusion columns summed in the numerator, ... in the denominator), ``tp fp tn fn`` order."""
 _NUM = np.array([[i in _RATE_CELLS[r][0] for r in RATES] for i in range(4)], dtype=np.int64)
 _DEN = np.array([[i in _RATE_CELLS[r][1] for r in RATES] for i in range(4)], dtype=np.int64)
 
