@@ -153,6 +153,7 @@ class Detector:
             alarms=self.alarms_document,
             explain=self.explain_document,
             search=self.search_document,
+            whatif=self.whatif_document,
             **server_options(config.exporter),
         )
 
@@ -346,6 +347,30 @@ class Detector:
         """``/search``: the last search of unconfigured intersections, per model."""
         report, _ = self.current()
         return {"models": {sv.model: {"window": sv.window, **sv.result.to_json()} for sv in report.searches}}
+
+    def whatif_document(self, query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
+        """``/whatif``: threshold what-ifs over the labelled score histograms of this replica's
+        partitions (:mod:`stream_fair.whatif_query`)."""
+        from stream_fair.report import fairness_settings
+        from stream_fair.whatif_query import answer
+
+        report, _ = self.current()
+
+        def histograms(model: str, feature: str) -> Any:
+            try:
+                by_group = report.score_histograms(model, feature)
+            except KeyError:  # not a configured feature or intersection
+                return None
+            if not by_group:
+                return None
+            edges = next(iter(by_group.values())).edges
+            return edges, {g: (h.positives, h.negatives) for g, h in by_group.items()}
+
+        def known() -> list[tuple[str, str]]:
+            return sorted({(v.model, v.feature.name) for v in report.views})
+
+        settings = fairness_settings(self.config)
+        return answer(query, histograms, settings, self.config.schema_.score_threshold, known)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:

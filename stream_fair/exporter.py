@@ -6,6 +6,7 @@ no torn reads. ``collect()`` never raises: a failure is logged, counted in
 ``stream_fair_errors_total{kind="snapshot"}`` and the scrape still answers.
 
 Endpoints: ``/metrics``, ``/`` (status page), ``/alarms`` (alarms and their event log, JSON),
+``/whatif`` (threshold what-ifs, JSON: :mod:`stream_fair.whatif_query`),
 ``/explain?model=&feature=&disparity=[&group=&rate=&split=]`` (why a disparity, JSON,
 :mod:`stream_fair.explain`), ``/search`` (unconfigured intersections found, JSON),
 ``/healthz`` (the run loop is alive), ``/readyz`` (partitions assigned and state loaded).
@@ -434,6 +435,7 @@ class ExporterServer:
         page: Callable[[], str] | None = None,
         clock: Callable[[], float] | None = None,
         alarms: Callable[[], dict[str, Any]] | None = None,
+        whatif: Callable[[dict[str, list[str]]], tuple[int, dict[str, Any]]] | None = None,
         *,
         explain: Callable[..., dict[str, Any]] | None = None,
         search: Callable[[], dict[str, Any]] | None = None,
@@ -472,6 +474,14 @@ class ExporterServer:
                     self._explain(explain)
                 elif path == "/search" and search is not None:
                     self._send(200, json.dumps(search(), indent=1).encode(), "application/json")
+                elif path == "/whatif" and whatif is not None:
+                    query = urllib.parse.parse_qs(self.path.partition("?")[2], keep_blank_values=True)
+                    try:
+                        code, doc = whatif(query)
+                    except Exception:
+                        log.exception("what-if failed")
+                        code, doc = 500, {"error": "what-if failed; see the detector's log"}
+                    self._send(code, json.dumps(doc, indent=1).encode(), "application/json")
                 elif path == "/" and page is not None:
                     try:
                         body = page().encode()
@@ -481,7 +491,9 @@ class ExporterServer:
                         self._send(500, b"status page failed; see /metrics\n")
                 else:
                     self._send(
-                        404, b"not found: try /metrics, /, /alarms, /explain, /search, /healthz, /readyz\n"
+                        404,
+                        b"not found: try /metrics, /, /alarms, /explain, /search, /whatif, "
+                        b"/healthz, /readyz\n",
                     )
 
             def _explain(self, explain: Callable[..., dict[str, Any]]) -> None:
