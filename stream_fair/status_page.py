@@ -208,11 +208,9 @@ def _why(report: Report, view: FeatureView, disparity: str) -> str:
     )
     if d is None or d.gap is None:
         return link
-    top = ", ".join(f"{x.by}={x.value} {x.contribution:+.3f} (n={x.trials})" for x in d.ranked[:3])
-    return (
-        f"{e(d.group)} {e(d.rate)} {_fmt(d.group_rate)} vs rest {_fmt(d.rest_rate)} "
-        f"(gap {d.gap:+.3f}){': ' + e(top) if top else ''} · {link}"
-    )
+    top = d.ranked[0] if d.ranked else None
+    driver = "" if top is None else f", most from {top.by}={top.value} {top.contribution:+.3f}"
+    return f"<span class=small>{e(d.group)} {d.gap:+.3f}{e(driver)}</span> {link}"
 
 
 def _findings(report: Report) -> list[str]:
@@ -295,7 +293,7 @@ def render(report: Report, stats: PipelineStats, history: History | None = None)
         out.append(
             "<table><tr><th class=l>model</th><th class=l>feature</th>"
             "<th class=l>disparity</th><th class=l>method</th><th>value</th>"
-            "<th>interval</th><th>threshold</th><th class=l>why: widest gap and its top drivers</th></tr>"
+            "<th>interval</th><th>threshold</th><th class=l>why: widest gap, its top driver</th></tr>"
         )
         for v, d, m in flagged:
             gap = v.report.disparities[d, m]
