@@ -6,6 +6,9 @@ no torn reads. ``collect()`` never raises: a failure is logged, counted in
 ``stream_fair_errors_total{kind="snapshot"}`` and the scrape still answers.
 
 Endpoints: ``/metrics``, ``/`` (status page), ``/alarms`` (alarms and their event log, JSON),
+``/whatif`` (threshold what-ifs, JSON: :mod:`stream_fair.whatif_query`),
+``/explain?model=&feature=&disparity=[&group=&rate=&split=]`` (why a disparity, JSON,
+:mod:`stream_fair.explain`), ``/search`` (unconfigured intersections found, JSON),
 ``/healthz`` (the run loop is alive), ``/readyz`` (partitions assigned and state loaded).
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
@@ -34,6 +38,9 @@ from stream_fair.tracker import TOPICS
 from stream_fair.web import UNPROTECTED, BoundedHTTPServer, WebConfig
 
 log = logging.getLogger(__name__)
+
+EXPLAIN_PARAMS = ("model", "feature", "disparity", "group", "rate", "split")
+EXPLAIN_USAGE = "/explain?model=M&feature=F&disparity=D[&group=G][&rate=R][&split=EVENT_TS]"
 
 P = "stream_fair_"
 _GROUP = ["model", "feature", "group"]
@@ -523,7 +530,10 @@ class ExporterServer:
         page: Callable[[], str] | None = None,
         clock: Callable[[], float] | None = None,
         alarms: Callable[[], dict[str, Any]] | None = None,
+        whatif: Callable[[dict[str, list[str]]], tuple[int, dict[str, Any]]] | None = None,
         *,
+        explain: Callable[..., dict[str, Any]] | None = None,
+        search: Callable[[], dict[str, Any]] | None = None,
         read_timeout: float = 10.0,
         workers: int = 4,
         max_connections: int = 512,
@@ -555,6 +565,18 @@ class ExporterServer:
                 elif path == "/alarms" and alarms is not None:
                     body = json.dumps(alarms(), indent=1).encode()
                     self._send(200, body, "application/json")
+                elif path == "/explain" and explain is not None:
+                    self._explain(explain)
+                elif path == "/search" and search is not None:
+                    self._send(200, json.dumps(search(), indent=1).encode(), "application/json")
+                elif path == "/whatif" and whatif is not None:
+                    query = urllib.parse.parse_qs(self.path.partition("?")[2], keep_blank_values=True)
+                    try:
+                        code, doc = whatif(query)
+                    except Exception:
+                        log.exception("what-if failed")
+                        code, doc = 500, {"error": "what-if failed; see the detector's log"}
+                    self._send(code, json.dumps(doc, indent=1).encode(), "application/json")
                 elif path == "/" and page is not None:
                     try:
                         body = page().encode()
@@ -563,7 +585,33 @@ class ExporterServer:
                         log.exception("status page failed")
                         self._send(500, b"status page failed; see /metrics\n")
                 else:
-                    self._send(404, b"not found: try /metrics, /, /alarms, /healthz, /readyz\n")
+                    self._send(
+                        404,
+                        b"not found: try /metrics, /, /alarms, /explain, /search, /whatif, "
+                        b"/healthz, /readyz\n",
+                    )
+
+            def _explain(self, explain: Callable[..., dict[str, Any]]) -> None:
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                args = {k: v[-1] for k, v in query.items() if k in EXPLAIN_PARAMS}
+                missing = [k for k in ("model", "feature", "disparity") if k not in args]
+                if missing:
+                    self._send(400, f"/explain needs {', '.join(missing)}: {EXPLAIN_USAGE}\n".encode())
+                    return
+                try:
+                    split = float(args.pop("split")) if "split" in args else None
+                    doc = explain(**args, split_ts=split)
+                except KeyError as exc:
+                    self._send(404, f"{exc.args[0]}\n".encode())
+                    return
+                except ValueError as exc:
+                    self._send(400, f"{exc}: {EXPLAIN_USAGE}\n".encode())
+                    return
+                except Exception:  # never kill the server thread on one bad explanation
+                    log.exception("/explain failed")
+                    self._send(500, b"explain failed; see the log\n")
+                    return
+                self._send(200, json.dumps(doc, indent=1).encode(), "application/json")
 
             def _send(
                 self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8", auth: bool = False

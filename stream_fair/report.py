@@ -77,6 +77,7 @@ class Report:
     traffic: list[TrafficView] = field(default_factory=list)
     partitions: list[PartitionGroups] = field(default_factory=list)
     searches: list[SearchView] = field(default_factory=list)
+    attributes: tuple[tuple[str, int], ...] = ()  # (name, cell position) of every carried attribute
     keys: list[FeatureKey] = field(default_factory=list)
     estimates: list[EstimateView] = field(default_factory=list)
 
@@ -145,7 +146,9 @@ def build_report(snapshot: Snapshot, config: Config) -> Report:
     settings = fairness_settings(config)
     keys = config_keys(config)
     refs = references(config, keys)
-    report = Report(snapshot=snapshot, settings=settings, keys=list(keys))
+    fc = config.fairness
+    carried = carried_attributes([f.name for f in fc.features], [f.name for f in fc.audit_only])
+    report = Report(snapshot=snapshot, settings=settings, keys=list(keys), attributes=tuple(carried))
     windows = {CUMULATIVE: snapshot.cumulative, **snapshot.windows}
     for key in keys:
         for window, cells in windows.items():
