@@ -483,6 +483,7 @@ def estimates_row() -> list[dict[str, Any]]:
     (docs/estimates.md): per replica, like the per-group rates above."""
     g = 'model="$model", feature="$feature", group=~"$group"'
     f = 'model="$model", feature="$feature", view="pending", method="between_groups"'
+    fv = 'model="$model", feature="$feature", method="between_groups"'  # both views
     panels: list[dict[str, Any]] = [
         row("Label-free estimates: predictions still waiting for labels (per replica; docs/estimates.md)")
     ]
@@ -518,14 +519,17 @@ def estimates_row() -> list[dict[str, Any]]:
             "timeseries",
             "Estimated gaps (trusted groups) against the threshold",
             [
-                target(f"stream_fair_estimated_equal_opportunity_difference{{{f}}}", "equal opportunity"),
                 target(
-                    f"stream_fair_estimated_equal_opportunity_difference_lower{{{f}}}",
-                    "equal opportunity lower",
+                    f"stream_fair_estimated_equal_opportunity_difference{{{fv}}}",
+                    "equal opportunity {{view}}",
                 ),
                 target(
-                    f"stream_fair_estimated_equal_opportunity_difference_upper{{{f}}}",
-                    "equal opportunity upper",
+                    f"stream_fair_estimated_equal_opportunity_difference_lower{{{fv}}}",
+                    "equal opportunity {{view}} lower",
+                ),
+                target(
+                    f"stream_fair_estimated_equal_opportunity_difference_upper{{{fv}}}",
+                    "equal opportunity {{view}} upper",
                 ),
                 target(f"stream_fair_estimated_demographic_parity_difference{{{f}}}", "demographic parity"),
                 target(
@@ -535,7 +539,11 @@ def estimates_row() -> list[dict[str, Any]]:
             width=12,
             minmax=(0, 1),
             overrides=[BOUND_OVERRIDE, THRESHOLD_OVERRIDE],
-            description="StreamFairEstimatedDisparityFlagged (warning) fires when the interval lies beyond the threshold for 2h.",
+            description=(
+                "pending: the predictions waiting for labels; combined: realized + estimated. "
+                "StreamFairEstimatedDisparityFlagged (warning) fires when the pending interval lies "
+                "beyond the threshold for 2h."
+            ),
         ),
         panel(
             "timeseries",
