@@ -1,4 +1,4 @@
-"""``stream-fair`` commands: run, check-config, simulate, demo.
+"""``stream-fair`` commands: run, check-config, simulate, explain, demo, whatif.
 
 Exit status 2 with one line on stderr for a bad config, a busy port or an unreachable broker
 (``run`` reports its retries first, one line each); 0 after a clean stop (SIGTERM, SIGHUP or
@@ -217,6 +217,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(seconds=args.seconds, port=args.port, rate=args.rate, quiet=args.quiet)
 
 
+PASSWORD_ENV = "STREAM_FAIR_PASSWORD"
+
+
+def _fetch_json(url: str, user: str | None) -> Any:
+    """GET a JSON document from a running instance (basic auth with ``$STREAM_FAIR_PASSWORD``)."""
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url)
+    if user is not None:
+        token = base64.b64encode(f"{user}:{os.environ.get(PASSWORD_ENV, '')}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310 (the user's URL)
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace").strip()
+        raise StreamFairError(f"{url}: HTTP {exc.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise StreamFairError(f"{url}: cannot connect ({exc}): is `stream-fair run` serving there?") from None
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Print why a disparity (``/explain``) or the unconfigured intersections found (``/search``)."""
+    import json
+    import urllib.parse
+
+    from stream_fair.explain import format_explanation, format_findings
+
+    base = args.url.rstrip("/")
+    if args.search:
+        doc = _fetch_json(base + "/search", args.user)
+        print(json.dumps(doc, indent=1) if args.json else format_findings(doc))
+        return 0
+    missing = [name for name in ("model", "feature", "disparity") if getattr(args, name) is None]
+    if missing:
+        raise StreamFairError(f"explain needs --{', --'.join(missing)} (or --search)")
+    query = {k: getattr(args, k) for k in ("model", "feature", "disparity", "group", "rate", "split")}
+    url = f"{base}/explain?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+    doc = _fetch_json(url, args.user)
+    print(json.dumps(doc, indent=1) if args.json else format_explanation(doc))
+    return 1 if "error" in doc else 0
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Shows each option's default after its help (unless unset or stated); keeps line breaks."""
 
@@ -227,6 +273,24 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if "default" in text or unset or not action.option_strings:
             return text
         return text + " (default: %(default)s)"
+
+
+def cmd_whatif(args: argparse.Namespace) -> int:
+    from stream_fair.whatif_client import PASSWORD_ENV, fetch, format_document
+
+    params = [("model", args.model), ("feature", args.feature)]
+    params += [(k, v) for k, v in (("criterion", args.criterion), ("mode", args.mode)) if v]
+    if args.tolerance is not None:
+        params.append(("tolerance", str(args.tolerance)))
+    params += [("threshold", t) for t in args.threshold] + [("current", c) for c in args.current]
+    doc = fetch(args.url, params, user=args.user, password=os.environ.get(PASSWORD_ENV), cafile=args.cacert)
+    if args.json:
+        import json
+
+        print(json.dumps(doc, indent=1))
+    else:
+        print(format_document(doc))
+    return 0
 
 
 def _subcommand(sub: Any, name: str, summary: str, details: str = "") -> argparse.ArgumentParser:
@@ -342,6 +406,27 @@ def parser(dev: bool = True) -> argparse.ArgumentParser:
     )
     sim.set_defaults(func=cmd_simulate)
 
+    why = _subcommand(
+        sub,
+        "explain",
+        "explain a disparity of a running instance, or list the intersections nobody configured",
+        "Reads /explain (or /search with --search) of `stream-fair run`: the change of the widest\n"
+        "group-to-rest gap between two periods split into traffic mix, base rate and error rates\n"
+        "(with intervals), and the cells that drive the gap, ranked (docs/detection.md).\n"
+        f"With basic auth: --user USER and the password in ${PASSWORD_ENV}.",
+    )
+    why.add_argument("--url", default="http://localhost:9800", help="the instance's exporter address")
+    why.add_argument("--model", help="model name")
+    why.add_argument("--feature", help="feature or intersection, e.g. race or race&sex")
+    why.add_argument("--disparity", help="e.g. equal_opportunity_difference")
+    why.add_argument("--group", help="group to explain (default: the raised alarm's, else the widest gap)")
+    why.add_argument("--rate", help="rate to explain (default: the alarm's, else the widest gap's)")
+    why.add_argument("--split", type=float, metavar="EVENT_TS", help="split the periods at this event time")
+    why.add_argument("--search", action="store_true", help="list the unconfigured intersections found")
+    why.add_argument("--json", action="store_true", help="print the JSON document")
+    why.add_argument("--user", help="basic-auth user")
+    why.set_defaults(func=cmd_explain)
+
     demo = _subcommand(
         sub,
         "demo",
@@ -365,6 +450,49 @@ def parser(dev: bool = True) -> argparse.ArgumentParser:
         "--quiet", action="store_true", help="print only the banner and the alerts, no live table"
     )
     demo.set_defaults(func=cmd_demo)
+    whatif = _subcommand(
+        sub,
+        "whatif",
+        "ask a running instance which per-group thresholds would meet a fairness criterion",
+        "Queries /whatif of a running stream-fair (docs/whatif.md): the per-group thresholds that\n"
+        "meet --criterion with the best overall accuracy, or with --threshold GROUP:T the plain\n"
+        "what-if; rates, disparities and each group's accuracy change, now -> projected, with\n"
+        "intervals. Computed from matured labelled pairs only. Exit status 2 with one line for an\n"
+        "unknown model, feature, group or criterion, or groups below fairness.min_samples.",
+    )
+    whatif.add_argument("--url", default="http://localhost:9800", help="the instance's exporter address")
+    whatif.add_argument("--model", required=True, help="model name as in the prediction events")
+    whatif.add_argument("--feature", required=True, help="feature or intersection (e.g. sex&race)")
+    whatif.add_argument(
+        "--criterion",
+        choices=("demographic_parity", "equal_opportunity", "equalized_odds"),
+        help="find thresholds that meet it",
+    )
+    whatif.add_argument(
+        "--mode",
+        choices=("deterministic", "randomized"),
+        help="one threshold per group (deterministic, default) or fairlearn-style mixing (exact parity)",
+    )
+    whatif.add_argument(
+        "--tolerance",
+        type=float,
+        metavar="D",
+        help="largest allowed difference (default: fairness.thresholds)",
+    )
+    whatif.add_argument(
+        "--threshold", action="append", default=[], metavar="GROUP:T", help="plain what-if (repeatable)"
+    )
+    whatif.add_argument(
+        "--current",
+        action="append",
+        default=[],
+        metavar="T|GROUP:T",
+        help="thresholds in use now (default: schema.score_threshold)",
+    )
+    whatif.add_argument("--user", help="basic-auth user (password from $STREAM_FAIR_PASSWORD)")
+    whatif.add_argument("--cacert", metavar="FILE", help="CA certificate for an https --url")
+    whatif.add_argument("--json", action="store_true", help="print the JSON document")
+    whatif.set_defaults(func=cmd_whatif)
     return p
 
 
@@ -372,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     # `run` and `check-config` must not import the demo tooling just to list scenarios.
-    args = parser(dev=command not in ("run", "check-config")).parse_args(argv)
+    args = parser(dev=command not in ("run", "check-config", "explain", "whatif")).parse_args(argv)
     try:
         return int(args.func(args))
     except StreamFairError as exc:
