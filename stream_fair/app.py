@@ -145,6 +145,7 @@ class Detector:
             self.health,
             page=lambda: render(*self.current(), history=self.history),
             alarms=self.alarms_document,
+            report=self.report_document,
             **server_options(config.exporter),
         )
 
@@ -253,6 +254,17 @@ class Detector:
                     )
         events = [e.to_json() for e in fb.alarm_events] if fb is not None else []
         return {"leader": stats.leader, "alarms": alarms, "events": events}
+
+    def report_document(self, query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
+        """``/report.json``: the stakeholder report's document (:mod:`stream_fair.stakeholder_report`)."""
+        from stream_fair.report_sources import report_endpoint
+
+        cfg = self.config
+        source = (
+            f"running detector {cfg.exporter.host}:{self.port} (group {cfg.kafka.group_id}, topics "
+            f"{cfg.topics.predictions} / {cfg.topics.outcomes})"
+        )
+        return report_endpoint(self, query, source)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:

@@ -6,6 +6,7 @@ no torn reads. ``collect()`` never raises: a failure is logged, counted in
 ``stream_fair_errors_total{kind="snapshot"}`` and the scrape still answers.
 
 Endpoints: ``/metrics``, ``/`` (status page), ``/alarms`` (alarms and their event log, JSON),
+``/report.json`` (the stakeholder report's document for a period, :mod:`stream_fair.stakeholder_report`),
 ``/healthz`` (the run loop is alive), ``/readyz`` (partitions assigned and state loaded).
 """
 
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any
+from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -381,6 +383,7 @@ class ExporterServer:
         page: Callable[[], str] | None = None,
         clock: Callable[[], float] | None = None,
         alarms: Callable[[], dict[str, Any]] | None = None,
+        report: Callable[[dict[str, list[str]]], tuple[int, dict[str, Any]]] | None = None,
         *,
         read_timeout: float = 10.0,
         workers: int = 4,
@@ -413,6 +416,13 @@ class ExporterServer:
                 elif path == "/alarms" and alarms is not None:
                     body = json.dumps(alarms(), indent=1).encode()
                     self._send(200, body, "application/json")
+                elif path == "/report.json" and report is not None:
+                    try:
+                        code, doc = report(parse_qs(self.path.partition("?")[2]))
+                        self._send(code, json.dumps(doc).encode(), "application/json")
+                    except Exception:
+                        log.exception("report failed")
+                        self._send(500, b'{"error": "report error: the report failed; see the detector log"}')
                 elif path == "/" and page is not None:
                     try:
                         body = page().encode()
@@ -421,7 +431,7 @@ class ExporterServer:
                         log.exception("status page failed")
                         self._send(500, b"status page failed; see /metrics\n")
                 else:
-                    self._send(404, b"not found: try /metrics, /, /alarms, /healthz, /readyz\n")
+                    self._send(404, b"not found: try /metrics, /, /alarms, /report.json, /healthz, /readyz\n")
 
             def _send(
                 self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8", auth: bool = False

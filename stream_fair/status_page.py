@@ -19,7 +19,7 @@ from typing import Any
 
 from stream_fair.exporter import PipelineStats
 from stream_fair.missing import report_missing
-from stream_fair.report import CUMULATIVE, FeatureView, Report
+from stream_fair.report import CUMULATIVE, FeatureView, Report, flagged_extremes
 from stream_fair.svg import ForestRow, Point, forest_plot, sparkline
 
 _RATES = (
@@ -28,14 +28,6 @@ _RATES = (
     ("false_positive_rate", "FPR"),
     ("accuracy", "accuracy"),
 )
-
-#: The per-group rates a disparity compares (fairlearn's definitions), for marking its extremes.
-_COMPARES = {
-    "demographic_parity": ("selection_rate",),
-    "equal_opportunity": ("true_positive_rate",),
-    "equalized_odds": ("true_positive_rate", "false_positive_rate"),
-    "accuracy": ("accuracy",),
-}
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5rem;color:#1d2330;
@@ -114,21 +106,7 @@ def _fmt(x: float | None) -> str:
 
 def _extremes(view: FeatureView) -> set[tuple[str, str]]:
     """``(group, rate)`` cells at the minimum or maximum of a flagged between-groups disparity."""
-    fr, marked = view.report, set()
-    for (d, method), flagged in fr.flagged.items():
-        base = d.rsplit("_", 1)[0]
-        if not flagged or method != "between_groups" or base not in _COMPARES:
-            continue
-        for rate in _COMPARES[base]:
-            values = {
-                g: gr.rates[rate].value for g, gr in fr.groups.items() if gr.eligible and rate in gr.rates
-            }
-            if len(values) >= 2:
-                marked |= {
-                    (min(values, key=values.__getitem__), rate),
-                    (max(values, key=values.__getitem__), rate),
-                }
-    return marked
+    return flagged_extremes(view.report)
 
 
 def _alarm_log(feedback: Any, stats: PipelineStats, last: int = 20) -> list[str]:
