@@ -308,6 +308,7 @@ def parser(dev: bool = True) -> argparse.ArgumentParser:
     rep.add_argument("--user", metavar="USER", help="basic-auth user of the exporter (with --password-file)")
     rep.add_argument("--password-file", metavar="FILE", help="file holding the basic-auth password")
     rep.add_argument("--cacert", metavar="FILE", help="CA certificate to trust for an https --url")
+    rep.add_argument("--input", metavar="FILE", help="render a saved JSON report (its hash is checked first)")
     rep.add_argument("--verify", metavar="FILE", help="check a report's content hash instead of writing one")
     rep.set_defaults(func=cmd_report)
 
@@ -400,7 +401,16 @@ def cmd_report(args: argparse.Namespace) -> int:
         return _verify_report(args.verify)
     period = parse_period(args.since, args.until, args.last)
     fmt = args.format or _format_of(args.output)
-    if args.url:
+    if args.input:
+        import json
+
+        try:
+            doc = json.loads(open(args.input, encoding="utf-8").read())
+        except (OSError, ValueError) as exc:
+            raise ReportError(f"report error: cannot read the JSON report {args.input} ({exc})") from None
+        if not isinstance(doc, dict) or not verify(doc):
+            raise ReportError(f"report error: {args.input} fails its content hash: it was changed, render it from the source again")
+    elif args.url:
         from stream_fair.report_sources import fetch_report
 
         password = None

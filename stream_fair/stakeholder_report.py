@@ -588,6 +588,14 @@ def assemble(inputs: ReportInputs, period: Period = Period()) -> dict[str, Any]:
         "alarm_log_available": events is not None,
         "notes": list(inputs.notes),
     }
+    if not rows and not period.everything:
+        kept = sorted(inputs.buckets)
+        newest = iso((kept[-1] + 1) * config.window_resolution) if kept else None
+        unknown["notes"].insert(
+            0,
+            "No predictions in this period"
+            + (f": the kept per-period counts end at {newest} (prediction time)." if newest else "."),
+        )
     doc: dict[str, Any] = {
         "schema": SCHEMA,
         "title": "stream-fair fairness report",
