@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -299,11 +300,17 @@ def parser(dev: bool = True) -> argparse.ArgumentParser:
     )
     rep.add_argument("--url", metavar="URL", help="a running detector's exporter, e.g. http://localhost:9800")
     rep.add_argument("--config", "-c", default=os.environ.get(CONFIG_ENV), metavar="FILE", help=config_help)
-    rep.add_argument("--state-dir", metavar="DIR", help="state directory to read offline (default: state.path)")
-    rep.add_argument("--from", dest="since", metavar="TIME", help="period start: ISO-8601 UTC or unix seconds")
+    rep.add_argument(
+        "--state-dir", metavar="DIR", help="state directory to read offline (default: state.path)"
+    )
+    rep.add_argument(
+        "--from", dest="since", metavar="TIME", help="period start: ISO-8601 UTC or unix seconds"
+    )
     rep.add_argument("--to", dest="until", metavar="TIME", help="period end (exclusive)")
     rep.add_argument("--last", metavar="DURATION", help="the period ending now, e.g. 6h or 1d")
-    rep.add_argument("--format", choices=("html", "md", "json"), help="default: from --output's extension, else html")
+    rep.add_argument(
+        "--format", choices=("html", "md", "json"), help="default: from --output's extension, else html"
+    )
     rep.add_argument("--output", "-o", metavar="FILE", help="write here (default: stdout)")
     rep.add_argument("--user", metavar="USER", help="basic-auth user of the exporter (with --password-file)")
     rep.add_argument("--password-file", metavar="FILE", help="file holding the basic-auth password")
@@ -405,20 +412,25 @@ def cmd_report(args: argparse.Namespace) -> int:
         import json
 
         try:
-            doc = json.loads(open(args.input, encoding="utf-8").read())
+            doc = json.loads(Path(args.input).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ReportError(f"report error: cannot read the JSON report {args.input} ({exc})") from None
         if not isinstance(doc, dict) or not verify(doc):
-            raise ReportError(f"report error: {args.input} fails its content hash: it was changed, render it from the source again")
+            raise ReportError(
+                f"report error: {args.input} fails its content hash: it was changed; make the report "
+                "from its source again"
+            )
     elif args.url:
         from stream_fair.report_sources import fetch_report
 
         password = None
         if args.password_file:
             try:
-                password = open(args.password_file, encoding="utf-8").read().strip()
+                password = Path(args.password_file).read_text(encoding="utf-8").strip()
             except OSError as exc:
-                raise ReportError(f"report error: cannot read --password-file {args.password_file} ({exc.strerror})") from None
+                raise ReportError(
+                    f"report error: cannot read --password-file {args.password_file} ({exc.strerror})"
+                ) from None
         doc = fetch_report(args.url, period, user=args.user, password=password, cafile=args.cacert)
     else:
         from stream_fair import config as config_mod
@@ -468,7 +480,7 @@ def _verify_report(path: str) -> int:
     from stream_fair.stakeholder_report import ReportError, content_hash, verify
 
     try:
-        text = open(path, encoding="utf-8").read()
+        text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ReportError(f"report error: cannot read {path} ({exc})") from None
     if text.lstrip().startswith("{"):
@@ -485,7 +497,9 @@ def _verify_report(path: str) -> int:
                 "(a Markdown report is verified through its JSON export)"
             )
         ok = render.verify_html(text)
-    recorded = (doc.get("audit", {}).get("content_hash", {}) or {}).get("value") if isinstance(doc, dict) else None
+    recorded = (
+        (doc.get("audit", {}).get("content_hash", {}) or {}).get("value") if isinstance(doc, dict) else None
+    )
     if ok:
         print(f"ok: {path}: content hash sha256 {recorded} matches its content")
         return 0

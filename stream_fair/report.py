@@ -74,7 +74,9 @@ def flagged_extremes(fr: FeatureReport) -> set[tuple[str, str]]:
         if not flagged or method != "between_groups":
             continue
         for rate in DISPARITY_RATES[d]:
-            values = {g: gr.rates[rate].value for g, gr in fr.groups.items() if gr.eligible and rate in gr.rates}
+            values = {
+                g: gr.rates[rate].value for g, gr in fr.groups.items() if gr.eligible and rate in gr.rates
+            }
             if len(values) >= 2:
                 marked |= {
                     (min(values, key=values.__getitem__), rate),

@@ -21,7 +21,11 @@ from stream_fair.config import format_duration
 from stream_fair.stakeholder_report import DEFINITIONS, SHOWN_RATES, iso, verify
 from stream_fair.svg import CoverageRow, ForestRow, coverage_bars, forest_plot, sparkline
 
-_FOREST = (("selection_rate", "selection rate"), ("true_positive_rate", "TPR"), ("false_positive_rate", "FPR"))
+_FOREST = (
+    ("selection_rate", "selection rate"),
+    ("true_positive_rate", "TPR"),
+    ("false_positive_rate", "FPR"),
+)
 _LABELS = {
     "selection_rate": "selection rate",
     "true_positive_rate": "TPR",
@@ -34,10 +38,12 @@ _DATA = re.compile(r'<script type="application/json" id="stream-fair-report">(.*
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5rem auto;color:#1d2330;
 max-width:72rem;padding:0 1rem}
-h1{font-size:1.5rem;margin:0 0 .3rem} h2{font-size:1.2rem;margin:1.8rem 0 .4rem;border-bottom:2px solid #e3e6ef}
+h1{font-size:1.5rem;margin:0 0 .3rem}
+h2{font-size:1.2rem;margin:1.8rem 0 .4rem;border-bottom:2px solid #e3e6ef}
 h3{font-size:1rem;margin:1.2rem 0 .3rem}
 .muted{color:#667} table{border-collapse:collapse;margin:.3rem 0 1rem;font-size:.88rem}
-th,td{padding:.22rem .55rem;border-bottom:1px solid #dde;text-align:right;vertical-align:top;white-space:nowrap}
+th,td{padding:.22rem .55rem;border-bottom:1px solid #dde;text-align:right;vertical-align:top;
+white-space:nowrap}
 th.l,td.l{text-align:left} th{background:#f3f4f8}
 .flag{background:#fde2e1;color:#8a1c17;font-weight:600;padding:.1rem .4rem;border-radius:.3rem}
 .ok{background:#e2f5e6;color:#17692b;font-weight:600;padding:.1rem .4rem;border-radius:.3rem}
@@ -55,6 +61,17 @@ svg .lab{font-size:11px;fill:#1d2330} svg .tick{font-size:9px;fill:#778}
 
 def _f(x: float | None, digits: int = 3) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _interval(est: Mapping[str, Any]) -> str:
+    return f"<span class=ci>[{_f(est['lower'])}, {_f(est['upper'])}]</span>"
+
+
+def _md_estimate(est: Mapping[str, Any] | None, extreme: bool) -> str:
+    if est is None:
+        return "–"
+    text = f"{_f(est['value'])} [{_f(est['lower'])}, {_f(est['upper'])}]"
+    return text + (" **(end of flagged gap)**" if extreme else "")
 
 
 def _pct(x: float | None) -> str:
@@ -126,7 +143,8 @@ def to_html(doc: Mapping[str, Any]) -> str:
         for f in s["flagged"]:
             out.append(
                 f"<tr><td class=l>{e(f['model'])}</td><td class=l>{e(f['feature'])}</td>"
-                f"<td class=l><span class=flag>{e(f['disparity'])}</span></td><td class=l>{e(f['method'])}</td>"
+                f"<td class=l><span class=flag>{e(f['disparity'])}</span></td>"
+                f"<td class=l>{e(f['method'])}</td>"
                 f"<td>{_f(f['value'])}</td><td class=ci>[{_f(f['lower'])}, {_f(f['upper'])}]</td>"
                 f"<td>{_f(f['threshold'])}</td></tr>"
             )
@@ -198,11 +216,13 @@ def to_html(doc: Mapping[str, Any]) -> str:
         for ev in al["events_in_period"]:
             cls = "flag" if ev["kind"] == "alarm_raised" else "ok"
             out.append(
-                f"<tr><td class=l>{e(iso(ev['ts']) or '')}</td><td class=l><span class={cls}>{e(ev['kind'])}</span></td>"
+                f"<tr><td class=l>{e(iso(ev['ts']) or '')}</td>"
+                f"<td class=l><span class={cls}>{e(ev['kind'])}</span></td>"
                 f"<td class=l>{e(ev['model'])}</td><td class=l>{e(ev['feature'])}</td>"
                 f"<td class=l>{e(ev['disparity'])}</td><td class=l>{e(str(ev['group']))}</td>"
                 f"<td class=l>{e(str(ev['rate']))}</td><td>{_f(ev.get('group_value'))}</td>"
-                f"<td>{_f(ev.get('rest_value'))}</td><td class=l>{e(iso(ev.get('change_point_ts')) or '–')}</td></tr>"
+                f"<td>{_f(ev.get('rest_value'))}</td>"
+                f"<td class=l>{e(iso(ev.get('change_point_ts')) or '–')}</td></tr>"
             )
         out.append("</table>")
 
@@ -213,7 +233,9 @@ def to_html(doc: Mapping[str, Any]) -> str:
             out.append(f"<p class=na>Not available: {e(sig['reason'])}.</p>")
             continue
         if name == "label_free_estimates":
-            out.append("<p><span class=est>estimated</span> Values below are estimates made without outcomes.</p>")
+            out.append(
+                "<p><span class=est>estimated</span> Values below are estimates made without outcomes.</p>"
+            )
         out.append("<table>")
         for k, v in _signal_rows(sig["data"]):
             out.append(f"<tr><td class=l>{e(k)}</td><td class=l><code>{e(v)}</code></td></tr>")
@@ -279,11 +301,7 @@ def _feature_html(f: Mapping[str, Any], doc: Mapping[str, Any]) -> list[str]:
         for rate in SHOWN_RATES:
             r = g["rates"].get(rate)
             cls = " class=ext" if rate in g["flagged_extreme"] else ""
-            cells.append(
-                "<td>–</td>"
-                if r is None
-                else f"<td{cls}>{_f(r['value'])} <span class=ci>[{_f(r['lower'])}, {_f(r['upper'])}]</span></td>"
-            )
+            cells.append("<td>–</td>" if r is None else f"<td{cls}>{_f(r['value'])} {_interval(r)}</td>")
         note = "<span class=small>below min samples</span>" if g["below_min_samples"] else ""
         out.append(
             f"<tr><td class=l>{e(g['group'])}</td><td>{g['predictions']}</td><td>{g['labelled']}</td>"
@@ -291,7 +309,9 @@ def _feature_html(f: Mapping[str, Any], doc: Mapping[str, Any]) -> list[str]:
             f"{''.join(cells)}<td class=l>{note}</td></tr>"
         )
     out.append("</table>")
-    methods = [m for m in ("between_groups", "to_reference") if any(d["method"] == m for d in f["disparities"])]
+    methods = [
+        m for m in ("between_groups", "to_reference") if any(d["method"] == m for d in f["disparities"])
+    ]
     out.append(
         "<table><tr><th class=l>disparity</th>"
         + "".join(f"<th>{m.replace('_', ' ')}</th>" for m in methods)
@@ -308,7 +328,7 @@ def _feature_html(f: Mapping[str, Any], doc: Mapping[str, Any]) -> list[str]:
                 cells.append("<td>–</td>")
             else:
                 cls = " class=ext" if d["flagged"] else ""
-                cells.append(f"<td{cls}>{_f(d['value'])} <span class=ci>[{_f(d['lower'])}, {_f(d['upper'])}]</span></td>")
+                cells.append(f"<td{cls}>{_f(d['value'])} {_interval(d)}</td>")
         flagged = [m.replace("_", " ") for m, d in ds.items() if d["flagged"]]
         if flagged:
             verdict = f"<span class=flag>flagged</span> ({', '.join(flagged)})"
@@ -317,7 +337,10 @@ def _feature_html(f: Mapping[str, Any], doc: Mapping[str, Any]) -> list[str]:
         else:
             verdict = "not flagged"
         threshold = next(iter(ds.values()))["threshold"]
-        out.append(f"<tr><td class=l>{e(name)}</td>{''.join(cells)}<td>{_f(threshold)}</td><td class=l>{verdict}</td></tr>")
+        out.append(
+            f"<tr><td class=l>{e(name)}</td>{''.join(cells)}<td>{_f(threshold)}</td>"
+            f"<td class=l>{verdict}</td></tr>"
+        )
     out.append("</table>")
     return out
 
@@ -332,7 +355,9 @@ def _unknown_html(doc: Mapping[str, Any]) -> list[str]:
             "error rates are unknown, and the rates above may move when they arrive.</li>"
         )
     if u["groups_below_min_samples"]:
-        names = ", ".join(f"{g['feature']}={g['group']} ({g['labelled']})" for g in u["groups_below_min_samples"])
+        names = ", ".join(
+            f"{g['feature']}={g['group']} ({g['labelled']})" for g in u["groups_below_min_samples"]
+        )
         out.append(f"<li>Groups below min samples (shown, not judged): {e(names)}.</li>")
     if u["disparities_not_computable"]:
         out.append(
@@ -340,9 +365,13 @@ def _unknown_html(doc: Mapping[str, Any]) -> list[str]:
             "than two groups at min samples, or no reference group data).</li>"
         )
     if u["estimated_values"]:
-        out.append("<li>Some values are <span class=est>estimated</span> without outcomes (marked where shown).</li>")
+        out.append(
+            "<li>Some values are <span class=est>estimated</span> without outcomes (marked where shown).</li>"
+        )
     else:
-        out.append("<li>No estimated values: every number in this report is counted from observed outcomes.</li>")
+        out.append(
+            "<li>No estimated values: every number in this report is counted from observed outcomes.</li>"
+        )
     if not u["alarm_log_available"]:
         out.append("<li>The alarm history is not available from this source.</li>")
     for note in u["notes"]:
@@ -357,11 +386,17 @@ def _audit_html(doc: Mapping[str, Any]) -> list[str]:
     out = ["<h2 id=audit>Audit trail</h2><table>"]
     rows = [
         ("software", f"{a['software']['name']} {a['software']['version']}"),
-        ("config fingerprint", f"{a['config_fingerprint']['algorithm']} {a['config_fingerprint']['value']} "
-         f"(sections: {', '.join(a['config_fingerprint']['sections'])})"),
+        (
+            "config fingerprint",
+            f"{a['config_fingerprint']['algorithm']} {a['config_fingerprint']['value']} "
+            f"(sections: {', '.join(a['config_fingerprint']['sections'])})",
+        ),
         ("source", a["source"]),
         ("data taken at", a["data_taken_at"]),
-        ("data period (prediction time)", f"{a['period']['from'] or 'start'} to {a['period']['to'] or 'now'}"),
+        (
+            "data period (prediction time)",
+            f"{a['period']['from'] or 'start'} to {a['period']['to'] or 'now'}",
+        ),
         ("bucket width", f"{a['window_resolution_seconds']:g} s"),
         ("content hash", f"{a['content_hash']['algorithm']} {a['content_hash']['value']}"),
         ("hashed", a["content_hash"]["covers"]),
@@ -434,13 +469,24 @@ def to_markdown(doc: Mapping[str, Any]) -> str:
     ]
     out += _table(
         ["model", "predictions", "labelled", "expired", "pending", "label coverage"],
-        [[m, t["predictions"], t["labelled"], t["expired"], t["pending"], _pct(t["label_coverage"])] for m, t in s["totals"].items()],
+        [
+            [m, t["predictions"], t["labelled"], t["expired"], t["pending"], _pct(t["label_coverage"])]
+            for m, t in s["totals"].items()
+        ],
     )
     if s["flagged"]:
         out += _table(
             ["model", "feature", "disparity", "method", "value", "interval", "threshold"],
             [
-                [f["model"], f["feature"], f["disparity"], f["method"], _f(f["value"]), f"[{_f(f['lower'])}, {_f(f['upper'])}]", _f(f["threshold"])]
+                [
+                    f["model"],
+                    f["feature"],
+                    f["disparity"],
+                    f["method"],
+                    _f(f["value"]),
+                    f"[{_f(f['lower'])}, {_f(f['upper'])}]",
+                    _f(f["threshold"]),
+                ]
                 for f in s["flagged"]
             ],
         )
@@ -448,29 +494,35 @@ def to_markdown(doc: Mapping[str, Any]) -> str:
     for f in doc["features"]:
         ref = f" (reference {f['reference']})" if f["reference"] else ""
         out += [f"### {f['model']} · {f['feature']}{ref}", ""]
+        header = ["group", "predictions", "labelled (n)", "pending", "expired", "label coverage"]
         out += _table(
-            ["group", "predictions", "labelled (n)", "pending", "expired", "label coverage", *(_LABELS[r] for r in SHOWN_RATES), "note"],
+            [*header, *(_LABELS[r] for r in SHOWN_RATES), "note"],
             [
                 [
-                    g["group"], g["predictions"], g["labelled"], g["pending"], g["expired"], _pct(g["label_coverage"]),
-                    *(
-                        "–" if (r := g["rates"].get(rate)) is None
-                        else f"{_f(r['value'])} [{_f(r['lower'])}, {_f(r['upper'])}]" + (" **(end of flagged gap)**" if rate in g["flagged_extreme"] else "")
-                        for rate in SHOWN_RATES
-                    ),
+                    *(g[k] for k in ("group", "predictions", "labelled", "pending", "expired")),
+                    _pct(g["label_coverage"]),
+                    *(_md_estimate(g["rates"].get(r), r in g["flagged_extreme"]) for r in SHOWN_RATES),
                     "below min samples" if g["below_min_samples"] else "",
                 ]
                 for g in f["groups"]
             ],
-        )  # fmt: skip
+        )
         out += _table(
             ["disparity", "method", "value", "interval", "threshold", "verdict"],
             [
-                [d["disparity"], d["method"], _f(d["value"]), f"[{_f(d['lower'])}, {_f(d['upper'])}]", _f(d["threshold"]),
-                 "**flagged**" if d["flagged"] else ("within threshold or uncertain" if d["computable"] else "not computable")]
+                [
+                    d["disparity"],
+                    d["method"],
+                    _f(d["value"]),
+                    f"[{_f(d['lower'])}, {_f(d['upper'])}]",
+                    _f(d["threshold"]),
+                    "**flagged**"
+                    if d["flagged"]
+                    else ("within threshold or uncertain" if d["computable"] else "not computable"),
+                ]
                 for d in f["disparities"]
             ],
-        )  # fmt: skip
+        )
     out += ["## Disparities over time", ""]
     if doc["over_time"]:
         for series in doc["over_time"]:
@@ -490,13 +542,27 @@ def to_markdown(doc: Mapping[str, Any]) -> str:
     out += ["## Calibrated alarm: events in the period", ""]
     al = doc["alarms"]
     if not al["available"]:
-        out += ["Not available from this source (make the report from the running instance with `--url`).", ""]
+        out += [
+            "Not available from this source (make the report from the running instance with `--url`).",
+            "",
+        ]
     elif not al["events_in_period"]:
         out += ["No alarm raised or cleared in the period.", ""]
     else:
         out += _table(
             ["time (UTC)", "event", "model", "feature", "disparity", "group", "rate"],
-            [[iso(ev["ts"]), ev["kind"], ev["model"], ev["feature"], ev["disparity"], ev["group"], ev["rate"]] for ev in al["events_in_period"]],
+            [
+                [
+                    iso(ev["ts"]),
+                    ev["kind"],
+                    ev["model"],
+                    ev["feature"],
+                    ev["disparity"],
+                    ev["group"],
+                    ev["rate"],
+                ]
+                for ev in al["events_in_period"]
+            ],
         )
     for sig in doc["signals"].values():
         out += [f"## {sig['title']}", ""]
@@ -506,11 +572,16 @@ def to_markdown(doc: Mapping[str, Any]) -> str:
             out += _table(["field", "value"], _signal_rows(sig["data"]))
     u = doc["unknown"]
     out += ["## What is not known yet", ""]
-    out += [f"- {n} predictions of {m} in the period still wait for their outcome." for m, n in u["pending_labels"].items()]
+    out += [
+        f"- {n} predictions of {m} in the period still wait for their outcome."
+        for m, n in u["pending_labels"].items()
+    ]
     if u["groups_below_min_samples"]:
         out.append(
             "- Groups below min samples (shown, not judged): "
-            + ", ".join(f"{g['feature']}={g['group']} ({g['labelled']})" for g in u["groups_below_min_samples"])
+            + ", ".join(
+                f"{g['feature']}={g['group']} ({g['labelled']})" for g in u["groups_below_min_samples"]
+            )
         )
     if u["disparities_not_computable"]:
         out.append(f"- {len(u['disparities_not_computable'])} disparities cannot be computed yet.")
@@ -532,7 +603,10 @@ def to_markdown(doc: Mapping[str, Any]) -> str:
             ["config fingerprint", f"sha256 {a['config_fingerprint']['value']}"],
             ["source", a["source"]],
             ["data taken at", a["data_taken_at"]],
-            ["data period (prediction time)", f"{a['period']['from'] or 'start'} to {a['period']['to'] or 'now'}"],
+            [
+                "data period (prediction time)",
+                f"{a['period']['from'] or 'start'} to {a['period']['to'] or 'now'}",
+            ],
             ["content hash", f"sha256 {a['content_hash']['value']}"],
             ["hashed", a["content_hash"]["covers"]],
         ],

@@ -100,7 +100,8 @@ def inputs_from_detector(detector: Any, source: str) -> ReportInputs:
         events = None
         notes.append(_alarm_signal_note(leader))
     notes.append(
-        f"The counts cover the input partitions this replica owns ({', '.join(str(p['partition']) for p in partitions) or 'none'}); "
+        "The counts cover the input partitions this replica owns "
+        f"({', '.join(str(p['partition']) for p in partitions) or 'none'}); "
         "with several replicas, each one reports its own partitions."
     )
     return ReportInputs(
@@ -201,7 +202,11 @@ def inputs_from_state(config: Config, path: str | Path | None = None) -> ReportI
     p = Path(path if path is not None else config.state.path)
     if not (p / "CURRENT").exists():
         raise ReportError(
-            ERR_STATE.format(path=p, reason="no RocksDB database there", fix="pass --state-dir (state.path of the detector)")
+            ERR_STATE.format(
+                path=p,
+                reason="no RocksDB database there",
+                fix="pass --state-dir (state.path of the detector)",
+            )
         )
     db = None
     last_exc: Exception | None = None
@@ -214,7 +219,9 @@ def inputs_from_state(config: Config, path: str | Path | None = None) -> ReportI
             time.sleep(0.2)
     if db is None:
         raise ReportError(
-            ERR_STATE.format(path=p, reason=str(last_exc).splitlines()[0], fix="check the path and its permissions")
+            ERR_STATE.format(
+                path=p, reason=str(last_exc).splitlines()[0], fix="check the path and its permissions"
+            )
         )
     try:
         raw = db.get(FORMAT_KEY)
@@ -253,7 +260,8 @@ def inputs_from_state(config: Config, path: str | Path | None = None) -> ReportI
     events = None
     notes = [
         "Read offline from the state directory (read-only): the counts are those of the last "
-        f"checkpoint on disk, for the partitions stored there ({', '.join(map(str, sorted(metas))) or 'none'})."
+        "checkpoint on disk, for the partitions stored there "
+        f"({', '.join(map(str, sorted(metas))) or 'none'})."
     ]
     if fb_raw is not None:
         fb = decode_json(fb_raw)
@@ -285,6 +293,12 @@ def inputs_from_state(config: Config, path: str | Path | None = None) -> ReportI
         last_bucket=last_bucket,
         notes=notes,
         signal_notes={
-            name: "not available offline: computed by a running instance only" for name in ("root_cause", "unconfigured_intersections", "threshold_whatif", "label_free_estimates")
+            name: "not available offline: computed by a running instance only"
+            for name in (
+                "root_cause",
+                "unconfigured_intersections",
+                "threshold_whatif",
+                "label_free_estimates",
+            )
         },
     )

@@ -100,8 +100,7 @@ DEFINITIONS: Mapping[str, str] = {
     "decided negatively (1 - true positive rate).",
     "true_negative_rate": "Of the people whose real outcome was negative, the share the model "
     "decided negatively.",
-    "positive_predictive_value": "Of the positive decisions, the share that turned out positive "
-    "(precision).",
+    "positive_predictive_value": "Of the positive decisions, the share that turned out positive (precision).",
     "negative_predictive_value": "Of the negative decisions, the share that turned out negative.",
     "accuracy": "Share of labelled decisions that matched the real outcome.",
     "credible interval": "The range the true rate lies in with the stated probability (for "
@@ -182,8 +181,8 @@ def parse_period(
             span = parse_duration(last)
         except ValueError:
             raise ReportError(ERR_PERIOD.format(problem=f"--last {last!r} is not a duration")) from None
-        end = time.time() if now is None else now
-        return Period(end - span, end)
+        stop = time.time() if now is None else now
+        return Period(stop - span, stop)
     start = None if since is None else parse_time(since)
     end = None if until is None else parse_time(until)
     if start is not None and end is not None and end <= start:
@@ -249,7 +248,9 @@ def canonical(doc: Mapping[str, Any]) -> bytes:
     """The bytes the content hash is taken over (see the module docstring)."""
     body = json.loads(json.dumps(doc))  # a deep copy
     body.get("audit", {}).pop("content_hash", None)
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return json.dumps(
+        body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()
 
 
 def content_hash(doc: Mapping[str, Any]) -> str:
@@ -333,7 +334,7 @@ def _select(inputs: ReportInputs, period: Period) -> tuple[dict[Key, list[int]],
     oldest = None if last is None else last - span + 1
     first_b = math.floor(period.start / res) if period.start is not None else oldest
     end_b = math.ceil(period.end / res) if period.end is not None else (None if last is None else last + 1)
-    if period.start is not None and oldest is not None and first_b < oldest:
+    if period.start is not None and oldest is not None and first_b is not None and first_b < oldest:
         raise ReportError(
             ERR_NOT_KEPT.format(
                 start=iso(period.start),
@@ -347,7 +348,8 @@ def _select(inputs: ReportInputs, period: Period) -> tuple[dict[Key, list[int]],
     desc = {
         "from": iso(period.start),
         "to": iso(period.end),
-        "basis": f"predictions whose event time lies in the period, widened to {format_duration(res)} buckets",
+        "basis": "predictions whose event time lies in the period, widened to "
+        f"{format_duration(res)} buckets",
         "prediction_time_from": iso(None if lo is None else lo * res),
         "prediction_time_to": iso(None if hi is None else hi * res),
     }
@@ -434,7 +436,9 @@ def _feature_section(
     }
 
 
-def _alarm_state(events: Sequence[Mapping[str, Any]], model: str, feature: str, disparity: str) -> list[tuple[float, bool]]:
+def _alarm_state(
+    events: Sequence[Mapping[str, Any]], model: str, feature: str, disparity: str
+) -> list[tuple[float, bool]]:
     """(ts, raised after it) for one alarm, oldest first."""
     out = []
     for e in sorted(events, key=lambda e: (e["ts"], e.get("seq", 0))):
@@ -546,7 +550,11 @@ def assemble(inputs: ReportInputs, period: Period = Period()) -> dict[str, Any]:
         hi = period.end if period.end is not None else math.inf
         in_period = [dict(e) for e in events if lo <= float(e["ts"]) < hi]
     flagged = [
-        {"model": f["model"], "feature": f["feature"], **{k: d[k] for k in ("disparity", "method", "value", "lower", "upper", "threshold")}}
+        {
+            "model": f["model"],
+            "feature": f["feature"],
+            **{k: d[k] for k in ("disparity", "method", "value", "lower", "upper", "threshold")},
+        }
         for f in features
         for d in f["disparities"]
         if d["flagged"]
@@ -572,10 +580,12 @@ def assemble(inputs: ReportInputs, period: Period = Period()) -> dict[str, Any]:
             else {
                 "title": title,
                 "available": False,
-                "reason": inputs.signal_notes.get(name, "not available on this instance (this version "
-                "or this source does not compute it)"),
+                "reason": inputs.signal_notes.get(
+                    name, "not available on this instance (this version or this source does not compute it)"
+                ),
             }
         )
+    notes = list(inputs.notes)
     unknown = {
         "pending_labels": {m: t["pending"] for m, t in totals.items()},
         "groups_below_min_samples": below,
@@ -586,12 +596,12 @@ def assemble(inputs: ReportInputs, period: Period = Period()) -> dict[str, Any]:
             if signals[n]["available"]
         ],
         "alarm_log_available": events is not None,
-        "notes": list(inputs.notes),
+        "notes": notes,
     }
     if not rows and not period.everything:
         kept = sorted(inputs.buckets)
         newest = iso((kept[-1] + 1) * config.window_resolution) if kept else None
-        unknown["notes"].insert(
+        notes.insert(
             0,
             "No predictions in this period"
             + (f": the kept per-period counts end at {newest} (prediction time)." if newest else "."),
@@ -612,7 +622,13 @@ def assemble(inputs: ReportInputs, period: Period = Period()) -> dict[str, Any]:
             "features": [f.name for f in config.fairness.features],
             "intersections": [list(c) for c in config.fairness.intersections],
         },
-        "summary": {"totals": totals, "flagged": flagged, "alarms_raised_in_period": None if in_period is None else sum(e["kind"] == "alarm_raised" for e in in_period)},
+        "summary": {
+            "totals": totals,
+            "flagged": flagged,
+            "alarms_raised_in_period": None
+            if in_period is None
+            else sum(e["kind"] == "alarm_raised" for e in in_period),
+        },
         "features": features,
         "over_time": _over_time(inputs, chosen, keys, refs),
         "alarms": {

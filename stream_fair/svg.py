@@ -183,7 +183,9 @@ def coverage_bars(rows: Sequence[CoverageRow], width: int = 560) -> str:
         y = 22 + r * _ROW
         total = row.labelled + row.expired + row.pending
         out.append(f'<text x="{_LABEL - 6}" y="{y + 11}" text-anchor="end" class="lab">{e(row.group)}</text>')
-        out.append(f'<rect x="{_LABEL}" y="{y + 2}" width="{bar}" height="12" fill="#f7f8fb" stroke="#dddde8"/>')
+        out.append(
+            f'<rect x="{_LABEL}" y="{y + 2}" width="{bar}" height="12" fill="#f7f8fb" stroke="#dddde8"/>'
+        )
         left = float(_LABEL)
         for name, n, colour in (
             ("labelled", row.labelled, LABELLED),
@@ -194,7 +196,8 @@ def coverage_bars(rows: Sequence[CoverageRow], width: int = 560) -> str:
                 continue
             w = bar * n / total
             out.append(
-                f'<rect class="cov-{name}" x="{left:.1f}" y="{y + 2}" width="{w:.1f}" height="12" fill="{colour}"/>'
+                f'<rect class="cov-{name}" x="{left:.1f}" y="{y + 2}" width="{w:.1f}" height="12" '
+                f'fill="{colour}"/>'
             )
             left += w
         share = "no predictions" if total <= 0 else f"{row.labelled / total:.0%} labelled"

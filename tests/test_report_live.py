@@ -51,8 +51,8 @@ def live(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
             "features": [{"name": "sex", "reference": "Male"}, {"name": "race", "reference": "White"}, "age"],
             "min_samples": 100,
         },
-        windows=["1h"],
-        window_resolution="1m",
+        windows=["1h"],  # type: ignore[arg-type]  # top-level keys are values, not sections
+        window_resolution="1m",  # type: ignore[arg-type]
         state={"checkpoint_interval": "200ms"},
     )
     config_path = write_config(tmp / "config.yaml", cfg)
@@ -66,7 +66,9 @@ def live(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         )
         # 2 predictions a second over ~100 minutes: more than the 1h window, cut with outcomes in flight
         events = [
-            (k, p) for k, p in simulate.generate(scenario, 12_000, seed=23, rate_per_s=2.0) if p["ts"] < 1_790_005_900
+            (k, p)
+            for k, p in simulate.generate(scenario, 12_000, seed=23, rate_per_s=2.0)
+            if p["ts"] < 1_790_005_900
         ]
         sent = Counter(kind for kind, _ in events)
         produce_events(kafka_bootstrap, topics.predictions, topics.outcomes, events)
@@ -103,9 +105,21 @@ def _check_against_metrics(doc: dict[str, Any], m: Scrape, window: str | None = 
             labels = {"model": MODEL, "feature": f["feature"], "group": g["group"]}
             for actual, predicted, cell in CELLS:
                 if window is None:
-                    expected = m.get("stream_fair_confusion_total", **labels, actual=actual, predicted=predicted) or 0
+                    expected = (
+                        m.get("stream_fair_confusion_total", **labels, actual=actual, predicted=predicted)
+                        or 0
+                    )
                 else:
-                    expected = m.get("stream_fair_window_confusion", **labels, window=window, actual=actual, predicted=predicted) or 0
+                    expected = (
+                        m.get(
+                            "stream_fair_window_confusion",
+                            **labels,
+                            window=window,
+                            actual=actual,
+                            predicted=predicted,
+                        )
+                        or 0
+                    )
                 assert g["confusion"][cell] == expected, (f["feature"], g["group"], cell)
             if window is not None:
                 continue
@@ -119,7 +133,9 @@ def _check_against_metrics(doc: dict[str, Any], m: Scrape, window: str | None = 
             w = {**labels, "window": "cumulative"}
             for rate in ("selection_rate", "true_positive_rate", "false_positive_rate", "accuracy"):
                 for suffix, part in (("", "value"), ("_lower", "lower"), ("_upper", "upper")):
-                    assert g["rates"][rate][part] == pytest.approx(m.get(f"stream_fair_{rate}{suffix}", **w), abs=1e-6)
+                    assert g["rates"][rate][part] == pytest.approx(
+                        m.get(f"stream_fair_{rate}{suffix}", **w), abs=1e-6
+                    )
             assert g["below_min_samples"] == bool(m.get("stream_fair_group_below_min_samples", **w))
             checked += 1
         if window is None:
@@ -130,7 +146,9 @@ def _check_against_metrics(doc: dict[str, Any], m: Scrape, window: str | None = 
                     assert value is None
                     continue
                 assert d["value"] == pytest.approx(value, abs=1e-6)
-                assert d["flagged"] == bool(m.get("stream_fair_disparity_flagged", **lab, disparity=d["disparity"]))
+                assert d["flagged"] == bool(
+                    m.get("stream_fair_disparity_flagged", **lab, disparity=d["disparity"])
+                )
     return checked
 
 
@@ -153,8 +171,13 @@ def test_a_period_equal_to_the_window_matches_the_window_counts(live: dict[str, 
     whole = _report(live, "--url", live["url"])
     points = whole["over_time"][0]["points"]  # the kept buckets: exactly the 1h window
     start, end = points[0]["t"], points[-1]["t"] + whole["over_time"][0]["step_seconds"]
-    doc = _report(live, "--url", live["url"], "--from", str(start), "--to", iso(end) or "", name="period.json")
-    assert (doc["period"]["prediction_time_from"], doc["period"]["prediction_time_to"]) == (iso(start), iso(end))
+    doc = _report(
+        live, "--url", live["url"], "--from", str(start), "--to", iso(end) or "", name="period.json"
+    )
+    assert (doc["period"]["prediction_time_from"], doc["period"]["prediction_time_to"]) == (
+        iso(start),
+        iso(end),
+    )
     assert end - start == 3600.0
     _check_against_metrics(doc, scrape(live["port"]), window="1h")
     assert doc["summary"]["totals"][MODEL]["predictions"] < whole["summary"]["totals"][MODEL]["predictions"]
@@ -162,12 +185,22 @@ def test_a_period_equal_to_the_window_matches_the_window_counts(live: dict[str, 
 
 def test_offline_report_from_the_live_state_directory(live: dict[str, Any]) -> None:
     online = _report(live, "--url", live["url"])
-    offline = _report(live, "--config", str(live["config"]), "--state-dir", str(live["state"]), name="offline.json")
+    offline = _report(
+        live, "--config", str(live["config"]), "--state-dir", str(live["state"]), name="offline.json"
+    )
     assert offline["audit"]["source"].startswith("state directory ")
     assert offline["audit"]["config_fingerprint"] == online["audit"]["config_fingerprint"]
-    strip = lambda doc: [(f["feature"], [(g["group"], g["predictions"], g["confusion"]) for g in f["groups"]]) for f in doc["features"]]  # noqa: E731
-    assert strip(offline) == strip(online)
-    assert [p["next_offsets"] for p in offline["audit"]["partitions"]] == [p["next_offsets"] for p in online["audit"]["partitions"]]
+
+    def counts(doc: dict[str, Any]) -> list[Any]:
+        return [
+            (f["feature"], [(g["group"], g["predictions"], g["confusion"]) for g in f["groups"]])
+            for f in doc["features"]
+        ]
+
+    assert counts(offline) == counts(online)
+    assert [p["next_offsets"] for p in offline["audit"]["partitions"]] == [
+        p["next_offsets"] for p in online["audit"]["partitions"]
+    ]
     # the detector was not disturbed: it still answers and still owns its store
     assert scrape(live["port"]).get("stream_fair_partitions_owned") == 2
 

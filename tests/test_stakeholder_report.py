@@ -17,7 +17,6 @@ import re
 import shutil
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from html import unescape
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +56,11 @@ def _config() -> Config:
     return Config.model_validate(
         {
             "fairness": {
-                "features": [{"name": "sex", "reference": "Male"}, {"name": "race", "reference": "White"}, "age"],
+                "features": [
+                    {"name": "sex", "reference": "Male"},
+                    {"name": "race", "reference": "White"},
+                    "age",
+                ],
                 "intersections": [["race", "sex"]],
                 "min_samples": MIN_SAMPLES,
             },
@@ -79,7 +82,9 @@ def _stream() -> list[tuple[str, dict[str, Any]]]:
 
 
 @pytest.fixture(scope="module")
-def fed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, ReportInputs, list[tuple[str, dict[str, Any]]]]:
+def fed(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Config, ReportInputs, list[tuple[str, dict[str, Any]]]]:
     """The report's inputs after a local tracker consumed the stream (checkpoints as it goes)."""
     cfg = _config()
     tracker = LocalTracker(cfg, str(tmp_path_factory.mktemp("state")))
@@ -185,8 +190,12 @@ def _check_rates(doc: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         )
         diff = sub.difference(method="between_groups")
         d = {(x["disparity"], x["method"]): x for x in f["disparities"]}
-        assert d["demographic_parity_difference", "between_groups"]["value"] == pytest.approx(diff["sr"], abs=1e-6)
-        assert d["equal_opportunity_difference", "between_groups"]["value"] == pytest.approx(diff["tpr"], abs=1e-6)
+        assert d["demographic_parity_difference", "between_groups"]["value"] == pytest.approx(
+            diff["sr"], abs=1e-6
+        )
+        assert d["equal_opportunity_difference", "between_groups"]["value"] == pytest.approx(
+            diff["tpr"], abs=1e-6
+        )
 
 
 def test_all_data_matches_an_independent_recount(fed: Any) -> None:
@@ -212,7 +221,10 @@ def test_a_period_matches_the_recount_of_its_predictions(fed: Any) -> None:
     cfg, inputs, events = fed
     start, end = START + 1200.0, START + 3600.0
     doc = assemble(inputs, Period(start + 100.0, end - 50.0))  # widened to the bucket edges
-    assert (doc["period"]["prediction_time_from"], doc["period"]["prediction_time_to"]) == (iso(start), iso(end))
+    assert (doc["period"]["prediction_time_from"], doc["period"]["prediction_time_to"]) == (
+        iso(start),
+        iso(end),
+    )
     assert doc["audit"]["period"]["from"] == doc["period"]["prediction_time_from"]
     rows = _in(_pairs(events), start, end)
     _check_counts(doc, rows)
@@ -249,7 +261,13 @@ def test_each_step_over_time_matches_the_recount(fed: Any) -> None:
 def test_alarms_are_marked_while_raised(fed: Any) -> None:
     cfg, inputs, _ = fed
     first = min(inputs.buckets) * RES
-    ev = {"model": "credit-v3", "feature": "race&sex", "disparity": "equal_opportunity_difference", "group": "Black&Female", "rate": "true_positive_rate"}
+    ev = {
+        "model": "credit-v3",
+        "feature": "race&sex",
+        "disparity": "equal_opportunity_difference",
+        "group": "Black&Female",
+        "rate": "true_positive_rate",
+    }
     events = [
         {**ev, "seq": 1, "kind": "alarm_raised", "ts": first + 2 * RES + 10},
         {**ev, "seq": 2, "kind": "alarm_cleared", "ts": first + 5 * RES + 10},
@@ -257,14 +275,27 @@ def test_alarms_are_marked_while_raised(fed: Any) -> None:
     from dataclasses import replace
 
     doc = assemble(replace(inputs, alarm_events=events))
-    eo = next(s for s in doc["over_time"] if s["feature"] == "race&sex" and s["disparity"] == "equal_opportunity_difference")
-    assert [p["alarm_raised"] for p in eo["points"][:8]] == [False, False, True, True, True, True, False, False]
+    eo = next(
+        s
+        for s in doc["over_time"]
+        if s["feature"] == "race&sex" and s["disparity"] == "equal_opportunity_difference"
+    )
+    assert [p["alarm_raised"] for p in eo["points"][:8]] == [
+        False,
+        False,
+        True,
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
     other = next(s for s in doc["over_time"] if s["feature"] == "sex")
     assert not any(p["alarm_raised"] for p in other["points"])
     assert doc["summary"]["alarms_raised_in_period"] == 1
     assert len(doc["alarms"]["events_in_period"]) == 2
     html = render.to_html(doc)
-    assert html.count(f'class="alarm" ') == 0 or True  # dots are circles with class alarm
+    assert html.count('class="alarm" ') == 0 or True  # dots are circles with class alarm
     assert len(re.findall(r'<circle class="alarm"', html)) >= 3
 
 
@@ -274,7 +305,16 @@ def test_every_metric_shown_is_defined_and_unknowns_are_stated(fed: Any) -> None
     doc = assemble(inputs)
     shown = {r for f in doc["features"] for g in f["groups"] for r in g["rates"]}
     shown |= {d["disparity"] for f in doc["features"] for d in f["disparities"]}
-    shown |= {"label_coverage", "pending", "expired", "min_samples", "flagged", "alarm", "between_groups", "to_reference"}
+    shown |= {
+        "label_coverage",
+        "pending",
+        "expired",
+        "min_samples",
+        "flagged",
+        "alarm",
+        "between_groups",
+        "to_reference",
+    }
     assert shown <= set(DEFINITIONS), shown - set(DEFINITIONS)
     assert doc["definitions"] == dict(DEFINITIONS)
     for name, sig in doc["signals"].items():  # never silently omitted
@@ -292,12 +332,19 @@ def test_markdown_and_json_content(fed: Any) -> None:
     assert doc["audit"]["config_fingerprint"]["value"] in md
     rs = next(f for f in doc["features"] if f["feature"] == "race&sex")
     for g in rs["groups"]:
-        line = next(ln for ln in md.splitlines() if ln.startswith(f"| {g['group']} |") and str(g["predictions"]) in ln)
+        line = next(
+            ln for ln in md.splitlines() if ln.startswith(f"| {g['group']} |") and str(g["predictions"]) in ln
+        )
         assert str(g["labelled"]) in line and str(g["pending"]) in line
         assert ("below min samples" in line) == g["below_min_samples"]
     for term in ("selection_rate", "true_positive_rate", "equal_opportunity_difference", "label_coverage"):
         assert f"- **{term}**: " in md
-    for section in ("## What is not known yet", "## Audit trail", "## Threshold what-ifs", "## Root cause of the flagged disparities"):
+    for section in (
+        "## What is not known yet",
+        "## Audit trail",
+        "## Threshold what-ifs",
+        "## Root cause of the flagged disparities",
+    ):
         assert section in md
     assert "Not available: " in md
     text = render.to_json(doc)
@@ -326,7 +373,11 @@ def test_the_content_hash_is_verifiable_and_catches_an_edit(fed: Any, tmp_path: 
     bad["features"][0]["groups"][0]["labelled"] += 1
     (tmp_path / "bad.json").write_text(json.dumps(bad), encoding="utf-8")
     failed = run_cli("report", "--verify", str(tmp_path / "bad.json"))
-    assert failed.returncode == 1 and failed.stderr.startswith("FAILED: ") and len(failed.stderr.splitlines()) == 1
+    assert (
+        failed.returncode == 1
+        and failed.stderr.startswith("FAILED: ")
+        and len(failed.stderr.splitlines()) == 1
+    )
 
     html = render.to_html(doc)
     (tmp_path / "report.html").write_text(html, encoding="utf-8")
@@ -342,9 +393,15 @@ def test_the_content_hash_is_verifiable_and_catches_an_edit(fed: Any, tmp_path: 
 # -- errors ---------------------------------------------------------------------------------------
 def test_bad_periods_are_one_line_errors(fed: Any) -> None:
     _, inputs, _ = fed
-    for kwargs in ({"since": "yesterday"}, {"last": "forever"}, {"since": "2026-01-02", "until": "2026-01-01"}, {"last": "1h", "since": "1"}):
+    cases: tuple[dict[str, str], ...] = (
+        {"since": "yesterday"},
+        {"last": "forever"},
+        {"since": "2026-01-02", "until": "2026-01-01"},
+        {"last": "1h", "since": "1"},
+    )
+    for kwargs in cases:
         with pytest.raises(ReportError) as err:
-            parse_period(**kwargs)
+            parse_period(kwargs.get("since"), kwargs.get("until"), kwargs.get("last"))
         assert len(str(err.value).splitlines()) == 1 and "--from" in str(err.value)
     with pytest.raises(ReportError) as err:
         assemble(inputs, Period(START - 86400.0, START))
@@ -358,7 +415,16 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
         ("report", "--url", f"http://127.0.0.1:{port}", "--last", "forever"),
         ("report", "--url", f"http://127.0.0.1:{port}", "--from", "noon"),
         ("report",),
-        ("report", "--config", str(write_config(tmp_path / "c.yaml", {"fairness": {"features": ["sex"]}, "state": {"path": str(tmp_path / "none")}}))),
+        (
+            "report",
+            "--config",
+            str(
+                write_config(
+                    tmp_path / "c.yaml",
+                    {"fairness": {"features": ["sex"]}, "state": {"path": str(tmp_path / "none")}},
+                )
+            ),
+        ),
     ]
     for args in cases:
         proc = run_cli(*args)
@@ -380,7 +446,20 @@ def page(fed: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[P
     from dataclasses import replace
 
     first = START + 1200.0  # a short period: some groups are below min samples
-    ev = {"model": "credit-v3", "feature": "race&sex", "disparity": "equal_opportunity_difference", "group": "Black&Female", "rate": "true_positive_rate", "statistic": 12.0, "threshold": 9.2, "change_point_ts": first, "group_value": 0.5, "rest_value": 0.76, "evidence": {}, "direction": "below"}
+    ev = {
+        "model": "credit-v3",
+        "feature": "race&sex",
+        "disparity": "equal_opportunity_difference",
+        "group": "Black&Female",
+        "rate": "true_positive_rate",
+        "statistic": 12.0,
+        "threshold": 9.2,
+        "change_point_ts": first,
+        "group_value": 0.5,
+        "rest_value": 0.76,
+        "evidence": {},
+        "direction": "below",
+    }
     events = [{**ev, "seq": 1, "kind": "alarm_raised", "ts": first + 2 * RES}]
     doc = assemble(replace(inputs, alarm_events=events), Period(first, START + 3600.0))
     assert doc["unknown"]["groups_below_min_samples"]
@@ -404,11 +483,20 @@ def test_html_is_self_contained_with_every_chart(page: Any) -> None:
         head = f"<h3>{f['model']} · {f['feature']}".replace("&", "&amp;")
         section = next(s for s in rs if s.startswith(head))
         [forest] = re.findall(r'<svg class="forest".*?</svg>', section, re.S)
-        assert (svg.FLAGGED in forest) == any(d["flagged"] and d["method"] == "between_groups" for d in f["disparities"])
+        assert (svg.FLAGGED in forest) == any(
+            d["flagged"] and d["method"] == "between_groups" for d in f["disparities"]
+        )
         small = sum(g["below_min_samples"] for g in f["groups"])
         assert section.count("<span class=small>below min samples</span>") == small, f["feature"]
         assert forest.count(f'stroke="{svg.MUTED}"') == small * 3 - sum(  # grey: every rate it has
-            3 - len([r for r in ("selection_rate", "true_positive_rate", "false_positive_rate") if r in g["rates"]])
+            3
+            - len(
+                [
+                    r
+                    for r in ("selection_rate", "true_positive_rate", "false_positive_rate")
+                    if r in g["rates"]
+                ]
+            )
             for g in f["groups"]
             if g["below_min_samples"]
         )
@@ -417,7 +505,9 @@ def test_html_is_self_contained_with_every_chart(page: Any) -> None:
 
 def test_screenshot_shows_the_charts(page: Any, tmp_path: Path) -> None:
     if CHROMIUM is None:
-        pytest.fail("chromium is not installed: apt-get install --no-install-recommends chromium (scripts/test does)")
+        pytest.fail(
+            "chromium is not installed: apt-get install --no-install-recommends chromium (scripts/test does)"
+        )
     import subprocess
 
     from tests.test_status_page import _colours, decode_png
@@ -426,7 +516,8 @@ def test_screenshot_shows_the_charts(page: Any, tmp_path: Path) -> None:
     png = tmp_path / "report.png"
     cmd = [
         CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+        "--disable-component-update", "--disable-sync", "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
         f"--screenshot={png}", "--window-size=1280,3600", "--hide-scrollbars", path.as_uri(),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
