@@ -32,6 +32,7 @@ from stream_fair.report import Report, build_report
 from stream_fair.state import identity
 from stream_fair.state.codec import (
     SPACE_COUNTS,
+    SPACE_HIST,
     SPACE_ID,
     encode_json,
     increment_key,
@@ -62,6 +63,8 @@ def fingerprint(config: Config) -> dict[str, Any]:
     return {
         "features": [f.name for f in config.fairness.features],
         "intersections": config.fairness.intersections,
+        # only when set: stores written before audit_only existed stay valid
+        **({"audit_only": [f.name for f in fc.audit_only]} if (fc := config.fairness).audit_only else {}),
         "windows": config.windows,
         "window_resolution": config.window_resolution,
         "group_id": config.kafka.group_id,
@@ -146,6 +149,7 @@ class Detector:
             page=lambda: render(*self.current(), history=self.history),
             alarms=self.alarms_document,
             report=self.report_document,
+            whatif=self.whatif_document,
             **server_options(config.exporter),
         )
 
@@ -265,6 +269,30 @@ class Detector:
             f"{cfg.topics.predictions} / {cfg.topics.outcomes})"
         )
         return report_endpoint(self, query, source)
+
+    def whatif_document(self, query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
+        """``/whatif``: threshold what-ifs over the labelled score histograms of this replica's
+        partitions (:mod:`stream_fair.whatif_query`)."""
+        from stream_fair.report import fairness_settings
+        from stream_fair.whatif_query import answer
+
+        report, _ = self.current()
+
+        def histograms(model: str, feature: str) -> Any:
+            try:
+                by_group = report.score_histograms(model, feature)
+            except KeyError:  # not a configured feature or intersection
+                return None
+            if not by_group:
+                return None
+            edges = next(iter(by_group.values())).edges
+            return edges, {g: (h.positives, h.negatives) for g, h in by_group.items()}
+
+        def known() -> list[tuple[str, str]]:
+            return sorted({(v.model, v.feature.name) for v in report.views})
+
+        settings = fairness_settings(self.config)
+        return answer(query, histograms, settings, self.config.schema_.score_threshold, known)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -779,6 +807,10 @@ class Detector:
                     ci = parse_cell(key[3:])
                     if ci < len(s.counts.rows):
                         s.counts.dirty.add(ci)
+                elif key[0] == SPACE_HIST:
+                    ci = parse_cell(key[3:])
+                    if ci < len(s.counts.rows):  # a zero row where none was committed
+                        s.histograms.touch(ci)
             s.changed = True
         self._to_restore.discard(p)
         self.checkpoint({p})  # the claim
@@ -854,8 +886,6 @@ def server_options(exporter: Any) -> dict[str, Any]:
 def _default_feedback(config: Config) -> Feedback:
     from stream_fair.config import feedback_settings
     from stream_fair.feedback import FeedbackMonitor
-    from stream_fair.groups import feature_keys
+    from stream_fair.report import config_keys
 
-    fc = config.fairness
-    keys = feature_keys([f.name for f in fc.features], fc.intersections)
-    return FeedbackMonitor(keys, feedback_settings(config.feedback))
+    return FeedbackMonitor(config_keys(config), feedback_settings(config.feedback))

@@ -1,4 +1,4 @@
-"""``stream-fair`` commands: run, check-config, report, simulate, demo.
+"""``stream-fair`` commands: run, check-config, report, simulate, demo, whatif.
 
 Exit status 2 with one line on stderr for a bad config, a busy port or an unreachable broker
 (``run`` reports its retries first, one line each); 0 after a clean stop (SIGTERM, SIGHUP or
@@ -230,6 +230,24 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
+def cmd_whatif(args: argparse.Namespace) -> int:
+    from stream_fair.whatif_client import PASSWORD_ENV, fetch, format_document
+
+    params = [("model", args.model), ("feature", args.feature)]
+    params += [(k, v) for k, v in (("criterion", args.criterion), ("mode", args.mode)) if v]
+    if args.tolerance is not None:
+        params.append(("tolerance", str(args.tolerance)))
+    params += [("threshold", t) for t in args.threshold] + [("current", c) for c in args.current]
+    doc = fetch(args.url, params, user=args.user, password=os.environ.get(PASSWORD_ENV), cafile=args.cacert)
+    if args.json:
+        import json
+
+        print(json.dumps(doc, indent=1))
+    else:
+        print(format_document(doc))
+    return 0
+
+
 def _subcommand(sub: Any, name: str, summary: str, details: str = "") -> argparse.ArgumentParser:
     return sub.add_parser(  # type: ignore[no-any-return]
         name,
@@ -396,6 +414,49 @@ def parser(dev: bool = True) -> argparse.ArgumentParser:
         "--quiet", action="store_true", help="print only the banner and the alerts, no live table"
     )
     demo.set_defaults(func=cmd_demo)
+    whatif = _subcommand(
+        sub,
+        "whatif",
+        "ask a running instance which per-group thresholds would meet a fairness criterion",
+        "Queries /whatif of a running stream-fair (docs/whatif.md): the per-group thresholds that\n"
+        "meet --criterion with the best overall accuracy, or with --threshold GROUP:T the plain\n"
+        "what-if; rates, disparities and each group's accuracy change, now -> projected, with\n"
+        "intervals. Computed from matured labelled pairs only. Exit status 2 with one line for an\n"
+        "unknown model, feature, group or criterion, or groups below fairness.min_samples.",
+    )
+    whatif.add_argument("--url", default="http://localhost:9800", help="the instance's exporter address")
+    whatif.add_argument("--model", required=True, help="model name as in the prediction events")
+    whatif.add_argument("--feature", required=True, help="feature or intersection (e.g. sex&race)")
+    whatif.add_argument(
+        "--criterion",
+        choices=("demographic_parity", "equal_opportunity", "equalized_odds"),
+        help="find thresholds that meet it",
+    )
+    whatif.add_argument(
+        "--mode",
+        choices=("deterministic", "randomized"),
+        help="one threshold per group (deterministic, default) or fairlearn-style mixing (exact parity)",
+    )
+    whatif.add_argument(
+        "--tolerance",
+        type=float,
+        metavar="D",
+        help="largest allowed difference (default: fairness.thresholds)",
+    )
+    whatif.add_argument(
+        "--threshold", action="append", default=[], metavar="GROUP:T", help="plain what-if (repeatable)"
+    )
+    whatif.add_argument(
+        "--current",
+        action="append",
+        default=[],
+        metavar="T|GROUP:T",
+        help="thresholds in use now (default: schema.score_threshold)",
+    )
+    whatif.add_argument("--user", help="basic-auth user (password from $STREAM_FAIR_PASSWORD)")
+    whatif.add_argument("--cacert", metavar="FILE", help="CA certificate for an https --url")
+    whatif.add_argument("--json", action="store_true", help="print the JSON document")
+    whatif.set_defaults(func=cmd_whatif)
     return p
 
 
@@ -516,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     # `run` and `check-config` must not import the demo tooling just to list scenarios.
-    args = parser(dev=command not in ("run", "check-config", "report")).parse_args(argv)
+    args = parser(dev=command not in ("run", "check-config", "report", "whatif")).parse_args(argv)
     try:
         return int(args.func(args))
     except StreamFairError as exc:

@@ -264,9 +264,25 @@ class FeatureConfig(_Section):
         return self
 
 
+SearchRate = Literal["selection_rate", "true_positive_rate", "false_positive_rate"]
+
+
+class SearchConfig(_Section):
+    """The search of intersections nobody configured (:mod:`stream_fair.search`)."""
+
+    enabled: bool = True
+    max_order: int = Field(2, ge=2, le=3)
+    alpha: float = Field(0.05, gt=0.0, lt=1.0)
+    rates: list[SearchRate] = Field(default_factory=lambda: list(get_args(SearchRate)), min_length=1)
+    max_tests: int = Field(5000, gt=0)
+    top: int = Field(10, gt=0)
+
+
 class FairnessConfig(_Section):
     features: list[FeatureConfig] = Field(default_factory=list)
     intersections: list[list[str]] = Field(default_factory=list)
+    audit_only: list[FeatureConfig] = Field(default_factory=list)
+    search: SearchConfig = Field(default_factory=SearchConfig)
     min_samples: int = Field(100, ge=1)
     credible_level: float = Field(0.95, gt=0.5, lt=1.0)
     prior: Literal["jeffreys", "uniform"] = "jeffreys"
@@ -281,16 +297,32 @@ class FairnessConfig(_Section):
         names = [f.name for f in self.features]
         if len(set(names)) != len(names):
             raise ValueError("fairness.features lists a feature twice")
+        audit = [f.name for f in self.audit_only]
+        if len(set(audit)) != len(audit) or set(audit) & set(names):
+            raise ValueError(
+                "fairness.audit_only lists an attribute twice or one of fairness.features: "
+                "list each attribute once, in features (monitored) or in audit_only (searched only)"
+            )
         for combo in self.intersections:
             if len(combo) < 2:
                 raise ValueError("each fairness.intersections entry needs at least two features")
             unknown = [c for c in combo if c not in names]
+            if unknown and unknown[0] in audit:
+                raise ValueError(
+                    f"fairness.intersections names {unknown[0]!r}, which is audit_only: move it to "
+                    "fairness.features to monitor the intersection"
+                )
             if unknown:
                 raise ValueError(
                     f"fairness.intersections names {unknown[0]!r}, which is not in "
                     "fairness.features: add it there first"
                 )
         return self
+
+    @property
+    def carried(self) -> list[FeatureConfig]:
+        """Every attribute carried in a cell, in cell order: the features, then the audit_only ones."""
+        return [*self.features, *self.audit_only]
 
 
 class JoinConfig(_Section):

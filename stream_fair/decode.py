@@ -195,7 +195,7 @@ class Decoder:
         self._o_id, self._o_ts, self._o_label = getter(o.id), getter(o.timestamp), getter(o.label)
         self._p_fast = None if p.prediction is None else _required([p.id, p.timestamp, p.model, p.prediction])
         self._o_fast = _required([o.id, o.timestamp, o.label])
-        self._features = _feature_reader([f.path or f.name for f in config.fairness.features])
+        self._features = _feature_reader([f.path or f.name for f in config.fairness.carried])
         self._values: dict[Any, str] = {}  # validated attribute values (few distinct ones)
         self._models: set[str] = set()  # validated model names
         self._pred_values = dict(schema.prediction_values)

@@ -17,3 +17,11 @@ class StateError(StreamFairError):
 
 class BrokerError(StreamFairError):
     """Kafka is unreachable or a topic is missing or incompatible."""
+
+
+class WhatIfError(StreamFairError):
+    """A threshold what-if cannot be answered (unknown criterion or group, too few labelled pairs)."""
+
+
+class TooFewSamplesError(WhatIfError):
+    """A what-if needs more labelled pairs than a group has (HTTP 422, not a bad request)."""

@@ -7,7 +7,8 @@ no torn reads. ``collect()`` never raises: a failure is logged, counted in
 
 Endpoints: ``/metrics``, ``/`` (status page), ``/alarms`` (alarms and their event log, JSON),
 ``/report.json`` (the stakeholder report's document for a period, :mod:`stream_fair.stakeholder_report`),
-``/healthz`` (the run loop is alive), ``/readyz`` (partitions assigned and state loaded).
+``/whatif`` (threshold what-ifs, JSON: :mod:`stream_fair.whatif_query`), ``/healthz`` (the run
+loop is alive), ``/readyz`` (partitions assigned and state loaded).
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any
-from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -28,6 +29,7 @@ from prometheus_client.process_collector import ProcessCollector
 from stream_fair import __version__
 from stream_fair.counts import ACTUAL_PREDICTED, EXPIRED, FN, FP, PRED0, PRED1, TN, TP
 from stream_fair.fairness import DISPARITIES, RATES
+from stream_fair.histograms import OUT_OF_RANGE
 from stream_fair.missing import report_missing
 from stream_fair.report import CUMULATIVE, Report
 from stream_fair.tracker import TOPICS
@@ -201,6 +203,7 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
     yield confusion
     yield predictions
     yield expired
+    yield _out_of_range(report)
     missing = GaugeMetricFamily(
         P + "feature_missing_ratio",
         "Share of accepted predictions with no value for the feature (group __missing__)",
@@ -209,12 +212,57 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
     for m in report_missing(report):
         missing.add_metric([m.model, m.feature], m.share)
     yield missing
+    yield from _search_families(report)
     if snap.feedback is not None:
         try:
             from stream_fair.feedback_metrics import feedback_families
         except ImportError:  # the feedback exporter is optional while it is being built
             return
         yield from feedback_families(snap.feedback)
+
+
+def _out_of_range(report: Report) -> Metric:
+    fam = CounterMetricFamily(
+        P + "scores_out_of_range",
+        "Scored predictions whose score lies outside [0, 1] (counted in the edge histogram bin)",
+        labels=["model", "partition"],
+    )
+    for p, view in sorted(report.snapshot.partitions.items()):
+        per: dict[str, int] = {}
+        for (model, _cell), row in view.histograms.items():
+            if row[OUT_OF_RANGE]:
+                per[model] = per.get(model, 0) + row[OUT_OF_RANGE]
+        for model, n in sorted(per.items()):
+            fam.add_metric([model, str(p)], n)
+    return fam
+
+
+def _search_families(report: Report) -> Iterator[Metric]:
+    """The search of unconfigured intersections (stream_fair.search): size and findings."""
+    tested = GaugeMetricFamily(
+        P + "search_hypotheses",
+        "Hypotheses (cell x rate) the last search of unconfigured intersections tested (Holm family size)",
+        labels=["model", "window"],
+    )
+    count = GaugeMetricFamily(
+        P + "search_findings",
+        "Cells of unconfigured intersections whose rate differs from the rest after Holm's correction",
+        labels=["model", "window"],
+    )
+    gap = GaugeMetricFamily(
+        P + "search_finding_gap",
+        "A finding's rate minus the rest's (0..1 scale, negative below the rest)",
+        labels=["model", "window", "intersection", "group", "rate"],
+    )
+    for sv in report.searches:
+        r = sv.result
+        tested.add_metric([sv.model, sv.window], r.tested)
+        count.add_metric([sv.model, sv.window], len(r.findings))
+        for f in r.findings:
+            gap.add_metric([sv.model, sv.window, f.intersection, f.group, f.rate], f.gap)
+    yield tested
+    yield count
+    yield gap
 
 
 def _pipeline(report: Report, stats: PipelineStats) -> Iterator[Metric]:
@@ -384,6 +432,7 @@ class ExporterServer:
         clock: Callable[[], float] | None = None,
         alarms: Callable[[], dict[str, Any]] | None = None,
         report: Callable[[dict[str, list[str]]], tuple[int, dict[str, Any]]] | None = None,
+        whatif: Callable[[dict[str, list[str]]], tuple[int, dict[str, Any]]] | None = None,
         *,
         read_timeout: float = 10.0,
         workers: int = 4,
@@ -418,11 +467,19 @@ class ExporterServer:
                     self._send(200, body, "application/json")
                 elif path == "/report.json" and report is not None:
                     try:
-                        code, doc = report(parse_qs(self.path.partition("?")[2]))
+                        code, doc = report(urllib.parse.parse_qs(self.path.partition("?")[2]))
                         self._send(code, json.dumps(doc).encode(), "application/json")
                     except Exception:
                         log.exception("report failed")
                         self._send(500, b'{"error": "report error: the report failed; see the detector log"}')
+                elif path == "/whatif" and whatif is not None:
+                    query = urllib.parse.parse_qs(self.path.partition("?")[2], keep_blank_values=True)
+                    try:
+                        code, doc = whatif(query)
+                    except Exception:
+                        log.exception("what-if failed")
+                        code, doc = 500, {"error": "what-if failed; see the detector's log"}
+                    self._send(code, json.dumps(doc, indent=1).encode(), "application/json")
                 elif path == "/" and page is not None:
                     try:
                         body = page().encode()
@@ -431,7 +488,9 @@ class ExporterServer:
                         log.exception("status page failed")
                         self._send(500, b"status page failed; see /metrics\n")
                 else:
-                    self._send(404, b"not found: try /metrics, /, /alarms, /report.json, /healthz, /readyz\n")
+                    self._send(
+                        404, b"not found: try /metrics, /, /alarms, /report.json, /whatif, /healthz, /readyz\n"
+                    )
 
             def _send(
                 self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8", auth: bool = False

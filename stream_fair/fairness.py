@@ -47,6 +47,7 @@ __all__ = [
     "DISPARITIES",
     "METHODS",
     "RATES",
+    "RATE_CELLS",
     "RESERVED_GROUPS",
     "Counts",
     "Estimate",
@@ -57,6 +58,7 @@ __all__ = [
     "group_rates",
     "is_flagged",
     "is_reserved",
+    "observed_rates",
 ]
 
 RATES: tuple[str, ...] = (
@@ -102,6 +104,8 @@ _RATE_CELLS: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "negative_predictive_value": ((_TN,), (_TN, _FN)),
     "accuracy": ((_TP, _TN), (_TP, _FP, _TN, _FN)),
 }
+RATE_CELLS = _RATE_CELLS
+"""rate -> (confusion columns summed in the numerator, ... in the denominator), ``tp fp tn fn`` order."""
 _NUM = np.array([[i in _RATE_CELLS[r][0] for r in RATES] for i in range(4)], dtype=np.int64)
 _DEN = np.array([[i in _RATE_CELLS[r][1] for r in RATES] for i in range(4)], dtype=np.int64)
 
@@ -255,6 +259,23 @@ def is_reserved(group: str) -> bool:
 
 def _count_matrix(counts: list[Counts]) -> IntArray:
     return np.array([(c.tp, c.fp, c.tn, c.fn) for c in counts], dtype=np.int64).reshape(-1, 4)
+
+
+def observed_rates(cells: NDArray[np.floating[Any]] | IntArray) -> FloatArray:
+    """Observed value :math:`k / m` of every rate (columns in :data:`RATES` order) per row.
+
+    ``cells`` has one row per operating point with columns ``(tp, fp, tn, fn)``; expected
+    (non-integer) counts are allowed. NaN where the denominator is 0.
+
+    >>> r = observed_rates(np.array([[3, 1, 5, 1]]))
+    >>> float(r[0, RATES.index("true_positive_rate")]), float(r[0, RATES.index("accuracy")])
+    (0.75, 0.8)
+    """
+    c = np.asarray(cells, dtype=np.float64).reshape(-1, 4)
+    k, m = c @ _NUM, c @ _DEN
+    out = np.full(k.shape, np.nan)
+    np.divide(k, m, out=out, where=m > 0)
+    return out
 
 
 def _credible_bounds(

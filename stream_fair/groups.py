@@ -1,7 +1,8 @@
 """Group keys: sensitive-feature values, intersections and the cardinality guard.
 
 Every joined pair is counted once, in its *cell*: the tuple of its values for all configured
-sensitive features, in configured order, followed by one fold flag per intersection (``""``, or
+sensitive features, in configured order, then for the ``audit_only`` attributes (carried for the
+search of unconfigured intersections, not monitored), followed by one fold flag per intersection (``""``, or
 ``__other__`` when the guard folded that intersection's group). A marginal feature (``sex``) or an
 intersection (``race&sex``) is a projection of the cell, so per-feature counts are sums over cells
 at snapshot time. That keeps the per-event cost at one update however many features and
@@ -56,13 +57,32 @@ class FeatureKey:
         return SEPARATOR.join(cell[i] for i in self.indices)
 
 
-def feature_keys(features: Sequence[str], intersections: Sequence[Sequence[str]]) -> list[FeatureKey]:
-    """Marginal keys in configured order, then one key per intersection."""
+def feature_keys(
+    features: Sequence[str], intersections: Sequence[Sequence[str]], audit_only: Sequence[str] = ()
+) -> list[FeatureKey]:
+    """Marginal keys in configured order, then one key per intersection.
+
+    ``audit_only`` attributes are carried in the cell after the features (searched by
+    :mod:`stream_fair.search`, never monitored): they get no key, but move the fold flags.
+
+    >>> feature_keys(["sex"], [], ["region"])[0], feature_keys(["a", "b"], [["a", "b"]], ["r"])[2].fold
+    (FeatureKey(name='sex', indices=(0,), fold=None), 3)
+    """
     position = {name: i for i, name in enumerate(features)}
     keys = [FeatureKey(name, (i,)) for i, name in enumerate(features)]
+    width = len(features) + len(audit_only)
     for j, combo in enumerate(intersections):
-        keys.append(FeatureKey(SEPARATOR.join(combo), tuple(position[n] for n in combo), len(features) + j))
+        keys.append(FeatureKey(SEPARATOR.join(combo), tuple(position[n] for n in combo), width + j))
     return keys
+
+
+def carried_attributes(features: Sequence[str], audit_only: Sequence[str] = ()) -> list[tuple[str, int]]:
+    """``(name, position in the cell)`` of every attribute a cell carries.
+
+    >>> carried_attributes(["sex", "race"], ["region"])
+    [('sex', 0), ('race', 1), ('region', 2)]
+    """
+    return [(name, i) for i, name in enumerate([*features, *audit_only])]
 
 
 MODEL_OVERFLOW = "__model__"

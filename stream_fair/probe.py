@@ -68,7 +68,7 @@ def _configured_paths(role: str, config: Config) -> dict[str, str]:
         paths["prediction"] = p.prediction
     if p.score is not None:
         paths["score"] = p.score
-    for f in config.fairness.features:
+    for f in config.fairness.carried:
         paths[f"feature {f.name}"] = str(f.path)
     return paths
 
@@ -80,7 +80,7 @@ def probe_topic(role: str, topic: str, values: Iterable[bytes | None], config: C
     paths = _configured_paths(role, config)
     present: Counter[str] = Counter()
     getters = {key: getter(path) for key, path in paths.items()}
-    features = [f.name for f in config.fairness.features]
+    features = [f.name for f in config.fairness.carried]
     probe.groups = {name: Counter() for name in features} if role == "predictions" else {}
     for raw in values:
         probe.records += 1

@@ -10,11 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from stream_fair.config import Config
+from stream_fair.config import Config, format_duration
 from stream_fair.counts import Key, Quad, add_rows
 from stream_fair.disparity import DISPARITY_RATES
 from stream_fair.fairness import Counts, FairnessSettings, FeatureReport, evaluate_feature
-from stream_fair.groups import SEPARATOR, FeatureKey, feature_keys
+from stream_fair.groups import SEPARATOR, Cell, FeatureKey, carried_attributes, feature_keys
+from stream_fair.histograms import ScoreHistogram
+from stream_fair.search import SearchResult, search
 from stream_fair.tracker import Snapshot
 
 CUMULATIVE = "cumulative"
@@ -50,12 +52,36 @@ class PartitionGroups:
 
 
 @dataclass(frozen=True)
+class SearchView:
+    """One model's search of unconfigured intersections (:mod:`stream_fair.search`) in a window."""
+
+    model: str
+    window: str
+    result: SearchResult
+
+
+@dataclass(frozen=True)
 class Report:
     snapshot: Snapshot
     settings: FairnessSettings
     views: list[FeatureView] = field(default_factory=list)
     traffic: list[TrafficView] = field(default_factory=list)
     partitions: list[PartitionGroups] = field(default_factory=list)
+    searches: list[SearchView] = field(default_factory=list)
+    keys: list[FeatureKey] = field(default_factory=list)
+
+    def feature_key(self, feature: str) -> FeatureKey:
+        """The configured feature or intersection named ``feature`` (KeyError if none)."""
+        for k in self.keys:
+            if k.name == feature:
+                return k
+        raise KeyError(feature)
+
+    def score_histograms(self, model: str, feature: str) -> dict[str, ScoreHistogram]:
+        """group -> :class:`~stream_fair.histograms.ScoreHistogram` of one (model, feature), summed
+        over this replica's partitions; ``{}`` when the model has no scored prediction.
+        KeyError when ``feature`` is not a configured feature or intersection."""
+        return self.snapshot.score_histograms(self.feature_key(feature)).get(model, {})
 
     def view(self, model: str, feature: str, window: str = CUMULATIVE) -> FeatureView:
         for v in self.views:
@@ -119,12 +145,18 @@ def group_quads(cells: Mapping[Key, Quad], key: FeatureKey) -> dict[str, dict[st
     return out
 
 
+def config_keys(config: Config) -> list[FeatureKey]:
+    """The monitored feature keys of a config (features, then intersections)."""
+    fc = config.fairness
+    return feature_keys([f.name for f in fc.features], fc.intersections, [f.name for f in fc.audit_only])
+
+
 def build_report(snapshot: Snapshot, config: Config) -> Report:
     """Evaluate every model × feature key × window of a snapshot."""
     settings = fairness_settings(config)
-    keys = feature_keys([f.name for f in config.fairness.features], config.fairness.intersections)
+    keys = config_keys(config)
     refs = references(config, keys)
-    report = Report(snapshot=snapshot, settings=settings)
+    report = Report(snapshot=snapshot, settings=settings, keys=list(keys))
     windows = {CUMULATIVE: snapshot.cumulative, **snapshot.windows}
     for key in keys:
         for window, cells in windows.items():
@@ -134,7 +166,45 @@ def build_report(snapshot: Snapshot, config: Config) -> Report:
                 report.views.append(FeatureView(model, key, window, fr))
         report.traffic.extend(_traffic(snapshot, key))
     report.partitions.extend(partition_groups(snapshot, keys))
+    report.searches.extend(search_views(snapshot, config))
     return report
+
+
+def search_views(snapshot: Snapshot, config: Config) -> list[SearchView]:
+    """The search of unconfigured intersections, per model, over the longest configured window
+    (a recent bias is not diluted by all history; cumulative when no window is configured)."""
+    fc = config.fairness
+    ss = fc.search
+    audit = [f.name for f in fc.audit_only]
+    attributes = carried_attributes([f.name for f in fc.features], audit)
+    if not ss.enabled or len(attributes) < 2 and not audit:
+        return []
+    window = format_duration(max(config.windows)) if config.windows else CUMULATIVE
+    cells = snapshot.windows.get(window) if window != CUMULATIVE else snapshot.cumulative
+    if cells is None:
+        window, cells = CUMULATIVE, snapshot.cumulative
+    by_model: dict[str, dict[Cell, Quad]] = {}
+    for (model, cell), q in cells.items():
+        by_model.setdefault(model, {})[cell] = q
+    return [
+        SearchView(
+            model,
+            window,
+            search(
+                mc,
+                attributes,
+                fc.intersections,
+                audit_only=audit,
+                max_order=ss.max_order,
+                rates=ss.rates,
+                min_samples=fc.min_samples,
+                alpha=ss.alpha,
+                max_tests=ss.max_tests,
+                top=ss.top,
+            ),
+        )
+        for model, mc in sorted(by_model.items())
+    ]
 
 
 def partition_groups(snapshot: Snapshot, keys: Sequence[FeatureKey]) -> list[PartitionGroups]:

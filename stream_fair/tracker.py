@@ -38,6 +38,7 @@ from stream_fair.counts import EXPIRED, PRED0, PRED1, Key, PartitionCounts, Quad
 from stream_fair.decode import Decoder
 from stream_fair.events import Rejection
 from stream_fair.groups import MODEL_OVERFLOW, CardinalityGuard, Cell, FeatureKey, feature_keys
+from stream_fair.histograms import PartitionHistograms, ScoreHistogram, group_histograms, merge_rows
 from stream_fair.join import (
     DUPLICATE,
     FINAL_FATES,
@@ -53,10 +54,12 @@ from stream_fair.join import EXPIRED as FATE_EXPIRED
 from stream_fair.state.codec import (
     FORMAT_VERSION,
     SPACE_COUNTS,
+    SPACE_HIST,
     PendingPrediction,
     counts_key,
     decode_json,
     encode_json,
+    histogram_key,
     increment_key,
     meta_key,
     parse_cell,
@@ -105,6 +108,8 @@ class Shard:
     join: Join
     counts: PartitionCounts
     guard: CardinalityGuard
+    # score histograms per cell (stream_fair.histograms), indexed like counts
+    histograms: PartitionHistograms = field(default_factory=PartitionHistograms)
     consumed: list[int] = field(default_factory=lambda: [0, 0])
     fates: list[dict[str, int]] = field(
         default_factory=lambda: [dict.fromkeys(FINAL_FATES, 0), dict.fromkeys(FINAL_FATES, 0)]
@@ -208,6 +213,8 @@ class PartitionView:
     dead_letters: dict[str, tuple[int, int]]
     remembered: int = 0
     capacity: int = 0
+    # score histogram rows per (model, cell) (stream_fair.histograms); cells without a scored event absent
+    histograms: dict[tuple[str, Cell], tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -295,6 +302,11 @@ class Snapshot:
     def expired(self) -> dict[Key, int]:
         return {k: row[EXPIRED] for k, row in self._rows().items() if row[EXPIRED]}
 
+    def score_histograms(self, key: FeatureKey) -> dict[str, dict[str, ScoreHistogram]]:
+        """model -> group -> :class:`~stream_fair.histograms.ScoreHistogram` of one feature key,
+        summed over the owned partitions (``docs/metrics.md``, "Score histograms")."""
+        return group_histograms(merge_rows(v.histograms for v in self.partitions.values()), key)
+
     @property
     def overflow(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -334,10 +346,16 @@ class Tracker:
         # with settings, every shard counts the model-wide verdict's increments (stream_fair.leader)
         self.verdict = verdict
         fc = config.fairness
-        self.features: list[FeatureKey] = feature_keys([f.name for f in fc.features], fc.intersections)
+        self.features: list[FeatureKey] = feature_keys(
+            [f.name for f in fc.features], fc.intersections, [f.name for f in fc.audit_only]
+        )
         self.decoder = Decoder(config)
-        self._limits = tuple(f.cardinality_limit or fc.cardinality_limit for f in fc.features)
+        # audit_only attributes are bounded like features: they multiply the count rows
+        self._limits = tuple(f.cardinality_limit or fc.cardinality_limit for f in fc.carried)
         self._intersections = tuple(k.indices for k in self.features if k.is_intersection)
+        # the guard's overflow order: every carried attribute, then the intersections
+        self._overflow_names = [f.name for f in fc.carried]
+        self._overflow_names += [k.name for k in self.features if k.is_intersection]
         self.backend = backend
         self.feedback = feedback
         self.shards: dict[int, Shard] = {}
@@ -361,6 +379,8 @@ class Tracker:
                     prefix(SPACE_COUNTS, index), prefix(SPACE_COUNTS, index + 1)
                 ):
                     s.counts.load_row(parse_cell(key[3:]), decode_json(value))
+                for key, value in self.backend.scan(prefix(SPACE_HIST, index), prefix(SPACE_HIST, index + 1)):
+                    s.histograms.load_row(parse_cell(key[3:]), decode_json(value))
             self.views[index] = self._view(s)
         return s
 
@@ -429,12 +449,15 @@ class Tracker:
         ci = counts.index.get((model, cell))
         if ci is None:
             ci = counts.cell(model, cell)
-        p = PendingPrediction(ts, ci, predicted, ev.score)  # type: ignore[union-attr]
+        score = ev.score  # type: ignore[union-attr]
+        p = PendingPrediction(ts, ci, predicted, score)
         fate, outcome = s.join.add_prediction(ev.id, p)  # type: ignore[union-attr]
         if fate == DUPLICATE:
             s.fates[_P][DUPLICATE] += 1
         else:
             counts.add_prediction(ci, predicted, ts)
+            if score is not None:
+                s.histograms.add(ci, PRED1 if predicted else PRED0, score)
             if self.feedback is not None:
                 self.feedback.on_prediction(model, cell, predicted, ts)
             if s.builder is not None:
@@ -479,6 +502,8 @@ class Tracker:
         s.fates[_P][JOINED] += 1
         s.fates[_O][JOINED] += 1
         s.counts.add_joined(p.cell, label, p.predicted, p.ts)
+        if p.score is not None:
+            s.histograms.add_joined(p.cell, label, p.predicted, p.score)
         if self.feedback is not None or s.builder is not None:
             model, cell = s.counts.keys[p.cell]
             if self.feedback is not None:
@@ -556,6 +581,8 @@ class Tracker:
         for _, p in released.predictions:
             s.fates[_P][FATE_EXPIRED] += 1
             counts.add_expired(p.cell, p.ts)
+            if p.score is not None:
+                s.histograms.add_expired(p.cell, p.predicted, p.score)
             if self.feedback is not None:
                 model, cell = counts.keys[p.cell]
                 self.feedback.on_expired(model, cell, p.ts)
@@ -580,6 +607,11 @@ class Tracker:
                 value = encode_json(counts.row_document(ci))
                 store[counts_key(i, ci)] = value
                 changelog.append((counts_key(i, ci), value))
+            hist = s.histograms
+            for ci in sorted(hist.dirty):
+                value = encode_json(hist.row_document(ci, counts.keys[ci]))
+                store[histogram_key(i, ci)] = value
+                changelog.append((histogram_key(i, ci), value))
             increment = self._increment(s)
             meta = s.meta()
             meta["seq"] = s.seq + 1
@@ -667,6 +699,7 @@ class Tracker:
             s = self.shards[sc.partition]
             s.join.ids.committed()
             s.counts.dirty.clear()
+            s.histograms.dirty.clear()
             s.counts.increments = {}
             s.committed_offsets = list(s.offsets)
             s.changed = False
@@ -686,13 +719,32 @@ class Tracker:
             watermark=j.watermark if j.watermark != float("-inf") else None,
             cells={k: tuple(row) for k, row in zip(s.counts.keys, s.counts.rows, strict=True)},
             overflow={
-                **{k.name: n for k, n in zip(self.features, s.guard.overflow, strict=True)},
+                **{name: n for name, n in zip(self._overflow_names, s.guard.overflow, strict=True)},
                 MODEL_OVERFLOW: s.guard.model_overflow,
             },
             dead_letters={k: (v[0], v[1]) for k, v in s.dead_letters.items()},
             remembered=j.remembered,
             capacity=j.max_pending,
+            histograms=self._histogram_view(s),
         )
+
+    def _histogram_view(self, s: Shard) -> dict[tuple[str, Cell], tuple[int, ...]]:
+        # unchanged rows keep the previous view's tuples: a commit copies only what changed
+        old = self.views.get(s.index)
+        prev = old.histograms if old is not None else {}
+        keys, rows = s.counts.keys, s.histograms.rows
+        changed = s.histograms.unviewed
+        out = {}
+        for ci, row in enumerate(rows):
+            k = keys[ci]
+            t = prev.get(k)
+            if t is None or ci in changed:
+                if not any(row):
+                    continue
+                t = tuple(row)
+            out[k] = t
+        changed.clear()
+        return out
 
     def snapshot(self, windows: dict[str, dict[Key, Quad]] | None = None) -> Snapshot:
         """The committed views of the owned partitions (call under the lock that guards commits)."""

@@ -253,6 +253,8 @@ def test_pure_core_imports_neither_kafka_nor_prometheus() -> None:
         "probe",
         "svg",
         "sequential",
+        "explain",
+        "search",
     ]
     code = (
         "import sys, importlib\n"

@@ -10,10 +10,11 @@ database holds all partitions of a replica and a partition's keys form one conti
     0x04   u16        cell index u32-BE                 -> counts row (JSON)
     0x05   u16        (nothing)                         -> increment (JSON; changelog only)
     0x06   u16        (nothing)                         -> partition meta (JSON; the commit marker)
+    0x07   u16        cell index u32-BE                 -> score histogram row (JSON)
     0x00   0xFFFF     b"format"                         -> store format (JSON; local only)
 
 Big-endian IEEE-754 bytes of non-negative doubles sort like the numbers, so an index range scan
-visits entries in deadline order. Only spaces 0x01, 0x04, 0x05 and 0x06 go to the changelog: the
+visits entries in deadline order. Only spaces 0x01, 0x04, 0x05, 0x06 and 0x07 go to the changelog: the
 two indexes are rebuilt from the id records on restore.
 
 Id records (first byte = kind, little-endian fields):
@@ -49,10 +50,22 @@ import orjson
 
 from stream_fair.errors import StateError
 
-FORMAT_VERSION = 2
-"""Version of this layout. A store or changelog written with another version is refused."""
+FORMAT_VERSION = 3
+"""Version of this layout. A store or changelog written with another version is refused.
 
-SPACE_FORMAT, SPACE_ID, SPACE_DEADLINE, SPACE_FORGET, SPACE_COUNTS, SPACE_INCREMENT, SPACE_META = range(7)
+3: score histograms (space 0x07; a version-2 state has none, and histograms must cover every
+pending prediction for the pending ones to be derived from them)."""
+
+(
+    SPACE_FORMAT,
+    SPACE_ID,
+    SPACE_DEADLINE,
+    SPACE_FORGET,
+    SPACE_COUNTS,
+    SPACE_INCREMENT,
+    SPACE_META,
+    SPACE_HIST,
+) = range(8)
 KIND_P, KIND_O, KIND_J, KIND_E = b"P", b"O", b"J", b"E"
 FORMAT_KEY = bytes([SPACE_FORMAT]) + b"\xff\xff" + b"format"
 
@@ -116,6 +129,10 @@ def forget_key(partition: int, forget_at: float, event_id: str) -> bytes:
 
 def counts_key(partition: int, cell: int) -> bytes:
     return _PREFIX.pack(SPACE_COUNTS, partition) + _U32.pack(cell)
+
+
+def histogram_key(partition: int, cell: int) -> bytes:
+    return _PREFIX.pack(SPACE_HIST, partition) + _U32.pack(cell)
 
 
 def meta_key(partition: int) -> bytes:

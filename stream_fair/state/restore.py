@@ -29,6 +29,7 @@ from stream_fair.state.codec import (
     SPACE_COUNTS,
     SPACE_DEADLINE,
     SPACE_FORGET,
+    SPACE_HIST,
     SPACE_ID,
     SPACE_INCREMENT,
     SPACE_META,
@@ -86,7 +87,7 @@ class PartitionRestore:
         self.start = 0  # the changelog offset the restore reads from
         self.position = 0  # the next offset to feed
         if full:
-            for space in (SPACE_ID, SPACE_DEADLINE, SPACE_FORGET, SPACE_COUNTS, SPACE_META):
+            for space in (SPACE_ID, SPACE_DEADLINE, SPACE_FORGET, SPACE_COUNTS, SPACE_HIST, SPACE_META):
                 self.backend.delete_range(prefix(space, partition), prefix(space, partition + 1))
 
     def feed(self, offset: int, key: bytes, value: bytes | None, epoch: int) -> None:
