@@ -488,9 +488,8 @@ class ExporterServer:
                         log.exception("status page failed")
                         self._send(500, b"status page failed; see /metrics\n")
                 else:
-                    self._send(
-                        404, b"not found: try /metrics, /, /alarms, /report.json, /whatif, /healthz, /readyz\n"
-                    )
+                    routes = "/metrics, /, /alarms, /report.json, /whatif, /healthz, /readyz"
+                    self._send(404, f"not found: try {routes}\n".encode())
 
             def _send(
                 self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8", auth: bool = False
