@@ -20,6 +20,7 @@ import signal
 import struct
 import threading
 import time
+import urllib.parse
 from dataclasses import replace
 from typing import Any
 
@@ -140,6 +141,8 @@ class Detector:
         from stream_fair.status_page import History, render
 
         self.history = History()  # the status page's sparklines
+        self._explained: dict[int, dict[str, Any]] = {}  # alarm event seq -> its explanation
+        self._explained_seq = 0  # the newest alarm event looked at
         port = config.exporter.port if exporter_port is None else exporter_port
         self.server = ExporterServer(
             config.exporter.host,
@@ -149,6 +152,8 @@ class Detector:
             page=lambda: render(*self.current(), history=self.history),
             alarms=self.alarms_document,
             report=self.report_document,
+            explain=self.explain_document,
+            search=self.search_document,
             whatif=self.whatif_document,
             **server_options(config.exporter),
         )
@@ -257,6 +262,10 @@ class Detector:
                         }
                     )
         events = [e.to_json() for e in fb.alarm_events] if fb is not None else []
+        for ev in events:
+            why = self._explained.get(ev["seq"])
+            if why is not None:
+                ev["explanation"] = why
         return {"leader": stats.leader, "alarms": alarms, "events": events}
 
     def report_document(self, query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
@@ -269,6 +278,87 @@ class Detector:
             f"{cfg.topics.predictions} / {cfg.topics.outcomes})"
         )
         return report_endpoint(self, query, source)
+
+    def explain_new_alarms(self) -> None:
+        """Explain each newly raised alarm once (stream_fair.explain, split at its change point):
+        logged as one line and attached to its event in ``/alarms`` (the newest 100 are kept)."""
+        report, _ = self.current()
+        fb = report.snapshot.feedback
+        for ev in getattr(fb, "alarm_events", ()) or ():
+            if ev.seq <= self._explained_seq:
+                continue
+            self._explained_seq = ev.seq
+            if ev.kind != "alarm_raised":
+                continue
+            try:
+                doc = self.explain_document(
+                    ev.model, ev.feature, ev.disparity, ev.group, ev.rate, split_ts=ev.change_point_ts
+                )
+            except Exception as exc:  # an explanation never stops the loop
+                doc = {"error": f"{type(exc).__name__}: {exc}"}
+            why = alarm_explanation(doc)
+            self._explained[ev.seq] = why
+            while len(self._explained) > 100:
+                del self._explained[min(self._explained)]
+            log.warning("explain %s %s %s: %s", ev.model, ev.feature, ev.disparity, why["summary"])
+
+    def explain_document(
+        self,
+        model: str,
+        feature: str,
+        disparity: str,
+        group: str | None = None,
+        rate: str | None = None,
+        split_ts: float | None = None,
+    ) -> dict[str, Any]:
+        """``/explain``: why a disparity (stream_fair.explain) from this replica's event-time buckets.
+
+        The periods are split at the raised alarm's change point (its group and rate too) unless
+        the request names them; without an alarm, the two halves of the buckets held. Raises
+        KeyError for an unknown model or feature, ValueError for a bad disparity or rate.
+        """
+        from stream_fair.explain import explain
+        from stream_fair.groups import carried_attributes
+        from stream_fair.report import config_keys
+
+        fc = self.config.fairness
+        keys = {k.name: k for k in config_keys(self.config)}
+        if feature not in keys:
+            raise KeyError(f"unknown feature {feature!r}; configured: {sorted(keys)}")
+        report, _ = self.current()
+        source = "request"
+        fb = report.snapshot.feedback
+        alarm = None
+        if fb is not None and (model, feature) in fb.features:
+            alarm = fb.features[model, feature].alarms.get(disparity)
+        if alarm is not None and alarm.flagged and split_ts is None and alarm.change_point_ts is not None:
+            split_ts, source = alarm.change_point_ts, "alarm"
+            group = group or alarm.group
+            rate = rate or alarm.rate
+        with self.lock:  # the run loop folds into the buckets under this lock
+            buckets = {b: dict(rows) for b, rows in self.windows.buckets.items()}
+        if not any(m == model for rows in buckets.values() for m, _ in rows):
+            raise KeyError(f"no labelled pairs of model {model!r} in the event-time windows")
+        return explain(
+            buckets,
+            model=model,
+            key=keys[feature],
+            disparity=disparity,
+            attributes=carried_attributes([f.name for f in fc.features], [f.name for f in fc.audit_only]),
+            intersections=[k for k in keys.values() if k.is_intersection],
+            resolution=self.config.window_resolution,
+            split_ts=split_ts,
+            split_source=source,
+            group=group,
+            rate=rate,
+            min_samples=fc.min_samples,
+            level=fc.credible_level,
+        )
+
+    def search_document(self) -> dict[str, Any]:
+        """``/search``: the last search of unconfigured intersections, per model."""
+        report, _ = self.current()
+        return {"models": {sv.model: {"window": sv.window, **sv.result.to_json()} for sv in report.searches}}
 
     def whatif_document(self, query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
         """``/whatif``: threshold what-ifs over the labelled score histograms of this replica's
@@ -356,6 +446,7 @@ class Detector:
                 self.maybe_checkpoint(time.monotonic())
                 self.lead_step(time.monotonic())
                 self.missing_log.maybe_warn(time.monotonic(), lambda: self.current()[0].snapshot.predictions)
+                self.explain_new_alarms()
                 self._dead_letter_stats()
         except BaseException:
             failed = True
@@ -868,6 +959,37 @@ class Detector:
         # kept where the metadata shows none (an older broker): the marks decide there
         s.topic_ids = [now if now is not None else was for now, was in zip(ids, s.topic_ids, strict=True)]
         s.partitions = self._partitions
+
+
+def alarm_explanation(doc: dict[str, Any]) -> dict[str, Any]:
+    """The part of an ``/explain`` document kept with an alarm event, with a one-line summary."""
+    if "error" in doc:
+        return {"summary": f"not explained: {doc['error']}", "url": None}
+    comps = doc["decomposition"]["gap"]["components"]
+    parts = ", ".join(
+        f"{name} {c['value']:+.3f} [{c['lower']:+.3f}, {c['upper']:+.3f}]"
+        for name, c in comps.items()
+        if c["value"] is not None and c["lower"] is not None and c["upper"] is not None
+    )
+    drivers = doc["drivers"]["ranked"][:3]
+    top = "; ".join(f"{d['by']}={d['value']} {d['contribution']:+.3f} (n={d['trials']})" for d in drivers)
+    gap = doc["decomposition"]["gap"]
+    summary = (
+        f"{doc['group']} {doc['rate']} gap to the rest {gap['before']} -> {gap['after']} "
+        f"({doc['periods']['split_source']} split): {parts}; top drivers: {top or 'none'}"
+    )
+    url = "/explain?" + urllib.parse.urlencode(
+        {"model": doc["model"], "feature": doc["feature"], "disparity": doc["disparity"]}
+    )
+    return {
+        "summary": summary,
+        "url": url,
+        "group": doc["group"],
+        "rate": doc["rate"],
+        "periods": doc["periods"],
+        "gap": gap,
+        "drivers": drivers,
+    }
 
 
 def server_options(exporter: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""``stream-fair`` commands: run, check-config, report, simulate, demo, whatif.
+"""``stream-fair`` commands: run, check-config, report, simulate, explain, demo, whatif.
 
 Exit status 2 with one line on stderr for a bad config, a busy port or an unreachable broker
 (``run`` reports its retries first, one line each); 0 after a clean stop (SIGTERM, SIGHUP or
@@ -218,6 +218,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(seconds=args.seconds, port=args.port, rate=args.rate, quiet=args.quiet)
 
 
+PASSWORD_ENV = "STREAM_FAIR_PASSWORD"
+
+
+def _fetch_json(url: str, user: str | None) -> Any:
+    """GET a JSON document from a running instance (basic auth with ``$STREAM_FAIR_PASSWORD``)."""
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url)
+    if user is not None:
+        token = base64.b64encode(f"{user}:{os.environ.get(PASSWORD_ENV, '')}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310 (the user's URL)
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace").strip()
+        raise StreamFairError(f"{url}: HTTP {exc.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise StreamFairError(f"{url}: cannot connect ({exc}): is `stream-fair run` serving there?") from None
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Print why a disparity (``/explain``) or the unconfigured intersections found (``/search``)."""
+    import json
+    import urllib.parse
+
+    from stream_fair.explain import format_explanation, format_findings
+
+    base = args.url.rstrip("/")
+    if args.search:
+        doc = _fetch_json(base + "/search", args.user)
+        print(json.dumps(doc, indent=1) if args.json else format_findings(doc))
+        return 0
+    missing = [name for name in ("model", "feature", "disparity") if getattr(args, name) is None]
+    if missing:
+        raise StreamFairError(f"explain needs --{', --'.join(missing)} (or --search)")
+    query = {k: getattr(args, k) for k in ("model", "feature", "disparity", "group", "rate", "split")}
+    url = f"{base}/explain?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+    doc = _fetch_json(url, args.user)
+    print(json.dumps(doc, indent=1) if args.json else format_explanation(doc))
+    return 1 if "error" in doc else 0
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Shows each option's default after its help (unless unset or stated); keeps line breaks."""
 
@@ -390,6 +436,27 @@ def parser(dev: bool = True) -> argparse.ArgumentParser:
         help="print the stream-fair config matching the scenario and topics, produce nothing",
     )
     sim.set_defaults(func=cmd_simulate)
+
+    why = _subcommand(
+        sub,
+        "explain",
+        "explain a disparity of a running instance, or list the intersections nobody configured",
+        "Reads /explain (or /search with --search) of `stream-fair run`: the change of the widest\n"
+        "group-to-rest gap between two periods split into traffic mix, base rate and error rates\n"
+        "(with intervals), and the cells that drive the gap, ranked (docs/detection.md).\n"
+        f"With basic auth: --user USER and the password in ${PASSWORD_ENV}.",
+    )
+    why.add_argument("--url", default="http://localhost:9800", help="the instance's exporter address")
+    why.add_argument("--model", help="model name")
+    why.add_argument("--feature", help="feature or intersection, e.g. race or race&sex")
+    why.add_argument("--disparity", help="e.g. equal_opportunity_difference")
+    why.add_argument("--group", help="group to explain (default: the raised alarm's, else the widest gap)")
+    why.add_argument("--rate", help="rate to explain (default: the alarm's, else the widest gap's)")
+    why.add_argument("--split", type=float, metavar="EVENT_TS", help="split the periods at this event time")
+    why.add_argument("--search", action="store_true", help="list the unconfigured intersections found")
+    why.add_argument("--json", action="store_true", help="print the JSON document")
+    why.add_argument("--user", help="basic-auth user")
+    why.set_defaults(func=cmd_explain)
 
     demo = _subcommand(
         sub,
@@ -577,7 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     # `run` and `check-config` must not import the demo tooling just to list scenarios.
-    args = parser(dev=command not in ("run", "check-config", "report", "whatif")).parse_args(argv)
+    args = parser(dev=command not in ("run", "check-config", "report", "explain", "whatif")).parse_args(argv)
     try:
         return int(args.func(args))
     except StreamFairError as exc:

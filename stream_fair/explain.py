@@ -62,6 +62,10 @@ __all__ = [
     "decompose_gap",
     "drivers",
     "explain",
+    "format_explanation",
+    "format_findings",
+    "p_value",
+    "top_drivers",
 ]
 
 FACTORS: tuple[str, ...] = ("traffic_mix", "base_rate", "error_rates")
@@ -410,6 +414,30 @@ def drivers(
     return Drivers(rate, group, r_g, r_rest, gap, m_g, m_rest, ranked[:top], finest[:top])
 
 
+def top_drivers(
+    cells: Mapping[Cell, Quad],
+    key: FeatureKey,
+    disparity: str,
+    attributes: Sequence[tuple[str, int]],
+    intersections: Sequence[FeatureKey] = (),
+    min_samples: int = 100,
+    top: int = 3,
+) -> Drivers | None:
+    """The drivers of a disparity's widest group-to-rest gap (the group and rate farthest from
+    the rest among the disparity's rates), or None when no group has ``min_samples`` pairs."""
+    if disparity not in DISPARITY_RATES:
+        raise ValueError(UNKNOWN_DISPARITY_ERROR.format(name=disparity, choices=tuple(DISPARITY_RATES)))
+    best: Drivers | None = None
+    for rate in DISPARITY_RATES[disparity]:
+        group = _worst_group(cells, key, rate, min_samples)
+        if group is None:
+            continue
+        d = drivers(cells, key, group, rate, attributes, intersections, top)
+        if best is None or abs(d.gap or 0.0) > abs(best.gap or 0.0):
+            best = d
+    return best
+
+
 # -- on demand, from the state's event-time buckets -------------------------------------------
 def _rows_to_quads(rows: Mapping[Key, Sequence[int]], model: str) -> dict[Cell, Quad]:
     out: dict[Cell, Quad] = {}
@@ -556,3 +584,68 @@ def _without_cells(d: Decomposition) -> dict[str, Any]:
     doc = d.to_json()
     del doc["cells"]
     return doc
+
+
+# -- text, for the CLI ---------------------------------------------------------------------------
+def _f(x: float | None, sign: bool = True) -> str:
+    return "n/a" if x is None else (f"{x:+.3f}" if sign else f"{x:.3f}")
+
+
+def format_explanation(doc: Mapping[str, Any]) -> str:
+    """An ``/explain`` document as a few lines of plain text."""
+    head = f"{doc['model']} · {doc['feature']} · {doc['disparity']}"
+    if "error" in doc:
+        return f"{head}: {doc['error']}"
+    p = doc["periods"]
+    lines = [
+        f"{head}: group {doc['group']}, {doc['rate']} against the rest",
+        f"periods ({p['split_source']} split): before {p['before']['start']:.0f}-{p['before']['end']:.0f} "
+        f"({p['before']['pairs']} pairs), after {p['after']['start']:.0f}-{p['after']['end']:.0f} "
+        f"({p['after']['pairs']} pairs)",
+    ]
+    for part in ("gap", "group", "rest"):
+        d = doc["decomposition"][part]
+        lines.append(
+            f"{part:>5}: {_f(d['before'], part == 'gap')} -> {_f(d['after'], part == 'gap')}, change "
+            f"{_f(d['change']['value'])} [{_f(d['change']['lower'])}, {_f(d['change']['upper'])}]"
+        )
+        for name, c in d["components"].items():
+            lines.append(f"         {name:<12} {_f(c['value'])} [{_f(c['lower'])}, {_f(c['upper'])}]")
+    dr = doc["drivers"]
+    lines.append(
+        f"drivers of the gap after the split ({_f(dr['gap'])} = {_f(dr['group_rate'], False)} - "
+        f"{_f(dr['rest_rate'], False)}; contributions add up to it):"
+    )
+    for d in dr["ranked"]:
+        lines.append(
+            f"  {d['by']}={d['value']}: {_f(d['contribution'])}  rate {_f(d['rate'], False)} "
+            f"({d['successes']}/{d['trials']}), {d['share']:.0%} of the group"
+        )
+    return "\n".join(lines)
+
+
+def p_value(p: float) -> str:
+    """A p-value for people: two digits, or how small when it underflows to 0.
+
+    >>> p_value(0.0123), p_value(0.0)
+    ('0.012', '<1e-300')
+    """
+    return f"{p:.2g}" if p > 0 else "<1e-300"
+
+
+def format_findings(doc: Mapping[str, Any]) -> str:
+    """A ``/search`` document as plain text."""
+    lines = []
+    for model, r in sorted(doc.get("models", {}).items()):
+        lines.append(
+            f"{model}: {r['tested']} hypotheses in {r['combinations']} combinations "
+            f"(window {r['window']}{', truncated' if r['truncated'] else ''}), Holm at alpha {r['alpha']}: "
+            f"{len(r['findings'])} found"
+        )
+        for f in r["findings"]:
+            lines.append(
+                f"  {f['intersection']}={f['group']} {f['rate']} {f['value']:.3f} "
+                f"({f['successes']}/{f['trials']}) vs rest {f['rest_value']:.3f}, adjusted p "
+                f"{p_value(f['adjusted_p_value'])}: {f['suggestion']}"
+            )
+    return "\n".join(lines) or "no model searched yet"

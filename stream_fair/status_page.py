@@ -13,10 +13,13 @@ import html
 import math
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from stream_fair.disparity import DISPARITY_RATES
+from stream_fair.explain import p_value, top_drivers
 from stream_fair.exporter import PipelineStats
 from stream_fair.missing import report_missing
 from stream_fair.report import CUMULATIVE, FeatureView, Report, flagged_extremes
@@ -128,7 +131,7 @@ def _alarm_log(feedback: Any, stats: PipelineStats, last: int = 20) -> list[str]
         "<table><tr><th class=l>evidence time (UTC)</th><th class=l>event</th><th class=l>model</th>"
         "<th class=l>feature</th><th class=l>disparity</th><th class=l>group</th><th class=l>rate</th>"
         "<th>group</th><th>rest</th><th>statistic / threshold</th><th class=l>change point (UTC)</th>"
-        "<th class=l>evidence</th></tr>"
+        "<th class=l>evidence</th><th class=l>why</th></tr>"
     )
 
     def when(ts: float | None) -> str:
@@ -144,9 +147,86 @@ def _alarm_log(feedback: Any, stats: PipelineStats, last: int = 20) -> list[str]
             f"<td class=l>{e(str(ev.group))}</td><td class=l>{e(str(ev.rate))}</td>"
             f"<td>{_fmt(ev.group_value)}</td><td>{_fmt(ev.rest_value)}</td>"
             f"<td>{ev.statistic:.1f} / {ev.threshold:.1f}</td><td class=l>{when(ev.change_point_ts)}</td>"
-            f"<td class=l>{e(evidence)}</td></tr>"
+            f"<td class=l>{e(evidence)}</td><td class=l>{_explain_link(ev)}</td></tr>"
         )
     out.append("</table><p class=muted>Newest first; all of them: <a href=/alarms>/alarms</a> (JSON).</p>")
+    return out
+
+
+def _explain_link(ev: Any) -> str:
+    """A raised alarm's ``/explain`` link: split at its change point, for its group and rate."""
+    if ev.kind != "alarm_raised":
+        return ""
+    query = {
+        "model": ev.model,
+        "feature": ev.feature,
+        "disparity": ev.disparity,
+        "group": ev.group,
+        "rate": ev.rate,
+    }
+    if ev.change_point_ts is not None:
+        query["split"] = f"{ev.change_point_ts:.0f}"
+    return f"<a href='/explain?{html.escape(urllib.parse.urlencode(query))}'>/explain</a>"
+
+
+def _why(report: Report, view: FeatureView, disparity: str) -> str:
+    """The flagged disparity's widest group-to-rest gap and its top drivers (stream_fair.explain,
+    cumulative counts), with a link to the full ``/explain`` (the decomposition between periods)."""
+    e = html.escape
+    url = "/explain?" + urllib.parse.urlencode(
+        {"model": view.model, "feature": view.feature.name, "disparity": disparity}
+    )
+    link = f"<a href='{e(url)}'>/explain</a>"
+    if disparity not in DISPARITY_RATES:
+        return link
+    cells = {c: q for (m, c), q in report.snapshot.cumulative.items() if m == view.model}
+    intersections = [x.feature for x in report.views if x.feature.is_intersection and x.window == CUMULATIVE]
+    d = top_drivers(
+        cells, view.feature, disparity, report.attributes, intersections, report.settings.min_samples
+    )
+    if d is None or d.gap is None:
+        return link
+    top = d.ranked[0] if d.ranked else None
+    driver = "" if top is None else f", most from {top.by}={top.value} {top.contribution:+.3f}"
+    return f"<span class=small>{e(d.group)} {d.gap:+.3f}{e(driver)}</span> {link}"
+
+
+def _findings(report: Report) -> list[str]:
+    """Cells of intersections nobody configured that differ from the rest (stream_fair.search)."""
+    e = html.escape
+    searches = report.searches
+    if not searches:
+        return []
+    out = ["<h2>Intersections nobody configured</h2>"]
+    found = [(sv, f) for sv in searches for f in sv.result.findings]
+    tested = ", ".join(
+        f"{e(sv.model)}: {sv.result.tested} hypotheses in {sv.result.combinations} combinations"
+        f"{' (truncated)' if sv.result.truncated else ''}, window {e(sv.window)}"
+        for sv in searches
+    )
+    alpha = searches[0].result.alpha
+    note = (
+        f"<p class=muted>Searched {tested}. Holm's correction over every hypothesis tested: "
+        f"the chance that any finding below is spurious is at most {alpha:g} per search. "
+        "JSON: <a href=/search>/search</a>.</p>"
+    )
+    if not found:
+        out.append("<p>None found: no unconfigured cell differs credibly from the rest.</p>" + note)
+        return out
+    out.append(
+        "<table><tr><th class=l>model</th><th class=l>intersection</th><th class=l>group</th>"
+        "<th class=l>rate</th><th>group (successes/trials)</th><th>rest</th><th>adjusted p</th>"
+        "<th class=l>suggestion</th></tr>"
+    )
+    for sv, f in found:
+        out.append(
+            f"<tr><td class=l>{e(sv.model)}</td><td class=l>{e(f.intersection)}</td>"
+            f"<td class=l><span class=flag>{e(f.group)}</span></td><td class=l>{e(f.rate)}</td>"
+            f"<td>{_fmt(f.value)} ({f.successes}/{f.trials})</td>"
+            f"<td>{_fmt(f.rest_value)} ({f.rest_successes}/{f.rest_trials})</td>"
+            f"<td>{p_value(f.adjusted_p_value)}</td><td class=l>{e(f.suggestion)}</td></tr>"
+        )
+    out.append("</table>" + note)
     return out
 
 
@@ -191,7 +271,7 @@ def render(report: Report, stats: PipelineStats, history: History | None = None)
         out.append(
             "<table><tr><th class=l>model</th><th class=l>feature</th>"
             "<th class=l>disparity</th><th class=l>method</th><th>value</th>"
-            "<th>interval</th><th>threshold</th></tr>"
+            "<th>interval</th><th>threshold</th><th class=l>why: widest gap, its top driver</th></tr>"
         )
         for v, d, m in flagged:
             gap = v.report.disparities[d, m]
@@ -200,7 +280,8 @@ def render(report: Report, stats: PipelineStats, history: History | None = None)
                 f"<td class=l><span class=flag>{e(d)}</span></td><td class=l>{e(m)}</td>"
                 f"<td>{_fmt(gap.value)}</td>"
                 f"<td class=ci>[{_fmt(gap.lower)}, {_fmt(gap.upper)}]</td>"
-                f"<td>{_fmt(settings.thresholds.get(d, math.nan))}</td></tr>"
+                f"<td>{_fmt(settings.thresholds.get(d, math.nan))}</td>"
+                f"<td class=l>{_why(report, v, d)}</td></tr>"
             )
         out.append("</table>")
     else:
@@ -239,6 +320,7 @@ def render(report: Report, stats: PipelineStats, history: History | None = None)
             )
         out.append("</table>")
 
+    out.extend(_findings(report))
     fates = list(next(iter(snap.fates.values()), {}))
     out.append(
         "<h2>Pipeline</h2><table><tr><th class=l>topic</th><th>consumed</th>"
