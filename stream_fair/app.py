@@ -151,6 +151,7 @@ class Detector:
             self.health,
             page=lambda: render(*self.current(), history=self.history),
             alarms=self.alarms_document,
+            report=self.report_document,
             explain=self.explain_document,
             search=self.search_document,
             whatif=self.whatif_document,
@@ -266,6 +267,17 @@ class Detector:
             if why is not None:
                 ev["explanation"] = why
         return {"leader": stats.leader, "alarms": alarms, "events": events}
+
+    def report_document(self, query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
+        """``/report.json``: the stakeholder report's document (:mod:`stream_fair.stakeholder_report`)."""
+        from stream_fair.report_sources import report_endpoint
+
+        cfg = self.config
+        source = (
+            f"running detector {cfg.exporter.host}:{self.port} (group {cfg.kafka.group_id}, topics "
+            f"{cfg.topics.predictions} / {cfg.topics.outcomes})"
+        )
+        return report_endpoint(self, query, source)
 
     def explain_new_alarms(self) -> None:
         """Explain each newly raised alarm once (stream_fair.explain, split at its change point):

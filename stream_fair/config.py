@@ -278,11 +278,17 @@ class SearchConfig(_Section):
     top: int = Field(10, gt=0)
 
 
+class EstimatesConfig(_Section):
+    enabled: bool = True
+    max_calibration_error: float = Field(0.05, gt=0.0, lt=1.0)
+
+
 class FairnessConfig(_Section):
     features: list[FeatureConfig] = Field(default_factory=list)
     intersections: list[list[str]] = Field(default_factory=list)
     audit_only: list[FeatureConfig] = Field(default_factory=list)
     search: SearchConfig = Field(default_factory=SearchConfig)
+    estimates: EstimatesConfig = Field(default_factory=EstimatesConfig)
     min_samples: int = Field(100, ge=1)
     credible_level: float = Field(0.95, gt=0.5, lt=1.0)
     prior: Literal["jeffreys", "uniform"] = "jeffreys"

@@ -6,6 +6,7 @@ no torn reads. ``collect()`` never raises: a failure is logged, counted in
 ``stream_fair_errors_total{kind="snapshot"}`` and the scrape still answers.
 
 Endpoints: ``/metrics``, ``/`` (status page), ``/alarms`` (alarms and their event log, JSON),
+``/report.json`` (the stakeholder report's document for a period, :mod:`stream_fair.stakeholder_report`),
 ``/whatif`` (threshold what-ifs, JSON: :mod:`stream_fair.whatif_query`),
 ``/explain?model=&feature=&disparity=[&group=&rate=&split=]`` (why a disparity, JSON,
 :mod:`stream_fair.explain`), ``/search`` (unconfigured intersections found, JSON),
@@ -29,6 +30,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from stream_fair import __version__
 from stream_fair.counts import ACTUAL_PREDICTED, EXPIRED, FN, FP, PRED0, PRED1, TN, TP
+from stream_fair.estimates import ESTIMATED_RATES
 from stream_fair.fairness import DISPARITIES, RATES
 from stream_fair.histograms import OUT_OF_RANGE
 from stream_fair.missing import report_missing
@@ -208,6 +210,7 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
     yield predictions
     yield expired
     yield _out_of_range(report)
+    yield from _estimate_families(report)
     missing = GaugeMetricFamily(
         P + "feature_missing_ratio",
         "Share of accepted predictions with no value for the feature (group __missing__)",
@@ -223,6 +226,99 @@ def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
         except ImportError:  # the feedback exporter is optional while it is being built
             return
         yield from feedback_families(snap.feedback)
+
+
+def _estimate_families(report: Report) -> Iterator[Metric]:
+    """Label-free estimates (``stream_fair_estimated_*``, never mixed with realized names) and
+    calibration by group on matured labels (:mod:`stream_fair.estimates`)."""
+    g_labels = ["model", "feature", "group"]
+    gv_labels = [*g_labels, "view"]
+    fv_labels = ["model", "feature", "view", "method"]
+    rates = {
+        (r, sfx): GaugeMetricFamily(
+            P + "estimated_" + r + sfx, f"Estimated {r.replace('_', ' ')}{sfx} (label-free)", labels=gv_labels
+        )
+        for r in ESTIMATED_RATES
+        for sfx in ("", "_lower", "_upper")
+    }
+    expected = GaugeMetricFamily(
+        P + "estimated_confusion",
+        "Expected confusion counts of the view's predictions (scores taken as P(label 1))",
+        labels=[*gv_labels, "actual", "predicted"],
+    )
+    disparities = {
+        (d, sfx): GaugeMetricFamily(
+            P + "estimated_" + d + sfx, f"Estimated {d.replace('_', ' ')}{sfx} (label-free)", labels=fv_labels
+        )
+        for d in DISPARITIES
+        for sfx in ("", "_lower", "_upper")
+    }
+    flagged = GaugeMetricFamily(
+        P + "estimated_disparity_flagged",
+        "1 when the estimated disparity's interval lies beyond its threshold (trusted groups only)",
+        labels=[*fv_labels, "disparity"],
+    )
+    pending = GaugeMetricFamily(
+        P + "estimated_pending_predictions", "Scored predictions waiting for a label", labels=g_labels
+    )
+    trusted = GaugeMetricFamily(
+        P + "estimated_group_trusted",
+        "1 when the group's calibration is checked and fine, so its estimates count",
+        labels=g_labels,
+    )
+    ece = {
+        sfx: GaugeMetricFamily(
+            P + "calibration_error" + sfx,
+            f"Expected calibration error{sfx} of the group's scores on matured labels",
+            labels=g_labels,
+        )
+        for sfx in ("", "_lower", "_upper")
+    }
+    cal_samples = GaugeMetricFamily(
+        P + "calibration_samples", "Matured labelled pairs with a score", labels=g_labels
+    )
+    cal_alarm = GaugeMetricFamily(
+        P + "calibration_alarm",
+        "1 when the group's ECE interval lies above fairness.estimates.max_calibration_error",
+        labels=g_labels,
+    )
+    for ev in report.estimates:
+        fe, model, fname = ev.estimates, ev.model, ev.feature.name
+        for g, cal in fe.calibration.items():
+            labels = [model, fname, g]
+            cal_samples.add_metric(labels, cal.samples)
+            cal_alarm.add_metric(labels, float(cal.alarm))
+            trusted.add_metric(labels, float(cal.trusted))
+            if cal.ece is not None:
+                ece[""].add_metric(labels, cal.ece.value)
+                ece["_lower"].add_metric(labels, cal.ece.lower)
+                ece["_upper"].add_metric(labels, cal.ece.upper)
+        for g, n in fe.pending.items():
+            pending.add_metric([model, fname, g], n)
+        for view, groups in fe.groups.items():
+            for g, ge in groups.items():
+                labels = [model, fname, g, view]
+                for (actual, predicted), x in zip(_ACTUAL_PREDICTED, ge.expected, strict=True):
+                    expected.add_metric([*labels, actual, predicted], x)
+                for r, e in ge.rates.items():
+                    rates[r, ""].add_metric(labels, e.value)
+                    rates[r, "_lower"].add_metric(labels, e.lower)
+                    rates[r, "_upper"].add_metric(labels, e.upper)
+            for (d, method), e in fe.disparities[view].items():
+                labels = [model, fname, view, method]
+                disparities[d, ""].add_metric(labels, e.value)
+                disparities[d, "_lower"].add_metric(labels, e.lower)
+                disparities[d, "_upper"].add_metric(labels, e.upper)
+                flagged.add_metric([*labels, d], float(fe.flagged[view][d, method]))
+    yield from rates.values()
+    yield expected
+    yield from disparities.values()
+    yield flagged
+    yield pending
+    yield trusted
+    yield from ece.values()
+    yield cal_samples
+    yield cal_alarm
 
 
 def _out_of_range(report: Report) -> Metric:
@@ -435,6 +531,7 @@ class ExporterServer:
         page: Callable[[], str] | None = None,
         clock: Callable[[], float] | None = None,
         alarms: Callable[[], dict[str, Any]] | None = None,
+        report: Callable[[dict[str, list[str]]], tuple[int, dict[str, Any]]] | None = None,
         whatif: Callable[[dict[str, list[str]]], tuple[int, dict[str, Any]]] | None = None,
         *,
         explain: Callable[..., dict[str, Any]] | None = None,
@@ -470,6 +567,13 @@ class ExporterServer:
                 elif path == "/alarms" and alarms is not None:
                     body = json.dumps(alarms(), indent=1).encode()
                     self._send(200, body, "application/json")
+                elif path == "/report.json" and report is not None:
+                    try:
+                        code, doc = report(urllib.parse.parse_qs(self.path.partition("?")[2]))
+                        self._send(code, json.dumps(doc).encode(), "application/json")
+                    except Exception:
+                        log.exception("report failed")
+                        self._send(500, b'{"error": "report error: the report failed; see the detector log"}')
                 elif path == "/explain" and explain is not None:
                     self._explain(explain)
                 elif path == "/search" and search is not None:
@@ -492,7 +596,7 @@ class ExporterServer:
                 else:
                     self._send(
                         404,
-                        b"not found: try /metrics, /, /alarms, /explain, /search, /whatif, "
+                        b"not found: try /metrics, /, /alarms, /report.json, /explain, /search, /whatif, "
                         b"/healthz, /readyz\n",
                     )
 

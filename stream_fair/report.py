@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from stream_fair.config import Config, format_duration
 from stream_fair.counts import Key, Quad, add_rows
+from stream_fair.disparity import DISPARITY_RATES
+from stream_fair.estimates import EstimateSettings, FeatureEstimates, estimate_feature
 from stream_fair.fairness import Counts, FairnessSettings, FeatureReport, evaluate_feature
 from stream_fair.groups import SEPARATOR, Cell, FeatureKey, carried_attributes, feature_keys
 from stream_fair.histograms import ScoreHistogram
@@ -60,6 +62,15 @@ class SearchView:
 
 
 @dataclass(frozen=True)
+class EstimateView:
+    """One (model, feature key): calibration by group and label-free estimates (cumulative)."""
+
+    model: str
+    feature: FeatureKey
+    estimates: FeatureEstimates
+
+
+@dataclass(frozen=True)
 class Report:
     snapshot: Snapshot
     settings: FairnessSettings
@@ -69,6 +80,7 @@ class Report:
     searches: list[SearchView] = field(default_factory=list)
     attributes: tuple[tuple[str, int], ...] = ()  # (name, cell position) of every carried attribute
     keys: list[FeatureKey] = field(default_factory=list)
+    estimates: list[EstimateView] = field(default_factory=list)
 
     def feature_key(self, feature: str) -> FeatureKey:
         """The configured feature or intersection named ``feature`` (KeyError if none)."""
@@ -88,6 +100,27 @@ class Report:
             if v.model == model and v.feature.name == feature and v.window == window:
                 return v
         raise KeyError((model, feature, window))
+
+
+def flagged_extremes(fr: FeatureReport) -> set[tuple[str, str]]:
+    """``(group, rate)`` at the minimum or maximum of each flagged between-groups disparity.
+
+    The groups a flagged disparity is made of: the status page and the stakeholder report mark them.
+    """
+    marked: set[tuple[str, str]] = set()
+    for (d, method), flagged in fr.flagged.items():
+        if not flagged or method != "between_groups":
+            continue
+        for rate in DISPARITY_RATES[d]:
+            values = {
+                g: gr.rates[rate].value for g, gr in fr.groups.items() if gr.eligible and rate in gr.rates
+            }
+            if len(values) >= 2:
+                marked |= {
+                    (min(values, key=values.__getitem__), rate),
+                    (max(values, key=values.__getitem__), rate),
+                }
+    return marked
 
 
 def fairness_settings(config: Config) -> FairnessSettings:
@@ -148,7 +181,25 @@ def build_report(snapshot: Snapshot, config: Config) -> Report:
         report.traffic.extend(_traffic(snapshot, key))
     report.partitions.extend(partition_groups(snapshot, keys))
     report.searches.extend(search_views(snapshot, config))
+    if config.fairness.estimates.enabled:
+        report.estimates.extend(estimate_views(snapshot, config, keys, refs))
     return report
+
+
+def estimate_views(
+    snapshot: Snapshot, config: Config, keys: Sequence[FeatureKey], refs: Mapping[str, str | None]
+) -> list[EstimateView]:
+    """Calibration and label-free estimates of every (model, feature key) with scored predictions."""
+    settings = fairness_settings(config)
+    est = EstimateSettings(config.fairness.estimates.max_calibration_error, config.fairness.min_samples)
+    out = []
+    for key in keys:
+        realized = group_quads(snapshot.cumulative, key)
+        for model, hists in sorted(snapshot.score_histograms(key).items()):
+            counts = {g: Counts(*q) for g, q in realized.get(model, {}).items()}
+            fe = estimate_feature(key.name, hists, counts, settings, est, refs.get(key.name), model)
+            out.append(EstimateView(model, key, fe))
+    return out
 
 
 def search_views(snapshot: Snapshot, config: Config) -> list[SearchView]:

@@ -1,0 +1,303 @@
+"""Label-free fairness estimates from the scores of predictions still waiting for their labels.
+
+Pure numpy on :class:`~stream_fair.histograms.ScoreHistogram` (no Kafka, no Prometheus). The
+estimator is confidence-based performance estimation (CBPE, as NannyML names it) applied per
+group: if the scores are calibrated in a group, ``P(label = 1 | score = s) = s``, so a pending
+prediction of score ``s`` counts as ``s`` of a positive and ``1 - s`` of a negative. Summed over
+the pending predictions of a group, by predicted value ``d``:
+
+    E[TP] = sum_{d=1} s    E[FP] = sum_{d=1} (1 - s)    E[TN] = sum_{d=0} (1 - s)    E[FN] = sum_{d=0} s
+
+(``s`` is the score bin's centre: bins are 0.02 wide, so a count moves by at most 0.01 per
+prediction). Every rate of :data:`stream_fair.fairness.RATE_CELLS` is then ``k / m`` of these
+expected counts; the ``pending`` view uses only the pending predictions (the traffic of the last
+label delay: it sees a change as soon as the scores move), the ``combined`` view adds the realized
+confusion counts of the labelled pairs, so it converges to the realized rate as labels mature.
+
+**Intervals.** Each prediction ``i`` contributes a soft confusion vector ``c_i`` (one-hot for a
+labelled pair, the expectation above for a pending one); a rate is the ratio estimator
+``R = sum num(c_i) / sum den(c_i)`` with linearised sampling variance
+``V = sum (num(c_i) - R den(c_i))^2 / (sum den(c_i))^2`` (it reduces to ``R(1-R)/m`` for labelled
+pairs alone). ``R`` and ``V`` are matched to a Beta distribution with the effective sample size
+``R(1-R)/V`` plus the configured prior, and the disparities and their simultaneous intervals come
+from :func:`stream_fair.disparity.disparity_table`, exactly as for the realized rates. The
+calibration of the scores is not assumed blindly: :func:`calibration` measures it per group on
+the matured labels, and a group whose calibration is off is *untrusted*: its estimates are still
+reported, but it takes no part in the estimated disparities (so in the estimated alarm).
+
+What this can see and cannot: a change in the score distribution of a group (covariate shift,
+a different mix of applicants, a model update that moves scores) moves the estimates at once; a
+change in ``P(label | score)`` (concept shift: the same score now means another default risk) is
+invisible until labels mature, when the calibration check on matured labels marks the group
+untrusted (``docs/estimates.md``).
+
+>>> from stream_fair.histograms import PartitionHistograms, ScoreHistogram
+>>> from stream_fair.counts import PRED0, PRED1
+>>> h = PartitionHistograms()
+>>> for s in (0.81, 0.81, 0.31):
+...     h.add(0, PRED1 if s >= 0.5 else PRED0, s)
+>>> c = expected_counts(ScoreHistogram.from_row(h.rows[0]))
+>>> [round(x, 2) for x in c]
+[1.62, 0.38, 0.69, 0.31]
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import special
+
+from stream_fair.disparity import DISPARITY_INPUT_RATES, RatePosteriors, disparity_table, is_flagged
+from stream_fair.fairness import PRIORS, RATE_CELLS, Counts, Estimate, FairnessSettings, is_reserved
+from stream_fair.histograms import NBINS, ScoreHistogram, edges
+
+__all__ = [
+    "CALIBRATION_BINS", "ESTIMATED_RATES", "VIEWS", "Calibration", "EstimateSettings", "FeatureEstimates",
+    "GroupEstimates", "calibration", "estimate_feature", "expected_counts",
+]  # fmt: skip
+
+VIEWS: tuple[str, ...] = ("pending", "combined")
+"""``pending``: predictions still waiting for a label; ``combined``: realized + pending."""
+
+ESTIMATED_RATES: tuple[str, ...] = (
+    "selection_rate",
+    "true_positive_rate",
+    "false_positive_rate",
+    "accuracy",
+)
+"""The rates estimated and exported per group (the inputs of the exported disparities)."""
+
+CALIBRATION_BINS = 10
+"""Reliability bins (of width 0.1, each five histogram bins)."""
+
+_CENTRES = (edges()[:-1] + edges()[1:]) / 2.0
+_BOOTSTRAP = 500
+
+
+@dataclass(frozen=True)
+class EstimateSettings:
+    """``max_calibration_error``: a group whose ECE is above it with confidence (interval lower
+    bound above it) is untrusted; ``min_labelled``: fewer matured labels leave calibration unchecked
+    (untrusted too)."""
+
+    max_calibration_error: float = 0.05
+    min_labelled: int = 100
+
+
+@dataclass(frozen=True)
+class ReliabilityBin:
+    low: float
+    high: float
+    count: int  # matured labelled pairs with a score in [low, high)
+    mean_score: float  # NaN when empty
+    frequency: float  # observed share of label 1; NaN when empty
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration of one group's scores on its matured labels.
+
+    ``ece`` = sum_b (n_b / n) |frequency_b - mean_score_b| over :data:`CALIBRATION_BINS` bins, with
+    a basic-bootstrap interval (which also removes the upward bias of the plug-in ECE from its
+    bounds). ``alarm``: the interval lies above ``max_calibration_error``.
+    """
+
+    bins: tuple[ReliabilityBin, ...]
+    samples: int
+    ece: Estimate | None  # None without labelled pairs
+    alarm: bool
+    trusted: bool
+    reason: str  # "" when trusted, else "miscalibrated" or "too_few_labels"
+
+
+def _rng(*key: str) -> np.random.Generator:
+    # deterministic per (model, feature, group): the same snapshot gives the same interval
+    return np.random.default_rng(zlib.crc32("\x00".join(key).encode()))
+
+
+def calibration(
+    h: ScoreHistogram,
+    settings: EstimateSettings,
+    level: float = 0.95,
+    rng: np.random.Generator | None = None,
+) -> Calibration:
+    """Reliability bins and ECE of one group's matured labels (see :class:`Calibration`)."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    step = NBINS // CALIBRATION_BINS
+    pos = h.positives.reshape(CALIBRATION_BINS, step)
+    neg = h.negatives.reshape(CALIBRATION_BINS, step)
+    n_fine = pos + neg
+    n = n_fine.sum(axis=1)
+    k = pos.sum(axis=1)
+    centres = _CENTRES.reshape(CALIBRATION_BINS, step)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (n_fine * centres).sum(axis=1) / n
+        freq = k / n
+    e = edges()[::step]
+    bins = tuple(
+        ReliabilityBin(float(e[b]), float(e[b + 1]), int(n[b]), float(mean[b]), float(freq[b]))
+        for b in range(CALIBRATION_BINS)
+    )
+    total = int(n.sum())
+    if total == 0:
+        return Calibration(bins, 0, None, False, False, "too_few_labels")
+    ok = n > 0
+    w = n[ok] / total
+    ece = float(np.sum(w * np.abs(freq[ok] - mean[ok])))
+    draws = rng.binomial(n[ok], freq[ok], size=(_BOOTSTRAP, int(ok.sum()))) / n[ok]
+    star = np.sum(w * np.abs(draws - mean[ok]), axis=1)
+    tail = (1.0 - level) / 2.0
+    lo, hi = np.quantile(star, [tail, 1.0 - tail])
+    lower, upper = max(0.0, 2 * ece - float(hi)), max(0.0, 2 * ece - float(lo))
+    est = Estimate(ece, min(lower, ece), max(upper, ece))
+    alarm = total >= settings.min_labelled and est.lower > settings.max_calibration_error
+    if total < settings.min_labelled:
+        return Calibration(bins, total, est, False, False, "too_few_labels")
+    return Calibration(bins, total, est, alarm, not alarm, "miscalibrated" if alarm else "")
+
+
+def expected_counts(h: ScoreHistogram) -> tuple[float, float, float, float]:
+    """Expected ``(tp, fp, tn, fn)`` of the group's pending predictions, scores taken as P(label 1)."""
+    p1, p0 = h.pending(1).astype(np.float64), h.pending(0).astype(np.float64)
+    q = _CENTRES
+    return (float(p1 @ q), float(p1 @ (1 - q)), float(p0 @ (1 - q)), float(p0 @ q))
+
+
+def _soft_items(
+    h: ScoreHistogram | None, realized: Counts | None
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """(weights, soft confusion vectors (tp, fp, tn, fn)) of a view's predictions."""
+    vecs: list[NDArray[np.float64]] = []
+    weights: list[NDArray[np.float64]] = []
+    if h is not None:
+        q = _CENTRES
+        z = np.zeros(NBINS)
+        weights += [h.pending(1).astype(np.float64), h.pending(0).astype(np.float64)]
+        vecs += [np.stack([q, 1 - q, z, z], axis=1), np.stack([z, z, 1 - q, q], axis=1)]
+    if realized is not None:
+        weights.append(np.array([realized.tp, realized.fp, realized.tn, realized.fn], dtype=np.float64))
+        vecs.append(np.eye(4))
+    if not weights:
+        return np.zeros(0), np.zeros((0, 4))
+    return np.concatenate(weights), np.concatenate(vecs)
+
+
+def _rate(weights: NDArray[np.float64], vecs: NDArray[np.float64], rate: str) -> tuple[float, float, float]:
+    """(R, variance of R, denominator) of one rate over soft items; R is NaN with no denominator."""
+    num_cells, den_cells = RATE_CELLS[rate]
+    num = vecs[:, list(num_cells)].sum(axis=1)
+    den = vecs[:, list(den_cells)].sum(axis=1)
+    m = float(weights @ den)
+    if m <= 0:
+        return float("nan"), float("nan"), 0.0
+    r = float(weights @ num) / m
+    v = float(weights @ (num - r * den) ** 2) / (m * m)
+    return r, v, m
+
+
+@dataclass(frozen=True)
+class GroupEstimates:
+    """One group's estimates in one view: expected counts, rates with intervals, trust."""
+
+    group: str
+    expected: tuple[float, float, float, float]  # (tp, fp, tn, fn) of the view
+    rates: dict[str, Estimate]
+    denominators: dict[str, float]
+    trusted: bool
+    eligible: bool  # trusted, not reserved, and every rate's denominator >= min_samples
+
+
+@dataclass(frozen=True)
+class FeatureEstimates:
+    """One (model, feature): calibration per group and, per view, group estimates and disparities."""
+
+    feature: str
+    calibration: dict[str, Calibration]
+    groups: dict[str, dict[str, GroupEstimates]]  # view -> group -> estimates
+    disparities: dict[str, dict[tuple[str, str], Estimate]]  # view -> (disparity, method) -> estimate
+    flagged: dict[str, dict[tuple[str, str], bool]]
+    pending: dict[str, int]  # group -> scored predictions pending
+
+
+def _beta(r: float, v: float, m: float, prior: tuple[float, float]) -> tuple[float, float]:
+    """Beta parameters with mean ~ r and the variance v (effective sample size r(1-r)/v)."""
+    n_eff = r * (1 - r) / v if v > 0 and 0 < r < 1 else m
+    n_eff = min(n_eff, 1e9)
+    return prior[0] + r * n_eff, prior[1] + (1 - r) * n_eff
+
+
+def estimate_feature(
+    feature: str,
+    histograms: Mapping[str, ScoreHistogram],
+    realized: Mapping[str, Counts],
+    settings: FairnessSettings,
+    estimate: EstimateSettings,
+    reference: str | None = None,
+    model: str = "",
+) -> FeatureEstimates:
+    """Calibration and both views' estimates of every group of one (model, feature)."""
+    prior = PRIORS[settings.prior]
+    groups = sorted(set(histograms) | set(realized))
+    cal = {
+        g: calibration(histograms[g], estimate, settings.credible_level, _rng(model, feature, g))
+        for g in groups
+        if g in histograms
+    }
+    out_groups: dict[str, dict[str, GroupEstimates]] = {}
+    out_disp: dict[str, dict[tuple[str, str], Estimate]] = {}
+    out_flag: dict[str, dict[tuple[str, str], bool]] = {}
+    tail = (1.0 - settings.credible_level) / 2.0
+    for view in VIEWS:
+        per: dict[str, GroupEstimates] = {}
+        posts: dict[str, dict[str, tuple[float, float, float, bool]]] = {r: {} for r in DISPARITY_INPUT_RATES}
+        for g in groups:
+            h = histograms.get(g)
+            if h is None and view == "pending":
+                continue
+            w, vecs = _soft_items(h, realized.get(g) if view == "combined" else None)
+            if not w.size or w.sum() <= 0:
+                continue
+            expected = tuple(float(x) for x in w @ vecs)
+            trusted = g in cal and cal[g].trusted
+            rates: dict[str, Estimate] = {}
+            dens: dict[str, float] = {}
+            eligible = trusted and not is_reserved(g)
+            for rate in DISPARITY_INPUT_RATES:
+                r, v, m = _rate(w, vecs, rate)
+                if m <= 0:
+                    eligible = eligible and rate not in ESTIMATED_RATES
+                    continue
+                a, b = _beta(r, v, m, prior)
+                lo = float(special.betaincinv(a, b, tail))
+                hi = float(special.betaincinv(a, b, 1 - tail))
+                dens[rate] = m
+                usable = eligible and m >= settings.min_samples
+                posts[rate][g] = (r, a, b, usable)
+                if rate in ESTIMATED_RATES:
+                    rates[rate] = Estimate(r, min(lo, r), max(hi, r))
+            eligible = eligible and all(dens.get(r, 0.0) >= settings.min_samples for r in ESTIMATED_RATES)
+            per[g] = GroupEstimates(g, expected, rates, dens, trusted, eligible)  # type: ignore[arg-type]
+        names = sorted(per)
+        rp = {}
+        for rate in DISPARITY_INPUT_RATES:
+            vals = [posts[rate].get(g, (np.nan, 1.0, 1.0, False)) for g in names]
+            rp[rate] = RatePosteriors(
+                observed=np.array([x[0] for x in vals], dtype=np.float64),
+                alpha=np.array([x[1] for x in vals], dtype=np.float64),
+                beta=np.array([x[2] for x in vals], dtype=np.float64),
+                usable=np.array([x[3] for x in vals], dtype=bool),
+            )
+        ref = names.index(reference) if reference in names else None
+        table = disparity_table(rp, ref, settings.credible_level) if names else {}
+        out_groups[view] = per
+        out_disp[view] = {k: Estimate(*v) for k, v in table.items()}
+        out_flag[view] = {
+            k: is_flagged(k[0], e.lower, e.upper, settings.thresholds[k[0]])
+            for k, e in out_disp[view].items()
+        }
+    pending = {g: int(h.pending().sum()) for g, h in histograms.items()}
+    return FeatureEstimates(feature, cal, out_groups, out_disp, out_flag, pending)
