@@ -241,6 +241,8 @@ def test_pure_core_imports_neither_kafka_nor_prometheus() -> None:
         "disparity",
         "tracker",
         "report",
+        "stakeholder_report",
+        "report_render",
         "dev.simulate",
         "aggregate",
         "state.codec",
