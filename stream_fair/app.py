@@ -151,6 +151,7 @@ class Detector:
             self.health,
             page=lambda: render(*self.current(), history=self.history),
             alarms=self.alarms_document,
+            report=self.report_document,
             explain=self.explain_document,
             search=self.search_document,
             whatif=self.whatif_document,
@@ -267,6 +268,17 @@ class Detector:
                 ev["explanation"] = why
         return {"leader": stats.leader, "alarms": alarms, "events": events}
 
+    def report_document(self, query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
+        """``/report.json``: the stakeholder report's document (:mod:`stream_fair.stakeholder_report`)."""
+        from stream_fair.report_sources import report_endpoint
+
+        cfg = self.config
+        source = (
+            f"running detector {cfg.exporter.host}:{self.port} (group {cfg.kafka.group_id}, topics "
+            f"{cfg.topics.predictions} / {cfg.topics.outcomes})"
+        )
+        return report_endpoint(self, query, source)
+
     def explain_new_alarms(self) -> None:
         """Explain each newly raised alarm once (stream_fair.explain, split at its change point):
         logged as one line and attached to its event in ``/alarms`` (the newest 100 are kept)."""
@@ -280,7 +292,7 @@ class Detector:
                 continue
             try:
                 doc = self.explain_document(
-                    ev.model, ev.feature, ev.disparity, ev.group, ev.rate, split_ts=ev.change_point_ts
+                    ev.model, ev.feature, ev.disparity, ev.group, ev.rate, ev.change_point_ts, "alarm"
                 )
             except Exception as exc:  # an explanation never stops the loop
                 doc = {"error": f"{type(exc).__name__}: {exc}"}
@@ -298,6 +310,7 @@ class Detector:
         group: str | None = None,
         rate: str | None = None,
         split_ts: float | None = None,
+        split_source: str = "request",
     ) -> dict[str, Any]:
         """``/explain``: why a disparity (stream_fair.explain) from this replica's event-time buckets.
 
@@ -314,7 +327,7 @@ class Detector:
         if feature not in keys:
             raise KeyError(f"unknown feature {feature!r}; configured: {sorted(keys)}")
         report, _ = self.current()
-        source = "request"
+        source = split_source
         fb = report.snapshot.feedback
         alarm = None
         if fb is not None and (model, feature) in fb.features:

@@ -1,4 +1,4 @@
-"""``stream-fair`` commands: run, check-config, simulate, explain, demo, whatif.
+"""``stream-fair`` commands: run, check-config, report, simulate, explain, demo, whatif.
 
 Exit status 2 with one line on stderr for a bad config, a busy port or an unreachable broker
 (``run`` reports its retries first, one line each); 0 after a clean stop (SIGTERM, SIGHUP or
@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -352,6 +353,36 @@ def parser(dev: bool = True) -> argparse.ArgumentParser:
     )
     check.set_defaults(func=cmd_check_config)
 
+    rep = _subcommand(
+        sub,
+        "report",
+        "write a stakeholder report (HTML, Markdown or JSON) for a period",
+        "From a running instance (--url: its /report.json, same credentials as /metrics) or from\n"
+        "its state directory read offline (--config, --state-dir; read-only, safe next to a running\n"
+        "detector). --verify FILE checks a JSON or HTML report's content hash (exit 1 if it fails).\n"
+        "The period is in prediction event time; see docs/report.md.",
+    )
+    rep.add_argument("--url", metavar="URL", help="a running detector's exporter, e.g. http://localhost:9800")
+    rep.add_argument("--config", "-c", default=os.environ.get(CONFIG_ENV), metavar="FILE", help=config_help)
+    rep.add_argument(
+        "--state-dir", metavar="DIR", help="state directory to read offline (default: state.path)"
+    )
+    rep.add_argument(
+        "--from", dest="since", metavar="TIME", help="period start: ISO-8601 UTC or unix seconds"
+    )
+    rep.add_argument("--to", dest="until", metavar="TIME", help="period end (exclusive)")
+    rep.add_argument("--last", metavar="DURATION", help="the period ending now, e.g. 6h or 1d")
+    rep.add_argument(
+        "--format", choices=("html", "md", "json"), help="default: from --output's extension, else html"
+    )
+    rep.add_argument("--output", "-o", metavar="FILE", help="write here (default: stdout)")
+    rep.add_argument("--user", metavar="USER", help="basic-auth user of the exporter (with --password-file)")
+    rep.add_argument("--password-file", metavar="FILE", help="file holding the basic-auth password")
+    rep.add_argument("--cacert", metavar="FILE", help="CA certificate to trust for an https --url")
+    rep.add_argument("--input", metavar="FILE", help="render a saved JSON report (its hash is checked first)")
+    rep.add_argument("--verify", metavar="FILE", help="check a report's content hash instead of writing one")
+    rep.set_defaults(func=cmd_report)
+
     sim = _subcommand(
         sub,
         "simulate",
@@ -496,11 +527,124 @@ def parser(dev: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the stakeholder report, or check one (``--verify``)."""
+    from stream_fair import report_render as render
+    from stream_fair.stakeholder_report import ReportError, assemble, parse_period, verify
+
+    if args.verify:
+        return _verify_report(args.verify)
+    period = parse_period(args.since, args.until, args.last)
+    fmt = args.format or _format_of(args.output)
+    if args.input:
+        import json
+
+        try:
+            doc = json.loads(Path(args.input).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ReportError(f"report error: cannot read the JSON report {args.input} ({exc})") from None
+        if not isinstance(doc, dict) or not verify(doc):
+            raise ReportError(
+                f"report error: {args.input} fails its content hash: it was changed; make the report "
+                "from its source again"
+            )
+    elif args.url:
+        from stream_fair.report_sources import fetch_report
+
+        password = None
+        if args.password_file:
+            try:
+                password = Path(args.password_file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ReportError(
+                    f"report error: cannot read --password-file {args.password_file} ({exc.strerror})"
+                ) from None
+        doc = fetch_report(args.url, period, user=args.user, password=password, cafile=args.cacert)
+    else:
+        from stream_fair import config as config_mod
+        from stream_fair.report_sources import inputs_from_state
+
+        if not args.config and not args.state_dir:
+            raise ReportError(
+                "report error: nothing to report from: pass --url of a running instance, or --config "
+                "(and --state-dir) to read a state directory"
+            )
+        cfg = config_mod.load(args.config)
+        if not cfg.fairness.features:
+            raise StreamFairError(ERR_NO_FEATURES)
+        doc = assemble(inputs_from_state(cfg, args.state_dir), period)
+    text = {"html": render.to_html, "md": render.to_markdown, "json": render.to_json}[fmt](doc)
+    if not verify(doc):  # a document changed on its way here (a proxy, a version mismatch)
+        raise ReportError("report error: the report's content hash does not match its content")
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        try:
+            with open(args.output, "w", encoding="utf-8") as out:
+                out.write(text)
+        except OSError as exc:
+            raise ReportError(f"report error: cannot write {args.output} ({exc.strerror})") from None
+        print(
+            f"wrote {args.output}: {fmt}, {len(doc['summary']['flagged'])} disparities flagged, "
+            f"content hash {doc['audit']['content_hash']['value']}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _format_of(path: str | None) -> str:
+    if path and path.endswith((".md", ".markdown")):
+        return "md"
+    if path and path.endswith(".json"):
+        return "json"
+    return "html"
+
+
+def _verify_report(path: str) -> int:
+    """Exit 0 when a JSON or HTML report's content hash holds (HTML: and it renders unchanged)."""
+    import json
+
+    from stream_fair import report_render as render
+    from stream_fair.stakeholder_report import ReportError, content_hash, verify
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReportError(f"report error: cannot read {path} ({exc})") from None
+    if text.lstrip().startswith("{"):
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            raise ReportError(f"report error: {path} is not valid JSON") from None
+        ok = isinstance(doc, dict) and verify(doc)
+    else:
+        doc = render.embedded_document(text)
+        if doc is None:
+            raise ReportError(
+                f"report error: {path} carries no report document: verify the JSON or HTML export "
+                "(a Markdown report is verified through its JSON export)"
+            )
+        ok = render.verify_html(text)
+    recorded = (
+        (doc.get("audit", {}).get("content_hash", {}) or {}).get("value") if isinstance(doc, dict) else None
+    )
+    if ok:
+        print(f"ok: {path}: content hash sha256 {recorded} matches its content")
+        return 0
+    actual = content_hash(doc) if isinstance(doc, dict) else "?"
+    print(
+        f"FAILED: {path}: recorded content hash {recorded}, content hashes to {actual}"
+        + ("" if actual != recorded else " (the HTML differs from its document)"),
+        file=sys.stderr,
+    )
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     # `run` and `check-config` must not import the demo tooling just to list scenarios.
-    args = parser(dev=command not in ("run", "check-config", "explain", "whatif")).parse_args(argv)
+    args = parser(dev=command not in ("run", "check-config", "report", "explain", "whatif")).parse_args(argv)
     try:
         return int(args.func(args))
     except StreamFairError as exc:

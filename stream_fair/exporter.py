@@ -6,6 +6,7 @@ no torn reads. ``collect()`` never raises: a failure is logged, counted in
 ``stream_fair_errors_total{kind="snapshot"}`` and the scrape still answers.
 
 Endpoints: ``/metrics``, ``/`` (status page), ``/alarms`` (alarms and their event log, JSON),
+``/report.json`` (the stakeholder report's document for a period, :mod:`stream_fair.stakeholder_report`),
 ``/whatif`` (threshold what-ifs, JSON: :mod:`stream_fair.whatif_query`),
 ``/explain?model=&feature=&disparity=[&group=&rate=&split=]`` (why a disparity, JSON,
 :mod:`stream_fair.explain`), ``/search`` (unconfigured intersections found, JSON),
@@ -530,6 +531,7 @@ class ExporterServer:
         page: Callable[[], str] | None = None,
         clock: Callable[[], float] | None = None,
         alarms: Callable[[], dict[str, Any]] | None = None,
+        report: Callable[[dict[str, list[str]]], tuple[int, dict[str, Any]]] | None = None,
         whatif: Callable[[dict[str, list[str]]], tuple[int, dict[str, Any]]] | None = None,
         *,
         explain: Callable[..., dict[str, Any]] | None = None,
@@ -565,6 +567,13 @@ class ExporterServer:
                 elif path == "/alarms" and alarms is not None:
                     body = json.dumps(alarms(), indent=1).encode()
                     self._send(200, body, "application/json")
+                elif path == "/report.json" and report is not None:
+                    try:
+                        code, doc = report(urllib.parse.parse_qs(self.path.partition("?")[2]))
+                        self._send(code, json.dumps(doc).encode(), "application/json")
+                    except Exception:
+                        log.exception("report failed")
+                        self._send(500, b'{"error": "report error: the report failed; see the detector log"}')
                 elif path == "/explain" and explain is not None:
                     self._explain(explain)
                 elif path == "/search" and search is not None:
@@ -587,7 +596,7 @@ class ExporterServer:
                 else:
                     self._send(
                         404,
-                        b"not found: try /metrics, /, /alarms, /explain, /search, /whatif, "
+                        b"not found: try /metrics, /, /alarms, /report.json, /explain, /search, /whatif, "
                         b"/healthz, /readyz\n",
                     )
 

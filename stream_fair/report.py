@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from stream_fair.config import Config, format_duration
 from stream_fair.counts import Key, Quad, add_rows
+from stream_fair.disparity import DISPARITY_RATES
 from stream_fair.estimates import EstimateSettings, FeatureEstimates, estimate_feature
 from stream_fair.fairness import Counts, FairnessSettings, FeatureReport, evaluate_feature
 from stream_fair.groups import SEPARATOR, Cell, FeatureKey, carried_attributes, feature_keys
@@ -99,6 +100,27 @@ class Report:
             if v.model == model and v.feature.name == feature and v.window == window:
                 return v
         raise KeyError((model, feature, window))
+
+
+def flagged_extremes(fr: FeatureReport) -> set[tuple[str, str]]:
+    """``(group, rate)`` at the minimum or maximum of each flagged between-groups disparity.
+
+    The groups a flagged disparity is made of: the status page and the stakeholder report mark them.
+    """
+    marked: set[tuple[str, str]] = set()
+    for (d, method), flagged in fr.flagged.items():
+        if not flagged or method != "between_groups":
+            continue
+        for rate in DISPARITY_RATES[d]:
+            values = {
+                g: gr.rates[rate].value for g, gr in fr.groups.items() if gr.eligible and rate in gr.rates
+            }
+            if len(values) >= 2:
+                marked |= {
+                    (min(values, key=values.__getitem__), rate),
+                    (max(values, key=values.__getitem__), rate),
+                }
+    return marked
 
 
 def fairness_settings(config: Config) -> FairnessSettings:

@@ -22,7 +22,7 @@ from stream_fair.disparity import DISPARITY_RATES
 from stream_fair.explain import p_value, top_drivers
 from stream_fair.exporter import PipelineStats
 from stream_fair.missing import report_missing
-from stream_fair.report import CUMULATIVE, FeatureView, Report
+from stream_fair.report import CUMULATIVE, FeatureView, Report, flagged_extremes
 from stream_fair.svg import ForestRow, Point, forest_plot, sparkline
 
 _RATES = (
@@ -31,14 +31,6 @@ _RATES = (
     ("false_positive_rate", "FPR"),
     ("accuracy", "accuracy"),
 )
-
-#: The per-group rates a disparity compares (fairlearn's definitions), for marking its extremes.
-_COMPARES = {
-    "demographic_parity": ("selection_rate",),
-    "equal_opportunity": ("true_positive_rate",),
-    "equalized_odds": ("true_positive_rate", "false_positive_rate"),
-    "accuracy": ("accuracy",),
-}
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5rem;color:#1d2330;
@@ -117,21 +109,7 @@ def _fmt(x: float | None) -> str:
 
 def _extremes(view: FeatureView) -> set[tuple[str, str]]:
     """``(group, rate)`` cells at the minimum or maximum of a flagged between-groups disparity."""
-    fr, marked = view.report, set()
-    for (d, method), flagged in fr.flagged.items():
-        base = d.rsplit("_", 1)[0]
-        if not flagged or method != "between_groups" or base not in _COMPARES:
-            continue
-        for rate in _COMPARES[base]:
-            values = {
-                g: gr.rates[rate].value for g, gr in fr.groups.items() if gr.eligible and rate in gr.rates
-            }
-            if len(values) >= 2:
-                marked |= {
-                    (min(values, key=values.__getitem__), rate),
-                    (max(values, key=values.__getitem__), rate),
-                }
-    return marked
+    return flagged_extremes(view.report)
 
 
 def _alarm_log(feedback: Any, stats: PipelineStats, last: int = 20) -> list[str]:

@@ -22,6 +22,9 @@ FLAGGED = "#c0392b"  # a group at an end of a flagged disparity; a raised alarm
 MUTED = "#a0a6b4"  # a group below min_samples
 REFERENCE = "#e08a00"  # the reference line
 BAND = "#cfdcf5"  # a disparity's interval over time
+LABELLED = "#2e8b57"  # label coverage: predictions with an outcome
+EXPIRED = "#7f5aa8"  # label coverage: predictions whose outcome never came
+PENDING = "#e6d8a8"  # label coverage: predictions still waiting for an outcome
 
 _ROW, _LABEL, _PANEL, _PAD = 18, 150, 190, 10
 
@@ -142,5 +145,62 @@ def sparkline(
             if p[4]:
                 x, y = xy(p[0], p[1])
                 out.append(f'<circle class="alarm" cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{FLAGGED}"/>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class CoverageRow:
+    """One group's predictions split by what is known of their outcomes."""
+
+    group: str
+    labelled: int
+    expired: int
+    pending: int
+    eligible: bool = True
+
+
+def coverage_bars(rows: Sequence[CoverageRow], width: int = 560) -> str:
+    """One stacked bar per group, 0 to 100% of its predictions: labelled, expired, pending.
+
+    >>> svg = coverage_bars([CoverageRow("A", 8, 1, 1), CoverageRow("B", 0, 0, 0)])
+    >>> svg.count('class="cov-labelled"'), svg.count('class="cov-pending"')
+    (1, 1)
+    """
+    e = html.escape
+    bar = width - _LABEL - 90
+    height = 26 + _ROW * len(rows) + 14
+    out = [
+        f'<svg class="coverage" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        'aria-label="label coverage per group: labelled, expired, pending shares of predictions">'
+    ]
+    x = _LABEL
+    for label, colour in (("labelled", LABELLED), ("expired", EXPIRED), ("pending", PENDING)):
+        out.append(f'<rect x="{x}" y="4" width="10" height="10" fill="{colour}"/>')
+        out.append(f'<text x="{x + 14}" y="13" class="tick">{label}</text>')
+        x += 80
+    for r, row in enumerate(rows):
+        y = 22 + r * _ROW
+        total = row.labelled + row.expired + row.pending
+        out.append(f'<text x="{_LABEL - 6}" y="{y + 11}" text-anchor="end" class="lab">{e(row.group)}</text>')
+        out.append(
+            f'<rect x="{_LABEL}" y="{y + 2}" width="{bar}" height="12" fill="#f7f8fb" stroke="#dddde8"/>'
+        )
+        left = float(_LABEL)
+        for name, n, colour in (
+            ("labelled", row.labelled, LABELLED),
+            ("expired", row.expired, EXPIRED),
+            ("pending", row.pending, PENDING),
+        ):
+            if total <= 0 or n <= 0:
+                continue
+            w = bar * n / total
+            out.append(
+                f'<rect class="cov-{name}" x="{left:.1f}" y="{y + 2}" width="{w:.1f}" height="12" '
+                f'fill="{colour}"/>'
+            )
+            left += w
+        share = "no predictions" if total <= 0 else f"{row.labelled / total:.0%} labelled"
+        out.append(f'<text x="{_LABEL + bar + 4}" y="{y + 11}" class="tick">{share}</text>')
     out.append("</svg>")
     return "".join(out)
