@@ -85,6 +85,76 @@ def _period_text(doc: Mapping[str, Any]) -> str:
     return f"{p['prediction_time_from'] or 'start'} to {p['prediction_time_to'] or 'now'} (prediction time)"
 
 
+def _ci(e: Mapping[str, Any] | None) -> str:
+    if not e or e.get("value") is None:
+        return "–"
+    return f"{e['value']:+.3f} [{_f(e.get('lower'))}, {_f(e.get('upper'))}]"
+
+
+def _signal_tables(name: str, data: Any) -> list[tuple[str, list[str], list[list[Any]]]] | None:
+    """(caption, header, rows) tables for a known signal's document; None to show it as JSON."""
+    try:
+        if name == "root_cause":
+            out = []
+            for doc in data["explained"]:
+                title = f"{doc['model']} · {doc['feature']} · {doc['disparity']}"
+                if "error" in doc:
+                    out.append((f"{title}: not explained ({doc['error']})", ["item"], []))
+                    continue
+                gap, p = doc["decomposition"]["gap"], doc["periods"]
+                caption = (
+                    f"{title}: {doc['group']}'s {doc['rate']} against the rest of the feature, before "
+                    f"and after {iso(p['after']['start'])} ({p['split_source']} split); gap "
+                    f"{_f(gap['before'])} → {_f(gap['after'])}, change {_ci(gap['change'])}. "
+                    f"Decomposition: {doc['decomposition']['method']}."
+                )
+                rows = [[k.replace("_", " "), _ci(c)] for k, c in gap["components"].items()]
+                out.append((caption, ["part of the change in the gap", "value [interval]"], rows))
+                drivers = doc["drivers"]["ranked"][:8]
+                out.append(
+                    (
+                        f"Drivers of the gap now ({doc['group']}: {_f(doc['drivers']['group_rate'])}, rest: "
+                        f"{_f(doc['drivers']['rest_rate'])}); contributions sum to the gap",
+                        ["by", "value", "pairs", "rate", "share", "contribution"],
+                        [
+                            [
+                                d["by"],
+                                d["value"],
+                                d["trials"],
+                                _f(d["rate"]),
+                                _f(d["share"]),
+                                f"{d['contribution']:+.3f}",
+                            ]
+                            for d in drivers
+                        ],
+                    )
+                )
+            if data.get("left_out"):
+                out.append((f"{data['left_out']} more flagged disparities not explained here", ["item"], []))
+            return out
+        if name == "unconfigured_intersections":
+            out = []
+            for model, r in data["models"].items():
+                caption = (
+                    f"{model}: {r['tested']} hypotheses over {r['combinations']} attribute combinations "
+                    f"({data['over']}), {r['correction']}-corrected at {r['alpha']}: {r['guarantee']}"
+                    + (" (truncated at max_tests)" if r["truncated"] else "")
+                    + ("" if r["findings"] else ". Nothing found.")
+                )
+                rows = [
+                    [f["intersection"], f["group"], f["rate"], f["direction"], _f(f["value"]),
+                     _f(f["rest_value"]), f["trials"], f"{f['adjusted_p_value']:.2g}", f["suggestion"]]
+                    for f in r["findings"]
+                ]  # fmt: skip
+                header = ["intersection", "group", "rate", "direction", "group value", "rest", "pairs",
+                          "adjusted p", "suggestion"]  # fmt: skip
+                out.append((caption, header, rows))
+            return out
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None
+
+
 def _signal_rows(data: Any) -> list[tuple[str, str]]:
     """A generic two-column view of another analysis' JSON (its own fields, flattened one level)."""
     if isinstance(data, Mapping):
@@ -236,10 +306,20 @@ def to_html(doc: Mapping[str, Any]) -> str:
             out.append(
                 "<p><span class=est>estimated</span> Values below are estimates made without outcomes.</p>"
             )
-        out.append("<table>")
-        for k, v in _signal_rows(sig["data"]):
-            out.append(f"<tr><td class=l>{e(k)}</td><td class=l><code>{e(v)}</code></td></tr>")
-        out.append("</table>")
+        tables = _signal_tables(name, sig["data"])
+        if tables is None:
+            out.append("<table>")
+            for k, v in _signal_rows(sig["data"]):
+                out.append(f"<tr><td class=l>{e(k)}</td><td class=l><code>{e(v)}</code></td></tr>")
+            out.append("</table>")
+            continue
+        for caption, header, rows in tables:
+            out.append(f"<p>{e(caption)}</p>")
+            if rows:
+                out.append("<table><tr>" + "".join(f"<th class=l>{e(h)}</th>" for h in header) + "</tr>")
+                for row in rows:
+                    out.append("<tr>" + "".join(f"<td class=l>{e(str(c))}</td>" for c in row) + "</tr>")
+                out.append("</table>")
 
     out.extend(_unknown_html(doc))
     out.append("<h2 id=definitions>Definitions</h2><dl>")
@@ -564,12 +644,18 @@ def to_markdown(doc: Mapping[str, Any]) -> str:
                 for ev in al["events_in_period"]
             ],
         )
-    for sig in doc["signals"].values():
+    for name, sig in doc["signals"].items():
         out += [f"## {sig['title']}", ""]
         if not sig["available"]:
             out += [f"Not available: {sig['reason']}.", ""]
-        else:
+            continue
+        if name == "label_free_estimates":
+            out += ["*Estimated*: the values below are estimates made without outcomes.", ""]
+        tables = _signal_tables(name, sig["data"])
+        if tables is None:
             out += _table(["field", "value"], _signal_rows(sig["data"]))
+        for caption, header, rows in tables or ():
+            out += [caption, ""] + (_table(header, rows) if rows else [])
     u = doc["unknown"]
     out += ["## What is not known yet", ""]
     out += [
