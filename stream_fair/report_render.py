@@ -150,7 +150,59 @@ def _signal_tables(name: str, data: Any) -> list[tuple[str, list[str], list[list
                           "adjusted p", "suggestion"]  # fmt: skip
                 out.append((caption, header, rows))
             return out
-    except (KeyError, TypeError, ValueError):
+        if name == "threshold_whatif":
+            out = []
+            for w in data["whatifs"]:
+                title = f"{w['model']} · {w['feature']}: thresholds that would meet {w['criterion']}"
+                if w.get("status") != 200 or "error" in w:
+                    out.append((f"{title}: not computed ({w.get('error', w.get('status'))})", ["item"], []))
+                    continue
+                acc = w["accuracy_change"]
+                caption = (
+                    f"{title} ({data['over']}; mode {w['mode']}, tolerance {_f(w['tolerance'])}): "
+                    f"{'meets it' if w['met'] else 'does not meet it'}"
+                    + (", degenerate (select all or none)" if w["degenerate"] else "")
+                    + f"; overall accuracy change {_ci(acc)}"
+                    + ("; excluded: " + ", ".join(f"{g} ({r})" for g, r in w["excluded"].items())
+                       if w["excluded"] else "")
+                    + (f". {' '.join(w['notes'])}" if w["notes"] else "")
+                )  # fmt: skip
+                rows = []
+                for g, r in w["groups"].items():
+                    rule = " / ".join(_f(t, 2) for t in r["rule"]["thresholds"]) + (
+                        " (mixed)" if len(r["rule"]["thresholds"]) > 1 or "coin" in r["rule"] else ""
+                    )
+                    now, new = r["current_rates"], r["rates"]
+                    rows.append(
+                        [g, r["n"], _f(r["current_threshold"], 2), rule]
+                        + [f"{_f(now.get(k, {}).get('value'))} → {_f(new.get(k, {}).get('value'))}"
+                           for k in ("selection_rate", "true_positive_rate", "false_positive_rate")]
+                        + [_ci(r["accuracy_change"])]
+                    )  # fmt: skip
+                header = ["group", "labelled", "threshold now", "what-if threshold", "selection rate",
+                          "TPR", "FPR", "accuracy change"]  # fmt: skip
+                out.append((caption, header, rows))
+            return out
+        if name == "label_free_estimates":
+            out = []
+            for fe in data["features"]:
+                caption = (
+                    f"{fe['model']} · {fe['feature']} ({data['view']}): ESTIMATED from the scores of "
+                    "predictions whose outcome has not arrived, trusted only where the group's scores "
+                    "are calibrated on its matured labels"
+                    + (f"; estimated flagged: {', '.join(fe['flagged'])}" if fe["flagged"] else "")
+                )
+                rows = [
+                    [g, x["pending"], "yes" if x["trusted"] else f"no ({x['reason']})",
+                     _f(x["calibration_error"])]
+                    + [f"{_md_estimate(x['rates'].get(k), False)} (estimated)" if x["rates"].get(k) else "–"
+                       for k in ("selection_rate", "true_positive_rate", "false_positive_rate")]
+                    for g, x in fe["groups"].items()
+                ]  # fmt: skip
+                out.append((caption, ["group", "pending", "trusted", "calibration error", "selection rate",
+                                      "TPR", "FPR"], rows))  # fmt: skip
+            return out
+    except (KeyError, TypeError, ValueError, AttributeError):
         return None
     return None
 
@@ -313,6 +365,12 @@ def to_html(doc: Mapping[str, Any]) -> str:
                 out.append(f"<tr><td class=l>{e(k)}</td><td class=l><code>{e(v)}</code></td></tr>")
             out.append("</table>")
             continue
+        if name == "threshold_whatif":
+            out.append(
+                "<div class=charts>"
+                + "".join(_whatif_chart(w) for w in sig["data"].get("whatifs", []) if w.get("status") == 200)
+                + "</div>"
+            )
         for caption, header, rows in tables:
             out.append(f"<p>{e(caption)}</p>")
             if rows:
@@ -331,6 +389,34 @@ def to_html(doc: Mapping[str, Any]) -> str:
     out.append(f'<script type="application/json" id="{_DATA_ID}">{data}</script>')
     out.append("</body></html>")
     return "".join(out) + "\n"
+
+
+def _whatif_chart(w: Mapping[str, Any]) -> str:
+    """Each group's rates now (grey) and under the what-if thresholds (blue), with intervals."""
+    try:
+        rows = []
+        for g, r in w["groups"].items():
+            for label, rates, now in (("now", r["current_rates"], True), ("what-if", r["rates"], False)):
+                rows.append(
+                    ForestRow(
+                        f"{g} · {label}",
+                        [
+                            (x["value"], x["lower"], x["upper"])
+                            if (x := rates.get(rate)) and x.get("value") is not None
+                            else None
+                            for rate, _ in _FOREST
+                        ],
+                        eligible=not now,
+                    )
+                )
+        label = f"{w['model']} · {w['feature']}: {w['criterion']} what-if"
+        plot = forest_plot(rows, [t for _, t in _FOREST], [None] * len(_FOREST), label)
+        return (
+            f"<figure class=whatif>{plot}<figcaption class=ci>{html.escape(label)}: grey now, blue "
+            "under the what-if thresholds</figcaption></figure>"
+        )
+    except (KeyError, TypeError):
+        return ""
 
 
 def _feature_html(f: Mapping[str, Any], doc: Mapping[str, Any]) -> list[str]:

@@ -250,6 +250,21 @@ def num(x: Any) -> float | None:
     return round(v, 6) if math.isfinite(v) else None
 
 
+def clean(obj: Any) -> Any:
+    """JSON-ready: floats rounded by :func:`num` (non-finite ones None), tuples as lists."""
+    if isinstance(obj, bool) or obj is None or isinstance(obj, int | str):
+        return obj
+    if isinstance(obj, float):
+        return num(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [clean(v) for v in obj]
+    if hasattr(obj, "item"):  # numpy scalars
+        return clean(obj.item())
+    return str(obj)
+
+
 def canonical(doc: Mapping[str, Any]) -> bytes:
     """The bytes the content hash is taken over (see the module docstring)."""
     body = json.loads(json.dumps(doc))  # a deep copy
@@ -662,7 +677,7 @@ def assemble(inputs: ReportInputs, period: Period = Period()) -> dict[str, Any]:
             if data is None:
                 notes_for[name] = note
         signals[name] = (
-            {"title": title, "available": True, "data": data}
+            {"title": title, "available": True, "data": clean(data)}
             if data is not None
             else {
                 "title": title,
