@@ -41,7 +41,7 @@ max-width:72rem;padding:0 1rem}
 h1{font-size:1.5rem;margin:0 0 .3rem}
 h2{font-size:1.2rem;margin:1.8rem 0 .4rem;border-bottom:2px solid #e3e6ef}
 h3{font-size:1rem;margin:1.2rem 0 .3rem}
-.muted{color:#667} table{border-collapse:collapse;margin:.3rem 0 1rem;font-size:.88rem}
+.muted{color:#667} table{border-collapse:collapse;margin:.3rem 0 1rem;font-size:.82rem}
 th,td{padding:.22rem .55rem;border-bottom:1px solid #dde;text-align:right;vertical-align:top;
 white-space:nowrap}
 th.l,td.l{text-align:left} th{background:#f3f4f8}
