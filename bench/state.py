@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -132,6 +132,15 @@ class Stream:
         ]
 
 
+POLL = 1000  # records of one partition and topic per poll (kafka.max_poll_records is 2000)
+
+
+class Rec(NamedTuple):
+    offset: int
+    value: bytes
+    timestamp: int | None
+
+
 class Core:
     """The tracker on a local store, checkpointing every ``every`` records as the run loop does."""
 
@@ -145,16 +154,22 @@ class Core:
         self.since = 0
         self.checkpoint_seconds: list[float] = []
 
-    def feed(self, kind: int, records: list[bytes]) -> None:
-        update = self.tracker.update_prediction if kind == 0 else self.tracker.update_outcome
+    def records(self, kind: int, raws: list[bytes]) -> list[Rec]:
+        """Kafka-like records (offset, value, timestamp) with this topic's next offsets."""
         off = self.offsets[kind]
-        for raw in records:
-            update(0, raw, off)
-            off += 1
-            self.since += 1
+        self.offsets[kind] = off + len(raws)
+        return [Rec(off + i, raw, None) for i, raw in enumerate(raws)]
+
+    def feed(self, kind: int, records: list[Rec]) -> None:
+        """As the run loop does: one poll's records of the partition at a time (``POLL``), then a
+        checkpoint once ``every`` records were read since the last one."""
+        process = self.tracker.process
+        for i in range(0, len(records), POLL):
+            batch = records[i : i + POLL]
+            process(0, kind, batch)
+            self.since += len(batch)
             if self.since >= self.every:
                 self.checkpoint()
-        self.offsets[kind] = off
 
     def checkpoint(self) -> float:
         t0 = time.perf_counter()
@@ -177,7 +192,7 @@ def fill(core: Core, stream: Stream, n: int, chunk: int = 200_000) -> float:
     done = 0
     while done < n:
         k = min(chunk, n - done)
-        core.feed(0, stream.predictions(k))
+        core.feed(0, core.records(0, stream.predictions(k)))
         done += k
         if done % 2_000_000 < chunk:
             cur, _ = rss_mb()
@@ -196,7 +211,8 @@ def join_rate(core: Core, stream: Stream, pairs: int) -> tuple[float, float]:
     chunks = []
     for _ in range(pairs // 1000):
         below = stream.n  # only predictions written before this chunk: they are in the store
-        chunks.append((stream.predictions(1000), stream.outcomes(stream.pick_pending(1000, below))))
+        preds, outs = stream.predictions(1000), stream.outcomes(stream.pick_pending(1000, below))
+        chunks.append((core.records(0, preds), core.records(1, outs)))
     t0, c0 = time.perf_counter(), time.process_time()
     for preds, outs in chunks:
         core.feed(0, preds)
@@ -208,7 +224,7 @@ def checkpoint_time(core: Core, stream: Stream, events: int, repeats: int = 5) -
     """Median seconds of one checkpoint after ``events`` new predictions."""
     times = []
     for _ in range(repeats):
-        preds = stream.predictions(events)
+        preds = core.records(0, stream.predictions(events))
         core.since = -len(preds) * 10  # no automatic checkpoint in between
         core.feed(0, preds)
         times.append(core.checkpoint())

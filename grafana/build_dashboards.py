@@ -535,6 +535,27 @@ def intersections() -> dict[str, Any]:
             options={"orientation": "horizontal", "displayMode": "basic"},
         ),
     ]
+    panels.append(
+        panel(
+            "timeseries",
+            "Intersections nobody configured: cells found (search)",
+            [
+                target('max by (window) (stream_fair_search_findings{model="$model"})', "found ({{window}})"),
+                target(
+                    'max by (window) (stream_fair_search_hypotheses{model="$model"})',
+                    "hypotheses tested ({{window}})",
+                ),
+            ],
+            width=24,
+            height=8,
+            unit="short",
+            description="Cells of unconfigured pairs of features and audit_only attributes whose rate "
+            "differs from the rest after Holm's correction over every hypothesis tested (family-wise "
+            "error at most fairness.search.alpha per search). Which cells: the status page or /search "
+            "(docs/explain.md).",
+            options={"legend": {"displayMode": "list", "placement": "bottom"}},
+        )
+    )
     for p in panels:
         if p["type"] == "table":
             p["transformations"] = [{"id": "merge", "options": {}}]

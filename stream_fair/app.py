@@ -292,7 +292,7 @@ class Detector:
                 continue
             try:
                 doc = self.explain_document(
-                    ev.model, ev.feature, ev.disparity, ev.group, ev.rate, split_ts=ev.change_point_ts
+                    ev.model, ev.feature, ev.disparity, ev.group, ev.rate, ev.change_point_ts, "alarm"
                 )
             except Exception as exc:  # an explanation never stops the loop
                 doc = {"error": f"{type(exc).__name__}: {exc}"}
@@ -310,6 +310,7 @@ class Detector:
         group: str | None = None,
         rate: str | None = None,
         split_ts: float | None = None,
+        split_source: str = "request",
     ) -> dict[str, Any]:
         """``/explain``: why a disparity (stream_fair.explain) from this replica's event-time buckets.
 
@@ -326,7 +327,7 @@ class Detector:
         if feature not in keys:
             raise KeyError(f"unknown feature {feature!r}; configured: {sorted(keys)}")
         report, _ = self.current()
-        source = "request"
+        source = split_source
         fb = report.snapshot.feedback
         alarm = None
         if fb is not None and (model, feature) in fb.features:

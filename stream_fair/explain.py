@@ -532,11 +532,17 @@ def explain(
     doc: dict[str, Any] = {"model": model, "feature": key.name, "disparity": disparity}
     if not held:
         return {**doc, "error": "no event-time buckets held yet: no labelled pairs in the windows"}
+    midpoint = (held[0] + held[-1] + 1) // 2
+    split = midpoint if split_ts is None else math.floor(split_ts / resolution)
     if split_ts is None:
-        split = (held[0] + held[-1] + 1) // 2
         split_source = "midpoint"
-    else:
-        split = math.floor(split_ts / resolution)
+    elif not held[0] < split <= held[-1] and held[0] < midpoint:
+        # the split leaves a period empty (a change point older than the buckets held, i.e. the
+        # longest window, or inside the first bucket of window_resolution): compare the halves
+        split, split_source = (
+            midpoint,
+            f"midpoint ({split_source} split at {split_ts:.0f} left a period empty)",
+        )
     before = _merge(buckets, lambda b: b < split, model)
     after = _merge(buckets, lambda b: b >= split, model)
     rates = [rate] if rate is not None else list(DISPARITY_RATES[disparity])

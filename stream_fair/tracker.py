@@ -414,16 +414,30 @@ class Tracker:
     # -- updates ----------------------------------------------------------------------------
     def process(self, shard: int, topic: int, records: Iterable[Any]) -> list[tuple[Any, Rejection]]:
         """Account for one poll's records of one partition (objects with ``offset``, ``value``,
-        ``timestamp``); returns the rejected records with their reasons."""
-        update = self.update_prediction if topic == _P else self.update_outcome
+        ``timestamp``); returns the rejected records with their reasons.
+
+        The records are decoded first, then the stored records of their ids are read in one
+        batched lookup (:meth:`IdTable.prefetch`), then each is joined and counted in order.
+        """
+        records = records if isinstance(records, list) else list(records)
+        if not records:
+            return []
+        s = self.shards.get(shard)
+        if s is None:
+            s = self.shard(shard)
+        if topic == _P:
+            decode, apply = self.decoder.prediction, self._apply_prediction
+        else:
+            decode, apply = self.decoder.outcome, self._apply_outcome
+        events = [decode(r.value, r.timestamp) for r in records]
+        s.join.ids.prefetch([ev.id for ev in events if ev.__class__ is not Rejection])
         rejected = []
-        r = None
-        for r in records:
-            rejection = update(shard, r.value, r.offset, r.timestamp)
+        for r, ev in zip(records, events):  # noqa: B905 (same length by construction)
+            rejection = apply(s, shard, r.offset, ev)
             if rejection is not None:
                 rejected.append((r, rejection))
-        if r is not None:  # what the stored offset is checked against on resume
-            self.shards[shard].marks[topic] = mark(r.offset, r.timestamp, getattr(r, "key", None), r.value)
+        r = records[-1]  # what the stored offset is checked against on resume
+        s.marks[topic] = mark(r.offset, r.timestamp, getattr(r, "key", None), r.value)
         return rejected
 
     def update_prediction(
@@ -433,10 +447,12 @@ class Tracker:
         s = self.shards.get(shard)
         if s is None:
             s = self.shard(shard)
+        return self._apply_prediction(s, shard, offset, self.decoder.prediction(raw, kafka_ts_ms))
+
+    def _apply_prediction(self, s: Shard, shard: int, offset: int, ev: Any) -> Rejection | None:
         s.changed = True
         s.offsets[_P] = offset + 1
         s.consumed[_P] += 1
-        ev = self.decoder.prediction(raw, kafka_ts_ms)
         if ev.__class__ is Rejection:
             return self._reject(s, _P, ev)  # type: ignore[arg-type]
         # event time the watermark may see: a far jump moves it by event_time.allowed_skew at most
@@ -474,10 +490,12 @@ class Tracker:
         s = self.shards.get(shard)
         if s is None:
             s = self.shard(shard)
+        return self._apply_outcome(s, shard, offset, self.decoder.outcome(raw, kafka_ts_ms))
+
+    def _apply_outcome(self, s: Shard, shard: int, offset: int, ev: Any) -> Rejection | None:
         s.changed = True
         s.offsets[_O] = offset + 1
         s.consumed[_O] += 1
-        ev = self.decoder.outcome(raw, kafka_ts_ms)
         if ev.__class__ is Rejection:
             return self._reject(s, _O, ev)  # type: ignore[arg-type]
         ts, label = ev.ts, ev.label  # type: ignore[union-attr]

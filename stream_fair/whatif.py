@@ -514,33 +514,36 @@ def _search(
     rates = [observed_rates(t)[:, cols] for t in tables]  # (B+1, J), non-increasing down each column
     correct = [t[:, 0] + t[:, 2] for t in tables]
     cands = [np.unique(np.concatenate([r[:, j] for r in rates])) for j in range(len(cols))]
-    # per group and rate: feasible index range [lo, hi] for each candidate window [L, L + tol]
-    lo = [[np.searchsorted(-r[:, j], -(c + tol) - _EPS, "left") for j, c in enumerate(cands)] for r in rates]
-    hi = [[np.searchsorted(-r[:, j], -c + _EPS, "right") - 1 for j, c in enumerate(cands)] for r in rates]
-    # range maxima of correct: best[g][i, k] = max correct[i..k]
-    best = []
-    for c in correct:
-        m = np.full((c.size, c.size), -np.inf)
-        for i in range(c.size):
-            m[i, i:] = np.maximum.accumulate(c[i:])
-        best.append(m)
+    # per rate, group and candidate window [L, L + tol]: the feasible index range [lo, hi]
+    lo = [
+        np.array([np.searchsorted(-r[:, j], -(c + tol) - _EPS, "left") for r in rates])
+        for j, c in enumerate(cands)
+    ]
+    hi = [
+        np.array([np.searchsorted(-r[:, j], -c + _EPS, "right") - 1 for r in rates])
+        for j, c in enumerate(cands)
+    ]
+    # range maxima of correct: best[g, i, k] = max correct[g, i..k]
+    size = correct[0].size
+    best = np.full((len(eligible), size, size), -np.inf)
+    for g, c in enumerate(correct):
+        for i in range(size):
+            best[g, i, i:] = np.maximum.accumulate(c[i:])
+    rows = np.arange(len(eligible))[:, None]
 
-    def window_totals(first: int | None) -> tuple[FloatArray, list[IntArray], list[IntArray]]:
+    def window_totals(first: int | None) -> tuple[FloatArray, IntArray, IntArray]:
         """Totals over the candidate windows of the last rate (first rate's window fixed if J=2)."""
-        total = np.zeros(cands[-1].size)
-        los, his = [], []
-        for g in range(len(eligible)):
-            a, b = lo[g][-1], hi[g][-1]
-            if first is not None:
-                a, b = np.maximum(a, lo[g][0][first]), np.minimum(b, hi[g][0][first])
-            ok = a <= b
-            total += np.where(ok, best[g][np.minimum(a, b), b], -np.inf)
-            los.append(a)
-            his.append(b)
-        return total, los, his
+        a, b = lo[-1], hi[-1]  # (groups, candidates)
+        if first is not None:
+            a, b = np.maximum(a, lo[0][:, first : first + 1]), np.minimum(b, hi[0][:, first : first + 1])
+        value = np.where(a <= b, best[rows, np.minimum(a, b), b], -np.inf)
+        return value.sum(axis=0), a, b
 
     choice: tuple[float, int | None, int] = (-np.inf, None, 0)
-    for first in range(cands[0].size) if len(cols) == 2 else [None]:
+    firsts = range(cands[0].size) if len(cols) == 2 else [None]
+    for first in firsts:
+        if first is not None and np.any(lo[0][:, first] > hi[0][:, first]):
+            continue  # some group has no threshold in this first-rate window
         total, _, _ = window_totals(first)
         i = int(np.argmax(total))
         if total[i] > choice[0] + 1e-9:

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from stream_fair.errors import StreamFairError, WhatIfError
+from stream_fair.whatif import REPORTED_RATES
 
 UNREACHABLE_ERROR = "cannot reach {url} ({reason}): is stream-fair running there? pass --url"
 NOT_JSON_ERROR = "{url} answered {status} without a what-if document: is it a stream-fair {need}?"
 PASSWORD_ENV = "STREAM_FAIR_PASSWORD"
-_SHOWN = ("selection_rate", "true_positive_rate", "false_positive_rate", "accuracy")
 _SHORT = {
     "selection_rate": "selection",
     "true_positive_rate": "TPR",
@@ -94,11 +94,11 @@ def format_document(doc: dict[str, Any]) -> str:
         head += f"  criterion {doc['criterion']} ({doc['mode']}, tolerance {doc['tolerance']:g})"
         head += ": met" if doc.get("met") else ": NOT met"
     lines = [head, f"intervals: {level:.0%}; 'now -> projected'", ""]
-    rows = [["group", "n", "threshold", *(_SHORT[r] for r in _SHOWN), "accuracy change (pitfall 2)"]]
+    rows = [["group", "n", "threshold", *(_SHORT[r] for r in REPORTED_RATES), "accuracy change (pitfall 2)"]]
     for g, r in doc["groups"].items():
         rates = [
             f"{r['current_rates'][m]['value']:.3f} -> {_est(r['rates'][m])}" if m in r["rates"] else "-"
-            for m in _SHOWN
+            for m in REPORTED_RATES
         ]
         threshold = f"{r['current_threshold']:.2f} -> {format_rule(r['rule'])}"
         rows.append([g, str(r["n"]), threshold, *rates, _change(r["accuracy_change"])])

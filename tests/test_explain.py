@@ -232,6 +232,12 @@ def test_explain_document_from_buckets_uses_the_split_and_finds_the_cause() -> N
         attributes=attrs, resolution=300.0,
     )  # fmt: skip
     assert mid["periods"]["split_source"] == "midpoint" and mid["periods"]["before"]["end"] == 1200.0
+    old = explain(
+        buckets_from(periods), model="m", key=key, disparity="equal_opportunity_difference",
+        attributes=attrs, resolution=300.0, split_ts=-3600.0, split_source="alarm",
+    )  # fmt: skip
+    assert old["periods"]["split_source"].startswith("midpoint (alarm split at -3600 left a period empty")
+    assert old["periods"]["before"]["pairs"] == 20_000
     assert explain({}, model="m", key=key, disparity="equal_opportunity_difference", attributes=attrs,
                    resolution=300.0)["error"]  # fmt: skip
     with pytest.raises(ValueError, match="unknown disparity"):

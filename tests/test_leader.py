@@ -41,6 +41,9 @@ def config(bootstrap: str, topics: Any, group_id: str, tmp_path: Path) -> Path:
         fairness={"features": ["group"], "intersections": []},
         feedback={"cohort_period": "60s", "alarm_slot": f"{SLOT:g}s"},
         state={"checkpoint_interval": "500ms"},
+        # event-time buckets fine enough for /explain to split 150 s of stream at the change point
+        windows=["10m"],
+        window_resolution="5s",
         log_level="INFO",
     )
     return write_config(tmp_path / f"{group_id}.yaml", cfg)
@@ -101,6 +104,16 @@ def test_three_replicas_page_like_one_and_a_dead_leader_neither_clears_nor_raise
         )
         before = raised(alarms(first))
         assert ("group", "equal_opportunity_difference", "E") in before
+
+        def explained() -> dict[str, Any] | None:  # stream_fair.explain, split at the change point
+            evs = [e for e in alarms(first)["events"] if e["kind"] == "alarm_raised" and e["group"] == "E"]
+            return next((e["explanation"] for e in evs if "explanation" in e), None)
+
+        why = wait_for(explained, 30, "the raised alarm's explanation in /alarms", interval=0.5)
+        assert why["group"] == "E" and why["periods"]["split_source"] == "alarm", why
+        assert why["periods"]["before"]["pairs"] > 0 and why["periods"]["after"]["pairs"] > 0, why
+        assert why["gap"]["components"]["error_rates"]["upper"] < 0, why  # E's TPR fell: error rates
+        assert why["url"].startswith("/explain?") and "error_rates" in why["summary"]
         assert all(not raised(alarms(r)) for r in live if r is not first), "only the leader pages"
         live.remove(first)
         first.kill()  # mid-stream: the producer is still sending

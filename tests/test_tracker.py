@@ -340,3 +340,58 @@ def test_without_the_hold_a_backlog_would_expire_predictions() -> None:
             i,
         )
     assert tracker.snapshot().fates["predictions"]["expired"] > 30
+
+
+def test_a_poll_processed_as_a_batch_equals_record_by_record() -> None:
+    """``process`` decodes a poll, reads its ids in one batched lookup, then joins in order: the
+    result is that of one record at a time, with duplicates and a prediction and its outcome
+    in the same poll, redeliveries and bad records, across checkpoints."""
+    from collections import namedtuple
+
+    Rec = namedtuple("Rec", "offset value timestamp")
+    cfg = config(join={"ttl": "40s"})
+    rng = random.Random(11)
+    events = [(t, raw) for t, raw, _ in stream(400, seed=11)]
+    events += [("predictions", b"{not json"), ("outcomes", b'{"id": "r3", "ts": 1, "label": 7}')]
+    events += rng.sample(events, 60)  # redeliveries
+    rng.shuffle(events)
+    batched, single = Tracker(cfg), Tracker(cfg)
+    offsets = {"predictions": 0, "outcomes": 0}
+    i = 0
+    while i < len(events):
+        topic = events[i][0]
+        poll: list[Rec] = []
+        while i < len(events) and events[i][0] == topic and len(poll) < rng.randint(1, 40):
+            poll.append(Rec(offsets[topic], events[i][1], None))
+            offsets[topic] += 1
+            i += 1
+        if not poll:
+            continue
+        t = TOPICS.index(topic)
+        rejected = batched.process(0, t, poll)
+        for r in poll:
+            feed(single, topic, r.value, r.offset)
+        assert len(rejected) == sum(1 for r in poll if r.value in (b"{not json", b'{"id": "r3", "ts": 1, "label": 7}'))
+        if rng.random() < 0.2:  # a checkpoint between polls: later reads go to the store
+            a, b = batched.snapshot(), single.snapshot()
+            assert (a.consumed, a.fates, a.pending, a.rejected) == (b.consumed, b.fates, b.pending, b.rejected)
+    a, b = batched.snapshot(), single.snapshot()
+    assert (a.consumed, a.fates, a.pending, a.rejected) == (b.consumed, b.fates, b.pending, b.rejected)
+    assert a.cumulative == b.cumulative and a.expired == b.expired
+    assert a.fates["predictions"]["duplicate"] > 0 and a.fates["predictions"]["joined"] > 0
+
+
+def test_a_reopened_store_keeps_its_configured_options(tmp_path: object) -> None:
+    """rocksdict reopens an existing database with the options of its OPTIONS file unless they are
+    given per column family: the table options (bloom filters, partitioned index, the configured
+    block cache) were silently dropped after every restart."""
+    from stream_fair.state.rocks import RocksBackend
+
+    path = str(tmp_path)
+    first = RocksBackend(path, cache_bytes=32 << 20)
+    first.write({b"k": b"v"})
+    first.close()
+    again = RocksBackend(path, cache_bytes=48 << 20)
+    assert again._db.property_int_value("rocksdb.block-cache-capacity") == 48 << 20
+    assert again.get_many([b"k", b"missing"]) == [b"v", None]
+    again.close()

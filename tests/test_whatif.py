@@ -254,3 +254,12 @@ def test_query_statuses() -> None:
     assert code == 200 and doc["groups"]["b"]["current_threshold"] == pytest.approx(0.4)
     assert doc["groups"]["c"]["current_threshold"] == pytest.approx(0.5)
     assert ask(None, model="m", feature="grp", threshold="a:0.6", current=["b:0.4"])[0] == 400
+
+
+def test_cli_choices_are_the_cores() -> None:
+    from stream_fair.cli import parser
+    from stream_fair.whatif import MODES
+
+    sub = next(a for a in parser(dev=False)._actions if a.dest == "command").choices["whatif"]  # type: ignore[union-attr]
+    choices = {a.dest: tuple(a.choices) for a in sub._actions if a.choices}
+    assert choices == {"criterion": CRITERIA, "mode": MODES}

@@ -56,6 +56,8 @@ def scenario_config(
             "dead_letters": "stream-fair-dead-letters",
         },
         "fairness": {"features": features, "intersections": intersections},
+        # the simulated model decides score >= 0.5: the threshold what-ifs (/whatif) start from it
+        "schema": {"score_threshold": 0.5},
     }
 
 

@@ -56,6 +56,8 @@ def demo_config(bootstrap: str, state_dir: Path, port: int) -> Config:
                 "intersections": [["race", "sex"]],
                 "min_samples": 100,
             },
+            # the simulated model decides score >= 0.5; threshold what-ifs (/whatif) start from it
+            "schema": {"score_threshold": 0.5},
             "windows": ["15m", "1h", "1d"],  # the alert rules judge the 1d window
             "window_resolution": "1m",
             "join": {"ttl": "2h"},
@@ -116,6 +118,8 @@ def _banner(url: str, bootstrap: str, scenario: Any, rate: float) -> list[str]:
         f"{EARLY_OUTCOME_RATE:.0%} of outcomes before their prediction.",
         f"event time is the wall clock: {rate:g} decisions per second, outcomes about "
         f"{LABEL_DELAY_S:g} s later.",
+        f"threshold what-ifs: stream-fair whatif --url {url} --model {scenario.models[0]} "
+        "--feature 'race&sex' --criterion equal_opportunity",
     ]
 
 

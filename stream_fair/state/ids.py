@@ -113,6 +113,19 @@ class IdTable:
         self._orig[event_id] = rec
         return rec  # type: ignore[no-any-return]
 
+    def prefetch(self, event_ids: list[str]) -> None:
+        """Read the stored records of ``event_ids`` in one batched lookup, so the :meth:`get` calls
+        that follow (one poll's records) find them in memory. Kept until the next checkpoint,
+        like every record read."""
+        dirty, orig = self._dirty, self._orig
+        want = [e for e in event_ids if e not in dirty and e not in orig]
+        if not want:
+            return
+        p = self.partition
+        raws = self._backend.get_many([id_key(p, e) for e in want])
+        for event_id, raw in zip(want, raws, strict=True):
+            orig[event_id] = None if raw is None else decode_record(raw)
+
     def put(self, event_id: str, rec: Record) -> None:
         """Set the record of ``event_id`` (call :meth:`get` first, as the join always does)."""
         self._dirty[event_id] = rec
