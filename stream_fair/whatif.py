@@ -111,16 +111,25 @@ HISTOGRAM_ERROR = (
 EXCLUDED_GROUP_ERROR = "group {group!r} cannot be projected: {reason}"
 NO_CURRENT_ERROR = "no current threshold for groups {groups}: give one per group, or one for all"
 TOLERANCE_ERROR = "tolerance must lie in [0, 1], e.g. 0.05; got {value!r}"
+MISMATCH_NOTE = (
+    "the recorded decisions of {group} are not score >= {threshold:g} for {share:.1%} of its labelled "
+    "pairs, so its current rates here are not the realized ones: pass its threshold as current={group}:T"
+)
+#: Above this share of a group's pairs, a current threshold that does not reproduce the recorded
+#: decisions gets a note (a few pairs exactly on a bin edge may disagree).
+MISMATCH_SHARE = 0.01
 _EPS = 1e-12
 
 
 @dataclass(frozen=True)
 class LabelledHistogram:
-    """One group's matured labelled pairs per score bin: ``positives[b]`` label 1, ``negatives[b]`` 0."""
+    """One group's matured labelled pairs per score bin: ``positives[b]`` label 1, ``negatives[b]`` 0;
+    optionally ``selected[b]``, those the model decided 1 (checks the current threshold)."""
 
     edges: FloatArray
     positives: IntArray
     negatives: IntArray
+    selected: IntArray | None = None
 
     def __post_init__(self) -> None:
         edges = np.asarray(self.edges, dtype=np.float64)
@@ -136,6 +145,11 @@ class LabelledHistogram:
         object.__setattr__(self, "edges", edges)
         object.__setattr__(self, "positives", pos)
         object.__setattr__(self, "negatives", neg)
+        if self.selected is not None:
+            sel = np.asarray(self.selected, dtype=np.int64)
+            if sel.shape != (bins,) or np.any(sel < 0) or np.any(sel > pos + neg):
+                raise WhatIfError(HISTOGRAM_ERROR.format(bins=bins, problem="selected does not fit"))
+            object.__setattr__(self, "selected", sel)
 
     @property
     def n(self) -> int:
@@ -147,6 +161,14 @@ class LabelledHistogram:
         fp = np.append(np.cumsum(self.negatives[::-1])[::-1], 0)
         p, n = tp[0], fp[0]
         return np.column_stack([tp, fp, n - fp, p - tp]).astype(np.float64)
+
+    def mismatch(self, threshold: float) -> int | None:
+        """Labelled pairs whose recorded decision is not ``score >= threshold`` (None if unknown)."""
+        if self.selected is None:
+            return None
+        k = self.index(threshold)
+        above = self.positives[k:].sum() + self.negatives[k:].sum()
+        return int(self.selected[:k].sum() + above - self.selected[k:].sum())
 
     def index(self, threshold: float) -> int:
         """The edge nearest to ``threshold`` (first of two equally near)."""
@@ -189,6 +211,8 @@ class GroupWhatIf:
     rates: dict[str, Estimate]
     current_rates: dict[str, Estimate]
     accuracy_change: Estimate
+    #: labelled pairs whose recorded decision differs from ``score >= current`` (None: unknown)
+    current_mismatch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -232,6 +256,7 @@ class WhatIf:
                     "rates": table(r.rates),
                     "current_rates": table(r.current_rates),
                     "accuracy_change": est(r.accuracy_change),
+                    "current_mismatch": r.current_mismatch,
                 }
                 for g, r in self.groups.items()
             },
@@ -388,6 +413,7 @@ def evaluate(
             rates={r: new_rates[r] for r in REPORTED_RATES if r in new_rates},
             current_rates={r: old_rates[r] for r in REPORTED_RATES if r in old_rates},
             accuracy_change=_change(a, b, h.n, level),
+            current_mismatch=h.mismatch(cur[g]),
         )
     disparities = _disparities(new_counts, settings)
     met = None
@@ -412,6 +438,11 @@ def evaluate(
         accuracy_change=_change(a_all, b_all, n_all, level),
         met=met,
         degenerate=bool(degenerate),
+        notes=[
+            MISMATCH_NOTE.format(group=g, share=r.current_mismatch / r.n, threshold=r.current)
+            for g, r in groups.items()
+            if r.current_mismatch is not None and r.current_mismatch > MISMATCH_SHARE * r.n
+        ],
     )
 
 

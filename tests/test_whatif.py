@@ -263,3 +263,34 @@ def test_cli_choices_are_the_cores() -> None:
     sub = next(a for a in parser(dev=False)._actions if a.dest == "command").choices["whatif"]  # type: ignore[union-attr]
     choices = {a.dest: tuple(a.choices) for a in sub._actions if a.choices}
     assert choices == {"criterion": CRITERIA, "mode": MODES}
+
+
+def test_current_threshold_checked_against_the_recorded_decisions() -> None:
+    from stream_fair.whatif import MISMATCH_NOTE
+
+    s, y, a = _stream(9, GROUPS)
+    edges = np.linspace(0, 1, 51)
+    decided = s >= np.where(a == "c", 0.6, 0.5)  # group c is really decided at 0.6
+    hists = {
+        g: LabelledHistogram(
+            edges,
+            np.histogram(s[(a == g) & (y == 1)], edges)[0],
+            np.histogram(s[(a == g) & (y == 0)], edges)[0],
+            np.histogram(s[(a == g) & decided], edges)[0],
+        )
+        for g in GROUPS
+    }
+    w = what_if("f", hists, {"a": 0.4}, 0.5, SETTINGS)
+    m = a == "c"
+    assert {g: r.current_mismatch for g, r in w.groups.items()} == {
+        "a": 0,
+        "b": 0,
+        "c": int(np.sum((s[m] >= 0.5) & (s[m] < 0.6))),
+    }
+    assert w.notes == [
+        MISMATCH_NOTE.format(group="c", share=w.groups["c"].current_mismatch / 250, threshold=0.5)
+    ]
+    fixed = what_if("f", hists, {"a": 0.4}, {"a": 0.5, "b": 0.5, "c": 0.6}, SETTINGS)
+    assert fixed.groups["c"].current_mismatch == 0 and fixed.notes == []
+    now = fixed.groups["c"].current_rates["selection_rate"].value
+    assert now == pytest.approx(decided[m].mean())  # the realized selection rate
