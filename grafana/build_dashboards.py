@@ -468,6 +468,7 @@ def groups() -> dict[str, Any]:
                 minmax=(0, 1),
             )
         )
+    panels += estimates_row()
     return dashboard(
         "stream-fair-groups",
         "stream-fair / Group drill-down",
@@ -475,6 +476,106 @@ def groups() -> dict[str, Any]:
         [datasource_var(), MODEL_VAR, feature_var(multi=False), GROUP_VAR, WINDOW_VAR],
         panels,
     )
+
+
+def estimates_row() -> list[dict[str, Any]]:
+    """Label-free estimates from the scores of pending predictions, and calibration by group
+    (docs/estimates.md): per replica, like the per-group rates above."""
+    g = 'model="$model", feature="$feature", group=~"$group"'
+    f = 'model="$model", feature="$feature", view="pending", method="between_groups"'
+    fv = 'model="$model", feature="$feature", method="between_groups"'  # both views
+    panels: list[dict[str, Any]] = [
+        row("Label-free estimates: predictions still waiting for labels (per replica; docs/estimates.md)")
+    ]
+    for r in ["selection_rate", "true_positive_rate", "false_positive_rate", "accuracy"]:
+        panels.append(
+            panel(
+                "timeseries",
+                f"estimated {r}",
+                [
+                    target(f'stream_fair_estimated_{r}{{{g}, view="pending"}}', "{{group}} pending"),
+                    target(
+                        f'stream_fair_estimated_{r}_lower{{{g}, view="pending"}}', "{{group}} pending lower"
+                    ),
+                    target(
+                        f'stream_fair_estimated_{r}_upper{{{g}, view="pending"}}', "{{group}} pending upper"
+                    ),
+                    target(
+                        f'stream_fair_estimated_{r}{{{g}, view="combined"}}', "{{group}} realized + estimated"
+                    ),
+                ],
+                width=6,
+                minmax=(0, 1),
+                overrides=[BOUND_OVERRIDE],
+                description=(
+                    "pending: the predictions waiting for a label, scores taken as P(label 1); "
+                    "realized + estimated converges to the realized rate as labels mature. "
+                    "Untrusted groups (see calibration) are shown but excluded from the gap."
+                ),
+            )
+        )
+    panels += [
+        panel(
+            "timeseries",
+            "Estimated gaps (trusted groups) against the threshold",
+            [
+                target(
+                    f"stream_fair_estimated_equal_opportunity_difference{{{fv}}}",
+                    "equal opportunity {{view}}",
+                ),
+                target(
+                    f"stream_fair_estimated_equal_opportunity_difference_lower{{{fv}}}",
+                    "equal opportunity {{view}} lower",
+                ),
+                target(
+                    f"stream_fair_estimated_equal_opportunity_difference_upper{{{fv}}}",
+                    "equal opportunity {{view}} upper",
+                ),
+                target(f"stream_fair_estimated_demographic_parity_difference{{{f}}}", "demographic parity"),
+                target(
+                    'stream_fair_disparity_threshold{disparity="equal_opportunity_difference"}', "threshold"
+                ),
+            ],
+            width=12,
+            minmax=(0, 1),
+            overrides=[BOUND_OVERRIDE, THRESHOLD_OVERRIDE],
+            description=(
+                "pending: the predictions waiting for labels; combined: realized + estimated. "
+                "StreamFairEstimatedDisparityFlagged (warning) fires when the pending interval lies "
+                "beyond the threshold for 2h."
+            ),
+        ),
+        panel(
+            "timeseries",
+            "Calibration error by group (ECE on matured labels)",
+            [
+                target(f"stream_fair_calibration_error{{{g}}}", "{{group}}"),
+                target(f"stream_fair_calibration_error_lower{{{g}}}", "{{group}} lower"),
+                target(f"stream_fair_calibration_error_upper{{{g}}}", "{{group}} upper"),
+            ],
+            width=12,
+            overrides=[BOUND_OVERRIDE],
+            description=(
+                "A group whose ECE interval lies above fairness.estimates.max_calibration_error is "
+                "untrusted (StreamFairCalibrationDrift)."
+            ),
+        ),
+        panel(
+            "state-timeline",
+            "Trusted for estimates (calibration checked and fine)",
+            [target(f"stream_fair_estimated_group_trusted{{{g}}}", "{{group}}")],
+            width=12,
+            unit="none",
+        ),
+        panel(
+            "timeseries",
+            "Scored predictions waiting for a label",
+            [target(f"stream_fair_estimated_pending_predictions{{{g}}}", "{{group}} {{instance}}")],
+            width=12,
+            unit="short",
+        ),
+    ]
+    return panels
 
 
 def intersections() -> dict[str, Any]:

@@ -191,6 +191,84 @@ def _why(report: Report, view: FeatureView, disparity: str) -> str:
     return f"<span class=small>{e(d.group)} {d.gap:+.3f}{e(driver)}</span> {link}"
 
 
+def _interval(est: Any) -> str:
+    return f"{_fmt(est.value)} <span class=ci>[{_fmt(est.lower)}, {_fmt(est.upper)}]</span>"
+
+
+def _estimates(report: Report) -> list[str]:
+    """Label-free estimates of the pending predictions and calibration by group (docs/estimates.md)."""
+    if not report.estimates:
+        return []
+    e = html.escape
+    settings = report.settings
+    out = [
+        "<h2>Before the labels arrive: label-free estimates</h2>",
+        "<p class=muted>From the scores of the predictions still waiting for their labels, each "
+        "score taken as the probability of label 1 (calibrated scores assumed). <i>pending</i>: "
+        "those predictions only; <i>realized + estimated</i> converges to the realized rate as "
+        "labels mature. Calibration is measured on matured labels (ECE over 10 reliability bins); "
+        "an untrusted group is shown but takes no part in the estimated gaps. Estimates cannot see "
+        "a change in P(label | score).</p>",
+    ]
+    for ev in report.estimates:
+        fe = ev.estimates
+        pend = fe.groups.get("pending", {})
+        comb = fe.groups.get("combined", {})
+        gaps = []
+        for (d, m), est in sorted(fe.disparities.get("pending", {}).items()):
+            if m != "between_groups" or d not in (
+                "equal_opportunity_difference",
+                "demographic_parity_difference",
+            ):
+                continue
+            flag = fe.flagged["pending"][d, m]
+            name = f"<span class=flag>{e(d)}</span>" if flag else e(d)
+            gaps.append(f"{name} {_interval(est)} (threshold {_fmt(settings.thresholds.get(d, math.nan))})")
+        out.append(f"<h3>{e(ev.model)} · {e(ev.feature.name)}</h3>")
+        out.append(
+            "<p>estimated gaps (pending, trusted groups): "
+            + ("; ".join(gaps) if gaps else "none: fewer than two trusted groups with enough data")
+            + "</p>"
+        )
+        out.append(
+            "<table><tr><th class=l>group</th><th>pending</th><th>selection rate</th>"
+            "<th>TPR (pending)</th><th>FPR (pending)</th><th>TPR (realized + estimated)</th>"
+            "<th>ECE (matured labels)</th><th class=l>trust</th><th class=l>reliability: observed share "
+            "of label 1 per score decile</th></tr>"
+        )
+        for g in sorted(set(fe.calibration) | set(pend)):
+            cells = []
+            for grp, rate in (
+                (pend, "selection_rate"),
+                (pend, "true_positive_rate"),
+                (pend, "false_positive_rate"),
+                (comb, "true_positive_rate"),
+            ):
+                r = grp[g].rates.get(rate) if g in grp else None
+                cells.append("<td>–</td>" if r is None else f"<td>{_interval(r)}</td>")
+            cal = fe.calibration.get(g)
+            if cal is None or cal.ece is None:
+                ece, trust, rel = "<td>–</td>", "no matured labels", ""
+            else:
+                ece = f"<td>{_interval(cal.ece)}</td>"
+                trust = (
+                    "trusted"
+                    if cal.trusted
+                    else (
+                        "<span class=flag>miscalibrated</span>"
+                        if cal.reason == "miscalibrated"
+                        else "too few labels"
+                    )
+                )
+                rel = " ".join("·" if b.count == 0 else f"{b.frequency:.2f}" for b in cal.bins)
+            out.append(
+                f"<tr><td class=l>{e(g)}</td><td>{fe.pending.get(g, 0)}</td>{''.join(cells)}{ece}"
+                f"<td class=l>{trust}</td><td class=l><span class=small>{rel}</span></td></tr>"
+            )
+        out.append("</table>")
+    return out
+
+
 def _findings(report: Report) -> list[str]:
     """Cells of intersections nobody configured that differ from the rest (stream_fair.search)."""
     e = html.escape
@@ -320,6 +398,7 @@ def render(report: Report, stats: PipelineStats, history: History | None = None)
             )
         out.append("</table>")
 
+    out.extend(_estimates(report))
     out.extend(_findings(report))
     fates = list(next(iter(snap.fates.values()), {}))
     out.append(

@@ -280,3 +280,35 @@ def test_exported_estimates_are_the_reports_and_never_use_realized_names() -> No
     assert 'view="' not in "\n".join(
         x for x in text.splitlines() if x.startswith("stream_fair_true_positive_rate")
     )
+
+
+def test_status_page_shows_estimates_calibration_and_the_flagged_estimated_gap() -> None:
+    from stream_fair.exporter import PipelineStats
+    from stream_fair.status_page import render
+
+    rng = np.random.default_rng(21)
+    fair = events(
+        rng, {"A": (2.0, 2.0), "B": (2.0, 2.0), "X": (2.0, 2.0)}, 6000, labelled=0.5, link="miscalibrated_X"
+    )
+    shifted = events(rng, {"A": (2.0, 2.0), "B": (1.2, 2.8), "X": (2.0, 2.0)}, 6000, labelled=0.0)
+    ev = {k: np.concatenate([fair[k], shifted[k]]) for k in fair}
+    cfg = config()
+    t = LocalTracker(cfg)
+    for i in range(len(ev["s"])):
+        ts, score = 1000.0 + i, float(ev["s"][i])
+        doc = {"id": f"r{i}", "ts": ts, "model": "m", "score": score, "attributes": {"g": ev["g"][i]}}
+        t.update_prediction(0, orjson.dumps(doc), 2 * i)
+        if ev["labelled"][i]:
+            t.update_outcome(
+                0, orjson.dumps({"id": f"r{i}", "ts": ts + 0.5, "label": int(ev["y"][i])}), 2 * i + 1
+            )
+    report = build_report(t.snapshot(), cfg)
+    html = render(report, PipelineStats())
+    section = html.split("Before the labels arrive", 1)[1]
+    fe = report.estimates[0].estimates
+    assert fe.flagged["pending"]["demographic_parity_difference", "between_groups"]
+    assert "<span class=flag>demographic_parity_difference</span>" in section
+    for g in ("A", "B", "X"):
+        assert f"<td class=l>{g}</td><td>{fe.pending[g]}</td>" in section
+    assert section.count("<span class=flag>miscalibrated</span>") == 1  # X only
+    assert section.count("<td class=l>trusted</td>") == 2
