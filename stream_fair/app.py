@@ -364,6 +364,7 @@ class Detector:
     def whatif_document(self, query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
         """``/whatif``: threshold what-ifs over the labelled score histograms of this replica's
         partitions (:mod:`stream_fair.whatif_query`)."""
+        from stream_fair.counts import FP, TP
         from stream_fair.report import fairness_settings
         from stream_fair.whatif_query import answer
 
@@ -377,7 +378,8 @@ class Detector:
             if not by_group:
                 return None
             edges = next(iter(by_group.values())).edges
-            return edges, {g: (h.positives, h.negatives) for g, h in by_group.items()}
+            selected = {g: h.column(TP) + h.column(FP) for g, h in by_group.items()}
+            return edges, {g: (h.positives, h.negatives, selected[g]) for g, h in by_group.items()}
 
         def known() -> list[tuple[str, str]]:
             return sorted({(v.model, v.feature.name) for v in report.views})

@@ -207,38 +207,48 @@ def estimate_views(
 def search_views(snapshot: Snapshot, config: Config) -> list[SearchView]:
     """The search of unconfigured intersections, per model, over the longest configured window
     (a recent bias is not diluted by all history; cumulative when no window is configured)."""
-    fc = config.fairness
-    ss = fc.search
-    audit = [f.name for f in fc.audit_only]
-    attributes = carried_attributes([f.name for f in fc.features], audit)
-    if not ss.enabled or len(attributes) < 2 and not audit:
+    if not search_enabled(config):
         return []
     window = format_duration(max(config.windows)) if config.windows else CUMULATIVE
     cells = snapshot.windows.get(window) if window != CUMULATIVE else snapshot.cumulative
     if cells is None:
         window, cells = CUMULATIVE, snapshot.cumulative
+    return [SearchView(model, window, result) for model, result in search_cells(cells, config).items()]
+
+
+def search_enabled(config: Config) -> bool:
+    """``fairness.search.enabled`` and at least two carried attributes (or an audit-only one)."""
+    fc = config.fairness
+    audit = [f.name for f in fc.audit_only]
+    return fc.search.enabled and (
+        len(carried_attributes([f.name for f in fc.features], audit)) >= 2 or bool(audit)
+    )
+
+
+def search_cells(cells: Mapping[Key, Quad], config: Config) -> dict[str, SearchResult]:
+    """Per model, the search of unconfigured intersections over these cells' confusion counts."""
+    fc = config.fairness
+    ss = fc.search
+    audit = [f.name for f in fc.audit_only]
+    attributes = carried_attributes([f.name for f in fc.features], audit)
     by_model: dict[str, dict[Cell, Quad]] = {}
     for (model, cell), q in cells.items():
         by_model.setdefault(model, {})[cell] = q
-    return [
-        SearchView(
-            model,
-            window,
-            search(
-                mc,
-                attributes,
-                fc.intersections,
-                audit_only=audit,
-                max_order=ss.max_order,
-                rates=ss.rates,
-                min_samples=fc.min_samples,
-                alpha=ss.alpha,
-                max_tests=ss.max_tests,
-                top=ss.top,
-            ),
+    return {
+        model: search(
+            mc,
+            attributes,
+            fc.intersections,
+            audit_only=audit,
+            max_order=ss.max_order,
+            rates=ss.rates,
+            min_samples=fc.min_samples,
+            alpha=ss.alpha,
+            max_tests=ss.max_tests,
+            top=ss.top,
         )
         for model, mc in sorted(by_model.items())
-    ]
+    }
 
 
 def partition_groups(snapshot: Snapshot, keys: Sequence[FeatureKey]) -> list[PartitionGroups]:

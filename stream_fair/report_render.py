@@ -41,7 +41,7 @@ max-width:72rem;padding:0 1rem}
 h1{font-size:1.5rem;margin:0 0 .3rem}
 h2{font-size:1.2rem;margin:1.8rem 0 .4rem;border-bottom:2px solid #e3e6ef}
 h3{font-size:1rem;margin:1.2rem 0 .3rem}
-.muted{color:#667} table{border-collapse:collapse;margin:.3rem 0 1rem;font-size:.88rem}
+.muted{color:#667} table{border-collapse:collapse;margin:.3rem 0 1rem;font-size:.82rem}
 th,td{padding:.22rem .55rem;border-bottom:1px solid #dde;text-align:right;vertical-align:top;
 white-space:nowrap}
 th.l,td.l{text-align:left} th{background:#f3f4f8}
@@ -83,6 +83,128 @@ def _period_text(doc: Mapping[str, Any]) -> str:
     if p["from"] is None and p["to"] is None:
         return "all data since the detector's state began"
     return f"{p['prediction_time_from'] or 'start'} to {p['prediction_time_to'] or 'now'} (prediction time)"
+
+
+def _ci(e: Mapping[str, Any] | None) -> str:
+    if not e or e.get("value") is None:
+        return "–"
+    return f"{e['value']:+.3f} [{_f(e.get('lower'))}, {_f(e.get('upper'))}]"
+
+
+def _signal_tables(name: str, data: Any) -> list[tuple[str, list[str], list[list[Any]]]] | None:
+    """(caption, header, rows) tables for a known signal's document; None to show it as JSON."""
+    try:
+        if name == "root_cause":
+            out = []
+            for doc in data["explained"]:
+                title = f"{doc['model']} · {doc['feature']} · {doc['disparity']}"
+                if "error" in doc:
+                    out.append((f"{title}: not explained ({doc['error']})", ["item"], []))
+                    continue
+                gap, p = doc["decomposition"]["gap"], doc["periods"]
+                caption = (
+                    f"{title}: {doc['group']}'s {doc['rate']} against the rest of the feature, before "
+                    f"and after {iso(p['after']['start'])} ({p['split_source']} split); gap "
+                    f"{_f(gap['before'])} → {_f(gap['after'])}, change {_ci(gap['change'])}. "
+                    f"Decomposition: {doc['decomposition']['method']}."
+                )
+                rows = [[k.replace("_", " "), _ci(c)] for k, c in gap["components"].items()]
+                out.append((caption, ["part of the change in the gap", "value [interval]"], rows))
+                drivers = doc["drivers"]["ranked"][:8]
+                out.append(
+                    (
+                        f"Drivers of the gap now ({doc['group']}: {_f(doc['drivers']['group_rate'])}, rest: "
+                        f"{_f(doc['drivers']['rest_rate'])}); contributions sum to the gap",
+                        ["by", "value", "pairs", "rate", "share", "contribution"],
+                        [
+                            [
+                                d["by"],
+                                d["value"],
+                                d["trials"],
+                                _f(d["rate"]),
+                                _f(d["share"]),
+                                f"{d['contribution']:+.3f}",
+                            ]
+                            for d in drivers
+                        ],
+                    )
+                )
+            if data.get("left_out"):
+                out.append((f"{data['left_out']} more flagged disparities not explained here", ["item"], []))
+            return out
+        if name == "unconfigured_intersections":
+            out = []
+            for model, r in data["models"].items():
+                caption = (
+                    f"{model}: {r['tested']} hypotheses over {r['combinations']} attribute combinations "
+                    f"({data['over']}), {r['correction']}-corrected at {r['alpha']}: {r['guarantee']}"
+                    + (" (truncated at max_tests)" if r["truncated"] else "")
+                    + ("" if r["findings"] else ". Nothing found.")
+                )
+                rows = [
+                    [f["intersection"], f["group"], f["rate"], f["direction"], _f(f["value"]),
+                     _f(f["rest_value"]), f["trials"], f"{f['adjusted_p_value']:.2g}", f["suggestion"]]
+                    for f in r["findings"]
+                ]  # fmt: skip
+                header = ["intersection", "group", "rate", "direction", "group value", "rest", "pairs",
+                          "adjusted p", "suggestion"]  # fmt: skip
+                out.append((caption, header, rows))
+            return out
+        if name == "threshold_whatif":
+            out = []
+            for w in data["whatifs"]:
+                title = f"{w['model']} · {w['feature']}: thresholds that would meet {w['criterion']}"
+                if w.get("status") != 200 or "error" in w:
+                    out.append((f"{title}: not computed ({w.get('error', w.get('status'))})", ["item"], []))
+                    continue
+                acc = w["accuracy_change"]
+                caption = (
+                    f"{title} ({data['over']}; mode {w['mode']}, tolerance {_f(w['tolerance'])}): "
+                    f"{'meets it' if w['met'] else 'does not meet it'}"
+                    + (", degenerate (select all or none)" if w["degenerate"] else "")
+                    + f"; overall accuracy change {_ci(acc)}"
+                    + ("; excluded: " + ", ".join(f"{g} ({r})" for g, r in w["excluded"].items())
+                       if w["excluded"] else "")
+                    + (f". {' '.join(w['notes'])}" if w["notes"] else "")
+                )  # fmt: skip
+                rows = []
+                for g, r in w["groups"].items():
+                    rule = " / ".join(_f(t, 2) for t in r["rule"]["thresholds"]) + (
+                        " (mixed)" if len(r["rule"]["thresholds"]) > 1 or "coin" in r["rule"] else ""
+                    )
+                    now, new = r["current_rates"], r["rates"]
+                    rows.append(
+                        [g, r["n"], _f(r["current_threshold"], 2), rule]
+                        + [f"{_f(now.get(k, {}).get('value'))} → {_f(new.get(k, {}).get('value'))}"
+                           for k in ("selection_rate", "true_positive_rate", "false_positive_rate")]
+                        + [_ci(r["accuracy_change"])]
+                    )  # fmt: skip
+                header = ["group", "labelled", "threshold now", "what-if threshold", "selection rate",
+                          "TPR", "FPR", "accuracy change"]  # fmt: skip
+                out.append((caption, header, rows))
+            return out
+        if name == "label_free_estimates":
+            out = []
+            for fe in data["features"]:
+                caption = (
+                    f"{fe['model']} · {fe['feature']} ({data['view']}): ESTIMATED from the scores of "
+                    "predictions whose outcome has not arrived, trusted only where the group's scores "
+                    "are calibrated on its matured labels"
+                    + (f"; estimated flagged: {', '.join(fe['flagged'])}" if fe["flagged"] else "")
+                )
+                rows = [
+                    [g, x["pending"], "yes" if x["trusted"] else f"no ({x['reason']})",
+                     _f(x["calibration_error"])]
+                    + [f"{_md_estimate(x['rates'].get(k), False)} (estimated)" if x["rates"].get(k) else "–"
+                       for k in ("selection_rate", "true_positive_rate", "false_positive_rate")]
+                    for g, x in fe["groups"].items()
+                ]  # fmt: skip
+                out.append((caption, ["group", "pending", "trusted", "calibration error", "selection rate",
+                                      "TPR", "FPR"], rows))  # fmt: skip
+            return out
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return None
 
 
 def _signal_rows(data: Any) -> list[tuple[str, str]]:
@@ -236,10 +358,26 @@ def to_html(doc: Mapping[str, Any]) -> str:
             out.append(
                 "<p><span class=est>estimated</span> Values below are estimates made without outcomes.</p>"
             )
-        out.append("<table>")
-        for k, v in _signal_rows(sig["data"]):
-            out.append(f"<tr><td class=l>{e(k)}</td><td class=l><code>{e(v)}</code></td></tr>")
-        out.append("</table>")
+        tables = _signal_tables(name, sig["data"])
+        if tables is None:
+            out.append("<table>")
+            for k, v in _signal_rows(sig["data"]):
+                out.append(f"<tr><td class=l>{e(k)}</td><td class=l><code>{e(v)}</code></td></tr>")
+            out.append("</table>")
+            continue
+        if name == "threshold_whatif":
+            out.append(
+                "<div class=charts>"
+                + "".join(_whatif_chart(w) for w in sig["data"].get("whatifs", []) if w.get("status") == 200)
+                + "</div>"
+            )
+        for caption, header, rows in tables:
+            out.append(f"<p>{e(caption)}</p>")
+            if rows:
+                out.append("<table><tr>" + "".join(f"<th class=l>{e(h)}</th>" for h in header) + "</tr>")
+                for row in rows:
+                    out.append("<tr>" + "".join(f"<td class=l>{e(str(c))}</td>" for c in row) + "</tr>")
+                out.append("</table>")
 
     out.extend(_unknown_html(doc))
     out.append("<h2 id=definitions>Definitions</h2><dl>")
@@ -251,6 +389,34 @@ def to_html(doc: Mapping[str, Any]) -> str:
     out.append(f'<script type="application/json" id="{_DATA_ID}">{data}</script>')
     out.append("</body></html>")
     return "".join(out) + "\n"
+
+
+def _whatif_chart(w: Mapping[str, Any]) -> str:
+    """Each group's rates now (grey) and under the what-if thresholds (blue), with intervals."""
+    try:
+        rows = []
+        for g, r in w["groups"].items():
+            for label, rates, now in (("now", r["current_rates"], True), ("what-if", r["rates"], False)):
+                rows.append(
+                    ForestRow(
+                        f"{g} · {label}",
+                        [
+                            (x["value"], x["lower"], x["upper"])
+                            if (x := rates.get(rate)) and x.get("value") is not None
+                            else None
+                            for rate, _ in _FOREST
+                        ],
+                        eligible=not now,
+                    )
+                )
+        label = f"{w['model']} · {w['feature']}: {w['criterion']} what-if"
+        plot = forest_plot(rows, [t for _, t in _FOREST], [None] * len(_FOREST), label)
+        return (
+            f"<figure class=whatif>{plot}<figcaption class=ci>{html.escape(label)}: grey now, blue "
+            "under the what-if thresholds</figcaption></figure>"
+        )
+    except (KeyError, TypeError):
+        return ""
 
 
 def _feature_html(f: Mapping[str, Any], doc: Mapping[str, Any]) -> list[str]:
@@ -564,12 +730,18 @@ def to_markdown(doc: Mapping[str, Any]) -> str:
                 for ev in al["events_in_period"]
             ],
         )
-    for sig in doc["signals"].values():
+    for name, sig in doc["signals"].items():
         out += [f"## {sig['title']}", ""]
         if not sig["available"]:
             out += [f"Not available: {sig['reason']}.", ""]
-        else:
+            continue
+        if name == "label_free_estimates":
+            out += ["*Estimated*: the values below are estimates made without outcomes.", ""]
+        tables = _signal_tables(name, sig["data"])
+        if tables is None:
             out += _table(["field", "value"], _signal_rows(sig["data"]))
+        for caption, header, rows in tables or ():
+            out += [caption, ""] + (_table(header, rows) if rows else [])
     u = doc["unknown"]
     out += ["## What is not known yet", ""]
     out += [

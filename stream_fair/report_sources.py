@@ -87,11 +87,84 @@ def collect(snapshot: Any, tracker: Any, windows: Any) -> dict[str, Any]:
     }
 
 
+#: The criteria a what-if can meet, by the disparity that measures them.
+_CRITERIA = {
+    "equal_opportunity_difference": "equal_opportunity",
+    "demographic_parity_difference": "demographic_parity",
+    "equalized_odds_difference": "equalized_odds",
+}
+
+
+def _whatifs(detector: Any, report: Any) -> tuple[Any, str]:
+    """Per (model, feature) with a flagged between-groups disparity of a criterion, the thresholds
+    that would meet it (``/whatif``, over every labelled pair held: not limited to the period)."""
+    if not hasattr(detector, "whatif_document"):
+        return None, "not available on this instance (this version has no /whatif)"
+    asked = []
+    for v in report.views:
+        if v.window != "cumulative":
+            continue
+        for d, criterion in _CRITERIA.items():
+            if v.report.flagged.get((d, "between_groups")):
+                asked.append((v.model, v.feature.name, criterion))
+                break
+    if not asked:
+        return None, "no disparity of a what-if criterion is flagged: no threshold change to consider"
+    out = []
+    for model, feature, criterion in asked[:6]:
+        query = {"model": [model], "feature": [feature], "criterion": [criterion]}
+        try:
+            code, doc = detector.whatif_document(query)
+        except Exception as exc:  # a what-if never breaks the report
+            code, doc = 500, {"error": f"{type(exc).__name__}: {exc}"}
+        out.append({"model": model, "feature": feature, "criterion": criterion, "status": code, **doc})
+    return {"over": "every labelled pair the instance holds (not only the period)", "whatifs": out}, ""
+
+
+def _estimates(report: Any) -> tuple[Any, str]:
+    """The label-free estimates (:mod:`stream_fair.estimates`) of the pending predictions."""
+    views = getattr(report, "estimates", None)
+    if views is None:
+        return None, "not available on this instance (this version has no label-free estimates)"
+    if not views:
+        return None, "no scored predictions, or fairness.estimates.enabled is off"
+    out = []
+    for ev in views:
+        fe = ev.estimates
+        groups = {}
+        for g, ge in fe.groups.get("pending", {}).items():
+            cal = fe.calibration.get(g)
+            groups[g] = {
+                "pending": fe.pending.get(g, 0),
+                "trusted": ge.trusted,
+                "calibration_error": None if cal is None or cal.ece is None else cal.ece.value,
+                "reason": "" if cal is None else cal.reason,
+                "rates": {
+                    r: {"value": e.value, "lower": e.lower, "upper": e.upper} for r, e in ge.rates.items()
+                },
+            }
+        flagged = sorted(
+            d for (d, m), f in fe.flagged.get("pending", {}).items() if f and m == "between_groups"
+        )
+        out.append({"model": ev.model, "feature": ev.feature.name, "groups": groups, "flagged": flagged})
+    return {"view": "pending predictions (outcomes not arrived yet), cumulative", "features": out}, ""
+
+
 def inputs_from_detector(detector: Any, source: str) -> ReportInputs:
     """The inputs of a running :class:`~stream_fair.app.Detector` (one committed checkpoint)."""
     with detector.lock:
         parts = collect(detector._snapshot, detector.tracker, detector.windows)
     partitions = parts["partitions"]
+    report, _ = detector.current()
+    signals, signal_notes = {}, {}
+    for name, (data, note) in (
+        ("threshold_whatif", _whatifs(detector, report)),
+        ("label_free_estimates", _estimates(report)),
+    ):
+        if data is None:
+            signal_notes[name] = note
+        else:
+            signals[name] = data
     alarms = detector.alarms_document()
     leader = alarms.get("leader")
     notes = []
@@ -116,8 +189,8 @@ def inputs_from_detector(detector: Any, source: str) -> ReportInputs:
         alarms_now=None if events is None else alarms.get("alarms"),
         last_bucket=parts["last_bucket"],
         notes=notes,
-        signal_notes=dict(getattr(detector, "report_signal_notes", {}) or {}),
-        signals=dict(getattr(detector, "report_signals", lambda: {})() or {}),
+        signal_notes=signal_notes,
+        signals=signals,
     )
 
 

@@ -46,7 +46,13 @@ from stream_fair.errors import StreamFairError
 from stream_fair.fairness import RATES, Counts, FeatureReport, evaluate_feature, group_rates
 from stream_fair.feedback.coverage import coverage
 from stream_fair.groups import FeatureKey, feature_keys
-from stream_fair.report import fairness_settings, flagged_extremes, references
+from stream_fair.report import (
+    fairness_settings,
+    flagged_extremes,
+    references,
+    search_cells,
+    search_enabled,
+)
 
 SCHEMA = "stream-fair-report/1"
 HASH_ALGORITHM = "sha256"
@@ -242,6 +248,21 @@ def num(x: Any) -> float | None:
         return None
     v = float(x)
     return round(v, 6) if math.isfinite(v) else None
+
+
+def clean(obj: Any) -> Any:
+    """JSON-ready: floats rounded by :func:`num` (non-finite ones None), tuples as lists."""
+    if isinstance(obj, bool) or obj is None or isinstance(obj, int | str):
+        return obj
+    if isinstance(obj, float):
+        return num(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [clean(v) for v in obj]
+    if hasattr(obj, "item"):  # numpy scalars
+        return clean(obj.item())
+    return str(obj)
 
 
 def canonical(doc: Mapping[str, Any]) -> bytes:
@@ -512,6 +533,78 @@ def _over_time(
     return [series[k] for k in sorted(series, key=lambda k: (k[0], order[k[1]], DISPARITIES.index(k[2])))]
 
 
+#: Most flagged disparities a report explains (each explanation bootstraps its intervals).
+MAX_EXPLAINED = 6
+
+
+def _root_causes(
+    inputs: ReportInputs,
+    chosen: Sequence[int],
+    keys: Sequence[FeatureKey],
+    flagged: Sequence[Mapping[str, Any]],
+    events: Sequence[Mapping[str, Any]] | None,
+) -> tuple[Any, str]:
+    """:func:`stream_fair.explain.explain` of each flagged between-groups difference in the period,
+    split at the change point of an alarm raised for it in the period, else at the midpoint."""
+    from stream_fair.explain import explain
+    from stream_fair.groups import carried_attributes
+
+    wanted = [
+        f for f in flagged if f["method"] == "between_groups" and f["disparity"].endswith("_difference")
+    ]
+    if not wanted:
+        return None, "no disparity is flagged in this period: nothing to explain"
+    if not chosen:
+        return None, "no per-period counts in this period: the decomposition needs them"
+    fc = inputs.config.fairness
+    by_name = {k.name: k for k in keys}
+    buckets = {b: inputs.buckets[b] for b in chosen}
+    attributes = carried_attributes([x.name for x in fc.features], [x.name for x in fc.audit_only])
+    out = []
+    for f in wanted[:MAX_EXPLAINED]:
+        which = (f["model"], f["feature"], f["disparity"])
+        raised = [
+            e
+            for e in events or ()
+            if e["kind"] == "alarm_raised"
+            and (e["model"], e["feature"], e["disparity"]) == which
+            and e.get("change_point_ts") is not None
+        ]
+        last = raised[-1] if raised else None
+        try:
+            doc = explain(
+                buckets,
+                model=f["model"],
+                key=by_name[f["feature"]],
+                disparity=f["disparity"],
+                attributes=attributes,
+                intersections=[k for k in keys if k.is_intersection],
+                resolution=inputs.config.window_resolution,
+                split_ts=None if last is None else float(last["change_point_ts"]),
+                split_source="alarm" if last is not None else "request",
+                group=None if last is None else last["group"],
+                rate=None if last is None else last["rate"],
+                min_samples=fc.min_samples,
+                level=fc.credible_level,
+            )
+        except (ValueError, KeyError) as exc:
+            doc = {"model": which[0], "feature": which[1], "disparity": which[2], "error": str(exc)}
+        out.append(doc)
+    return {"explained": out, "left_out": max(0, len(wanted) - MAX_EXPLAINED)}, ""
+
+
+def _unconfigured(inputs: ReportInputs, rows: Mapping[Key, Sequence[int]]) -> tuple[Any, str]:
+    """The search of unconfigured intersections (:mod:`stream_fair.search`) over the period's pairs."""
+    if not search_enabled(inputs.config):
+        return None, "the search is off (fairness.search.enabled) or fewer than two attributes are carried"
+    quads = {k: (r[TP], r[FP], r[TN], r[FN]) for k, r in rows.items() if any(r[TP : FN + 1])}
+    results = search_cells(quads, inputs.config)
+    return {
+        "over": "the labelled pairs of the report's period",
+        "models": {m: r.to_json() for m, r in results.items()},
+    }, ""
+
+
 def assemble(inputs: ReportInputs, period: Period = Period()) -> dict[str, Any]:
     """The report document for ``period`` (sealed with its content hash)."""
     config = inputs.config
@@ -571,16 +664,26 @@ def assemble(inputs: ReportInputs, period: Period = Period()) -> dict[str, Any]:
         for d in f["disparities"]
         if not d["computable"]
     ]
+    notes_for: dict[str, str] = {}
+    computed = {
+        "root_cause": _root_causes(inputs, chosen, keys, flagged, events),
+        "unconfigured_intersections": _unconfigured(inputs, rows),
+    }
     signals = {}
     for name, title in SIGNALS.items():
         data = inputs.signals.get(name)
+        if data is None and name in computed:
+            data, note = computed[name]
+            if data is None:
+                notes_for[name] = note
         signals[name] = (
-            {"title": title, "available": True, "data": data}
+            {"title": title, "available": True, "data": clean(data)}
             if data is not None
             else {
                 "title": title,
                 "available": False,
-                "reason": inputs.signal_notes.get(
+                "reason": notes_for.get(name)
+                or inputs.signal_notes.get(
                     name, "not available on this instance (this version or this source does not compute it)"
                 ),
             }

@@ -35,8 +35,9 @@ from stream_fair.whatif import (
     what_if,
 )
 
-#: (model, feature) -> (edges, {group: (label-1 counts, label-0 counts)}) or None if unknown.
-Histograms = Callable[[str, str], "tuple[Sequence[float], Mapping[str, tuple[Any, Any]]] | None"]
+#: (model, feature) -> (edges, {group: (label-1 counts, label-0 counts[, decided-1 counts])}) per
+#: score bin, or None if unknown.
+Histograms = Callable[[str, str], "tuple[Sequence[float], Mapping[str, tuple[Any, ...]]] | None"]
 
 MISSING_ERROR = "missing parameter {name}: pass model=...&feature=...&criterion=..."
 NEITHER_ERROR = (
@@ -115,10 +116,7 @@ def answer(
             return 404, {"error": UNKNOWN_ERROR.format(model=model, feature=feature, known=listed)}
         edges, per_group = found
         e = np.asarray(edges, dtype=np.float64)
-        hists = {
-            g: LabelledHistogram(e, np.asarray(pos, dtype=np.int64), np.asarray(neg, dtype=np.int64))
-            for g, (pos, neg) in per_group.items()
-        }
+        hists = {g: LabelledHistogram(e, *counts) for g, counts in per_group.items()}
         if isinstance(current, dict):
             missing = current.pop("", None)
             for g in current:

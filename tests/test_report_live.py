@@ -54,6 +54,7 @@ def live(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         windows=["1h"],  # type: ignore[arg-type]  # top-level keys are values, not sections
         window_resolution="1m",  # type: ignore[arg-type]
         state={"checkpoint_interval": "200ms"},
+        schema={"score_threshold": 0.5},  # the simulated model decides score >= 0.5: what-ifs start there
     )
     config_path = write_config(tmp / "config.yaml", cfg)
     detector = Detector(Config.model_validate(cfg), exporter_port=0)
@@ -167,6 +168,27 @@ def test_report_from_the_running_instance_matches_its_metrics(live: dict[str, An
     assert ("race&sex", "equal_opportunity_difference") in flagged
 
 
+def test_the_other_analyses_are_in_the_report(live: dict[str, Any]) -> None:
+    doc = _report(live, "--url", live["url"], name="signals.json")
+    sig = doc["signals"]
+    assert all(s["available"] for s in sig.values()), {k: s.get("reason") for k, s in sig.items()}
+    [w] = [w for w in sig["threshold_whatif"]["data"]["whatifs"] if w["feature"] == "race&sex"]
+    assert w["status"] == 200 and w["criterion"] == "equal_opportunity" and "Black&Female" in w["groups"]
+    assert w["groups"]["Black&Female"]["current_threshold"] == 0.5
+    # the what-if's current rates are the report's own (same labelled pairs, same threshold)
+    rs = next(f for f in doc["features"] if f["feature"] == "race&sex")
+    bf = next(g for g in rs["groups"] if g["group"] == "Black&Female")
+    now = w["groups"]["Black&Female"]["current_rates"]["true_positive_rate"]["value"]
+    assert now == pytest.approx(bf["rates"]["true_positive_rate"]["value"], abs=0.02)  # scores binned by 0.02
+    est = sig["label_free_estimates"]["data"]["features"]
+    assert {f["feature"] for f in est} >= {"sex", "race", "race&sex"}
+    assert doc["unknown"]["estimated_values"]
+    explained = sig["root_cause"]["data"]["explained"]
+    assert any(x["feature"] == "race&sex" and "error" not in x for x in explained)
+    html = render.to_html(doc)
+    assert '<figure class=whatif><svg class="forest"' in html and "(estimated)" in html
+
+
 def test_a_period_equal_to_the_window_matches_the_window_counts(live: dict[str, Any]) -> None:
     whole = _report(live, "--url", live["url"])
     points = whole["over_time"][0]["points"]  # the kept buckets: exactly the 1h window
@@ -213,7 +235,7 @@ def test_html_and_markdown_from_the_instance(live: dict[str, Any]) -> None:
         assert proc.returncode == 0, proc.stderr
     html = html_path.read_text(encoding="utf-8")
     assert render.verify_html(html)
-    assert html.count('<svg class="forest"') == html.count('<svg class="coverage"') == 4
+    assert html.count('<figure><svg class="forest"') == html.count('<svg class="coverage"') == 4
     assert '<svg class="spark"' in html
     doc = render.embedded_document(html)
     assert doc == saved and doc["audit"]["content_hash"]["value"] in md_path.read_text(encoding="utf-8")

@@ -299,6 +299,55 @@ def test_alarms_are_marked_while_raised(fed: Any) -> None:
     assert len(re.findall(r'<circle class="alarm"', html)) >= 3
 
 
+# -- root cause, unconfigured intersections -------------------------------------------------------
+def test_every_flagged_difference_is_explained(fed: Any) -> None:
+    _, inputs, _ = fed
+    doc = assemble(inputs)
+    wanted = {
+        (f["feature"], f["disparity"])
+        for f in doc["summary"]["flagged"]
+        if f["method"] == "between_groups" and f["disparity"].endswith("_difference")
+    }
+    explained = doc["signals"]["root_cause"]["data"]["explained"]
+    assert {(x["feature"], x["disparity"]) for x in explained} == wanted and wanted
+    for x in explained:
+        assert "error" not in x, x
+        drivers = x["drivers"]
+        age = [d for d in drivers["ranked"] if d["by"] == "age"]
+        assert sum(d["contribution"] for d in age) == pytest.approx(drivers["gap"], abs=1e-4)
+        assert x["group"] == "Black&Female"
+    md = render.to_markdown(doc)
+    assert "Black&Female's true_positive_rate against the rest of the feature" in md
+    assert "| traffic mix |" in md
+
+
+def test_an_unconfigured_intersection_is_found_and_counted(fed: Any) -> None:
+    cfg, inputs, events = fed
+    from dataclasses import replace
+
+    plain = Config.model_validate(
+        {**cfg.model_dump(by_alias=True), "fairness": {**cfg.fairness.model_dump(), "intersections": []}}
+    )
+    doc = assemble(replace(inputs, config=plain))
+    assert [f["feature"] for f in doc["features"]] == ["sex", "race", "age"]
+    found = doc["signals"]["unconfigured_intersections"]["data"]["models"]["credit-v3"]["findings"]
+    top = found[0]
+    assert (top["intersection"], top["group"], top["rate"], top["direction"]) == (
+        "sex&race",
+        "Female&Black",
+        "true_positive_rate",
+        "below",
+    )
+    # its evidence, recounted: Black women with a positive outcome, and those approved
+    rows = [r for r in _pairs(events) if r["y_true"] == 1]
+    bf = [r for r in rows if (r["sex"], r["race"]) == ("Female", "Black")]
+    assert (top["trials"], top["successes"]) == (len(bf), sum(r["y_pred"] for r in bf))
+    assert top["rest_trials"] == len(rows) - len(bf)
+    html = render.to_html(doc)
+    assert "add [&#x27;sex&#x27;, &#x27;race&#x27;] to fairness.intersections" in html
+    assert "holm-corrected" in render.to_markdown(doc)
+
+
 # -- definitions, unknowns, signals ---------------------------------------------------------------
 def test_every_metric_shown_is_defined_and_unknowns_are_stated(fed: Any) -> None:
     _, inputs, _ = fed
@@ -318,7 +367,8 @@ def test_every_metric_shown_is_defined_and_unknowns_are_stated(fed: Any) -> None
     assert shown <= set(DEFINITIONS), shown - set(DEFINITIONS)
     assert doc["definitions"] == dict(DEFINITIONS)
     for name, sig in doc["signals"].items():  # never silently omitted
-        assert sig["available"] is False and sig["reason"], name
+        assert sig["available"] is (name in ("root_cause", "unconfigured_intersections")), name
+        assert sig["available"] or sig["reason"], name
     assert doc["unknown"]["pending_labels"]["credit-v3"] > 0
     assert doc["unknown"]["estimated_values"] == []
 

@@ -117,6 +117,11 @@ def test_plain_what_if_and_overcorrection_match_numpy() -> None:
     overall_old = np.mean((s >= 0.5) == (y == 1))
     assert w.overall["accuracy"].value == pytest.approx(overall_new)
     assert w.accuracy_change.value == pytest.approx(overall_new - overall_old)
+    selected_new = np.mean(np.where(a == "b", s >= tb, s >= 0.5))
+    assert w.selection_change.value == pytest.approx(selected_new - np.mean(s >= 0.5))
+    assert w.selection_change.lower < w.selection_change.value < w.selection_change.upper
+    sel_b = w.groups["b"].selection_change.value
+    assert sel_b == pytest.approx(np.mean(s[a == "b"] >= tb) - np.mean(s[a == "b"] >= 0.5))
     tprs = [
         np.mean(np.where(a == g, s >= (tb if g == "b" else 0.5), False)[(a == g) & (y == 1)]) for g in GROUPS
     ]
@@ -170,6 +175,10 @@ def test_randomized_agrees_with_fairlearn_threshold_optimizer(criterion: str, se
     p = opt._pmf_predict(X, sensitive_features=a)[:, 1]
     overall = np.mean(p * y + (1 - p) * (1 - y))
     assert w.overall["accuracy"].value == pytest.approx(overall, abs=1e-3)  # rounded counts
+    # the changes use the exact expectations (the coin's flips included)
+    now = s >= 0.5
+    assert w.accuracy_change.value == pytest.approx(overall - np.mean(now == (y == 1)), abs=1e-12)
+    assert w.selection_change.value == pytest.approx(np.mean(p) - np.mean(now), abs=1e-12)
     for g in GROUPS:
         m = a == g
         ours = _expected_cells(hists[g], w.groups[g].rule)
@@ -263,3 +272,34 @@ def test_cli_choices_are_the_cores() -> None:
     sub = next(a for a in parser(dev=False)._actions if a.dest == "command").choices["whatif"]  # type: ignore[union-attr]
     choices = {a.dest: tuple(a.choices) for a in sub._actions if a.choices}
     assert choices == {"criterion": CRITERIA, "mode": MODES}
+
+
+def test_current_threshold_checked_against_the_recorded_decisions() -> None:
+    from stream_fair.whatif import MISMATCH_NOTE
+
+    s, y, a = _stream(9, GROUPS)
+    edges = np.linspace(0, 1, 51)
+    decided = s >= np.where(a == "c", 0.6, 0.5)  # group c is really decided at 0.6
+    hists = {
+        g: LabelledHistogram(
+            edges,
+            np.histogram(s[(a == g) & (y == 1)], edges)[0],
+            np.histogram(s[(a == g) & (y == 0)], edges)[0],
+            np.histogram(s[(a == g) & decided], edges)[0],
+        )
+        for g in GROUPS
+    }
+    w = what_if("f", hists, {"a": 0.4}, 0.5, SETTINGS)
+    m = a == "c"
+    assert {g: r.current_mismatch for g, r in w.groups.items()} == {
+        "a": 0,
+        "b": 0,
+        "c": int(np.sum((s[m] >= 0.5) & (s[m] < 0.6))),
+    }
+    assert w.notes == [
+        MISMATCH_NOTE.format(group="c", share=w.groups["c"].current_mismatch / 250, threshold=0.5)
+    ]
+    fixed = what_if("f", hists, {"a": 0.4}, {"a": 0.5, "b": 0.5, "c": 0.6}, SETTINGS)
+    assert fixed.groups["c"].current_mismatch == 0 and fixed.notes == []
+    now = fixed.groups["c"].current_rates["selection_rate"].value
+    assert now == pytest.approx(decided[m].mean())  # the realized selection rate

@@ -225,6 +225,13 @@ def test_plain_what_if_and_errors(instance: tuple[str, dict[str, np.ndarray]]) -
     assert doc["groups"]["B"]["rates"]["selection_rate"]["value"] == pytest.approx(new["selection_rate"])
     assert doc["groups"]["B"]["accuracy_change"]["value"] == pytest.approx(new["accuracy"] - old["accuracy"])
     assert doc["groups"]["A"]["accuracy_change"]["value"] == 0.0
+    assert {g: r["current_mismatch"] for g, r in doc["groups"].items()} == dict.fromkeys(GROUPS, 0)
+    assert doc["notes"] == []
+    # a wrong current threshold for A is caught against A's recorded decisions (score >= 0.5)
+    code, doc = _get(base + "&" + urllib.parse.urlencode([("threshold", "B:0.4"), ("current", "A:0.4")]))
+    m = raw["g"] == "A"
+    assert doc["groups"]["A"]["current_mismatch"] == np.sum((raw["s"][m] >= 0.4) & (raw["s"][m] < 0.5))
+    assert len(doc["notes"]) == 1 and doc["notes"][0].startswith("the recorded decisions of A are not")
     assert _get(base + "&criterion=equal_opportunity", auth=False)[0] == 401
     code, doc = _get(f"{url}/whatif?model=nope&feature=grp&criterion=equal_opportunity")
     assert code == 404 and "no labelled score histograms for model 'nope'" in doc["error"]
