@@ -248,7 +248,7 @@ def fetch_report(
         except (ValueError, KeyError, TypeError):
             pass
         hint = {
-            401: "unauthorized: pass --user and --password (STREAM_FAIR_REPORT_PASSWORD)",
+            401: "unauthorized: pass --user and --password-file",
             404: "no /report.json there: is it a stream-fair exporter of this version?",
         }.get(exc.code, text.strip().splitlines()[0] if text.strip() else exc.reason)
         raise ReportError(ERR_HTTP.format(url=full, code=exc.code, body=hint)) from None
