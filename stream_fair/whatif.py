@@ -36,7 +36,8 @@ Pitfall 2 of the fairness workflow (overcorrection) is the ``accuracy_change`` o
 overall: projected minus current accuracy on the same pairs. Only pairs whose decision flips change
 it: with :math:`a` flips that become right and :math:`b` that become wrong among :math:`n` pairs,
 :math:`\\Delta = (a - b)/n`, with a normal interval of variance :math:`((a + b)/n - \\Delta^2)/n` (the
-paired difference of two proportions, McNemar's setting).
+paired difference of two proportions, McNemar's setting). ``selection_change`` is the same with
+newly selected (:math:`a`) and newly rejected (:math:`b`) pairs: the selection cost.
 
 >>> edges = np.linspace(0.0, 1.0, 5)
 >>> hists = {
@@ -211,6 +212,7 @@ class GroupWhatIf:
     rates: dict[str, Estimate]
     current_rates: dict[str, Estimate]
     accuracy_change: Estimate
+    selection_change: Estimate
     #: labelled pairs whose recorded decision differs from ``score >= current`` (None: unknown)
     current_mismatch: int | None = None
 
@@ -230,6 +232,7 @@ class WhatIf:
     overall: dict[str, Estimate]
     current_overall: dict[str, Estimate]
     accuracy_change: Estimate
+    selection_change: Estimate
     met: bool | None = None
     degenerate: bool = False
     notes: list[str] = field(default_factory=list)
@@ -256,6 +259,7 @@ class WhatIf:
                     "rates": table(r.rates),
                     "current_rates": table(r.current_rates),
                     "accuracy_change": est(r.accuracy_change),
+                    "selection_change": est(r.selection_change),
                     "current_mismatch": r.current_mismatch,
                 }
                 for g, r in self.groups.items()
@@ -266,6 +270,7 @@ class WhatIf:
             "overall": table(self.overall),
             "current_overall": table(self.current_overall),
             "accuracy_change": est(self.accuracy_change),
+            "selection_change": est(self.selection_change),
             "notes": list(self.notes),
         }
 
@@ -285,23 +290,33 @@ def _expected_cells(hist: LabelledHistogram, rule: Rule) -> FloatArray:
     return out
 
 
-def _flips(hist: LabelledHistogram, rule: Rule, current: float) -> tuple[float, float]:
-    """Expected pairs whose decision flips to right (a) and to wrong (b) against ``current``."""
+def _flows(hist: LabelledHistogram, rule: Rule, current: float) -> FloatArray:
+    """Expected pairs whose decision flips against ``current``: ``(positives newly selected,
+    negatives newly selected, positives newly rejected, negatives newly rejected)``."""
     cells = hist.cells()
     c = cells[hist.index(current)]
-    a = b = 0.0
+    out = np.zeros(4)
     for t, w in zip(rule.thresholds, rule.weights, strict=True):
         k = cells[hist.index(t)]
         if k[0] >= c[0] and k[1] >= c[1]:  # lower threshold: more selected
-            a, b = a + w * (k[0] - c[0]), b + w * (k[1] - c[1])
+            out += w * np.array([k[0] - c[0], k[1] - c[1], 0.0, 0.0])
         else:
-            a, b = a + w * (c[1] - k[1]), b + w * (c[0] - k[0])
-    if rule.constant > 0.0:  # the coin flips the selected with 1 - r, the rejected with r
+            out += w * np.array([0.0, 0.0, c[0] - k[0], c[1] - k[1]])
+    if rule.constant > 0.0:  # the coin rejects the selected with 1 - r, selects the rejected with r
         r = rule.constant_rate
         tp, fp, tn, fn = c
-        a += rule.constant * ((1 - r) * fp + r * fn)
-        b += rule.constant * ((1 - r) * tp + r * tn)
-    return a, b
+        out += rule.constant * np.array([r * fn, r * tn, (1 - r) * tp, (1 - r) * fp])
+    return out
+
+
+def _accuracy_change(flows: FloatArray, n: float, level: float) -> Estimate:
+    """Right minus wrong flips over ``n``: newly selected positives and newly rejected negatives are
+    right, the other two wrong."""
+    return _change(flows[0] + flows[3], flows[1] + flows[2], n, level)
+
+
+def _selection_change(flows: FloatArray, n: float, level: float) -> Estimate:
+    return _change(flows[0] + flows[1], flows[2] + flows[3], n, level)
 
 
 def _change(a: float, b: float, n: float, level: float) -> Estimate:
@@ -395,15 +410,15 @@ def evaluate(
     groups: dict[str, GroupWhatIf] = {}
     new_counts: dict[str, Counts] = {}
     old_counts: dict[str, Counts] = {}
-    a_all = b_all = n_all = 0.0
+    flows_all, n_all = np.zeros(4), 0.0
     for g in eligible:
         h = hists[g]
         now = _deterministic(h.edges[h.index(cur[g])])
         rule = rules.get(g, now)
         new_counts[g] = _counts(_expected_cells(h, rule))
         old_counts[g] = _counts(_expected_cells(h, now))
-        a, b = _flips(h, rule, cur[g])
-        a_all, b_all, n_all = a_all + a, b_all + b, n_all + h.n
+        flows = _flows(h, rule, cur[g])
+        flows_all, n_all = flows_all + flows, n_all + h.n
         new_rates, old_rates = group_rates(new_counts[g], settings), group_rates(old_counts[g], settings)
         groups[g] = GroupWhatIf(
             group=g,
@@ -412,7 +427,8 @@ def evaluate(
             current=now.thresholds[0],
             rates={r: new_rates[r] for r in REPORTED_RATES if r in new_rates},
             current_rates={r: old_rates[r] for r in REPORTED_RATES if r in old_rates},
-            accuracy_change=_change(a, b, h.n, level),
+            accuracy_change=_accuracy_change(flows, h.n, level),
+            selection_change=_selection_change(flows, h.n, level),
             current_mismatch=h.mismatch(cur[g]),
         )
     disparities = _disparities(new_counts, settings)
@@ -435,7 +451,8 @@ def evaluate(
         current_disparities=_disparities(old_counts, settings),
         overall=_overall(new_counts, settings),
         current_overall=_overall(old_counts, settings),
-        accuracy_change=_change(a_all, b_all, n_all, level),
+        accuracy_change=_accuracy_change(flows_all, n_all, level),
+        selection_change=_selection_change(flows_all, n_all, level),
         met=met,
         degenerate=bool(degenerate),
         notes=[

@@ -113,7 +113,8 @@ def format_document(doc: dict[str, Any]) -> str:
     lines.append(
         f"overall accuracy: {acc_now['value']:.3f} -> {_est(acc)}, change {_change(doc['accuracy_change'])}"
     )
-    lines.append(f"overall selection rate: {sel_now['value']:.3f} -> {_est(sel)}")
+    change = _change(doc["selection_change"])
+    lines.append(f"overall selection rate: {sel_now['value']:.3f} -> {_est(sel)}, change {change}")
     for g, why in doc.get("excluded", {}).items():
         lines.append(f"excluded {g}: {why}")
     lines += [f"note: {n}" for n in doc.get("notes", [])]

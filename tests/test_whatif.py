@@ -117,6 +117,11 @@ def test_plain_what_if_and_overcorrection_match_numpy() -> None:
     overall_old = np.mean((s >= 0.5) == (y == 1))
     assert w.overall["accuracy"].value == pytest.approx(overall_new)
     assert w.accuracy_change.value == pytest.approx(overall_new - overall_old)
+    selected_new = np.mean(np.where(a == "b", s >= tb, s >= 0.5))
+    assert w.selection_change.value == pytest.approx(selected_new - np.mean(s >= 0.5))
+    assert w.selection_change.lower < w.selection_change.value < w.selection_change.upper
+    sel_b = w.groups["b"].selection_change.value
+    assert sel_b == pytest.approx(np.mean(s[a == "b"] >= tb) - np.mean(s[a == "b"] >= 0.5))
     tprs = [
         np.mean(np.where(a == g, s >= (tb if g == "b" else 0.5), False)[(a == g) & (y == 1)]) for g in GROUPS
     ]
@@ -170,6 +175,10 @@ def test_randomized_agrees_with_fairlearn_threshold_optimizer(criterion: str, se
     p = opt._pmf_predict(X, sensitive_features=a)[:, 1]
     overall = np.mean(p * y + (1 - p) * (1 - y))
     assert w.overall["accuracy"].value == pytest.approx(overall, abs=1e-3)  # rounded counts
+    # the changes use the exact expectations (the coin's flips included)
+    now = s >= 0.5
+    assert w.accuracy_change.value == pytest.approx(overall - np.mean(now == (y == 1)), abs=1e-12)
+    assert w.selection_change.value == pytest.approx(np.mean(p) - np.mean(now), abs=1e-12)
     for g in GROUPS:
         m = a == g
         ours = _expected_cells(hists[g], w.groups[g].rule)
