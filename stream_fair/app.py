@@ -32,9 +32,11 @@ from stream_fair.missing import MissingFeatureLog
 from stream_fair.report import Report, build_report
 from stream_fair.state import identity
 from stream_fair.state.codec import (
+    FEEDBACK_KEY,
     SPACE_COUNTS,
     SPACE_HIST,
     SPACE_ID,
+    WINDOWS_PREFIX,
     encode_json,
     increment_key,
     meta_key,
@@ -55,8 +57,8 @@ _RESTORING = b"restoring"
 MAX_OUTBOX = 64  # unacknowledged verdict messages of all owned partitions before input pauses
 # The replica's own feedback monitor and event-time windows (until the model-wide aggregation
 # takes them over): local only.
-_FEEDBACK_KEY = prefix(0, 0xFFFE) + b"feedback"
-_WINDOWS = prefix(0, 0xFFFD)
+_FEEDBACK_KEY = FEEDBACK_KEY
+_WINDOWS = WINDOWS_PREFIX
 
 
 def fingerprint(config: Config) -> dict[str, Any]:

@@ -57,7 +57,7 @@ from stream_fair.histograms import NBINS, ScoreHistogram, edges
 
 __all__ = [
     "CALIBRATION_BINS", "ESTIMATED_RATES", "VIEWS", "Calibration", "EstimateSettings", "FeatureEstimates",
-    "GroupEstimates", "calibration", "estimate_feature", "expected_counts",
+    "GroupEstimates", "calibration", "calibrations", "estimate_feature", "expected_counts",
 ]  # fmt: skip
 
 VIEWS: tuple[str, ...] = ("pending", "combined")
@@ -115,7 +115,7 @@ class Calibration:
 
 
 def _rng(*key: str) -> np.random.Generator:
-    # deterministic per (model, feature, group): the same snapshot gives the same interval
+    # deterministic per (model, feature): the same snapshot gives the same intervals
     return np.random.default_rng(zlib.crc32("\x00".join(key).encode()))
 
 
@@ -126,38 +126,59 @@ def calibration(
     rng: np.random.Generator | None = None,
 ) -> Calibration:
     """Reliability bins and ECE of one group's matured labels (see :class:`Calibration`)."""
+    return calibrations({"": h}, settings, level, rng)[""]
+
+
+def calibrations(
+    hists: Mapping[str, ScoreHistogram],
+    settings: EstimateSettings,
+    level: float = 0.95,
+    rng: np.random.Generator | None = None,
+) -> dict[str, Calibration]:
+    """:func:`calibration` of several groups at once (one vectorised bootstrap)."""
     rng = rng if rng is not None else np.random.default_rng(0)
+    names = list(hists)
+    if not names:
+        return {}
     step = NBINS // CALIBRATION_BINS
-    pos = h.positives.reshape(CALIBRATION_BINS, step)
-    neg = h.negatives.reshape(CALIBRATION_BINS, step)
+    pos = np.stack([hists[g].positives for g in names]).reshape(len(names), CALIBRATION_BINS, step)
+    neg = np.stack([hists[g].negatives for g in names]).reshape(len(names), CALIBRATION_BINS, step)
     n_fine = pos + neg
-    n = n_fine.sum(axis=1)
-    k = pos.sum(axis=1)
+    n = n_fine.sum(axis=2)  # (groups, bins)
+    k = pos.sum(axis=2)
     centres = _CENTRES.reshape(CALIBRATION_BINS, step)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = (n_fine * centres).sum(axis=1) / n
+        mean = (n_fine * centres).sum(axis=2) / n
         freq = k / n
-    e = edges()[::step]
-    bins = tuple(
-        ReliabilityBin(float(e[b]), float(e[b + 1]), int(n[b]), float(mean[b]), float(freq[b]))
-        for b in range(CALIBRATION_BINS)
-    )
-    total = int(n.sum())
-    if total == 0:
-        return Calibration(bins, 0, None, False, False, "too_few_labels")
-    ok = n > 0
-    w = n[ok] / total
-    ece = float(np.sum(w * np.abs(freq[ok] - mean[ok])))
-    draws = rng.binomial(n[ok], freq[ok], size=(_BOOTSTRAP, int(ok.sum()))) / n[ok]
-    star = np.sum(w * np.abs(draws - mean[ok]), axis=1)
+    total = n.sum(axis=1)
+    safe_n = np.maximum(n, 1)
+    w = n / np.maximum(total, 1)[:, None]
+    f0, m0 = np.nan_to_num(freq), np.nan_to_num(mean)
+    ece = np.sum(w * np.abs(f0 - m0), axis=1)
+    draws = rng.binomial(n, f0, size=(_BOOTSTRAP, *n.shape)) / safe_n  # empty bins weigh 0
+    star = np.sum(w * np.abs(draws - m0), axis=2)  # (draws, groups)
     tail = (1.0 - level) / 2.0
-    lo, hi = np.quantile(star, [tail, 1.0 - tail])
-    lower, upper = max(0.0, 2 * ece - float(hi)), max(0.0, 2 * ece - float(lo))
-    est = Estimate(ece, min(lower, ece), max(upper, ece))
-    alarm = total >= settings.min_labelled and est.lower > settings.max_calibration_error
-    if total < settings.min_labelled:
-        return Calibration(bins, total, est, False, False, "too_few_labels")
-    return Calibration(bins, total, est, alarm, not alarm, "miscalibrated" if alarm else "")
+    lo, hi = np.quantile(star, [tail, 1.0 - tail], axis=0)
+    e = edges()[::step]
+    out = {}
+    for i, g in enumerate(names):
+        bins = tuple(
+            ReliabilityBin(float(e[b]), float(e[b + 1]), int(n[i, b]), float(mean[i, b]), float(freq[i, b]))
+            for b in range(CALIBRATION_BINS)
+        )
+        t = int(total[i])
+        if t == 0:
+            out[g] = Calibration(bins, 0, None, False, False, "too_few_labels")
+            continue
+        v = float(ece[i])
+        lower, upper = max(0.0, 2 * v - float(hi[i])), max(0.0, 2 * v - float(lo[i]))
+        est = Estimate(v, min(lower, v), max(upper, v))
+        if t < settings.min_labelled:
+            out[g] = Calibration(bins, t, est, False, False, "too_few_labels")
+            continue
+        alarm = est.lower > settings.max_calibration_error
+        out[g] = Calibration(bins, t, est, alarm, not alarm, "miscalibrated" if alarm else "")
+    return out
 
 
 def expected_counts(h: ScoreHistogram) -> tuple[float, float, float, float]:
@@ -242,11 +263,7 @@ def estimate_feature(
     """Calibration and both views' estimates of every group of one (model, feature)."""
     prior = PRIORS[settings.prior]
     groups = sorted(set(histograms) | set(realized))
-    cal = {
-        g: calibration(histograms[g], estimate, settings.credible_level, _rng(model, feature, g))
-        for g in groups
-        if g in histograms
-    }
+    cal = calibrations(histograms, estimate, settings.credible_level, _rng(model, feature))
     out_groups: dict[str, dict[str, GroupEstimates]] = {}
     out_disp: dict[str, dict[tuple[str, str], Estimate]] = {}
     out_flag: dict[str, dict[tuple[str, str], bool]] = {}

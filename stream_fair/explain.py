@@ -439,24 +439,19 @@ def top_drivers(
 
 
 # -- on demand, from the state's event-time buckets -------------------------------------------
-def _rows_to_quads(rows: Mapping[Key, Sequence[int]], model: str) -> dict[Cell, Quad]:
-    out: dict[Cell, Quad] = {}
-    for (m, cell), row in rows.items():
-        if m != model:
-            continue
-        q = confusion(list(row))
-        p = out.get(cell)
-        out[cell] = q if p is None else (p[0] + q[0], p[1] + q[1], p[2] + q[2], p[3] + q[3])
-    return out
+def _accumulate(out: dict[Any, Quad], key: Any, q: Quad) -> None:
+    p = out.get(key)
+    out[key] = q if p is None else (p[0] + q[0], p[1] + q[1], p[2] + q[2], p[3] + q[3])
 
 
 def _merge(buckets: Mapping[int, Mapping[Key, Sequence[int]]], keep: Any, model: str) -> dict[Cell, Quad]:
+    """One model's confusion counts per cell, summed over the buckets ``keep`` accepts."""
     out: dict[Cell, Quad] = {}
     for b, rows in buckets.items():
         if keep(b):
-            for cell, q in _rows_to_quads(rows, model).items():
-                p = out.get(cell)
-                out[cell] = q if p is None else (p[0] + q[0], p[1] + q[1], p[2] + q[2], p[3] + q[3])
+            for (m, cell), row in rows.items():
+                if m == model:
+                    _accumulate(out, cell, confusion(list(row)))
     return out
 
 
@@ -469,13 +464,9 @@ def _split(
     for cell, q in cells.items():
         g = key.group(cell)
         if g == group:
-            target, label = mine, sub_cell_label(cell, key, attributes)
+            _accumulate(mine, sub_cell_label(cell, key, attributes), q)
         elif not is_reserved(g):
-            target, label = rest, f"{key.name}={g}, {sub_cell_label(cell, key, attributes)}"
-        else:
-            continue
-        p = target.get(label)
-        target[label] = q if p is None else (p[0] + q[0], p[1] + q[1], p[2] + q[2], p[3] + q[3])
+            _accumulate(rest, f"{key.name}={g}, {sub_cell_label(cell, key, attributes)}", q)
     return mine, rest
 
 

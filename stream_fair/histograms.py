@@ -207,6 +207,37 @@ def group_histograms(
     return {m: {g: ScoreHistogram.from_row(a) for g, a in gs.items()} for m, gs in acc.items()}
 
 
+def feature_histograms(
+    parts: Iterable[Mapping[Key, Sequence[int]]], keys: Sequence[FeatureKey]
+) -> dict[str, dict[str, dict[str, ScoreHistogram]]]:
+    """feature key name -> model -> group -> histogram, from every partition's rows at once
+    (one matrix, one grouped sum per key: what a scrape uses for every feature)."""
+    cells: list[Key] = []
+    rows: list[Sequence[int]] = []
+    for part in parts:
+        for k, row in part.items():
+            cells.append(k)
+            rows.append(row)
+    if not rows:
+        return {key.name: {} for key in keys}
+    matrix = np.array(rows, dtype=np.int64)
+    out: dict[str, dict[str, dict[str, ScoreHistogram]]] = {}
+    for key in keys:
+        index: dict[tuple[str, str], int] = {}
+        idx = np.fromiter(
+            (index.setdefault((m, key.group(c)), len(index)) for m, c in cells),
+            dtype=np.int64,
+            count=len(cells),
+        )
+        sums = np.zeros((len(index), ROW_LENGTH), dtype=np.int64)
+        np.add.at(sums, idx, matrix)
+        by: dict[str, dict[str, ScoreHistogram]] = {}
+        for (m, g), i in index.items():
+            by.setdefault(m, {})[g] = ScoreHistogram.from_row(sums[i])
+        out[key.name] = by
+    return out
+
+
 def merge_rows(parts: Iterable[Mapping[Key, Sequence[int]]]) -> dict[Key, list[int]]:
     """Histogram rows per (model, cell) summed over partitions."""
     out: dict[Key, list[int]] = {}
@@ -223,5 +254,5 @@ def merge_rows(parts: Iterable[Mapping[Key, Sequence[int]]]) -> dict[Key, list[i
 
 __all__ = [
     "BINS", "COLUMNS", "EXPIRED1", "NBINS", "NCOLS", "OUT_OF_RANGE", "ROW_LENGTH", "PartitionHistograms",
-    "ScoreHistogram", "edges", "group_histograms", "merge_rows",
+    "ScoreHistogram", "edges", "feature_histograms", "group_histograms", "merge_rows",
 ]  # fmt: skip

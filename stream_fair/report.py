@@ -193,9 +193,11 @@ def estimate_views(
     settings = fairness_settings(config)
     est = EstimateSettings(config.fairness.estimates.max_calibration_error, config.fairness.min_samples)
     out = []
+    histograms = snapshot.all_score_histograms(keys)
+    cumulative = snapshot.cumulative
     for key in keys:
-        realized = group_quads(snapshot.cumulative, key)
-        for model, hists in sorted(snapshot.score_histograms(key).items()):
+        realized = group_quads(cumulative, key)
+        for model, hists in sorted(histograms[key.name].items()):
             counts = {g: Counts(*q) for g, q in realized.get(model, {}).items()}
             fe = estimate_feature(key.name, hists, counts, settings, est, refs.get(key.name), model)
             out.append(EstimateView(model, key, fe))

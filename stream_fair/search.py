@@ -24,9 +24,10 @@ overlapping data, so over many looks the chance of some spurious finding grows: 
 as evidence to check, and see ``docs/detection.md`` for the fresh-seed figures.
 
 Fisher's test costs milliseconds, so it is computed only where it can matter: the pooled
-two-proportion z-test screens every hypothesis and Fisher's p-value is computed for those with
-a z p-value at most ``alpha``; the others get p = 1. A p-value raised to 1 stays super-uniform,
-and Holm with larger p-values rejects a subset, so the screen costs power, never validity.
+two-proportion z-test screens every hypothesis and Fisher's p-value is computed for those that
+Holm on the z-test's p-values rejects at level ``SCREEN * alpha``; the others get p = 1. Whatever
+the screen, each p-value used is at least Fisher's, so it stays super-uniform and Holm stays valid:
+the screen can cost power, never validity.
 
 >>> cells = {("F", "young"): (30, 10, 90, 70), ("F", "old"): (70, 10, 90, 30),
 ...          ("M", "young"): (70, 10, 90, 30), ("M", "old"): (70, 10, 90, 30)}
@@ -51,6 +52,9 @@ from stream_fair.fairness import RATE_CELLS, is_reserved
 from stream_fair.groups import SEPARATOR, Cell
 
 __all__ = ["DEFAULT_RATES", "Finding", "SearchResult", "search"]
+
+SCREEN = 10.0
+"""Fisher's p-value is computed where Holm on the z-test's p-values rejects at ``SCREEN * alpha``."""
 
 DEFAULT_RATES: tuple[str, ...] = ("selection_rate", "true_positive_rate", "false_positive_rate")
 
@@ -156,7 +160,13 @@ def search(
     names = [a for a, _ in attributes]
     combos = combinations(names, configured, audit_only, max_order)
     quads = np.array(list(cells.values()), dtype=np.float64).reshape(-1, 4)
-    keys = list(cells)
+    # each attribute's values as integer codes, so a projection is one bincount (not a Python loop)
+    values: list[list[str]] = []
+    codes: list[np.ndarray] = []
+    for _, pos in attributes:
+        index: dict[str, int] = {}
+        codes.append(np.array([index.setdefault(c[pos], len(index)) for c in cells], dtype=np.int64))
+        values.append(list(index))
     cols = [(list(RATE_CELLS[r][0]), list(RATE_CELLS[r][1])) for r in rates]
     hyp: list[tuple[str, str, str, float, float, float, float]] = []
     searched = 0
@@ -166,11 +176,14 @@ def search(
             break
         searched += 1
         label = SEPARATOR.join(names[i] for i in combo)
+        dims = tuple(len(values[i]) for i in combo)
+        flat = np.ravel_multi_index(tuple(codes[i] for i in combo), dims) if quads.size else np.zeros(0, int)
+        size = math.prod(dims)
+        sums = np.stack([np.bincount(flat, weights=quads[:, j], minlength=size) for j in range(4)], axis=1)
         groups: dict[str, np.ndarray] = {}
-        for cell, q in zip(keys, quads, strict=True):
-            g = SEPARATOR.join(cell[attributes[i][1]] for i in combo)
-            acc = groups.get(g)
-            groups[g] = q.copy() if acc is None else acc + q
+        for f in np.flatnonzero(sums.sum(axis=1) > 0):
+            parts = np.unravel_index(int(f), dims)
+            groups[SEPARATOR.join(values[i][int(v)] for i, v in zip(combo, parts, strict=True))] = sums[f]
         usable = {g: q for g, q in groups.items() if not is_reserved(g)}
         total = sum(usable.values(), np.zeros(4))
         tested = sorted(usable.items())
@@ -196,7 +209,8 @@ def search(
     k, m, k2, m2 = arr.T
     z = _z(k, m, k2, m2)
     p = np.ones(len(hyp))
-    for i in np.flatnonzero(special.erfc(z / math.sqrt(2.0)) <= alpha):
+    _, screened = _holm(special.erfc(z / math.sqrt(2.0)), min(1.0, SCREEN * alpha))
+    for i in np.flatnonzero(screened):
         table = [[k[i], m[i] - k[i]], [k2[i], m2[i] - k2[i]]]
         p[i] = float(stats.fisher_exact(np.array(table, dtype=np.int64)).pvalue)
     adjusted, reject = _holm(p, alpha)

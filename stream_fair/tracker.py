@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,7 +38,7 @@ from stream_fair.counts import EXPIRED, PRED0, PRED1, Key, PartitionCounts, Quad
 from stream_fair.decode import Decoder
 from stream_fair.events import Rejection
 from stream_fair.groups import MODEL_OVERFLOW, CardinalityGuard, Cell, FeatureKey, feature_keys
-from stream_fair.histograms import PartitionHistograms, ScoreHistogram, group_histograms, merge_rows
+from stream_fair.histograms import PartitionHistograms, ScoreHistogram, feature_histograms
 from stream_fair.join import (
     DUPLICATE,
     FINAL_FATES,
@@ -305,7 +305,13 @@ class Snapshot:
     def score_histograms(self, key: FeatureKey) -> dict[str, dict[str, ScoreHistogram]]:
         """model -> group -> :class:`~stream_fair.histograms.ScoreHistogram` of one feature key,
         summed over the owned partitions (``docs/metrics.md``, "Score histograms")."""
-        return group_histograms(merge_rows(v.histograms for v in self.partitions.values()), key)
+        return feature_histograms((v.histograms for v in self.partitions.values()), [key])[key.name]
+
+    def all_score_histograms(
+        self, keys: Sequence[FeatureKey]
+    ) -> dict[str, dict[str, dict[str, ScoreHistogram]]]:
+        """:meth:`score_histograms` of several feature keys at once: key name -> model -> group."""
+        return feature_histograms((v.histograms for v in self.partitions.values()), keys)
 
     @property
     def overflow(self) -> dict[str, int]:

@@ -312,3 +312,28 @@ def test_status_page_shows_estimates_calibration_and_the_flagged_estimated_gap()
         assert f"<td class=l>{g}</td><td>{fe.pending[g]}</td>" in section
     assert section.count("<span class=flag>miscalibrated</span>") == 1  # X only
     assert section.count("<td class=l>trusted</td>") == 2
+
+
+def test_scores_on_an_intersection_of_two_50_value_features_stay_under_the_series_budget() -> None:
+    """The estimates add about 40 series per group; with scores the worst case of
+    test_cardinality (2,500 cells, 201 groups) must stay under its budget."""
+    import itertools
+
+    from prometheus_client import generate_latest
+
+    from stream_fair.exporter import PipelineStats, registry_for
+    from tests.test_cardinality import SERIES_BUDGET, _series
+
+    cfg = Config.model_validate({"fairness": {"features": ["a", "b"], "intersections": [["a", "b"]]}})
+    t = LocalTracker(cfg)
+    rng = np.random.default_rng(2)
+    for i, (x, y) in enumerate(itertools.product(range(50), repeat=2)):
+        p = {"id": f"r{i}", "ts": 1e6 + i, "model": "m", "prediction": i % 2, "score": float(rng.random())}
+        p["attributes"] = {"a": f"a{x}", "b": f"b{y}"}
+        t.update_prediction(0, orjson.dumps(p), i)
+        if i % 3:
+            t.update_outcome(0, orjson.dumps({"id": f"r{i}", "ts": 1e6 + i + 1, "label": (i // 2) % 2}), i)
+    registry = registry_for(lambda: (build_report(t.snapshot(), cfg), PipelineStats()))
+    text = generate_latest(registry).decode()
+    assert "stream_fair_estimated_true_positive_rate{" in text
+    assert _series(text) < SERIES_BUDGET, _series(text)
