@@ -93,6 +93,12 @@ class _Crash:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+PARTIAL_NOTE = (
+    "this replica owns {owned} of {total} partitions: the what-if covers only their labelled pairs; "
+    "ask each replica, or run one instance over all partitions"
+)
+
+
 class Detector:
     """stream-fair as a running service."""
 
@@ -387,7 +393,14 @@ class Detector:
             return sorted({(v.model, v.feature.name) for v in report.views})
 
         settings = fairness_settings(self.config)
-        return answer(query, histograms, settings, self.config.schema_.score_threshold, known)
+        code, doc = answer(query, histograms, settings, self.config.schema_.score_threshold, known)
+        if code == 200:  # say which pairs the answer covers: this replica's partitions only
+            owned = sorted(report.snapshot.partitions)
+            doc["partitions"] = owned
+            doc["partitions_total"] = self._partitions or None
+            if self._partitions and len(owned) < self._partitions:
+                doc["notes"].append(PARTIAL_NOTE.format(owned=len(owned), total=self._partitions))
+        return code, doc
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
