@@ -465,6 +465,8 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
         ("report", "--url", f"http://127.0.0.1:{port}", "--last", "forever"),
         ("report", "--url", f"http://127.0.0.1:{port}", "--from", "noon"),
         ("report",),
+        ("report", "--input", str(tmp_path / "saved.json"), "--last", "1h"),
+        ("report", "--input", str(tmp_path / "missing.json")),
         (
             "report",
             "--config",
