@@ -32,9 +32,11 @@ from stream_fair.missing import MissingFeatureLog
 from stream_fair.report import Report, build_report
 from stream_fair.state import identity
 from stream_fair.state.codec import (
+    FEEDBACK_KEY,
     SPACE_COUNTS,
     SPACE_HIST,
     SPACE_ID,
+    WINDOWS_PREFIX,
     encode_json,
     increment_key,
     meta_key,
@@ -55,8 +57,8 @@ _RESTORING = b"restoring"
 MAX_OUTBOX = 64  # unacknowledged verdict messages of all owned partitions before input pauses
 # The replica's own feedback monitor and event-time windows (until the model-wide aggregation
 # takes them over): local only.
-_FEEDBACK_KEY = prefix(0, 0xFFFE) + b"feedback"
-_WINDOWS = prefix(0, 0xFFFD)
+_FEEDBACK_KEY = FEEDBACK_KEY
+_WINDOWS = WINDOWS_PREFIX
 
 
 def fingerprint(config: Config) -> dict[str, Any]:
@@ -89,6 +91,12 @@ class _Crash:
         if self.left <= 0:
             log.warning("test crash injected at %s", step)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+PARTIAL_NOTE = (
+    "this replica owns {owned} of {total} partitions: the what-if covers only their labelled pairs; "
+    "ask each replica, or run one instance over all partitions"
+)
 
 
 class Detector:
@@ -385,7 +393,14 @@ class Detector:
             return sorted({(v.model, v.feature.name) for v in report.views})
 
         settings = fairness_settings(self.config)
-        return answer(query, histograms, settings, self.config.schema_.score_threshold, known)
+        code, doc = answer(query, histograms, settings, self.config.schema_.score_threshold, known)
+        if code == 200:  # say which pairs the answer covers: this replica's partitions only
+            owned = sorted(report.snapshot.partitions)
+            doc["partitions"] = owned
+            doc["partitions_total"] = self._partitions or None
+            if self._partitions and len(owned) < self._partitions:
+                doc["notes"].append(PARTIAL_NOTE.format(owned=len(owned), total=self._partitions))
+        return code, doc
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:

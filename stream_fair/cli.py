@@ -539,6 +539,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.input:
         import json
 
+        if args.since or args.until or args.last or args.url:
+            raise ReportError(
+                "report error: --input renders a saved report as it is: drop --from/--to/--last/--url, "
+                "or make a new report from the source"
+            )
         try:
             doc = json.loads(Path(args.input).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:

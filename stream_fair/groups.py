@@ -2,8 +2,8 @@
 
 Every joined pair is counted once, in its *cell*: the tuple of its values for all configured
 sensitive features, in configured order, then for the ``audit_only`` attributes (carried for the
-search of unconfigured intersections, not monitored), followed by one fold flag per intersection (``""``, or
-``__other__`` when the guard folded that intersection's group). A marginal feature (``sex``) or an
+search of unconfigured intersections, not monitored), followed by one fold flag per intersection
+(``""``, or ``__other__`` when the guard folded that intersection's group). A marginal feature (``sex``) or an
 intersection (``race&sex``) is a projection of the cell, so per-feature counts are sums over cells
 at snapshot time. That keeps the per-event cost at one update however many features and
 intersections are configured.

@@ -74,6 +74,12 @@ def _md_estimate(est: Mapping[str, Any] | None, extreme: bool) -> str:
     return text + (" **(end of flagged gap)**" if extreme else "")
 
 
+def _why(ev: Mapping[str, Any]) -> str:
+    """The explanation the detector attached to an alarm event when it was raised (if any)."""
+    why = ev.get("explanation")
+    return str(why.get("summary", "")) if isinstance(why, Mapping) else ""
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{x:.0%}"
 
@@ -93,9 +99,9 @@ def _ci(e: Mapping[str, Any] | None) -> str:
 
 def _signal_tables(name: str, data: Any) -> list[tuple[str, list[str], list[list[Any]]]] | None:
     """(caption, header, rows) tables for a known signal's document; None to show it as JSON."""
+    out: list[tuple[str, list[str], list[list[Any]]]] = []
     try:
         if name == "root_cause":
-            out = []
             for doc in data["explained"]:
                 title = f"{doc['model']} · {doc['feature']} · {doc['disparity']}"
                 if "error" in doc:
@@ -133,7 +139,6 @@ def _signal_tables(name: str, data: Any) -> list[tuple[str, list[str], list[list
                 out.append((f"{data['left_out']} more flagged disparities not explained here", ["item"], []))
             return out
         if name == "unconfigured_intersections":
-            out = []
             for model, r in data["models"].items():
                 caption = (
                     f"{model}: {r['tested']} hypotheses over {r['combinations']} attribute combinations "
@@ -151,7 +156,6 @@ def _signal_tables(name: str, data: Any) -> list[tuple[str, list[str], list[list
                 out.append((caption, header, rows))
             return out
         if name == "threshold_whatif":
-            out = []
             for w in data["whatifs"]:
                 title = f"{w['model']} · {w['feature']}: thresholds that would meet {w['criterion']}"
                 if w.get("status") != 200 or "error" in w:
@@ -184,7 +188,6 @@ def _signal_tables(name: str, data: Any) -> list[tuple[str, list[str], list[list
                 out.append((caption, header, rows))
             return out
         if name == "label_free_estimates":
-            out = []
             for fe in data["features"]:
                 caption = (
                     f"{fe['model']} · {fe['feature']} ({data['view']}): ESTIMATED from the scores of "
@@ -333,7 +336,7 @@ def to_html(doc: Mapping[str, Any]) -> str:
         out.append(
             "<table><tr><th class=l>time (UTC)</th><th class=l>event</th><th class=l>model</th>"
             "<th class=l>feature</th><th class=l>disparity</th><th class=l>group</th><th class=l>rate</th>"
-            "<th>group</th><th>rest</th><th class=l>change point</th></tr>"
+            "<th>group</th><th>rest</th><th class=l>change point</th><th class=l>why (at the raise)</th></tr>"
         )
         for ev in al["events_in_period"]:
             cls = "flag" if ev["kind"] == "alarm_raised" else "ok"
@@ -344,7 +347,8 @@ def to_html(doc: Mapping[str, Any]) -> str:
                 f"<td class=l>{e(ev['disparity'])}</td><td class=l>{e(str(ev['group']))}</td>"
                 f"<td class=l>{e(str(ev['rate']))}</td><td>{_f(ev.get('group_value'))}</td>"
                 f"<td>{_f(ev.get('rest_value'))}</td>"
-                f"<td class=l>{e(iso(ev.get('change_point_ts')) or '–')}</td></tr>"
+                f"<td class=l>{e(iso(ev.get('change_point_ts')) or '–')}</td>"
+                f"<td class=l style='white-space:normal;min-width:20rem'>{e(_why(ev))}</td></tr>"
             )
         out.append("</table>")
 
@@ -716,7 +720,7 @@ def to_markdown(doc: Mapping[str, Any]) -> str:
         out += ["No alarm raised or cleared in the period.", ""]
     else:
         out += _table(
-            ["time (UTC)", "event", "model", "feature", "disparity", "group", "rate"],
+            ["time (UTC)", "event", "model", "feature", "disparity", "group", "rate", "why (at the raise)"],
             [
                 [
                     iso(ev["ts"]),
@@ -726,6 +730,7 @@ def to_markdown(doc: Mapping[str, Any]) -> str:
                     ev["disparity"],
                     ev["group"],
                     ev["rate"],
+                    _why(ev),
                 ]
                 for ev in al["events_in_period"]
             ],

@@ -39,10 +39,6 @@ ERR_FINGERPRINT = (
     "group or topics differ): pass the --config the detector runs with"
 )
 
-#: Keys of the replica-local parts of the store (see stream_fair.app).
-WINDOWS_PREFIX = struct.pack(">BH", 0, 0xFFFD)
-FEEDBACK_KEY = struct.pack(">BH", 0, 0xFFFE) + b"feedback"
-
 
 def _alarm_signal_note(leader: bool | None) -> str:
     return (
@@ -248,7 +244,7 @@ def fetch_report(
         except (ValueError, KeyError, TypeError):
             pass
         hint = {
-            401: "unauthorized: pass --user and --password (STREAM_FAIR_REPORT_PASSWORD)",
+            401: "unauthorized: pass --user and --password-file",
             404: "no /report.json there: is it a stream-fair exporter of this version?",
         }.get(exc.code, text.strip().splitlines()[0] if text.strip() else exc.reason)
         raise ReportError(ERR_HTTP.format(url=full, code=exc.code, body=hint)) from None
@@ -270,7 +266,15 @@ def inputs_from_state(config: Config, path: str | Path | None = None) -> ReportI
     from rocksdict import AccessType, Options, Rdict
 
     from stream_fair.app import fingerprint
-    from stream_fair.state.codec import FORMAT_KEY, SPACE_COUNTS, SPACE_META, decode_json, split_key
+    from stream_fair.state.codec import (
+        FEEDBACK_KEY,
+        FORMAT_KEY,
+        SPACE_COUNTS,
+        SPACE_META,
+        WINDOWS_PREFIX,
+        decode_json,
+        split_key,
+    )
 
     p = Path(path if path is not None else config.state.path)
     if not (p / "CURRENT").exists():

@@ -337,7 +337,7 @@ def _select(inputs: ReportInputs, period: Period) -> tuple[dict[Key, list[int]],
     res = inputs.config.window_resolution
     kept = sorted(inputs.buckets)
     if period.everything:
-        first = min((kept[0] * res,), default=None) if kept else None
+        first = kept[0] * res if kept else None
         desc = {
             "from": None,
             "to": None,

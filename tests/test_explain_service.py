@@ -76,8 +76,12 @@ def test_search_finds_the_unconfigured_biased_intersection(served: tuple[str, pd
     base, joined = served
     doc = get(base + "/search")["models"][MODEL]
     assert doc["correction"] == "holm" and doc["tested"] > 0
-    top = doc["findings"][0]
-    assert top["intersection"] == "sex&race"  # carried order: the features as configured
+    top = doc["findings"][0]  # carried order: the features as configured
+    assert (top["intersection"], top["group"], top["rate"]) == (
+        "sex&race",
+        "Female&Black",
+        "true_positive_rate",
+    )
     biased = [
         f for f in doc["findings"] if f["group"] == "Female&Black" and f["rate"] == "true_positive_rate"
     ]

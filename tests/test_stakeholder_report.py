@@ -465,6 +465,8 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
         ("report", "--url", f"http://127.0.0.1:{port}", "--last", "forever"),
         ("report", "--url", f"http://127.0.0.1:{port}", "--from", "noon"),
         ("report",),
+        ("report", "--input", str(tmp_path / "saved.json"), "--last", "1h"),
+        ("report", "--input", str(tmp_path / "missing.json")),
         (
             "report",
             "--config",
@@ -583,3 +585,53 @@ def test_screenshot_shows_the_charts(page: Any, tmp_path: Path) -> None:
     assert colours.get(_rgb(svg.REFERENCE), 0) > 50, "no thresholds or reference lines"
     assert colours.get(_rgb(svg.FLAGGED), 0) > 20, "no alarm marks"
     assert colours.get(_rgb(svg.LABELLED), 0) > 1_000, "no label-coverage bars"
+
+
+# -- /report.json behind TLS and basic auth -------------------------------------------------------
+from tests.test_web import cert as cert  # noqa: E402  (the fixture: a self-signed certificate)
+
+
+def test_report_json_has_the_same_tls_and_auth_as_metrics(fed: Any, cert: Path, tmp_path: Path) -> None:
+    import time
+
+    import bcrypt
+    import yaml
+
+    from stream_fair.exporter import ExporterServer, Health, PipelineStats, registry_for
+    from stream_fair.report import build_report
+    from stream_fair.tracker import Snapshot
+    from stream_fair.web import load_web_config
+
+    cfg, inputs, _ = fed
+    hashed = bcrypt.hashpw(b"pw for reports", bcrypt.gensalt(rounds=4)).decode()
+    web = tmp_path / "web.yml"
+    web.write_text(
+        yaml.safe_dump(
+            {
+                "tls_server_config": {"cert_file": str(cert / "tls.crt"), "key_file": str(cert / "tls.key")},
+                "basic_auth_users": {"auditor": hashed},
+            }
+        )
+    )
+    health = Health()
+    health.heard(time.monotonic())
+    reg = registry_for(lambda: (build_report(Snapshot(time.time(), {}), cfg), PipelineStats()))
+    server = ExporterServer(
+        "127.0.0.1", 0, reg, health, report=lambda q: (200, assemble(inputs)), web=load_web_config(web)
+    ).start()
+    url = f"https://127.0.0.1:{server.port}"
+    (tmp_path / "pw").write_text("pw for reports\n")
+    (tmp_path / "bad").write_text("guess\n")
+    try:
+        ok = run_cli(
+            "report", "--url", url, "--user", "auditor", "--password-file", str(tmp_path / "pw"),
+            "--cacert", str(cert / "tls.crt"), "-o", str(tmp_path / "r.json"),
+        )  # fmt: skip
+        assert ok.returncode == 0, ok.stderr
+        assert verify(json.loads((tmp_path / "r.json").read_text()))
+        for args in ((), ("--user", "auditor", "--password-file", str(tmp_path / "bad"))):
+            denied = run_cli("report", "--url", url, *args, "--cacert", str(cert / "tls.crt"))
+            assert denied.returncode == 2 and denied.stderr.count("\n") == 1, denied.stderr
+            assert "answered 401: unauthorized: pass --user and --password-file" in denied.stderr
+    finally:
+        server.stop()

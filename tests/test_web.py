@@ -72,7 +72,16 @@ def test_tls_and_basic_auth_from_an_exporter_toolkit_web_config(cert: Path) -> N
     health.ready, health.heartbeat = True, time.monotonic()
     health.heard(time.monotonic())
     reg = registry_for(lambda: (build_report(t.snapshot(), CFG), PipelineStats()))
-    server = ExporterServer("127.0.0.1", 0, reg, health, web=load_web_config(path)).start()
+    served = {"model": "m", "feature": "sex", "disparity": "equal_opportunity_difference"}
+    server = ExporterServer(
+        "127.0.0.1",
+        0,
+        reg,
+        health,
+        web=load_web_config(path),
+        explain=lambda **kw: {**served, "split_ts": kw["split_ts"]},
+        search=lambda: {"models": {}},
+    ).start()
     ctx = ssl.create_default_context(cafile=str(cert / "tls.crt"))
     base = f"https://127.0.0.1:{server.port}"
     try:
@@ -83,6 +92,11 @@ def test_tls_and_basic_auth_from_an_exporter_toolkit_web_config(cert: Path) -> N
         assert _get(base + "/metrics", ctx, ("prometheus", "s3cret #1")) == 200
         assert _get(base + "/metrics", ctx, ("prometheus", "s3cret #1")) == 200  # cached grant
         assert _get(base + "/", ctx) == 401
+        why = "/explain?model=m&feature=sex&disparity=equal_opportunity_difference"
+        for path in (why, "/search"):  # the explanations need the same credentials as /metrics
+            assert _get(base + path, ctx) == 401, path
+            assert _get(base + path, ctx, ("prometheus", "s3cret #1")) == 200, path
+        assert _get(base + why.replace("model=m&", ""), ctx, ("prometheus", "s3cret #1")) == 400
         assert _get(base + "/healthz", ctx) == 200 and _get(base + "/readyz", ctx) == 200  # probes
         with pytest.raises(OSError):  # plain HTTP is not served on a TLS port (reset or refused)
             urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10)

@@ -149,6 +149,8 @@ def test_equal_opportunity_thresholds_are_the_brute_force_optimum(
     code, doc = _get(f"{url}/whatif?model={MODEL}&feature=grp&criterion=equal_opportunity&tolerance=0.03")
     assert code == 200, doc
     assert doc["met"] is True and set(doc["groups"]) == set(GROUPS)
+    assert doc["partitions"] == [0, 1] and doc["partitions_total"] == 2  # all of them: no note
+    assert doc["notes"] == []
     assert "D" in doc["excluded"] and "min_samples=100" in doc["excluded"]["D"]
     # brute force over all 51^3 edge combinations, rates by numpy on the raw events
     tpr = {

@@ -68,6 +68,10 @@ pending prediction for the pending ones to be derived from them)."""
 ) = range(8)
 KIND_P, KIND_O, KIND_J, KIND_E = b"P", b"O", b"J", b"E"
 FORMAT_KEY = bytes([SPACE_FORMAT]) + b"\xff\xff" + b"format"
+#: The replica-local parts of the store (never in the changelog): the feedback monitor's state and
+#: the event-time window buckets (``WINDOWS_PREFIX + b"b" + i64-BE period``, ``+ b"m"`` their meta).
+FEEDBACK_KEY = bytes([SPACE_FORMAT]) + b"\xff\xfe" + b"feedback"
+WINDOWS_PREFIX = bytes([SPACE_FORMAT]) + b"\xff\xfd"
 
 _PREFIX = struct.Struct(">BH")
 _F64 = struct.Struct(">d")
