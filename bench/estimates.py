@@ -198,9 +198,10 @@ def main(argv: list[str]) -> int:
         if r["estimated_day"] is not None and r["realized_day"] is not None
     ]
     lines.append(
-        "| scenario | runs | estimated gap flags (day) | realized 7d gap flags (day) | N = days earlier |"
+        "| scenario | runs | estimated gap flags (day) | realized gap, 7d by join time, flags (day) "
+        "| realized cumulative flags (day) | N = days earlier |"
     )
-    lines.append("| --- | --- | --- | --- | --- |")
+    lines.append("| --- | --- | --- | --- | --- | --- |")
 
     def fmt(key: str) -> str:
         return ", ".join("never" if r[key] is None else f"{r[key]:.1f}" for r in shifts)

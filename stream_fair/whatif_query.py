@@ -30,6 +30,8 @@ from stream_fair.fairness import FairnessSettings
 from stream_fair.whatif import (
     CRITERIA,
     MODES,
+    UNKNOWN_GROUP_ERROR,
+    UNKNOWN_MODE_ERROR,
     LabelledHistogram,
     optimize,
     what_if,
@@ -50,7 +52,6 @@ NO_CURRENT_ERROR = (
     "per group), the threshold the model uses now"
 )
 UNKNOWN_ERROR = "no labelled score histograms for model {model!r} feature {feature!r}; known: {known}"
-MODE_CHOICES = "|".join(MODES)
 
 
 def _number(name: str, value: str) -> float:
@@ -93,6 +94,10 @@ def answer(
                 return 400, {"error": MISSING_ERROR.format(name=name)}
         assert model is not None and feature is not None
         criterion, mode = one("criterion"), one("mode") or "deterministic"
+        if mode not in MODES:
+            raise WhatIfError(UNKNOWN_MODE_ERROR.format(value=mode, choices=", ".join(MODES)))
+        if mode != "deterministic" and query.get("threshold"):
+            raise WhatIfError(f"mode={mode} applies to a criterion search, not to threshold=GROUP:T")
         thresholds = _pairs("threshold", query.get("threshold") or [])
         if criterion is None and not thresholds:
             return 400, {"error": NEITHER_ERROR}
@@ -121,7 +126,7 @@ def answer(
             missing = current.pop("", None)
             for g in current:
                 if g not in hists:
-                    raise WhatIfError(f"unknown group {g!r} in current: groups are {sorted(hists)}")
+                    raise WhatIfError(UNKNOWN_GROUP_ERROR.format(value=g, choices=sorted(hists)))
             current = {g: current.get(g, missing if missing is not None else np.nan) for g in hists}
             if any(np.isnan(v) for v in current.values()):
                 return 400, {"error": NO_CURRENT_ERROR}

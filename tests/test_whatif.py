@@ -253,6 +253,9 @@ def test_query_statuses() -> None:
     assert ask(model="m", feature="grp", criterion="parity")[0] == 400
     assert ask(model="m", feature="grp", criterion="equal_opportunity", tolerance="1.5")[0] == 400
     assert ask(model="m", feature="grp", threshold="b0.4")[0] == 400
+    assert ask(model="m", feature="grp", criterion="equal_opportunity", mode="exact")[0] == 400
+    assert ask(model="m", feature="grp", threshold="a:0.4", mode="randomized")[0] == 400
+    assert ask(model="m", feature="grp", threshold="a:0.4", current=["zz:0.4"])[0] == 400
     assert ask(model="m", feature="grp", threshold="tiny:0.4")[0] == 422
     assert ask(None, model="m", feature="grp", criterion="demographic_parity") == (
         400,
