@@ -193,20 +193,6 @@ class ScoreHistogram:
         return c[PRED0] - c[TN] - c[FN] - (c[EXPIRED] - c[EXPIRED1])
 
 
-def group_histograms(
-    cells: Mapping[Key, Sequence[int]], key: FeatureKey
-) -> dict[str, dict[str, ScoreHistogram]]:
-    """model -> group -> histogram of one feature key, from histogram rows per (model, cell)."""
-    acc: dict[str, dict[str, NDArray[np.int64]]] = {}
-    for (model, cell), row in cells.items():
-        g = key.group(cell)
-        groups = acc.setdefault(model, {})
-        a = np.asarray(row, dtype=np.int64)
-        prev = groups.get(g)
-        groups[g] = a if prev is None else prev + a
-    return {m: {g: ScoreHistogram.from_row(a) for g, a in gs.items()} for m, gs in acc.items()}
-
-
 def feature_histograms(
     parts: Iterable[Mapping[Key, Sequence[int]]], keys: Sequence[FeatureKey]
 ) -> dict[str, dict[str, dict[str, ScoreHistogram]]]:
@@ -238,21 +224,7 @@ def feature_histograms(
     return out
 
 
-def merge_rows(parts: Iterable[Mapping[Key, Sequence[int]]]) -> dict[Key, list[int]]:
-    """Histogram rows per (model, cell) summed over partitions."""
-    out: dict[Key, list[int]] = {}
-    for rows in parts:
-        for k, row in rows.items():
-            acc = out.get(k)
-            if acc is None:
-                out[k] = list(row)
-            else:
-                for j, v in enumerate(row):
-                    acc[j] += v
-    return out
-
-
 __all__ = [
     "BINS", "COLUMNS", "EXPIRED1", "NBINS", "NCOLS", "OUT_OF_RANGE", "ROW_LENGTH", "PartitionHistograms",
-    "ScoreHistogram", "edges", "feature_histograms", "group_histograms", "merge_rows",
+    "ScoreHistogram", "edges", "feature_histograms",
 ]  # fmt: skip
