@@ -587,8 +587,13 @@ def _root_causes(
                 min_samples=fc.min_samples,
                 level=fc.credible_level,
             )
-        except (ValueError, KeyError) as exc:
-            doc = {"model": which[0], "feature": which[1], "disparity": which[2], "error": str(exc)}
+        except Exception as exc:  # one explanation that fails never fails the report
+            doc = {
+                "model": which[0],
+                "feature": which[1],
+                "disparity": which[2],
+                "error": f"{type(exc).__name__}: {exc}",
+            }
         out.append(doc)
     return {"explained": out, "left_out": max(0, len(wanted) - MAX_EXPLAINED)}, ""
 
