@@ -65,13 +65,13 @@ ROW_LENGTH = NCOLS * NBINS + 1
 (column-major: column ``c``'s bins are ``row[c * NBINS:(c + 1) * NBINS]``), then out-of-range."""
 OUT_OF_RANGE = ROW_LENGTH - 1
 
-_SCALE = NBINS / (BINS.high - BINS.low)
-_TOP = NBINS - 1
+_LOW, _HIGH = BINS.low, BINS.high
+_index = BINS.index
 
 
 def edges() -> NDArray[np.float64]:
     """The ``NBINS + 1`` bin edges; bin ``b`` is ``[edges[b], edges[b + 1])``, the last one closed."""
-    return np.linspace(BINS.low, BINS.high, NBINS + 1)
+    return BINS.edges()
 
 
 class PartitionHistograms:
@@ -94,12 +94,9 @@ class PartitionHistograms:
         while len(rows) <= i:
             rows.append([0] * ROW_LENGTH)
         row = rows[i]
-        b = int((score - BINS.low) * _SCALE)
-        if b < 0 or b > _TOP:
-            if column <= PRED1 and (score < BINS.low or score > BINS.high):  # predictions only
-                row[OUT_OF_RANGE] += 1
-            b = 0 if b < 0 else _TOP
-        row[column * NBINS + b] += 1
+        if column <= PRED1 and (score < _LOW or score > _HIGH):  # predictions only
+            row[OUT_OF_RANGE] += 1
+        row[column * NBINS + _index(score)] += 1
         self.dirty.add(i)
         self.unviewed.add(i)
 
