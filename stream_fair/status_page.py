@@ -34,7 +34,7 @@ _RATES = (
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5rem;color:#1d2330;
-max-width:70rem}
+max-width:84rem}
 h1{font-size:1.4rem;margin:0 0 .3rem} h2{font-size:1.1rem;margin:1.6rem 0 .4rem}
 .muted{color:#667} table{border-collapse:collapse;margin:.3rem 0 1rem;font-size:.9rem}
 th,td{padding:.25rem .6rem;border-bottom:1px solid #dde;text-align:right}
@@ -42,6 +42,7 @@ th.l,td.l{text-align:left} th{background:#f3f4f8}
 .flag{background:#fde2e1;color:#8a1c17;font-weight:600;padding:.1rem .4rem;border-radius:.3rem}
 .ok{background:#e2f5e6;color:#17692b;font-weight:600;padding:.1rem .4rem;border-radius:.3rem}
 td.ext{background:#fde2e1;color:#8a1c17;font-weight:600}
+table.nw td{white-space:nowrap}
 .verdict{font-size:1rem;margin:.8rem 0} .small{color:#a66b00} .ci{color:#778;font-size:.8rem}
 .warn{background:#fff4d6;border-left:4px solid #e0a800;padding:.4rem .7rem;margin:.4rem 0}
 .sparks{display:flex;flex-wrap:wrap;gap:.6rem 1.2rem;margin:.3rem 0 1rem}
@@ -176,7 +177,7 @@ def _why(report: Report, view: FeatureView, disparity: str) -> str:
     url = "/explain?" + urllib.parse.urlencode(
         {"model": view.model, "feature": view.feature.name, "disparity": disparity}
     )
-    link = f"<a href='{e(url)}'>/explain</a>"
+    link = f"<a href='{e(url)}'>explain</a>"
     if disparity not in DISPARITY_RATES:
         return link
     cells = {c: q for (m, c), q in report.snapshot.cumulative.items() if m == view.model}
@@ -187,7 +188,7 @@ def _why(report: Report, view: FeatureView, disparity: str) -> str:
     if d is None or d.gap is None:
         return link
     top = d.ranked[0] if d.ranked else None
-    driver = "" if top is None else f", most from {top.by}={top.value} {top.contribution:+.3f}"
+    driver = "" if top is None else f" · {top.by}={top.value} {top.contribution:+.3f}"
     return f"<span class=small>{e(d.group)} {d.gap:+.3f}{e(driver)}</span> {link}"
 
 
@@ -347,9 +348,9 @@ def render(report: Report, stats: PipelineStats, history: History | None = None)
     out.append("<h2>Flagged disparities</h2>")
     if flagged:
         out.append(
-            "<table><tr><th class=l>model</th><th class=l>feature</th>"
+            "<table class=nw><tr><th class=l>model</th><th class=l>feature</th>"
             "<th class=l>disparity</th><th class=l>method</th><th>value</th>"
-            "<th>interval</th><th>threshold</th><th class=l>why: widest gap, its top driver</th></tr>"
+            "<th>interval</th><th>threshold</th><th class=l title='the widest group-to-rest gap, then the value of another attribute that carries most of it'>why: widest gap · top driver</th></tr>"
         )
         for v, d, m in flagged:
             gap = v.report.disparities[d, m]
@@ -359,7 +360,7 @@ def render(report: Report, stats: PipelineStats, history: History | None = None)
                 f"<td>{_fmt(gap.value)}</td>"
                 f"<td class=ci>[{_fmt(gap.lower)}, {_fmt(gap.upper)}]</td>"
                 f"<td>{_fmt(settings.thresholds.get(d, math.nan))}</td>"
-                f"<td class=l>{_why(report, v, d)}</td></tr>"
+                f"<td class='l why'>{_why(report, v, d)}</td></tr>"
             )
         out.append("</table>")
     else:

@@ -81,7 +81,7 @@ def forest_plot(
             x = _x(ref, left)
             out.append(
                 f'<line class="ref" x1="{x:.1f}" x2="{x:.1f}" y1="20" y2="{bottom}" '
-                f'stroke="{REFERENCE}" stroke-width="1.5" stroke-dasharray="4 3"/>'
+                f'stroke="{REFERENCE}" stroke-width="1.5" stroke-dasharray="4 3" shape-rendering="crispEdges"/>'
             )
     for r, row in enumerate(rows):
         y = 32 + r * _ROW
@@ -134,7 +134,7 @@ def sparkline(
         _, y = xy(t0, threshold)
         out.append(
             f'<line class="thr" x1="0" x2="{width}" y1="{y:.1f}" y2="{y:.1f}" stroke="{REFERENCE}" '
-            'stroke-dasharray="4 3"/>'
+            'stroke-dasharray="4 3" shape-rendering="crispEdges"/>'
         )
     if pts:
         line = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(p[0], p[1]) for p in pts))
