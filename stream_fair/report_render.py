@@ -841,7 +841,7 @@ def to_markdown(doc: Mapping[str, Any]) -> str:
                     src["source"], src["data_taken_at"], src["leader"],
                     ", ".join(f"{p['partition']} @ {p.get('next_offsets')}" for p in src["partitions_used"])
                     or "none",
-                    ", ".join(f"{p['partition']} (kept from {p['kept_from']})" for p in src["partitions_dropped"])
+                    ", ".join(f"{d['partition']} (from {d['kept_from']})" for d in src["partitions_dropped"])
                     or "none",
                 ]
                 for src in a["sources"]
