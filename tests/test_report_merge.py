@@ -23,8 +23,8 @@ from stream_fair.stakeholder_report import ReportError, ReportInputs, assemble
 PARTITIONS = 4
 MODEL = "m"
 SEXES, RACES = ("Female", "Male"), ("Black", "White", "Asian")
-ALARM = {"ts": 1.0, "seq": 1, "kind": "alarm_raised", "model": MODEL, "feature": "sex",
-         "disparity": "demographic_parity_difference", "group": "Female", "rate": "selection_rate"}  # fmt: skip
+ALARM = {"ts": 1.0, "seq": 1, "kind": "alarm_raised", "model": MODEL, "feature": "sex", "group": "Female",
+         "disparity": "demographic_parity_difference", "rate": "selection_rate"}  # fmt: skip
 
 
 def _config(**fairness: Any) -> Config:
