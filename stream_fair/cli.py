@@ -587,6 +587,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _report_from_sources(args: argparse.Namespace, period: Any) -> dict[str, Any]:
     """The report of one or more running instances (--url) and/or state directories (--state-dir);
     several are merged by partition (:mod:`stream_fair.report_merge`)."""
+    import dataclasses
+
     from stream_fair.report_merge import inputs_from_json, merge
     from stream_fair.report_sources import fetch_report, inputs_from_state
     from stream_fair.stakeholder_report import ReportError, assemble
@@ -602,12 +604,12 @@ def _report_from_sources(args: argparse.Namespace, period: Any) -> dict[str, Any
             ) from None
     if len(urls) == 1 and not dirs:  # one instance assembles its own report
         return fetch_report(urls[0], period, user=args.user, password=password, cafile=args.cacert)
-    sources = [
-        inputs_from_json(
+    sources = []
+    for url in urls:  # named by the address asked: every sidecar may call itself 0.0.0.0:9800
+        raw = inputs_from_json(
             fetch_report(url, period, user=args.user, password=password, cafile=args.cacert, raw=True), url
         )
-        for url in urls
-    ]
+        sources.append(dataclasses.replace(raw, source=f"{url} ({raw.source})"))
     if dirs or not urls:
         from stream_fair import config as config_mod
 

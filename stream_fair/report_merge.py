@@ -200,6 +200,10 @@ def merge(sources: Sequence[ReportInputs]) -> ReportInputs:
         raise ReportError("report error: nothing to merge: pass at least one --url or --state-dir")
     if len(sources) == 1:
         return sources[0]
+    names = [s.source for s in sources]
+    for name in names:
+        if names.count(name) > 1:
+            raise ReportError(f"report error: {name} is given twice: pass each replica once")
     first = sources[0]
     fp = config_fingerprint(first.config)["value"]
     for s in sources[1:]:
