@@ -609,7 +609,7 @@ def _report_from_sources(args: argparse.Namespace, period: Any) -> dict[str, Any
         raw = inputs_from_json(
             fetch_report(url, period, user=args.user, password=password, cafile=args.cacert, raw=True), url
         )
-        sources.append(dataclasses.replace(raw, source=f"{url} ({raw.source})"))
+        sources.append(dataclasses.replace(raw, source=url))
     if dirs or not urls:
         from stream_fair import config as config_mod
 

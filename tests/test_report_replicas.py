@@ -115,13 +115,11 @@ def test_merged_report_of_two_replicas_counts_the_whole_stream(
         doc = _report(tmp_path, "merged.json", "--url", urls[0], "--url", urls[1])
         assert _counts(doc) == _expected(exp)
         audit = doc["audit"]
-        assert [s["source"].split(" ")[0] for s in audit["sources"]] == urls
+        assert [s["source"] for s in audit["sources"]] == urls
         assert audit["coverage"] == {
             "partitions_total": 4, "covered": [0, 1, 2, 3], "missing": [], "model_wide": True
         }  # fmt: skip
-        used = {
-            s["source"].split(" ")[0]: [p["partition"] for p in s["partitions_used"]] for s in audit["sources"]
-        }
+        used = {s["source"]: [p["partition"] for p in s["partitions_used"]] for s in audit["sources"]}
         assert sorted(used[urls[0]] + used[urls[1]]) == [0, 1, 2, 3] and len(used[urls[0]]) == 2
         assert all(not s["partitions_dropped"] for s in audit["sources"])
         # the committed offsets of the 4 partitions add up to every record produced
@@ -157,6 +155,12 @@ def test_merged_report_of_two_replicas_counts_the_whole_stream(
         )  # fmt: skip
         assert _counts(offline) == _expected(exp)
         assert sorted(p["partition"] for p in offline["audit"]["partitions"]) == [0, 1, 2, 3]
+        # r1 owned all 4 partitions before r2 joined: a stale copy of r2's partitions on r1's disk
+        # is dropped for r2's (higher offsets), never counted twice
+        dirs = [str(tmp_path / "r1"), str(tmp_path / "r2")]
+        for i, s in enumerate(offline["audit"]["sources"]):
+            for p in s["partitions_dropped"]:
+                assert dirs[1 - i] in p["kept_from"] and p["partition"] in used[urls[1 - i]], p
     finally:
         for r in replicas:
             stop_process(r.proc)
