@@ -51,9 +51,10 @@ def _events() -> list[tuple[str, Any]]:
     return [(k, p) for k, p in evs if p["ts"] < cut]
 
 
-def _counts(doc: dict[str, Any]) -> tuple[dict[tuple[str, ...], int], dict[tuple[str, ...], int]]:
+def _counts(doc: dict[str, Any]) -> tuple[dict[Any, int], dict[Any, int]]:
     """(model, feature, group, actual, predicted) and (model, feature, group, predicted) counts."""
-    confusion, predictions = {}, {}
+    confusion: dict[Any, int] = {}
+    predictions: dict[Any, int] = {}
     for f in doc["features"]:
         for g in f["groups"]:
             cell = (f["model"], f["feature"], g["group"])
@@ -64,7 +65,7 @@ def _counts(doc: dict[str, Any]) -> tuple[dict[tuple[str, ...], int], dict[tuple
     return confusion, predictions
 
 
-def _expected(exp: Expected) -> tuple[dict[tuple[str, ...], int], dict[tuple[str, ...], int]]:
+def _expected(exp: Expected) -> tuple[dict[Any, int], dict[Any, int]]:
     return dict(full_confusion(exp)), dict(full_predictions(exp))
 
 
