@@ -147,7 +147,9 @@ class Core:
     def __init__(self, path: Path, every: int) -> None:
         self.cfg = core_config(path)
         st = self.cfg.state
-        self.backend = RocksBackend(path, cache_bytes=st.cache_bytes, write_buffer_bytes=st.write_buffer_bytes)
+        self.backend = RocksBackend(
+            path, cache_bytes=st.cache_bytes, write_buffer_bytes=st.write_buffer_bytes
+        )
         self.tracker = Tracker(self.cfg, self.backend)
         self.every = every
         self.offsets = [0, 0]
@@ -333,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bootstrap-servers", default=None, help="a Kafka cluster (default: embedded Tansu)")
     ap.add_argument("--workdir", default=None, help="where the stores go (default: a temp dir)")
     ap.add_argument("--cache-bytes", default=None, help="state.cache_bytes (default: the config default)")
-    ap.add_argument("--write-buffer-bytes", default=None, help="state.write_buffer_bytes (default: the default)")
+    ap.add_argument(
+        "--write-buffer-bytes", default=None, help="state.write_buffer_bytes (default: the default)"
+    )
     args = ap.parse_args(argv)
     if args.cache_bytes:
         STATE["cache_bytes"] = args.cache_bytes

@@ -65,13 +65,13 @@ ROW_LENGTH = NCOLS * NBINS + 1
 (column-major: column ``c``'s bins are ``row[c * NBINS:(c + 1) * NBINS]``), then out-of-range."""
 OUT_OF_RANGE = ROW_LENGTH - 1
 
-_SCALE = NBINS / (BINS.high - BINS.low)
-_TOP = NBINS - 1
+_LOW, _HIGH = BINS.low, BINS.high
+_index = BINS.index
 
 
 def edges() -> NDArray[np.float64]:
     """The ``NBINS + 1`` bin edges; bin ``b`` is ``[edges[b], edges[b + 1])``, the last one closed."""
-    return np.linspace(BINS.low, BINS.high, NBINS + 1)
+    return BINS.edges()
 
 
 class PartitionHistograms:
@@ -94,12 +94,9 @@ class PartitionHistograms:
         while len(rows) <= i:
             rows.append([0] * ROW_LENGTH)
         row = rows[i]
-        b = int((score - BINS.low) * _SCALE)
-        if b < 0 or b > _TOP:
-            if column <= PRED1 and (score < BINS.low or score > BINS.high):  # predictions only
-                row[OUT_OF_RANGE] += 1
-            b = 0 if b < 0 else _TOP
-        row[column * NBINS + b] += 1
+        if column <= PRED1 and (score < _LOW or score > _HIGH):  # predictions only
+            row[OUT_OF_RANGE] += 1
+        row[column * NBINS + _index(score)] += 1
         self.dirty.add(i)
         self.unviewed.add(i)
 
@@ -193,20 +190,6 @@ class ScoreHistogram:
         return c[PRED0] - c[TN] - c[FN] - (c[EXPIRED] - c[EXPIRED1])
 
 
-def group_histograms(
-    cells: Mapping[Key, Sequence[int]], key: FeatureKey
-) -> dict[str, dict[str, ScoreHistogram]]:
-    """model -> group -> histogram of one feature key, from histogram rows per (model, cell)."""
-    acc: dict[str, dict[str, NDArray[np.int64]]] = {}
-    for (model, cell), row in cells.items():
-        g = key.group(cell)
-        groups = acc.setdefault(model, {})
-        a = np.asarray(row, dtype=np.int64)
-        prev = groups.get(g)
-        groups[g] = a if prev is None else prev + a
-    return {m: {g: ScoreHistogram.from_row(a) for g, a in gs.items()} for m, gs in acc.items()}
-
-
 def feature_histograms(
     parts: Iterable[Mapping[Key, Sequence[int]]], keys: Sequence[FeatureKey]
 ) -> dict[str, dict[str, dict[str, ScoreHistogram]]]:
@@ -238,21 +221,7 @@ def feature_histograms(
     return out
 
 
-def merge_rows(parts: Iterable[Mapping[Key, Sequence[int]]]) -> dict[Key, list[int]]:
-    """Histogram rows per (model, cell) summed over partitions."""
-    out: dict[Key, list[int]] = {}
-    for rows in parts:
-        for k, row in rows.items():
-            acc = out.get(k)
-            if acc is None:
-                out[k] = list(row)
-            else:
-                for j, v in enumerate(row):
-                    acc[j] += v
-    return out
-
-
 __all__ = [
     "BINS", "COLUMNS", "EXPIRED1", "NBINS", "NCOLS", "OUT_OF_RANGE", "ROW_LENGTH", "PartitionHistograms",
-    "ScoreHistogram", "edges", "feature_histograms", "group_histograms", "merge_rows",
+    "ScoreHistogram", "edges", "feature_histograms",
 ]  # fmt: skip

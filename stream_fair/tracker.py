@@ -36,7 +36,7 @@ from typing import Any, Protocol
 from stream_fair.config import Config
 from stream_fair.counts import EXPIRED, PRED0, PRED1, Key, PartitionCounts, Quad, add_rows, confusion
 from stream_fair.decode import Decoder
-from stream_fair.events import Rejection
+from stream_fair.events import Outcome, Prediction, Rejection
 from stream_fair.groups import MODEL_OVERFLOW, CardinalityGuard, Cell, FeatureKey, feature_keys
 from stream_fair.histograms import PartitionHistograms, ScoreHistogram, feature_histograms
 from stream_fair.join import (
@@ -431,12 +431,14 @@ class Tracker:
         s = self.shards.get(shard)
         if s is None:
             s = self.shard(shard)
+        events: list[Prediction | Outcome | Rejection]
         if topic == _P:
-            decode, apply = self.decoder.prediction, self._apply_prediction
+            apply = self._apply_prediction
+            events = [self.decoder.prediction(r.value, r.timestamp) for r in records]
         else:
-            decode, apply = self.decoder.outcome, self._apply_outcome
-        events = [decode(r.value, r.timestamp) for r in records]
-        s.join.ids.prefetch([ev.id for ev in events if ev.__class__ is not Rejection])
+            apply = self._apply_outcome
+            events = [self.decoder.outcome(r.value, r.timestamp) for r in records]
+        s.join.ids.prefetch([ev.id for ev in events if not isinstance(ev, Rejection)])
         rejected = []
         for r, ev in zip(records, events):  # noqa: B905 (same length by construction)
             rejection = apply(s, shard, r.offset, ev)

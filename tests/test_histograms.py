@@ -245,3 +245,20 @@ def test_out_of_range_scores_are_exported_per_partition() -> None:
             "stream_fair_scores_out_of_range_total", {"model": "m", "partition": str(p)}
         )
         assert got == want
+
+
+def test_a_score_on_an_edge_counts_in_the_bin_a_threshold_there_selects() -> None:
+    """Bin b is [edges[b], edges[b+1]): ``score >= edge`` (how a threshold reads a score) and the
+    bin agree for every 4-decimal score, although e.g. 0.58 * 50 is 28.999999999999996 in floats."""
+    from stream_fair.histograms import BINS, PartitionHistograms, edges
+
+    e = edges()
+    scores = np.concatenate([np.round(np.linspace(0, 1, 10_001), 4), e])
+    h = PartitionHistograms()
+    for s in scores:
+        h.add(0, 1, float(s))
+    counts = np.asarray(h.rows[0][1 * BINS.count : 2 * BINS.count])
+    for b in range(1, BINS.count):
+        # everything at or above edge b is in bins b and up
+        assert counts[b:].sum() == int((scores >= e[b]).sum()), b
+    assert counts.sum() == len(scores)

@@ -140,7 +140,7 @@ class RocksBackend:
 
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
         """Values of ``keys`` (None where absent) in one batched lookup (RocksDB's MultiGet)."""
-        return self._db.get(keys)  # type: ignore[no-any-return]
+        return self._db.get(list(keys))  # type: ignore[arg-type,return-value]
 
     def scan(self, start: bytes, end: bytes, limit: int | None = None) -> list[tuple[bytes, bytes]]:
         """Up to ``limit`` ``(key, value)`` pairs with ``start <= key < end``, in key order."""

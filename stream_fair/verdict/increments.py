@@ -63,15 +63,36 @@ class ScoreBins:
     def __post_init__(self) -> None:
         if self.count < 0 or (self.count and not self.high > self.low):
             raise ValueError("ScoreBins needs high > low and count >= 0, e.g. ScoreBins(0.0, 1.0, 20)")
+        # the edges are the one definition: a score exactly on an edge is in the bin above it
+        # (``score >= edge``, as a threshold reads it), whatever the float rounding of the scaling
+        object.__setattr__(self, "_edges", tuple(np.linspace(self.low, self.high, self.count + 1).tolist()))
+
+    def edges(self) -> NDArray[np.float64]:
+        """The ``count + 1`` edges; bin ``b`` is ``[edges[b], edges[b + 1])``, the last one closed."""
+        return np.asarray(self._edges, dtype=np.float64)  # type: ignore[attr-defined]
 
     def index(self, score: float) -> int:
-        """Bin of one score."""
+        """Bin of one score.
+
+        >>> ScoreBins(0.0, 1.0, 50).index(0.58)  # 0.58 * 50 is 28.999999999999996 in floats
+        29
+        """
+        top = self.count - 1
         i = int((score - self.low) / (self.high - self.low) * self.count)
-        return min(max(i, 0), self.count - 1)
+        if i < 0:
+            return 0
+        if i > top:
+            return top
+        edges = self._edges  # type: ignore[attr-defined]
+        if i < top and score >= edges[i + 1]:
+            return i + 1
+        if i > 0 and score < edges[i]:
+            return i - 1
+        return i
 
     def indices(self, scores: NDArray[np.float64]) -> NDArray[np.int64]:
         """Bins of many scores (vectorised :meth:`index`)."""
-        i = np.floor((np.asarray(scores, dtype=np.float64) - self.low) / (self.high - self.low) * self.count)
+        i = np.searchsorted(self.edges(), np.asarray(scores, dtype=np.float64), side="right") - 1
         return np.clip(i, 0, self.count - 1).astype(np.int64)
 
 
