@@ -133,6 +133,14 @@ def test_merged_report_of_two_replicas_counts_the_whole_stream(
                 text = json.dumps(sig["data"])
                 assert "not the whole model" in text and all(u in text for u in urls), name
 
+        # rendered: the coverage and the sources are in the HTML, which verifies
+        html = tmp_path / "merged.html"
+        proc = run_cli("report", "--input", str(tmp_path / "merged.json"), "-o", str(html))
+        assert proc.returncode == 0, proc.stderr
+        page = html.read_text(encoding="utf-8")
+        assert "The counts cover all 4 input partitions" in page and all(u in page for u in urls)
+        assert run_cli("report", "--verify", str(html)).returncode == 0
+
         # a period spanning the stream: the replicas' per-period buckets summed
         ts = [p["ts"] for k, p in evs if k == "prediction"]
         period = _report(
