@@ -359,13 +359,23 @@ def parser(dev: bool = True) -> argparse.ArgumentParser:
         "write a stakeholder report (HTML, Markdown or JSON) for a period",
         "From a running instance (--url: its /report.json, same credentials as /metrics) or from\n"
         "its state directory read offline (--config, --state-dir; read-only, safe next to a running\n"
-        "detector). --verify FILE checks a JSON or HTML report's content hash (exit 1 if it fails).\n"
+        "detector). Repeat --url (or --state-dir) once per replica to cover the whole model: the\n"
+        "replicas' counts are merged by partition (docs/report.md). --verify FILE checks a JSON or\n"
+        "HTML report's content hash (exit 1 if it fails).\n"
         "The period is in prediction event time; see docs/report.md.",
     )
-    rep.add_argument("--url", metavar="URL", help="a running detector's exporter, e.g. http://localhost:9800")
+    rep.add_argument(
+        "--url",
+        action="append",
+        metavar="URL",
+        help="a running detector's exporter, e.g. http://localhost:9800; repeat once per replica",
+    )
     rep.add_argument("--config", "-c", default=os.environ.get(CONFIG_ENV), metavar="FILE", help=config_help)
     rep.add_argument(
-        "--state-dir", metavar="DIR", help="state directory to read offline (default: state.path)"
+        "--state-dir",
+        action="append",
+        metavar="DIR",
+        help="state directory to read offline (default: state.path); repeat once per replica",
     )
     rep.add_argument(
         "--from", dest="since", metavar="TIME", help="period start: ISO-8601 UTC or unix seconds"
@@ -530,7 +540,7 @@ def parser(dev: bool = True) -> argparse.ArgumentParser:
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the stakeholder report, or check one (``--verify``)."""
     from stream_fair import report_render as render
-    from stream_fair.stakeholder_report import ReportError, assemble, parse_period, verify
+    from stream_fair.stakeholder_report import ReportError, parse_period, verify
 
     if args.verify:
         return _verify_report(args.verify)
@@ -553,31 +563,8 @@ def cmd_report(args: argparse.Namespace) -> int:
                 f"report error: {args.input} fails its content hash: it was changed; make the report "
                 "from its source again"
             )
-    elif args.url:
-        from stream_fair.report_sources import fetch_report
-
-        password = None
-        if args.password_file:
-            try:
-                password = Path(args.password_file).read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise ReportError(
-                    f"report error: cannot read --password-file {args.password_file} ({exc.strerror})"
-                ) from None
-        doc = fetch_report(args.url, period, user=args.user, password=password, cafile=args.cacert)
     else:
-        from stream_fair import config as config_mod
-        from stream_fair.report_sources import inputs_from_state
-
-        if not args.config and not args.state_dir:
-            raise ReportError(
-                "report error: nothing to report from: pass --url of a running instance, or --config "
-                "(and --state-dir) to read a state directory"
-            )
-        cfg = config_mod.load(args.config)
-        if not cfg.fairness.features:
-            raise StreamFairError(ERR_NO_FEATURES)
-        doc = assemble(inputs_from_state(cfg, args.state_dir), period)
+        doc = _report_from_sources(args, period)
     text = {"html": render.to_html, "md": render.to_markdown, "json": render.to_json}[fmt](doc)
     if not verify(doc):  # a document changed on its way here (a proxy, a version mismatch)
         raise ReportError("report error: the report's content hash does not match its content")
@@ -595,6 +582,47 @@ def cmd_report(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _report_from_sources(args: argparse.Namespace, period: Any) -> dict[str, Any]:
+    """The report of one or more running instances (--url) and/or state directories (--state-dir);
+    several are merged by partition (:mod:`stream_fair.report_merge`)."""
+    import dataclasses
+
+    from stream_fair.report_merge import inputs_from_json, merge
+    from stream_fair.report_sources import fetch_report, inputs_from_state
+    from stream_fair.stakeholder_report import ReportError, assemble
+
+    urls, dirs = list(args.url or ()), list(args.state_dir or ())
+    password = None
+    if args.password_file:
+        try:
+            password = Path(args.password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ReportError(
+                f"report error: cannot read --password-file {args.password_file} ({exc.strerror})"
+            ) from None
+    if len(urls) == 1 and not dirs:  # one instance assembles its own report
+        return fetch_report(urls[0], period, user=args.user, password=password, cafile=args.cacert)
+    sources = []
+    for url in urls:  # named by the address asked: every sidecar may call itself 0.0.0.0:9800
+        raw = inputs_from_json(
+            fetch_report(url, period, user=args.user, password=password, cafile=args.cacert, raw=True), url
+        )
+        sources.append(dataclasses.replace(raw, source=url))
+    if dirs or not urls:
+        from stream_fair import config as config_mod
+
+        if not args.config and not dirs:
+            raise ReportError(
+                "report error: nothing to report from: pass --url of a running instance, or --config "
+                "(and --state-dir) to read a state directory"
+            )
+        cfg = config_mod.load(args.config)
+        if not cfg.fairness.features:
+            raise StreamFairError(ERR_NO_FEATURES)
+        sources += [inputs_from_state(cfg, d) for d in dirs or [None]]
+    return assemble(merge(sources), period)
 
 
 def _format_of(path: str | None) -> str:

@@ -190,7 +190,8 @@ def _signal_tables(name: str, data: Any) -> list[tuple[str, list[str], list[list
         if name == "label_free_estimates":
             for fe in data["features"]:
                 caption = (
-                    f"{fe['model']} · {fe['feature']} ({data['view']}): ESTIMATED from the scores of "
+                    (f"[{fe['source']}] " if fe.get("source") else "")
+                    + f"{fe['model']} · {fe['feature']} ({data['view']}): ESTIMATED from the scores of "
                     "predictions whose outcome has not arrived, trusted only where the group's scores "
                     "are calibrated on its matured labels"
                     + (f"; estimated flagged: {', '.join(fe['flagged'])}" if fe["flagged"] else "")
@@ -236,6 +237,10 @@ def to_html(doc: Mapping[str, Any]) -> str:
     ]
     # summary
     out.append("<h2 id=summary>Summary</h2>")
+    cov = doc["audit"].get("coverage") or {}
+    if s.get("coverage"):
+        cls = "flag" if cov.get("model_wide") is False else "muted"
+        out.append(f"<p class={cls}>{e(s['coverage'])}</p>")
     if s["flagged"]:
         out.append(f"<p><span class=flag>{len(s['flagged'])} disparities flagged</span></p>")
     else:
@@ -550,6 +555,12 @@ def _unknown_html(doc: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _missing_text(missing: Sequence[int] | None) -> str:
+    if missing is None:
+        return "unknown"
+    return ", ".join(map(str, missing)) or "none"
+
+
 def _audit_html(doc: Mapping[str, Any]) -> list[str]:
     e = html.escape
     a = doc["audit"]
@@ -576,13 +587,34 @@ def _audit_html(doc: Mapping[str, Any]) -> list[str]:
     out.append("</table><h3>Input offsets covered</h3>")
     out.append(
         "<table><tr><th>partition</th><th>next offset: predictions</th><th>next offset: outcomes</th>"
-        "<th>consumed: predictions</th><th>consumed: outcomes</th></tr>"
+        "<th>consumed: predictions</th><th>consumed: outcomes</th><th class=l>from</th></tr>"
     )
     for p in a["partitions"]:
         no, co = p.get("next_offsets") or [None, None], p.get("consumed") or [None, None]
         out.append(
-            f"<tr><td>{p['partition']}</td><td>{no[0]}</td><td>{no[1]}</td><td>{co[0]}</td><td>{co[1]}</td></tr>"
+            f"<tr><td>{p['partition']}</td><td>{no[0]}</td><td>{no[1]}</td><td>{co[0]}</td><td>{co[1]}</td>"
+            f"<td class=l>{e(str(p.get('source', a['source'])))}</td></tr>"
         )
+    cov = a.get("coverage")
+    if cov is not None:
+        missing = cov["missing"]
+        out.append(
+            f"</table><p>Partitions of the topics: {cov['partitions_total'] or 'unknown'}; missing: "
+            f"{e(_missing_text(missing))}.</p>"
+        )
+        out.append("<h3>Sources</h3><table><tr><th class=l>source</th><th>data taken at</th><th>leader</th>"
+                   "<th>partitions used</th><th>partitions dropped (duplicate)</th></tr>")  # fmt: skip
+        for src in a.get("sources") or ():
+            used = ", ".join(f"{p['partition']} @ {p.get('next_offsets')}" for p in src["partitions_used"])
+            dropped = ", ".join(
+                f"{p['partition']} @ {p.get('next_offsets')} (kept from {p['kept_from']})"
+                for p in src["partitions_dropped"]
+            )
+            out.append(
+                f"<tr><td class=l>{e(src['source'])}</td><td>{e(str(src['data_taken_at']))}</td>"
+                f"<td>{e(str(src['leader']))}</td><td>{e(used or 'none')}</td>"
+                f"<td>{e(dropped or 'none')}</td></tr>"
+            )
     out.append(
         "</table><p class=muted>Verify: <code>stream-fair report --verify FILE</code> recomputes the "
         "hash of the JSON report, or of the document embedded in this HTML file, and re-renders "
@@ -627,6 +659,14 @@ def to_markdown(doc: Mapping[str, Any]) -> str:
         "",
         "## Summary",
         "",
+        *(
+            [
+                f"**{s['coverage']}**" if a.get("coverage", {}).get("model_wide") is False else s["coverage"],
+                "",
+            ]
+            if s.get("coverage")
+            else []
+        ),
         f"**{len(s['flagged'])} disparities flagged.**" if s["flagged"] else "**No disparity flagged.**",
         "",
     ]
@@ -789,9 +829,24 @@ def to_markdown(doc: Mapping[str, Any]) -> str:
         ],
     )
     out += _table(
-        ["partition", "next offset: predictions", "next offset: outcomes"],
-        [[p["partition"], *(p.get("next_offsets") or [None, None])] for p in a["partitions"]],
-    )
+        ["partition", "next offset: predictions", "next offset: outcomes", "from"],
+        [[p["partition"], *(p.get("next_offsets") or [None, None]), p.get("source", a["source"])]
+         for p in a["partitions"]],
+    )  # fmt: skip
+    if a.get("sources"):
+        out += _table(
+            ["source", "data taken at", "leader", "partitions used", "partitions dropped (duplicate)"],
+            [
+                [
+                    src["source"], src["data_taken_at"], src["leader"],
+                    ", ".join(f"{p['partition']} @ {p.get('next_offsets')}" for p in src["partitions_used"])
+                    or "none",
+                    ", ".join(f"{d['partition']} (from {d['kept_from']})" for d in src["partitions_dropped"])
+                    or "none",
+                ]
+                for src in a["sources"]
+            ],
+        )  # fmt: skip
     out.append("Verify against the JSON export: `stream-fair report --verify report.json`.")
     return "\n".join(out) + "\n"
 

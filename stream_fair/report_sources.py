@@ -59,6 +59,7 @@ def collect(snapshot: Any, tracker: Any, windows: Any) -> dict[str, Any]:
     buckets = {b: {k: list(v) for k, v in rows.items()} for b, rows in windows.buckets.items()}
     partitions = []
     cumulative: dict[Key, list[int]] = {}
+    per_partition: dict[int, dict[Key, list[int]]] = {}
     if snapshot is not None:
         for p, view in sorted(snapshot.partitions.items()):
             shard = tracker.shards.get(p) if tracker is not None else None
@@ -70,12 +71,14 @@ def collect(snapshot: Any, tracker: Any, windows: Any) -> dict[str, Any]:
                     "last_event_ts": list(view.last_ts),
                 }
             )
+            per_partition[p] = {k: list(row[:WIDTH]) for k, row in view.cells.items()}
             for k, row in view.cells.items():
                 acc = cumulative.setdefault(k, [0] * WIDTH)
                 for i, v in enumerate(row[:WIDTH]):
                     acc[i] += v
     return {
         "cumulative": cumulative,
+        "partition_rows": per_partition,
         "buckets": buckets,
         "last_bucket": windows.last_bucket,
         "partitions": partitions,
@@ -168,11 +171,6 @@ def inputs_from_detector(detector: Any, source: str) -> ReportInputs:
     if leader is False:
         events = None
         notes.append(_alarm_signal_note(leader))
-    notes.append(
-        "The counts cover the input partitions this replica owns "
-        f"({', '.join(str(p['partition']) for p in partitions) or 'none'}); "
-        "with several replicas, each one reports its own partitions."
-    )
     return ReportInputs(
         config=detector.config,
         cumulative=parts["cumulative"],
@@ -187,16 +185,28 @@ def inputs_from_detector(detector: Any, source: str) -> ReportInputs:
         notes=notes,
         signal_notes=signal_notes,
         signals=signals,
+        partition_rows=parts["partition_rows"],
+        partitions_total=getattr(detector, "_partitions", 0) or None,
+        leader=leader,
     )
 
 
 def report_endpoint(detector: Any, query: Mapping[str, list[str]], source: str) -> tuple[int, dict[str, Any]]:
-    """``/report.json?from=..&to=..`` or ``?last=6h``: (status, document or {"error": one line})."""
+    """``/report.json?from=..&to=..`` or ``?last=6h``: (status, document or {"error": one line}).
+
+    ``?raw=1``: this replica's report inputs instead (per-partition counts, buckets, offsets; see
+    :func:`stream_fair.report_merge.inputs_to_json`), what ``stream-fair report`` merges when given
+    several ``--url``.
+    """
 
     def one(name: str) -> str | None:
         values = query.get(name)
         return values[-1] if values else None
 
+    if one("raw") not in (None, "0", "false"):
+        from stream_fair.report_merge import inputs_to_json
+
+        return 200, inputs_to_json(inputs_from_detector(detector, source))
     try:
         period = parse_period(one("from"), one("to"), one("last"))
         return 200, assemble(inputs_from_detector(detector, source), period)
@@ -213,12 +223,14 @@ def fetch_report(
     password: str | None = None,
     timeout: float = 30.0,
     cafile: str | None = None,
+    raw: bool = False,
 ) -> dict[str, Any]:
-    """GET ``/report.json`` of a running instance; ReportError (one line) when it cannot."""
+    """GET ``/report.json`` of a running instance (``raw``: its report inputs, ``?raw=1``);
+    ReportError (one line) when it cannot."""
     base = url.rstrip("/")
     if not base.startswith(("http://", "https://")):
         base = "http://" + base
-    params = {}
+    params = {"raw": "1"} if raw else {}
     if period.start is not None:
         params["from"] = repr(period.start)
     if period.end is not None:
@@ -257,6 +269,10 @@ def fetch_report(
         raise ReportError(ERR_HTTP.format(url=full, code=200, body="not JSON")) from None
     if not isinstance(doc, dict) or "schema" not in doc:
         raise ReportError(ERR_HTTP.format(url=full, code=200, body="not a stream-fair report"))
+    if raw and "partition_rows" not in doc:
+        raise ReportError(
+            ERR_HTTP.format(url=full, code=200, body="no raw report inputs: is it an older stream-fair?")
+        )
     return doc
 
 
@@ -306,6 +322,7 @@ def inputs_from_state(config: Config, path: str | Path | None = None) -> ReportI
         if stored.get("fingerprint") != fingerprint(config):
             raise ReportError(ERR_FINGERPRINT.format(path=p))
         cumulative: dict[Key, list[int]] = {}
+        per_partition: dict[int, dict[Key, list[int]]] = {}
         metas: dict[int, dict[str, Any]] = {}
         it = db.iter()
         it.seek(bytes([SPACE_COUNTS]))
@@ -316,9 +333,12 @@ def inputs_from_state(config: Config, path: str | Path | None = None) -> ReportI
                 break
             if space == SPACE_COUNTS:
                 model, cell, row = decode_json(it.value())
-                acc = cumulative.setdefault((str(model), tuple(cell)), [0] * WIDTH)
+                key_ = (str(model), tuple(cell))
+                acc = cumulative.setdefault(key_, [0] * WIDTH)
+                own = per_partition.setdefault(partition, {}).setdefault(key_, [0] * WIDTH)
                 for i, v in enumerate(list(row)[:WIDTH]):
                     acc[i] += int(v)
+                    own[i] += int(v)
             elif space == SPACE_META:
                 metas[partition] = decode_json(it.value())
             it.next()
@@ -369,6 +389,7 @@ def inputs_from_state(config: Config, path: str | Path | None = None) -> ReportI
         alarm_events=events,
         last_bucket=last_bucket,
         notes=notes,
+        partition_rows={i: per_partition.get(i, {}) for i in metas},
         signal_notes={
             name: "not available offline: computed by a running instance only"
             for name in (

@@ -214,7 +214,10 @@ class ReportInputs:
     covers: ``{"partition", "next_offsets": [predictions, outcomes], "consumed": [...],
     "last_event_ts": [...]}``. ``alarm_events`` are :meth:`AlarmEvent.to_json` documents, None when
     the source cannot know them. ``signals`` holds optional documents of other analyses by name
-    (None: not available here, with ``signal_notes[name]`` saying why).
+    (None: not available here, with ``signal_notes[name]`` saying why). ``partition_rows`` are the
+    cumulative rows per input partition (what :mod:`stream_fair.report_merge` merges by),
+    ``partitions_total`` the input topics' partition count (None: unknown), ``leader`` whether the
+    source is the model-wide leader, ``sources`` the audit entries of merged sources.
     """
 
     config: Config
@@ -230,6 +233,41 @@ class ReportInputs:
     notes: Sequence[str] = ()
     signals: Mapping[str, Any] = field(default_factory=dict)
     signal_notes: Mapping[str, str] = field(default_factory=dict)
+    partition_rows: Mapping[int, Mapping[Key, Sequence[int]]] = field(default_factory=dict)
+    partitions_total: int | None = None
+    leader: bool | None = None
+    sources: Sequence[Mapping[str, Any]] = ()
+
+
+def coverage_of(inputs: ReportInputs) -> dict[str, Any]:
+    """Which input partitions the report's counts cover, and which of the topic are missing."""
+    covered = sorted({int(p["partition"]) for p in inputs.partitions})
+    total = inputs.partitions_total
+    return {
+        "partitions_total": total,
+        "covered": covered,
+        "missing": None if total is None else [p for p in range(total) if p not in covered],
+        "model_wide": None if total is None else len(covered) == total,
+    }
+
+
+def coverage_note(cov: Mapping[str, Any]) -> str:
+    """One plain sentence on what :func:`coverage_of` found."""
+    covered = ", ".join(map(str, cov["covered"])) or "none"
+    if cov["partitions_total"] is None:
+        return (
+            f"The counts cover input partitions {covered}; the topics' partition count is not known "
+            "to this source, so whether partitions are missing cannot be said."
+        )
+    if cov["model_wide"]:
+        return (
+            f"The counts cover all {cov['partitions_total']} input partitions ({covered}): the whole model."
+        )
+    return (
+        f"PARTIAL: the counts cover input partitions {covered} of {cov['partitions_total']}; partitions "
+        f"{', '.join(map(str, cov['missing']))} are MISSING (owned by other replicas): these numbers are "
+        "not model-wide. Make the report with one --url per replica to cover the whole model."
+    )
 
 
 #: The other analyses a report includes when the source has them (name -> title).
@@ -693,7 +731,8 @@ def assemble(inputs: ReportInputs, period: Period = Period()) -> dict[str, Any]:
                 ),
             }
         )
-    notes = list(inputs.notes)
+    cov = coverage_of(inputs)
+    notes = [coverage_note(cov), *inputs.notes]
     unknown = {
         "pending_labels": {m: t["pending"] for m, t in totals.items()},
         "groups_below_min_samples": below,
@@ -731,6 +770,7 @@ def assemble(inputs: ReportInputs, period: Period = Period()) -> dict[str, Any]:
             "intersections": [list(c) for c in config.fairness.intersections],
         },
         "summary": {
+            "coverage": coverage_note(cov),
             "totals": totals,
             "flagged": flagged,
             "alarms_raised_in_period": None
@@ -754,6 +794,20 @@ def assemble(inputs: ReportInputs, period: Period = Period()) -> dict[str, Any]:
             "data_taken_at": iso(inputs.taken_at),
             "period": {"from": period_doc["prediction_time_from"], "to": period_doc["prediction_time_to"]},
             "partitions": [dict(p) for p in sorted(inputs.partitions, key=lambda p: p["partition"])],
+            "coverage": cov,
+            "sources": [dict(x) for x in inputs.sources]
+            or [
+                {
+                    "source": inputs.source,
+                    "data_taken_at": iso(inputs.taken_at),
+                    "leader": inputs.leader,
+                    "partitions_used": [
+                        {k: p[k] for k in ("partition", "next_offsets", "consumed") if k in p}
+                        for p in sorted(inputs.partitions, key=lambda p: p["partition"])
+                    ],
+                    "partitions_dropped": [],
+                }
+            ],
             "window_resolution_seconds": config.window_resolution,
         },
     }
@@ -761,6 +815,7 @@ def assemble(inputs: ReportInputs, period: Period = Period()) -> dict[str, Any]:
 
 
 __all__ = [
-    "DEFINITIONS", "SCHEMA", "SIGNALS", "Period", "ReportError", "ReportInputs", "assemble",
+    "DEFINITIONS", "SCHEMA", "SIGNALS", "Period", "ReportError", "ReportInputs", "assemble", "coverage_note",
+    "coverage_of",
     "canonical", "config_fingerprint", "content_hash", "iso", "parse_period", "parse_time", "seal", "verify",
 ]  # fmt: skip

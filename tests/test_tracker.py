@@ -242,6 +242,7 @@ def test_pure_core_imports_neither_kafka_nor_prometheus() -> None:
         "tracker",
         "report",
         "stakeholder_report",
+        "report_merge",
         "report_render",
         "dev.simulate",
         "aggregate",
