@@ -97,6 +97,10 @@ PARTIAL_NOTE = (
     "this replica owns {owned} of {total} partitions: the what-if covers only their labelled pairs; "
     "ask each replica, or run one instance over all partitions"
 )
+EXPLAIN_PARTIAL_NOTE = (
+    "this replica owns partitions {owned} of {total}: the explanation covers only their labelled "
+    "pairs; a model-wide one: stream-fair report with one --url per replica (docs/report.md)"
+)
 
 
 class Detector:
@@ -348,7 +352,7 @@ class Detector:
             buckets = {b: dict(rows) for b, rows in self.windows.buckets.items()}
         if not any(m == model for rows in buckets.values() for m, _ in rows):
             raise KeyError(f"no labelled pairs of model {model!r} in the event-time windows")
-        return explain(
+        doc = explain(
             buckets,
             model=model,
             key=keys[feature],
@@ -363,6 +367,15 @@ class Detector:
             min_samples=fc.min_samples,
             level=fc.credible_level,
         )
+        # say which pairs it covers: the buckets hold this replica's partitions only
+        owned = sorted(report.snapshot.partitions)
+        doc["partitions"] = owned
+        doc["partitions_total"] = self._partitions or None
+        if self._partitions and len(owned) < self._partitions:
+            doc["coverage_note"] = EXPLAIN_PARTIAL_NOTE.format(
+                owned=", ".join(map(str, owned)) or "none", total=self._partitions
+            )
+        return doc
 
     def search_document(self) -> dict[str, Any]:
         """``/search``: the last search of unconfigured intersections, per model."""
@@ -999,9 +1012,13 @@ def alarm_explanation(doc: dict[str, Any]) -> dict[str, Any]:
     url = "/explain?" + urllib.parse.urlencode(
         {"model": doc["model"], "feature": doc["feature"], "disparity": doc["disparity"]}
     )
+    if doc.get("coverage_note"):
+        summary += f" ({doc['coverage_note']})"
     return {
         "summary": summary,
         "url": url,
+        "partitions": doc.get("partitions"),
+        "partitions_total": doc.get("partitions_total"),
         "group": doc["group"],
         "rate": doc["rate"],
         "periods": doc["periods"],

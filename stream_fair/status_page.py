@@ -350,7 +350,8 @@ def render(report: Report, stats: PipelineStats, history: History | None = None)
         out.append(
             "<table class=nw><tr><th class=l>model</th><th class=l>feature</th>"
             "<th class=l>disparity</th><th class=l>method</th><th>value</th>"
-            "<th>interval</th><th>threshold</th><th class=l title='the widest group-to-rest gap, then the value of another attribute that carries most of it'>why: widest gap · top driver</th></tr>"
+            "<th>interval</th><th>threshold</th><th class=l title='the widest group-to-rest gap, then the "
+            "value of another attribute that carries most of it'>why: widest gap · top driver</th></tr>"
         )
         for v, d, m in flagged:
             gap = v.report.disparities[d, m]

@@ -81,7 +81,8 @@ def forest_plot(
             x = _x(ref, left)
             out.append(
                 f'<line class="ref" x1="{x:.1f}" x2="{x:.1f}" y1="20" y2="{bottom}" '
-                f'stroke="{REFERENCE}" stroke-width="1.5" stroke-dasharray="4 3" shape-rendering="crispEdges"/>'
+                f'stroke="{REFERENCE}" stroke-width="1.5" stroke-dasharray="4 3" '
+                'shape-rendering="crispEdges"/>'
             )
     for r, row in enumerate(rows):
         y = 32 + r * _ROW

@@ -100,6 +100,9 @@ def test_explain_names_the_driver_of_the_race_gap(served: tuple[str, pd.DataFram
     doc = get(url)
     assert doc["group"] == "Black" and doc["rate"] == "true_positive_rate"
     assert doc["periods"]["split_source"] in ("alarm", "midpoint")
+    # one replica owns every partition: the answer says so and carries no partial-coverage note
+    assert doc["partitions_total"] and doc["partitions"] == list(range(doc["partitions_total"]))
+    assert "coverage_note" not in doc
     drivers = doc["drivers"]
     assert (drivers["ranked"][0]["by"], drivers["ranked"][0]["value"]) == ("sex", "Female")
     # the after period's pairs, recounted: the gap and the driver's counts

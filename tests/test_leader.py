@@ -114,6 +114,9 @@ def test_three_replicas_page_like_one_and_a_dead_leader_neither_clears_nor_raise
         assert why["periods"]["before"]["pairs"] > 0 and why["periods"]["after"]["pairs"] > 0, why
         assert why["gap"]["components"]["error_rates"]["upper"] < 0, why  # E's TPR fell: error rates
         assert why["url"].startswith("/explain?") and "error_rates" in why["summary"]
+        # the explanation says which partitions' pairs it covers (the leader's own, not model-wide)
+        assert why["partitions_total"] == PARTITIONS and set(why["partitions"]) <= set(range(PARTITIONS))
+        assert (len(why["partitions"]) < PARTITIONS) == ("the explanation covers only" in why["summary"])
         assert all(not raised(alarms(r)) for r in live if r is not first), "only the leader pages"
         live.remove(first)
         first.kill()  # mid-stream: the producer is still sending
