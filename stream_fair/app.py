@@ -93,6 +93,18 @@ class _Crash:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+_SHUTDOWN_WAIT = 10.0  # seconds a shutdown waits for dead letters and the changelog
+_UNREACHABLE_WAIT = 1.0  # ... and for a broker that is already unreachable
+
+
+def _closing(close: Any, **kwargs: Any) -> None:
+    """Close a client at shutdown; one that cannot reach the broker is logged, never raised."""
+    try:
+        close(**kwargs)
+    except Exception as exc:
+        log.warning("at shutdown: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
 PARTIAL_NOTE = (
     "this replica owns {owned} of {total} partitions: the what-if covers only their labelled pairs; "
     "ask each replica, or run one instance over all partitions"
@@ -154,6 +166,7 @@ class Detector:
 
         self.history = History()  # the status page's sparklines
         self._explained: dict[int, dict[str, Any]] = {}  # alarm event seq -> its explanation
+        self._down_since: float | None = None  # the broker refused connections since (monotonic)
         self._explained_seq = 0  # the newest alarm event looked at
         port = config.exporter.port if exporter_port is None else exporter_port
         self.server = ExporterServer(
@@ -462,9 +475,18 @@ class Detector:
         try:
             while not stop.is_set():
                 self._backpressure(consumer, dead)
-                batches = consumer.poll(
-                    timeout_ms=100 if self._to_restore else 200, max_records=cfg.kafka.max_poll_records
-                )
+                try:
+                    batches = consumer.poll(
+                        timeout_ms=100 if self._to_restore else 200, max_records=cfg.kafka.max_poll_records
+                    )
+                except kafka_io.BROKER_DOWN as exc:  # refused: /readyz says so; try again shortly
+                    self.health.heartbeat = time.monotonic()  # the process is fine
+                    self._broker_down(exc)
+                    stop.wait(1.0)
+                    continue
+                if self._down_since is not None:
+                    log.warning("the broker answers again after %.0f s", time.monotonic() - self._down_since)
+                    self._down_since = None
                 if listener.assigned:  # the join is right only while the inputs stay co-partitioned
                     listener.assigned = False
                     kafka_io.check_copartitioned(consumer, cfg, expected=self._partitions)
@@ -483,16 +505,30 @@ class Detector:
             failed = True
             raise
         finally:
+            # Bounded: a pod's grace period (30 s by default) must cover it. With the broker
+            # reachable, wait up to _SHUTDOWN_WAIT for unsent dead letters and the changelog; if it
+            # is already unreachable, barely at all. A final checkpoint that fails leaves the
+            # previous one valid (a restart re-reads from its offsets), and then nothing else waits.
+            reachable = self.health.connected(time.monotonic())
+            wait = _SHUTDOWN_WAIT if reachable else _UNREACHABLE_WAIT
+            if not reachable:
+                log.warning("stopping while the broker is unreachable: not waiting for it")
+            for c in (writer, publisher):
+                if c is not None:
+                    c.timeout = min(c.timeout, wait)
             try:
-                # at shutdown, wait longer for unsent dead letters before giving up on them
-                clean = self.checkpoint(settle=max(10.0, cfg.kafka.request_timeout_ms / 1000))
+                clean = self.checkpoint(settle=wait)
             finally:
-                self._on_leader(False)
-                consumer.close(autocommit=False)
-                dead.close()
-                for c in (writer, reader, publisher, inputs):
+                grace = 5.0 if clean else 0.0
+                self._on_leader(False, wait)
+                _closing(consumer.close, autocommit=False)
+                _closing(dead.close, timeout=grace)
+                for c in (writer, publisher):
                     if c is not None:
-                        c.close()
+                        _closing(c.close, timeout=grace)
+                for c in (reader, inputs):
+                    if c is not None:
+                        _closing(c.close)
                 self.close()
                 self.server.stop()
             # an error that stopped the loop is reported by the caller, in one line
@@ -687,12 +723,18 @@ class Detector:
         self.stats.increments_published = self._publisher.sent
         self.stats.errors["increments"] = self._publisher.errors
 
-    def _on_leader(self, lead: bool) -> None:
+    def _broker_down(self, exc: Exception) -> None:
+        """One warning per outage (kafka-python logs every attempt on its own)."""
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning("the broker refuses connections, retrying: %s", str(exc).splitlines()[0])
+
+    def _on_leader(self, lead: bool, wait: float | None = None) -> None:
         """Group assignment: this replica gained (start in the loop) or lost the leader partition."""
         self._lead_wanted = lead
         if not lead and self.leader is not None:
             leader, self.leader = self.leader, None
-            leader.stop()
+            leader.stop(wait)
             with self.lock:
                 self._use_engine()
                 self._publish()  # stop exporting the alarms now, not at the next checkpoint

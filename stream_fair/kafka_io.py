@@ -20,7 +20,12 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.coordinator.assignors.range import RangePartitionAssignor
-from kafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
+from kafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+)
 from kafka.structs import MemberState, OffsetAndMetadata
 
 from stream_fair.config import Config, KafkaConfig
@@ -400,6 +405,30 @@ def build_letter(
     return Letter(shard, role, key, value, headers)
 
 
+BROKER_DOWN: tuple[type[Exception], ...] = (KafkaConnectionError,)
+"""What kafka-python's ``poll`` raises while every broker refuses connections (an outage, a
+restart): the run loop keeps trying, as it does during a hang, instead of dying."""
+
+
+def close_producer(producer: Any, timeout: float) -> None:
+    """Close a kafka-python producer within ``timeout`` seconds, dropping what it could not send.
+
+    kafka-python's ``close()`` flushes first and raises when that times out (the broker is gone),
+    before it force-closes; the producer then raises again from ``__del__``. Unsent records are
+    never needed here: the checkpoint protocol re-sends anything uncommitted after a restart.
+    """
+    try:
+        producer.close(timeout=timeout)
+        return
+    except Exception:  # KafkaTimeoutError with records still unsent
+        pass
+    with contextlib.suppress(Exception):  # the forced close that close() did not reach
+        producer._sender.force_close()
+        producer._accumulator.abort_incomplete_batches()
+    with contextlib.suppress(Exception):
+        producer.close(timeout=0)
+
+
 class DeadLetters:
     """Writes rejected records to the dead-letter topic and never lets one go unrecorded.
 
@@ -550,7 +579,7 @@ class DeadLetters:
                 # a producer that gave up on a batch can stay wedged on its connection: start afresh
                 producer, self._producer = self._producer, None
                 with contextlib.suppress(Exception):
-                    producer.close(timeout=0)
+                    close_producer(producer, 0.0)
             for seq, letter in letters:
                 self._produce(seq, letter)
             remaining = deadline - time.monotonic()
@@ -565,10 +594,9 @@ class DeadLetters:
     def flush(self, timeout: float = 10.0) -> None:
         self.settle(timeout)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
         if self._producer is not None:
-            with contextlib.suppress(Exception):
-                self._producer.close(timeout=5)
+            close_producer(self._producer, timeout)
 
 
 def _by_role(rows: Iterable[list[int]], column: int) -> dict[str, int]:
@@ -720,8 +748,8 @@ class ChangelogWriter:
     def offset(self, future: Any) -> int:
         return int(future.get(timeout=self.timeout).offset)
 
-    def close(self) -> None:
-        self._producer.close(timeout=5)
+    def close(self, timeout: float = 5.0) -> None:
+        close_producer(self._producer, timeout)
 
 
 class ChangelogReader:

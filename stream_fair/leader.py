@@ -91,8 +91,10 @@ class IncrementPublisher:
         self.sent += len(messages)
         return True
 
-    def close(self) -> None:
-        self._producer.close(timeout=5)
+    def close(self, timeout: float = 5.0) -> None:
+        from stream_fair.kafka_io import close_producer
+
+        close_producer(self._producer, timeout)
 
 
 class Leader:
@@ -230,13 +232,22 @@ class Leader:
         self._last = time.monotonic()
         return True
 
-    def stop(self) -> None:
-        """Leadership moved away (or shutdown): checkpoint, close the clients."""
-        self.checkpoint()
+    def stop(self, wait: float | None = None) -> None:
+        """Leadership moved away (or shutdown): checkpoint, close the clients.
+
+        ``wait`` caps how long the checkpoint waits for the broker (a bounded shutdown); after a
+        failed checkpoint nothing waits for unsent records (the previous checkpoint stays valid).
+        """
+        if wait is not None and self._writer is not None:
+            self._writer.timeout = min(self._writer.timeout, wait)
+        ok = self.checkpoint()
         for c in (self._consumer, self._writer):
             if c is not None:
                 with contextlib.suppress(Exception):
-                    c.close() if isinstance(c, ChangelogWriter) else c.close(autocommit=False)
+                    if isinstance(c, ChangelogWriter):
+                        c.close(timeout=5.0 if ok else 0.0)
+                    else:
+                        c.close(autocommit=False)
         self._consumer = self._writer = None
 
 

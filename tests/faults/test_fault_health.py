@@ -58,3 +58,30 @@ def test_readiness_and_kafka_connected_follow_a_broker_hang(
     finally:
         broker.resume()
         run.kill()
+
+
+def test_sigterm_with_the_broker_gone_stops_within_a_grace_period(
+    broker: ProxiedBroker, topic_names: Any, group_id: str, tmp_path: Path
+) -> None:
+    """A pod is stopped while its broker is down (a cluster outage, a node drain). Before, the
+    shutdown waited for every request timeout in turn (80 s: past Kubernetes' 30 s grace period,
+    so the pod was SIGKILLed) and ended on a traceback from kafka-python's producer close."""
+    config = setup(
+        broker.bootstrap_servers, topic_names, group_id, tmp_path, kafka={"unavailable_after": "5s"}
+    )
+    events = list(simulate.generate(simulate.SCENARIOS["lending"](), 100, seed=6, start_ts=1_790_000_000.0))
+    produce_events(broker.bootstrap_servers, topic_names.predictions, topic_names.outcomes, events)
+    exp = recount(events)
+    run = Run(config).start()
+    try:
+        consumed_all(run, exp.consumed["predictions"], exp.consumed["outcomes"])
+        wait_for(lambda: run.status("/readyz") == 200, 60, "ready")
+        broker.stop()
+        gone = "/readyz to fail once the broker is gone"
+        wait_for(lambda: run.exited or run.status("/readyz") == 503, 60, gone)
+        assert not run.exited, run.log  # a refused connection does not stop the detector
+        assert run.stop(timeout=30) == 0, run.log  # within the grace period, a clean exit status
+        assert "Traceback" not in run.log and "Exception ignored" not in run.log, run.log
+        assert "stopping while the broker is unreachable" in run.log
+    finally:
+        run.kill()
