@@ -45,7 +45,8 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -57,7 +58,8 @@ from stream_fair.histograms import NBINS, ScoreHistogram, edges
 
 __all__ = [
     "CALIBRATION_BINS", "ESTIMATED_RATES", "VIEWS", "Calibration", "EstimateSettings", "FeatureEstimates",
-    "GroupEstimates", "calibration", "calibrations", "estimate_feature", "expected_counts",
+    "GroupEstimates", "Labelled", "calibration", "calibrations", "estimate_feature", "expected_counts",
+    "recent_trust",
 ]  # fmt: skip
 
 VIEWS: tuple[str, ...] = ("pending", "combined")
@@ -119,8 +121,19 @@ def _rng(*key: str) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32("\x00".join(key).encode()))
 
 
+class Labelled(Protocol):
+    """Labelled pairs per score bin: a :class:`~stream_fair.histograms.ScoreHistogram` (all matured
+    labels) or a :class:`~stream_fair.label_windows.LabelledHistogram` (the labels of a window)."""
+
+    @property
+    def positives(self) -> NDArray[np.int64]: ...
+
+    @property
+    def negatives(self) -> NDArray[np.int64]: ...
+
+
 def calibration(
-    h: ScoreHistogram,
+    h: Labelled,
     settings: EstimateSettings,
     level: float = 0.95,
     rng: np.random.Generator | None = None,
@@ -130,7 +143,7 @@ def calibration(
 
 
 def calibrations(
-    hists: Mapping[str, ScoreHistogram],
+    hists: Mapping[str, Labelled],
     settings: EstimateSettings,
     level: float = 0.95,
     rng: np.random.Generator | None = None,
@@ -242,6 +255,32 @@ class FeatureEstimates:
     disparities: dict[str, dict[tuple[str, str], Estimate]]  # view -> (disparity, method) -> estimate
     flagged: dict[str, dict[tuple[str, str], bool]]
     pending: dict[str, int]  # group -> scored predictions pending
+    # window -> group -> calibration of the labels whose event time lies in the window
+    window_calibration: dict[str, dict[str, Calibration]] = field(default_factory=dict)
+    # group -> (trusted, the calibration that decided it: a window label or "cumulative")
+    trust: dict[str, tuple[bool, str]] = field(default_factory=dict)
+
+
+def recent_trust(
+    cumulative: Mapping[str, Calibration],
+    windows: Mapping[str, Mapping[str, Calibration]],
+    settings: EstimateSettings,
+) -> dict[str, tuple[bool, str]]:
+    """Per group, whether its estimates count and which calibration decided: the shortest window
+    (in the order given) holding at least ``min_labelled`` of the group's labels, else the
+    cumulative calibration. A group whose calibration drifted recently is untrusted at once; one
+    that recovered is trusted again without waiting for its history to dilute the bad period."""
+    out: dict[str, tuple[bool, str]] = {}
+    for g in set(cumulative) | {g for w in windows.values() for g in w}:
+        for label, cals in windows.items():
+            c = cals.get(g)
+            if c is not None and c.samples >= settings.min_labelled:
+                out[g] = (c.trusted, label)
+                break
+        else:
+            c = cumulative.get(g)
+            out[g] = (c is not None and c.trusted, "cumulative")
+    return out
 
 
 def _beta(r: float, v: float, m: float, prior: tuple[float, float]) -> tuple[float, float]:
@@ -259,11 +298,18 @@ def estimate_feature(
     estimate: EstimateSettings,
     reference: str | None = None,
     model: str = "",
+    windows: Mapping[str, Mapping[str, Labelled]] | None = None,
 ) -> FeatureEstimates:
-    """Calibration and both views' estimates of every group of one (model, feature)."""
+    """Calibration (cumulative and per window of ``windows``: window label -> group -> labelled
+    histogram, shortest first) and both views' estimates of every group of one (model, feature)."""
     prior = PRIORS[settings.prior]
     groups = sorted(set(histograms) | set(realized))
     cal = calibrations(histograms, estimate, settings.credible_level, _rng(model, feature))
+    wcal = {
+        w: calibrations(h, estimate, settings.credible_level, _rng(model, feature, w))
+        for w, h in (windows or {}).items()
+    }
+    trust = recent_trust(cal, wcal, estimate)
     out_groups: dict[str, dict[str, GroupEstimates]] = {}
     out_disp: dict[str, dict[tuple[str, str], Estimate]] = {}
     out_flag: dict[str, dict[tuple[str, str], bool]] = {}
@@ -279,7 +325,7 @@ def estimate_feature(
             if not w.size or w.sum() <= 0:
                 continue
             expected = tuple(float(x) for x in w @ vecs)
-            trusted = g in cal and cal[g].trusted
+            trusted = trust.get(g, (False, ""))[0]
             rates: dict[str, Estimate] = {}
             dens: dict[str, float] = {}
             eligible = trusted and not is_reserved(g)
@@ -317,4 +363,4 @@ def estimate_feature(
             for k, e in out_disp[view].items()
         }
     pending = {g: int(h.pending().sum()) for g, h in histograms.items()}
-    return FeatureEstimates(feature, cal, out_groups, out_disp, out_flag, pending)
+    return FeatureEstimates(feature, cal, out_groups, out_disp, out_flag, pending, wcal, trust)
