@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -84,10 +84,18 @@ _BOOTSTRAP = 500
 class EstimateSettings:
     """``max_calibration_error``: a group whose ECE is above it with confidence (interval lower
     bound above it) is untrusted; ``min_labelled``: fewer matured labels leave calibration unchecked
-    (untrusted too)."""
+    (untrusted too); ``min_window_labelled``: a window's calibration of a group is checked (can
+    alarm, and decides the group's trust) only with this many labels in the window.
+
+    Why 500 for windows: the plug-in ECE of a calibrated group is noise of order
+    ``sqrt(bins / n)``; a window is checked at every scrape for as long as it runs, so its
+    per-check false-alarm rate must be far below the interval's nominal 2.5%. Measured on
+    calibrated Beta(2, 2) scores (1,500 groups each): 2.8% of checks alarm at 150 labels, 0.75% at
+    300, 0.2% at 400, 0.07% at 500 (0 of 1,500 at 500 and at 600)."""
 
     max_calibration_error: float = 0.05
     min_labelled: int = 100
+    min_window_labelled: int = 500
 
 
 @dataclass(frozen=True)
@@ -264,17 +272,17 @@ class FeatureEstimates:
 def recent_trust(
     cumulative: Mapping[str, Calibration],
     windows: Mapping[str, Mapping[str, Calibration]],
-    settings: EstimateSettings,
 ) -> dict[str, tuple[bool, str]]:
     """Per group, whether its estimates count and which calibration decided: the shortest window
-    (in the order given) holding at least ``min_labelled`` of the group's labels, else the
+    (in the order given) whose calibration of the group is checked (``min_window_labelled``
+    labels), else the
     cumulative calibration. A group whose calibration drifted recently is untrusted at once; one
     that recovered is trusted again without waiting for its history to dilute the bad period."""
     out: dict[str, tuple[bool, str]] = {}
     for g in set(cumulative) | {g for w in windows.values() for g in w}:
         for label, cals in windows.items():
             c = cals.get(g)
-            if c is not None and c.samples >= settings.min_labelled:
+            if c is not None and c.reason != "too_few_labels":
                 out[g] = (c.trusted, label)
                 break
         else:
@@ -305,11 +313,12 @@ def estimate_feature(
     prior = PRIORS[settings.prior]
     groups = sorted(set(histograms) | set(realized))
     cal = calibrations(histograms, estimate, settings.credible_level, _rng(model, feature))
+    in_window = replace(estimate, min_labelled=max(estimate.min_labelled, estimate.min_window_labelled))
     wcal = {
-        w: calibrations(h, estimate, settings.credible_level, _rng(model, feature, w))
+        w: calibrations(h, in_window, settings.credible_level, _rng(model, feature, w))
         for w, h in (windows or {}).items()
     }
-    trust = recent_trust(cal, wcal, estimate)
+    trust = recent_trust(cal, wcal)
     out_groups: dict[str, dict[str, GroupEstimates]] = {}
     out_disp: dict[str, dict[tuple[str, str], Estimate]] = {}
     out_flag: dict[str, dict[tuple[str, str], bool]] = {}
