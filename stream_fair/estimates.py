@@ -273,18 +273,22 @@ def recent_trust(
     cumulative: Mapping[str, Calibration],
     windows: Mapping[str, Mapping[str, Calibration]],
 ) -> dict[str, tuple[bool, str]]:
-    """Per group, whether its estimates count and which calibration decided: the shortest window
-    (in the order given) whose calibration of the group is checked (``min_window_labelled``
-    labels), else the
-    cumulative calibration. A group whose calibration drifted recently is untrusted at once; one
-    that recovered is trusted again without waiting for its history to dilute the bad period."""
+    """Per group, whether its estimates count and which calibration decided. With a window whose
+    calibration of the group is checked (``min_window_labelled`` labels; windows in the order
+    given, shortest first), the recent labels decide: untrusted when any checked window alarms
+    (the first such window is named), else trusted (named: the shortest checked window), whatever
+    the cumulative calibration says; a group drifting now is untrusted at once, one that recovered
+    is trusted again once every checked window is clean, without waiting for its history to
+    dilute the bad period. With no checked window, the cumulative calibration decides. The alert
+    ``StreamFairCalibrationDrift`` is this same rule in PromQL."""
     out: dict[str, tuple[bool, str]] = {}
     for g in set(cumulative) | {g for w in windows.values() for g in w}:
-        for label, cals in windows.items():
-            c = cals.get(g)
-            if c is not None and c.reason != "too_few_labels":
-                out[g] = (c.trusted, label)
-                break
+        checked = [(w, c[g]) for w, c in windows.items() if g in c and c[g].reason != "too_few_labels"]
+        alarms = [w for w, c in checked if c.alarm]
+        if alarms:
+            out[g] = (False, alarms[0])
+        elif checked:
+            out[g] = (True, checked[0][0])
         else:
             c = cumulative.get(g)
             out[g] = (c is not None and c.trusted, "cumulative")

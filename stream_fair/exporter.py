@@ -298,7 +298,8 @@ def _estimate_families(report: Report) -> Iterator[Metric]:
     )
     w_alarm = GaugeMetricFamily(
         P + "window_calibration_alarm",
-        "1 when the group's window ECE interval lies above fairness.estimates.max_calibration_error",
+        "1 when the group's window ECE interval lies above fairness.estimates.max_calibration_error "
+        "(absent while the window holds too few of its labels to be checked)",
         labels=w_labels,
     )
     for ev in report.estimates:
@@ -316,7 +317,8 @@ def _estimate_families(report: Report) -> Iterator[Metric]:
             for g, cal in cals.items():
                 labels = [model, fname, g, window]
                 w_samples.add_metric(labels, cal.samples)
-                w_alarm.add_metric(labels, float(cal.alarm))
+                if cal.reason != "too_few_labels":  # absent: not checked (the alert falls back)
+                    w_alarm.add_metric(labels, float(cal.alarm))
                 if cal.ece is not None:
                     w_ece[""].add_metric(labels, cal.ece.value)
                     w_ece["_lower"].add_metric(labels, cal.ece.lower)

@@ -11,6 +11,7 @@ import numpy as np
 import orjson
 
 from stream_fair.config import Config
+from stream_fair.exporter import PipelineStats, registry_for
 from stream_fair.report import build_report
 from tests.helpers import LocalTracker
 from tests.test_estimates import numpy_ece
@@ -62,15 +63,14 @@ def feed(ev: dict[str, np.ndarray], cfg: Config, every: float | None = None):
     arrivals = [(float(ev["ts"][i]), 0, i) for i in range(n)]
     arrivals += [(float(ev["outcome_ts"][i]), 1, i) for i in range(n) if ev["labelled"][i]]
     arrivals.sort()
-    offset = 0
     next_report = arrivals[0][0] + every if every else None
-    for at, kind, i in arrivals:
+    for offset, (at, kind, i) in enumerate(arrivals, start=1):
         if next_report is not None and at >= next_report:
             yield next_report, build_report(t.snapshot(), cfg)
             next_report += every  # type: ignore[operator]
-        offset += 1
         if kind == 0:
-            doc = {"id": f"r{i}", "ts": at, "model": "m", "score": float(ev["s"][i]), "attributes": {"g": ev["g"][i]}}
+            score, attributes = float(ev["s"][i]), {"g": ev["g"][i]}
+            doc = {"id": f"r{i}", "ts": at, "model": "m", "score": score, "attributes": attributes}
             t.update_prediction(0, orjson.dumps(doc), offset)
         else:
             t.update_outcome(0, orjson.dumps({"id": f"r{i}", "ts": at, "label": int(ev["y"][i])}), offset)
@@ -119,7 +119,7 @@ def test_a_late_calibration_shift_alarms_in_the_window_while_the_cumulative_ece_
     ev = stream(rng, days=days, per_day=2400, shift_at=shift)
     cfg = config()
     first: dict[str, float] = {}
-    final = None
+    final = final_report = None
     for at, report in feed(ev, cfg, every=6 * HOUR):
         if at < 10 * DAY + 20 * DAY or at > 10 * DAY + days * DAY:
             continue  # after the predictions stop, see the calibrated test
@@ -128,8 +128,8 @@ def test_a_late_calibration_shift_alarms_in_the_window_while_the_cumulative_ece_
             for g, cal in cals.items():
                 if cal.alarm:
                     first.setdefault(f"{g}/{w}", (at - 10 * DAY) / DAY)
-        final = fe
-    assert final is not None
+        final, final_report = fe, report
+    assert final is not None and final_report is not None
     # the failure being fixed: B's cumulative ECE stays below the threshold, no cumulative alarm
     assert final.calibration["B"].ece is not None and final.calibration["B"].ece.value < THRESHOLD
     assert not final.calibration["B"].alarm
@@ -139,6 +139,18 @@ def test_a_late_calibration_shift_alarms_in_the_window_while_the_cumulative_ece_
     assert not [k for k in first if not k.startswith("B/")], first
     assert final.trust["B"] == (False, "1d")
     assert final.trust["A"][0] and final.trust["C"][0]
+    # exported as the report has it, next to the cumulative series (the alert's input)
+    reg = registry_for(lambda: (final_report, PipelineStats()))
+    for g in ("A", "B", "C"):
+        cal = final.window_calibration["1d"][g]
+        labels = {"model": "m", "feature": "g", "group": g, "window": "1d"}
+        assert cal.ece is not None
+        assert reg.get_sample_value("stream_fair_window_calibration_alarm", labels) == float(g == "B")
+        assert reg.get_sample_value("stream_fair_window_calibration_error_lower", labels) == cal.ece.lower
+        assert reg.get_sample_value("stream_fair_window_calibration_samples", labels) == cal.samples
+        gl = {"model": "m", "feature": "g", "group": g}
+        assert reg.get_sample_value("stream_fair_calibration_alarm", gl) == 0.0
+        assert reg.get_sample_value("stream_fair_estimated_group_trusted", gl) == float(g != "B")
     print(f"\nfirst window alarms (day of stream; shift at day {shift}): {first}")
 
 
