@@ -55,7 +55,7 @@ WIDTH = 2 * NBINS
 class LabelWindows:
     """One partition's labelled pairs per (cell, label-time bucket) and their running window sums."""
 
-    __slots__ = ("resolution", "spans", "labels", "max_span", "buckets", "sums", "last")
+    __slots__ = ("resolution", "spans", "labels", "max_span", "buckets", "sums", "last", "unviewed", "_views")
 
     def __init__(self, resolution: float, windows: Sequence[float], labels: Sequence[str]) -> None:
         self.resolution = resolution
@@ -65,6 +65,8 @@ class LabelWindows:
         self.buckets: dict[int, dict[int, list[int]]] = {}  # bucket -> cell index -> row
         self.sums: list[dict[int, list[int]]] = [{} for _ in self.spans]  # window -> cell -> row
         self.last: int | None = None
+        self.unviewed: set[int] = set()  # cells whose window rows changed since the last view
+        self._views: list[dict[Key, tuple[int, ...]]] = [{} for _ in self.spans]
 
     def __repr__(self) -> str:
         return f"LabelWindows(buckets={len(self.buckets)}, cells={len(self.sums[0]) if self.sums else 0})"
@@ -86,6 +88,7 @@ class LabelWindows:
         if row is None:
             row = bucket[i] = [0] * WIDTH
         row[col] += 1
+        self.unviewed.add(i)
         for span, sums in zip(self.spans, self.sums, strict=True):
             if b > last - span:
                 s = sums.get(i)
@@ -102,9 +105,8 @@ class LabelWindows:
             # buckets in the window before (last - span, last] and not after (new_last - span, ...]
             for b in [b for b in self.buckets if last - span < b <= new_last - span]:
                 for i, q in self.buckets[b].items():
-                    s = sums[i]
-                    for c in range(WIDTH):
-                        s[c] -= q[c]
+                    s = sums[i] = [x - y for x, y in zip(sums[i], q, strict=True)]
+                    self.unviewed.add(i)
                     if not any(s):
                         del sums[i]
         horizon = new_last - self.max_span
@@ -112,11 +114,17 @@ class LabelWindows:
             del self.buckets[b]
 
     def view(self, keys: Sequence[Key]) -> dict[str, dict[Key, tuple[int, ...]]]:
-        """Per window label, the window row of every (model, cell) with a label in it."""
-        return {
-            label: {keys[i]: tuple(row) for i, row in sums.items()}
-            for label, sums in zip(self.labels, self.sums, strict=True)
-        }
+        """Per window label, the window row of every (model, cell) with a label in it (new dicts;
+        only the rows changed since the previous view are copied)."""
+        for sums, cache in zip(self.sums, self._views, strict=True):
+            for i in self.unviewed:
+                row = sums.get(i)
+                if row is None:
+                    cache.pop(keys[i], None)
+                else:
+                    cache[keys[i]] = tuple(row)
+        self.unviewed.clear()
+        return {label: dict(cache) for label, cache in zip(self.labels, self._views, strict=True)}
 
 
 @dataclass(frozen=True)
