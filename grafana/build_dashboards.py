@@ -561,6 +561,32 @@ def estimates_row() -> list[dict[str, Any]]:
             ),
         ),
         panel(
+            "timeseries",
+            "Calibration error by group on recent labels (ECE per window)",
+            [
+                target(
+                    f"max without (instance, pod) (stream_fair_window_calibration_error{{{g}}})",
+                    "{{group}} {{window}}",
+                ),
+                target(
+                    f"max without (instance, pod) (stream_fair_window_calibration_error_lower{{{g}}})",
+                    "{{group}} {{window}} lower",
+                ),
+                target(
+                    f"max without (instance, pod) (stream_fair_window_calibration_error_upper{{{g}}})",
+                    "{{group}} {{window}} upper",
+                ),
+            ],
+            width=12,
+            overrides=[BOUND_OVERRIDE],
+            description=(
+                "ECE on the labels whose event time lies in each configured window: calibration drift, "
+                "not diluted by history. A window checks a group from 500 of its labels; "
+                "StreamFairCalibrationDrift fires when a checked window's interval lies above "
+                "fairness.estimates.max_calibration_error for 1h."
+            ),
+        ),
+        panel(
             "state-timeline",
             "Trusted for estimates (calibration checked and fine)",
             [target(f"stream_fair_estimated_group_trusted{{{g}}}", "{{group}}")],

@@ -282,17 +282,47 @@ def _estimate_families(report: Report) -> Iterator[Metric]:
         "1 when the group's ECE interval lies above fairness.estimates.max_calibration_error",
         labels=g_labels,
     )
+    w_labels = [*g_labels, "window"]
+    w_ece = {
+        sfx: GaugeMetricFamily(
+            P + "window_calibration_error" + sfx,
+            f"Expected calibration error{sfx} of the group's scores on the labels of the event-time window",
+            labels=w_labels,
+        )
+        for sfx in ("", "_lower", "_upper")
+    }
+    w_samples = GaugeMetricFamily(
+        P + "window_calibration_samples",
+        "Labelled pairs with a score whose label's event time lies in the window",
+        labels=w_labels,
+    )
+    w_alarm = GaugeMetricFamily(
+        P + "window_calibration_alarm",
+        "1 when the group's window ECE interval lies above fairness.estimates.max_calibration_error "
+        "(absent while the window holds too few of its labels to be checked)",
+        labels=w_labels,
+    )
     for ev in report.estimates:
         fe, model, fname = ev.estimates, ev.model, ev.feature.name
         for g, cal in fe.calibration.items():
             labels = [model, fname, g]
             cal_samples.add_metric(labels, cal.samples)
             cal_alarm.add_metric(labels, float(cal.alarm))
-            trusted.add_metric(labels, float(cal.trusted))
+            trusted.add_metric(labels, float(fe.trust.get(g, (cal.trusted, ""))[0]))
             if cal.ece is not None:
                 ece[""].add_metric(labels, cal.ece.value)
                 ece["_lower"].add_metric(labels, cal.ece.lower)
                 ece["_upper"].add_metric(labels, cal.ece.upper)
+        for window, cals in fe.window_calibration.items():
+            for g, cal in cals.items():
+                labels = [model, fname, g, window]
+                w_samples.add_metric(labels, cal.samples)
+                if cal.reason != "too_few_labels":  # absent: not checked (the alert falls back)
+                    w_alarm.add_metric(labels, float(cal.alarm))
+                if cal.ece is not None:
+                    w_ece[""].add_metric(labels, cal.ece.value)
+                    w_ece["_lower"].add_metric(labels, cal.ece.lower)
+                    w_ece["_upper"].add_metric(labels, cal.ece.upper)
         for g, n in fe.pending.items():
             pending.add_metric([model, fname, g], n)
         for view, groups in fe.groups.items():
@@ -319,6 +349,9 @@ def _estimate_families(report: Report) -> Iterator[Metric]:
     yield from ece.values()
     yield cal_samples
     yield cal_alarm
+    yield from w_ece.values()
+    yield w_samples
+    yield w_alarm
 
 
 def _out_of_range(report: Report) -> Metric:

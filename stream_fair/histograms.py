@@ -195,6 +195,18 @@ def feature_histograms(
 ) -> dict[str, dict[str, dict[str, ScoreHistogram]]]:
     """feature key name -> model -> group -> histogram, from every partition's rows at once
     (one matrix, one grouped sum per key: what a scrape uses for every feature)."""
+    sums = grouped_sums(parts, keys, ROW_LENGTH)
+    return {
+        name: {m: {g: ScoreHistogram.from_row(r) for g, r in by.items()} for m, by in models.items()}
+        for name, models in sums.items()
+    }
+
+
+def grouped_sums(
+    parts: Iterable[Mapping[Key, Sequence[int]]], keys: Sequence[FeatureKey], width: int
+) -> dict[str, dict[str, dict[str, NDArray[np.int64]]]]:
+    """feature key name -> model -> group -> the sum of the rows (of ``width`` ints) of its cells
+    over every partition: the one projection of cell rows onto groups for per-cell int rows."""
     cells: list[Key] = []
     rows: list[Sequence[int]] = []
     for part in parts:
@@ -204,7 +216,7 @@ def feature_histograms(
     if not rows:
         return {key.name: {} for key in keys}
     matrix = np.array(rows, dtype=np.int64)
-    out: dict[str, dict[str, dict[str, ScoreHistogram]]] = {}
+    out: dict[str, dict[str, dict[str, NDArray[np.int64]]]] = {}
     for key in keys:
         index: dict[tuple[str, str], int] = {}
         idx = np.fromiter(
@@ -212,16 +224,16 @@ def feature_histograms(
             dtype=np.int64,
             count=len(cells),
         )
-        sums = np.zeros((len(index), ROW_LENGTH), dtype=np.int64)
+        sums = np.zeros((len(index), width), dtype=np.int64)
         np.add.at(sums, idx, matrix)
-        by: dict[str, dict[str, ScoreHistogram]] = {}
+        by: dict[str, dict[str, NDArray[np.int64]]] = {}
         for (m, g), i in index.items():
-            by.setdefault(m, {})[g] = ScoreHistogram.from_row(sums[i])
+            by.setdefault(m, {})[g] = sums[i]
         out[key.name] = by
     return out
 
 
 __all__ = [
     "BINS", "COLUMNS", "EXPIRED1", "NBINS", "NCOLS", "OUT_OF_RANGE", "ROW_LENGTH", "PartitionHistograms",
-    "ScoreHistogram", "edges", "feature_histograms",
+    "ScoreHistogram", "edges", "feature_histograms", "grouped_sums",
 ]  # fmt: skip

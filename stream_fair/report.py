@@ -194,12 +194,16 @@ def estimate_views(
     est = EstimateSettings(config.fairness.estimates.max_calibration_error, config.fairness.min_samples)
     out = []
     histograms = snapshot.all_score_histograms(keys)
+    by_window = snapshot.window_score_histograms(keys)
+    # shortest window first: the trust of a group follows its most recent calibration
+    labels = [w for w in (format_duration(x) for x in sorted(config.windows)) if w in by_window]
     cumulative = snapshot.cumulative
     for key in keys:
         realized = group_quads(cumulative, key)
         for model, hists in sorted(histograms[key.name].items()):
             counts = {g: Counts(*q) for g, q in realized.get(model, {}).items()}
-            fe = estimate_feature(key.name, hists, counts, settings, est, refs.get(key.name), model)
+            windows = {w: by_window[w][key.name].get(model, {}) for w in labels}
+            fe = estimate_feature(key.name, hists, counts, settings, est, refs.get(key.name), model, windows)
             out.append(EstimateView(model, key, fe))
     return out
 

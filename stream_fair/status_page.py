@@ -252,11 +252,15 @@ def _estimates(report: Report) -> list[str]:
                 ece, trust, rel = "<td>–</td>", "no matured labels", ""
             else:
                 ece = f"<td>{_interval(cal.ece)}</td>"
+                trusted, by = fe.trust.get(g, (cal.trusted, "cumulative"))
+                wcal = fe.window_calibration.get(by, {}).get(g) if by != "cumulative" else None
                 trust = (
                     "trusted"
-                    if cal.trusted
+                    if trusted
                     else (
-                        "<span class=flag>miscalibrated</span>"
+                        f"<span class=flag>miscalibrated in the last {e(by)}</span>"
+                        if wcal is not None and wcal.reason == "miscalibrated"
+                        else "<span class=flag>miscalibrated</span>"
                         if cal.reason == "miscalibrated"
                         else "too few labels"
                     )

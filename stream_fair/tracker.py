@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from stream_fair.config import Config
+from stream_fair.config import Config, format_duration
 from stream_fair.counts import EXPIRED, PRED0, PRED1, Key, PartitionCounts, Quad, add_rows, confusion
 from stream_fair.decode import Decoder
 from stream_fair.events import Outcome, Prediction, Rejection
@@ -51,6 +51,7 @@ from stream_fair.join import (
     Join,
 )
 from stream_fair.join import EXPIRED as FATE_EXPIRED
+from stream_fair.label_windows import LabelledHistogram, LabelWindows, window_histograms
 from stream_fair.state.codec import (
     FORMAT_VERSION,
     SPACE_COUNTS,
@@ -110,6 +111,8 @@ class Shard:
     guard: CardinalityGuard
     # score histograms per cell (stream_fair.histograms), indexed like counts
     histograms: PartitionHistograms = field(default_factory=PartitionHistograms)
+    # labelled score histograms over the recent windows (stream_fair.label_windows; not persisted)
+    label_windows: LabelWindows | None = None
     consumed: list[int] = field(default_factory=lambda: [0, 0])
     fates: list[dict[str, int]] = field(
         default_factory=lambda: [dict.fromkeys(FINAL_FATES, 0), dict.fromkeys(FINAL_FATES, 0)]
@@ -215,6 +218,8 @@ class PartitionView:
     capacity: int = 0
     # score histogram rows per (model, cell) (stream_fair.histograms); cells without a scored event absent
     histograms: dict[tuple[str, Cell], tuple[int, ...]] = field(default_factory=dict)
+    # window label -> labelled score histogram rows per (model, cell) (stream_fair.label_windows)
+    label_windows: dict[str, dict[tuple[str, Cell], tuple[int, ...]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -313,6 +318,17 @@ class Snapshot:
         """:meth:`score_histograms` of several feature keys at once: key name -> model -> group."""
         return feature_histograms((v.histograms for v in self.partitions.values()), keys)
 
+    def window_score_histograms(
+        self, keys: Sequence[FeatureKey]
+    ) -> dict[str, dict[str, dict[str, dict[str, LabelledHistogram]]]]:
+        """window -> key name -> model -> group -> labelled score histogram of the labels whose
+        event time lies in the window (:mod:`stream_fair.label_windows`), over the owned partitions."""
+        labels = sorted({w for v in self.partitions.values() for w in v.label_windows})
+        return {
+            w: window_histograms((v.label_windows.get(w, {}) for v in self.partitions.values()), keys)
+            for w in labels
+        }
+
     @property
     def overflow(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -406,6 +422,11 @@ class Tracker:
                 model_limit=self.config.fairness.model_limit,
             ),
             builder=None if v is None else IncrementBuilder(v.period, v.slot, v.bins),
+            label_windows=LabelWindows(
+                self.config.window_resolution,
+                self.config.windows,
+                [format_duration(w) for w in self.config.windows],
+            ),
         )
 
     def stored_meta(self, index: int) -> dict[str, Any] | None:
@@ -530,6 +551,8 @@ class Tracker:
         s.counts.add_joined(p.cell, label, p.predicted, p.ts)
         if p.score is not None:
             s.histograms.add_joined(p.cell, label, p.predicted, p.score)
+            if s.label_windows is not None:
+                s.label_windows.add(p.cell, label, p.score, outcome_ts)
         if self.feedback is not None or s.builder is not None:
             model, cell = s.counts.keys[p.cell]
             if self.feedback is not None:
@@ -752,6 +775,7 @@ class Tracker:
             remembered=j.remembered,
             capacity=j.max_pending,
             histograms=self._histogram_view(s),
+            label_windows=s.label_windows.view(s.counts.keys) if s.label_windows is not None else {},
         )
 
     def _histogram_view(self, s: Shard) -> dict[tuple[str, Cell], tuple[int, ...]]:

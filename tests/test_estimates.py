@@ -310,7 +310,9 @@ def test_status_page_shows_estimates_calibration_and_the_flagged_estimated_gap()
     assert "<span class=flag>demographic_parity_difference</span>" in section
     for g in ("A", "B", "X"):
         assert f"<td class=l>{g}</td><td>{fe.pending[g]}</td>" in section
-    assert section.count("<span class=flag>miscalibrated</span>") == 1  # X only
+    # X only, decided by its most recent calibration (the 1h window holds enough of its labels)
+    assert section.count("<span class=flag>miscalibrated in the last 1h</span>") == 1
+    assert fe.trust["X"] == (False, "1h")
     assert section.count("<td class=l>trusted</td>") == 2
 
 

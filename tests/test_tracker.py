@@ -256,6 +256,7 @@ def test_pure_core_imports_neither_kafka_nor_prometheus() -> None:
         "sequential",
         "explain",
         "search",
+        "label_windows",
     ]
     code = (
         "import sys, importlib\n"
