@@ -157,10 +157,12 @@ def test_a_late_calibration_shift_alarms_in_the_window_while_the_cumulative_ece_
 def test_a_calibrated_stream_raises_no_window_alarm_on_fresh_seeds() -> None:
     cfg = config()
     alarms, checks, seeds = 0, 0, []
-    for _ in range(4):
-        seed = np.random.SeedSequence().entropy
+    # four seeds spawned from a fixed root (not the late-shift test's stream): CI must not depend
+    # on the entropy of the run; fresh-seed figures are bench/calibration_drift.py's to report
+    for child in np.random.SeedSequence(20261130).spawn(5)[1:]:
+        seed = child.spawn_key
         seeds.append(seed)
-        ev = stream(np.random.default_rng(seed), days=24, per_day=2400)
+        ev = stream(np.random.default_rng(child), days=24, per_day=2400)
         for at, report in feed(ev, cfg, every=12 * HOUR):
             if at < 10 * DAY + 11 * DAY or at > 10 * DAY + 24 * DAY:
                 # in steady traffic: while it starts (until the longest delay plus the longest
