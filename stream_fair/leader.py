@@ -15,7 +15,9 @@ coordination service). Its consumer never reads that partition; the topic is the
 changelog of the leader's state instead. On election the new leader reads the topic, keeps the
 state of the highest epoch, writes it back with epoch + 1 (its claim) and reads the increments
 topic from the offset that state recorded; every ``state.checkpoint_interval`` (at least 5 s) it
-writes the fold (engine, applied sequences, offset) again. A leader that dies is replaced with its
+writes the fold (engine, applied sequences, offset) again, and at once after an alarm is raised or
+cleared (so a successor restores that event rather than deriving it again). A leader that dies is
+replaced with its
 detectors' state as of its last checkpoint; the increments since are folded again in the same
 order, so the same alarms are raised, once (``docs/feedback.md``, "One verdict per model").
 
@@ -206,8 +208,11 @@ class Leader:
                 self._dirty = True
         if now is not None:
             self.fold.release(now)  # a caught-up partition gone silent is held again
-        for event in self.fold.new_events():
+        events = self.fold.new_events()
+        for event in events:
             log.warning("%s", event.message())
+        if events:  # a raise or a clear is durable at once, not at the next interval: a successor
+            self.checkpoint(force=True)  # restores it instead of deriving it again from a re-fold
         return n
 
     def maybe_checkpoint(self, now: float) -> None:
