@@ -31,8 +31,8 @@ from stream_fair.app import Detector, _default_feedback
 from stream_fair.config import Config
 from stream_fair.dev import simulate
 from stream_fair.dev.broker import EmbeddedBroker, create_topics, produce_events
-from stream_fair.kafka_io import DeadLetters
 from stream_fair.tracker import Tracker
+from stream_fair.transport import DeadLetters
 
 FEATURES = [
     {"name": "sex", "reference": "Male"},
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 class _NoCommit:
     """The benchmark consumes by manual assignment; there is no group to commit offsets to."""
 
-    def commit_async(self, offsets: Any = None) -> None:
+    def commit(self, offsets: Any = None) -> None:
         pass
 
 

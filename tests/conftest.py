@@ -4,6 +4,10 @@ Broker choice, first that works: ``$STREAM_FAIR_TEST_BOOTSTRAP`` (an existing cl
 testcontainers ``KafkaContainer`` when a Docker daemon answers, else the embedded Tansu broker
 (:class:`stream_fair.dev.broker.EmbeddedBroker`). Tansu keeps consumer-group joins fast only with
 :data:`stream_fair.dev.broker.FAST_GROUP_CONFIG`; pass it to consumers in group tests.
+
+Tests marked ``transports`` run once per Kafka transport (``kafka.transport``: kafka-python and
+confluent); ``$STREAM_FAIR_TEST_TRANSPORTS`` (comma-separated) narrows the list. The transport of
+the running test is what :func:`tests.helpers.detector_config` writes into its configs.
 """
 
 from __future__ import annotations
@@ -16,6 +20,36 @@ from typing import NamedTuple
 import pytest
 
 BOOTSTRAP_ENV = "STREAM_FAIR_TEST_BOOTSTRAP"
+TRANSPORTS_ENV = "STREAM_FAIR_TEST_TRANSPORTS"
+
+
+def _transports() -> list[str]:
+    from stream_fair.transport import TRANSPORTS
+
+    wanted = os.environ.get(TRANSPORTS_ENV, "")
+    names = [n.strip() for n in wanted.split(",") if n.strip()] or list(TRANSPORTS)
+    unknown = sorted(set(names) - set(TRANSPORTS))
+    if unknown:
+        raise pytest.UsageError(f"{TRANSPORTS_ENV}: unknown transports {unknown}; choose from {TRANSPORTS}")
+    return names
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker("transports") is not None:
+        metafunc.parametrize("kafka_transport", _transports(), indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def kafka_transport(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The Kafka transport of this test: its parameter under ``transports``, else the default."""
+    from tests import helpers
+
+    name = getattr(request, "param", helpers.DEFAULT_TRANSPORT)
+    helpers.use_transport(name)
+    try:
+        yield name
+    finally:
+        helpers.use_transport(helpers.DEFAULT_TRANSPORT)
 
 
 class TopicNames(NamedTuple):
