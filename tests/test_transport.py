@@ -352,3 +352,155 @@ def test_a_topic_that_does_not_exist_is_one_line_for_a_probe(
     cfg = _config(kafka_bootstrap, topic_names, group_id, tmp_path)
     with pytest.raises(BrokerError, match="does not exist: create it or fix topics"):
         transport.sample_records(cfg, f"absent-{uuid.uuid4().hex}", 10, timeout_s=5)
+
+
+def _kafka_python_ids(bootstrap: str, topics: Sequence[str]) -> list[str | None]:
+    """The topic ids kafka-python's own metadata holds: the reference both transports must match
+    (the ids are stored in the state, so switching transports must not look like a new topic)."""
+    from kafka import KafkaConsumer
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        c._client.cluster.request_update()  # type: ignore[attr-defined]
+        c.topics()  # a metadata request for every topic
+        out = []
+        for t in topics:
+            tid = c._cluster.topic_id(t)  # type: ignore[attr-defined]
+            out.append(None if tid is None or tid.int == 0 else str(tid))
+        return out
+    finally:
+        c.close()
+
+
+def test_topic_ids_are_the_brokers_and_the_same_on_every_transport(
+    kafka_bootstrap: str, topic_names: TopicNames, group_id: str, tmp_path: Path, member_factory: Any
+) -> None:
+    _fill(kafka_bootstrap, topic_names, partitions=2, n=10)
+    cfg = _config(kafka_bootstrap, topic_names, group_id, tmp_path, metadata_max_age_ms=1000)
+    member = member_factory(cfg)
+    member.wait_assigned()
+    names = [topic_names.predictions, topic_names.outcomes, f"absent-{uuid.uuid4().hex}"]
+    expected = _kafka_python_ids(kafka_bootstrap, names)
+    assert expected[0] and expected[1] and expected[0] != expected[1] and expected[2] is None
+    wait_for(lambda: member.poll() >= 0 and member.consumer.topic_ids(names) == expected, 30, "the ids")
+
+
+def test_the_input_reader_reads_marks_and_bounds(
+    kafka_bootstrap: str, topic_names: TopicNames, group_id: str, tmp_path: Path
+) -> None:
+    """The identity check's reads: a record's mark at an offset (the same as computed from the
+    record kafka-python reads there), None past the end, the bounds, a missing topic in one line."""
+    from kafka import KafkaConsumer
+    from kafka import TopicPartition as KTP
+
+    from stream_fair.state.identity import mark
+
+    _fill(kafka_bootstrap, topic_names, partitions=2, n=40)
+    cfg = _config(kafka_bootstrap, topic_names, group_id, tmp_path)
+    ends = _ends(kafka_bootstrap, [topic_names.predictions])
+    c = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        tp = KTP(topic_names.predictions, 1)
+        c.assign([tp])
+        c.seek(tp, 7)
+        r = next(r for _ in range(50) for r in c.poll(timeout_ms=200).get(tp, ()))
+        expected = mark(r.offset, r.timestamp, r.key, r.value)
+    finally:
+        c.close()
+    inputs = transport.InputReader(cfg)
+    try:
+        end = ends[(topic_names.predictions, 1)]
+        assert inputs.bounds(topic_names.predictions, 1) == (0, end)
+        assert inputs.mark_at(topic_names.predictions, 1, 7) == expected
+        assert inputs.mark_at(topic_names.predictions, 1, 7) == expected  # again: a fresh seek
+        assert inputs.mark_at(topic_names.predictions, 1, end) is None
+        assert inputs.mark_at(topic_names.predictions, 1, end + 100) is None
+        with pytest.raises(BrokerError, match="cannot read the offsets of 'absent"):
+            inputs.bounds(f"absent-{uuid.uuid4().hex}", 0)
+    finally:
+        inputs.close()
+
+
+def test_internal_topics_are_created_with_one_partition_and_checked(
+    kafka_bootstrap: str, topic_names: TopicNames, group_id: str, tmp_path: Path
+) -> None:
+    _fill(kafka_bootstrap, topic_names, partitions=2, n=4)
+    cfg = _config(kafka_bootstrap, topic_names, group_id, tmp_path)
+    consumer = transport.make_consumer(cfg)
+    try:
+        transport.ensure_internal_topics(consumer, cfg)
+        transport.ensure_internal_topics(consumer, cfg)  # there already
+        for name in (transport.increments_topic(cfg), transport.leader_topic(cfg)):
+            assert consumer.partitions_for_topic(name) == {0}
+        other = _config(kafka_bootstrap, topic_names, f"{group_id}-2", tmp_path)
+        create_topics(kafka_bootstrap, [transport.increments_topic(other)], partitions=2)
+        with pytest.raises(BrokerError, match="has 2 partitions, it needs 1: recreate it"):
+            transport.ensure_internal_topics(consumer, other)
+    finally:
+        consumer.close()
+
+
+def test_a_reader_tails_a_partition_from_a_seek(
+    kafka_bootstrap: str, topic_names: TopicNames, group_id: str, tmp_path: Path
+) -> None:
+    """The leader's increments reader: from an offset or the beginning, new records as they come."""
+    cfg = _config(kafka_bootstrap, topic_names, group_id, tmp_path)
+    topic = transport.increments_topic(cfg)
+    create_topics(kafka_bootstrap, [topic], partitions=1)
+    writer = transport.changelog_writer(cfg, topic, ordered=True)
+    reader = transport.reader(cfg, reset="earliest", max_records=7)
+    tp = TopicPartition(topic, 0)
+    try:
+        writer.send(0, [(b"k", b"%d" % i) for i in range(20)], epoch=0)
+        writer.flush()
+        reader.assign([tp])
+        reader.seek(tp, 5)
+        got: list[int] = []
+
+        def read() -> bool:
+            for records in reader.poll(200, 7).values():
+                assert len(records) <= 7
+                got.extend(int(r.value or b"-1") for r in records)
+            return len(got) >= 15
+
+        wait_for(read, 30, "the records from offset 5")
+        writer.send(0, [(b"k", b"20")], epoch=0)
+        writer.flush()
+        wait_for(lambda: read() and len(got) >= 16, 30, "a record written later")
+        assert got == list(range(5, 21))
+        reader.seek_to_beginning(tp)
+        got.clear()
+        wait_for(lambda: read() and len(got) >= 21, 30, "the records from the beginning")
+        assert got == list(range(21))
+        assert reader.bounds(tp) == (0, 21)
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_closing_producers_is_bounded_with_the_broker_gone(
+    topic_names: TopicNames, group_id: str, tmp_path: Path
+) -> None:
+    """Shutdown with the broker gone: writers and the letter producer close within their timeout,
+    without raising, whatever they still hold (a restart re-sends anything uncommitted)."""
+    broker = ProxiedBroker().start()
+    try:
+        bootstrap = broker.bootstrap_servers
+        cfg = _config(bootstrap, topic_names, group_id, tmp_path, request_timeout_ms=20_000)
+        create_topics(bootstrap, [changelog_topic(cfg), topic_names.dead_letters], partitions=1)
+        writer = transport.changelog_writer(cfg)
+        letters = transport.get(cfg.kafka).letter_producer(cfg, max_bytes=10_000)
+        failed: list[bool] = []
+        writer.send(0, [(b"k", b"v")], epoch=1)
+        writer.flush()
+        broker.block_produce_topic = changelog_topic(cfg)  # writes hang, then the broker goes away
+        writer.send(0, [(b"k2", b"v2")], epoch=1)
+        letters.send(topic_names.dead_letters, b"k", b"v", [], lambda: None, lambda e, big: failed.append(big))
+        broker.stop()
+        started = time.monotonic()
+        writer.close(timeout=1.0)
+        letters.close(0.0)
+        assert time.monotonic() - started < 8.0
+        wait_for(lambda: failed == [False], 10, "the unsent letter to fail at close")
+    finally:
+        broker.stop()

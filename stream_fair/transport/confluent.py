@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -345,12 +346,19 @@ def _topic_ids(
             continue
         except Exception:  # the future's own timeout
             continue
-        uuid = getattr(tid, "topic_id", None)
-        text = str(uuid) if uuid is not None else None
-        out[topic] = (
-            None if text is None or text.strip("0-") == "" or text == "AAAAAAAAAAAAAAAAAAAAAA" else text
-        )
+        out[topic] = _uuid_text(getattr(tid, "topic_id", None))
     return out
+
+
+def _uuid_text(tid: Any) -> str | None:
+    """A topic id as kafka-python writes it (``01a22bd7-e826-...``; librdkafka prints base64), so
+    the ids stored in the state are the same whichever transport wrote them; None for the zero id.
+    """
+    if tid is None:
+        return None
+    msb, lsb = tid.get_most_significant_bits(), tid.get_least_significant_bits()
+    value = ((msb & (2**64 - 1)) << 64) | (lsb & (2**64 - 1))
+    return None if value == 0 else str(uuid.UUID(int=value))
 
 
 def _partitions(client: Any, topic: str, timeout: float) -> set[int] | None:
