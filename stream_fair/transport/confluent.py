@@ -175,8 +175,18 @@ class ConfluentConsumer:
         self._c.subscribe(list(topics), on_assign=self._on_assign, on_revoke=self._on_revoke)
 
     def _on_assign(self, consumer: Consumer, partitions: list[ConfluentTopicPartition]) -> None:
-        # assigned here (not after the callback) so the listener can pause them before any fetch
-        consumer.assign(partitions)
+        # assigned here (not after the callback) so the listener can pause them before any fetch,
+        # at a concrete offset: the default (the committed offset, else auto.offset.reset) starts
+        # an offset query whose answer, arriving after the restored partition's seek, would move
+        # the fetch back to the mirror's offset (the Reader below has the same race)
+        starts = []
+        for p in partitions:
+            try:
+                low, _ = consumer.get_watermark_offsets(p, timeout=min(5.0, self.timeout))
+                starts.append(ConfluentTopicPartition(p.topic, p.partition, int(low)))
+            except KafkaException:
+                starts.append(p)
+        consumer.assign(starts)
         tps = {TopicPartition(p.topic, p.partition) for p in partitions}
         self._assigned = tps
         if self._listener is not None and not self._closing:
@@ -602,8 +612,9 @@ def _too_large(err: KafkaError) -> bool:
 class ConfluentReader:
     """:class:`~stream_fair.transport.base.Reader` on a librdkafka consumer that never joins a group.
 
-    Positions are kept here for the same reason as :class:`ConfluentConsumer`'s: a seek on a
-    partition librdkafka has not started fetching yet is applied by assigning it at that offset.
+    Every position handed to librdkafka is a concrete offset (the beginning is asked for first):
+    a logical one (``OFFSET_BEGINNING``) starts an offset query that, answered after a later
+    seek, moves the fetch back to where the query pointed.
     """
 
     def __init__(self, config: Config, reset: str, max_records: int) -> None:
@@ -624,9 +635,11 @@ class ConfluentReader:
         self._starts: dict[TopicPartition, int] = {}
 
     def assign(self, partitions: Sequence[TopicPartition]) -> None:
-        self._starts = {
-            tp: OFFSET_BEGINNING if self._starts.get(tp) is None else self._starts[tp] for tp in partitions
-        }
+        starts = {}
+        for tp in partitions:
+            known = self._starts.get(tp)
+            starts[tp] = self.bounds(tp)[0] if known is None else known
+        self._starts = starts
         self._apply()
 
     def _apply(self) -> None:
@@ -637,7 +650,7 @@ class ConfluentReader:
         self._apply()  # an assign at the offset: a seek before the first fetch would be refused
 
     def seek_to_beginning(self, partition: TopicPartition) -> None:
-        self.seek(partition, OFFSET_BEGINNING)
+        self.seek(partition, self.bounds(partition)[0])
 
     def poll(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartition, Sequence[Record]]:
         out: dict[TopicPartition, list[Message]] = {}
