@@ -493,7 +493,7 @@ def test_closing_producers_is_bounded_with_the_broker_gone(
         failed: list[bool] = []
         writer.send(0, [(b"k", b"v")], epoch=1)
         writer.flush()
-        broker.block_produce_topic = changelog_topic(cfg)  # writes hang, then the broker goes away
+        broker.block_produce = True  # writes hang, then the broker goes away
         writer.send(0, [(b"k2", b"v2")], epoch=1)
         letters.send(topic_names.dead_letters, b"k", b"v", [], lambda: None, lambda e, big: failed.append(big))
         broker.stop()

@@ -600,7 +600,7 @@ class ConfluentLetters:
         try:  # unacknowledged letters fail at the end (their callbacks run), as kafka-python's
             if timeout <= 0 or self._producer.flush(timeout):
                 self._producer.purge()
-            self._producer.flush(0)
+                self._producer.poll(0.1)  # serves the purged records' delivery reports
         except Exception:  # never raises: a shutdown continues
             pass
 
