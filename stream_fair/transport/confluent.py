@@ -23,6 +23,7 @@ Needs the optional extra: ``pip install 'stream-fair[confluent]'``. It keeps the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -52,6 +53,10 @@ log = logging.getLogger(__name__)
 _LIBRDKAFKA = logging.getLogger("stream_fair.librdkafka")  # librdkafka's own log lines
 _EOF = KafkaError._PARTITION_EOF
 _NO_HEADERS: tuple[tuple[str, bytes], ...] = ()
+# A fetch waits up to this long for data on an idle partition (librdkafka's default is 500 ms).
+# Other requests on the connection (offsets, metadata) wait behind it, and the run loop makes
+# some of those while it polls: a restore's end offsets, a reader's beginning.
+_FETCH_WAIT_MS = 100
 
 
 def client_config(k: KafkaConfig, *, quiet: bool = False) -> dict[str, Any]:
@@ -146,6 +151,7 @@ class ConfluentConsumer:
             # and its outcome (same key) in the same shard
             "partition.assignment.strategy": "range",
             "fetch.max.bytes": k.fetch_max_bytes,
+            "fetch.wait.max.ms": _FETCH_WAIT_MS,
             "receive.message.max.bytes": max(100_000_000, k.fetch_max_bytes + 512),
             # a consumer never creates a missing input topic (an empty topic read as a quiet one)
             "allow.auto.create.topics": False,
@@ -172,21 +178,19 @@ class ConfluentConsumer:
     # -- membership ---------------------------------------------------------------------------
     def subscribe(self, topics: Sequence[str], listener: Listener) -> None:
         self._listener = listener
+        # Ask for each topic's metadata first: librdkafka subscribes from its metadata cache, and a
+        # topic created a moment ago (the internal topics) would be left out of the first
+        # assignment until the next refresh (kafka.metadata_max_age_ms), leaving no leader.
+        for topic in topics:
+            with contextlib.suppress(KafkaException):
+                self._c.list_topics(topic, timeout=min(5.0, self.timeout))
         self._c.subscribe(list(topics), on_assign=self._on_assign, on_revoke=self._on_revoke)
 
     def _on_assign(self, consumer: Consumer, partitions: list[ConfluentTopicPartition]) -> None:
-        # assigned here (not after the callback) so the listener can pause them before any fetch,
-        # at a concrete offset: the default (the committed offset, else auto.offset.reset) starts
-        # an offset query whose answer, arriving after the restored partition's seek, would move
-        # the fetch back to the mirror's offset (the Reader below has the same race)
-        starts = []
-        for p in partitions:
-            try:
-                low, _ = consumer.get_watermark_offsets(p, timeout=min(5.0, self.timeout))
-                starts.append(ConfluentTopicPartition(p.topic, p.partition, int(low)))
-            except KafkaException:
-                starts.append(p)
-        consumer.assign(starts)
+        # assigned here (not after the callback) so the listener can pause them before any fetch;
+        # the restore's seek bumps librdkafka's version of the partition, so the answer to the
+        # committed-offset query this starts is ignored once it arrives late
+        consumer.assign(partitions)
         tps = {TopicPartition(p.topic, p.partition) for p in partitions}
         self._assigned = tps
         if self._listener is not None and not self._closing:
@@ -289,13 +293,12 @@ class ConfluentConsumer:
         self._positions[partition] = offset
 
     def _seek_to(self, partition: TopicPartition, end: bool) -> None:
-        try:  # a known offset, so the position (and the lag) is known before the first record
-            low, high = self._c.get_watermark_offsets(_ctp(partition), timeout=self.timeout)
-        except KafkaException:
-            self._c.seek(_ctp(partition, OFFSET_END if end else OFFSET_BEGINNING))
-            self._positions.pop(partition, None)
-            return
-        self.seek(partition, high if end else low)
+        # a logical offset, never a watermark query here: on the consumer's connection that waits
+        # behind the fetch in flight (up to fetch.wait.max.ms) for every partition being resumed.
+        # The position is unknown (lag None, the partition counts as behind) until the first
+        # record or the partition's EOF event.
+        self._c.seek(_ctp(partition, OFFSET_END if end else OFFSET_BEGINNING))
+        self._positions.pop(partition, None)
 
     def seek_to_beginning(self, partition: TopicPartition) -> None:
         self._seek_to(partition, end=False)
@@ -486,6 +489,7 @@ class ConfluentChangelogReader:
             "enable.auto.commit": False,
             "enable.partition.eof": True,
             "fetch.max.bytes": 64 << 20,
+            "fetch.wait.max.ms": _FETCH_WAIT_MS,
             "max.partition.fetch.bytes": 16 << 20,
             "receive.message.max.bytes": (64 << 20) + 512,
         }
@@ -612,9 +616,9 @@ def _too_large(err: KafkaError) -> bool:
 class ConfluentReader:
     """:class:`~stream_fair.transport.base.Reader` on a librdkafka consumer that never joins a group.
 
-    Every position handed to librdkafka is a concrete offset (the beginning is asked for first):
-    a logical one (``OFFSET_BEGINNING``) starts an offset query that, answered after a later
-    seek, moves the fetch back to where the query pointed.
+    Assignments and seeks are applied at the next :meth:`poll`, as one assign at concrete offsets
+    (the beginning is asked for first): re-assigning a partition whose logical offset
+    (``OFFSET_BEGINNING``) is still being queried lets the late answer move the fetch back there.
     """
 
     def __init__(self, config: Config, reset: str, max_records: int) -> None:
@@ -627,32 +631,37 @@ class ConfluentReader:
             "enable.auto.offset.store": False,
             "auto.offset.reset": "error" if reset == "none" else reset,
             "allow.auto.create.topics": False,
+            "fetch.wait.max.ms": _FETCH_WAIT_MS,
         }
         try:
             self._c = Consumer(conf)
         except KafkaException as exc:
             raise _refused(exc) from None
-        self._starts: dict[TopicPartition, int] = {}
+        self._starts: dict[TopicPartition, int | None] = {}
+        self._dirty = False
 
     def assign(self, partitions: Sequence[TopicPartition]) -> None:
-        starts = {}
-        for tp in partitions:
-            known = self._starts.get(tp)
-            starts[tp] = self.bounds(tp)[0] if known is None else known
-        self._starts = starts
-        self._apply()
-
-    def _apply(self) -> None:
-        self._c.assign([_ctp(tp, o) for tp, o in self._starts.items()])
+        self._starts = {tp: self._starts.get(tp) for tp in partitions}
+        self._dirty = True  # applied at the next poll: an assign then a seek is one assign
 
     def seek(self, partition: TopicPartition, offset: int) -> None:
         self._starts[partition] = offset
-        self._apply()  # an assign at the offset: a seek before the first fetch would be refused
+        self._dirty = True
 
     def seek_to_beginning(self, partition: TopicPartition) -> None:
-        self.seek(partition, self.bounds(partition)[0])
+        self._starts[partition] = None
+        self._dirty = True
+
+    def _apply(self) -> None:
+        for tp, offset in self._starts.items():
+            if offset is None:
+                self._starts[tp] = self.bounds(tp)[0]
+        self._c.assign([_ctp(tp, o) for tp, o in self._starts.items()])
+        self._dirty = False
 
     def poll(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartition, Sequence[Record]]:
+        if self._dirty:
+            self._apply()
         out: dict[TopicPartition, list[Message]] = {}
         messages: list[Any] = self._c.consume(max_records, timeout_ms / 1000)
         for m in messages:
