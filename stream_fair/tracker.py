@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, NamedTuple, Protocol
 
 from stream_fair.config import Config, format_duration
@@ -292,6 +293,7 @@ class Snapshot:
         marks = [v.watermark for v in self.partitions.values() if v.watermark is not None]
         return max(marks) if marks else None
 
+    @cached_property  # a snapshot never changes: summed once, whoever asks first
     def _rows(self) -> dict[Key, list[int]]:
         out: dict[Key, list[int]] = {}
         for v in self.partitions.values():
@@ -303,18 +305,18 @@ class Snapshot:
                     add_rows(acc, row)
         return out
 
-    @property
+    @cached_property
     def cumulative(self) -> dict[Key, Quad]:
         """Joined pairs' confusion counts per (model, cell), cells with no pair left out."""
-        return {k: q for k, row in self._rows().items() if any(q := confusion(row))}
+        return {k: q for k, row in self._rows.items() if any(q := confusion(row))}
 
-    @property
+    @cached_property
     def predictions(self) -> dict[Key, tuple[int, int]]:
-        return {k: (row[PRED0], row[PRED1]) for k, row in self._rows().items()}
+        return {k: (row[PRED0], row[PRED1]) for k, row in self._rows.items()}
 
-    @property
+    @cached_property
     def expired(self) -> dict[Key, int]:
-        return {k: row[EXPIRED] for k, row in self._rows().items() if row[EXPIRED]}
+        return {k: row[EXPIRED] for k, row in self._rows.items() if row[EXPIRED]}
 
     def score_histograms(self, key: FeatureKey) -> dict[str, dict[str, ScoreHistogram]]:
         """model -> group -> :class:`~stream_fair.histograms.ScoreHistogram` of one feature key,
