@@ -30,7 +30,7 @@ from stream_fair.config import Config, format_duration
 from stream_fair.errors import BrokerError
 from stream_fair.exporter import ExporterServer, Health, PipelineStats, registry_for
 from stream_fair.missing import MissingFeatureLog
-from stream_fair.report import Report, build_report
+from stream_fair.report import Report, ReportCache, build_report
 from stream_fair.state import identity
 from stream_fair.state.codec import (
     FEEDBACK_KEY,
@@ -137,6 +137,7 @@ class Detector:
         self.stats = PipelineStats()
         self._snapshot: Snapshot | None = None
         self._report: tuple[Snapshot, Report] | None = None
+        self._report_cache = ReportCache()
         self._report_lock = threading.Lock()
         self._events_since_checkpoint = 0
         self._last_checkpoint_mono = time.monotonic()
@@ -259,7 +260,7 @@ class Detector:
                 snap = Snapshot(taken_at=time.time(), partitions={})
             cached = self._report
             if cached is None or cached[0] is not snap:
-                cached = self._report = (snap, build_report(snap, self.config))
+                cached = self._report = (snap, build_report(snap, self.config, self._report_cache))
                 self.history.record(cached[1])
             return cached[1], self.stats
 
