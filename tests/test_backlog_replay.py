@@ -17,7 +17,7 @@ from stream_fair.dev.broker import create_topics, produce_events
 from tests.helpers import detector_config, recount, scrape, wait_consumed
 from tests.test_integration_pipeline import Running
 
-pytestmark = [pytest.mark.integration, pytest.mark.transports]
+pytestmark = pytest.mark.integration
 
 
 def test_backlog_read_in_one_go_keeps_every_labelled_pair(

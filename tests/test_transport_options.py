@@ -135,3 +135,17 @@ def test_a_missing_confluent_extra_is_one_config_line(tmp_path: Path) -> None:
     assert "pip install 'stream-fair[confluent]'" in transport.ERR_CONFLUENT_MISSING
     # with the package there, the same config is fine
     assert run_cli("check-config", "--config", str(path)).returncode == 0
+
+
+def test_a_bad_transport_value_is_one_config_line(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path / "c.yaml",
+        {"kafka": {"transport": "librdkafka"}, "fairness": {"features": ["sex"]},
+         "exporter": {"host": "127.0.0.1", "port": 0}},
+    )  # fmt: skip
+    for command in ("run", "check-config"):
+        result = run_cli(command, "--config", str(path))
+        assert result.returncode == 2, result
+        [line] = result.stderr.splitlines()
+        assert line.startswith("stream-fair: config error: kafka.transport: "), line
+        assert "'kafka-python' or 'confluent'" in line, line  # the fix: the values it takes

@@ -20,7 +20,7 @@ from stream_fair.dev.broker import produce_events
 from tests.faults.proc import Run, committed, consumed_all, read_all, setup
 from tests.helpers import recount, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.transports]
+pytestmark = pytest.mark.integration
 
 
 def test_a_full_disk_fails_checkpoints_without_ending_the_process(

@@ -18,7 +18,7 @@ from stream_fair.dev.broker import consume_topic, produce_events
 from tests.faults.proc import Run, consumed_all, headers, setup
 from tests.helpers import assert_accounting, recount, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.transports]
+pytestmark = pytest.mark.integration
 
 
 def test_far_future_and_millisecond_timestamps_are_rejected_not_believed(

@@ -23,7 +23,7 @@ from stream_fair.dev.broker import consume_topic, produce_events
 from tests.faults.proc import Run, consumed_all, headers, setup
 from tests.helpers import assert_accounting, recount, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.transports]
+pytestmark = pytest.mark.integration
 
 NOW = time.time()
 OK = {"id": "ok", "ts": NOW - 600, "model": "credit-v3", "prediction": 1, "attributes": {"sex": "Female"}}

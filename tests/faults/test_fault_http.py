@@ -18,7 +18,7 @@ import pytest
 from tests.faults.proc import Run, setup
 from tests.helpers import ready, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.transports]
+pytestmark = pytest.mark.integration
 
 
 def _threads(pid: int) -> int:
