@@ -37,6 +37,7 @@ from stream_fair.state.codec import (
     SPACE_HIST,
     SPACE_ID,
     WINDOWS_PREFIX,
+    decode_id,
     encode_json,
     increment_key,
     meta_key,
@@ -966,7 +967,7 @@ class Detector:
             s.epoch = max(epoch, s.epoch) + 1
             for key in repair:
                 if key[0] == SPACE_ID:
-                    s.join.ids.touch(key[3:].decode())
+                    s.join.ids.touch(decode_id(key[3:]))
                 elif key[0] == SPACE_COUNTS:
                     ci = parse_cell(key[3:])
                     if ci < len(s.counts.rows):
