@@ -307,10 +307,16 @@ class Detector:
 
     def explain_new_alarms(self) -> None:
         """Explain each newly raised alarm once (stream_fair.explain, split at its change point):
-        logged as one line and attached to its event in ``/alarms`` (the newest 100 are kept)."""
-        report, _ = self.current()
-        fb = report.snapshot.feedback
-        for ev in getattr(fb, "alarm_events", ()) or ():
+        logged as one line and attached to its event in ``/alarms`` (the newest 100 are kept).
+
+        Reads the events from the published snapshot: the report (the fairness math, the
+        estimates' bootstraps) is built only when there is an alarm to explain, never in every
+        turn of the consumer loop."""
+        snap = self._snapshot
+        events = getattr(snap.feedback, "alarm_events", ()) if snap is not None else ()
+        if not events or events[-1].seq <= self._explained_seq:
+            return
+        for ev in events:
             if ev.seq <= self._explained_seq:
                 continue
             self._explained_seq = ev.seq
