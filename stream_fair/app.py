@@ -29,7 +29,7 @@ from stream_fair.config import Config, format_duration
 from stream_fair.errors import BrokerError
 from stream_fair.exporter import ExporterServer, Health, PipelineStats, registry_for
 from stream_fair.missing import MissingFeatureLog
-from stream_fair.report import Report, build_report
+from stream_fair.report import Report, ReportCache, build_report
 from stream_fair.state import identity
 from stream_fair.state.codec import (
     FEEDBACK_KEY,
@@ -137,6 +137,7 @@ class Detector:
         self.stats = PipelineStats()
         self._snapshot: Snapshot | None = None
         self._report: tuple[Snapshot, Report] | None = None
+        self._report_cache = ReportCache()
         self._report_lock = threading.Lock()
         self._events_since_checkpoint = 0
         self._last_checkpoint_mono = time.monotonic()
@@ -259,7 +260,7 @@ class Detector:
                 snap = Snapshot(taken_at=time.time(), partitions={})
             cached = self._report
             if cached is None or cached[0] is not snap:
-                cached = self._report = (snap, build_report(snap, self.config))
+                cached = self._report = (snap, build_report(snap, self.config, self._report_cache))
                 self.history.record(cached[1])
             return cached[1], self.stats
 
@@ -307,10 +308,16 @@ class Detector:
 
     def explain_new_alarms(self) -> None:
         """Explain each newly raised alarm once (stream_fair.explain, split at its change point):
-        logged as one line and attached to its event in ``/alarms`` (the newest 100 are kept)."""
-        report, _ = self.current()
-        fb = report.snapshot.feedback
-        for ev in getattr(fb, "alarm_events", ()) or ():
+        logged as one line and attached to its event in ``/alarms`` (the newest 100 are kept).
+
+        Reads the events from the published snapshot: the report (the fairness math, the
+        estimates' bootstraps) is built only when there is an alarm to explain, never in every
+        turn of the consumer loop."""
+        snap = self._snapshot
+        events = getattr(snap.feedback, "alarm_events", ()) if snap is not None else ()
+        if not events or events[-1].seq <= self._explained_seq:
+            return
+        for ev in events:
             if ev.seq <= self._explained_seq:
                 continue
             self._explained_seq = ev.seq

@@ -57,9 +57,9 @@ from stream_fair.fairness import PRIORS, RATE_CELLS, Counts, Estimate, FairnessS
 from stream_fair.histograms import NBINS, ScoreHistogram, edges
 
 __all__ = [
-    "CALIBRATION_BINS", "ESTIMATED_RATES", "VIEWS", "Calibration", "EstimateSettings", "FeatureEstimates",
-    "GroupEstimates", "Labelled", "calibration", "calibrations", "estimate_feature", "expected_counts",
-    "recent_trust",
+    "CALIBRATION_BINS", "ESTIMATED_RATES", "VIEWS", "Calibration", "CalibrationCache", "EstimateSettings",
+    "FeatureEstimates", "GroupEstimates", "Labelled", "calibration", "calibrations", "estimate_feature",
+    "expected_counts", "recent_trust",
 ]  # fmt: skip
 
 VIEWS: tuple[str, ...] = ("pending", "combined")
@@ -125,8 +125,33 @@ class Calibration:
 
 
 def _rng(*key: str) -> np.random.Generator:
-    # deterministic per (model, feature): the same snapshot gives the same intervals
+    # deterministic per (model, feature[, window], group): the same counts give the same interval
     return np.random.default_rng(zlib.crc32("\x00".join(key).encode()))
+
+
+class CalibrationCache:
+    """Calibrations by (model, feature, window, group), each kept with the labelled counts it was
+    computed from: a report reuses it while they (and the settings) are unchanged, so the
+    bootstrap runs only for the groups that received labels since the last report.
+
+    Bounded by the exported groups (the cardinality limits bound them). Not thread-safe: one
+    report is built at a time (``Detector.current``)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, ...], tuple[bytes, Calibration]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[str, ...], inputs: bytes) -> Calibration | None:
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] == inputs:
+            self.hits += 1
+            return hit[1]
+        self.misses += 1
+        return None
+
+    def put(self, key: tuple[str, ...], inputs: bytes, cal: Calibration) -> None:
+        self._entries[key] = (inputs, cal)
 
 
 class Labelled(Protocol):
@@ -155,8 +180,16 @@ def calibrations(
     settings: EstimateSettings,
     level: float = 0.95,
     rng: np.random.Generator | None = None,
+    *,
+    seed: tuple[str, ...] | None = None,
+    cache: CalibrationCache | None = None,
 ) -> dict[str, Calibration]:
-    """:func:`calibration` of several groups at once (one vectorised bootstrap)."""
+    """:func:`calibration` of several groups at once.
+
+    With ``seed`` each group's bootstrap draws from its own generator, seeded by ``seed`` and the
+    group's name (so a group's interval depends on its own counts only, and ``cache`` can keep
+    it); otherwise every group draws from ``rng`` in turn.
+    """
     rng = rng if rng is not None else np.random.default_rng(0)
     names = list(hists)
     if not names:
@@ -176,30 +209,73 @@ def calibrations(
     w = n / np.maximum(total, 1)[:, None]
     f0, m0 = np.nan_to_num(freq), np.nan_to_num(mean)
     ece = np.sum(w * np.abs(f0 - m0), axis=1)
-    draws = rng.binomial(n, f0, size=(_BOOTSTRAP, *n.shape)) / safe_n  # empty bins weigh 0
-    star = np.sum(w * np.abs(draws - m0), axis=2)  # (draws, groups)
     tail = (1.0 - level) / 2.0
-    lo, hi = np.quantile(star, [tail, 1.0 - tail], axis=0)
     e = edges()[::step]
-    out = {}
+    tag = repr((level, settings)).encode()
+    out: dict[str, Calibration] = {}
+    todo: list[tuple[int, tuple[str, ...] | None, bytes | None]] = []  # groups without a cached result
     for i, g in enumerate(names):
+        if cache is None or seed is None:
+            todo.append((i, None, None))
+            continue
+        gkey, inputs = (*seed, g), tag + pos[i].tobytes() + neg[i].tobytes()
+        hit = cache.get(gkey, inputs)
+        if hit is not None:
+            out[g] = hit
+        else:
+            todo.append((i, gkey, inputs))
+    drawn = [i for i, _, _ in todo if total[i]]
+    bounds: dict[int, tuple[float, float]] = {}
+    if drawn:
+        star = np.stack(
+            [
+                _bootstrap(n[i], f0[i], w[i], m0[i], safe_n[i], _rng(*seed, names[i]) if seed else rng)
+                for i in drawn
+            ],
+            axis=1,
+        )  # (draws, groups)
+        lo, hi = np.quantile(star, [tail, 1.0 - tail], axis=0)
+        bounds = {i: (float(lo[j]), float(hi[j])) for j, i in enumerate(drawn)}
+    for i, key, inputs in todo:
+        g = names[i]
         bins = tuple(
             ReliabilityBin(float(e[b]), float(e[b + 1]), int(n[i, b]), float(mean[i, b]), float(freq[i, b]))
             for b in range(CALIBRATION_BINS)
         )
         t = int(total[i])
         if t == 0:
-            out[g] = Calibration(bins, 0, None, False, False, "too_few_labels")
-            continue
-        v = float(ece[i])
-        lower, upper = max(0.0, 2 * v - float(hi[i])), max(0.0, 2 * v - float(lo[i]))
-        est = Estimate(v, min(lower, v), max(upper, v))
-        if t < settings.min_labelled:
-            out[g] = Calibration(bins, t, est, False, False, "too_few_labels")
-            continue
-        alarm = est.lower > settings.max_calibration_error
-        out[g] = Calibration(bins, t, est, alarm, not alarm, "miscalibrated" if alarm else "")
-    return out
+            cal = Calibration(bins, 0, None, False, False, "too_few_labels")
+        else:
+            v = float(ece[i])
+            lower, upper = max(0.0, 2 * v - bounds[i][1]), max(0.0, 2 * v - bounds[i][0])
+            est = Estimate(v, min(lower, v), max(upper, v))
+            if t < settings.min_labelled:
+                cal = Calibration(bins, t, est, False, False, "too_few_labels")
+            else:
+                alarm = est.lower > settings.max_calibration_error
+                cal = Calibration(bins, t, est, alarm, not alarm, "miscalibrated" if alarm else "")
+        if cache is not None and key is not None and inputs is not None:
+            cache.put(key, inputs, cal)
+        out[g] = cal
+    return {g: out[g] for g in names}
+
+
+def _bootstrap(
+    n: NDArray[np.int64],
+    f0: NDArray[np.float64],
+    w: NDArray[np.float64],
+    m0: NDArray[np.float64],
+    safe_n: NDArray[np.int64],
+    rng: np.random.Generator,
+) -> NDArray[np.float64]:
+    """One group's bootstrap ECEs: every bin's label-1 count redrawn ``Binomial(n_b, frequency_b)``.
+    One call per bin with scalar parameters: numpy draws those several times faster than one
+    broadcast call, and without holding the GIL (the consumer thread runs meanwhile)."""
+    draws = np.zeros((_BOOTSTRAP, CALIBRATION_BINS))
+    for b in range(CALIBRATION_BINS):
+        if n[b]:  # empty bins weigh 0
+            draws[:, b] = rng.binomial(int(n[b]), float(f0[b]), _BOOTSTRAP)
+    return np.abs(draws / safe_n - m0) @ w
 
 
 def expected_counts(h: ScoreHistogram) -> tuple[float, float, float, float]:
@@ -311,15 +387,17 @@ def estimate_feature(
     reference: str | None = None,
     model: str = "",
     windows: Mapping[str, Mapping[str, Labelled]] | None = None,
+    cache: CalibrationCache | None = None,
 ) -> FeatureEstimates:
     """Calibration (cumulative and per window of ``windows``: window label -> group -> labelled
     histogram, shortest first) and both views' estimates of every group of one (model, feature)."""
     prior = PRIORS[settings.prior]
     groups = sorted(set(histograms) | set(realized))
-    cal = calibrations(histograms, estimate, settings.credible_level, _rng(model, feature))
+    level = settings.credible_level
+    cal = calibrations(histograms, estimate, level, seed=(model, feature, ""), cache=cache)
     in_window = replace(estimate, min_labelled=max(estimate.min_labelled, estimate.min_window_labelled))
     wcal = {
-        w: calibrations(h, in_window, settings.credible_level, _rng(model, feature, w))
+        w: calibrations(h, in_window, level, seed=(model, feature, w), cache=cache)
         for w, h in (windows or {}).items()
     }
     trust = recent_trust(cal, wcal)

@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
 from stream_fair import __version__
 from stream_fair.counts import ACTUAL_PREDICTED, EXPIRED, FN, FP, PRED0, PRED1, TN, TP
 from stream_fair.estimates import ESTIMATED_RATES
+from stream_fair.exposition import Exposition
 from stream_fair.fairness import DISPARITIES, RATES
 from stream_fair.histograms import OUT_OF_RANGE
 from stream_fair.missing import report_missing
@@ -80,9 +81,18 @@ class FairnessCollector:
     def __init__(self, source: Source) -> None:
         self._source = source
         self.failures = 0
+        # the families of the last report: a scrape of the same report reuses them (and so does
+        # the exposition's text, :mod:`stream_fair.exposition`); only the pipeline's are rebuilt
+        self._built: tuple[Report, list[Metric]] | None = None
 
     def describe(self) -> list[Metric]:
         return []  # families depend on the data; skip the describe-time collect
+
+    def _report_families(self, report: Report) -> list[Metric]:
+        built = self._built
+        if built is None or built[0] is not report:
+            built = self._built = (report, list(_families(report)))
+        return built[1]
 
     def collect(self) -> Iterator[Metric]:
         build = GaugeMetricFamily(P + "build_info", "stream-fair build", labels=["version"])
@@ -91,7 +101,7 @@ class FairnessCollector:
         stats = PipelineStats()
         try:
             report, stats = self._source()
-            families = list(_families(report, stats))
+            families = [*_pipeline(report, stats), *self._report_families(report)]
         except Exception:  # a scrape must never fail because of one bad value
             log.exception("building the metrics snapshot failed")
             self.failures += 1
@@ -107,9 +117,9 @@ class FairnessCollector:
         yield from families
 
 
-def _families(report: Report, stats: PipelineStats) -> Iterator[Metric]:
+def _families(report: Report) -> Iterator[Metric]:
+    """Every family that depends on the report alone (the pipeline's live facts: :func:`_pipeline`)."""
     snap = report.snapshot
-    yield from _pipeline(report, stats)
 
     confusion = CounterMetricFamily(
         P + "confusion",
@@ -578,6 +588,7 @@ class ExporterServer:
 
         now: Callable[[], float] = clock or time.monotonic
         settings: WebConfig = web or WebConfig()
+        exposition = self.exposition = Exposition(registry)
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
@@ -585,7 +596,7 @@ class ExporterServer:
                 if path not in UNPROTECTED and not settings.authorized(self.headers.get("Authorization")):
                     self._send(401, b"unauthorized\n", auth=True)
                 elif path == "/metrics":
-                    self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                    self._send(200, exposition.render(), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
                     alive = now() - health.heartbeat < health.stale_after
                     self._send(200 if alive else 503, b"ok\n" if alive else b"run loop stalled\n")

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy import sparse
 
 from stream_fair.counts import EXPIRED, FN, FP, PRED0, PRED1, ROW, SLOT, TN, TP, WIDTH, Key
 from stream_fair.groups import FeatureKey
@@ -217,15 +218,20 @@ def grouped_sums(
         return {key.name: {} for key in keys}
     matrix = np.array(rows, dtype=np.int64)
     out: dict[str, dict[str, dict[str, NDArray[np.int64]]]] = {}
+    ones = np.ones(len(cells), dtype=np.int64)
+    columns = np.arange(len(cells))
     for key in keys:
         index: dict[tuple[str, str], int] = {}
+        group = key.group
         idx = np.fromiter(
-            (index.setdefault((m, key.group(c)), len(index)) for m, c in cells),
+            (index.setdefault((m, group(c)), len(index)) for m, c in cells),
             dtype=np.int64,
             count=len(cells),
         )
-        sums = np.zeros((len(index), width), dtype=np.int64)
-        np.add.at(sums, idx, matrix)
+        # sum the rows of each group: a 0/1 (groups x cells) matrix times the rows (exact in
+        # int64, several times faster than np.add.at)
+        assign = sparse.csr_matrix((ones, (idx, columns)), shape=(len(index), len(cells)))
+        sums = np.asarray(assign @ matrix)
         by: dict[str, dict[str, NDArray[np.int64]]] = {}
         for (m, g), i in index.items():
             by.setdefault(m, {})[g] = sums[i]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from stream_fair.config import Config, format_duration
 from stream_fair.counts import Key, Quad, add_rows
 from stream_fair.disparity import DISPARITY_RATES
-from stream_fair.estimates import EstimateSettings, FeatureEstimates, estimate_feature
+from stream_fair.estimates import CalibrationCache, EstimateSettings, FeatureEstimates, estimate_feature
 from stream_fair.fairness import Counts, FairnessSettings, FeatureReport, evaluate_feature
 from stream_fair.groups import SEPARATOR, Cell, FeatureKey, carried_attributes, feature_keys
 from stream_fair.histograms import ScoreHistogram
@@ -102,6 +102,14 @@ class Report:
         raise KeyError((model, feature, window))
 
 
+@dataclass
+class ReportCache:
+    """What a report keeps for the next one of the same process (:meth:`Detector.current`): the
+    calibrations, recomputed only for the groups whose labelled counts changed."""
+
+    calibration: CalibrationCache = field(default_factory=CalibrationCache)
+
+
 def flagged_extremes(fr: FeatureReport) -> set[tuple[str, str]]:
     """``(group, rate)`` at the minimum or maximum of each flagged between-groups disparity.
 
@@ -163,8 +171,9 @@ def config_keys(config: Config) -> list[FeatureKey]:
     return feature_keys([f.name for f in fc.features], fc.intersections, [f.name for f in fc.audit_only])
 
 
-def build_report(snapshot: Snapshot, config: Config) -> Report:
-    """Evaluate every model × feature key × window of a snapshot."""
+def build_report(snapshot: Snapshot, config: Config, cache: ReportCache | None = None) -> Report:
+    """Evaluate every model × feature key × window of a snapshot (``cache``: reuse what the
+    previous report of the same process computed from unchanged inputs)."""
     settings = fairness_settings(config)
     keys = config_keys(config)
     refs = references(config, keys)
@@ -182,12 +191,17 @@ def build_report(snapshot: Snapshot, config: Config) -> Report:
     report.partitions.extend(partition_groups(snapshot, keys))
     report.searches.extend(search_views(snapshot, config))
     if config.fairness.estimates.enabled:
-        report.estimates.extend(estimate_views(snapshot, config, keys, refs))
+        calibration = cache.calibration if cache is not None else None
+        report.estimates.extend(estimate_views(snapshot, config, keys, refs, calibration))
     return report
 
 
 def estimate_views(
-    snapshot: Snapshot, config: Config, keys: Sequence[FeatureKey], refs: Mapping[str, str | None]
+    snapshot: Snapshot,
+    config: Config,
+    keys: Sequence[FeatureKey],
+    refs: Mapping[str, str | None],
+    cache: CalibrationCache | None = None,
 ) -> list[EstimateView]:
     """Calibration and label-free estimates of every (model, feature key) with scored predictions."""
     settings = fairness_settings(config)
@@ -203,7 +217,9 @@ def estimate_views(
         for model, hists in sorted(histograms[key.name].items()):
             counts = {g: Counts(*q) for g, q in realized.get(model, {}).items()}
             windows = {w: by_window[w][key.name].get(model, {}) for w in labels}
-            fe = estimate_feature(key.name, hists, counts, settings, est, refs.get(key.name), model, windows)
+            fe = estimate_feature(
+                key.name, hists, counts, settings, est, refs.get(key.name), model, windows, cache
+            )
             out.append(EstimateView(model, key, fe))
     return out
 
