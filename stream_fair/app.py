@@ -38,6 +38,7 @@ from stream_fair.state.codec import (
     SPACE_HIST,
     SPACE_ID,
     WINDOWS_PREFIX,
+    decode_id,
     encode_json,
     increment_key,
     meta_key,
@@ -308,10 +309,16 @@ class Detector:
 
     def explain_new_alarms(self) -> None:
         """Explain each newly raised alarm once (stream_fair.explain, split at its change point):
-        logged as one line and attached to its event in ``/alarms`` (the newest 100 are kept)."""
-        report, _ = self.current()
-        fb = report.snapshot.feedback
-        for ev in getattr(fb, "alarm_events", ()) or ():
+        logged as one line and attached to its event in ``/alarms`` (the newest 100 are kept).
+
+        Reads the events from the published snapshot: the report (the fairness math, the
+        estimates' bootstraps) is built only when there is an alarm to explain, never in every
+        turn of the consumer loop."""
+        snap = self._snapshot
+        events = getattr(snap.feedback, "alarm_events", ()) if snap is not None else ()
+        if not events or events[-1].seq <= self._explained_seq:
+            return
+        for ev in events:
             if ev.seq <= self._explained_seq:
                 continue
             self._explained_seq = ev.seq
@@ -968,7 +975,7 @@ class Detector:
             s.epoch = max(epoch, s.epoch) + 1
             for key in repair:
                 if key[0] == SPACE_ID:
-                    s.join.ids.touch(key[3:].decode())
+                    s.join.ids.touch(decode_id(key[3:]))
                 elif key[0] == SPACE_COUNTS:
                     ci = parse_cell(key[3:])
                     if ci < len(s.counts.rows):
