@@ -166,7 +166,7 @@ class _Sink:
         return True
 
     # consumer
-    def commit_async(self, offsets: Any = None) -> None:
+    def commit(self, offsets: Any = None) -> None:  # the transport protocol's offset mirror
         pass
 
 
