@@ -159,9 +159,16 @@ def probe_once(
     t0 = time.perf_counter()
     producer.send(topics[1], key=key.encode(), value=outcome)
     producer.flush()
-    while _total(_CONFUSION, _scrape(port)) < n + 1:
+    while _total(_CONFUSION, (text := _scrape(port))) < n + 1:
         if time.monotonic() > deadline:
-            raise RuntimeError("the probe's outcome never showed on /metrics")
+            facts = [
+                line.decode()
+                for line in text.splitlines()
+                if line.startswith(
+                    (b"stream_fair_consumer_lag", b"stream_fair_event_fates", b"stream_fair_records_read")
+                )
+            ]
+            raise RuntimeError("the probe's outcome never showed on /metrics:\n" + "\n".join(facts))
     seen = time.perf_counter() - t0
     while key not in bare.seen and time.monotonic() < deadline:
         time.sleep(0.01)
