@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from operator import itemgetter
-from typing import Any, cast
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -58,6 +58,26 @@ _MAX_VALUE = 128
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _RESERVED = ("__other__", "__missing__")
 _BINARY: dict[Any, int] = {0: 0, 1: 1, "0": 0, "1": 1}  # False == 0 and True == 1 as keys
+
+
+_UTC = timezone.utc
+
+
+def parse_iso(value: str) -> float:
+    """Unix seconds of an ISO-8601 timestamp; one without a zone is UTC, never the host's time.
+
+    Raises ValueError when ``value`` is not ISO 8601. The decoder's only ISO parser (fast and
+    full path alike), so a record's time does not depend on which path read it.
+
+    >>> parse_iso("2026-09-21T14:13:20.474Z"), parse_iso("2026-09-21T16:13:20.474+02:00")
+    (1790000000.474, 1790000000.474)
+    >>> parse_iso("2026-09-21T14:13:20.474")
+    1790000000.474
+    """
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=_UTC)
+    return parsed.timestamp()
 
 
 class _Reject(Exception):
@@ -148,6 +168,13 @@ def _feature_reader(paths: list[str]) -> Callable[[dict[str, Any]], list[Any]]:
     return read
 
 
+class _Raw(NamedTuple):
+    """One record's value and Kafka timestamp (ms), shaped like a Kafka record."""
+
+    value: bytes | None
+    timestamp: int | None
+
+
 def _load(raw: bytes | None) -> dict[str, Any]:
     if raw is None:
         raise _Reject(INVALID_JSON, "empty message (tombstone)")
@@ -155,6 +182,10 @@ def _load(raw: bytes | None) -> dict[str, Any]:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise _Reject(INVALID_JSON, f"not UTF-8 JSON: {exc}") from None
+    return _object(doc)
+
+
+def _object(doc: Any) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise _Reject(NOT_AN_OBJECT, f"expected a JSON object, got {type(doc).__name__}")
     return doc
@@ -222,10 +253,7 @@ class Decoder:
             ts = raw * self._ts_scale
         elif isinstance(value, str):
             try:
-                parsed = datetime.fromisoformat(value)
-                if parsed.tzinfo is None:  # no zone given: UTC, never the host's local time
-                    parsed = parsed.replace(tzinfo=timezone.utc)
-                ts = parsed.timestamp()
+                ts = parse_iso(value)
             except ValueError:
                 try:
                     raw = float(value)
@@ -245,38 +273,59 @@ class Decoder:
         return ts
 
     def prediction(self, raw: bytes | None, kafka_ts_ms: int | None = None) -> Prediction | Rejection:
-        """Decode one prediction record.
+        """Decode one prediction record (see :meth:`predictions`)."""
+        return self.predictions((_Raw(raw, kafka_ts_ms),))[0]
 
-        The fast path accepts only the plain, common shapes (string id, numeric time, 0/1 integer
-        decision, known attribute values) with exact type checks; anything else, valid or not,
-        takes the full path, which alone decides rejections.
+    def predictions(self, records: Iterable[Any]) -> list[Prediction | Rejection]:
+        """Decode one poll's prediction records (objects with ``value`` and ``timestamp``, the
+        Kafka timestamp in ms), parsing each once.
+
+        The fast path accepts only the plain, common shapes (string id, numeric or ISO-8601 time,
+        0/1 integer decision, known attribute values) with exact type checks; anything else, valid
+        or not, takes the full path with the parsed document, which alone decides rejections.
         """
-        try:
-            doc = orjson.loads(raw)  # type: ignore[arg-type]
-            if doc.__class__ is dict and self._p_fast is not None:
-                eid, ts, model, pred = self._p_fast(doc)  # KeyError when absent: full path
-                score = self._p_score(doc) if self._p_score else None
-                if (
-                    eid.__class__ is str and 0 < len(eid) <= _MAX_ID
-                    and (ts.__class__ is float or ts.__class__ is int)
-                    and self._min_ts <= (ts := ts * self._ts_scale) <= self._latest()
-                    and model in self._models
-                    and pred.__class__ is int and (pred == 0 or pred == 1)
-                    and (
-                        score is None or score is _ABSENT
-                        or (score.__class__ is float and -_INF < score < _INF)
-                    )
-                ):  # fmt: skip
-                    cell = tuple([self._values[v] for v in self._features(doc)])
-                    real_score = None if score is _ABSENT else cast(float | None, score)
-                    return Prediction(eid, float(ts), model, pred, real_score, cell)
-        except Exception:  # noqa: S110 - anything unusual goes to the full path below
-            pass
-        return self._prediction(raw, kafka_ts_ms)
+        out: list[Prediction | Rejection] = []
+        append = out.append
+        loads, fast, get_score = orjson.loads, self._p_fast, self._p_score
+        features, values, models = self._features, self._values, self._models
+        scale, min_ts, latest = self._ts_scale, self._min_ts, self._latest()  # the clock once per poll
+        for r in records:
+            raw = r.value
+            try:
+                doc = loads(raw)
+            except Exception:  # not JSON, or a tombstone: the full path names the reason
+                append(self._prediction(raw, r.timestamp))
+                continue
+            try:
+                if doc.__class__ is dict and fast is not None:
+                    eid, ts, model, pred = fast(doc)  # KeyError when absent: full path
+                    cls = ts.__class__
+                    if cls is float or cls is int:
+                        ts = float(ts * scale)
+                    elif cls is str:
+                        ts = parse_iso(ts)  # ValueError (a numeric string, say): full path
+                    score = get_score(doc) if get_score else None
+                    if (
+                        ts.__class__ is float and min_ts <= ts <= latest
+                        and eid.__class__ is str and 0 < len(eid) <= _MAX_ID
+                        and model in models
+                        and pred.__class__ is int and (pred == 0 or pred == 1)
+                        and (
+                            score is None or score is _ABSENT
+                            or (score.__class__ is float and -_INF < score < _INF)
+                        )
+                    ):  # fmt: skip
+                        cell = tuple([values[v] for v in features(doc)])
+                        append(Prediction(eid, ts, model, pred, None if score is _ABSENT else score, cell))
+                        continue
+            except Exception:  # noqa: S110 - anything unusual goes to the full path below
+                pass
+            append(self._prediction(raw, r.timestamp, doc))
+        return out
 
-    def _prediction(self, raw: bytes | None, kafka_ts_ms: int | None) -> Prediction | Rejection:
+    def _prediction(self, raw: bytes | None, kafka_ts_ms: int | None, doc: Any = _ABSENT) -> Prediction | Rejection:
         try:
-            doc = _load(raw)
+            doc = _load(raw) if doc is _ABSENT else _object(doc)
             event_id = _id(self._p_id(doc))
             ts = self._ts(self._p_ts(doc), kafka_ts_ms)
             model = self._p_model(doc)
@@ -363,25 +412,45 @@ class Decoder:
         raise _Reject(INVALID_ATTRIBUTE, f"attribute of type {type(value).__name__} (expected a string)")
 
     def outcome(self, raw: bytes | None, kafka_ts_ms: int | None = None) -> Outcome | Rejection:
-        """Decode one outcome record (fast path for plain shapes, as for predictions)."""
-        try:
-            doc = orjson.loads(raw)  # type: ignore[arg-type]
-            if doc.__class__ is dict:
-                eid, ts, label = self._o_fast(doc)  # KeyError when absent: full path
-                if (
-                    eid.__class__ is str and 0 < len(eid) <= _MAX_ID
-                    and (ts.__class__ is float or ts.__class__ is int)
-                    and self._min_ts <= (ts := ts * self._ts_scale) <= self._latest()
-                    and label.__class__ is int and (label == 0 or label == 1)
-                ):  # fmt: skip
-                    return Outcome(eid, float(ts), label)
-        except Exception:  # noqa: S110 - anything unusual goes to the full path below
-            pass
-        return self._outcome(raw, kafka_ts_ms)
+        """Decode one outcome record (see :meth:`outcomes`)."""
+        return self.outcomes((_Raw(raw, kafka_ts_ms),))[0]
 
-    def _outcome(self, raw: bytes | None, kafka_ts_ms: int | None) -> Outcome | Rejection:
+    def outcomes(self, records: Iterable[Any]) -> list[Outcome | Rejection]:
+        """Decode one poll's outcome records, parsing each once (fast path as for predictions)."""
+        out: list[Outcome | Rejection] = []
+        append = out.append
+        loads, fast = orjson.loads, self._o_fast
+        scale, min_ts, latest = self._ts_scale, self._min_ts, self._latest()
+        for r in records:
+            raw = r.value
+            try:
+                doc = loads(raw)
+            except Exception:
+                append(self._outcome(raw, r.timestamp))
+                continue
+            try:
+                if doc.__class__ is dict:
+                    eid, ts, label = fast(doc)  # KeyError when absent: full path
+                    cls = ts.__class__
+                    if cls is float or cls is int:
+                        ts = float(ts * scale)
+                    elif cls is str:
+                        ts = parse_iso(ts)
+                    if (
+                        ts.__class__ is float and min_ts <= ts <= latest
+                        and eid.__class__ is str and 0 < len(eid) <= _MAX_ID
+                        and label.__class__ is int and (label == 0 or label == 1)
+                    ):  # fmt: skip
+                        append(Outcome(eid, ts, label))
+                        continue
+            except Exception:  # noqa: S110 - anything unusual goes to the full path below
+                pass
+            append(self._outcome(raw, r.timestamp, doc))
+        return out
+
+    def _outcome(self, raw: bytes | None, kafka_ts_ms: int | None, doc: Any = _ABSENT) -> Outcome | Rejection:
         try:
-            doc = _load(raw)
+            doc = _load(raw) if doc is _ABSENT else _object(doc)
             event_id = _id(self._o_id(doc))
             ts = self._ts(self._o_ts(doc), kafka_ts_ms)
             label = _binary(

@@ -47,9 +47,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from stream_fair.counts import Key, Quad, confusion
+from stream_fair.counts import CONFUSION, Key, Quad, confusion
 from stream_fair.disparity import DISPARITY_RATES
-from stream_fair.fairness import RATE_CELLS, Estimate, is_reserved
+from stream_fair.fairness import RATE_CELLS, Estimate, is_reserved, rate_parts
 from stream_fair.groups import Cell, FeatureKey
 
 __all__ = [
@@ -141,9 +141,12 @@ def _div(a: Array, b: Array) -> Array:
 
 def _params(p: Array) -> tuple[Array, Array, Array, Array]:
     """``(s, pi, tpr, fpr)`` per cell from confusion probabilities ``p[..., cell, tp fp tn fn]``."""
-    tp, fp, tn, fn = p[..., 0], p[..., 1], p[..., 2], p[..., 3]
-    s = tp + fp + tn + fn
-    return s, _div(tp + fn, s), _div(tp, tp + fn), _div(fp, fp + tn)
+    return (
+        p.sum(axis=-1),
+        _div(*rate_parts("base_rate", p)),
+        _div(*rate_parts("true_positive_rate", p)),
+        _div(*rate_parts("false_positive_rate", p)),
+    )
 
 
 def _fill(a: Array, b: Array) -> Array:
@@ -152,7 +155,8 @@ def _fill(a: Array, b: Array) -> Array:
 
 
 def _rate(s: Array, pi: Array, tpr: Array, fpr: Array, num: list[int], den: list[int]) -> Array:
-    q = np.stack([s * pi * tpr, s * (1 - pi) * fpr, s * (1 - pi) * (1 - fpr), s * pi * (1 - tpr)], axis=-1)
+    cells = {"tp": s * pi * tpr, "fp": s * (1 - pi) * fpr, "tn": s * (1 - pi) * (1 - fpr), "fn": s * pi * (1 - tpr)}
+    q = np.stack([cells[c] for c in CONFUSION], axis=-1)
     return _div(q[..., num].sum(axis=(-1, -2)), q[..., den].sum(axis=(-1, -2)))
 
 

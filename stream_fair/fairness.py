@@ -33,6 +33,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import special
 
+from stream_fair.counts import CONFUSION
 from stream_fair.disparity import (
     DISPARITIES,
     DISPARITY_INPUT_RATES,
@@ -59,6 +60,7 @@ __all__ = [
     "is_flagged",
     "is_reserved",
     "observed_rates",
+    "rate_parts",
 ]
 
 RATES: tuple[str, ...] = (
@@ -91,8 +93,9 @@ POOLING_ERROR = "pooling must be one of {choices}; got {value!r}"
 THRESHOLD_NAME_ERROR = "unknown disparity {name!r} in thresholds; use one of {choices}"
 PRIOR_PARAMS_ERROR = "a Beta prior needs two positive parameters, e.g. (0.5, 0.5); got {value!r}"
 
-# Column order of the count matrix, and each rate's numerator / denominator cells.
-_TP, _FP, _TN, _FN = range(4)
+# Column order of the count matrix (the one cell order, stream_fair.counts.CONFUSION), and each
+# rate's numerator / denominator cells.
+_TP, _FP, _TN, _FN = (CONFUSION.index(c) for c in ("tp", "fp", "tn", "fn"))
 _RATE_CELLS: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "selection_rate": ((_TP, _FP), (_TP, _FP, _TN, _FN)),
     "base_rate": ((_TP, _FN), (_TP, _FP, _TN, _FN)),
@@ -105,7 +108,27 @@ _RATE_CELLS: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "accuracy": ((_TP, _TN), (_TP, _FP, _TN, _FN)),
 }
 RATE_CELLS = _RATE_CELLS
-"""rate -> (confusion columns summed in the numerator, ... in the denominator), ``tp fp tn fn`` order."""
+"""rate -> (confusion columns summed in the numerator, ... in the denominator), ``tp fp tn fn`` order.
+
+The one definition of every rate: the report, the verdict, the feedback monitor, the status page
+and the explanations all take their numerators and denominators from here (:func:`rate_parts`)."""
+
+
+def rate_parts(rate: str, counts: Any) -> tuple[Any, Any]:
+    """``(numerator, denominator)`` of ``rate`` from confusion counts in :data:`CONFUSION` order.
+
+    ``counts`` is a sequence of four counts, or an array whose last axis holds them (then the
+    parts are arrays over the leading axes).
+
+    >>> rate_parts("true_positive_rate", (8, 1, 9, 2)), rate_parts("selection_rate", (8, 1, 9, 2))
+    ((8, 10), (9, 20))
+    >>> rate_parts("false_positive_rate", np.array([[8, 1, 9, 2], [0, 0, 0, 0]]))
+    (array([1, 0]), array([10,  0]))
+    """
+    num, den = _RATE_CELLS[rate]
+    if isinstance(counts, np.ndarray):
+        return counts[..., list(num)].sum(axis=-1), counts[..., list(den)].sum(axis=-1)
+    return sum(counts[i] for i in num), sum(counts[i] for i in den)
 _NUM = np.array([[i in _RATE_CELLS[r][0] for r in RATES] for i in range(4)], dtype=np.int64)
 _DEN = np.array([[i in _RATE_CELLS[r][1] for r in RATES] for i in range(4)], dtype=np.int64)
 

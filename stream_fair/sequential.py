@@ -64,6 +64,9 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.special import betaln, xlogy
 
+from stream_fair.disparity import DISPARITY_RATES
+from stream_fair.fairness import RATE_CELLS
+
 __all__ = [
     "RATES",
     "DISPARITIES",
@@ -95,17 +98,14 @@ class Bounds(NamedTuple):
 
 
 RATES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
-    # rate: (indices of Counts summed in the numerator, ... in the denominator)
-    "selection_rate": ((0, 1), (0, 1, 2, 3)),
-    "true_positive_rate": ((0,), (0, 3)),
-    "false_positive_rate": ((1,), (1, 2)),
+    r: RATE_CELLS[r] for r in ("selection_rate", "true_positive_rate", "false_positive_rate")
 }
-"""Rates the verdict bounds, as sums of ``Counts`` fields (fairlearn names)."""
+"""Rates the verdict bounds, as sums of ``Counts`` fields (fairlearn names; the definitions are
+:data:`stream_fair.fairness.RATE_CELLS`)."""
 
 DISPARITIES: dict[str, tuple[str, ...]] = {
-    "demographic_parity_difference": ("selection_rate",),
-    "equal_opportunity_difference": ("true_positive_rate",),
-    "equalized_odds_difference": ("true_positive_rate", "false_positive_rate"),
+    d: DISPARITY_RATES[d]
+    for d in ("demographic_parity_difference", "equal_opportunity_difference", "equalized_odds_difference")
 }
 """Between-groups differences (fairlearn names) and the rates they are built from; the
 equalized-odds difference is the larger of its rates' differences, as in fairlearn."""

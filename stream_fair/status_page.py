@@ -20,6 +20,7 @@ from typing import Any
 
 from stream_fair.disparity import DISPARITY_RATES
 from stream_fair.explain import p_value, top_drivers
+from stream_fair.fairness import rate_parts
 from stream_fair.exporter import PipelineStats
 from stream_fair.missing import report_missing
 from stream_fair.report import CUMULATIVE, FeatureView, Report, flagged_extremes
@@ -465,11 +466,7 @@ def _pooled(view: FeatureView, rate: str) -> float | None:
         if gr.eligible:
             c = gr.counts
             tp, fp, tn, fn = tp + c.tp, fp + c.fp, tn + c.tn, fn + c.fn
-    num, den = {
-        "selection_rate": (tp + fp, tp + fp + tn + fn),
-        "true_positive_rate": (tp, tp + fn),
-        "false_positive_rate": (fp, fp + tn),
-    }[rate]
+    num, den = rate_parts(rate, (tp, fp, tn, fn))
     return num / den if den else None
 
 

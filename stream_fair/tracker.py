@@ -27,15 +27,16 @@ fairness math runs afterwards on the copy (:mod:`stream_fair.report`).
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from stream_fair.config import Config, format_duration
-from stream_fair.counts import EXPIRED, PRED0, PRED1, Key, PartitionCounts, Quad, add_rows, confusion
+from stream_fair.counts import EXPIRED, PRED0, PRED1, WIDTH, Key, PartitionCounts, Quad, add_rows, confusion
 from stream_fair.decode import Decoder
 from stream_fair.events import Outcome, Prediction, Rejection
 from stream_fair.groups import MODEL_OVERFLOW, CardinalityGuard, Cell, FeatureKey, feature_keys
@@ -73,6 +74,14 @@ from stream_fair.verdict.settings import VerdictSettings
 
 TOPICS = ("predictions", "outcomes")
 _P, _O = 0, 1
+
+
+class _Record(NamedTuple):
+    """One record handed to :meth:`Tracker.update_prediction` / ``update_outcome``."""
+
+    offset: int
+    timestamp: int | None
+    value: bytes | None
 
 
 class Feedback(Protocol):
@@ -445,8 +454,11 @@ class Tracker:
         """Account for one poll's records of one partition (objects with ``offset``, ``value``,
         ``timestamp``); returns the rejected records with their reasons.
 
-        The records are decoded first, then the stored records of their ids are read in one
-        batched lookup (:meth:`IdTable.prefetch`), then each is joined and counted in order.
+        The batch hot path: the records are decoded (one parse each), the stored records of their
+        ids are read in one batched lookup (:meth:`IdTable.prefetch`), then each is joined and
+        counted in order; offsets, consumed counts and the resume mark are set once per batch.
+        The result equals feeding the records one by one to :meth:`update_prediction` /
+        :meth:`update_outcome` (a test checks).
         """
         records = records if isinstance(records, list) else list(records)
         if not records:
@@ -454,19 +466,7 @@ class Tracker:
         s = self.shards.get(shard)
         if s is None:
             s = self.shard(shard)
-        events: list[Prediction | Outcome | Rejection]
-        if topic == _P:
-            apply = self._apply_prediction
-            events = [self.decoder.prediction(r.value, r.timestamp) for r in records]
-        else:
-            apply = self._apply_outcome
-            events = [self.decoder.outcome(r.value, r.timestamp) for r in records]
-        s.join.ids.prefetch([ev.id for ev in events if not isinstance(ev, Rejection)])
-        rejected = []
-        for r, ev in zip(records, events):  # noqa: B905 (same length by construction)
-            rejection = apply(s, shard, r.offset, ev)
-            if rejection is not None:
-                rejected.append((r, rejection))
+        rejected = self._batch(s, shard, topic, records)
         r = records[-1]  # what the stored offset is checked against on resume
         s.marks[topic] = mark(r.offset, r.timestamp, getattr(r, "key", None), r.value)
         return rejected
@@ -475,71 +475,124 @@ class Tracker:
         self, shard: int, raw: bytes | None, offset: int, kafka_ts_ms: int | None = None
     ) -> Rejection | None:
         """Account for one prediction record; returns a :class:`Rejection` when it is unusable."""
-        s = self.shards.get(shard)
-        if s is None:
-            s = self.shard(shard)
-        return self._apply_prediction(s, shard, offset, self.decoder.prediction(raw, kafka_ts_ms))
-
-    def _apply_prediction(self, s: Shard, shard: int, offset: int, ev: Any) -> Rejection | None:
-        s.changed = True
-        s.offsets[_P] = offset + 1
-        s.consumed[_P] += 1
-        if ev.__class__ is Rejection:
-            return self._reject(s, _P, ev)  # type: ignore[arg-type]
-        # event time the watermark may see: a far jump moves it by event_time.allowed_skew at most
-        t = self.decoder.event_time.admit((shard, _P), s.join.watermark, s.last_ts[_P], ev.ts)  # type: ignore[union-attr]
-        if t.__class__ is Rejection:
-            return self._reject(s, _P, t)  # type: ignore[arg-type]
-        s.guard.fold(ev)  # cell, intersection groups and model within their cardinality limits
-        model, ts, predicted, cell = ev.model, ev.ts, ev.predicted, ev.cell  # type: ignore[union-attr]
-        counts = s.counts
-        ci = counts.index.get((model, cell))
-        if ci is None:
-            ci = counts.cell(model, cell)
-        score = ev.score  # type: ignore[union-attr]
-        p = PendingPrediction(ts, ci, predicted, score)
-        fate, outcome = s.join.add_prediction(ev.id, p)  # type: ignore[union-attr]
-        if fate == DUPLICATE:
-            s.fates[_P][DUPLICATE] += 1
-        else:
-            counts.add_prediction(ci, predicted, ts)
-            if score is not None:
-                s.histograms.add(ci, PRED1 if predicted else PRED0, score)
-            if self.feedback is not None:
-                self.feedback.on_prediction(model, cell, predicted, ts)
-            if s.builder is not None:
-                s.builder.add_prediction(model, cell, predicted, ts)
-            if fate == JOINED:
-                self._joined(s, p, outcome.ts, outcome.label)  # type: ignore[union-attr]
-        self._advance(s, _P, t)  # type: ignore[arg-type]
-        return None
+        return self._one(shard, _P, raw, offset, kafka_ts_ms)
 
     def update_outcome(
         self, shard: int, raw: bytes | None, offset: int, kafka_ts_ms: int | None = None
     ) -> Rejection | None:
         """Account for one outcome record; returns a :class:`Rejection` when it is unusable."""
+        return self._one(shard, _O, raw, offset, kafka_ts_ms)
+
+    def _one(self, shard: int, topic: int, raw: bytes | None, offset: int, ts_ms: int | None) -> Rejection | None:
         s = self.shards.get(shard)
         if s is None:
             s = self.shard(shard)
-        return self._apply_outcome(s, shard, offset, self.decoder.outcome(raw, kafka_ts_ms))
+        rejected = self._batch(s, shard, topic, [_Record(offset, ts_ms, raw)])
+        return rejected[0][1] if rejected else None
 
-    def _apply_outcome(self, s: Shard, shard: int, offset: int, ev: Any) -> Rejection | None:
+    def _batch(self, s: Shard, shard: int, topic: int, records: list[Any]) -> list[tuple[Any, Rejection]]:
         s.changed = True
-        s.offsets[_O] = offset + 1
-        s.consumed[_O] += 1
-        if ev.__class__ is Rejection:
-            return self._reject(s, _O, ev)  # type: ignore[arg-type]
-        ts, label = ev.ts, ev.label  # type: ignore[union-attr]
-        t = self.decoder.event_time.admit((shard, _O), s.join.watermark, s.last_ts[_O], ts)
-        if t.__class__ is Rejection:
-            return self._reject(s, _O, t)  # type: ignore[arg-type]
-        fate, prediction = s.join.add_outcome(ev.id, ts, label)  # type: ignore[union-attr]
-        if fate == JOINED:
-            self._joined(s, prediction, ts, label)  # type: ignore[arg-type]
-        elif fate != PENDING:
-            s.fates[_O][fate] += 1  # duplicate or late
-        self._advance(s, _O, t)  # type: ignore[arg-type]
-        return None
+        if topic == _P:
+            events: list[Any] = self.decoder.predictions(records)
+        else:
+            events = self.decoder.outcomes(records)
+        s.join.ids.prefetch([ev.id for ev in events if ev.__class__ is not Rejection])
+        rejected = (self._predictions if topic == _P else self._outcomes)(s, shard, records, events)
+        s.offsets[topic] = records[-1].offset + 1
+        s.consumed[topic] += len(records)
+        return rejected
+
+    def _predictions(self, s: Shard, shard: int, records: list[Any], events: list[Any]) -> list[tuple[Any, Rejection]]:
+        """Join and count one batch of decoded predictions, in order (the hot path: inlined)."""
+        rejected = []
+        join, counts, guard, hist = s.join, s.counts, s.guard, s.histograms
+        last_ts, behind, fates = s.last_ts, s.behind, s.fates[_P]
+        event_time = self.decoder.event_time
+        skew, runs = event_time.allowed_skew, event_time._runs  # noqa: SLF001 - its fast check inlined
+        unfolded, model_limit, models = guard._unfolded, guard.model_limit, guard.models  # noqa: SLF001
+        index, rows, dirty, increments, period = (
+            counts.index, counts.rows, counts.dirty, counts.increments, counts.period
+        )
+        on_prediction = self.feedback.on_prediction if self.feedback is not None else None
+        builder = s.builder
+        key = (shard, _P)
+        floor = math.floor
+        for r, ev in zip(records, events):  # noqa: B905 (same length by construction)
+            if ev.__class__ is Rejection:
+                rejected.append((r, self._reject(s, _P, ev)))
+                continue
+            ts = ev.ts
+            last = last_ts[_P]
+            # event time the watermark may see: a far jump moves it by event_time.allowed_skew at most
+            if (last is None or ts <= last + skew) and not runs:
+                t = ts
+            else:
+                t = event_time.admit(key, join.watermark, last, ts)
+                if t.__class__ is Rejection:
+                    rejected.append((r, self._reject(s, _P, t)))  # type: ignore[arg-type]
+                    continue
+            # cell, intersection groups and model within their cardinality limits
+            cell = unfolded.get(ev.cell)
+            if cell is None or (model_limit is not None and ev.model not in models):
+                guard.fold(ev)
+                cell = ev.cell
+            model, predicted, score = ev.model, ev.predicted, ev.score
+            ci = index.get((model, cell))
+            if ci is None:
+                ci = counts.cell(model, cell)
+            p = PendingPrediction(ts, ci, predicted, score)
+            fate, outcome = join.add_prediction(ev.id, p)
+            if fate == DUPLICATE:
+                fates[DUPLICATE] += 1
+            else:
+                column = PRED1 if predicted else PRED0
+                rows[ci][column] += 1  # PartitionCounts.add_prediction, inlined
+                dirty.add(ci)
+                k = (ci, floor(ts / period))
+                inc = increments.get(k)
+                if inc is None:
+                    inc = increments[k] = [0] * WIDTH
+                inc[column] += 1
+                if score is not None:
+                    hist.add(ci, column, score)
+                if on_prediction is not None:
+                    on_prediction(model, cell, predicted, ts)
+                if builder is not None:
+                    builder.add_prediction(model, cell, predicted, ts)
+                if fate == JOINED:
+                    self._joined(s, p, outcome.ts, outcome.label)  # type: ignore[union-attr]
+            self._advance(s, _P, t, last_ts, behind, join)  # type: ignore[arg-type]
+        return rejected
+
+    def _outcomes(self, s: Shard, shard: int, records: list[Any], events: list[Any]) -> list[tuple[Any, Rejection]]:
+        """Join one batch of decoded outcomes, in order (the hot path: inlined)."""
+        rejected = []
+        join, last_ts, behind, fates = s.join, s.last_ts, s.behind, s.fates[_O]
+        event_time = self.decoder.event_time
+        skew, runs = event_time.allowed_skew, event_time._runs  # noqa: SLF001
+        key = (shard, _O)
+        add_outcome, joined = join.add_outcome, self._joined
+        for r, ev in zip(records, events):  # noqa: B905 (same length by construction)
+            if ev.__class__ is Rejection:
+                rejected.append((r, self._reject(s, _O, ev)))
+                continue
+            ts = ev.ts
+            last = last_ts[_O]
+            if (last is None or ts <= last + skew) and not runs:
+                t = ts
+            else:
+                t = event_time.admit(key, join.watermark, last, ts)
+                if t.__class__ is Rejection:
+                    rejected.append((r, self._reject(s, _O, t)))  # type: ignore[arg-type]
+                    continue
+            label = ev.label
+            fate, prediction = add_outcome(ev.id, ts, label)
+            if fate == JOINED:
+                joined(s, prediction, ts, label)  # type: ignore[arg-type]
+            elif fate != PENDING:
+                fates[fate] += 1  # duplicate or late
+            self._advance(s, _O, t, last_ts, behind, join)  # type: ignore[arg-type]
+        return rejected
 
     def _reject(self, s: Shard, topic: int, r: Rejection) -> Rejection:
         s.fates[topic][REJECTED] += 1
@@ -548,8 +601,9 @@ class Tracker:
         return r
 
     def _joined(self, s: Shard, p: PendingPrediction, outcome_ts: float, label: int) -> None:
-        s.fates[_P][JOINED] += 1
-        s.fates[_O][JOINED] += 1
+        fates = s.fates
+        fates[_P][JOINED] += 1
+        fates[_O][JOINED] += 1
         s.counts.add_joined(p.cell, label, p.predicted, p.ts)
         if p.score is not None:
             s.histograms.add_joined(p.cell, label, p.predicted, p.score)
@@ -562,20 +616,24 @@ class Tracker:
             if s.builder is not None:
                 s.builder.add_labelled(model, cell, p.predicted, label, p.ts, outcome_ts, p.score)
 
-    def _advance(self, s: Shard, topic: int, ts: float) -> None:
-        last = s.last_ts[topic]
+    def _advance(
+        self, s: Shard, topic: int, ts: float, last_ts: list[float | None], behind: list[bool], join: Join
+    ) -> None:
+        last = last_ts[topic]
         if last is None or ts > last:
-            s.last_ts[topic] = ts
-            join = s.join
+            last_ts[topic] = ts
             if ts > join.watermark:
-                if s.behind[0] or s.behind[1]:
+                if behind[0] or behind[1]:
                     self._move_watermark(s)
                 else:  # the common case, inlined: event time is the newest record's
                     released = join.advance(ts)
                     if released is not None:
                         self._release(s, released)
-        if s.join.over_capacity:
-            released = s.join.enforce_capacity()
+        if (
+            join.pending_predictions + join.pending_outcomes > join.max_pending
+            or join.remembered > join.max_remembered
+        ):  # Join.over_capacity, inlined
+            released = join.enforce_capacity()
             if released is not None:
                 self._release(s, released)
 

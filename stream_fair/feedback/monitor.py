@@ -51,6 +51,9 @@ from stream_fair.feedback.drift import BatchedDetector
 from stream_fair.feedback.loop import LoopEstimate, loop_indicator
 from stream_fair.feedback.traffic import ReferenceShares, exposure_ratios, shares
 from stream_fair.feedback.trends import Trend
+from stream_fair.counts import SLOT
+from stream_fair.disparity import DISPARITY_RATES
+from stream_fair.fairness import rate_parts
 from stream_fair.groups import Cell, FeatureKey
 from stream_fair.verdict import (
     AlarmEvent,
@@ -60,21 +63,23 @@ from stream_fair.verdict import (
     VerdictEngine,
     VerdictSettings,
 )
+from stream_fair.verdict.settings import RATES_WATCHED
 
 log = logging.getLogger(__name__)
 
-GROUP_SIGNALS = ("selection_rate", "true_positive_rate", "false_positive_rate")
-"""Per-group signals watched by drift detectors (fairlearn names)."""
+GROUP_SIGNALS = RATES_WATCHED
+"""Per-group signals watched by drift detectors (fairlearn names; the verdict's rates)."""
 
 DISPARITY_SIGNALS = ("demographic_parity_difference", "equal_opportunity_difference")
-"""Per-feature disparities watched by drift detectors and trends."""
+"""Per-feature disparities watched by drift detectors and trends (their rates:
+:data:`stream_fair.disparity.DISPARITY_RATES`)."""
 
 # row layout: cumulative predictions, positive predictions, the same in the open period,
-# joined, expired, cumulative tp fp tn fn, the same in the open period
+# joined, expired, cumulative confusion counts, the same in the open period (both in
+# stream_fair.counts.CONFUSION order)
 _N, _POS, _PN, _PPOS, _J, _E, _TP, _FP, _TN, _FN, _PTP, _PFP, _PTN, _PFN = range(14)
 _WIDTH = 14
-# (predicted, label) -> index offset of tp/fp/tn/fn
-_QUAD = {(1, 1): 0, (1, 0): 1, (0, 0): 2, (0, 1): 3}
+_QUAD = SLOT  # (label, predicted) -> offset of its confusion count
 
 
 @dataclass(frozen=True)
@@ -301,7 +306,7 @@ class FeedbackMonitor:
         row = self._rows.get(key)
         if row is None:
             row = self._row(model, cell)
-        q = _QUAD[(1 if predicted else 0, 1 if label else 0)]
+        q = _QUAD[1 if label else 0, 1 if predicted else 0]
         row[_J] += 1
         row[_TP + q] += 1
         row[_PTP + q] += 1
@@ -367,7 +372,12 @@ class FeedbackMonitor:
             sr = [pos / n for n, pos in counts.values() if n >= s.min_samples]
             if len(sr) >= 2:
                 self._trend(self._disp_trend, (*mf, DISPARITY_SIGNALS[0])).update(max(sr) - min(sr))
-            tpr = [v[2] / (v[2] + v[5]) for v in groups.values() if v[2] + v[5] >= s.min_samples]
+            tpr = [
+                num / den
+                for v in groups.values()
+                for num, den in (rate_parts("true_positive_rate", v[2:]),)
+                if den >= s.min_samples
+            ]
             if len(tpr) >= 2:
                 eo = self._trend(self._disp_trend, (*mf, DISPARITY_SIGNALS[1]))
                 eo.update(max(tpr) - min(tpr))
@@ -396,15 +406,17 @@ class FeedbackMonitor:
         ts = self._watermark
         for (model, fname), groups in self._by_group((_N, _POS, _TP, _FP, _TN, _FN)).items():
             ratios = {}
-            for g, (n, pos, tp, fp, tn, fn) in groups.items():
+            for g, (n, pos, *quad) in groups.items():
+                # the selection rate over every prediction (labelled or not), the others over the
+                # labelled pairs
                 ratios[g] = {
-                    "selection_rate": (pos, n),
-                    "true_positive_rate": (tp, tp + fn),
-                    "false_positive_rate": (fp, fp + tn),
+                    signal: (pos, n) if signal == "selection_rate" else rate_parts(signal, quad)
+                    for signal in GROUP_SIGNALS
                 }
                 for signal, (num, den) in ratios[g].items():
                     self._detector(self._detectors, (model, fname, g, signal)).feed(num, den, ts)
-            for name, rate in zip(DISPARITY_SIGNALS, ("selection_rate", "true_positive_rate"), strict=False):
+            for name in DISPARITY_SIGNALS:
+                (rate,) = DISPARITY_RATES[name]
                 cum = {g: r[rate] for g, r in ratios.items()}
                 self._feed_disparity((model, fname, name), cum, ts)
         if not self.local_verdict:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from stream_fair.counts import SLOT
 from stream_fair.groups import Cell
 
 __all__ = ["VERSION", "ScoreBins", "CellCounts", "Increment", "IncrementBuilder"]
@@ -178,8 +179,9 @@ class Increment:
         )
 
 
-# row layout of the builder: n0 n1 tp fp tn fn, positive-score bins, negative-score bins
-_QUAD = {(1, 1): 2, (1, 0): 3, (0, 0): 4, (0, 1): 5}
+# row layout of the builder: n0 n1, the confusion counts (stream_fair.counts.CONFUSION order),
+# positive-score bins, negative-score bins; (label, predicted) -> column
+_COLUMN = {lp: 2 + i for lp, i in SLOT.items()}
 
 
 class IncrementBuilder:
@@ -230,7 +232,7 @@ class IncrementBuilder:
         row = self._rows.get(key)
         if row is None:
             row = self._rows[key] = [0] * self._width + [-math.inf]
-        row[_QUAD[(1 if predicted else 0, 1 if label else 0)]] += 1
+        row[_COLUMN[1 if label else 0, 1 if predicted else 0]] += 1
         if score is not None and self._top >= 0:
             i = int((score - self._low) * self._scale)
             i = 0 if i < 0 else self._top if i > self._top else i
