@@ -641,7 +641,12 @@ class Detector:
         if (
             self._events_since_checkpoint >= state.checkpoint_events
             or since >= state.checkpoint_interval
-            or (self._events_since_checkpoint and self._caught_up() and since >= self._early_gap())
+            or (
+                state.checkpoint_when_caught_up
+                and self._events_since_checkpoint
+                and self._caught_up()
+                and since >= self._early_gap()
+            )
         ):
             t0 = time.monotonic()
             self.checkpoint()

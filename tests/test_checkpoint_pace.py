@@ -36,12 +36,17 @@ class NoGroup:
         pass
 
 
-def detector(tmp_path: Path) -> Detector:
+def detector(tmp_path: Path, **state: Any) -> Detector:
     cfg = Config.model_validate(
         {
             "topics": {"predictions": "p", "outcomes": "o", "dead_letters": None},
             "fairness": {"features": ["sex"]},
-            "state": {"path": str(tmp_path / "state"), "checkpoint_interval": "30s", "changelog": False},
+            "state": {
+                "path": str(tmp_path / "state"),
+                "checkpoint_interval": "30s",
+                "changelog": False,
+                **state,
+            },
         }
     )
     d = Detector(cfg, exporter_port=0)
@@ -114,6 +119,20 @@ def test_without_a_lag_measurement_the_interval_rules(tmp_path: Path) -> None:
     try:
         pair(d, 0)
         assert d.stats.lag == {}
+        d.maybe_checkpoint(time.monotonic() + 1.0)
+        assert published(d) == 0
+        d.maybe_checkpoint(time.monotonic() + 31.0)
+        assert published(d) == 1
+    finally:
+        d.close()
+        d.server.stop()
+
+
+def test_checkpoint_when_caught_up_false_keeps_the_interval(tmp_path: Path) -> None:
+    d = detector(tmp_path, checkpoint_when_caught_up=False)
+    try:
+        pair(d, 0)
+        d.stats.lag = {("predictions", 0): 0, ("outcomes", 0): 0}
         d.maybe_checkpoint(time.monotonic() + 1.0)
         assert published(d) == 0
         d.maybe_checkpoint(time.monotonic() + 31.0)
