@@ -151,7 +151,7 @@ class _Record:
 
 
 class _NoCommit:
-    def commit_async(self, offsets: Any = None) -> None:
+    def commit(self, offsets: Any = None) -> None:  # the transport protocol's offset mirror
         pass
 
 

@@ -1,7 +1,7 @@
 """stream-fair: a streaming fairness drift detector.
 
 The pure core (events, decoding, join, group keys, counts, fairness math, feedback indicators,
-tracker) imports neither Kafka nor Prometheus; the I/O lives at the edges (``kafka_io``,
+tracker) imports neither Kafka nor Prometheus; the I/O lives at the edges (``transport``,
 ``exporter``, ``app``).
 """
 

@@ -21,6 +21,7 @@ import struct
 import threading
 import time
 import urllib.parse
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -37,6 +38,7 @@ from stream_fair.state.codec import (
     SPACE_HIST,
     SPACE_ID,
     WINDOWS_PREFIX,
+    decode_id,
     encode_json,
     increment_key,
     meta_key,
@@ -310,10 +312,16 @@ class Detector:
 
     def explain_new_alarms(self) -> None:
         """Explain each newly raised alarm once (stream_fair.explain, split at its change point):
-        logged as one line and attached to its event in ``/alarms`` (the newest 100 are kept)."""
-        report, _ = self.current()
-        fb = report.snapshot.feedback
-        for ev in getattr(fb, "alarm_events", ()) or ():
+        logged as one line and attached to its event in ``/alarms`` (the newest 100 are kept).
+
+        Reads the events from the published snapshot: the report (the fairness math, the
+        estimates' bootstraps) is built only when there is an alarm to explain, never in every
+        turn of the consumer loop."""
+        snap = self._snapshot
+        events = getattr(snap.feedback, "alarm_events", ()) if snap is not None else ()
+        if not events or events[-1].seq <= self._explained_seq:
+            return
+        for ev in events:
             if ev.seq <= self._explained_seq:
                 continue
             self._explained_seq = ev.seq
@@ -435,27 +443,27 @@ class Detector:
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, then checkpoint and close everything."""
-        from stream_fair import kafka_io
+        from stream_fair import transport
 
         cfg = self.config
         self.server.start()
         self.health.heartbeat = time.monotonic()
-        consumer = kafka_io.make_consumer(cfg)
+        consumer = transport.make_consumer(cfg)
         writer = reader = publisher = inputs = None
         self.model_wide = cfg.state.changelog
         try:
-            partitions = self._partitions = kafka_io.check_copartitioned(consumer, cfg)
-            inputs = self._inputs = kafka_io.InputReader(cfg)
+            partitions = self._partitions = transport.check_copartitioned(consumer, cfg)
+            inputs = self._inputs = transport.InputReader(cfg)
             if cfg.state.changelog:
-                kafka_io.ensure_changelog(consumer, cfg, partitions)
-                kafka_io.ensure_internal_topics(consumer, cfg)
-                writer, reader = kafka_io.ChangelogWriter(cfg), kafka_io.ChangelogReader(cfg)
+                transport.ensure_changelog(consumer, cfg, partitions)
+                transport.ensure_internal_topics(consumer, cfg)
+                writer, reader = transport.changelog_writer(cfg), transport.changelog_reader(cfg)
                 from stream_fair.leader import IncrementPublisher
 
                 publisher = IncrementPublisher(cfg)
             self.open_state()
         except Exception:
-            consumer.close(autocommit=False)
+            consumer.close()
             for c in (writer, reader, publisher, inputs):
                 if c is not None:
                     c.close()
@@ -463,17 +471,17 @@ class Detector:
             raise
         # after the broker checks, so a broker error stays the only line on stderr
         log.info("exporter on %s://%s:%d/metrics", self.server.scheme, cfg.exporter.host, self.port)
-        dead = kafka_io.DeadLetters(cfg)
+        dead = transport.DeadLetters(cfg)
         self.attach(consumer, dead, writer, reader)
         self._publisher = publisher
         self.stats.kafka_connected = lambda: self.health.connected(time.monotonic())
         topics = list(self._topics)
         lead = None
         if self.model_wide:
-            topics.append(kafka_io.leader_topic(cfg))
+            topics.append(transport.leader_topic(cfg))
             lead = (topics[-1], self._on_leader)
             self.stats.leader = False
-        listener = kafka_io.ShardListener(consumer, self._topics, self._on_revoke, self._on_assign, lead)
+        listener = transport.ShardListener(consumer, self._topics, self._on_revoke, self._on_assign, lead)
         consumer.subscribe(topics, listener=listener)
         clean = failed = False
         try:
@@ -483,7 +491,7 @@ class Detector:
                     batches = consumer.poll(
                         timeout_ms=100 if self._to_restore else 200, max_records=cfg.kafka.max_poll_records
                     )
-                except kafka_io.BROKER_DOWN as exc:  # refused: /readyz says so; try again shortly
+                except transport.BROKER_DOWN as exc:  # refused: /readyz says so; try again shortly
                     self.health.heartbeat = time.monotonic()  # the process is fine
                     self._broker_down(exc)
                     stop.wait(1.0)
@@ -493,10 +501,10 @@ class Detector:
                     self._down_since = None
                 if listener.assigned:  # the join is right only while the inputs stay co-partitioned
                     listener.assigned = False
-                    kafka_io.check_copartitioned(consumer, cfg, expected=self._partitions)
+                    transport.check_copartitioned(consumer, cfg, expected=self._partitions)
                 self._watch_topic_ids()
                 self.health.heartbeat = time.monotonic()
-                self.health.heard(kafka_io.last_heard(consumer))
+                self.health.heard(consumer.last_heard())
                 self.process(batches)
                 if self._to_restore:
                     self.restore_step()
@@ -525,7 +533,7 @@ class Detector:
             finally:
                 grace = 5.0 if clean else 0.0
                 self._on_leader(False, wait)
-                _closing(consumer.close, autocommit=False)
+                _closing(consumer.close)
                 _closing(dead.close, timeout=grace)
                 for c in (writer, publisher):
                     if c is not None:
@@ -585,8 +593,8 @@ class Detector:
         self._writer, self._reader = writer, reader
         self.open_state()
 
-    def process(self, batches: dict[Any, list[Any]]) -> int:
-        """Account for one poll's records (kafka-python ``{TopicPartition: [ConsumerRecord]}``)."""
+    def process(self, batches: Mapping[Any, Sequence[Any]]) -> int:
+        """Account for one poll's records (``{TopicPartition: [Record]}``, see ``transport.base``)."""
         tracker = self.open_state()
         predictions = self._topics[0]
         dead = self._dead
@@ -613,14 +621,14 @@ class Detector:
 
         The same high-water marks give the exported consumer lag.
         """
-        from stream_fair import kafka_io
+        from stream_fair import transport
 
         consumer = self._consumer
         if not hasattr(consumer, "assignment"):
             return
         assert self.tracker is not None
         predictions = self._topics[0]
-        lags = kafka_io.lag(consumer)
+        lags = transport.lag(consumer)
         for (topic, partition), n in lags.items():
             if topic in self._topics:
                 self.tracker.set_behind(partition, 0 if topic == predictions else 1, n is None or n > 0)
@@ -673,7 +681,7 @@ class Detector:
         one line and retried with a growing pause; the previous checkpoint stays valid.
         Returns whether every requested shard was checkpointed.
         """
-        from stream_fair import kafka_io
+        from stream_fair import transport
 
         tracker = self.tracker
         if tracker is None:
@@ -731,7 +739,7 @@ class Detector:
             self.stats.last_checkpoint = time.time()
         offsets = {sc.partition: tracker.shards[sc.partition].offsets for sc in cp.shards}
         try:
-            kafka_io.commit_offsets(self._consumer, self._topics, offsets)
+            transport.commit_offsets(self._consumer, self._topics, offsets)
         except Exception as exc:  # mirror only: the state store is the source of truth
             log.warning("offset commit to Kafka failed: %s", exc)
         return not (unsent & ids)
@@ -981,7 +989,7 @@ class Detector:
     def _finish(self, p: int, epoch: int, repair: set[bytes]) -> None:
         """Load a restored partition, check that its offsets belong to the input topics there now,
         claim it (epoch + 1, repairs) and resume its input."""
-        from stream_fair import kafka_io
+        from stream_fair import transport
 
         assert self.tracker is not None
         with self.lock:
@@ -993,7 +1001,7 @@ class Detector:
             s.epoch = max(epoch, s.epoch) + 1
             for key in repair:
                 if key[0] == SPACE_ID:
-                    s.join.ids.touch(key[3:].decode())
+                    s.join.ids.touch(decode_id(key[3:]))
                 elif key[0] == SPACE_COUNTS:
                     ci = parse_cell(key[3:])
                     if ci < len(s.counts.rows):
@@ -1006,7 +1014,7 @@ class Detector:
         self._to_restore.discard(p)
         self.checkpoint({p})  # the claim
         if self._consumer is not None and hasattr(self._consumer, "resume"):
-            kafka_io.resume_at(self._consumer, self._topics, p, list(s.offsets))
+            transport.resume_at(self._consumer, self._topics, p, list(s.offsets))
         if not self._to_restore:
             self.health.ready = True
         log.info("partition %d claimed (epoch %d), resuming at %s", p, s.epoch, s.offsets)
@@ -1014,15 +1022,15 @@ class Detector:
     def _watch_topic_ids(self) -> None:
         """An input topic re-created under the running detector (same name, same partition count,
         a new topic id in the consumer's metadata) stops it, as it would at the next start."""
-        from stream_fair import kafka_io
+        from stream_fair import transport
 
-        ids = kafka_io.topic_ids(self._consumer, self._topics)
+        ids = self._consumer.topic_ids(self._topics)
         if ids == self._ids_seen or self.tracker is None:
             return
         self._ids_seen = ids
         # a topic gone or re-created with another partition count: say that first (as an
         # assignment would), whichever of the two the run loop sees first
-        kafka_io.check_copartitioned(self._consumer, self.config, expected=self._partitions)
+        transport.check_copartitioned(self._consumer, self.config, expected=self._partitions)
         for p, s in sorted(self.tracker.shards.items()):
             for role, topic in enumerate(self._topics):
                 was, now = s.topic_ids[role], ids[role]
@@ -1038,12 +1046,11 @@ class Detector:
 
         Raises :class:`BrokerError` with one line: the run loop stops (exit status 2).
         """
-        from stream_fair import kafka_io
 
         inputs = self._inputs
         if inputs is None:  # manual use (benchmarks): no identity to check
             return
-        ids = kafka_io.topic_ids(self._consumer, self._topics)
+        ids = self._consumer.topic_ids(self._topics)
         for role, topic in enumerate(self._topics):
             offset = s.offsets[role]
             stored = identity.Stored(s.marks[role], s.topic_ids[role], s.partitions)

@@ -101,7 +101,7 @@ def check_port_free(host: str, port: int) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from stream_fair import config as config_mod
-    from stream_fair import kafka_io
+    from stream_fair import transport
 
     cfg = config_mod.load(args.config)
     if not cfg.fairness.features:
@@ -111,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _stop_on_signals(stop)
     # Everything that can fail on the outside is checked before the state files are created.
     check_port_free(cfg.exporter.host, cfg.exporter.port)
-    kafka_io.wait_for_broker(cfg.kafka, log.warning)
+    transport.wait_for_broker(cfg.kafka, log.warning)
     from stream_fair.app import Detector
 
     try:
@@ -126,15 +126,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from stream_fair import config as config_mod
 
     cfg = config_mod.load(args.config)
+    from stream_fair import transport
+
+    transport.require(cfg.kafka)
     if not args.probe:
         print(yaml.safe_dump(config_mod.redacted(cfg), sort_keys=False), end="")
         return 0
-    from stream_fair import kafka_io, probe
+    from stream_fair import probe
 
-    kafka_io.wait_for_broker(cfg.kafka, lambda line: print(f"stream-fair: {line}", file=sys.stderr))
+    transport.wait_for_broker(cfg.kafka, lambda line: print(f"stream-fair: {line}", file=sys.stderr))
     probes = []
     for role, topic in (("predictions", cfg.topics.predictions), ("outcomes", cfg.topics.outcomes)):
-        records = kafka_io.sample_records(cfg, topic, args.records)
+        records = transport.sample_records(cfg, topic, args.records)
         probes.append(probe.probe_topic(role, topic, [r.value for r in records], cfg))
     print(probe.render(probes))
     return 1 if any(p.problems for p in probes) else 0
@@ -177,7 +180,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return 0
     from stream_fair.config import KafkaConfig
     from stream_fair.dev.broker import create_topics, produce_events
-    from stream_fair.kafka_io import wait_for_broker
+    from stream_fair.transport import wait_for_broker
 
     wait_for_broker(
         KafkaConfig(bootstrap_servers=args.bootstrap_servers),

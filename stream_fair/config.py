@@ -113,6 +113,7 @@ class _Section(BaseModel):
 class KafkaConfig(_Section):
     """Connection to the cluster. Passwords are ``SecretStr``: masked whenever printed."""
 
+    transport: Literal["kafka-python", "confluent"] = "kafka-python"
     bootstrap_servers: str = "localhost:9092"
     group_id: str = "stream-fair"
     client_id: str = "stream-fair"

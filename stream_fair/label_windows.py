@@ -73,23 +73,27 @@ class LabelWindows:
 
     def add(self, i: int, label: int, score: float, ts: float) -> None:
         """Count a labelled pair of cell ``i`` with ``score`` whose label's event time is ``ts``."""
-        if not self.spans:
+        spans = self.spans
+        if not spans:
             return
         b = math.floor(ts / self.resolution)
-        if self.last is None or b > self.last:
-            self._advance(b)
         last = self.last
-        assert last is not None
-        if b <= last - self.max_span:
+        if last is None or b > last:
+            self._advance(b)
+            last = b
+        elif b <= last - self.max_span:
             return  # older than every window
         col = (0 if label else NBINS) + _index(score)
-        bucket = self.buckets.setdefault(b, {})
+        buckets = self.buckets
+        bucket = buckets.get(b)
+        if bucket is None:
+            bucket = buckets[b] = {}
         row = bucket.get(i)
         if row is None:
             row = bucket[i] = [0] * WIDTH
         row[col] += 1
         self.unviewed.add(i)
-        for span, sums in zip(self.spans, self.sums, strict=True):
+        for span, sums in zip(spans, self.sums):  # noqa: B905 (same length by construction)
             if b > last - span:
                 s = sums.get(i)
                 if s is None:

@@ -34,17 +34,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-
+from stream_fair import transport
 from stream_fair.config import Config
 from stream_fair.groups import FeatureKey
-from stream_fair.kafka_io import (
-    ChangelogReader,
-    ChangelogWriter,
-    client_options,
-    increments_topic,
-    leader_topic,
-)
+from stream_fair.transport import ChangelogWriter, Reader, TopicPartition, increments_topic, leader_topic
 from stream_fair.verdict.fold import LoopSettings, ModelWide
 from stream_fair.verdict.settings import VerdictSettings
 
@@ -61,31 +54,19 @@ class IncrementPublisher:
         self.topic = increments_topic(config)
         # short: the poll loop waits for it (a refused write is retried at the next checkpoint)
         self.timeout = min(5.0, config.kafka.request_timeout_ms / 1000)
-        self._producer = KafkaProducer(
-            acks="all",
-            linger_ms=5,
-            max_in_flight_requests_per_connection=1,
-            max_request_size=8 << 20,
-            **client_options(config.kafka),
-        )
+        self._writer = transport.changelog_writer(config, self.topic, ordered=True)
         self.sent = 0
         self.errors = 0
 
     def publish(self, messages: Sequence[dict[str, Any]]) -> bool:
         """Send and wait for the acknowledgements; False (and nothing forgotten) on any failure."""
         try:
-            futures = [
-                self._producer.send(
-                    self.topic,
-                    key=str(m["partition"]).encode(),
-                    value=json.dumps(m, separators=(",", ":")).encode(),
-                    partition=0,
-                )
+            records: list[tuple[bytes, bytes | None]] = [
+                (str(m["partition"]).encode(), json.dumps(m, separators=(",", ":")).encode())
                 for m in messages
             ]
-            self._producer.flush(timeout=self.timeout)
-            for f in futures:
-                f.get(timeout=self.timeout)
+            self._writer.send(0, records, 0)
+            self._writer.flush(self.timeout)  # raises if any record failed
         except Exception as exc:  # the outbox stays; the next checkpoint publishes it again
             self.errors += 1
             log.warning("increments not published (kept in the outbox, retried): %s", exc)
@@ -94,9 +75,7 @@ class IncrementPublisher:
         return True
 
     def close(self, timeout: float = 5.0) -> None:
-        from stream_fair.kafka_io import close_producer
-
-        close_producer(self._producer, timeout)
+        self._writer.close(timeout)
 
 
 class Leader:
@@ -119,7 +98,7 @@ class Leader:
         self.epoch = 0
         self.interval = max(MIN_CHECKPOINT_INTERVAL, config.state.checkpoint_interval)
         self._tp = TopicPartition(increments_topic(config), 0)
-        self._consumer: KafkaConsumer | None = None
+        self._consumer: Reader | None = None
         self._writer: ChangelogWriter | None = None
         self._dirty = False
         self._last = 0.0
@@ -131,7 +110,7 @@ class Leader:
     # -- election ------------------------------------------------------------------------------
     def start(self) -> None:
         """Restore the state of the highest epoch, claim it (epoch + 1), position the reader."""
-        reader = ChangelogReader(self.config, topic=leader_topic(self.config))
+        reader = transport.changelog_reader(self.config, leader_topic(self.config))
         best: tuple[int, int] | None = None
         state = None
         keys: set[bytes] = set()
@@ -163,15 +142,13 @@ class Leader:
         self.epoch += 1
         self._stale_keys = keys
         self.fold.expect(self.partitions)
-        self._consumer = KafkaConsumer(
-            enable_auto_commit=False, auto_offset_reset="earliest", **client_options(self.config.kafka)
-        )
+        self._consumer = transport.reader(self.config, reset="earliest", max_records=2000)
         self._consumer.assign([self._tp])
         if self.fold.offset is None:
             self._consumer.seek_to_beginning(self._tp)
         else:
             self._consumer.seek(self._tp, self.fold.offset)
-        self._writer = ChangelogWriter(self.config, topic=leader_topic(self.config))
+        self._writer = transport.changelog_writer(self.config, leader_topic(self.config))
         if not self.checkpoint(force=True):  # the claim: a zombie's later writes carry a lower epoch
             raise RuntimeError("the claim could not be written to the leader topic")
         self._drop_stale_keys()
@@ -197,10 +174,10 @@ class Leader:
         """Fold the increments published since the last step; returns how many were applied."""
         assert self._consumer is not None
         n = 0
-        for records in self._consumer.poll(timeout_ms=0, max_records=max_records).values():
+        for records in self._consumer.poll(0, max_records).values():
             for r in records:
                 try:
-                    if self.fold.update(json.loads(r.value), now):
+                    if self.fold.update(json.loads(r.value or b""), now):
                         n += 1
                 except Exception as exc:  # one bad record must not stop every leader in turn
                     log.error("increment at offset %d skipped (unreadable): %s", r.offset, exc)
@@ -246,13 +223,12 @@ class Leader:
         if wait is not None and self._writer is not None:
             self._writer.timeout = min(self._writer.timeout, wait)
         ok = self.checkpoint()
-        for c in (self._consumer, self._writer):
-            if c is not None:
-                with contextlib.suppress(Exception):
-                    if isinstance(c, ChangelogWriter):
-                        c.close(timeout=5.0 if ok else 0.0)
-                    else:
-                        c.close(autocommit=False)
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close(timeout=5.0 if ok else 0.0)
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                self._consumer.close()
         self._consumer = self._writer = None
 
 

@@ -1,6 +1,6 @@
 """``check-config --probe``: how a few real records decode under the config, before anything runs.
 
-Pure: it gets the raw record values (the CLI reads them with :func:`stream_fair.kafka_io.
+Pure: it gets the raw record values (the CLI reads them with :func:`stream_fair.transport.
 sample_records`) and decodes them with the same :class:`~stream_fair.decode.Decoder` the detector
 uses, so what it shows is what ``run`` would count. For each topic it reports the fields found in
 the records, whether each configured path is there, the groups seen per feature, the models and the

@@ -36,7 +36,7 @@ from functools import cached_property
 from typing import Any, NamedTuple, Protocol
 
 from stream_fair.config import Config, format_duration
-from stream_fair.counts import EXPIRED, PRED0, PRED1, WIDTH, Key, PartitionCounts, Quad, add_rows, confusion
+from stream_fair.counts import EXPIRED, PRED0, PRED1, SLOT, TP, WIDTH, Key, PartitionCounts, Quad, add_rows, confusion
 from stream_fair.decode import Decoder
 from stream_fair.events import Outcome, Prediction, Rejection
 from stream_fair.groups import MODEL_OVERFLOW, CardinalityGuard, Cell, FeatureKey, feature_keys
@@ -604,7 +604,16 @@ class Tracker:
         fates = s.fates
         fates[_P][JOINED] += 1
         fates[_O][JOINED] += 1
-        s.counts.add_joined(p.cell, label, p.predicted, p.ts)
+        ci, predicted, ts = p.cell, p.predicted, p.ts
+        counts = s.counts  # PartitionCounts.add_joined, inlined
+        column = TP + SLOT[label, predicted]
+        counts.rows[ci][column] += 1
+        counts.dirty.add(ci)
+        k = (ci, math.floor(ts / counts.period))
+        inc = counts.increments.get(k)
+        if inc is None:
+            inc = counts.increments[k] = [0] * WIDTH
+        inc[column] += 1
         if p.score is not None:
             s.histograms.add_joined(p.cell, label, p.predicted, p.score)
             if s.label_windows is not None:
@@ -626,9 +635,13 @@ class Tracker:
                 if behind[0] or behind[1]:
                     self._move_watermark(s)
                 else:  # the common case, inlined: event time is the newest record's
-                    released = join.advance(ts)
-                    if released is not None:
-                        self._release(s, released)
+                    ids = join.ids
+                    if ts <= ids.next_due and ts <= ids.next_forget:
+                        join.watermark = ts  # Join.advance with nothing due (its cheap checks, inlined)
+                    else:
+                        released = join.advance(ts)
+                        if released is not None:
+                            self._release(s, released)
         if (
             join.pending_predictions + join.pending_outcomes > join.max_pending
             or join.remembered > join.max_remembered

@@ -4,6 +4,14 @@ Broker choice, first that works: ``$STREAM_FAIR_TEST_BOOTSTRAP`` (an existing cl
 testcontainers ``KafkaContainer`` when a Docker daemon answers, else the embedded Tansu broker
 (:class:`stream_fair.dev.broker.EmbeddedBroker`). Tansu keeps consumer-group joins fast only with
 :data:`stream_fair.dev.broker.FAST_GROUP_CONFIG`; pass it to consumers in group tests.
+
+Tests marked ``transports`` (the transport contract and the run loop's main integration tests)
+run once per Kafka transport (``kafka.transport``: kafka-python and confluent);
+``$STREAM_FAIR_TEST_TRANSPORTS`` (comma-separated) narrows the list. The other broker-facing tests
+(marked ``integration``) run on kafka-python, the default, unless ``$STREAM_FAIR_TEST_MATRIX=full``
+runs them once per transport too (the full matrix: it adds about as much time as they take).
+The transport of the running test is what :func:`tests.helpers.detector_config` writes into its
+configs.
 """
 
 from __future__ import annotations
@@ -16,6 +24,46 @@ from typing import NamedTuple
 import pytest
 
 BOOTSTRAP_ENV = "STREAM_FAIR_TEST_BOOTSTRAP"
+TRANSPORTS_ENV = "STREAM_FAIR_TEST_TRANSPORTS"
+MATRIX_ENV = "STREAM_FAIR_TEST_MATRIX"
+
+
+def _transports() -> list[str]:
+    from stream_fair.transport import TRANSPORTS
+
+    wanted = os.environ.get(TRANSPORTS_ENV, "")
+    names = [n.strip() for n in wanted.split(",") if n.strip()] or list(TRANSPORTS)
+    unknown = sorted(set(names) - set(TRANSPORTS))
+    if unknown:
+        raise pytest.UsageError(f"{TRANSPORTS_ENV}: unknown transports {unknown}; choose from {TRANSPORTS}")
+    return names
+
+
+def _full_matrix() -> bool:
+    matrix = os.environ.get(MATRIX_ENV, "core").strip() or "core"
+    if matrix not in ("core", "full"):
+        raise pytest.UsageError(f"{MATRIX_ENV}: {matrix!r} is not core or full")
+    return matrix == "full"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marked = metafunc.definition.get_closest_marker("transports") is not None
+    broker = metafunc.definition.get_closest_marker("integration") is not None
+    if marked or (broker and _full_matrix()):
+        metafunc.parametrize("kafka_transport", _transports(), indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def kafka_transport(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The Kafka transport of this test: its parameter under ``transports``, else the default."""
+    from tests import helpers
+
+    name = getattr(request, "param", helpers.DEFAULT_TRANSPORT)
+    helpers.use_transport(name)
+    try:
+        yield name
+    finally:
+        helpers.use_transport(helpers.DEFAULT_TRANSPORT)
 
 
 class TopicNames(NamedTuple):

@@ -34,6 +34,19 @@ T = TypeVar("T")
 
 # Consumer-group timings under which Tansu completes a join in seconds (docs: ENVIRONMENT.md).
 FAST_KAFKA = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 2000, "max_poll_interval_ms": 10000}
+DEFAULT_TRANSPORT = "kafka-python"
+_transport = [DEFAULT_TRANSPORT]  # set per test by the ``kafka_transport`` fixture (conftest.py)
+
+
+def use_transport(name: str) -> None:
+    _transport[0] = name
+
+
+def transport() -> str:
+    """The ``kafka.transport`` of the running test (both, in turn, for tests marked ``transports``)."""
+    return _transport[0]
+
+
 LENDING_FEATURES = ("sex", "race", "age")
 LENDING_INTERSECTIONS = (("race", "sex"),)
 ACTUAL_PREDICTED = ((1, 1), (0, 1), (0, 0), (1, 0))
@@ -301,7 +314,12 @@ def detector_config(
 ) -> dict[str, Any]:
     """A config dict for the lending stream on the given topics; ``sections`` override keys."""
     cfg: dict[str, Any] = {
-        "kafka": {"bootstrap_servers": bootstrap, "group_id": group_id, **FAST_KAFKA},
+        "kafka": {
+            "bootstrap_servers": bootstrap,
+            "group_id": group_id,
+            "transport": transport(),
+            **FAST_KAFKA,
+        },
         "topics": {
             "predictions": topics.predictions,
             "outcomes": topics.outcomes,

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from stream_fair import cli
-from tests.helpers import cli_env, free_port, run_cli, write_config
+from tests.helpers import cli_env, free_port, run_cli, transport, write_config
 
 SECRET = "hunter2-very-secret"
 
@@ -118,6 +118,7 @@ def _run_config(
                 "bootstrap_servers": bootstrap,
                 "request_timeout_ms": request_timeout_ms,
                 "group_id": "stream-fair-cli-test",
+                "transport": transport(),
             },
             "topics": {"predictions": "predictions", "outcomes": "outcomes", **topics},
             "fairness": {"features": ["sex"]},
@@ -129,6 +130,7 @@ def _run_config(
     )
 
 
+@pytest.mark.transports
 def test_run_against_unreachable_broker_reports_retries_then_one_line(tmp_path: Path) -> None:
     path = _run_config(tmp_path, f"127.0.0.1:{free_port()}", request_timeout_ms=4000)  # nothing listens
     result = run_cli("run", "--config", str(path), timeout=60)
@@ -148,6 +150,7 @@ def test_run_against_unreachable_broker_reports_retries_then_one_line(tmp_path: 
     assert list(tmp_path.iterdir()) == [path]
 
 
+@pytest.mark.transports
 def test_unresolvable_kafka_host_is_one_line_at_once(tmp_path: Path) -> None:
     path = _run_config(tmp_path, "no-such-host.invalid:9092")
     result = run_cli("run", "--config", str(path), timeout=60)
@@ -268,6 +271,7 @@ def test_simulate_scenario_choices_are_the_simulator_table() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.transports
 def test_run_with_missing_topic_exits_2(kafka_bootstrap: str, tmp_path: Path) -> None:
     tag = str(time.monotonic_ns())
     path = _run_config(tmp_path, kafka_bootstrap, predictions=f"absent-p-{tag}", outcomes=f"absent-o-{tag}")

@@ -47,7 +47,7 @@ from tests.helpers import (
     write_config,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.transports]
 
 FATES = ("joined", "expired", "orphan", "duplicate", "late", "rejected")
 

@@ -173,3 +173,4 @@ def test_core_imports_neither_kafka_nor_prometheus() -> None:
     for path in [*root.joinpath("feedback").glob("*.py"), root / "sequential.py"]:
         text = path.read_text()
         assert "import kafka" not in text and "prometheus_client" not in text, path
+        assert "confluent_kafka" not in text, path

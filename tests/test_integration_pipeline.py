@@ -42,7 +42,7 @@ from tests.helpers import (
     wait_for,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.transports]
 
 FATES = ("joined", "expired", "orphan", "duplicate", "late", "rejected")
 HEADERS = (

@@ -21,7 +21,7 @@ from stream_fair.dev.broker import create_topics
 from tests.helpers import detector_config, stop_process, wait_for, write_config
 from tests.test_replicas import GROUP, PARTITIONS, Producer, Replica
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.transports]
 
 SLOT = 10.0
 

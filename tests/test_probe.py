@@ -83,7 +83,8 @@ def test_an_empty_topic_is_a_problem() -> None:
 
 
 @pytest.mark.integration
-def test_probe_on_real_topics(kafka_bootstrap: str, tmp_path: Path) -> None:
+@pytest.mark.transports
+def test_probe_on_real_topics(kafka_bootstrap: str, kafka_transport: str, tmp_path: Path) -> None:
     tag = uuid.uuid4().hex[:12]
     topics = TopicNames(f"predictions-{tag}", f"outcomes-{tag}", f"dead-letters-{tag}")
     create_topics(kafka_bootstrap, [topics.predictions, topics.outcomes], partitions=2)
@@ -92,7 +93,11 @@ def test_probe_on_real_topics(kafka_bootstrap: str, tmp_path: Path) -> None:
     )
     produce_events(kafka_bootstrap, topics.predictions, topics.outcomes, events)
     base = {
-        "kafka": {"bootstrap_servers": kafka_bootstrap, "request_timeout_ms": 10000},
+        "kafka": {
+            "bootstrap_servers": kafka_bootstrap,
+            "request_timeout_ms": 10000,
+            "transport": kafka_transport,
+        },
         "topics": {"predictions": topics.predictions, "outcomes": topics.outcomes},
     }
     fits = write_config(tmp_path / "fits.yaml", {**base, "fairness": {"features": ["group"]}})

@@ -37,7 +37,7 @@ from tests.helpers import (
     write_config,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.transports]
 
 PARTITIONS = 6
 FATES = ("joined", "expired", "orphan", "duplicate", "late", "rejected")

@@ -257,11 +257,14 @@ def test_pure_core_imports_neither_kafka_nor_prometheus() -> None:
         "explain",
         "search",
         "label_windows",
+        "event_time",
+        "feedback",
     ]
     code = (
         "import sys, importlib\n"
         f"for m in {core!r}: importlib.import_module('stream_fair.' + m)\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('kafka', 'prometheus_client')]\n"
+        "clients = ('kafka', 'confluent_kafka', 'prometheus_client')\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in clients]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -400,3 +403,52 @@ def test_a_reopened_store_keeps_its_configured_options(tmp_path: object) -> None
     assert again._db.property_int_value("rocksdb.block-cache-capacity") == 48 << 20
     assert again.get_many([b"k", b"missing"]) == [b"v", None]
     again.close()
+
+
+def test_uuid_ids_are_stored_short_and_read_back_exactly(tmp_path: object) -> None:
+    """Canonical UUIDs go into keys as 17 bytes (format 4); every other id as its UTF-8. The id
+    records and both indexes give back the same strings, and ids that differ only in the case of a
+    UUID stay distinct ids."""
+    import uuid
+
+    from stream_fair.state.codec import PendingPrediction, id_key
+    from stream_fair.state.ids import IdTable, remembered
+    from stream_fair.state.rocks import RocksBackend
+
+    u = str(uuid.UUID(int=0x1B4E28BA2FA141D2883F0016D3CCA427))
+    ids = [u, u.upper(), "req-1", "é-ü", u.replace("-", "", 1) + "-", u[:-1] + "g"]
+    assert len(id_key(0, u)) == 3 + 17 and len(id_key(0, u.upper())) == 3 + 36
+    backend = RocksBackend(str(tmp_path))
+    table = IdTable(backend, partition=0, ttl=10.0, outcome_ttl=10.0)
+    for i, event_id in enumerate(ids):
+        assert table.get(event_id) is None
+        table.put(event_id, PendingPrediction(ts=float(i), cell=i, predicted=1, score=None))
+    store, changelog = table.changes()
+    backend.write(store)
+    table.committed()
+    table.prefetch(ids)
+    assert [table.get(e).cell for e in ids] == list(range(len(ids)))  # type: ignore[union-attr]
+    table.committed()
+    due = table.pop_due(13.5)  # deadlines 10..15: the first four
+    assert [e for e, _ in due] == ids[:4]
+    for event_id, _ in due:
+        table.put(event_id, remembered(b"J", 100.0 + len(event_id)))
+    store, _ = table.changes()
+    backend.write(store)
+    table.committed()
+    assert sorted(e for e, _ in table.pop_forget()) == sorted(ids[:4])
+    backend.close()
+
+
+def test_a_store_of_format_3_is_refused_with_one_line(tmp_path: object) -> None:
+    from stream_fair.errors import StateError
+    from stream_fair.state.codec import FORMAT_KEY, encode_json
+    from stream_fair.state.rocks import RocksBackend
+
+    old = RocksBackend(str(tmp_path))
+    old.write({FORMAT_KEY: encode_json({"version": 3, "fingerprint": {}})}, sync=True)
+    old.close()
+    with pytest.raises(StateError) as err:
+        RocksBackend(str(tmp_path))
+    assert "state format 3, this version reads 4" in str(err.value)
+    assert "\n" not in str(err.value)

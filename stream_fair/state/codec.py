@@ -4,7 +4,7 @@ Every key starts with a one-byte *space* and the partition (big-endian u16), so 
 database holds all partitions of a replica and a partition's keys form one contiguous range::
 
     space  partition  rest
-    0x01   u16        id (UTF-8)                        -> id record (see below)
+    0x01   u16        id                                -> id record (see below)
     0x02   u16        deadline f64-BE, kind u8, id      -> b""  (expiry index, derived)
     0x03   u16        forget_at f64-BE, id              -> b""  (forget index, derived)
     0x04   u16        cell index u32-BE                 -> counts row (JSON)
@@ -12,6 +12,13 @@ database holds all partitions of a replica and a partition's keys form one conti
     0x06   u16        (nothing)                         -> partition meta (JSON; the commit marker)
     0x07   u16        cell index u32-BE                 -> score histogram row (JSON)
     0x00   0xFFFF     b"format"                         -> store format (JSON; local only)
+
+An id is stored as its UTF-8 bytes, except a UUID in its canonical text form (36 characters, lower
+case, hyphens at 8-13-18-23: what ``str(uuid.uuid4())`` gives): ``0xFF`` and its 16 bytes. No UTF-8
+text contains the byte 0xFF, so the two forms cannot collide, and ``decode_id`` gives back the same
+string. The short form halves the id's share of every key (an id appears in the record's key and
+in an index key): measured with ``bench/state.py``, ~40% fewer bytes on disk and flushed per
+pending prediction, and as much less for compaction to rewrite.
 
 Big-endian IEEE-754 bytes of non-negative doubles sort like the numbers, so an index range scan
 visits entries in deadline order. Only spaces 0x01, 0x04, 0x05, 0x06 and 0x07 go to the changelog: the
@@ -34,6 +41,9 @@ kind   fields                                                 bytes
 True
 >>> len(encode_record(rec)), len(id_key(7, "req-1"))
 (22, 8)
+>>> u = "1b4e28ba-2fa1-41d2-883f-0016d3cca427"
+>>> len(encode_id(u)), decode_id(encode_id(u)) == u, encode_id(u.upper()) == u.upper().encode()
+(17, True, True)
 >>> a, b, c = (deadline_key(7, d, KIND_P, "a") for d in (5.0, 40.0, 300.0))
 >>> a < b < c
 True
@@ -49,11 +59,12 @@ import orjson
 
 from stream_fair.errors import StateError
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """Version of this layout. A store or changelog written with another version is refused.
 
 3: score histograms (space 0x07; a version-2 state has none, and histograms must cover every
-pending prediction for the pending ones to be derived from them)."""
+pending prediction for the pending ones to be derived from them).
+4: UUID ids in 17 bytes (``encode_id``) instead of 36 in every id and index key."""
 
 (
     SPACE_FORMAT,
@@ -117,16 +128,41 @@ def prefix(space: int, partition: int) -> bytes:
     return _PREFIX.pack(space, partition)
 
 
+_UUID_TAG = b"\xff"  # never a byte of UTF-8 text
+
+
+def encode_id(event_id: str) -> bytes:
+    """The bytes of an id in keys: 0xFF + 16 bytes for a canonical UUID, else its UTF-8."""
+    if len(event_id) == 36 and event_id[8] == event_id[13] == event_id[18] == event_id[23] == "-":
+        h = event_id.replace("-", "")
+        if len(h) == 32:
+            try:
+                b = bytes.fromhex(h)
+            except ValueError:
+                return event_id.encode()
+            if b.hex() == h:  # lower case, no spaces: exactly the canonical form
+                return _UUID_TAG + b
+    return event_id.encode()
+
+
+def decode_id(raw: bytes) -> str:
+    """The id of key bytes made by :func:`encode_id`."""
+    if raw[:1] == _UUID_TAG:
+        h = raw[1:].hex()
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return raw.decode()
+
+
 def id_key(partition: int, event_id: str) -> bytes:
-    return _PREFIX.pack(SPACE_ID, partition) + event_id.encode()
+    return _PREFIX.pack(SPACE_ID, partition) + encode_id(event_id)
 
 
 def deadline_key(partition: int, deadline: float, kind: bytes, event_id: str) -> bytes:
-    return _PREFIX.pack(SPACE_DEADLINE, partition) + _F64.pack(deadline) + kind + event_id.encode()
+    return _PREFIX.pack(SPACE_DEADLINE, partition) + _F64.pack(deadline) + kind + encode_id(event_id)
 
 
 def forget_key(partition: int, forget_at: float, event_id: str) -> bytes:
-    return _PREFIX.pack(SPACE_FORGET, partition) + _F64.pack(forget_at) + event_id.encode()
+    return _PREFIX.pack(SPACE_FORGET, partition) + _F64.pack(forget_at) + encode_id(event_id)
 
 
 def counts_key(partition: int, cell: int) -> bytes:
@@ -153,11 +189,11 @@ def split_key(key: bytes) -> tuple[int, int, bytes]:
 
 def parse_deadline(rest: bytes) -> tuple[float, bytes, str]:
     """``(deadline, kind, id)`` from the rest of an expiry-index key."""
-    return _F64.unpack_from(rest)[0], rest[8:9], rest[9:].decode()
+    return _F64.unpack_from(rest)[0], rest[8:9], decode_id(rest[9:])
 
 
 def parse_forget(rest: bytes) -> tuple[float, str]:
-    return _F64.unpack_from(rest)[0], rest[8:].decode()
+    return _F64.unpack_from(rest)[0], decode_id(rest[8:])
 
 
 def parse_cell(rest: bytes) -> int:

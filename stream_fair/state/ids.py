@@ -49,8 +49,8 @@ from stream_fair.state.codec import (
     Record,
     Remembered,
     decode_record,
+    encode_id,
     encode_record,
-    id_key,
     parse_deadline,
     parse_forget,
     prefix,
@@ -64,7 +64,7 @@ class IdTable:
     """Pending and remembered ids of one partition (see the module docstring)."""
 
     __slots__ = (
-        "partition", "ttl", "outcome_ttl", "chunk", "_backend", "_dirty", "_orig",
+        "partition", "ttl", "outcome_ttl", "chunk", "_backend", "_dirty", "_orig", "_enc", "_id_prefix",
         "_due_heap", "_due_buf", "_due_cursor", "_due_done", "next_due",
         "_forget_heap", "_forget_buf", "_forget_cursor", "_forget_done", "next_forget",
     )  # fmt: skip
@@ -79,6 +79,8 @@ class IdTable:
         self._backend = backend
         self._dirty: dict[str, Record | None] = {}
         self._orig: dict[str, Record | None] = {}  # the stored record before this checkpoint's changes
+        self._enc: dict[str, bytes] = {}  # key bytes of the ids read since the checkpoint (encode_id)
+        self._id_prefix = prefix(SPACE_ID, partition)
         self._due_heap: list[tuple[float, bytes, str]] = []
         self._forget_heap: list[tuple[float, str]] = []
         self._reset_scans()
@@ -108,7 +110,8 @@ class IdTable:
         rec = self._orig.get(event_id, _MISSING)
         if rec is not _MISSING:
             return rec  # type: ignore[no-any-return]
-        raw = self._backend.get(id_key(self.partition, event_id))
+        eid = self._enc[event_id] = encode_id(event_id)
+        raw = self._backend.get(self._id_prefix + eid)
         rec = None if raw is None else decode_record(raw)
         self._orig[event_id] = rec
         return rec  # type: ignore[no-any-return]
@@ -121,8 +124,12 @@ class IdTable:
         want = [e for e in event_ids if e not in dirty and e not in orig]
         if not want:
             return
-        p = self.partition
-        raws = self._backend.get_many([id_key(p, e) for e in want])
+        enc, p = self._enc, self._id_prefix
+        keys = []
+        for e in want:
+            eid = enc[e] = encode_id(e)
+            keys.append(p + eid)
+        raws = self._backend.get_many(keys)
         for event_id, raw in zip(want, raws, strict=True):
             orig[event_id] = None if raw is None else decode_record(raw)
 
@@ -264,7 +271,8 @@ class IdTable:
     def _stored(self, event_id: str) -> Record | None:
         rec = self._orig.get(event_id, _MISSING)
         if rec is _MISSING:
-            raw = self._backend.get(id_key(self.partition, event_id))
+            eid = self._enc[event_id] = encode_id(event_id)
+            raw = self._backend.get(self._id_prefix + eid)
             rec = None if raw is None else decode_record(raw)
             self._orig[event_id] = rec
         return rec  # type: ignore[no-any-return]
@@ -284,12 +292,12 @@ class IdTable:
         ttl, outcome_ttl = self.ttl, self.outcome_ttl
         store: dict[bytes, bytes | None] = {}
         changelog: list[tuple[bytes, bytes | None]] = []
-        orig = self._orig
+        orig, enc = self._orig, self._enc
         for event_id, new in self._dirty.items():
-            eid = event_id.encode()
             old = orig.get(event_id, _MISSING)
             if old is _MISSING:  # written without a read (restore repairs): look it up
                 old = self._stored(event_id)
+            eid = enc[event_id]  # set by the read before every write
             if old is not None:
                 cls = old.__class__
                 if cls is Remembered:
@@ -316,6 +324,7 @@ class IdTable:
         """The batch from :meth:`changes` is durable: start a new overlay."""
         self._dirty.clear()
         self._orig.clear()
+        self._enc.clear()
         self._due_heap.clear()
         self._forget_heap.clear()
         self._reset_scans()

@@ -37,6 +37,7 @@ from stream_fair.state.codec import (
     PendingPrediction,
     Remembered,
     deadline_key,
+    decode_id,
     decode_json,
     decode_record,
     encode_json,
@@ -131,7 +132,7 @@ class PartitionRestore:
     def _apply(self, key: bytes, value: bytes | None) -> None:
         if key[0] == SPACE_ID and not self.full:
             old = self._batch.get(key) if key in self._batch else self.backend.get(key)
-            event_id = key[3:].decode()
+            event_id = decode_id(key[3:])
             if old is not None:
                 self._batch[index_entries(self.partition, event_id, old, self.ttl, self.outcome_ttl)[0]] = (
                     None
@@ -166,7 +167,7 @@ def rebuild_indexes(backend: Any, partition: int, ttl: float, outcome_ttl: float
             break
         batch: dict[bytes, bytes | None] = {}
         for key, value in rows:
-            ik, iv = index_entries(partition, key[3:].decode(), value, ttl, outcome_ttl)
+            ik, iv = index_entries(partition, decode_id(key[3:]), value, ttl, outcome_ttl)
             batch[ik] = iv
         backend.write(batch)
         n += len(rows)

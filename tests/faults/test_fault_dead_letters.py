@@ -22,7 +22,7 @@ from tests.faults.netfault import ProxiedBroker
 from tests.faults.proc import Run, committed, consumed_all, headers, read_all, setup
 from tests.helpers import assert_accounting, recount, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.transports]
 
 
 def _send_raw(bootstrap: str, topic: str, values: list[bytes]) -> None:
@@ -151,3 +151,51 @@ def test_failed_dead_letter_writes_are_retried_counted_and_hold_the_checkpoint(
         run.kill()
     letters = consume_topic(bootstrap, topic_names.dead_letters)
     assert sorted(r.value for r in letters) == sorted(v for _, v in bad)
+
+
+def test_a_dead_letter_backlog_stops_reading_until_the_letters_are_written(
+    proxied: ProxiedBroker, topic_names: Any, group_id: str, tmp_path: Path
+) -> None:
+    """Over 10,000 unsent letters the run loop pauses every partition; once the letters are written
+    it resumes them, and each continues exactly where it stopped."""
+    bootstrap = proxied.bootstrap_servers
+    config = setup(
+        bootstrap, topic_names, group_id, tmp_path, partitions=2,
+        kafka={"request_timeout_ms": 3000}, state={"checkpoint_interval": "1s"},
+    )  # fmt: skip
+    bad = [("prediction", b"not json %d" % i) for i in range(12_000)]  # first in both partitions
+    events = list(
+        simulate.generate(simulate.SCENARIOS["lending"](), 3_000, seed=3, start_ts=time.time() - 3600)
+    )
+    produce_events(bootstrap, topic_names.predictions, topic_names.outcomes, bad + events)
+    exp = recount(bad + events)
+    total = exp.consumed["predictions"] + exp.consumed["outcomes"]
+    proxied.block_produce_topic = topic_names.dead_letters
+    run = Run(config).start()
+    try:
+
+        def read(s: Any) -> int:
+            return int(sum(s.by("stream_fair_records_read_total", ["topic"]).values()))
+
+        wait_for(
+            lambda: (run.scrape().get("stream_fair_dead_letters_pending") or 0) >= 10_000, 60, "the backlog"
+        )
+        stalled: list[int] = []
+
+        def stopped() -> bool:  # two scrapes a second apart read the same count: reading has stopped
+            stalled.append(read(run.scrape()))
+            return len(stalled) > 1 and stalled[-1] == stalled[-2]
+
+        wait_for(stopped, 60, "reading to stop", interval=1.0)
+        assert stalled[-1] < total, "everything was read despite the backlog"
+        proxied.block_produce_topic = None
+        s = consumed_all(run, exp.consumed["predictions"], exp.consumed["outcomes"], timeout=120)
+        assert_accounting(s)
+        wait_for(
+            lambda: run.scrape().get("stream_fair_dead_letters_total", topic="predictions") == 12_000.0,
+            60,
+            "every letter written",
+        )
+        assert run.stop() == 0, run.log
+    finally:
+        run.kill()

@@ -19,7 +19,7 @@ from tests.faults.netfault import ProxiedBroker
 from tests.faults.proc import Run, consumed_all, setup
 from tests.helpers import recount, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.transports]
 
 
 @pytest.fixture

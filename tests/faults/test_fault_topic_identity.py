@@ -193,19 +193,19 @@ def test_a_missing_input_topic_is_not_created_by_the_consumer(
     Before: kafka-python 3.0.12 sent ``allow_auto_topic_creation=True`` in every metadata request
     whatever the consumer's option said, and the broker created the topic within a second.
     """
-    from stream_fair import kafka_io
+    from stream_fair import transport
     from stream_fair.dev.broker import FAST_GROUP_CONFIG
 
     config = setup(kafka_bootstrap, topic_names, group_id, tmp_path, partitions=1)
     missing = f"{topic_names.predictions}-missing"
-    consumer = kafka_io.make_consumer(config_mod.load(config))
+    consumer = transport.make_consumer(config_mod.load(config))
     try:
-        consumer.subscribe([missing])
+        consumer.subscribe([missing], transport.ShardListener(consumer, (missing, missing), set, set))
         deadline = time.monotonic() + 2 * FAST_GROUP_CONFIG["heartbeat_interval_ms"] / 1000 + 3
         while time.monotonic() < deadline:
-            consumer.poll(timeout_ms=200)
+            consumer.poll(200, 500)
     finally:
-        consumer.close(autocommit=False)
+        consumer.close()
     assert missing not in _topics(kafka_bootstrap)
 
 
