@@ -82,7 +82,9 @@ def stream(n: int, fmt: str, seed: int = 1) -> list[tuple[str, bytes, bytes | No
             continue
         eid = str(payload.get("id", ""))
         ts = payload.get("ts")
-        if isinstance(ts, float | int) and (fmt == "iso" or (fmt == "mixed" and zlib.crc32(eid.encode()) & 1)):
+        if isinstance(ts, float | int) and (
+            fmt == "iso" or (fmt == "mixed" and zlib.crc32(eid.encode()) & 1)
+        ):
             payload = {**payload, "ts": iso(float(ts))}
         out.append((kind, orjson.dumps(payload), eid.encode() or None))
     return out
@@ -219,7 +221,9 @@ def core(n: int, partitions: int, poll_size: int, rounds: int) -> dict[str, floa
                 assert d.tracker is not None
                 f = d.tracker.snapshot().fates
                 rejected = f["predictions"]["rejected"] + f["outcomes"]["rejected"]
-                facts[fmt] = f"joined {f['outcomes']['joined']}, rejected {rejected}, dead letters {sink.letters}"
+                facts[fmt] = (
+                    f"joined {f['outcomes']['joined']}, rejected {rejected}, dead letters {sink.letters}"
+                )
                 d.server.stop()
                 d.close()
     for fmt in FORMATS:
@@ -227,7 +231,8 @@ def core(n: int, partitions: int, poll_size: int, rounds: int) -> dict[str, floa
         out[fmt] = min(times[fmt]) / total * 1e6
         print(
             f"core {fmt:8s}: {out[fmt]:5.2f} us CPU/record (best of {rounds}; median "
-            f"{statistics.median(times[fmt]) / total * 1e6:.2f}), wall best {min(walls[fmt]) / total * 1e6:5.2f} us "
+            f"{statistics.median(times[fmt]) / total * 1e6:.2f}), "
+            f"wall best {min(walls[fmt]) / total * 1e6:5.2f} us "
             f"({total} records; {facts[fmt]})"
         )
     return out

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from operator import itemgetter
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import orjson
 
@@ -316,14 +316,17 @@ class Decoder:
                         )
                     ):  # fmt: skip
                         cell = tuple([values[v] for v in features(doc)])
-                        append(Prediction(eid, ts, model, pred, None if score is _ABSENT else score, cell))
+                        real_score = None if score is _ABSENT else cast(float | None, score)
+                        append(Prediction(eid, ts, model, pred, real_score, cell))
                         continue
             except Exception:  # noqa: S110 - anything unusual goes to the full path below
                 pass
             append(self._prediction(raw, r.timestamp, doc))
         return out
 
-    def _prediction(self, raw: bytes | None, kafka_ts_ms: int | None, doc: Any = _ABSENT) -> Prediction | Rejection:
+    def _prediction(
+        self, raw: bytes | None, kafka_ts_ms: int | None, doc: Any = _ABSENT
+    ) -> Prediction | Rejection:
         try:
             doc = _load(raw) if doc is _ABSENT else _object(doc)
             event_id = _id(self._p_id(doc))

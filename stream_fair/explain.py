@@ -155,7 +155,12 @@ def _fill(a: Array, b: Array) -> Array:
 
 
 def _rate(s: Array, pi: Array, tpr: Array, fpr: Array, num: list[int], den: list[int]) -> Array:
-    cells = {"tp": s * pi * tpr, "fp": s * (1 - pi) * fpr, "tn": s * (1 - pi) * (1 - fpr), "fn": s * pi * (1 - tpr)}
+    cells = {
+        "tp": s * pi * tpr,
+        "fp": s * (1 - pi) * fpr,
+        "tn": s * (1 - pi) * (1 - fpr),
+        "fn": s * pi * (1 - tpr),
+    }
     q = np.stack([cells[c] for c in CONFUSION], axis=-1)
     return _div(q[..., num].sum(axis=(-1, -2)), q[..., den].sum(axis=(-1, -2)))
 

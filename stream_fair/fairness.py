@@ -129,6 +129,8 @@ def rate_parts(rate: str, counts: Any) -> tuple[Any, Any]:
     if isinstance(counts, np.ndarray):
         return counts[..., list(num)].sum(axis=-1), counts[..., list(den)].sum(axis=-1)
     return sum(counts[i] for i in num), sum(counts[i] for i in den)
+
+
 _NUM = np.array([[i in _RATE_CELLS[r][0] for r in RATES] for i in range(4)], dtype=np.int64)
 _DEN = np.array([[i in _RATE_CELLS[r][1] for r in RATES] for i in range(4)], dtype=np.int64)
 

@@ -20,8 +20,8 @@ from typing import Any
 
 from stream_fair.disparity import DISPARITY_RATES
 from stream_fair.explain import p_value, top_drivers
-from stream_fair.fairness import rate_parts
 from stream_fair.exporter import PipelineStats
+from stream_fair.fairness import rate_parts
 from stream_fair.missing import report_missing
 from stream_fair.report import CUMULATIVE, FeatureView, Report, flagged_extremes
 from stream_fair.svg import ForestRow, Point, forest_plot, sparkline

@@ -36,9 +36,21 @@ from functools import cached_property
 from typing import Any, NamedTuple, Protocol
 
 from stream_fair.config import Config, format_duration
-from stream_fair.counts import EXPIRED, PRED0, PRED1, SLOT, TP, WIDTH, Key, PartitionCounts, Quad, add_rows, confusion
+from stream_fair.counts import (
+    EXPIRED,
+    PRED0,
+    PRED1,
+    SLOT,
+    TP,
+    WIDTH,
+    Key,
+    PartitionCounts,
+    Quad,
+    add_rows,
+    confusion,
+)
 from stream_fair.decode import Decoder
-from stream_fair.events import Outcome, Prediction, Rejection
+from stream_fair.events import Rejection
 from stream_fair.groups import MODEL_OVERFLOW, CardinalityGuard, Cell, FeatureKey, feature_keys
 from stream_fair.histograms import PartitionHistograms, ScoreHistogram, feature_histograms
 from stream_fair.join import (
@@ -483,7 +495,9 @@ class Tracker:
         """Account for one outcome record; returns a :class:`Rejection` when it is unusable."""
         return self._one(shard, _O, raw, offset, kafka_ts_ms)
 
-    def _one(self, shard: int, topic: int, raw: bytes | None, offset: int, ts_ms: int | None) -> Rejection | None:
+    def _one(
+        self, shard: int, topic: int, raw: bytes | None, offset: int, ts_ms: int | None
+    ) -> Rejection | None:
         s = self.shards.get(shard)
         if s is None:
             s = self.shard(shard)
@@ -502,7 +516,9 @@ class Tracker:
         s.consumed[topic] += len(records)
         return rejected
 
-    def _predictions(self, s: Shard, shard: int, records: list[Any], events: list[Any]) -> list[tuple[Any, Rejection]]:
+    def _predictions(
+        self, s: Shard, shard: int, records: list[Any], events: list[Any]
+    ) -> list[tuple[Any, Rejection]]:
         """Join and count one batch of decoded predictions, in order (the hot path: inlined)."""
         rejected = []
         join, counts, guard, hist = s.join, s.counts, s.guard, s.histograms
@@ -511,7 +527,11 @@ class Tracker:
         skew, runs = event_time.allowed_skew, event_time._runs  # noqa: SLF001 - its fast check inlined
         unfolded, model_limit, models = guard._unfolded, guard.model_limit, guard.models  # noqa: SLF001
         index, rows, dirty, increments, period = (
-            counts.index, counts.rows, counts.dirty, counts.increments, counts.period
+            counts.index,
+            counts.rows,
+            counts.dirty,
+            counts.increments,
+            counts.period,
         )
         on_prediction = self.feedback.on_prediction if self.feedback is not None else None
         builder = s.builder
@@ -564,7 +584,9 @@ class Tracker:
             self._advance(s, _P, t, last_ts, behind, join)  # type: ignore[arg-type]
         return rejected
 
-    def _outcomes(self, s: Shard, shard: int, records: list[Any], events: list[Any]) -> list[tuple[Any, Rejection]]:
+    def _outcomes(
+        self, s: Shard, shard: int, records: list[Any], events: list[Any]
+    ) -> list[tuple[Any, Rejection]]:
         """Join one batch of decoded outcomes, in order (the hot path: inlined)."""
         rejected = []
         join, last_ts, behind, fates = s.join, s.last_ts, s.behind, s.fates[_O]

@@ -172,7 +172,13 @@ def test_batch_equals_record_by_record(seed: int) -> None:
         # the input really was messy
         snap = batch.snapshot()
         reasons = snap.rejected["predictions"] | snap.rejected["outcomes"]
-        for reason in ("invalid_json", "not_an_object", "future_timestamp", "missing_id", "invalid_prediction"):
+        for reason in (
+            "invalid_json",
+            "not_an_object",
+            "future_timestamp",
+            "missing_id",
+            "invalid_prediction",
+        ):
             assert reasons.get(reason, 0) > 0, reasons
         fates = snap.fates
         assert fates["predictions"]["duplicate"] > 0 and fates["outcomes"]["duplicate"] > 0

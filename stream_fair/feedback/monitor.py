@@ -44,6 +44,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from stream_fair.counts import SLOT
+from stream_fair.disparity import DISPARITY_RATES
+from stream_fair.fairness import rate_parts
 from stream_fair.feedback.alarms import Alarm, ChangeAlarm
 from stream_fair.feedback.coverage import CoverageGap, arrival_ratios, coverage, coverage_gap
 from stream_fair.feedback.delay import DelayHistogram
@@ -51,9 +54,6 @@ from stream_fair.feedback.drift import BatchedDetector
 from stream_fair.feedback.loop import LoopEstimate, loop_indicator
 from stream_fair.feedback.traffic import ReferenceShares, exposure_ratios, shares
 from stream_fair.feedback.trends import Trend
-from stream_fair.counts import SLOT
-from stream_fair.disparity import DISPARITY_RATES
-from stream_fair.fairness import rate_parts
 from stream_fair.groups import Cell, FeatureKey
 from stream_fair.verdict import (
     AlarmEvent,
