@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     print(load())
     if args.core:
-        from stream_fair import kafka_io  # noqa: F401 - imported by the first poll: not timed
+        from stream_fair import transport  # noqa: F401 - imported by the first poll: not timed
 
         core(args.predictions, args.partitions, args.poll_size, args.rounds)
         print(load())

@@ -56,6 +56,8 @@ CRASH_ENV = "STREAM_FAIR_TEST_CRASH"
 CRASH_STEPS = ("changelog_data", "changelog_meta", "local", "restore")
 
 _RESTORING = b"restoring"
+EARLY_CHECKPOINT_GAP = 0.1  # seconds between the early checkpoints of a caught-up consumer, at least
+EARLY_CHECKPOINT_SHARE = 0.25  # ... and at most this share of the loop's time spent in them
 MAX_OUTBOX = 64  # unacknowledged verdict messages of all owned partitions before input pauses
 # The replica's own feedback monitor and event-time windows (until the model-wide aggregation
 # takes them over): local only.
@@ -142,6 +144,7 @@ class Detector:
         self._report_lock = threading.Lock()
         self._events_since_checkpoint = 0
         self._last_checkpoint_mono = time.monotonic()
+        self._checkpoint_seconds = 0.0  # how long the last one took (early checkpoints' pace)
         self._crash = _Crash()
         self._consumer: Any = None
         self._dead: Any = None
@@ -636,14 +639,37 @@ class Detector:
         }
 
     def maybe_checkpoint(self, now: float) -> None:
+        """Checkpoint every ``state.checkpoint_interval`` or ``state.checkpoint_events`` records;
+        sooner while the consumer is caught up, so a new count reaches ``/metrics`` (which shows
+        checkpointed counts only) in about a poll instead of up to an interval later."""
         state = self.config.state
         if now < self._retry_at:
             return
+        since = now - self._last_checkpoint_mono
         if (
             self._events_since_checkpoint >= state.checkpoint_events
-            or now - self._last_checkpoint_mono >= state.checkpoint_interval
+            or since >= state.checkpoint_interval
+            or (
+                state.checkpoint_when_caught_up
+                and self._events_since_checkpoint
+                and self._caught_up()
+                and since >= self._early_gap()
+            )
         ):
+            t0 = time.monotonic()
             self.checkpoint()
+            self._checkpoint_seconds = time.monotonic() - t0
+
+    def _caught_up(self) -> bool:
+        """Every assigned input partition read to its high-water mark at the last poll."""
+        lag = self.stats.lag
+        return bool(lag) and not self._to_restore and not any(lag.values())
+
+    def _early_gap(self) -> float:
+        """The least time between the early checkpoints of a caught-up consumer: at least
+        ``EARLY_CHECKPOINT_GAP``, and long enough that they take at most ``EARLY_CHECKPOINT_SHARE``
+        of the loop's time. A consumer that falls behind stops taking them (lag > 0)."""
+        return max(EARLY_CHECKPOINT_GAP, self._checkpoint_seconds / EARLY_CHECKPOINT_SHARE)
 
     # -- checkpoints ------------------------------------------------------------------------
     def checkpoint(self, shards: set[int] | None = None, settle: float | None = None) -> bool:

@@ -355,6 +355,7 @@ class StateConfig(_Section):
     path: Path = Path("stream-fair-state")
     checkpoint_interval: float = 1.0
     checkpoint_events: int = Field(50_000, gt=0)
+    checkpoint_when_caught_up: bool = True
     changelog: bool = True
     changelog_topic: str | None = None
     changelog_replication: int = Field(1, ge=1)

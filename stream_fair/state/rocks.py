@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rocksdict import (
+    AccessType,
     BlockBasedIndexType,
     BlockBasedOptions,
     Cache,
@@ -111,11 +112,18 @@ class RocksBackend:
     def __repr__(self) -> str:
         return f"RocksBackend({str(self.path)!r})"
 
-    def _open(self) -> Rdict:
+    def _open(self, read_only: bool = False) -> Rdict:
         # The column family's options are given explicitly: without them rocksdict reopens an
         # existing database with the options of its OPTIONS file, which drops the table options
         # (no bloom filters, no partitioned index, an 8 MB default cache; measured: every lookup of
         # a missing id then reads a data block). tests/test_state_options.py keeps this true.
+        if read_only:
+            return Rdict(
+                str(self.path),
+                self._opts,
+                column_families={"default": self._opts},
+                access_type=AccessType.read_only(),
+            )
         return Rdict(str(self.path), self._opts, column_families={"default": self._opts})
 
     def _check_format(self, fingerprint: dict[str, Any]) -> None:
@@ -195,6 +203,11 @@ class RocksBackend:
             self._db = self._open()
         except Exception as exc:  # still failing (the disk is still full): retried at the next write
             log.warning("state store %s could not be reopened yet: %s", self.path, str(exc).splitlines()[0])
+            # Meanwhile reads go on from a read-only handle (opening it writes nothing), so the run
+            # loop keeps joining new records while its checkpoints wait; a closed handle would
+            # fail the next lookup and stop the process.
+            with contextlib.suppress(Exception):
+                self._db = self._open(read_only=True)
 
     def delete_range(self, start: bytes, end: bytes) -> None:
         """Remove every key in ``[start, end)`` (a partition that moved away, or a stale copy)."""
