@@ -171,11 +171,17 @@ def until(replicas: list[Replica], at_least: int, timeout: float = 90) -> None:
 
 
 def settled(replicas: list[Replica], timeout: float = 60) -> None:
-    """Every partition owned by exactly one live replica (a rebalance completed)."""
+    """Every partition owned by exactly one live replica, and each live replica owning some (a
+    rebalance completed: there are fewer replicas than partitions)."""
 
     def check() -> bool:
         owned = [r.owned() for r in replicas]
-        return sum(len(o) for o in owned) == PARTITIONS and len(set().union(*owned)) == PARTITIONS
+        # a replica that just joined owns nothing until the rebalance it asked for completes
+        return (
+            sum(len(o) for o in owned) == PARTITIONS
+            and len(set().union(*owned)) == PARTITIONS
+            and all(owned)
+        )
 
     wait_for(check, timeout, "the partitions settled on the live replicas", interval=0.5)
 
