@@ -178,9 +178,7 @@ def settled(replicas: list[Replica], timeout: float = 60) -> None:
         owned = [r.owned() for r in replicas]
         # a replica that just joined owns nothing until the rebalance it asked for completes
         return (
-            sum(len(o) for o in owned) == PARTITIONS
-            and len(set().union(*owned)) == PARTITIONS
-            and all(owned)
+            sum(len(o) for o in owned) == PARTITIONS and len(set().union(*owned)) == PARTITIONS and all(owned)
         )
 
     wait_for(check, timeout, "the partitions settled on the live replicas", interval=0.5)
