@@ -495,7 +495,9 @@ def test_closing_producers_is_bounded_with_the_broker_gone(
         writer.flush()
         broker.block_produce = True  # writes hang, then the broker goes away
         writer.send(0, [(b"k2", b"v2")], epoch=1)
-        letters.send(topic_names.dead_letters, b"k", b"v", [], lambda: None, lambda e, big: failed.append(big))
+        letters.send(
+            topic_names.dead_letters, b"k", b"v", [], lambda: None, lambda e, big: failed.append(big)
+        )
         broker.stop()
         started = time.monotonic()
         writer.close(timeout=1.0)
