@@ -156,6 +156,47 @@ def test_state_round_trips_through_orjson() -> None:
     assert a.snapshot() == b.snapshot()
 
 
+def test_state_holds_no_pickle_and_a_pickled_trend_is_refused() -> None:
+    """A state must never run code when loaded: every value is plain data, trends included."""
+    import base64
+    import pickle
+
+    import pytest
+
+    from stream_fair.feedback.trends import Trend
+
+    a = _run(_stream(5, 2000), FeedbackSettings(period=300.0, min_samples=10, drift_batch=20))
+    state = a.to_state()
+    assert state["sr_trend"] and state["disp_trend"]
+
+    def leaves(x: object) -> list[object]:
+        if isinstance(x, dict):
+            return [v for y in x.values() for v in leaves(y)]
+        if isinstance(x, (list, tuple)):
+            return [v for y in x for v in leaves(y)]
+        return [x]
+
+    for v in leaves(state):
+        assert v is None or isinstance(v, (bool, int, float, str)), type(v)
+        if isinstance(v, str) and len(v) > 8:
+            try:
+                raw = base64.b64decode(v, validate=True)
+            except ValueError:
+                continue
+            assert not raw.startswith(b"\x80"), f"a pickle in the feedback state: {v[:20]}..."
+    old = base64.b64encode(pickle.dumps((1, 2, 3))).decode()
+    with pytest.raises(ValueError, match="explicit form"):
+        Trend.from_state(old)
+
+
+def test_no_module_unpickles() -> None:
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "stream_fair"
+    for path in root.rglob("*.py"):
+        assert "import pickle" not in path.read_text(), f"{path}: states are explicit data, never pickles"
+
+
 def test_delay_histogram_relative_error() -> None:
     rng = np.random.default_rng(4)
     d = rng.lognormal(6, 2, 5000)

@@ -18,8 +18,7 @@ the gap is widening). With one value per period the trend reacts within about
 
 from __future__ import annotations
 
-import base64
-import pickle
+from typing import Any
 
 from river import stats
 
@@ -47,12 +46,24 @@ class Trend:
     def get(self) -> float:
         return float(self.fast.get() - self.slow.get()) if self.n else 0.0
 
-    def to_state(self) -> str:
-        # river statistics carry no JSON form; their pickle is small and version-checked on load
-        return base64.b64encode(pickle.dumps((self.fast, self.slow, self.n))).decode()
+    def to_state(self) -> list[float]:
+        """Explicit, JSON-able state: the two fading factors, the two means and the count (never a
+        pickle: loading a state runs no code)."""
+        return [self.fast.fading_factor, self.slow.fading_factor, self.fast.get(), self.slow.get(), self.n]
 
     @classmethod
-    def from_state(cls, state: str) -> Trend:
-        t = cls.__new__(cls)
-        t.fast, t.slow, t.n = pickle.loads(base64.b64decode(state))
+    def from_state(cls, state: Any) -> Trend:
+        """Restore :meth:`to_state` output exactly (river's ``EWMean`` takes its first value as its
+        mean, so one update with the saved mean puts it back where it was)."""
+        if not (isinstance(state, list) and len(state) == 5):
+            raise ValueError(
+                "feedback state: a trend is not in the explicit form [fast, slow, fast_mean, slow_mean, n] "
+                "(a state written by an older version): start on a new state directory"
+            )
+        fast, slow, fast_mean, slow_mean, n = state
+        t = cls(float(fast), float(slow))
+        t.n = int(n)
+        if t.n:
+            t.fast.update(float(fast_mean))
+            t.slow.update(float(slow_mean))
         return t
