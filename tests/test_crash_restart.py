@@ -235,22 +235,23 @@ def _setup(bootstrap: str, topics: Any, group_id: str, tmp_path: Path, **state: 
 def test_kill_9_three_times_then_exact_counts(
     kafka_bootstrap: str, topic_names: Any, group_id: str, tmp_path: Path
 ) -> None:
-    events = _events(12_000, seed=5)
+    events = _events(20_000, seed=5)
     exp = recount(events)
     total = len(events)
-    assert total > 24_000 and exp.fates["predictions"]["duplicate"] > 500
+    assert total > 40_000 and exp.fates["predictions"]["duplicate"] > 500
     # Each kill must land while the run has read past its last checkpoint: a consumer that keeps
     # up and checkpoints right after each burst (state.checkpoint_when_caught_up) leaves such
     # moments too short for a scrape to find them reliably, so checkpoints keep the interval here,
     # a long one: a scrape under load takes a few hundred ms, and a checkpoint between the scrape
-    # that saw the run read ahead and the kill would leave nothing to read again.
+    # that saw the run read ahead and the kill would leave nothing to read again. The last 20 % of
+    # the stream is longer than one checkpoint (6000 events), so the 80 % kill comes before the end.
     config = _setup(
         kafka_bootstrap,
         topic_names,
         group_id,
         tmp_path,
         checkpoint_interval="3s",
-        checkpoint_events=8000,
+        checkpoint_events=6000,
         checkpoint_when_caught_up=False,
     )
     service = Service(config)
