@@ -168,6 +168,7 @@ class ConfluentConsumer:
         self._assigned: set[TopicPartition] = set()
         self._paused: set[TopicPartition] = set()
         self._positions: dict[TopicPartition, int] = {}
+        self._stale = 0  # records dropped as a stale fetch (behind the position)
         self._heard: float | None = None
         self._closing = False
         self._kafka = k
@@ -236,6 +237,7 @@ class ConfluentConsumer:
         topic = ""
         partition = -1
         bucket: list[Message] = []
+        tp = TopicPartition("", -1)
         for m in messages:
             err = m.error()
             if err is not None:
@@ -243,22 +245,31 @@ class ConfluentConsumer:
                 continue
             if m.partition() != partition or m.topic() != topic:
                 topic, partition = m.topic(), m.partition()
-                bucket = out.setdefault(TopicPartition(topic, partition), [])
+                tp = TopicPartition(topic, partition)
+                bucket = out.setdefault(tp, [])
+            offset = m.offset()
+            position = positions.get(tp)
+            if position is not None and offset < position:
+                # a stale fetch: librdkafka delivered again offsets already delivered since the
+                # last seek (a late answer to the assignment's offset query restarted the fetch
+                # at the reset offset). Like the Java consumer, records behind the position are
+                # dropped: the position only moves back by an explicit seek.
+                self._stale += 1
+                continue
+            positions[tp] = offset + 1
             kind, ts = m.timestamp()
             bucket.append(
                 Message(
                     topic,
                     partition,
-                    m.offset(),
+                    offset,
                     m.key(),
                     m.value(),
                     None if kind == TIMESTAMP_NOT_AVAILABLE else ts,
                     m.headers() or _NO_HEADERS,
                 )
             )
-        for tp, records in out.items():
-            positions[tp] = records[-1].offset + 1
-        return out
+        return {k: v for k, v in out.items() if v}
 
     def _event(self, m: Any, err: KafkaError) -> None:
         if err.code() == _EOF:
