@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             rates_big.append(join_rate(big, big_stream, args.pairs))
         big.checkpoint()
         pending = big.pending
-        big.backend._db.compact_range(None, None)
+        big.backend.compact()
         big.backend.flush()
         per_pending = disk_bytes(workdir / "big") / pending
         small.close()

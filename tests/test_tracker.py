@@ -440,6 +440,69 @@ def test_uuid_ids_are_stored_short_and_read_back_exactly(tmp_path: object) -> No
     backend.close()
 
 
+def test_index_keys_live_in_their_own_column_family_without_bloom_filters(tmp_path: object) -> None:
+    """Format 5: the expiry and forget index keys (only range-scanned) are in the ``index`` column
+    family, which builds no filters; id records (looked up by key) keep theirs. Reads, scans,
+    range deletes and a reopen see each key where it was written."""
+    from stream_fair.state.codec import PendingPrediction, deadline_key, forget_key, id_key
+    from stream_fair.state.ids import IdTable, remembered
+    from stream_fair.state.rocks import INDEX_FAMILY, RocksBackend
+
+    backend = RocksBackend(str(tmp_path))
+    table = IdTable(backend, partition=0, ttl=10.0, outcome_ttl=10.0)
+    ids = [f"id-{i}" for i in range(2000)]
+    for i, event_id in enumerate(ids):
+        table.get(event_id)
+        if i % 2:
+            table.put(event_id, remembered(b"J", 50.0 + i))
+        else:
+            table.put(event_id, PendingPrediction(ts=float(i), cell=0, predicted=1, score=None))
+    store, _ = table.changes()
+    backend.write(store)
+    table.committed()
+    backend.flush()
+    assert {key[0] for key in backend._db.keys()} == {0, 1}  # the format key and the id records
+    assert {key[0] for key in backend._index.keys()} == {2, 3}  # deadline and forget keys
+    props = backend._db.property_value("rocksdb.aggregated-table-properties")
+    assert "# entries for filter=0;" not in props
+    index_props = backend._index.property_value("rocksdb.aggregated-table-properties")
+    assert "# entries=2000;" in index_props  # 1000 deadline and 1000 forget entries
+    assert "# entries for filter=0;" in index_props and "filter block size=0;" in index_props
+    assert backend.get(deadline_key(0, 10.0, b"P", "id-0")) == b""
+    assert backend.get(forget_key(0, 51.0, "id-1")) == b""
+    assert backend._db.get(deadline_key(0, 10.0, b"P", "id-0")) is None
+    assert backend.get(id_key(0, "id-0")) is not None
+    backend.close()
+
+    again = RocksBackend(str(tmp_path))
+    assert INDEX_FAMILY in again._db.list_cf(str(tmp_path))
+    table = IdTable(again, partition=0, ttl=10.0, outcome_ttl=10.0)
+    due = table.pop_due(10.0 + 100.0)
+    assert [e for e, _ in due] == [f"id-{i}" for i in range(0, 100, 2)]
+    assert [e for e, _ in table.pop_forget(50.0 + 100.0)] == [f"id-{i}" for i in range(1, 100, 2)]
+    again.delete_range(deadline_key(0, 0.0, b"", ""), deadline_key(0, 1e9, b"", ""))
+    assert again.scan(deadline_key(0, 0.0, b"", ""), deadline_key(0, 1e9, b"", "")) == []
+    assert len(again.scan(forget_key(0, 0.0, ""), forget_key(0, 1e9, ""))) == 1000
+    again.close()
+
+
+def test_a_store_of_format_4_is_refused_with_one_line(tmp_path: object) -> None:
+    """A format-4 store has its index keys in the default column family, where format 5 does not
+    look: it is refused (and restored from the changelog, whose records did not change)."""
+    from stream_fair.errors import StateError
+    from stream_fair.state.codec import FORMAT_KEY, FORMAT_VERSION, encode_json
+    from stream_fair.state.rocks import RocksBackend
+
+    assert FORMAT_VERSION == 4  # the changelog's records are unchanged: format-4 changelogs restore
+    old = RocksBackend(str(tmp_path))
+    old.write({FORMAT_KEY: encode_json({"version": 4, "fingerprint": {}})}, sync=True)
+    old.close()
+    with pytest.raises(StateError) as err:
+        RocksBackend(str(tmp_path))
+    assert "state format 4, this version reads 5" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
 def test_a_store_of_format_3_is_refused_with_one_line(tmp_path: object) -> None:
     from stream_fair.errors import StateError
     from stream_fair.state.codec import FORMAT_KEY, encode_json
@@ -450,5 +513,5 @@ def test_a_store_of_format_3_is_refused_with_one_line(tmp_path: object) -> None:
     old.close()
     with pytest.raises(StateError) as err:
         RocksBackend(str(tmp_path))
-    assert "state format 3, this version reads 4" in str(err.value)
+    assert "state format 3, this version reads 5" in str(err.value)
     assert "\n" not in str(err.value)

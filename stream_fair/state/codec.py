@@ -66,6 +66,14 @@ FORMAT_VERSION = 4
 pending prediction for the pending ones to be derived from them).
 4: UUID ids in 17 bytes (``encode_id``) instead of 36 in every id and index key."""
 
+STORE_FORMAT_VERSION = 5
+"""Version of the local store's layout: the keys and values of ``FORMAT_VERSION`` plus where they
+live. A local store of another version is refused (it is restored from the changelog instead, whose
+records are those of ``FORMAT_VERSION``).
+
+5: the expiry and forget index keys in their own column family (``rocks.INDEX_FAMILY``), without
+bloom filters; before, every key was in the default column family."""
+
 (
     SPACE_FORMAT,
     SPACE_ID,

@@ -37,9 +37,58 @@ from rocksdict import (
 )
 
 from stream_fair.errors import StateError
-from stream_fair.state.codec import FORMAT_KEY, FORMAT_VERSION, decode_json, encode_json
+from stream_fair.state.codec import (
+    FORMAT_KEY,
+    SPACE_DEADLINE,
+    SPACE_FORGET,
+    STORE_FORMAT_VERSION,
+    decode_json,
+    encode_json,
+)
 
 log = logging.getLogger(__name__)
+
+#: Column family of the two time-ordered indexes (expiry and forget keys, format 5); everything
+#: else (id records, counts, meta) is in the default one.
+INDEX_FAMILY = "index"
+INDEX_SPACES = frozenset({SPACE_DEADLINE, SPACE_FORGET})
+
+
+def _table(cache: Cache, *, bloom: bool) -> BlockBasedOptions:
+    """Table options of one column family (``bloom``: the id records, looked up by key)."""
+    table = BlockBasedOptions()
+    if bloom:
+        # Only the id records are looked up by key (a new prediction's id is usually absent: the
+        # filter answers without a read). The index keys are only range-scanned, so their column
+        # family has no filter: half the filter memory and filter-building CPU of format 4.
+        table.set_bloom_filter(10, False)
+    table.set_block_cache(cache)
+    # lookups by id read one random block each: 2 KiB blocks cost 25% less per hit than 4 KiB
+    # (less to checksum and decompress) for a few more bytes of index
+    table.set_block_size(2048)
+    # Partitioned index and filter blocks live in the block cache (only their small top level
+    # is pinned), so their memory stays within cache_bytes however many ids are stored.
+    table.set_index_type(BlockBasedIndexType.two_level_index_search())
+    table.set_partition_filters(True)
+    table.set_metadata_block_size(4096)
+    table.set_cache_index_and_filter_blocks(True)
+    table.set_pin_top_level_index_and_filter(True)
+    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+    return table
+
+
+def _common(opts: Options, write_buffer_bytes: int) -> None:
+    """Options both column families share."""
+    opts.set_write_buffer_size(write_buffer_bytes)
+    opts.set_max_write_buffer_number(2)
+    # Most data sits in the bottommost level: LZ4 there (measured: a lookup costs about the same
+    # as uncompressed, ZSTD costs 3x); recent levels uncompressed.
+    opts.set_compression_type(DBCompressionType.none())
+    opts.set_bottommost_compression_type(DBCompressionType.lz4())
+    opts.set_max_open_files(256)
+    opts.set_keep_log_file_num(2)
+    opts.set_max_background_jobs(2)
+
 
 ERR_LOCKED = (
     "state error: {path} is in use by another stream-fair process: give each replica its own "
@@ -68,33 +117,19 @@ class RocksBackend:
         write_buffer_bytes: int = 16 << 20,
     ) -> None:
         self.path = Path(path)
+        cache = Cache(cache_bytes)  # one cache for both column families: cache_bytes bounds both
         opts = Options(raw_mode=True)
         opts.create_if_missing(True)
-        table = BlockBasedOptions()
-        table.set_bloom_filter(10, False)
-        table.set_block_cache(Cache(cache_bytes))
-        # lookups by id read one random block each: 2 KiB blocks cost 25% less per hit than 4 KiB
-        # (less to checksum and decompress) for a few more bytes of index
-        table.set_block_size(2048)
-        # Partitioned index and filter blocks live in the block cache (only their small top level
-        # is pinned), so their memory stays within cache_bytes however many ids are stored.
-        table.set_index_type(BlockBasedIndexType.two_level_index_search())
-        table.set_partition_filters(True)
-        table.set_metadata_block_size(4096)
-        table.set_cache_index_and_filter_blocks(True)
-        table.set_pin_top_level_index_and_filter(True)
-        table.set_pin_l0_filter_and_index_blocks_in_cache(True)
-        opts.set_block_based_table_factory(table)
-        opts.set_write_buffer_size(write_buffer_bytes)
-        opts.set_max_write_buffer_number(2)
-        # Most data sits in the bottommost level: LZ4 there (measured: a lookup costs about the same
-        # as uncompressed, ZSTD costs 3x); recent levels uncompressed.
-        opts.set_compression_type(DBCompressionType.none())
-        opts.set_bottommost_compression_type(DBCompressionType.lz4())
-        opts.set_max_open_files(256)
-        opts.set_keep_log_file_num(2)
-        opts.set_max_background_jobs(2)
-        self._opts = opts
+        opts.create_missing_column_families(True)
+        opts.set_block_based_table_factory(_table(cache, bloom=True))
+        _common(opts, write_buffer_bytes)
+        # All memtables together (both column families) stay within two write buffers, the budget
+        # a single column family had: RocksDB flushes the largest one when they would exceed it.
+        opts.set_db_write_buffer_size(2 * write_buffer_bytes)
+        index = Options(raw_mode=True)
+        index.set_block_based_table_factory(_table(cache, bloom=False))
+        _common(index, write_buffer_bytes)
+        self._opts, self._index_opts = opts, index
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._db = self._open()
@@ -113,30 +148,35 @@ class RocksBackend:
         return f"RocksBackend({str(self.path)!r})"
 
     def _open(self, read_only: bool = False) -> Rdict:
-        # The column family's options are given explicitly: without them rocksdict reopens an
+        # The column families' options are given explicitly: without them rocksdict reopens an
         # existing database with the options of its OPTIONS file, which drops the table options
         # (no bloom filters, no partitioned index, an 8 MB default cache; measured: every lookup of
-        # a missing id then reads a data block). tests/test_state_options.py keeps this true.
+        # a missing id then reads a data block). tests/test_tracker.py keeps this true.
+        families = {"default": self._opts, INDEX_FAMILY: self._index_opts}
         if read_only:
-            return Rdict(
-                str(self.path),
-                self._opts,
-                column_families={"default": self._opts},
-                access_type=AccessType.read_only(),
+            db = Rdict(
+                str(self.path), self._opts, column_families=families, access_type=AccessType.read_only()
             )
-        return Rdict(str(self.path), self._opts, column_families={"default": self._opts})
+        else:
+            db = Rdict(str(self.path), self._opts, column_families=families)
+        self._index = db.get_column_family(INDEX_FAMILY)
+        self._index_handle = db.get_column_family_handle(INDEX_FAMILY)
+        return db
+
+    def _family(self, key: bytes) -> Rdict:
+        return self._index if key[0] in INDEX_SPACES else self._db
 
     def _check_format(self, fingerprint: dict[str, Any]) -> None:
         raw = self._db.get(FORMAT_KEY)
-        meta = {"version": FORMAT_VERSION, "fingerprint": fingerprint}
+        meta = {"version": STORE_FORMAT_VERSION, "fingerprint": fingerprint}
         if raw is None:
             self.write({FORMAT_KEY: encode_json(meta)}, sync=True)
             return
         stored = decode_json(raw)
-        if stored.get("version") != FORMAT_VERSION:
+        if stored.get("version") != STORE_FORMAT_VERSION:
             self.close()
             raise StateError(
-                ERR_FORMAT.format(path=self.path, found=stored.get("version"), expected=FORMAT_VERSION)
+                ERR_FORMAT.format(path=self.path, found=stored.get("version"), expected=STORE_FORMAT_VERSION)
             )
         if stored.get("fingerprint") != fingerprint:
             self.close()
@@ -144,16 +184,19 @@ class RocksBackend:
 
     # -- reads ----------------------------------------------------------------------------------
     def get(self, key: bytes) -> bytes | None:
-        return self._db.get(key)  # type: ignore[no-any-return]
+        return self._family(key).get(key)  # type: ignore[no-any-return]
 
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
         """Values of ``keys`` (None where absent) in one batched lookup (RocksDB's MultiGet)."""
-        return self._db.get(list(keys))  # type: ignore[arg-type,return-value]
+        if not keys:
+            return []
+        return self._family(keys[0]).get(list(keys))  # type: ignore[arg-type,return-value]
 
     def scan(self, start: bytes, end: bytes, limit: int | None = None) -> list[tuple[bytes, bytes]]:
-        """Up to ``limit`` ``(key, value)`` pairs with ``start <= key < end``, in key order."""
+        """Up to ``limit`` ``(key, value)`` pairs with ``start <= key < end``, in key order (one key
+        space: ``start``'s first byte chooses the column family)."""
         out: list[tuple[bytes, bytes]] = []
-        it = self._db.iter()
+        it = self._family(start).iter()
         it.seek(start)
         while it.valid():
             key = it.key()
@@ -166,7 +209,7 @@ class RocksBackend:
         return out
 
     def first_key(self, start: bytes, end: bytes) -> bytes | None:
-        it = self._db.iter()
+        it = self._family(start).iter()
         it.seek(start)
         if it.valid():
             key: bytes = it.key()
@@ -180,11 +223,17 @@ class RocksBackend:
         if self._closed():
             self._reopen()
         batch = WriteBatch(raw_mode=True)
+        index, spaces = self._index_handle, INDEX_SPACES
         # in key order: the memtable's skiplist inserts each key next to the previous one
         # (measured: 0.6 us per key against 2.9 in hash order)
         for key in sorted(items):
             value = items[key]
-            if value is None:
+            if key[0] in spaces:
+                if value is None:
+                    batch.delete(key, index)
+                else:
+                    batch.put(key, value, index)
+            elif value is None:
                 batch.delete(key)
             else:
                 batch.put(key, value)
@@ -196,9 +245,14 @@ class RocksBackend:
             self._reopen()
             raise StateError(f"state error: cannot write {self.path}: {exc}") from None
 
-    def _reopen(self) -> None:
-        with contextlib.suppress(Exception):
+    def _release(self) -> None:
+        # The column family's handles keep the database (and its LOCK) alive: drop them first.
+        self._index_handle = self._index = None  # type: ignore[assignment]
+        with contextlib.suppress(Exception):  # closing twice or after a failed open is harmless
             self._db.close()
+
+    def _reopen(self) -> None:
+        self._release()
         try:
             self._db = self._open()
         except Exception as exc:  # still failing (the disk is still full): retried at the next write
@@ -212,20 +266,30 @@ class RocksBackend:
     def delete_range(self, start: bytes, end: bytes) -> None:
         """Remove every key in ``[start, end)`` (a partition that moved away, or a stale copy)."""
         batch = WriteBatch(raw_mode=True)
-        batch.delete_range(start, end)
+        if start[0] in INDEX_SPACES:
+            batch.delete_range(start, end, self._index_handle)
+        else:
+            batch.delete_range(start, end)
         self._db.write(batch, self._async)
 
     # -- facts ----------------------------------------------------------------------------------
     def disk_bytes(self) -> int:
         """Live SST and WAL bytes on disk (RocksDB's own estimate)."""
         total = 0
-        for name in ("rocksdb.total-sst-files-size", "rocksdb.cur-size-all-mem-tables"):
-            value = self._db.property_int_value(name)
-            total += int(value or 0)
+        for db in (self._db, self._index):
+            for name in ("rocksdb.total-sst-files-size", "rocksdb.cur-size-all-mem-tables"):
+                value = db.property_int_value(name)
+                total += int(value or 0)
         return total
 
     def flush(self) -> None:
         self._db.flush()
+        self._index.flush()
+
+    def compact(self) -> None:
+        """Compact both column families fully (benchmarks measure the bytes on disk after it)."""
+        self._db.compact_range(None, None)
+        self._index.compact_range(None, None)
 
     def _closed(self) -> bool:
         try:
@@ -235,5 +299,4 @@ class RocksBackend:
             return True
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):  # closing twice or after a failed open is harmless
-            self._db.close()
+        self._release()
