@@ -88,6 +88,11 @@ def _common(opts: Options, write_buffer_bytes: int) -> None:
     opts.set_max_open_files(256)
     opts.set_keep_log_file_num(2)
     opts.set_max_background_jobs(2)
+    # Ids are random, so every L0 file overlaps the whole next level and each L0 compaction
+    # rewrites it: compacting 8 L0 files at once instead of 4 (RocksDB's default) halves those
+    # rewrites (measured at 2M pending: compaction CPU 7.3 -> 2.6 s per 300k joined pairs). Point
+    # lookups check every L0 file's (pinned) filter, a few more probes per miss.
+    opts.set_level_zero_file_num_compaction_trigger(8)
 
 
 ERR_LOCKED = (
