@@ -382,9 +382,8 @@ def end_to_end(args: argparse.Namespace) -> None:
             for kind in kinds:
                 rates[kind].append(bare(kind, bootstrap, topics, total))
             for name, (changelog, every) in variants.items():
-                cfg = core_config(
-                    tmp, topics, changelog, bootstrap_servers=bootstrap, transport=args.transport, **FAST_KAFKA
-                )
+                kafka = {"bootstrap_servers": bootstrap, "transport": args.transport, **FAST_KAFKA}
+                cfg = core_config(tmp, topics, changelog, **kafka)
                 rate, scrapes = pipeline(cfg, total, every)
                 rates[name].append(rate)
             print(

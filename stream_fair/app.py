@@ -126,7 +126,6 @@ EXPLAIN_PARTIAL_NOTE = (
 )
 
 
-
 @contextlib.contextmanager
 def tuned_collector() -> Any:
     """The garbage collector as ``run`` wants it: objects alive now are moved out of its reach
@@ -149,6 +148,7 @@ def freeze_heap() -> None:
     """Collect once, then keep what is alive out of later collections (``gc.freeze``)."""
     gc.collect()
     gc.freeze()
+
 
 class Detector:
     """stream-fair as a running service."""
