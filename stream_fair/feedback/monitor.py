@@ -44,6 +44,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+import orjson
+
 from stream_fair.counts import EXPIRED, FN, FP, PRED0, PRED1, SLOT, TN, TP, PartitionCounts, add_rows
 from stream_fair.disparity import DISPARITY_RATES
 from stream_fair.fairness import rate_parts
@@ -377,6 +379,7 @@ class FeedbackMonitor:
         row = self._rows[key] = [0] * _WIDTH
         self._delays[key] = []
         self._hist[key] = DelayHistogram()
+        self._dirty.add(key)
         return row
 
     # -- aggregation ---------------------------------------------------------------------------
@@ -452,11 +455,12 @@ class FeedbackMonitor:
         self._dirty.add((tag, *key))
         return t
 
-    def _detector(self, store: dict[Any, BatchedDetector], key: Any) -> BatchedDetector:
+    def _detector(self, store: dict[Any, BatchedDetector], tag: str, key: Any) -> BatchedDetector:
         d = store.get(key)
         if d is None:
             s = self.settings
             d = store[key] = BatchedDetector(s.detector, s.drift_batch, **dict(s.detector_params))
+            self._dirty.add((tag, *key))
         return d
 
     def flush(self) -> None:
@@ -491,7 +495,7 @@ class FeedbackMonitor:
             for g, by_signal in ratios.items():
                 for signal, (num, den) in by_signal.items():
                     key = (model, fname, g, signal)
-                    d = self._detector(self._detectors, key)
+                    d = self._detector(self._detectors, "det", key)
                     den0 = d.den
                     d.feed(num, den, ts)
                     if d.den != den0:
@@ -544,7 +548,7 @@ class FeedbackMonitor:
         ):
             return
         rates = [delta[g][0] / delta[g][1] for g in ready]
-        self._detector(self._disp_detectors, key).feed_value(max(rates) - min(rates), ts)
+        self._detector(self._disp_detectors, "ddet", key).feed_value(max(rates) - min(rates), ts)
         self._disp_base[key] = dict(cum)
         self._dirty.add(("ddet", *key))
 
@@ -592,7 +596,8 @@ class FeedbackMonitor:
         The same content as the entries :meth:`changes` writes one by one; attached to the
         tracker's count stores, the cumulative counts are theirs and not in it."""
         self._flush()
-        return _state_from_entries(self._entries(None))
+        entries = self._entries(None)
+        return _state_from_entries({k: entries[k] for k in sorted(entries, key=orjson.dumps)})
 
     def changes(self) -> dict[tuple[Any, ...], Any]:
         """The entries that changed since the last :meth:`committed` (``None``: delete the key),
@@ -637,9 +642,9 @@ class FeedbackMonitor:
         own = self._own
         if own is not None and (keys is None or any(k in self._rows for k in keys)):
             out[("counts",)] = [own.row_document(i) for i in range(len(own.rows))]
-        for key, row in self._rows.items():
+        for seq, (key, row) in enumerate(self._rows.items()):  # seq: restored in this order
             if want(key):
-                out[("row", key[0], key[1])] = [row, self._hist[key].to_state()]
+                out[("row", key[0], key[1])] = [row, self._hist[key].to_state(), seq]
         for mf in self._reference:
             if want(("mf", *mf)):
                 out[("mf", *mf)] = {
@@ -678,7 +683,7 @@ class FeedbackMonitor:
         if state.get("version") != STATE_VERSION:
             raise ValueError(VERSION_ERROR.format(got=state.get("version"), want=STATE_VERSION))
         m = cls(features, settings)
-        for model, cell, row, hist in state["rows"]:
+        for model, cell, row, hist, _ in state["rows"]:
             key = (model, tuple(cell))
             m._rows[key] = [int(x) for x in row]
             m._delays[key] = []
@@ -732,7 +737,7 @@ def _state_from_entries(entries: dict[tuple[Any, ...], Any]) -> dict[str, Any]:
         if tag == "verdict":
             state["verdict"], state["logged"] = v["state"], v["logged"]
         elif tag == "row":
-            state["rows"].append([*rest, *v])
+            state["rows"].append([*rest, *v])  # model, cell, row, hist, seq
         elif tag == "mf":
             state["reference"].append([*rest, v["reference"]])
             state["last_period"].append([*rest, v["last_period"]])
@@ -748,6 +753,7 @@ def _state_from_entries(entries: dict[tuple[Any, ...], Any]) -> dict[str, Any]:
                 state["disp_detectors"].append([*rest, v["detector"]])
             if v["base"] is not None:
                 state["disp_base"].append([*rest, v["base"]])
+    state["rows"].sort(key=lambda r: r[4])  # the monitor's order (its period counts sum in it)
     return state
 
 
