@@ -45,10 +45,10 @@ from stream_fair.state.codec import (
     decode_json,
     encode_json,
     feedback_key,
-    parse_feedback_key,
     increment_key,
     meta_key,
     parse_cell,
+    parse_feedback_key,
     prefix,
 )
 from stream_fair.state.restore import PartitionRestore
@@ -732,10 +732,7 @@ class Detector:
                 fb: Any = self.feedback
                 # the monitor's entries that changed since the last checkpoint, same atomic write
                 feedback: dict[bytes, bytes | None] = (
-                    {
-                        feedback_key(k): None if v is None else encode_json(v)
-                        for k, v in fb.changes().items()
-                    }
+                    {feedback_key(k): None if v is None else encode_json(v) for k, v in fb.changes().items()}
                     if fb is not None and hasattr(fb, "changes")
                     else {}
                 )

@@ -79,7 +79,9 @@ def recount(processed: list[tuple[int, str, bytes, dict[str, Any]]], owned: set[
     return out
 
 
-def feed(tracker: LocalTracker, events: list[Any], owned: set[int], processed: list[Any], offsets: Counter) -> None:
+def feed(
+    tracker: LocalTracker, events: list[Any], owned: set[int], processed: list[Any], offsets: Counter
+) -> None:
     for ev in events:
         part, topic, raw, _ = ev
         if part not in owned:
@@ -121,14 +123,14 @@ def test_monitor_counts_are_the_trackers_after_a_rebalance() -> None:
         }
         assert got == {k: v[:3] for k, v in expected.items()}
         # the detectors' cumulative feed never counts more trials than the owned partitions hold
-        for (m, f, g, sig), d in monitor._detectors.items():  # noqa: SLF001
+        for (_m, f, g, sig), d in monitor._detectors.items():  # noqa: SLF001
             if sig == "selection_rate":
                 assert d.den <= expected.get((f, g), [0])[0]
 
     check()
     # rebased on the owned partitions' counts at the rebalance: never more trials than they hold
     exp = recount(processed, owned)
-    for (m, f, g, sig), d in monitor._detectors.items():  # noqa: SLF001
+    for (_m, f, g, sig), d in monitor._detectors.items():  # noqa: SLF001
         if sig == "selection_rate":
             assert (d.num, d.den) == (exp[(f, g)][1], exp[(f, g)][0])
     feed(tracker, events[2400:4000], owned, processed, offsets)

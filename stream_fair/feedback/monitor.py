@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -90,6 +90,7 @@ VERSION_ERROR = (
     "feedback state version {got} is not {want} (a state written by an older stream-fair): "
     "start on a new state directory"
 )
+
 
 @dataclass(frozen=True)
 class FeedbackSettings:
@@ -398,7 +399,7 @@ class FeedbackMonitor:
         return out
 
     def _by_group(
-        self, rows: dict[tuple[str, Cell], Sequence[int]], cols: Sequence[int]
+        self, rows: Mapping[tuple[str, Cell], Sequence[int]], cols: Sequence[int]
     ) -> dict[tuple[str, str], dict[str, list[int]]]:
         """Sum the given row columns over cells into ``{(model, feature): {group: [...]}}``."""
         return _by_group(self.features, rows, cols)
@@ -477,7 +478,7 @@ class FeedbackMonitor:
         ts = self._watermark
         sources = tuple(self._source())
         totals = self._totals(sources)
-        ratios_by_mf = {}
+        ratios_by_mf: dict[tuple[str, str], dict[str, dict[str, tuple[int, int]]]] = {}
         for mf, groups in totals.items():
             ratios = ratios_by_mf[mf] = {}
             for g, (n, pos, _, _, *quad) in groups.items():
@@ -494,12 +495,12 @@ class FeedbackMonitor:
         for (model, fname), ratios in ratios_by_mf.items():
             for g, by_signal in ratios.items():
                 for signal, (num, den) in by_signal.items():
-                    key = (model, fname, g, signal)
-                    d = self._detector(self._detectors, "det", key)
+                    dkey = (model, fname, g, signal)
+                    d = self._detector(self._detectors, "det", dkey)
                     den0 = d.den
                     d.feed(num, den, ts)
                     if d.den != den0:
-                        dirty.add(("det", *key))
+                        dirty.add(("det", *dkey))
             for name in DISPARITY_SIGNALS:
                 (rate,) = DISPARITY_RATES[name]
                 cum = {g: r[rate] for g, r in ratios.items()}
@@ -521,11 +522,11 @@ class FeedbackMonitor:
             model, fname, g, signal = key
             d.num, d.den = ratios_by_mf.get((model, fname), {}).get(g, {}).get(signal, (0, 0))
             self._dirty.add(("det", *key))
-        for key in list(self._disp_base):
-            model, fname, name = key
+        for bkey in list(self._disp_base):
+            model, fname, name = bkey
             (rate,) = DISPARITY_RATES[name]
-            self._disp_base[key] = {g: r[rate] for g, r in ratios_by_mf.get((model, fname), {}).items()}
-            self._dirty.add(("ddet", *key))
+            self._disp_base[bkey] = {g: r[rate] for g, r in ratios_by_mf.get((model, fname), {}).items()}
+            self._dirty.add(("ddet", *bkey))
 
     def _feed_disparity(self, key: tuple[str, str, str], cum: dict[str, tuple[int, int]], ts: float) -> None:
         """Feed max - min of the groups' batch rates once every established group has a batch.
@@ -561,7 +562,9 @@ class FeedbackMonitor:
         """Flush and copy what the snapshot needs, in O(cells + detectors) (call it where the
         monitor and the count stores cannot change, e.g. under the consumer lock); the math runs
         in :meth:`FeedbackCapture.compute`, which touches nothing shared and can run outside it."""
-        self._flush()
+        sources = tuple(self._source())
+        if self._ticks or sources != self._sources_seen:  # else flushed since the last event
+            self._flush()
         verdict_alarms = self.verdict.alarms()
         change: dict[tuple[str, str, str], dict[str, ChangeAlarm]] = {}
         for (model, fname, g, rate), d in self.verdict.detectors().items():
@@ -572,7 +575,7 @@ class FeedbackMonitor:
             features=self.features,
             settings=self.settings,
             loop_alpha=self._per_feature.loop_alpha,
-            cumulative=self._cumulative(tuple(self._source())),
+            cumulative=self._cumulative(sources),
             hists={k: h.counts.copy() for k, h in self._hist.items()},
             last_period=dict(self._last_period),
             reference={mf: r.shares() for mf, r in self._reference.items()},
@@ -656,15 +659,15 @@ class FeedbackMonitor:
             for k, t in store.items():
                 if want((tag, *k)):
                     out[(tag, *k)] = t.to_state()
-        for k, d in self._detectors.items():
-            if want(("det", *k)):
-                out[("det", *k)] = d.to_state()
-        for k in self._disp_base.keys() | self._disp_detectors.keys():
-            if want(("ddet", *k)):
-                d = self._disp_detectors.get(k)
-                out[("ddet", *k)] = {
-                    "detector": None if d is None else d.to_state(),
-                    "base": _enc_counts(self._disp_base[k]) if k in self._disp_base else None,
+        for dk, d in self._detectors.items():
+            if want(("det", *dk)):
+                out[("det", *dk)] = d.to_state()
+        for bk in self._disp_base.keys() | self._disp_detectors.keys():
+            if want(("ddet", *bk)):
+                dd = self._disp_detectors.get(bk)
+                out[("ddet", *bk)] = {
+                    "detector": None if dd is None else dd.to_state(),
+                    "base": _enc_counts(self._disp_base[bk]) if bk in self._disp_base else None,
                 }
         return out
 
@@ -758,7 +761,7 @@ def _state_from_entries(entries: dict[tuple[Any, ...], Any]) -> dict[str, Any]:
 
 
 def _by_group(
-    features: Sequence[FeatureKey], rows: dict[tuple[str, Cell], Sequence[int]], cols: Sequence[int]
+    features: Sequence[FeatureKey], rows: Mapping[tuple[str, Cell], Sequence[int]], cols: Sequence[int]
 ) -> dict[tuple[str, str], dict[str, list[int]]]:
     """Sum the given row columns over cells into ``{(model, feature): {group: [...]}}``."""
     out: dict[tuple[str, str], dict[str, list[int]]] = {}
@@ -777,7 +780,16 @@ def _totals(
 ) -> dict[tuple[str, str], dict[str, list[int]]]:
     """``{(model, feature): {group: [n, pos, joined, expired, tp, fp, tn, fn]}}`` of count rows."""
     wide = {
-        k: (r[PRED0] + r[PRED1], r[PRED1], r[TP] + r[FP] + r[TN] + r[FN], r[EXPIRED], r[TP], r[FP], r[TN], r[FN])
+        k: (
+            r[PRED0] + r[PRED1],
+            r[PRED1],
+            r[TP] + r[FP] + r[TN] + r[FN],
+            r[EXPIRED],
+            r[TP],
+            r[FP],
+            r[TN],
+            r[FN],
+        )
         for k, r in cumulative.items()
     }
     return _by_group(features, wide, range(8))
@@ -840,9 +852,7 @@ class FeedbackCapture:
                 gh = hists.get(key)
                 qs = gh.quantiles(s.delay_quantiles) if gh is not None and gh.n else []
                 dets = {
-                    sig: self.detectors[(*key, sig)]
-                    for sig in GROUP_SIGNALS
-                    if (*key, sig) in self.detectors
+                    sig: self.detectors[(*key, sig)] for sig in GROUP_SIGNALS if (*key, sig) in self.detectors
                 }
                 groups[key] = GroupFeedback(
                     predictions=n,
@@ -882,7 +892,9 @@ class FeedbackCapture:
                     s.loop_horizon,
                 ),
                 disparity_drift_detections={n: d[0] for n, d in ddets.items()},
-                last_disparity_drift_timestamp_seconds={n: d[1] for n, d in ddets.items() if d[1] is not None},
+                last_disparity_drift_timestamp_seconds={
+                    n: d[1] for n, d in ddets.items() if d[1] is not None
+                },
                 alarms=alarms,
                 label_coverage_flagged=bool((gap is not None and gap.flagged) or arrival.flagged),
             )

@@ -93,7 +93,6 @@ OLD_FEEDBACK_ERROR = (
 WINDOWS_PREFIX = bytes([SPACE_FORMAT]) + b"\xff\xfd"
 
 
-
 def feedback_key(key: tuple[Any, ...]) -> bytes:
     """The store key of a feedback-state entry.
 
