@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                     holds.append(max(lock.holds, default=0.0))
                 med = statistics.median
                 print(
-                    f"{size}, {per:,} records per checkpoint: {detectors} drift detectors; checkpoint {med(cp_cpu) * 1e3:.0f} ms CPU "
+                    f"{size}, {per:,} records per checkpoint: {detectors} drift detectors; "
+                    f"checkpoint {med(cp_cpu) * 1e3:.0f} ms CPU "
                     f"({med(cp_wall) * 1e3:.0f} ms wall); monitor's state {med(fb_cpu) * 1e3:.1f} ms CPU, "
                     f"{med(fb_bytes) / 1e3:.0f} kB in {med(fb_keys):.0f} keys; consumer lock held "
                     f"{med(holds) * 1e3:.1f} ms per checkpoint (median of {args.rounds})",

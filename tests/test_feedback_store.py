@@ -190,6 +190,18 @@ def test_restore_after_many_checkpoints_equals_the_monitor() -> None:
         apply(store, changes)
         live.committed()
     assert len(store) > 60  # detectors, trends, rows, features
+    assert {k[0] for k in store} >= {
+        "meta",
+        "verdict",
+        "vdet",
+        "det",
+        "ddet",
+        "srt",
+        "dt",
+        "mf",
+        "row",
+        "counts",
+    }
     restored = FeedbackMonitor.from_entries(store, KEYS2, SETTINGS)
     assert orjson.dumps(restored.to_state()) == orjson.dumps(live.to_state())
     assert restored.snapshot() == live.snapshot()

@@ -295,6 +295,7 @@ class FeedbackMonitor:
         self._dirty: set[tuple[Any, ...]] = set()
         self._writing: set[tuple[Any, ...]] = set()
         self._verdict_written = False
+        self._vdet_written: set[tuple[Any, ...]] = set()
 
     def __repr__(self) -> str:
         return f"FeedbackMonitor(cells={len(self._rows)}, periods_closed={self.periods_closed})"
@@ -511,6 +512,8 @@ class FeedbackMonitor:
             watermark = None if self._watermark == -math.inf else self._watermark
             self.verdict.update(self._builder.build("local", watermark))
             dirty.add(("verdict",))
+            dirty.update(("vdet", *k) for k in self.verdict.touched)
+            self.verdict.touched.clear()
         for event in self.verdict.events_after(self._logged):
             log.warning("%s", event.message())
             self._logged = event.seq
@@ -607,7 +610,8 @@ class FeedbackMonitor:
         each a plain JSON-able value under a tuple key: ``("meta",)``, ``("verdict",)``,
         ``("counts",)`` (a monitor alone), ``("row", model, cell)``, ``("mf", model, feature)``,
         ``("srt" | "dt", model, feature, group | disparity)``,
-        ``("det", model, feature, group, signal)``, ``("ddet", model, feature, disparity)``.
+        ``("det", model, feature, group, signal)``, ``("ddet", model, feature, disparity)``,
+        ``("vdet", model, feature, group, rate)`` (a detector of the local verdict engine).
         Until :meth:`committed`, a new call writes them again (a failed checkpoint loses nothing)."""
         self._flush()
         self._dirty |= self._writing
@@ -616,6 +620,10 @@ class FeedbackMonitor:
             self._writing.add(("verdict",))  # a new monitor's engine is written once, even idle
         out = self._entries(self._writing)
         self._verdict_written = self.local_verdict
+        if self.local_verdict:
+            self._vdet_written.update(k for k in out if k[0] == "vdet")
+        else:
+            self._vdet_written = set()
         return out
 
     def committed(self) -> None:
@@ -639,9 +647,15 @@ class FeedbackMonitor:
         want = (lambda k: True) if keys is None else keys.__contains__
         if self.local_verdict:
             if want(("verdict",)):
-                out[("verdict",)] = {"state": self.verdict.to_state(), "logged": self._logged}
-        elif keys is not None and self._verdict_written:
-            out[("verdict",)] = None  # the model-wide engine is the leader's: drop the local one
+                out[("verdict",)] = {"state": self.verdict.to_state(detectors=False), "logged": self._logged}
+            for vk in self.verdict.detector_keys():
+                if want(("vdet", *vk)):
+                    out[("vdet", *vk)] = self.verdict.detector_state(vk)
+        elif keys is not None:  # the model-wide engine is the leader's: drop the local one
+            if self._verdict_written:
+                out[("verdict",)] = None
+            for vk in self._vdet_written:
+                out[vk] = None
         own = self._own
         if own is not None and (keys is None or any(k in self._rows for k in keys)):
             out[("counts",)] = [own.row_document(i) for i in range(len(own.rows))]
@@ -712,6 +726,7 @@ class FeedbackMonitor:
             m.verdict = VerdictEngine.from_state(state["verdict"], features, settings.verdict_settings())
             m._logged = int(state["logged"])
             m._verdict_written = True
+            m._vdet_written = {("vdet", *k) for k in m.verdict.detector_keys()}
         return m
 
 
@@ -733,11 +748,14 @@ def _state_from_entries(entries: dict[tuple[Any, ...], Any]) -> dict[str, Any]:
         "disp_detectors": [],
         "disp_base": [],
     }
+    vdets = []
     for key, v in entries.items():
         tag, rest = key[0], list(key[1:])
         if v is None:
             continue
-        if tag == "verdict":
+        if tag == "vdet":
+            vdets.append((rest, v))
+        elif tag == "verdict":
             state["verdict"], state["logged"] = v["state"], v["logged"]
         elif tag == "row":
             state["rows"].append([*rest, *v])  # model, cell, row, hist, seq
@@ -757,6 +775,10 @@ def _state_from_entries(entries: dict[tuple[Any, ...], Any]) -> dict[str, Any]:
             if v["base"] is not None:
                 state["disp_base"].append([*rest, v["base"]])
     state["rows"].sort(key=lambda r: r[4])  # the monitor's order (its period counts sum in it)
+    if "verdict" in state:  # the engine's detectors, stored one by one
+        models = state["verdict"]["models"]
+        for (model, *k), v in vdets:
+            models[model]["detectors"].append([*k, v])
     return state
 
 
