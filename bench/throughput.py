@@ -43,14 +43,14 @@ import urllib.request
 import uuid
 import zlib
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import orjson
 
-from stream_fair.app import Detector
+from stream_fair.app import Detector, tuned_collector
 from stream_fair.config import Config
 from stream_fair.dev import simulate
 
@@ -191,7 +191,7 @@ def core_config(
     )
 
 
-def core(n: int, partitions: int, poll_size: int, rounds: int) -> dict[str, float]:
+def core(n: int, partitions: int, poll_size: int, rounds: int, tuned_gc: bool = True) -> dict[str, float]:
     """Microseconds of CPU per record of the in-process core, per timestamp format: the best of
     ``rounds`` (as ``timeit`` reports; the process's CPU time, RocksDB's threads included, is what
     a shared machine's load distorts least, and the least disturbed round is the best estimate of
@@ -210,14 +210,17 @@ def core(n: int, partitions: int, poll_size: int, rounds: int) -> dict[str, floa
                 sink = _Sink()
                 d.attach(sink, sink, _ChangelogSink())
                 d._publisher = sink
-                start, cpu = time.perf_counter(), time.process_time()
-                for b in batches:
-                    d.process(b)
-                    d.maybe_checkpoint(time.monotonic())
-                d.checkpoint()
+                # as in the run loop: the garbage collector tuned (unless --python-gc)
+                with tuned_collector() if tuned_gc else nullcontext():
+                    start, cpu = time.perf_counter(), time.process_time()
+                    for b in batches:
+                        d.process(b)
+                        d.maybe_checkpoint(time.monotonic())
+                    d.checkpoint()
+                    cpu_end, wall_end = time.process_time(), time.perf_counter()
                 if i:
-                    times[fmt].append(time.process_time() - cpu)
-                    walls[fmt].append(time.perf_counter() - start)
+                    times[fmt].append(cpu_end - cpu)
+                    walls[fmt].append(wall_end - start)
                 assert d.tracker is not None
                 f = d.tracker.snapshot().fates
                 rejected = f["predictions"]["rejected"] + f["outcomes"]["rejected"]
@@ -379,7 +382,8 @@ def end_to_end(args: argparse.Namespace) -> None:
             for kind in kinds:
                 rates[kind].append(bare(kind, bootstrap, topics, total))
             for name, (changelog, every) in variants.items():
-                cfg = core_config(tmp, topics, changelog, bootstrap_servers=bootstrap, **FAST_KAFKA)
+                kafka = {"bootstrap_servers": bootstrap, "transport": args.transport, **FAST_KAFKA}
+                cfg = core_config(tmp, topics, changelog, **kafka)
                 rate, scrapes = pipeline(cfg, total, every)
                 rates[name].append(rate)
             print(
@@ -392,7 +396,7 @@ def end_to_end(args: argparse.Namespace) -> None:
         "kafka-python-nocrc": "bare kafka-python, pure-Python CRC32C",
         "kafka-python": "bare kafka-python + crc32c",
         "confluent-kafka": "bare confluent-kafka",
-        "stream-fair": "stream-fair run (scraped every 1 s)",
+        "stream-fair": f"stream-fair run ({args.transport}, scraped every 1 s)",
         "stream-fair-unscraped": "  the same, never scraped",
         "stream-fair-no-changelog": "  the same, scraped, state.changelog off",
     }
@@ -417,6 +421,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--predictions", type=int, default=100_000)
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--transport", choices=("kafka-python", "confluent"), default="kafka-python",
+        help="kafka.transport of the stream-fair runs (end to end)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--python-gc", action="store_true",
+        help="--core: Python's default garbage collector settings instead of the run loop's",
+    )  # fmt: skip
     ap.add_argument("--poll-size", type=int, default=2000, help="records per poll (--core)")
     ap.add_argument(
         "--variants", action="store_true",
@@ -427,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.core:
         from stream_fair import transport  # noqa: F401 - imported by the first poll: not timed
 
-        core(args.predictions, args.partitions, args.poll_size, args.rounds)
+        core(args.predictions, args.partitions, args.poll_size, args.rounds, not args.python_gc)
         print(load())
     else:
         end_to_end(args)
