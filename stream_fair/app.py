@@ -29,22 +29,28 @@ from typing import Any
 
 from stream_fair.aggregate import ModelCounts
 from stream_fair.config import Config, format_duration
-from stream_fair.errors import BrokerError
+from stream_fair.errors import BrokerError, StateError
 from stream_fair.exporter import ExporterServer, Health, PipelineStats, registry_for
 from stream_fair.missing import MissingFeatureLog
 from stream_fair.report import Report, ReportCache, build_report
 from stream_fair.state import identity
 from stream_fair.state.codec import (
+    FEEDBACK_END,
     FEEDBACK_KEY,
+    FEEDBACK_PREFIX,
+    OLD_FEEDBACK_ERROR,
     SPACE_COUNTS,
     SPACE_HIST,
     SPACE_ID,
     WINDOWS_PREFIX,
     decode_id,
+    decode_json,
     encode_json,
+    feedback_key,
     increment_key,
     meta_key,
     parse_cell,
+    parse_feedback_key,
     prefix,
 )
 from stream_fair.state.restore import PartitionRestore
@@ -195,6 +201,8 @@ class Detector:
         self._publisher: Any = None
         self.leader: Any = None
         self._lead_wanted = False
+        self._stop: threading.Event | None = None  # set by run: its stop event
+        self._draining = False  # run has reached its shutdown
         self._partitions = 0  # of each input topic
         self._leader_published = 0.0
         self._leader_dirty = False
@@ -244,13 +252,18 @@ class Detector:
                 verdict = feedback_settings(self.config.feedback).verdict_settings()
             self.tracker = Tracker(self.config, self.backend, self.feedback, verdict=verdict)
             self._load_windows()
-            stored = self.backend.get(_FEEDBACK_KEY)
-            if stored is not None and hasattr(self.feedback, "from_state"):
-                from stream_fair.state.codec import decode_json
-
+            if self.backend.get(_FEEDBACK_KEY) is not None:
+                self.backend.close()
+                self.backend, self.tracker = None, None
+                raise StateError(OLD_FEEDBACK_ERROR.format(path=st.path))
+            entries = {
+                parse_feedback_key(k): decode_json(v)
+                for k, v in self.backend.scan(FEEDBACK_PREFIX, FEEDBACK_END)
+            }
+            if entries and hasattr(self.feedback, "from_entries"):
                 monitor = type(self.feedback)
-                self.feedback = monitor.from_state(  # type: ignore[attr-defined]
-                    decode_json(stored),
+                self.feedback = monitor.from_entries(  # type: ignore[attr-defined]
+                    entries,
                     self.tracker.features,
                     self.feedback.settings,  # type: ignore[attr-defined]
                 )
@@ -275,11 +288,27 @@ class Detector:
 
     def _publish(self) -> None:
         """Make the committed state the one scrapes see (call with the lock held, or before threads)."""
+        self._finish_publish(self._capture())
+
+    def _capture(self) -> tuple[Snapshot, Any, dict[Any, Any] | None]:
+        """Under the lock: the committed views and a copy of the feedback monitor's state, in
+        O(cells + detectors); :meth:`_finish_publish` does the feedback math after the lock."""
         assert self.tracker is not None
-        snap = self.tracker.snapshot(self.windows.window_quads(self._window_labels))
-        if self.model_wide and snap.feedback is not None and hasattr(snap.feedback, "features"):
+        fb: Any = self.feedback
+        capture = fb.capture() if fb is not None and hasattr(fb, "capture") else None
+        snap = self.tracker.snapshot(self.windows.window_quads(self._window_labels), feedback=capture)
+        loops = None
+        if self.model_wide:
             # the loop test is the leader's, from every partition (none on the other replicas)
             loops = self.leader.fold.loop_estimates() if self.leader is not None else {}
+        return snap, capture, loops
+
+    def _finish_publish(self, captured: tuple[Snapshot, Any, dict[Any, Any] | None]) -> None:
+        """Compute the feedback indicators of a capture (no lock needed) and publish the snapshot."""
+        snap, capture, loops = captured
+        if capture is not None:
+            snap = replace(snap, feedback=capture.compute())
+        if loops is not None and snap.feedback is not None and hasattr(snap.feedback, "features"):
             features = {
                 mf: replace(ff, feedback_loop=loops.get(mf)) for mf, ff in snap.feedback.features.items()
             }
@@ -477,6 +506,9 @@ class Detector:
         from stream_fair import transport
 
         cfg = self.config
+        # a stop requested while the loop waits for the broker (a checkpoint's changelog write, the
+        # leader's) ends that wait at once; the shutdown's own checkpoint then waits, bounded
+        self._stop, self._draining = stop, False
         self.server.start()
         self.health.heartbeat = time.monotonic()
         consumer = transport.make_consumer(cfg)
@@ -489,9 +521,10 @@ class Detector:
                 transport.ensure_changelog(consumer, cfg, partitions)
                 transport.ensure_internal_topics(consumer, cfg)
                 writer, reader = transport.changelog_writer(cfg), transport.changelog_reader(cfg)
+                writer.cancel = self._interrupted
                 from stream_fair.leader import IncrementPublisher
 
-                publisher = IncrementPublisher(cfg)
+                publisher = IncrementPublisher(cfg, cancel=self._interrupted)
             self.open_state()
         except Exception:
             consumer.close()
@@ -556,6 +589,7 @@ class Detector:
             # reachable, wait up to _SHUTDOWN_WAIT for unsent dead letters and the changelog; if it
             # is already unreachable, barely at all. A final checkpoint that fails leaves the
             # previous one valid (a restart re-reads from its offsets), and then nothing else waits.
+            self._draining = True
             reachable = self.health.connected(time.monotonic())
             wait = _SHUTDOWN_WAIT if reachable else _UNREACHABLE_WAIT
             if not reachable:
@@ -738,17 +772,22 @@ class Detector:
         try:
             if cp.shards:
                 changelog_next = self._write_changelog(cp) if self._writer is not None else None
+                fb: Any = self.feedback
+                # the monitor's entries that changed since the last checkpoint, same atomic write
                 feedback: dict[bytes, bytes | None] = (
-                    {_FEEDBACK_KEY: encode_json(self.feedback.to_state())}
-                    if self.feedback is not None
+                    {feedback_key(k): None if v is None else encode_json(v) for k, v in fb.changes().items()}
+                    if fb is not None and hasattr(fb, "changes")
                     else {}
                 )
                 with self.lock:
                     tracker.commit(cp, changelog_next, extra=feedback)
+                    if feedback:
+                        fb.committed()
                     for sc in cp.shards:
                         if sc.increment is not None:
                             self.windows.fold_increment(sc.increment)
-                    self._publish()
+                    captured = self._capture()
+                self._finish_publish(captured)
                 self._save_windows()
                 self._crash("local")
                 self.stats.state_disk_bytes = self.backend.disk_bytes()
@@ -800,6 +839,10 @@ class Detector:
             self._down_since = time.monotonic()
             log.warning("the broker refuses connections, retrying: %s", str(exc).splitlines()[0])
 
+    def _interrupted(self) -> bool:
+        """A stop was requested and the loop has not reached the shutdown yet (writers' ``cancel``)."""
+        return self._stop is not None and self._stop.is_set() and not self._draining
+
     def _on_leader(self, lead: bool, wait: float | None = None) -> None:
         """Group assignment: this replica gained (start in the loop) or lost the leader partition."""
         self._lead_wanted = lead
@@ -825,7 +868,9 @@ class Detector:
             loop = LoopSettings(
                 fs.period, fs.loop_window, fs.min_samples, fs.loop_min_periods, fs.loop_alpha, fs.loop_horizon
             )
-            leader = Leader(self.config, self.tracker.features, fs.verdict_settings(), self._partitions, loop)
+            settings = fs.verdict_settings()
+            features = self.tracker.features
+            leader = Leader(self.config, features, settings, self._partitions, loop, self._interrupted)
             try:
                 leader.start()
             except Exception as exc:
@@ -844,7 +889,8 @@ class Detector:
             self._leader_dirty = True
         if self._leader_dirty and now - self._leader_published >= 1.0:
             with self.lock:
-                self._publish()
+                captured = self._capture()
+            self._finish_publish(captured)
             self._leader_published = now
             self._leader_dirty = False
         leader.maybe_checkpoint(now)

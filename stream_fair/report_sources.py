@@ -283,12 +283,12 @@ def inputs_from_state(config: Config, path: str | Path | None = None) -> ReportI
 
     from stream_fair.app import fingerprint
     from stream_fair.state.codec import (
-        FEEDBACK_KEY,
         FORMAT_KEY,
         SPACE_COUNTS,
         SPACE_META,
         WINDOWS_PREFIX,
         decode_json,
+        feedback_key,
         split_key,
     )
 
@@ -351,7 +351,7 @@ def inputs_from_state(config: Config, path: str | Path | None = None) -> ReportI
             it.next()
         wmeta = db.get(WINDOWS_PREFIX + b"m")
         last_bucket = decode_json(wmeta)["last_bucket"] if wmeta is not None else None
-        fb_raw = db.get(FEEDBACK_KEY)
+        fb_raw = db.get(feedback_key(("verdict",)))  # the monitor's entry holding its alarm log
     finally:
         db.close()
     events = None
@@ -362,8 +362,7 @@ def inputs_from_state(config: Config, path: str | Path | None = None) -> ReportI
     ]
     if fb_raw is not None:
         fb = decode_json(fb_raw)
-        if "verdict" in fb:
-            events = list(fb["verdict"].get("events") or [])
+        events = list(fb["state"].get("events") or [])
     if events is None:
         notes.append(
             "The alarm log is not in this state directory (with a changelog the model-wide alarm "

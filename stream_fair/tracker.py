@@ -402,9 +402,32 @@ class Tracker:
         self._overflow_names = [f.name for f in fc.carried]
         self._overflow_names += [k.name for k in self.features if k.is_intersection]
         self.backend = backend
-        self.feedback = feedback
         self.shards: dict[int, Shard] = {}
         self.views: dict[int, PartitionView] = {}
+        self.feedback = feedback
+
+    @property
+    def feedback(self) -> Feedback | None:
+        return self._feedback
+
+    @feedback.setter
+    def feedback(self, monitor: Feedback | None) -> None:
+        """A monitor that can read the count store (``attach``) reads the owned shards' counts
+        instead of counting them again (one count store per event, :mod:`stream_fair.counts`)."""
+        self._feedback = monitor
+        if monitor is not None and hasattr(monitor, "attach"):
+            monitor.attach(self.owned_counts)
+
+    def owned_counts(self) -> list[PartitionCounts]:
+        """The count stores of the owned partitions, in partition order (what the report covers)."""
+        return [self.shards[i].counts for i in sorted(self.shards) if i in self.views]
+
+    def _ownership_changes(self) -> None:
+        """Called before and after a shard is added or dropped: the monitor feeds its detectors
+        with the counts before the change, then rebases them on the counts after it."""
+        flush = getattr(self._feedback, "flush", None)
+        if flush is not None:
+            flush()
 
     def __repr__(self) -> str:
         return f"Tracker(shards={sorted(self.shards)}, features={[k.name for k in self.features]})"
@@ -414,6 +437,7 @@ class Tracker:
         """The shard of a partition, loaded from the local store on first use."""
         s = self.shards.get(index)
         if s is None:
+            self._ownership_changes()
             s = self.shards[index] = self._new_shard(index)
             stored = self.backend.get(meta_key(index))
             if stored is None:
@@ -427,6 +451,7 @@ class Tracker:
                 for key, value in self.backend.scan(prefix(SPACE_HIST, index), prefix(SPACE_HIST, index + 1)):
                     s.histograms.load_row(parse_cell(key[3:]), decode_json(value))
             self.views[index] = self._view(s)
+            self._ownership_changes()
         return s
 
     def _new_shard(self, index: int) -> Shard:
@@ -458,8 +483,12 @@ class Tracker:
 
     def drop(self, index: int) -> None:
         """Forget a shard in memory (its partition moved to another replica); the store keeps it."""
+        if index not in self.shards:
+            return
+        self._ownership_changes()
         self.shards.pop(index, None)
         self.views.pop(index, None)
+        self._ownership_changes()
 
     # -- updates ----------------------------------------------------------------------------
     def process(self, shard: int, topic: int, records: Iterable[Any]) -> list[tuple[Any, Rejection]]:
@@ -636,16 +665,18 @@ class Tracker:
         if inc is None:
             inc = counts.increments[k] = [0] * WIDTH
         inc[column] += 1
-        if p.score is not None:
-            s.histograms.add_joined(p.cell, label, p.predicted, p.score)
+        score = p.score
+        if score is not None:
+            s.histograms.add(ci, column, score)  # PartitionHistograms.add_joined
             if s.label_windows is not None:
-                s.label_windows.add(p.cell, label, p.score, outcome_ts)
-        if self.feedback is not None or s.builder is not None:
-            model, cell = s.counts.keys[p.cell]
-            if self.feedback is not None:
-                self.feedback.on_joined(model, cell, p.predicted, label, p.ts, outcome_ts, p.score)
-            if s.builder is not None:
-                s.builder.add_labelled(model, cell, p.predicted, label, p.ts, outcome_ts, p.score)
+                s.label_windows.add(ci, label, score, outcome_ts)
+        feedback, builder = self._feedback, s.builder
+        if feedback is not None or builder is not None:
+            model, cell = counts.keys[ci]
+            if feedback is not None:
+                feedback.on_joined(model, cell, predicted, label, ts, outcome_ts, score)
+            if builder is not None:
+                builder.add_labelled(model, cell, predicted, label, ts, outcome_ts, score)
 
     def _advance(
         self, s: Shard, topic: int, ts: float, last_ts: list[float | None], behind: list[bool], join: Join
@@ -891,13 +922,18 @@ class Tracker:
         changed.clear()
         return out
 
-    def snapshot(self, windows: dict[str, dict[Key, Quad]] | None = None) -> Snapshot:
-        """The committed views of the owned partitions (call under the lock that guards commits)."""
+    def snapshot(self, windows: dict[str, dict[Key, Quad]] | None = None, feedback: Any = None) -> Snapshot:
+        """The committed views of the owned partitions (call under the lock that guards commits).
+
+        ``feedback``: the monitor's snapshot when the caller computed it (outside the lock, from a
+        capture taken under it); by default the monitor's ``snapshot()`` here."""
+        if feedback is None and self.feedback is not None:
+            feedback = self.feedback.snapshot()
         return Snapshot(
             taken_at=time.time(),
             partitions={i: self.views[i] for i in sorted(self.shards) if i in self.views},
             windows=windows or {},
-            feedback=self.feedback.snapshot() if self.feedback is not None else None,
+            feedback=feedback,
         )
 
 

@@ -97,10 +97,14 @@ class BatchedDetector:
         obj = cls.__new__(cls)
         obj.detector = detector_from_state(state["d"])
         obj.batch = int(state["b"])
-        obj.num, obj.den = float(state["num"]), float(state["den"])
+        obj.num, obj.den = _number(state["num"]), _number(state["den"])  # ints stay ints: restored exactly
         obj.detections = int(state["n"])
         obj.last_ts = state["ts"]
         return obj
+
+
+def _number(x: Any) -> float:
+    return x if isinstance(x, int) and not isinstance(x, bool) else float(x)
 
 
 _ADWIN_PARAMS = ("delta", "clock", "max_buckets", "min_window_length", "grace_period")

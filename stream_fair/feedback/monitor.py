@@ -40,11 +40,13 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from stream_fair.counts import SLOT
+import orjson
+
+from stream_fair.counts import EXPIRED, FN, FP, PRED0, PRED1, SLOT, TN, TP, PartitionCounts, add_rows
 from stream_fair.disparity import DISPARITY_RATES
 from stream_fair.fairness import rate_parts
 from stream_fair.feedback.alarms import Alarm, ChangeAlarm
@@ -74,12 +76,20 @@ DISPARITY_SIGNALS = ("demographic_parity_difference", "equal_opportunity_differe
 """Per-feature disparities watched by drift detectors and trends (their rates:
 :data:`stream_fair.disparity.DISPARITY_RATES`)."""
 
-# row layout: cumulative predictions, positive predictions, the same in the open period,
-# joined, expired, cumulative confusion counts, the same in the open period (both in
-# stream_fair.counts.CONFUSION order)
-_N, _POS, _PN, _PPOS, _J, _E, _TP, _FP, _TN, _FN, _PTP, _PFP, _PTN, _PFN = range(14)
-_WIDTH = 14
+# the monitor's own row per (model, cell): the open period's predictions, positive predictions and
+# confusion counts (stream_fair.counts.CONFUSION order). The cumulative counts are not here: they
+# are the tracker's count rows (stream_fair.counts.PartitionCounts), read at flush and snapshot time
+_PN, _PPOS, _PTP, _PFP, _PTN, _PFN = range(6)
+_WIDTH = 6
 _QUAD = SLOT  # (label, predicted) -> offset of its confusion count
+STATE_VERSION = 2
+"""Version of :meth:`FeedbackMonitor.to_state` / the per-key entries. 2: cumulative counts read from
+the tracker's count store (not in the monitor's state when attached), one entry per detector, trend,
+row and (model, feature) so a checkpoint writes only what changed."""
+VERSION_ERROR = (
+    "feedback state version {got} is not {want} (a state written by an older stream-fair): "
+    "start on a new state directory"
+)
 
 
 @dataclass(frozen=True)
@@ -238,7 +248,14 @@ class FeedbackSnapshot:
 
 
 class FeedbackMonitor:
-    """Coverage, delay, traffic, exposure, trends, loop indicator and drift detectors."""
+    """Coverage, delay, traffic, exposure, trends, loop indicator and drift detectors.
+
+    The cumulative counts (predictions, positives, joined, expired, confusion counts per cell) are
+    read from a count store (:class:`~stream_fair.counts.PartitionCounts`) at flush and snapshot
+    time, never kept twice: a monitor used alone counts into its own store from the hooks; in the
+    pipeline the tracker calls :meth:`attach` with its owned shards' stores, and the hooks then
+    count only what those stores do not have (the open period's counts, delays).
+    """
 
     def __init__(self, features: Sequence[FeatureKey], settings: FeedbackSettings) -> None:
         self.features = list(features)
@@ -248,6 +265,11 @@ class FeedbackMonitor:
         self._rows: dict[tuple[str, Cell], list[int]] = {}
         self._delays: dict[tuple[str, Cell], list[float]] = {}
         self._hist: dict[tuple[str, Cell], DelayHistogram] = {}
+        # the cumulative counts: its own store until attach() gives it the tracker's
+        self._own: PartitionCounts | None = PartitionCounts(math.inf)
+        own = self._own
+        self._source: Callable[[], Sequence[PartitionCounts]] = lambda: (own,)
+        self._sources_seen: tuple[PartitionCounts, ...] | None = (own,)
         self._ticks = 0
         self._watermark = -math.inf
         self._period_end = -math.inf
@@ -268,22 +290,44 @@ class FeedbackMonitor:
         # False when the alarm is the model-wide one (stream_fair.leader): the run loop then sets
         # ``verdict`` to the leader's engine (or an empty one) and the hooks do not count for it
         self.local_verdict = True
+        # what changed since the last checkpoint (entry keys, see changes()); _writing: the keys of
+        # a checkpoint not yet committed (back into _dirty if it fails)
+        self._dirty: set[tuple[Any, ...]] = set()
+        self._writing: set[tuple[Any, ...]] = set()
+        self._verdict_written = False
+        self._vdet_written: set[tuple[Any, ...]] = set()
 
     def __repr__(self) -> str:
         return f"FeedbackMonitor(cells={len(self._rows)}, periods_closed={self.periods_closed})"
+
+    def attach(self, source: Callable[[], Sequence[PartitionCounts]]) -> None:
+        """Read the cumulative counts from ``source()`` (the owned partitions' count stores) instead
+        of counting them: the hooks then keep only the open period's counts and the delays.
+
+        When the stores ``source()`` returns change (a partition gained or lost, restored), the
+        drift detectors' and disparity bases are reset to the new cumulative counts at the next
+        flush, so a rebalance never reaches a detector as a jump in a rate.
+        """
+        self._own = None
+        self._source = source
+        self._sources_seen = None
+        self._dirty.discard(("counts",))
 
     # -- hot path ------------------------------------------------------------------------------
     def on_prediction(self, model: str, cell: Cell, predicted: int, ts: float) -> None:
         if ts >= self._period_end:
             self._roll(ts)
-        row = self._rows.get((model, cell))
+        key = (model, cell)
+        row = self._rows.get(key)
         if row is None:
-            row = self._row(model, cell)
-        row[_N] += 1
+            row = self._row(key)
         row[_PN] += 1
         if predicted:
-            row[_POS] += 1
             row[_PPOS] += 1
+        own = self._own
+        if own is not None:
+            own.rows[own.cell(model, cell)][PRED1 if predicted else PRED0] += 1
+        self._dirty.add(key)
         if self.local_verdict:
             self._builder.add_prediction(model, cell, predicted, ts)
         if ts > self._watermark:
@@ -305,11 +349,13 @@ class FeedbackMonitor:
         key = (model, cell)
         row = self._rows.get(key)
         if row is None:
-            row = self._row(model, cell)
+            row = self._row(key)
         q = _QUAD[1 if label else 0, 1 if predicted else 0]
-        row[_J] += 1
-        row[_TP + q] += 1
         row[_PTP + q] += 1
+        own = self._own
+        if own is not None:
+            own.rows[own.cell(model, cell)][TP + q] += 1
+        self._dirty.add(key)
         self._delays[key].append(outcome_ts - prediction_ts)
         if self.local_verdict:
             self._builder.add_labelled(model, cell, predicted, label, prediction_ts, outcome_ts, score)
@@ -320,32 +366,48 @@ class FeedbackMonitor:
             self._flush()
 
     def on_expired(self, model: str, cell: Cell, prediction_ts: float) -> None:
-        row = self._rows.get((model, cell))
-        if row is None:
-            row = self._row(model, cell)
-        row[_E] += 1
+        own = self._own
+        if own is not None:
+            key = (model, cell)
+            if key not in self._rows:
+                self._row(key)
+            own.rows[own.cell(model, cell)][EXPIRED] += 1
+            self._dirty.add(key)
         self._ticks += 1
         if self._ticks >= self.settings.flush_every:
             self._flush()
 
-    def _row(self, model: str, cell: Cell) -> list[int]:
-        key = (model, cell)
+    def _row(self, key: tuple[str, Cell]) -> list[int]:
         row = self._rows[key] = [0] * _WIDTH
         self._delays[key] = []
         self._hist[key] = DelayHistogram()
+        self._dirty.add(key)
         return row
 
     # -- aggregation ---------------------------------------------------------------------------
-    def _by_group(self, cols: Sequence[int]) -> dict[tuple[str, str], dict[str, list[int]]]:
-        """Sum the given row columns over cells into ``{(model, feature): {group: [...]}}``."""
-        out: dict[tuple[str, str], dict[str, list[int]]] = {}
-        for (model, cell), row in self._rows.items():
-            vals = [row[c] for c in cols]
-            for f in self.features:
-                acc = out.setdefault((model, f.name), {}).setdefault(f.group(cell), [0] * len(cols))
-                for i, v in enumerate(vals):
-                    acc[i] += v
+    def _cumulative(self, sources: Sequence[PartitionCounts]) -> dict[tuple[str, Cell], list[int]]:
+        """The cumulative count rows (:data:`stream_fair.counts.ROW` layout) summed over the
+        stores, fresh lists (a copy: the stores may move on)."""
+        out: dict[tuple[str, Cell], list[int]] = {}
+        for pc in sources:
+            for key, row in zip(pc.keys, pc.rows, strict=True):
+                acc = out.get(key)
+                if acc is None:
+                    if any(row):
+                        out[key] = list(row)
+                else:
+                    add_rows(acc, row)
         return out
+
+    def _by_group(
+        self, rows: Mapping[tuple[str, Cell], Sequence[int]], cols: Sequence[int]
+    ) -> dict[tuple[str, str], dict[str, list[int]]]:
+        """Sum the given row columns over cells into ``{(model, feature): {group: [...]}}``."""
+        return _by_group(self.features, rows, cols)
+
+    def _totals(self, sources: Sequence[PartitionCounts]) -> dict[tuple[str, str], dict[str, list[int]]]:
+        """``{(model, feature): {group: [n, pos, joined, expired, tp, fp, tn, fn]}}`` (cumulative)."""
+        return _totals(self.features, self._cumulative(sources))
 
     def _roll(self, ts: float) -> None:
         if self._period_end != -math.inf:
@@ -355,12 +417,14 @@ class FeedbackMonitor:
 
     def _close_period(self) -> None:
         s = self.settings
-        per = self._by_group((_PN, _PPOS, _PTP, _PFP, _PTN, _PFN))
+        per = self._by_group(self._rows, range(_WIDTH))
         if not any(v[0] for groups in per.values() for v in groups.values()):
             return
         self.periods_closed += 1
+        dirty = self._dirty
         for (model, fname), groups in per.items():
             mf = (model, fname)
+            dirty.add(("mf", model, fname))
             counts = {g: (v[0], v[1]) for g, v in groups.items()}
             self._reference.setdefault(mf, ReferenceShares(s.reference_periods)).add(counts)
             self._last_period[mf] = counts
@@ -368,10 +432,10 @@ class FeedbackMonitor:
             hist.append(counts)
             for g, (n, pos) in counts.items():
                 if n:
-                    self._trend(self._sr_trend, (model, fname, g)).update(pos / n)
+                    self._trend(self._sr_trend, "srt", (model, fname, g)).update(pos / n)
             sr = [pos / n for n, pos in counts.values() if n >= s.min_samples]
             if len(sr) >= 2:
-                self._trend(self._disp_trend, (*mf, DISPARITY_SIGNALS[0])).update(max(sr) - min(sr))
+                self._trend(self._disp_trend, "dt", (*mf, DISPARITY_SIGNALS[0])).update(max(sr) - min(sr))
             tpr = [
                 num / den
                 for v in groups.values()
@@ -379,23 +443,32 @@ class FeedbackMonitor:
                 if den >= s.min_samples
             ]
             if len(tpr) >= 2:
-                eo = self._trend(self._disp_trend, (*mf, DISPARITY_SIGNALS[1]))
+                eo = self._trend(self._disp_trend, "dt", (*mf, DISPARITY_SIGNALS[1]))
                 eo.update(max(tpr) - min(tpr))
-        for row in self._rows.values():
-            row[_PN] = row[_PPOS] = row[_PTP] = row[_PFP] = row[_PTN] = row[_PFN] = 0
+        for key, row in self._rows.items():
+            if any(row):
+                row[:] = [0] * _WIDTH
+                dirty.add(key)
 
-    def _trend(self, store: dict[tuple[str, str, str], Trend], key: tuple[str, str, str]) -> Trend:
+    def _trend(self, store: dict[tuple[str, str, str], Trend], tag: str, key: tuple[str, str, str]) -> Trend:
         t = store.get(key)
         if t is None:
             t = store[key] = Trend(self.settings.fast_alpha, self.settings.slow_alpha)
+        self._dirty.add((tag, *key))
         return t
 
-    def _detector(self, store: dict[Any, BatchedDetector], key: Any) -> BatchedDetector:
+    def _detector(self, store: dict[Any, BatchedDetector], tag: str, key: Any) -> BatchedDetector:
         d = store.get(key)
         if d is None:
             s = self.settings
             d = store[key] = BatchedDetector(s.detector, s.drift_batch, **dict(s.detector_params))
+            self._dirty.add((tag, *key))
         return d
+
+    def flush(self) -> None:
+        """Bin the delays, feed the drift detectors and the verdict engine now (the hooks do it
+        every ``flush_every`` calls; the tracker calls it around a change of owned partitions)."""
+        self._flush()
 
     def _flush(self) -> None:
         self._ticks = 0
@@ -404,17 +477,31 @@ class FeedbackMonitor:
                 self._hist[key].add(buf)
                 buf.clear()
         ts = self._watermark
-        for (model, fname), groups in self._by_group((_N, _POS, _TP, _FP, _TN, _FN)).items():
-            ratios = {}
-            for g, (n, pos, *quad) in groups.items():
+        sources = tuple(self._source())
+        totals = self._totals(sources)
+        ratios_by_mf: dict[tuple[str, str], dict[str, dict[str, tuple[int, int]]]] = {}
+        for mf, groups in totals.items():
+            ratios = ratios_by_mf[mf] = {}
+            for g, (n, pos, _, _, *quad) in groups.items():
                 # the selection rate over every prediction (labelled or not), the others over the
                 # labelled pairs
                 ratios[g] = {
                     signal: (pos, n) if signal == "selection_rate" else rate_parts(signal, quad)
                     for signal in GROUP_SIGNALS
                 }
-                for signal, (num, den) in ratios[g].items():
-                    self._detector(self._detectors, (model, fname, g, signal)).feed(num, den, ts)
+        if sources != self._sources_seen:  # identity: a partition gained, lost or restored
+            self._rebase(ratios_by_mf)
+            self._sources_seen = sources
+        dirty = self._dirty
+        for (model, fname), ratios in ratios_by_mf.items():
+            for g, by_signal in ratios.items():
+                for signal, (num, den) in by_signal.items():
+                    dkey = (model, fname, g, signal)
+                    d = self._detector(self._detectors, "det", dkey)
+                    den0 = d.den
+                    d.feed(num, den, ts)
+                    if d.den != den0:
+                        dirty.add(("det", *dkey))
             for name in DISPARITY_SIGNALS:
                 (rate,) = DISPARITY_RATES[name]
                 cum = {g: r[rate] for g, r in ratios.items()}
@@ -424,9 +511,25 @@ class FeedbackMonitor:
         if len(self._builder):
             watermark = None if self._watermark == -math.inf else self._watermark
             self.verdict.update(self._builder.build("local", watermark))
+            dirty.add(("verdict",))
+            dirty.update(("vdet", *k) for k in self.verdict.touched)
+            self.verdict.touched.clear()
         for event in self.verdict.events_after(self._logged):
             log.warning("%s", event.message())
             self._logged = event.seq
+            dirty.add(("verdict",))
+
+    def _rebase(self, ratios_by_mf: dict[tuple[str, str], dict[str, dict[str, tuple[int, int]]]]) -> None:
+        """The counts now cover other partitions: detectors and disparity bases start from them."""
+        for key, d in self._detectors.items():
+            model, fname, g, signal = key
+            d.num, d.den = ratios_by_mf.get((model, fname), {}).get(g, {}).get(signal, (0, 0))
+            self._dirty.add(("det", *key))
+        for bkey in list(self._disp_base):
+            model, fname, name = bkey
+            (rate,) = DISPARITY_RATES[name]
+            self._disp_base[bkey] = {g: r[rate] for g, r in ratios_by_mf.get((model, fname), {}).items()}
+            self._dirty.add(("ddet", *bkey))
 
     def _feed_disparity(self, key: tuple[str, str, str], cum: dict[str, tuple[int, int]], ts: float) -> None:
         """Feed max - min of the groups' batch rates once every established group has a batch.
@@ -449,145 +552,162 @@ class FeedbackMonitor:
         ):
             return
         rates = [delta[g][0] / delta[g][1] for g in ready]
-        self._detector(self._disp_detectors, key).feed_value(max(rates) - min(rates), ts)
+        self._detector(self._disp_detectors, "ddet", key).feed_value(max(rates) - min(rates), ts)
         self._disp_base[key] = dict(cum)
+        self._dirty.add(("ddet", *key))
 
     # -- snapshot ------------------------------------------------------------------------------
     def snapshot(self) -> FeedbackSnapshot:
         """Flush, then read every indicator into plain frozen data."""
-        self._flush()
-        s = self.settings
-        totals = self._by_group((_N, _POS, _J, _E, _TP, _FP, _TN, _FN))
+        return self.capture().compute()
+
+    def capture(self) -> FeedbackCapture:
+        """Flush and copy what the snapshot needs, in O(cells + detectors) (call it where the
+        monitor and the count stores cannot change, e.g. under the consumer lock); the math runs
+        in :meth:`FeedbackCapture.compute`, which touches nothing shared and can run outside it."""
+        sources = tuple(self._source())
+        if self._ticks or sources != self._sources_seen:  # else flushed since the last event
+            self._flush()
         verdict_alarms = self.verdict.alarms()
         change: dict[tuple[str, str, str], dict[str, ChangeAlarm]] = {}
         for (model, fname, g, rate), d in self.verdict.detectors().items():
             change.setdefault((model, fname, g), {})[rate] = ChangeAlarm(
                 d.flagged, d.statistic, d.threshold, d.raised_total, d.last_raised_ts
             )
-        hists: dict[tuple[str, str, str], DelayHistogram] = {}
-        for (model, cell), h in self._hist.items():
-            for f in self.features:
-                hists.setdefault((model, f.name, f.group(cell)), DelayHistogram()).merge(h)
-        groups: dict[tuple[str, str, str], GroupFeedback] = {}
-        features: dict[tuple[str, str], FeatureFeedback] = {}
-        for (model, fname), by_group in totals.items():
-            mf = (model, fname)
-            last = self._last_period.get(mf, {})
-            share_now = shares(last)
-            ref = self._reference[mf].shares() if mf in self._reference else {}
-            exposure = exposure_ratios(last)
-            alarms = {name: _alarm(st) for (m, f, name), st in verdict_alarms.items() if (m, f) == mf}
-            arrival = arrival_ratios(
-                {g: (v[0], v[2]) for g, v in by_group.items()},
-                s.min_samples,
-                s.arrival_ratio_threshold,
-                s.coverage_alpha,
-            )
-            for g, (n, pos, joined, expired, *_) in by_group.items():
-                key = (model, fname, g)
-                gh = hists.get(key)
-                qs = gh.quantiles(s.delay_quantiles) if gh is not None and gh.n else []
-                trend = self._sr_trend.get(key)
-                dets = {
-                    sig: self._detectors[(*key, sig)]
-                    for sig in GROUP_SIGNALS
-                    if (*key, sig) in self._detectors
-                }
-                groups[key] = GroupFeedback(
-                    predictions=n,
-                    positive_predictions=pos,
-                    joined=joined,
-                    expired=expired,
-                    label_coverage=coverage(joined, expired),
-                    label_delay_seconds=dict(zip(s.delay_quantiles, qs, strict=False)),
-                    traffic_share=share_now.get(g),
-                    traffic_share_reference=ref.get(g),
-                    exposure_ratio=exposure.get(g),
-                    selection_rate_trend=trend.get() if trend is not None else None,
-                    drift_detections={sig: d.detections for sig, d in dets.items()},
-                    last_drift_timestamp_seconds={
-                        sig: d.last_ts for sig, d in dets.items() if d.last_ts is not None
-                    },
-                    change_alarms=change.get(key, {}),
-                    label_arrival_ratio=arrival.ratios.get(g),
-                )
-            resolved = {g: (v[2], v[3]) for g, v in by_group.items()}
-            ddets = {
-                name: self._disp_detectors[(*mf, name)]
-                for name in DISPARITY_SIGNALS
-                if (*mf, name) in self._disp_detectors
-            }
-            history = self._history.get(mf, ())
-            gap = coverage_gap(resolved, s.min_samples, s.coverage_gap_threshold, s.coverage_alpha)
-            features[mf] = FeatureFeedback(
-                label_coverage_gap=gap,
-                disparity_trend={
-                    name: self._disp_trend[(*mf, name)].get()
-                    for name in DISPARITY_SIGNALS
-                    if (*mf, name) in self._disp_trend
-                },
-                feedback_loop=loop_indicator(
-                    list(history),
-                    s.min_samples,
-                    s.loop_min_periods,
-                    self._per_feature.loop_alpha,
-                    s.loop_horizon,
-                ),
-                disparity_drift_detections={n: d.detections for n, d in ddets.items()},
-                last_disparity_drift_timestamp_seconds={
-                    n: d.last_ts for n, d in ddets.items() if d.last_ts is not None
-                },
-                alarms=alarms,
-                label_coverage_flagged=bool((gap is not None and gap.flagged) or arrival.flagged),
-            )
-        if not self.local_verdict:  # the leader's engine saw groups and models this replica did not
-            for (model, fname, name), st in verdict_alarms.items():
-                if (model, fname) not in features:
-                    features[(model, fname)] = FeatureFeedback(None, {}, None, {}, {})
-                features[(model, fname)].alarms[name] = _alarm(st)
-            for key, alarms_by_rate in change.items():
-                if key not in groups:
-                    groups[key] = GroupFeedback(0, 0, 0, 0, None, {}, None, None, None, None, {}, {})
-                groups[key].change_alarms.update(alarms_by_rate)
-        wm = self._watermark if self._watermark != -math.inf else None
-        return FeedbackSnapshot(groups, features, wm, self.periods_closed, self.verdict.events)
+        return FeedbackCapture(
+            features=self.features,
+            settings=self.settings,
+            loop_alpha=self._per_feature.loop_alpha,
+            cumulative=self._cumulative(sources),
+            hists={k: h.counts.copy() for k, h in self._hist.items()},
+            last_period=dict(self._last_period),
+            reference={mf: r.shares() for mf, r in self._reference.items()},
+            history={mf: list(h) for mf, h in self._history.items()},
+            sr_trend={k: t.get() for k, t in self._sr_trend.items()},
+            disp_trend={k: t.get() for k, t in self._disp_trend.items()},
+            detectors={k: (d.detections, d.last_ts) for k, d in self._detectors.items()},
+            disp_detectors={k: (d.detections, d.last_ts) for k, d in self._disp_detectors.items()},
+            verdict_alarms=verdict_alarms,
+            change=change,
+            local_verdict=self.local_verdict,
+            watermark=self._watermark if self._watermark != -math.inf else None,
+            periods_closed=self.periods_closed,
+            events=self.verdict.events,
+        )
 
     # -- persistence ---------------------------------------------------------------------------
     def to_state(self) -> dict:
-        """JSON-serialisable state (river objects travel as base64 pickles)."""
+        """JSON-serialisable state, plain data only (never a pickle: loading runs no code).
+
+        The same content as the entries :meth:`changes` writes one by one; attached to the
+        tracker's count stores, the cumulative counts are theirs and not in it."""
         self._flush()
+        entries = self._entries(None)
+        return _state_from_entries({k: entries[k] for k in sorted(entries, key=orjson.dumps)})
+
+    def changes(self) -> dict[tuple[Any, ...], Any]:
+        """The entries that changed since the last :meth:`committed` (``None``: delete the key),
+        each a plain JSON-able value under a tuple key: ``("meta",)``, ``("verdict",)``,
+        ``("counts",)`` (a monitor alone), ``("row", model, cell)``, ``("mf", model, feature)``,
+        ``("srt" | "dt", model, feature, group | disparity)``,
+        ``("det", model, feature, group, signal)``, ``("ddet", model, feature, disparity)``,
+        ``("vdet", model, feature, group, rate)`` (a detector of the local verdict engine).
+        Until :meth:`committed`, a new call writes them again (a failed checkpoint loses nothing)."""
+        self._flush()
+        self._dirty |= self._writing
+        self._writing, self._dirty = self._dirty, set()
+        if not self._verdict_written:
+            self._writing.add(("verdict",))  # a new monitor's engine is written once, even idle
+        out = self._entries(self._writing)
+        self._verdict_written = self.local_verdict
+        if self.local_verdict:
+            self._vdet_written.update(k for k in out if k[0] == "vdet")
+        else:
+            self._vdet_written = set()
+        return out
+
+    def committed(self) -> None:
+        """The entries of the last :meth:`changes` are durable."""
+        self._writing = set()
+
+    def _entries(self, keys: set[tuple[Any, ...]] | None) -> dict[tuple[Any, ...], Any]:
+        """Entries for ``keys`` (every entry when None), in a deterministic order."""
 
         def enc(x: float) -> float | None:
             return None if math.isinf(x) else x
 
-        return {
-            "version": 1,
-            "rows": [[m, list(c), row, self._hist[(m, c)].to_state()] for (m, c), row in self._rows.items()],
-            "watermark": enc(self._watermark),
-            "period_end": enc(self._period_end),
-            "periods_closed": self.periods_closed,
-            "reference": [[*k, r.to_state()] for k, r in self._reference.items()],
-            "last_period": [[*k, _enc_counts(v)] for k, v in self._last_period.items()],
-            "history": [[*k, [_enc_counts(p) for p in v]] for k, v in self._history.items()],
-            "sr_trend": [[*k, t.to_state()] for k, t in self._sr_trend.items()],
-            "disp_trend": [[*k, t.to_state()] for k, t in self._disp_trend.items()],
-            "detectors": [[*k, d.to_state()] for k, d in self._detectors.items()],
-            "disp_detectors": [[*k, d.to_state()] for k, d in self._disp_detectors.items()],
-            "disp_base": [[*k, _enc_counts(v)] for k, v in self._disp_base.items()],
-            **({"verdict": self.verdict.to_state(), "logged": self._logged} if self.local_verdict else {}),
+        out: dict[tuple[Any, ...], Any] = {
+            ("meta",): {
+                "version": STATE_VERSION,
+                "watermark": enc(self._watermark),
+                "period_end": enc(self._period_end),
+                "periods_closed": self.periods_closed,
+            }
         }
+        want = (lambda k: True) if keys is None else keys.__contains__
+        if self.local_verdict:
+            if want(("verdict",)):
+                out[("verdict",)] = {"state": self.verdict.to_state(detectors=False), "logged": self._logged}
+            for vk in self.verdict.detector_keys():
+                if want(("vdet", *vk)):
+                    out[("vdet", *vk)] = self.verdict.detector_state(vk)
+        elif keys is not None:  # the model-wide engine is the leader's: drop the local one
+            if self._verdict_written:
+                out[("verdict",)] = None
+            for vk in self._vdet_written:
+                out[vk] = None
+        own = self._own
+        if own is not None and (keys is None or any(k in self._rows for k in keys)):
+            out[("counts",)] = [own.row_document(i) for i in range(len(own.rows))]
+        for seq, (key, row) in enumerate(self._rows.items()):  # seq: restored in this order
+            if want(key):
+                out[("row", key[0], key[1])] = [row, self._hist[key].to_state(), seq]
+        for mf in self._reference:
+            if want(("mf", *mf)):
+                out[("mf", *mf)] = {
+                    "reference": self._reference[mf].to_state(),
+                    "last_period": _enc_counts(self._last_period.get(mf, {})),
+                    "history": [_enc_counts(p) for p in self._history.get(mf, ())],
+                }
+        for tag, store in (("srt", self._sr_trend), ("dt", self._disp_trend)):
+            for k, t in store.items():
+                if want((tag, *k)):
+                    out[(tag, *k)] = t.to_state()
+        for dk, d in self._detectors.items():
+            if want(("det", *dk)):
+                out[("det", *dk)] = d.to_state()
+        for bk in self._disp_base.keys() | self._disp_detectors.keys():
+            if want(("ddet", *bk)):
+                dd = self._disp_detectors.get(bk)
+                out[("ddet", *bk)] = {
+                    "detector": None if dd is None else dd.to_state(),
+                    "base": _enc_counts(self._disp_base[bk]) if bk in self._disp_base else None,
+                }
+        return out
+
+    @classmethod
+    def from_entries(
+        cls, entries: dict[tuple[Any, ...], Any], features: Sequence[FeatureKey], settings: FeedbackSettings
+    ) -> FeedbackMonitor:
+        """Restore the entries :meth:`changes` wrote (all of them, as read back from the store)."""
+        return cls.from_state(_state_from_entries(entries), features, settings)
 
     @classmethod
     def from_state(
         cls, state: dict, features: Sequence[FeatureKey], settings: FeedbackSettings
     ) -> FeedbackMonitor:
         """Restore :meth:`to_state` output."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(VERSION_ERROR.format(got=state.get("version"), want=STATE_VERSION))
         m = cls(features, settings)
-        for model, cell, row, hist in state["rows"]:
+        for model, cell, row, hist, _ in state["rows"]:
             key = (model, tuple(cell))
             m._rows[key] = [int(x) for x in row]
             m._delays[key] = []
             m._hist[key] = DelayHistogram.from_state(hist)
+        if state.get("counts") is not None and m._own is not None:
+            for i, doc in enumerate(state["counts"]):
+                m._own.load_row(i, doc)
         m._watermark = -math.inf if state["watermark"] is None else float(state["watermark"])
         m._period_end = -math.inf if state["period_end"] is None else float(state["period_end"])
         m.periods_closed = int(state["periods_closed"])
@@ -602,10 +722,214 @@ class FeedbackMonitor:
             (a, b, c): BatchedDetector.from_state(x) for a, b, c, x in state["disp_detectors"]
         }
         m._disp_base = {(a, b, c): _dec_counts(v) for a, b, c, v in state["disp_base"]}
-        if "verdict" in state:
+        if state.get("verdict") is not None:
             m.verdict = VerdictEngine.from_state(state["verdict"], features, settings.verdict_settings())
             m._logged = int(state["logged"])
+            m._verdict_written = True
+            m._vdet_written = {("vdet", *k) for k in m.verdict.detector_keys()}
         return m
+
+
+def _state_from_entries(entries: dict[tuple[Any, ...], Any]) -> dict[str, Any]:
+    """The :meth:`FeedbackMonitor.to_state` document of a set of entries."""
+    meta = entries.get(("meta",))
+    if meta is None:
+        raise ValueError(VERSION_ERROR.format(got=None, want=STATE_VERSION))
+    state: dict[str, Any] = {
+        **meta,
+        "rows": [],
+        "counts": entries.get(("counts",)),
+        "reference": [],
+        "last_period": [],
+        "history": [],
+        "sr_trend": [],
+        "disp_trend": [],
+        "detectors": [],
+        "disp_detectors": [],
+        "disp_base": [],
+    }
+    vdets = []
+    for key, v in entries.items():
+        tag, rest = key[0], list(key[1:])
+        if v is None:
+            continue
+        if tag == "vdet":
+            vdets.append((rest, v))
+        elif tag == "verdict":
+            state["verdict"], state["logged"] = v["state"], v["logged"]
+        elif tag == "row":
+            state["rows"].append([*rest, *v])  # model, cell, row, hist, seq
+        elif tag == "mf":
+            state["reference"].append([*rest, v["reference"]])
+            state["last_period"].append([*rest, v["last_period"]])
+            state["history"].append([*rest, v["history"]])
+        elif tag == "srt":
+            state["sr_trend"].append([*rest, v])
+        elif tag == "dt":
+            state["disp_trend"].append([*rest, v])
+        elif tag == "det":
+            state["detectors"].append([*rest, v])
+        elif tag == "ddet":
+            if v["detector"] is not None:
+                state["disp_detectors"].append([*rest, v["detector"]])
+            if v["base"] is not None:
+                state["disp_base"].append([*rest, v["base"]])
+    state["rows"].sort(key=lambda r: r[4])  # the monitor's order (its period counts sum in it)
+    if "verdict" in state:  # the engine's detectors, stored one by one
+        models = state["verdict"]["models"]
+        for (model, *k), v in vdets:
+            models[model]["detectors"].append([*k, v])
+    return state
+
+
+def _by_group(
+    features: Sequence[FeatureKey], rows: Mapping[tuple[str, Cell], Sequence[int]], cols: Sequence[int]
+) -> dict[tuple[str, str], dict[str, list[int]]]:
+    """Sum the given row columns over cells into ``{(model, feature): {group: [...]}}``."""
+    out: dict[tuple[str, str], dict[str, list[int]]] = {}
+    width = len(cols)
+    for (model, cell), row in rows.items():
+        vals = [row[c] for c in cols]
+        for f in features:
+            acc = out.setdefault((model, f.name), {}).setdefault(f.group(cell), [0] * width)
+            for i, v in enumerate(vals):
+                acc[i] += v
+    return out
+
+
+def _totals(
+    features: Sequence[FeatureKey], cumulative: dict[tuple[str, Cell], list[int]]
+) -> dict[tuple[str, str], dict[str, list[int]]]:
+    """``{(model, feature): {group: [n, pos, joined, expired, tp, fp, tn, fn]}}`` of count rows."""
+    wide = {
+        k: (
+            r[PRED0] + r[PRED1],
+            r[PRED1],
+            r[TP] + r[FP] + r[TN] + r[FN],
+            r[EXPIRED],
+            r[TP],
+            r[FP],
+            r[TN],
+            r[FN],
+        )
+        for k, r in cumulative.items()
+    }
+    return _by_group(features, wide, range(8))
+
+
+@dataclass
+class FeedbackCapture:
+    """What :meth:`FeedbackMonitor.capture` copied: plain data no one else holds."""
+
+    features: Sequence[FeatureKey]
+    settings: FeedbackSettings
+    loop_alpha: float
+    cumulative: dict[tuple[str, Cell], list[int]]
+    hists: dict[tuple[str, Cell], Any]
+    last_period: dict[tuple[str, str], dict[str, tuple[int, int]]]
+    reference: dict[tuple[str, str], dict[str, float]]
+    history: dict[tuple[str, str], list[dict[str, tuple[int, int]]]]
+    sr_trend: dict[tuple[str, str, str], float]
+    disp_trend: dict[tuple[str, str, str], float]
+    detectors: dict[tuple[str, str, str, str], tuple[int, float | None]]
+    disp_detectors: dict[tuple[str, str, str], tuple[int, float | None]]
+    verdict_alarms: dict[tuple[str, str, str], DisparityStatus]
+    change: dict[tuple[str, str, str], dict[str, ChangeAlarm]]
+    local_verdict: bool
+    watermark: float | None
+    periods_closed: int
+    events: tuple[AlarmEvent, ...]
+
+    def compute(self) -> FeedbackSnapshot:
+        """Every indicator, as plain frozen data."""
+        s = self.settings
+        totals = _totals(self.features, self.cumulative)
+        change = self.change
+        verdict_alarms = self.verdict_alarms
+        hists: dict[tuple[str, str, str], DelayHistogram] = {}
+        for (model, cell), counts in self.hists.items():
+            for f in self.features:
+                key = (model, f.name, f.group(cell))
+                h = hists.get(key)
+                if h is None:
+                    h = hists[key] = DelayHistogram()
+                h.counts += counts
+        groups: dict[tuple[str, str, str], GroupFeedback] = {}
+        features: dict[tuple[str, str], FeatureFeedback] = {}
+        for (model, fname), by_group in totals.items():
+            mf = (model, fname)
+            last = self.last_period.get(mf, {})
+            share_now = shares(last)
+            ref = self.reference.get(mf, {})
+            exposure = exposure_ratios(last)
+            alarms = {name: _alarm(st) for (m, f, name), st in verdict_alarms.items() if (m, f) == mf}
+            arrival = arrival_ratios(
+                {g: (v[0], v[2]) for g, v in by_group.items()},
+                s.min_samples,
+                s.arrival_ratio_threshold,
+                s.coverage_alpha,
+            )
+            for g, (n, pos, joined, expired, *_) in by_group.items():
+                key = (model, fname, g)
+                gh = hists.get(key)
+                qs = gh.quantiles(s.delay_quantiles) if gh is not None and gh.n else []
+                dets = {
+                    sig: self.detectors[(*key, sig)] for sig in GROUP_SIGNALS if (*key, sig) in self.detectors
+                }
+                groups[key] = GroupFeedback(
+                    predictions=n,
+                    positive_predictions=pos,
+                    joined=joined,
+                    expired=expired,
+                    label_coverage=coverage(joined, expired),
+                    label_delay_seconds=dict(zip(s.delay_quantiles, qs, strict=False)),
+                    traffic_share=share_now.get(g),
+                    traffic_share_reference=ref.get(g),
+                    exposure_ratio=exposure.get(g),
+                    selection_rate_trend=self.sr_trend.get(key),
+                    drift_detections={sig: d[0] for sig, d in dets.items()},
+                    last_drift_timestamp_seconds={sig: d[1] for sig, d in dets.items() if d[1] is not None},
+                    change_alarms=change.get(key, {}),
+                    label_arrival_ratio=arrival.ratios.get(g),
+                )
+            resolved = {g: (v[2], v[3]) for g, v in by_group.items()}
+            ddets = {
+                name: self.disp_detectors[(*mf, name)]
+                for name in DISPARITY_SIGNALS
+                if (*mf, name) in self.disp_detectors
+            }
+            gap = coverage_gap(resolved, s.min_samples, s.coverage_gap_threshold, s.coverage_alpha)
+            features[mf] = FeatureFeedback(
+                label_coverage_gap=gap,
+                disparity_trend={
+                    name: self.disp_trend[(*mf, name)]
+                    for name in DISPARITY_SIGNALS
+                    if (*mf, name) in self.disp_trend
+                },
+                feedback_loop=loop_indicator(
+                    self.history.get(mf, []),
+                    s.min_samples,
+                    s.loop_min_periods,
+                    self.loop_alpha,
+                    s.loop_horizon,
+                ),
+                disparity_drift_detections={n: d[0] for n, d in ddets.items()},
+                last_disparity_drift_timestamp_seconds={
+                    n: d[1] for n, d in ddets.items() if d[1] is not None
+                },
+                alarms=alarms,
+                label_coverage_flagged=bool((gap is not None and gap.flagged) or arrival.flagged),
+            )
+        if not self.local_verdict:  # the leader's engine saw groups and models this replica did not
+            for (model, fname, name), st in verdict_alarms.items():
+                if (model, fname) not in features:
+                    features[(model, fname)] = FeatureFeedback(None, {}, None, {}, {})
+                features[(model, fname)].alarms[name] = _alarm(st)
+            for key, alarms_by_rate in change.items():
+                if key not in groups:
+                    groups[key] = GroupFeedback(0, 0, 0, 0, None, {}, None, None, None, None, {}, {})
+                groups[key].change_alarms.update(alarms_by_rate)
+        return FeedbackSnapshot(groups, features, self.watermark, self.periods_closed, self.events)
 
 
 def _alarm(status: DisparityStatus) -> Alarm:

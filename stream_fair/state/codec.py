@@ -89,7 +89,36 @@ FORMAT_KEY = bytes([SPACE_FORMAT]) + b"\xff\xff" + b"format"
 #: The replica-local parts of the store (never in the changelog): the feedback monitor's state and
 #: the event-time window buckets (``WINDOWS_PREFIX + b"b" + i64-BE period``, ``+ b"m"`` their meta).
 FEEDBACK_KEY = bytes([SPACE_FORMAT]) + b"\xff\xfe" + b"feedback"
+#: The feedback monitor's state, one key per entry (``FEEDBACK_PREFIX`` + the entry's key as a JSON
+#: array, see ``FeedbackMonitor.changes``): a checkpoint writes the entries that changed. A store
+#: holding the older single ``FEEDBACK_KEY`` document is refused (``OLD_FEEDBACK_ERROR``).
+FEEDBACK_PREFIX = FEEDBACK_KEY + b"/"
+FEEDBACK_END = FEEDBACK_KEY + b"0"  # b"/" + 1: the end of the prefix's range
+OLD_FEEDBACK_ERROR = (
+    "state.path {path} holds the feedback monitor's state in the single-document form of an older "
+    "stream-fair (it is now kept per entry): point state.path to a new directory"
+)
 WINDOWS_PREFIX = bytes([SPACE_FORMAT]) + b"\xff\xfd"
+
+
+def feedback_key(key: tuple[Any, ...]) -> bytes:
+    """The store key of a feedback-state entry.
+
+    >>> k = feedback_key(("row", "m", ("F", "b")))
+    >>> k.startswith(FEEDBACK_PREFIX), parse_feedback_key(k)
+    (True, ('row', 'm', ('F', 'b')))
+    """
+    return FEEDBACK_PREFIX + orjson.dumps(key)
+
+
+def parse_feedback_key(raw: bytes) -> tuple[Any, ...]:
+    """The entry key of :func:`feedback_key` (JSON arrays back to tuples)."""
+
+    def tup(x: Any) -> Any:
+        return tuple(tup(v) for v in x) if isinstance(x, list) else x
+
+    return tup(orjson.loads(raw[len(FEEDBACK_PREFIX) :]))  # type: ignore[no-any-return]
+
 
 _PREFIX = struct.Struct(">BH")
 _F64 = struct.Struct(">d")

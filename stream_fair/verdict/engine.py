@@ -107,6 +107,9 @@ class VerdictEngine:
         self._h_clear = s.clear_threshold
         self._sources: dict[str, float] = {}
         self._pending: dict[int, list[CellCounts]] = {}
+        # (model, feature, group, rate) of every detector changed since the owner last cleared it
+        # (the feedback monitor checkpoints only those, see FeedbackMonitor.changes)
+        self.touched: set[tuple[str, str, str, str]] = set()
         self._done: int | None = None
         self._models: dict[str, _Model] = {}
         self._events: deque[AlarmEvent] = deque(maxlen=s.max_events)
@@ -198,9 +201,13 @@ class VerdictEngine:
         newest = max(k[1] for k in keys)
         if ms.newest is None or newest > ms.newest:
             ms.newest = newest
+        folded = ms.folded
         self._fold(ms)
+        if ms.folded != folded:  # every detector folded a cohort
+            self.touched.update((model, *k) for k in ms.detectors)
         strata = [st for f in self.features if (st := self._strata(ms, f, keys, agg)) is not None]
         touched = self._feed(ms, strata) if strata else []
+        self.touched.update((model, *k) for k in touched)
         self._decide(model, ms, touched)
 
     def _group_of(self, f: FeatureKey, cell: Cell) -> str | None:
@@ -410,13 +417,16 @@ class VerdictEngine:
         return out
 
     # -- state ---------------------------------------------------------------------------------
-    def to_state(self) -> dict[str, Any]:
-        """Versioned, JSON-able state (no pickles); :meth:`from_state` restores it exactly."""
+    def to_state(self, detectors: bool = True) -> dict[str, Any]:
+        """Versioned, JSON-able state (no pickles); :meth:`from_state` restores it exactly.
+
+        ``detectors=False``: without the detectors' states (``[]``), which the caller stores one by
+        one (:meth:`detector_state`) and puts back into ``models[model]["detectors"]``."""
         models = {}
         for name, ms in self._models.items():
             models[name] = {
                 "cum": [[f, g, row.tolist()] for f, by in ms.cum.items() for g, row in by.items()],
-                "detectors": [[*k, d.to_state()] for k, d in ms.detectors.items()],
+                "detectors": [[*k, d.to_state()] for k, d in ms.detectors.items()] if detectors else [],
                 "budget": [[f, c, v] for (f, c), v in ms.budget.items()],
                 "newest": ms.newest,
                 "folded": ms.folded,
@@ -436,6 +446,15 @@ class VerdictEngine:
             "events": [e.to_json() for e in self._events],
             "seq": self._seq,
         }
+
+    def detector_keys(self) -> list[tuple[str, str, str, str]]:
+        """``(model, feature, group, rate)`` of every detector."""
+        return [(m, *k) for m, ms in self._models.items() for k in ms.detectors]
+
+    def detector_state(self, key: tuple[str, str, str, str]) -> Any:
+        """The state of the detector ``(model, feature, group, rate)`` (as in :meth:`to_state`)."""
+        model, *rest = key
+        return self._models[model].detectors[tuple(rest)].to_state()  # type: ignore[index]
 
     @classmethod
     def from_state(
