@@ -418,9 +418,16 @@ class Tracker:
         if monitor is not None and hasattr(monitor, "attach"):
             monitor.attach(self.owned_counts)
 
-    def owned_counts(self) -> list[PartitionCounts]:
+    def owned_counts(self) -> dict[int, PartitionCounts]:
         """The count stores of the owned partitions, in partition order (what the report covers)."""
-        return [self.shards[i].counts for i in sorted(self.shards) if i in self.views]
+        return {i: self.shards[i].counts for i in sorted(self.shards) if i in self.views}
+
+    def settled(self) -> None:
+        """Every assigned partition is loaded (the run loop's restores are done): the monitor drops
+        from its detectors' bases the partitions its restored state covered that did not come back."""
+        settle = getattr(self._feedback, "settle", None)
+        if settle is not None:
+            settle()
 
     def _ownership_changes(self) -> None:
         """Called before and after a shard is added or dropped: the monitor feeds its detectors
