@@ -201,6 +201,8 @@ class Detector:
         self._publisher: Any = None
         self.leader: Any = None
         self._lead_wanted = False
+        self._stop: threading.Event | None = None  # set by run: its stop event
+        self._draining = False  # run has reached its shutdown
         self._partitions = 0  # of each input topic
         self._leader_published = 0.0
         self._leader_dirty = False
@@ -504,6 +506,9 @@ class Detector:
         from stream_fair import transport
 
         cfg = self.config
+        # a stop requested while the loop waits for the broker (a checkpoint's changelog write, the
+        # leader's) ends that wait at once; the shutdown's own checkpoint then waits, bounded
+        self._stop, self._draining = stop, False
         self.server.start()
         self.health.heartbeat = time.monotonic()
         consumer = transport.make_consumer(cfg)
@@ -516,9 +521,10 @@ class Detector:
                 transport.ensure_changelog(consumer, cfg, partitions)
                 transport.ensure_internal_topics(consumer, cfg)
                 writer, reader = transport.changelog_writer(cfg), transport.changelog_reader(cfg)
+                writer.cancel = self._interrupted
                 from stream_fair.leader import IncrementPublisher
 
-                publisher = IncrementPublisher(cfg)
+                publisher = IncrementPublisher(cfg, cancel=self._interrupted)
             self.open_state()
         except Exception:
             consumer.close()
@@ -583,6 +589,7 @@ class Detector:
             # reachable, wait up to _SHUTDOWN_WAIT for unsent dead letters and the changelog; if it
             # is already unreachable, barely at all. A final checkpoint that fails leaves the
             # previous one valid (a restart re-reads from its offsets), and then nothing else waits.
+            self._draining = True
             reachable = self.health.connected(time.monotonic())
             wait = _SHUTDOWN_WAIT if reachable else _UNREACHABLE_WAIT
             if not reachable:
@@ -832,6 +839,10 @@ class Detector:
             self._down_since = time.monotonic()
             log.warning("the broker refuses connections, retrying: %s", str(exc).splitlines()[0])
 
+    def _interrupted(self) -> bool:
+        """A stop was requested and the loop has not reached the shutdown yet (writers' ``cancel``)."""
+        return self._stop is not None and self._stop.is_set() and not self._draining
+
     def _on_leader(self, lead: bool, wait: float | None = None) -> None:
         """Group assignment: this replica gained (start in the loop) or lost the leader partition."""
         self._lead_wanted = lead
@@ -857,7 +868,9 @@ class Detector:
             loop = LoopSettings(
                 fs.period, fs.loop_window, fs.min_samples, fs.loop_min_periods, fs.loop_alpha, fs.loop_horizon
             )
-            leader = Leader(self.config, self.tracker.features, fs.verdict_settings(), self._partitions, loop)
+            settings = fs.verdict_settings()
+            features = self.tracker.features
+            leader = Leader(self.config, features, settings, self._partitions, loop, self._interrupted)
             try:
                 leader.start()
             except Exception as exc:

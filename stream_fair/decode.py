@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from operator import itemgetter
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -316,7 +316,7 @@ class Decoder:
                         )
                     ):  # fmt: skip
                         cell = tuple([values[v] for v in features(doc)])
-                        real_score = None if score is _ABSENT else cast(float | None, score)
+                        real_score: float | None = None if score is _ABSENT else score  # type: ignore[assignment]
                         append(Prediction(eid, ts, model, pred, real_score, cell))
                         continue
             except Exception:  # noqa: S110 - anything unusual goes to the full path below

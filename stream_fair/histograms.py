@@ -68,6 +68,8 @@ OUT_OF_RANGE = ROW_LENGTH - 1
 
 _LOW, _HIGH = BINS.low, BINS.high
 _index = BINS.index
+_SPAN, _TOP = _HIGH - _LOW, NBINS - 1
+_EDGES: tuple[float, ...] = BINS._edges  # type: ignore[attr-defined]  # noqa: SLF001 - index() inlined
 
 
 def edges() -> NDArray[np.float64]:
@@ -97,7 +99,16 @@ class PartitionHistograms:
         row = rows[i]
         if column <= PRED1 and (score < _LOW or score > _HIGH):  # predictions only
             row[OUT_OF_RANGE] += 1
-        row[column * NBINS + _index(score)] += 1
+        b = int((score - _LOW) / _SPAN * NBINS)  # ScoreBins.index, inlined (the same arithmetic)
+        if b < 0:
+            b = 0
+        elif b > _TOP:
+            b = _TOP
+        elif b < _TOP and score >= _EDGES[b + 1]:
+            b += 1
+        elif b > 0 and score < _EDGES[b]:
+            b -= 1
+        row[column * NBINS + b] += 1
         self.dirty.add(i)
         self.unviewed.add(i)
 

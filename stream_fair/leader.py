@@ -31,13 +31,14 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from stream_fair import transport
 from stream_fair.config import Config
 from stream_fair.groups import FeatureKey
 from stream_fair.transport import ChangelogWriter, Reader, TopicPartition, increments_topic, leader_topic
+from stream_fair.transport.base import never
 from stream_fair.verdict.fold import LoopSettings, ModelWide
 from stream_fair.verdict.settings import VerdictSettings
 
@@ -50,11 +51,12 @@ MIN_CHECKPOINT_INTERVAL = 5.0
 class IncrementPublisher:
     """Publishes committed outboxes to the increments topic (acks=all, in order)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, cancel: Callable[[], bool] = never) -> None:
         self.topic = increments_topic(config)
         # short: the poll loop waits for it (a refused write is retried at the next checkpoint)
         self.timeout = min(5.0, config.kafka.request_timeout_ms / 1000)
         self._writer = transport.changelog_writer(config, self.topic, ordered=True)
+        self._writer.cancel = cancel  # a stop requested ends the wait (ChangelogWriter.flush)
         self.sent = 0
         self.errors = 0
 
@@ -88,8 +90,10 @@ class Leader:
         settings: VerdictSettings,
         partitions: int,
         loop: LoopSettings | None = None,
+        cancel: Callable[[], bool] = never,
     ) -> None:
         self.config = config
+        self.cancel = cancel  # a stop requested ends a wait for the leader topic (ChangelogWriter.flush)
         self.partitions = partitions
         self.features = list(features)
         self.settings = settings
@@ -149,6 +153,7 @@ class Leader:
         else:
             self._consumer.seek(self._tp, self.fold.offset)
         self._writer = transport.changelog_writer(self.config, leader_topic(self.config))
+        self._writer.cancel = self.cancel
         if not self.checkpoint(force=True):  # the claim: a zombie's later writes carry a lower epoch
             raise RuntimeError("the claim could not be written to the leader topic")
         self._drop_stale_keys()

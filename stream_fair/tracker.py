@@ -672,16 +672,18 @@ class Tracker:
         if inc is None:
             inc = counts.increments[k] = [0] * WIDTH
         inc[column] += 1
-        if p.score is not None:
-            s.histograms.add_joined(p.cell, label, p.predicted, p.score)
+        score = p.score
+        if score is not None:
+            s.histograms.add(ci, column, score)  # PartitionHistograms.add_joined
             if s.label_windows is not None:
-                s.label_windows.add(p.cell, label, p.score, outcome_ts)
-        if self.feedback is not None or s.builder is not None:
-            model, cell = s.counts.keys[p.cell]
-            if self.feedback is not None:
-                self.feedback.on_joined(model, cell, p.predicted, label, p.ts, outcome_ts, p.score)
-            if s.builder is not None:
-                s.builder.add_labelled(model, cell, p.predicted, label, p.ts, outcome_ts, p.score)
+                s.label_windows.add(ci, label, score, outcome_ts)
+        feedback, builder = self._feedback, s.builder
+        if feedback is not None or builder is not None:
+            model, cell = counts.keys[ci]
+            if feedback is not None:
+                feedback.on_joined(model, cell, predicted, label, ts, outcome_ts, score)
+            if builder is not None:
+                builder.add_labelled(model, cell, predicted, label, ts, outcome_ts, score)
 
     def _advance(
         self, s: Shard, topic: int, ts: float, last_ts: list[float | None], behind: list[bool], join: Join

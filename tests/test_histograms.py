@@ -262,3 +262,21 @@ def test_a_score_on_an_edge_counts_in_the_bin_a_threshold_there_selects() -> Non
         # everything at or above edge b is in bins b and up
         assert counts[b:].sum() == int((scores >= e[b]).sum()), b
     assert counts.sum() == len(scores)
+
+
+def test_a_row_bins_every_score_as_score_bins_index() -> None:
+    """PartitionHistograms.add inlines ScoreBins.index (the hot path): the same bin for scores on
+    and next to every edge, below 0 and above 1."""
+    from stream_fair.histograms import BINS, ROW_LENGTH, PartitionHistograms, edges
+
+    e = edges()
+    scores = [float(x) for x in np.concatenate([e, np.nextafter(e, -1), np.nextafter(e, 2)])]
+    scores += [-3.5, -1e-300, 1.0000001, 7.0, 0.58, 0.29, 0.57]
+    for s in scores:
+        h = PartitionHistograms()
+        h.add(0, 0, s)
+        expected = [0] * ROW_LENGTH
+        expected[BINS.index(s)] += 1
+        if s < 0 or s > 1:
+            expected[-1] += 1
+        assert h.rows[0] == expected, s

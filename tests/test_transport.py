@@ -325,6 +325,45 @@ def test_a_changelog_flush_never_passes_over_a_refused_write(
         broker.stop()
 
 
+def test_a_changelog_wait_ends_when_cancelled(topic_names: TopicNames, group_id: str, tmp_path: Path) -> None:
+    """A stop requested while the run loop waits for acknowledgements ends the wait (a changelog
+    flush or a meta's offset can otherwise wait kafka.request_timeout_ms, past a pod's grace
+    period): the write fails as a timeout does, and the same writer still writes afterwards."""
+    broker = ProxiedBroker().start()
+    try:
+        bootstrap = broker.bootstrap_servers
+        cfg = _config(bootstrap, topic_names, group_id, tmp_path, request_timeout_ms=60_000)
+        create_topics(bootstrap, [changelog_topic(cfg)], partitions=1)
+        writer = transport.changelog_writer(cfg)
+        stop = threading.Event()
+        writer.cancel = stop.is_set
+        try:
+            writer.send(0, [(b"k", b"v")], epoch=1)
+            writer.flush()
+            broker.block_produce_topic = changelog_topic(cfg)
+            for wait in (lambda: writer.flush(), lambda: writer.offset(writer.send_meta(0, b"m", b"{}", 1))):
+                stop.clear()
+                writer.send(0, [(b"k2", b"v2")], epoch=1)
+                timer = threading.Timer(0.5, stop.set)
+                timer.start()
+                started = time.monotonic()
+                with pytest.raises(ClientError, match="changelog write failed"):
+                    wait()
+                took = time.monotonic() - started
+                timer.cancel()
+                assert 0.4 < took < 5.0, f"the wait took {took:.1f} s, cancelled after 0.5 s (timeout 60 s)"
+            stop.clear()
+            broker.block_produce_topic = None
+            writer.send(0, [(b"k3", b"v3")], epoch=1)
+            writer.flush()  # not cancelled: waits for the broker again
+            assert writer.offset(writer.send_meta(0, b"meta", b"{}", epoch=1)) >= 3
+        finally:
+            broker.block_produce_topic = None
+            writer.close()
+    finally:
+        broker.stop()
+
+
 def test_letters_report_success_and_refused_sizes(
     kafka_bootstrap: str, topic_names: TopicNames, group_id: str, tmp_path: Path
 ) -> None:

@@ -24,6 +24,7 @@ Semantics every implementation keeps (the tests run the broker-facing suite on e
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -151,6 +152,30 @@ class Reader(Protocol):
     def close(self) -> None: ...
 
 
+WAIT_SLICE = 0.1
+"""Seconds between checks of a writer's ``cancel`` while it waits for acknowledgements."""
+
+
+def never() -> bool:
+    """The default ``cancel``: a wait runs to its timeout."""
+    return False
+
+
+def wait_sliced(step: Callable[[float], bool], timeout: float, cancel: Callable[[], bool]) -> bool:
+    """Call ``step(seconds)`` (one bounded wait; true when done) until it is done, ``timeout``
+    seconds have passed or ``cancel()`` is true; returns whether it is done.
+
+    A wait for the broker can be long (``kafka.request_timeout_ms``, 30 s by default): a stop
+    requested meanwhile must not wait for it, or a pod outlives its grace period.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if step(max(0.0, min(WAIT_SLICE, deadline - time.monotonic()))):
+            return True
+        if time.monotonic() >= deadline or cancel():
+            return False
+
+
 class ChangelogWriter(Protocol):
     """Writes checkpoints to the changelog topic (``docs/state.md``, "The protocol").
 
@@ -160,10 +185,14 @@ class ChangelogWriter(Protocol):
 
     topic: str
     timeout: float  # seconds a flush or a meta's offset waits by default (shutdown lowers it)
+    cancel: Callable[[], bool]  # checked every WAIT_SLICE while waiting: true ends the wait
 
     def send(self, partition: int, records: list[tuple[bytes, bytes | None]], epoch: int) -> None: ...
     def flush(self, timeout: float | None = None) -> None:
-        """Wait until everything sent is acknowledged; raise if anything failed or timed out."""
+        """Wait until everything sent is acknowledged; raise if anything failed or timed out, or
+        if :attr:`cancel` turned true first (a stop was requested: the run loop's write fails like
+        a timeout, the previous checkpoint stays valid, and the shutdown writes again with its
+        own bounded wait)."""
         ...
 
     def send_meta(self, partition: int, key: bytes, value: bytes, epoch: int) -> Any: ...

@@ -47,7 +47,16 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from stream_fair.config import Config, KafkaConfig
 from stream_fair.errors import BrokerError
 from stream_fair.state.restore import EPOCH_HEADER
-from stream_fair.transport.base import ClientError, Listener, Message, Record, TopicPartition, epoch_of
+from stream_fair.transport.base import (
+    ClientError,
+    Listener,
+    Message,
+    Record,
+    TopicPartition,
+    epoch_of,
+    never,
+    wait_sliced,
+)
 
 log = logging.getLogger(__name__)
 _LIBRDKAFKA = logging.getLogger("stream_fair.librdkafka")  # librdkafka's own log lines
@@ -421,6 +430,18 @@ class ConfluentChangelogWriter:
         except KafkaException as exc:
             raise _refused(exc) from None
         self._failed: KafkaError | None = None
+        self.cancel = never
+
+    def _acknowledged(self, timeout: float) -> int:
+        """Wait for the acknowledgements (see :func:`~.base.wait_sliced`); how many are missing."""
+        left = [len(self._producer)]
+
+        def step(seconds: float) -> bool:
+            left[0] = self._producer.flush(seconds)
+            return not left[0]
+
+        wait_sliced(step, timeout, self.cancel)
+        return left[0]
 
     def _delivered(self, err: KafkaError | None, _msg: Any) -> None:
         if err is not None and self._failed is None:
@@ -434,7 +455,7 @@ class ConfluentChangelogWriter:
                 return
             except BufferError:  # the local queue is full: let it drain
                 deadline = deadline or time.monotonic() + self.timeout
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= deadline or self.cancel():
                     raise ClientError("changelog write failed: the producer queue stayed full") from None
                 self._producer.poll(0.05)
 
@@ -448,7 +469,7 @@ class ConfluentChangelogWriter:
                 self._produce(partition, key, value, headers)
 
     def flush(self, timeout: float | None = None) -> None:
-        left = self._producer.flush(self.timeout if timeout is None else timeout)
+        left = self._acknowledged(self.timeout if timeout is None else timeout)
         failed, self._failed = self._failed, None
         if left:
             raise ClientError(f"changelog write failed: {left} records not acknowledged in time")
@@ -468,7 +489,7 @@ class ConfluentChangelogWriter:
 
     def offset(self, handle: Any) -> int:
         if not handle:
-            self._producer.flush(self.timeout)
+            self._acknowledged(self.timeout)
         if not handle:
             raise ClientError("changelog write failed: the meta record was not acknowledged in time")
         if isinstance(handle[0], KafkaError):

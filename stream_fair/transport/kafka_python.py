@@ -19,6 +19,7 @@ from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import (
     KafkaConnectionError,
     KafkaError,
+    KafkaTimeoutError,
     MessageSizeTooLargeError,
     RecordListTooLargeError,
 )
@@ -34,6 +35,8 @@ from stream_fair.transport.base import (
     Record,
     TopicPartition,
     epoch_of,
+    never,
+    wait_sliced,
 )
 
 
@@ -293,6 +296,7 @@ class KafkaPythonChangelogWriter:
             **client_options(config.kafka),
         )
         self._sent: list[Any] = []  # futures since the last flush: any failure fails the flush
+        self.cancel = never
 
     def send(self, partition: int, records: list[tuple[bytes, bytes | None]], epoch: int) -> None:
         headers = [(EPOCH_HEADER, str(epoch).encode())]
@@ -303,7 +307,8 @@ class KafkaPythonChangelogWriter:
     def flush(self, timeout: float | None = None) -> None:
         sent, self._sent = self._sent, []
         try:
-            self._producer.flush(timeout=self.timeout if timeout is None else timeout)
+            if not wait_sliced(self._flushed, self.timeout if timeout is None else timeout, self.cancel):
+                raise KafkaTimeoutError("Timeout waiting for future")
         except KafkaError as exc:
             raise ClientError(f"changelog write failed: {type(exc).__name__}") from None
         failed = next((f for f in sent if f.failed()), None)
@@ -314,14 +319,28 @@ class KafkaPythonChangelogWriter:
         headers = [(EPOCH_HEADER, str(epoch).encode())]
         return self._producer.send(self.topic, key=key, value=value, partition=partition, headers=headers)
 
+    def _flushed(self, seconds: float) -> bool:
+        return _done(lambda: self._producer.flush(timeout=seconds))
+
     def offset(self, handle: Any) -> int:
         try:
-            return int(handle.get(timeout=self.timeout).offset)
+            if not wait_sliced(lambda t: _done(lambda: handle.get(timeout=t)), self.timeout, self.cancel):
+                raise KafkaTimeoutError("Timeout waiting for future")
+            return int(handle.get(timeout=0).offset)
         except KafkaError as exc:
             raise ClientError(f"changelog write failed: {type(exc).__name__}") from None
 
     def close(self, timeout: float = 5.0) -> None:
         close_producer(self._producer, timeout)
+
+
+def _done(wait: Callable[[], Any]) -> bool:
+    """One bounded kafka-python wait: false if it timed out (any other error raises)."""
+    try:
+        wait()
+    except KafkaTimeoutError:
+        return False
+    return True
 
 
 class KafkaPythonChangelogReader:

@@ -7,6 +7,7 @@ said Kafka was gone; readiness, once set, was never cleared.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 from stream_fair.dev import simulate
 from stream_fair.dev.broker import produce_events
 from tests.faults.netfault import ProxiedBroker
-from tests.faults.proc import Run, consumed_all, setup
+from tests.faults.proc import Run, consumed_all, read_all, setup
 from tests.helpers import recount, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.transports]
@@ -84,4 +85,44 @@ def test_sigterm_with_the_broker_gone_stops_within_a_grace_period(
         assert "Traceback" not in run.log and "Exception ignored" not in run.log, run.log
         assert "stopping while the broker is unreachable" in run.log
     finally:
+        run.kill()
+
+
+def test_sigterm_while_a_checkpoint_waits_for_the_changelog_stops_within_a_grace_period(
+    broker: ProxiedBroker, topic_names: Any, group_id: str, tmp_path: Path
+) -> None:
+    """The broker answers but does not acknowledge the changelog's writes (a partition without a
+    leader, a full disk on the broker): a checkpoint waits up to kafka.request_timeout_ms for them.
+    A SIGTERM during that wait used to wait it out first (here 60 s, past Kubernetes' 30 s grace
+    period); now it ends the wait, the shutdown's own checkpoint waits a bounded time, and a
+    restart loses nothing and counts nothing twice."""
+    config = setup(
+        broker.bootstrap_servers, topic_names, group_id, tmp_path, kafka={"request_timeout_ms": 60_000}
+    )
+    events = list(simulate.generate(simulate.SCENARIOS["lending"](), 200, seed=8, start_ts=1_790_000_000.0))
+    first, second = events[: len(events) // 2], events[len(events) // 2 :]
+    produce_events(broker.bootstrap_servers, topic_names.predictions, topic_names.outcomes, first)
+    run = Run(config).start()
+    try:
+        part = recount(first)
+        consumed_all(run, part.consumed["predictions"], part.consumed["outcomes"])
+        broker.block_produce_topic = f"{group_id}-stream-fair-changelog"
+        produce_events(broker.bootstrap_servers, topic_names.predictions, topic_names.outcomes, second)
+        exp = recount(events)
+        read_all(run, exp.consumed["predictions"], exp.consumed["outcomes"])
+        time.sleep(3.0)  # the next checkpoint has started and waits for the changelog
+        started = time.monotonic()
+        assert run.stop(timeout=90) == 0, run.log
+        took = time.monotonic() - started
+        assert took < 25.0, f"stopped {took:.0f} s after SIGTERM (grace period 30 s):\n{run.log[-3000:]}"
+        assert "Traceback" not in run.log, run.log
+        broker.block_produce_topic = None
+        again = Run(config).start()
+        try:  # the second half was never committed: read again, counted once
+            consumed_all(again, exp.consumed["predictions"], exp.consumed["outcomes"])
+            assert again.stop() == 0, again.log
+        finally:
+            again.kill()
+    finally:
+        broker.block_produce_topic = None
         run.kill()
