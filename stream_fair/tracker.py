@@ -569,7 +569,8 @@ class Tracker:
             counts.increments,
             counts.period,
         )
-        on_prediction = self.feedback.on_prediction if self.feedback is not None else None
+        feedback = self._feedback
+        on_prediction = feedback.on_prediction if feedback is not None else None
         builder = s.builder
         key = (shard, _P)
         floor = math.floor
@@ -765,9 +766,9 @@ class Tracker:
             counts.add_expired(p.cell, p.ts)
             if p.score is not None:
                 s.histograms.add_expired(p.cell, p.predicted, p.score)
-            if self.feedback is not None:
+            if self._feedback is not None:
                 model, cell = counts.keys[p.cell]
-                self.feedback.on_expired(model, cell, p.ts)
+                self._feedback.on_expired(model, cell, p.ts)
         s.fates[_O][ORPHAN] += len(released.outcomes)
 
     # -- checkpoints ------------------------------------------------------------------------
