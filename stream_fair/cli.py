@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import math
 import os
+import re
 import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,7 @@ def _logging(level: str) -> None:
     logging.getLogger("kafka").setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_one_line)
+        handler.addFilter(ClientRepeats())
 
 
 def _one_line(record: logging.LogRecord) -> bool:
@@ -63,6 +67,42 @@ def _one_line(record: logging.LogRecord) -> bool:
         record.exc_info = None
         record.exc_text = None
     return True
+
+
+_DIGITS = re.compile(r"\d+")
+
+
+class ClientRepeats(logging.Filter):
+    """Passes a Kafka client's log line (kafka-python's ``kafka.*``, librdkafka's
+    ``stream_fair.librdkafka``) at most once per ``every`` seconds per kind of line (its text with
+    the numbers taken out), saying how many like it were held back since.
+
+    The clients log every reconnect attempt of every connection, and librdkafka hands a client's
+    queued lines over all at once when it is next polled: a 30 s broker outage ended in a burst of
+    ~1,400 identical "Connection refused" lines at shutdown. Our own lines say the outage once.
+    """
+
+    def __init__(self, every: float = 10.0) -> None:
+        super().__init__()
+        self.every = every
+        self._seen: dict[str, tuple[float, int]] = {}  # kind -> (last passed at, held back since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (record.name.startswith("kafka") or record.name == "stream_fair.librdkafka"):
+            return True
+        text = record.getMessage()
+        kind = record.name + _DIGITS.sub("#", text)
+        now = time.monotonic()
+        last, held = self._seen.get(kind, (-math.inf, 0))
+        if now - last < self.every:
+            self._seen[kind] = (last, held + 1)
+            return False
+        if len(self._seen) > 1000:  # bounded: most kinds of lines are rare
+            self._seen.clear()
+        self._seen[kind] = (now, 0)
+        if held:
+            record.msg, record.args = f"{text} ({held} more like it held back)", None
+        return True
 
 
 def exporter_error(host: str, port: int, exc: OSError) -> StreamFairError:

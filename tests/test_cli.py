@@ -8,6 +8,7 @@ Every case runs ``python -m stream_fair`` as a subprocess, as a user would.
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import socket
 import subprocess
@@ -301,3 +302,26 @@ def test_simulate_prints_the_config_that_reads_its_stream(tmp_path: Path, scenar
     assert (cfg.topics.predictions, cfg.topics.outcomes) == ("p", "o")
     assert cfg.kafka.bootstrap_servers == "kafka:9092"
     assert cfg.fairness.intersections == ([["race", "sex"]] if scenario == "lending" else [])
+
+
+def test_client_log_lines_are_passed_once_per_kind_then_counted() -> None:
+    """A Kafka client's repeated lines (every reconnect attempt, librdkafka's queued lines
+    handed over at once) pass once per kind per 10 s, the next one saying how many were held
+    back; our own lines always pass."""
+    repeats = cli.ClientRepeats(every=0.3)
+
+    def line(name: str, text: str, *args: Any) -> logging.LogRecord:
+        return logging.LogRecord(name, logging.ERROR, __file__, 1, text, args, None)
+
+    refused = "FAIL [%s] Connect to ipv4#127.0.0.1:%d failed: Connection refused (after %dms)"
+    passed = [repeats.filter(line("stream_fair.librdkafka", refused, "c-1", 9092, i)) for i in range(1000)]
+    assert passed == [True] + [False] * 999  # only the numbers differ: one kind
+    other = line("kafka.conn", "Connection failed: KafkaConnectionError: 111 ECONNREFUSED")
+    assert repeats.filter(other) and not repeats.filter(line("kafka.conn", other.msg))
+    ours = [repeats.filter(line("stream_fair", "checkpoint failed, retrying in 1 s")) for _ in range(5)]
+    assert all(ours)
+    time.sleep(0.35)
+    later = line("stream_fair.librdkafka", refused, "c-1", 9092, 5)
+    assert repeats.filter(later)
+    assert later.getMessage().endswith("(after 5ms) (999 more like it held back)")
+    assert not repeats.filter(line("stream_fair.librdkafka", refused, "c-1", 9092, 6))
