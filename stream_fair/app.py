@@ -1099,6 +1099,8 @@ class Detector:
             transport.resume_at(self._consumer, self._topics, p, list(s.offsets))
         if not self._to_restore:
             self.health.ready = True
+            with self.lock:
+                self.tracker.settled()
         log.info("partition %d claimed (epoch %d), resuming at %s", p, s.epoch, s.offsets)
 
     def _watch_topic_ids(self) -> None:

@@ -418,9 +418,16 @@ class Tracker:
         if monitor is not None and hasattr(monitor, "attach"):
             monitor.attach(self.owned_counts)
 
-    def owned_counts(self) -> list[PartitionCounts]:
+    def owned_counts(self) -> dict[int, PartitionCounts]:
         """The count stores of the owned partitions, in partition order (what the report covers)."""
-        return [self.shards[i].counts for i in sorted(self.shards) if i in self.views]
+        return {i: self.shards[i].counts for i in sorted(self.shards) if i in self.views}
+
+    def settled(self) -> None:
+        """Every assigned partition is loaded (the run loop's restores are done): the monitor drops
+        from its detectors' bases the partitions its restored state covered that did not come back."""
+        settle = getattr(self._feedback, "settle", None)
+        if settle is not None:
+            settle()
 
     def _ownership_changes(self) -> None:
         """Called before and after a shard is added or dropped: the monitor feeds its detectors
@@ -562,7 +569,8 @@ class Tracker:
             counts.increments,
             counts.period,
         )
-        on_prediction = self.feedback.on_prediction if self.feedback is not None else None
+        feedback = self._feedback
+        on_prediction = feedback.on_prediction if feedback is not None else None
         builder = s.builder
         key = (shard, _P)
         floor = math.floor
@@ -758,9 +766,9 @@ class Tracker:
             counts.add_expired(p.cell, p.ts)
             if p.score is not None:
                 s.histograms.add_expired(p.cell, p.predicted, p.score)
-            if self.feedback is not None:
+            if self._feedback is not None:
                 model, cell = counts.keys[p.cell]
-                self.feedback.on_expired(model, cell, p.ts)
+                self._feedback.on_expired(model, cell, p.ts)
         s.fates[_O][ORPHAN] += len(released.outcomes)
 
     # -- checkpoints ------------------------------------------------------------------------

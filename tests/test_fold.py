@@ -146,3 +146,24 @@ def test_a_new_incarnation_restarts_the_sequence() -> None:
     assert not fold.update(_msg(0, 2, 3, 20.0, False, incarnation="a"))  # a duplicate
     assert fold.update(_msg(0, 1, 1, 20.0, False, incarnation="b"))  # the state started over
     assert fold.applied[0] == 1
+
+
+def test_increments_bin_scores_as_score_bins_index_on_every_edge() -> None:
+    """The verdict's score bins are the histograms' (ScoreBins.index, exact at the edges): a score
+    on an edge or next to one, or out of range, lands in the same bin in both."""
+    import numpy as np
+
+    from stream_fair.verdict import IncrementBuilder, ScoreBins
+
+    for bins in (ScoreBins(0.0, 1.0, 50), ScoreBins(0.0, 1.0, 20), ScoreBins(-1.0, 3.0, 7)):
+        e = bins.edges()
+        scores = [float(x) for x in np.concatenate([e, np.nextafter(e, -np.inf), np.nextafter(e, np.inf)])]
+        scores += [0.58, 0.29, 0.57, -7.0, 9.0]
+        for score in scores:
+            builder = IncrementBuilder(period=3600.0, slot=300.0, bins=bins)
+            builder.add_labelled("m", ("a",), 1, 1, 10.0, 20.0, score)
+            builder.add_labelled("m", ("a",), 0, 0, 10.0, 20.0, score)
+            (row,) = builder.build("p0", None).counts
+            want = [0] * bins.count
+            want[bins.index(score)] = 1
+            assert list(row.positive_scores) == want and list(row.negative_scores) == want, (bins, score)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -268,8 +268,11 @@ class FeedbackMonitor:
         # the cumulative counts: its own store until attach() gives it the tracker's
         self._own: PartitionCounts | None = PartitionCounts(math.inf)
         own = self._own
-        self._source: Callable[[], Sequence[PartitionCounts]] = lambda: (own,)
-        self._sources_seen: tuple[PartitionCounts, ...] | None = (own,)
+        self._source: Callable[[], Mapping[int, PartitionCounts]] = lambda: {-1: own}
+        # the partitions whose counts the detectors' bases cover: partition -> its store (None:
+        # restored from a checkpoint, adopted without a rebase when its store, from the same
+        # checkpoint, is loaded)
+        self._covered: dict[int, PartitionCounts | None] = {-1: own}
         self._ticks = 0
         self._watermark = -math.inf
         self._period_end = -math.inf
@@ -296,11 +299,13 @@ class FeedbackMonitor:
         self._writing: set[tuple[Any, ...]] = set()
         self._verdict_written = False
         self._vdet_written: set[tuple[Any, ...]] = set()
+        self._restored_partitions: list[int] = []  # covered when the restored state was written
+        self._rebase_due = False
 
     def __repr__(self) -> str:
         return f"FeedbackMonitor(cells={len(self._rows)}, periods_closed={self.periods_closed})"
 
-    def attach(self, source: Callable[[], Sequence[PartitionCounts]]) -> None:
+    def attach(self, source: Callable[[], Mapping[int, PartitionCounts]]) -> None:
         """Read the cumulative counts from ``source()`` (the owned partitions' count stores) instead
         of counting them: the hooks then keep only the open period's counts and the delays.
 
@@ -310,7 +315,7 @@ class FeedbackMonitor:
         """
         self._own = None
         self._source = source
-        self._sources_seen = None
+        self._covered = {p: None for p in self._restored_partitions}
         self._dirty.discard(("counts",))
 
     # -- hot path ------------------------------------------------------------------------------
@@ -385,7 +390,7 @@ class FeedbackMonitor:
         return row
 
     # -- aggregation ---------------------------------------------------------------------------
-    def _cumulative(self, sources: Sequence[PartitionCounts]) -> dict[tuple[str, Cell], list[int]]:
+    def _cumulative(self, sources: Iterable[PartitionCounts]) -> dict[tuple[str, Cell], list[int]]:
         """The cumulative count rows (:data:`stream_fair.counts.ROW` layout) summed over the
         stores, fresh lists (a copy: the stores may move on)."""
         out: dict[tuple[str, Cell], list[int]] = {}
@@ -405,7 +410,7 @@ class FeedbackMonitor:
         """Sum the given row columns over cells into ``{(model, feature): {group: [...]}}``."""
         return _by_group(self.features, rows, cols)
 
-    def _totals(self, sources: Sequence[PartitionCounts]) -> dict[tuple[str, str], dict[str, list[int]]]:
+    def _totals(self, sources: Iterable[PartitionCounts]) -> dict[tuple[str, str], dict[str, list[int]]]:
         """``{(model, feature): {group: [n, pos, joined, expired, tp, fp, tn, fn]}}`` (cumulative)."""
         return _totals(self.features, self._cumulative(sources))
 
@@ -477,8 +482,8 @@ class FeedbackMonitor:
                 self._hist[key].add(buf)
                 buf.clear()
         ts = self._watermark
-        sources = tuple(self._source())
-        totals = self._totals(sources)
+        sources = self._source()
+        totals = self._totals(sources.values())
         ratios_by_mf: dict[tuple[str, str], dict[str, dict[str, tuple[int, int]]]] = {}
         for mf, groups in totals.items():
             ratios = ratios_by_mf[mf] = {}
@@ -489,9 +494,9 @@ class FeedbackMonitor:
                     signal: (pos, n) if signal == "selection_rate" else rate_parts(signal, quad)
                     for signal in GROUP_SIGNALS
                 }
-        if sources != self._sources_seen:  # identity: a partition gained, lost or restored
+        if self._ownership_changed(sources):
             self._rebase(ratios_by_mf)
-            self._sources_seen = sources
+            self._covered = dict(sources)
         dirty = self._dirty
         for (model, fname), ratios in ratios_by_mf.items():
             for g, by_signal in ratios.items():
@@ -518,6 +523,31 @@ class FeedbackMonitor:
             log.warning("%s", event.message())
             self._logged = event.seq
             dirty.add(("verdict",))
+
+    def _ownership_changed(self, sources: Mapping[int, PartitionCounts]) -> bool:
+        """Whether the stores differ from those the bases cover (identity: a partition gained,
+        lost or loaded again); a restored partition's store is adopted as it is."""
+        covered = self._covered
+        changed, self._rebase_due = self._rebase_due, False
+        for p, pc in sources.items():
+            c = covered.get(p, False)
+            if c is pc:
+                continue
+            if c is None:
+                covered[p] = pc  # the checkpoint the monitor was restored from: already covered
+            else:
+                changed = True
+        return changed or any(c is not None and p not in sources for p, c in covered.items())
+
+    def settle(self) -> None:
+        """Every partition of this replica's assignment is loaded: partitions the restored state
+        covered that did not come back are dropped from the bases (a rebase, as on a rebalance)."""
+        if any(c is None for c in self._covered.values()):
+            self._flush()  # adopts what is loaded
+            if any(c is None for c in self._covered.values()):
+                self._covered = {p: c for p, c in self._covered.items() if c is not None}
+                self._rebase_due = True
+                self._flush()
 
     def _rebase(self, ratios_by_mf: dict[tuple[str, str], dict[str, dict[str, tuple[int, int]]]]) -> None:
         """The counts now cover other partitions: detectors and disparity bases start from them."""
@@ -565,9 +595,9 @@ class FeedbackMonitor:
         """Flush and copy what the snapshot needs, in O(cells + detectors) (call it where the
         monitor and the count stores cannot change, e.g. under the consumer lock); the math runs
         in :meth:`FeedbackCapture.compute`, which touches nothing shared and can run outside it."""
-        sources = tuple(self._source())
-        if self._ticks or sources != self._sources_seen:  # else flushed since the last event
-            self._flush()
+        sources = self._source()
+        if self._ticks or any(self._covered.get(p, False) is not pc for p, pc in sources.items()):
+            self._flush()  # else nothing arrived since the last flush
         verdict_alarms = self.verdict.alarms()
         change: dict[tuple[str, str, str], dict[str, ChangeAlarm]] = {}
         for (model, fname, g, rate), d in self.verdict.detectors().items():
@@ -578,7 +608,7 @@ class FeedbackMonitor:
             features=self.features,
             settings=self.settings,
             loop_alpha=self._per_feature.loop_alpha,
-            cumulative=self._cumulative(sources),
+            cumulative=self._cumulative(sources.values()),
             hists={k: h.counts.copy() for k, h in self._hist.items()},
             last_period=dict(self._last_period),
             reference={mf: r.shares() for mf, r in self._reference.items()},
@@ -642,6 +672,7 @@ class FeedbackMonitor:
                 "watermark": enc(self._watermark),
                 "period_end": enc(self._period_end),
                 "periods_closed": self.periods_closed,
+                "partitions": sorted(p for p in self._covered if p >= 0),
             }
         }
         want = (lambda k: True) if keys is None else keys.__contains__
@@ -711,6 +742,7 @@ class FeedbackMonitor:
         m._watermark = -math.inf if state["watermark"] is None else float(state["watermark"])
         m._period_end = -math.inf if state["period_end"] is None else float(state["period_end"])
         m.periods_closed = int(state["periods_closed"])
+        m._restored_partitions = [int(p) for p in state.get("partitions", [])]
         m._reference = {(a, b): ReferenceShares.from_state(r) for a, b, r in state["reference"]}
         m._last_period = {(a, b): _dec_counts(v) for a, b, v in state["last_period"]}
         for a, b, periods in state["history"]:

@@ -191,15 +191,13 @@ class IncrementBuilder:
     (:class:`~stream_fair.verdict.settings.VerdictSettings`). Costs one dict lookup per event.
     """
 
-    __slots__ = ("period", "slot", "bins", "_rows", "_width", "_low", "_scale", "_top")
+    __slots__ = ("period", "slot", "bins", "_rows", "_width", "_index", "_top")
 
     def __init__(self, period: float, slot: float, bins: ScoreBins) -> None:
         self.period, self.slot, self.bins = period, slot, bins
         self._width = 6 + 2 * bins.count
         self._rows: dict[tuple[str, Cell, int, int], list[float]] = {}
-        # ScoreBins.index inlined for the hot path
-        self._low, self._top = bins.low, bins.count - 1
-        self._scale = bins.count / (bins.high - bins.low) if bins.count else 0.0
+        self._index, self._top = bins.index, bins.count - 1
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -233,10 +231,8 @@ class IncrementBuilder:
         if row is None:
             row = self._rows[key] = [0] * self._width + [-math.inf]
         row[_COLUMN[1 if label else 0, 1 if predicted else 0]] += 1
-        if score is not None and self._top >= 0:
-            i = int((score - self._low) * self._scale)
-            i = 0 if i < 0 else self._top if i > self._top else i
-            row[(6 if label else 7 + self._top) + i] += 1
+        if score is not None and self._top >= 0:  # the histograms' bin (ScoreBins.index, edges exact)
+            row[(6 if label else 7 + self._top) + self._index(score)] += 1
         if outcome_ts > row[-1]:
             row[-1] = outcome_ts
 
