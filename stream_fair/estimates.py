@@ -43,10 +43,9 @@ untrusted (``docs/estimates.md``).
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -98,11 +97,12 @@ class EstimateSettings:
     min_window_labelled: int = 500
 
 
-@dataclass(frozen=True)
-class ReliabilityBin:
+class ReliabilityBin(NamedTuple):
+    """One bin of a reliability diagram (a named tuple: a report builds ten per group and window)."""
+
     low: float
     high: float
-    count: int  # matured labelled pairs with a score in [low, high)
+    count: int  # type: ignore[assignment]  # matured labelled pairs with a score in [low, high)
     mean_score: float  # NaN when empty
     frequency: float  # observed share of label 1; NaN when empty
 
@@ -122,11 +122,6 @@ class Calibration:
     alarm: bool
     trusted: bool
     reason: str  # "" when trusted, else "miscalibrated" or "too_few_labels"
-
-
-def _rng(*key: str) -> np.random.Generator:
-    # deterministic per (model, feature[, window], group): the same counts give the same interval
-    return np.random.default_rng(zlib.crc32("\x00".join(key).encode()))
 
 
 class CalibrationCache:
@@ -165,32 +160,25 @@ class Labelled(Protocol):
     def negatives(self) -> NDArray[np.int64]: ...
 
 
-def calibration(
-    h: Labelled,
-    settings: EstimateSettings,
-    level: float = 0.95,
-    rng: np.random.Generator | None = None,
-) -> Calibration:
+def calibration(h: Labelled, settings: EstimateSettings, level: float = 0.95) -> Calibration:
     """Reliability bins and ECE of one group's matured labels (see :class:`Calibration`)."""
-    return calibrations({"": h}, settings, level, rng)[""]
+    return calibrations({"": h}, settings, level)[""]
 
 
 def calibrations(
     hists: Mapping[str, Labelled],
     settings: EstimateSettings,
     level: float = 0.95,
-    rng: np.random.Generator | None = None,
     *,
-    seed: tuple[str, ...] | None = None,
+    key: tuple[str, ...] | None = None,
     cache: CalibrationCache | None = None,
 ) -> dict[str, Calibration]:
     """:func:`calibration` of several groups at once.
 
-    With ``seed`` each group's bootstrap draws from its own generator, seeded by ``seed`` and the
-    group's name (so a group's interval depends on its own counts only, and ``cache`` can keep
-    it); otherwise every group draws from ``rng`` in turn.
+    A group's result depends on its own counts only (every group's bootstrap uses the same
+    standard-normal draws, :data:`_Z`), so with ``key`` (model, feature, window) ``cache`` keeps it
+    and serves it while the group's counts are unchanged.
     """
-    rng = rng if rng is not None else np.random.default_rng(0)
     names = list(hists)
     if not names:
         return {}
@@ -205,7 +193,6 @@ def calibrations(
         mean = (n_fine * centres).sum(axis=2) / n
         freq = k / n
     total = n.sum(axis=1)
-    safe_n = np.maximum(n, 1)
     w = n / np.maximum(total, 1)[:, None]
     f0, m0 = np.nan_to_num(freq), np.nan_to_num(mean)
     ece = np.sum(w * np.abs(f0 - m0), axis=1)
@@ -215,38 +202,33 @@ def calibrations(
     out: dict[str, Calibration] = {}
     todo: list[tuple[int, tuple[str, ...] | None, bytes | None]] = []  # groups without a cached result
     for i, g in enumerate(names):
-        if cache is None or seed is None:
+        if cache is None or key is None:
             todo.append((i, None, None))
             continue
-        gkey, inputs = (*seed, g), tag + pos[i].tobytes() + neg[i].tobytes()
+        gkey, inputs = (*key, g), tag + pos[i].tobytes() + neg[i].tobytes()
         hit = cache.get(gkey, inputs)
         if hit is not None:
             out[g] = hit
         else:
             todo.append((i, gkey, inputs))
-    drawn = [i for i, _, _ in todo if total[i]]
+    drawn = np.array([i for i, _, _ in todo if total[i]], dtype=np.intp)
     bounds: dict[int, tuple[float, float]] = {}
-    if drawn:
-        star = np.stack(
-            [
-                _bootstrap(n[i], f0[i], w[i], m0[i], safe_n[i], _rng(*seed, names[i]) if seed else rng)
-                for i in drawn
-            ],
-            axis=1,
-        )  # (draws, groups)
-        lo, hi = np.quantile(star, [tail, 1.0 - tail], axis=0)
-        bounds = {i: (float(lo[j]), float(hi[j])) for j, i in enumerate(drawn)}
-    for i, key, inputs in todo:
+    if len(drawn):
+        star = _bootstrap(n[drawn], f0[drawn], w[drawn], m0[drawn])  # (groups, draws)
+        lo, hi = np.quantile(star, [tail, 1.0 - tail], axis=1)
+        bounds = {int(i): (float(lo[j]), float(hi[j])) for j, i in enumerate(drawn)}
+    # plain Python numbers, converted once (a numpy scalar per field costs more than the bins)
+    el, nl, ml, fl = e.tolist(), n.tolist(), mean.tolist(), freq.tolist()
+    totals, eces = total.tolist(), ece.tolist()
+    for i, ckey, inputs in todo:
         g = names[i]
-        bins = tuple(
-            ReliabilityBin(float(e[b]), float(e[b + 1]), int(n[i, b]), float(mean[i, b]), float(freq[i, b]))
-            for b in range(CALIBRATION_BINS)
-        )
-        t = int(total[i])
+        ni, mi, fi = nl[i], ml[i], fl[i]
+        bins = tuple(ReliabilityBin(el[b], el[b + 1], ni[b], mi[b], fi[b]) for b in range(CALIBRATION_BINS))
+        t = totals[i]
         if t == 0:
             cal = Calibration(bins, 0, None, False, False, "too_few_labels")
         else:
-            v = float(ece[i])
+            v = eces[i]
             lower, upper = max(0.0, 2 * v - bounds[i][1]), max(0.0, 2 * v - bounds[i][0])
             est = Estimate(v, min(lower, v), max(upper, v))
             if t < settings.min_labelled:
@@ -254,28 +236,43 @@ def calibrations(
             else:
                 alarm = est.lower > settings.max_calibration_error
                 cal = Calibration(bins, t, est, alarm, not alarm, "miscalibrated" if alarm else "")
-        if cache is not None and key is not None and inputs is not None:
-            cache.put(key, inputs, cal)
+        if cache is not None and ckey is not None and inputs is not None:
+            cache.put(ckey, inputs, cal)
         out[g] = cal
     return {g: out[g] for g in names}
 
 
+_Z = np.random.default_rng(0x5F_CA1B).standard_normal((_BOOTSTRAP, CALIBRATION_BINS))
+"""The bootstrap's draws, shared by every group: a group's interval is a function of its counts."""
+
+_CHUNK = 32  # groups per vectorised step: temporaries of ~1 MB (in the CPU cache: measured fastest)
+
+
 def _bootstrap(
-    n: NDArray[np.int64],
-    f0: NDArray[np.float64],
-    w: NDArray[np.float64],
-    m0: NDArray[np.float64],
-    safe_n: NDArray[np.int64],
-    rng: np.random.Generator,
+    n: NDArray[np.int64], f0: NDArray[np.float64], w: NDArray[np.float64], m0: NDArray[np.float64]
 ) -> NDArray[np.float64]:
-    """One group's bootstrap ECEs: every bin's label-1 count redrawn ``Binomial(n_b, frequency_b)``.
-    One call per bin with scalar parameters: numpy draws those several times faster than one
-    broadcast call, and without holding the GIL (the consumer thread runs meanwhile)."""
-    draws = np.zeros((_BOOTSTRAP, CALIBRATION_BINS))
-    for b in range(CALIBRATION_BINS):
-        if n[b]:  # empty bins weigh 0
-            draws[:, b] = rng.binomial(int(n[b]), float(f0[b]), _BOOTSTRAP)
-    return np.abs(draws / safe_n - m0) @ w
+    """Bootstrap ECEs, ``(groups, draws)``: every bin's observed frequency redrawn from the normal
+    approximation of ``Binomial(n_b, frequency_b) / n_b`` (clipped to [0, 1]), the bins' weights
+    and mean scores held.
+
+    Why not exact binomial draws (the earlier form): they cost ~90 ns each, 3.7M per report at 45k
+    series (~550 ms of every scrape after a new snapshot, with the consumer's interpreter busy);
+    these are a few array operations over shared draws (~15x less). The two agree where the
+    interval matters: a bin with few labels weighs ``n_b / n`` in the ECE, and a group with fewer
+    than ``min_labelled`` labels is never checked (tests/test_estimates.py: coverage and alarms).
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sd = np.sqrt(f0 * (1.0 - f0) / np.maximum(n, 1))  # 0 for an empty bin (weight 0 as well)
+    out = np.empty((len(n), _BOOTSTRAP))
+    for a in range(0, len(n), _CHUNK):
+        b = min(a + _CHUNK, len(n))
+        buf = sd[a:b, None, :] * _Z  # (chunk, draws, bins)
+        buf += f0[a:b, None, :]
+        np.clip(buf, 0.0, 1.0, out=buf)
+        buf -= m0[a:b, None, :]
+        np.abs(buf, out=buf)
+        out[a:b] = (buf @ w[a:b, :, None])[..., 0]
+    return out
 
 
 def expected_counts(h: ScoreHistogram) -> tuple[float, float, float, float]:
@@ -394,10 +391,10 @@ def estimate_feature(
     prior = PRIORS[settings.prior]
     groups = sorted(set(histograms) | set(realized))
     level = settings.credible_level
-    cal = calibrations(histograms, estimate, level, seed=(model, feature, ""), cache=cache)
+    cal = calibrations(histograms, estimate, level, key=(model, feature, ""), cache=cache)
     in_window = replace(estimate, min_labelled=max(estimate.min_labelled, estimate.min_window_labelled))
     wcal = {
-        w: calibrations(h, in_window, level, seed=(model, feature, w), cache=cache)
+        w: calibrations(h, in_window, level, key=(model, feature, w), cache=cache)
         for w, h in (windows or {}).items()
     }
     trust = recent_trust(cal, wcal)

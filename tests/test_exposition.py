@@ -140,18 +140,18 @@ def test_calibration_cache_recomputes_only_changed_groups_and_changes_nothing() 
     settings = EstimateSettings(min_labelled=50)
     hists = {g: hist(p, 400) for g, p in zip("ABCD", (0.3, 0.5, 0.6, 0.9), strict=True)}
     seed = ("m", "f", "")
-    plain = calibrations(hists, settings, seed=seed)
+    plain = calibrations(hists, settings, key=seed)
     cache = CalibrationCache()
-    assert calibrations(hists, settings, seed=seed, cache=cache) == plain
+    assert calibrations(hists, settings, key=seed, cache=cache) == plain
     assert (cache.hits, cache.misses) == (0, 4)
     # a group's interval depends on its own counts only: alone, it is the same
-    assert calibrations({"B": hists["B"]}, settings, seed=seed) == {"B": plain["B"]}
+    assert calibrations({"B": hists["B"]}, settings, key=seed) == {"B": plain["B"]}
 
     changed = dict(hists, C=hist(0.6, 450))
-    again = calibrations(changed, settings, seed=seed, cache=cache)
+    again = calibrations(changed, settings, key=seed, cache=cache)
     assert (cache.hits, cache.misses) == (3, 5)
-    assert again == calibrations(changed, settings, seed=seed)  # the same as without a cache
+    assert again == calibrations(changed, settings, key=seed)  # the same as without a cache
     assert again["C"] != plain["C"] and again["C"].samples == 450
     # other settings or level: recomputed, never served from the cache
-    calibrations(changed, EstimateSettings(min_labelled=10), seed=seed, cache=cache)
+    calibrations(changed, EstimateSettings(min_labelled=10), key=seed, cache=cache)
     assert cache.misses == 9
