@@ -328,6 +328,12 @@ class Detector:
                 self.history.record(cached[1])
             return cached[1], self.stats
 
+    def _published_predictions(self) -> dict[Any, tuple[int, int]]:
+        """Predictions per cell of the last published snapshot (no report built: the run loop's
+        missing-attribute check reads it on the consumer thread)."""
+        snap = self._snapshot
+        return {} if snap is None else snap.predictions
+
     def alarms_document(self) -> dict[str, Any]:
         """``/alarms``: the calibrated alarms now and their event log (the leader's, model-wide)."""
         report, stats = self.current()
@@ -578,7 +584,7 @@ class Detector:
                         freeze_heap()  # the restored state is long-lived too
                 self.maybe_checkpoint(time.monotonic())
                 self.lead_step(time.monotonic())
-                self.missing_log.maybe_warn(time.monotonic(), lambda: self.current()[0].snapshot.predictions)
+                self.missing_log.maybe_warn(time.monotonic(), self._published_predictions)
                 self.explain_new_alarms()
                 self._dead_letter_stats()
         except BaseException:
