@@ -42,6 +42,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from stream_fair.app import tuned_collector  # noqa: E402
 from stream_fair.config import Config  # noqa: E402
 from stream_fair.state.rocks import RocksBackend  # noqa: E402
 from stream_fair.tracker import Tracker  # noqa: E402
@@ -326,6 +327,11 @@ def restore_bench(n: int, workdir: Path, bootstrap: str | None) -> dict[str, flo
 
 
 def main(argv: list[str] | None = None) -> int:
+    with tuned_collector():  # the garbage collector as `stream-fair run` sets it
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pending", type=int, default=20_000_000, help="pending predictions for the big store")
     ap.add_argument("--small", type=int, default=10_000, help="pending predictions for the small store")

@@ -525,7 +525,9 @@ def test_a_store_of_format_5_opens_and_is_marked_6(tmp_path: object) -> None:
     from stream_fair.state.rocks import RocksBackend
 
     old = RocksBackend(str(tmp_path), {"f": 1})
-    old.write({FORMAT_KEY: encode_json({"version": 5, "fingerprint": {"f": 1}}), id_key(0, "a"): b"x"}, sync=True)
+    old.write(
+        {FORMAT_KEY: encode_json({"version": 5, "fingerprint": {"f": 1}}), id_key(0, "a"): b"x"}, sync=True
+    )
     old.close()
     again = RocksBackend(str(tmp_path), {"f": 1})
     assert again.get(id_key(0, "a")) == b"x"
