@@ -499,7 +499,7 @@ def test_a_store_of_format_4_is_refused_with_one_line(tmp_path: object) -> None:
     old.close()
     with pytest.raises(StateError) as err:
         RocksBackend(str(tmp_path))
-    assert "state format 4, this version reads 6" in str(err.value)
+    assert "state format 4, this version reads 5" in str(err.value)
     assert "\n" not in str(err.value)
 
 
@@ -513,86 +513,5 @@ def test_a_store_of_format_3_is_refused_with_one_line(tmp_path: object) -> None:
     old.close()
     with pytest.raises(StateError) as err:
         RocksBackend(str(tmp_path))
-    assert "state format 3, this version reads 6" in str(err.value)
+    assert "state format 3, this version reads 5" in str(err.value)
     assert "\n" not in str(err.value)
-
-
-def test_a_store_of_format_5_opens_and_is_marked_6(tmp_path: object) -> None:
-    """Format 5 holds no stale expiry entry, so format 6 reads it as is (no restore from the
-    changelog after an upgrade) and marks it 6, which a format-5 reader refuses."""
-    from stream_fair.errors import StateError
-    from stream_fair.state.codec import FORMAT_KEY, decode_json, encode_json, id_key
-    from stream_fair.state.rocks import RocksBackend
-
-    old = RocksBackend(str(tmp_path), {"f": 1})
-    old.write(
-        {FORMAT_KEY: encode_json({"version": 5, "fingerprint": {"f": 1}}), id_key(0, "a"): b"x"}, sync=True
-    )
-    old.close()
-    again = RocksBackend(str(tmp_path), {"f": 1})
-    assert again.get(id_key(0, "a")) == b"x"
-    assert decode_json(again.get(FORMAT_KEY)) == {"version": 6, "fingerprint": {"f": 1}}
-    again.close()
-    other = tmp_path / "other"  # type: ignore[operator]
-    old = RocksBackend(str(other), {"f": 1})
-    old.write({FORMAT_KEY: encode_json({"version": 5, "fingerprint": {"f": 1}})}, sync=True)
-    old.close()
-    with pytest.raises(StateError) as err:  # another configuration: refused, not upgraded
-        RocksBackend(str(other), {"f": 2})
-    assert "was written for another configuration" in str(err.value)
-    assert decode_json(RocksBackend(str(other), {"f": 1}).get(FORMAT_KEY))["version"] == 6
-
-
-def test_a_join_leaves_its_expiry_entry_which_the_scan_skips_and_deletes(tmp_path: object) -> None:
-    """Format 6: joining a pending prediction does not delete its expiry entry (a random delete
-    that would make every compaction rewrite the index). The expiry scan skips the stale entry
-    (its record is remembered now, or pending again with another deadline) and the checkpoint
-    after the scan passed it deletes it; valid entries expire exactly as before."""
-    from stream_fair.state.codec import SPACE_DEADLINE, PendingPrediction, deadline_key, prefix
-    from stream_fair.state.ids import IdTable, remembered
-    from stream_fair.state.rocks import RocksBackend
-
-    backend = RocksBackend(str(tmp_path))
-    table = IdTable(backend, partition=0, ttl=10.0, outcome_ttl=10.0, chunk=4)
-
-    def checkpoint() -> None:
-        store, _ = table.changes()
-        backend.write(store)
-        table.committed()
-
-    def entries() -> list[bytes]:
-        return [k for k, _ in backend.scan(prefix(SPACE_DEADLINE, 0), prefix(SPACE_DEADLINE, 1))]
-
-    ids = [f"p{i}" for i in range(10)]
-    for i, event_id in enumerate(ids):  # deadlines 10..19
-        table.get(event_id)
-        table.put(event_id, PendingPrediction(ts=float(i), cell=0, predicted=1, score=None))
-    checkpoint()
-    for event_id in ids[::2]:  # joined: remembered until 100
-        table.get(event_id)
-        table.put(event_id, remembered(b"J", 100.0))
-    checkpoint()
-    assert len(entries()) == 10  # the five joined ids' entries are still there (stale)
-    # p1 is forgotten and comes back as a new prediction at ts 30 (deadline 40): its old entry
-    # (deadline 11) is stale too, and must not expire the new one early
-    table.get("p1")
-    table.delete("p1")
-    checkpoint()
-    table.get("p1")
-    table.put("p1", PendingPrediction(ts=30.0, cell=0, predicted=1, score=None))
-    checkpoint()
-    due = table.pop_due(16.0)  # deadlines < 16: p3 and p5 (p0, p2, p4 joined; p1 re-added)
-    assert [e for e, _ in due] == ["p3", "p5"]
-    for event_id, _ in due:
-        table.put(event_id, remembered(b"E", 100.0))
-    checkpoint()
-    # every entry the scan passed is gone (the stale ones of p0, p1, p2, p4 and the expired
-    # p3, p5); the stale entries of p6 and p8 are not reached yet; p1's new entry is there
-    assert entries() == [
-        deadline_key(0, d, b"P", e)
-        for d, e in [(16.0, "p6"), (17.0, "p7"), (18.0, "p8"), (19.0, "p9"), (40.0, "p1")]
-    ]
-    assert [e for e, _ in table.pop_due(50.0)] == ["p7", "p9", "p1"]
-    checkpoint()
-    assert entries() == []
-    backend.close()

@@ -66,19 +66,13 @@ FORMAT_VERSION = 4
 pending prediction for the pending ones to be derived from them).
 4: UUID ids in 17 bytes (``encode_id``) instead of 36 in every id and index key."""
 
-STORE_FORMAT_VERSION = 6
+STORE_FORMAT_VERSION = 5
 """Version of the local store's layout: the keys and values of ``FORMAT_VERSION`` plus where they
 live. A local store of another version is refused (it is restored from the changelog instead, whose
-records are those of ``FORMAT_VERSION``), except those in ``STORE_FORMATS_UPGRADED``.
+records are those of ``FORMAT_VERSION``).
 
 5: the expiry and forget index keys in their own column family (``rocks.INDEX_FAMILY``), without
-bloom filters; before, every key was in the default column family.
-6: an expiry entry may be stale (its id joined since): a join no longer deletes it, the scan skips
-and deletes it (``ids.IdTable``). Format 5 holds no stale entry, so it is read as is and marked 6;
-a format-5 reader would not skip them, so it refuses a format-6 store."""
-
-STORE_FORMATS_UPGRADED = frozenset({5})
-"""Older local-store formats this version opens as they are (and marks ``STORE_FORMAT_VERSION``)."""
+bloom filters; before, every key was in the default column family."""
 
 (
     SPACE_FORMAT,

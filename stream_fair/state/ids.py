@@ -6,19 +6,13 @@ they add and remove) and the changelog records, and :meth:`IdTable.committed` cl
 once that batch is durable. The overlay therefore holds at most one checkpoint's worth of changes:
 RAM does not grow with the number of pending ids.
 
-Two indexes:
+Two indexes, kept exact (an entry exists iff its record does):
 
 * the **expiry index** orders pending predictions and outcomes by deadline
   (``ts + ttl``); :meth:`IdTable.pop_due` hands out, in deadline order, those due before a
   watermark (one lookup by id each: expiring is rarer than joining, so the index carries no copy
-  of the record). Every pending record has its entry; an entry may outlive its record (*stale*:
-  the id was joined since). A join does not delete the entry: ids are random, so those deletes
-  would land all over the index and every compaction would rewrite it whole (store format 6).
-  The scan checks each entry against the record (kind and deadline), skips stale ones, and every
-  entry it passes is deleted at the next checkpoint, in deadline order.
-* the **forget index** orders remembered (joined or expired) ids by ``forget_at``; it is exact
-  (an entry exists iff its record does): its entries are added at the end and removed from the
-  head.
+  of the record).
+* the **forget index** orders remembered (joined or expired) ids by ``forget_at``.
 
 Both are read in chunks (``chunk`` entries per range scan) and merged with the entries created
 since the last checkpoint (small heaps), so the per-event cost is a float comparison unless
@@ -71,7 +65,7 @@ class IdTable:
 
     __slots__ = (
         "partition", "ttl", "outcome_ttl", "chunk", "_backend", "_dirty", "_orig", "_enc", "_id_prefix",
-        "_due_heap", "_due_buf", "_due_cursor", "_due_done", "next_due", "_passed",
+        "_due_heap", "_due_buf", "_due_cursor", "_due_done", "next_due",
         "_forget_heap", "_forget_buf", "_forget_cursor", "_forget_done", "next_forget",
     )  # fmt: skip
 
@@ -89,8 +83,6 @@ class IdTable:
         self._id_prefix = prefix(SPACE_ID, partition)
         self._due_heap: list[tuple[float, bytes, str]] = []
         self._forget_heap: list[tuple[float, str]] = []
-        # stored expiry entries the scan passed since the last checkpoint: deleted by the next one
-        self._passed: list[tuple[float, bytes, str]] = []
         self._reset_scans()
 
     def __repr__(self) -> str:
@@ -210,19 +202,12 @@ class IdTable:
             else:
                 if b >= until:
                     break
-                entry = buf.pop()
-                self._passed.append(entry)
-                d, kind, event_id = entry
+                d, kind, event_id = buf.pop()
                 if event_id in dirty:
                     continue  # changed since the checkpoint: its new record has its own entry
                 rec = self._stored(event_id)
-                if (
-                    rec is not None
-                    and rec.__class__ is not Remembered
-                    and rec.kind == kind  # type: ignore[union-attr]
-                    and self.deadline(rec) == d  # type: ignore[arg-type]
-                ):
-                    out.append((event_id, rec))  # else stale: the id was joined (or re-added) since
+                if rec is not None and rec.__class__ is not Remembered:
+                    out.append((event_id, rec))
         self._fill_due()
         self.next_due = self._due_head()
         return out
@@ -305,9 +290,7 @@ class IdTable:
         forget_prefix = prefix(SPACE_FORGET, p)
         f64 = _F64.pack
         ttl, outcome_ttl = self.ttl, self.outcome_ttl
-        store: dict[bytes, bytes | None] = {
-            due_prefix + f64(d) + kind + encode_id(event_id): None for d, kind, event_id in self._passed
-        }  # first: a record rewritten with the same deadline puts its entry back below
+        store: dict[bytes, bytes | None] = {}
         changelog: list[tuple[bytes, bytes | None]] = []
         orig, enc = self._orig, self._enc
         for event_id, new in self._dirty.items():
@@ -315,9 +298,13 @@ class IdTable:
             if old is _MISSING:  # written without a read (restore repairs): look it up
                 old = self._stored(event_id)
             eid = enc[event_id]  # set by the read before every write
-            if old is not None and old.__class__ is Remembered:
-                store[forget_prefix + f64(old.forget_at) + eid] = None  # type: ignore[union-attr]
-            # an old pending record's expiry entry stays (stale) until the scan passes it
+            if old is not None:
+                cls = old.__class__
+                if cls is Remembered:
+                    store[forget_prefix + f64(old.forget_at) + eid] = None  # type: ignore[union-attr]
+                else:
+                    d = old.ts + (ttl if cls is PendingPrediction else outcome_ttl)  # type: ignore[union-attr]
+                    store[due_prefix + f64(d) + old.kind + eid] = None  # type: ignore[union-attr]
             key = id_prefix + eid
             if new is None:
                 value = None
@@ -338,7 +325,6 @@ class IdTable:
         self._dirty.clear()
         self._orig.clear()
         self._enc.clear()
-        self._passed.clear()
         self._due_heap.clear()
         self._forget_heap.clear()
         self._reset_scans()

@@ -42,7 +42,6 @@ from stream_fair.state.codec import (
     SPACE_DEADLINE,
     SPACE_FORGET,
     STORE_FORMAT_VERSION,
-    STORE_FORMATS_UPGRADED,
     decode_json,
     encode_json,
 )
@@ -179,8 +178,7 @@ class RocksBackend:
             self.write({FORMAT_KEY: encode_json(meta)}, sync=True)
             return
         stored = decode_json(raw)
-        version = stored.get("version")
-        if version != STORE_FORMAT_VERSION and version not in STORE_FORMATS_UPGRADED:
+        if stored.get("version") != STORE_FORMAT_VERSION:
             self.close()
             raise StateError(
                 ERR_FORMAT.format(path=self.path, found=stored.get("version"), expected=STORE_FORMAT_VERSION)
@@ -188,8 +186,6 @@ class RocksBackend:
         if stored.get("fingerprint") != fingerprint:
             self.close()
             raise StateError(ERR_FINGERPRINT.format(path=self.path, stored=stored.get("fingerprint")))
-        if version != STORE_FORMAT_VERSION:  # an older format read as it is: marked current
-            self.write({FORMAT_KEY: encode_json(meta)}, sync=True)
 
     # -- reads ----------------------------------------------------------------------------------
     def get(self, key: bytes) -> bytes | None:
