@@ -118,11 +118,17 @@ def close_producer(producer: Any, timeout: float) -> None:
         return
     except Exception:  # KafkaTimeoutError with records still unsent
         pass
-    with contextlib.suppress(Exception):  # the forced close that close() did not reach
+    # The forced close that close() did not reach: the sender thread fails what is unsent and
+    # stops. Its batches are aborted by that thread alone: aborting them here too raced with it
+    # (kafka-python raises IllegalStateError on a batch aborted twice, a traceback in the log).
+    with contextlib.suppress(Exception):
         producer._sender.force_close()
-        producer._accumulator.abort_incomplete_batches()
+        producer._sender.join(_FORCED_CLOSE_WAIT)
     with contextlib.suppress(Exception):
         producer.close(timeout=0)
+
+
+_FORCED_CLOSE_WAIT = 1.0  # seconds for the sender thread to fail its batches and stop
 
 
 def _ktp(tp: TopicPartition) -> KafkaTopicPartition:

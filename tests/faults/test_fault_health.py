@@ -137,3 +137,45 @@ def test_sigterm_while_a_checkpoint_waits_for_the_changelog_stops_within_a_grace
     finally:
         broker.block_produce_topic = None
         run.kill()
+
+
+def test_a_producer_closed_while_the_broker_does_not_acknowledge_leaves_no_traceback(
+    broker: ProxiedBroker, topic_names: Any
+) -> None:
+    """``close_producer`` with writes the broker never acknowledges (the changelog at shutdown,
+    above): kafka-python's close times out and the producer is closed by force. The unsent
+    batches were aborted both by the caller and by the sender thread, which raised
+    IllegalStateError on a batch aborted twice: a traceback in the log of a clean shutdown."""
+    import threading
+
+    from kafka import KafkaProducer
+
+    from stream_fair.transport.kafka_python import close_producer
+
+    broker.block_produce_topic = topic_names.predictions
+    errors: list[BaseException] = []
+    hook = threading.excepthook
+    threading.excepthook = lambda args: errors.append(args.exc_value)  # type: ignore[arg-type,return-value]
+    try:
+        for _ in range(6):
+            producer = KafkaProducer(
+                bootstrap_servers=broker.bootstrap_servers,
+                acks="all",
+                linger_ms=5,
+                batch_size=128,
+                request_timeout_ms=30_000,
+                max_in_flight_requests_per_connection=1_000,
+            )
+            # a batch per record: the abort loops are long enough to overlap
+            futures = [producer.send(topic_names.predictions, b"x" * 100) for _ in range(3000)]
+            time.sleep(0.3)  # the first batches are in flight, unacknowledged
+            started = time.monotonic()
+            close_producer(producer, 0.5)
+            assert time.monotonic() - started < 5.0
+            producer._sender.join(5.0)
+            assert not producer._sender.is_alive()
+            assert all(f.is_done for f in futures)  # every unsent record failed, none left waiting
+    finally:
+        threading.excepthook = hook
+        broker.block_produce_topic = None
+    assert not errors, repr(errors)
