@@ -11,6 +11,7 @@ outcomes). Printed: median and p95 of each.
 
     python bench/latency.py                    # 30 probes idle, 30 under 5k events/s
     python bench/latency.py --probes 50 --rate 5000
+    python bench/latency.py --transport confluent
 
 Goal (issue 13): median <= 250 ms and p95 <= 1 s, idle and under 5k events/s.
 """
@@ -183,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probes", type=int, default=30, help="per condition")
     ap.add_argument("--rate", type=float, default=5000.0, help="events/s of the loaded condition")
     ap.add_argument("--bootstrap-servers", help="an existing cluster (default: embedded Tansu)")
+    ap.add_argument(
+        "--transport",
+        choices=("kafka-python", "confluent"),
+        default="kafka-python",
+        help="kafka.transport of the detector",
+    )
     args = ap.parse_args(argv)
 
     from kafka import KafkaProducer
@@ -203,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 "session_timeout_ms": 6000,
                 "heartbeat_interval_ms": 2000,
                 "max_poll_interval_ms": 10000,
+                "transport": args.transport,
             },
             "topics": {"predictions": topics[0], "outcomes": topics[1], "dead_letters": None},
             "fairness": {"features": FEATURES, "intersections": [["race", "sex"]]},

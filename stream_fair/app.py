@@ -561,7 +561,8 @@ class Detector:
                 self._backpressure(consumer, dead)
                 try:
                     batches = consumer.poll(
-                        timeout_ms=100 if self._to_restore else 200, max_records=cfg.kafka.max_poll_records
+                        timeout_ms=self._poll_timeout_ms(time.monotonic()),
+                        max_records=cfg.kafka.max_poll_records,
                     )
                 except transport.BROKER_DOWN as exc:  # refused: /readyz says so; try again shortly
                     self.health.heartbeat = time.monotonic()  # the process is fine
@@ -718,23 +719,32 @@ class Detector:
         """Checkpoint every ``state.checkpoint_interval`` or ``state.checkpoint_events`` records;
         sooner while the consumer is caught up, so a new count reaches ``/metrics`` (which shows
         checkpointed counts only) in about a poll instead of up to an interval later."""
-        state = self.config.state
-        if now < self._retry_at:
-            return
-        since = now - self._last_checkpoint_mono
-        if (
-            self._events_since_checkpoint >= state.checkpoint_events
-            or since >= state.checkpoint_interval
-            or (
-                state.checkpoint_when_caught_up
-                and self._events_since_checkpoint
-                and self._caught_up()
-                and since >= self._early_gap()
-            )
-        ):
+        if now >= self.checkpoint_due():
             t0 = time.monotonic()
             self.checkpoint()
             self._checkpoint_seconds = time.monotonic() - t0
+
+    def checkpoint_due(self) -> float:
+        """When (``time.monotonic()``) the next checkpoint is due: at once after
+        ``state.checkpoint_events`` records, the early gap after the last one while caught up with
+        records to count, else the interval; never before a failed one's retry time. The run loop
+        polls no longer than until then, so an idle consumer takes its early checkpoint right when
+        it is due, not after a poll's whole timeout."""
+        state = self.config.state
+        last = self._last_checkpoint_mono
+        if self._events_since_checkpoint >= state.checkpoint_events:
+            due = last
+        elif state.checkpoint_when_caught_up and self._events_since_checkpoint and self._caught_up():
+            due = last + self._early_gap()
+        else:
+            due = last + state.checkpoint_interval
+        return max(due, self._retry_at)
+
+    def _poll_timeout_ms(self, now: float) -> int:
+        """A poll's wait when nothing arrives: 200 ms (100 ms while restoring), or less so the
+        loop is back when a checkpoint falls due (at 0 a poll returns what is already fetched)."""
+        wait = 0.1 if self._to_restore else 0.2
+        return int(1000 * max(0.0, min(wait, self.checkpoint_due() - now)))
 
     def _caught_up(self) -> bool:
         """Every assigned input partition read to its high-water mark at the last poll."""

@@ -48,6 +48,7 @@ from stream_fair.config import Config, KafkaConfig
 from stream_fair.errors import BrokerError
 from stream_fair.state.restore import EPOCH_HEADER
 from stream_fair.transport.base import (
+    FETCH_WAIT_MS,
     ClientError,
     Listener,
     Message,
@@ -62,10 +63,6 @@ log = logging.getLogger(__name__)
 _LIBRDKAFKA = logging.getLogger("stream_fair.librdkafka")  # librdkafka's own log lines
 _EOF = KafkaError._PARTITION_EOF
 _NO_HEADERS: tuple[tuple[str, bytes], ...] = ()
-# A fetch waits up to this long for data on an idle partition (librdkafka's default is 500 ms).
-# Other requests on the connection (offsets, metadata) wait behind it, and the run loop makes
-# some of those while it polls: a restore's end offsets, a reader's beginning.
-_FETCH_WAIT_MS = 100
 
 
 def client_config(k: KafkaConfig, *, quiet: bool = False) -> dict[str, Any]:
@@ -160,7 +157,7 @@ class ConfluentConsumer:
             # and its outcome (same key) in the same shard
             "partition.assignment.strategy": "range",
             "fetch.max.bytes": k.fetch_max_bytes,
-            "fetch.wait.max.ms": _FETCH_WAIT_MS,
+            "fetch.wait.max.ms": FETCH_WAIT_MS,
             "receive.message.max.bytes": max(100_000_000, k.fetch_max_bytes + 512),
             # a consumer never creates a missing input topic (an empty topic read as a quiet one)
             "allow.auto.create.topics": False,
@@ -521,7 +518,7 @@ class ConfluentChangelogReader:
             "enable.auto.commit": False,
             "enable.partition.eof": True,
             "fetch.max.bytes": 64 << 20,
-            "fetch.wait.max.ms": _FETCH_WAIT_MS,
+            "fetch.wait.max.ms": FETCH_WAIT_MS,
             "max.partition.fetch.bytes": 16 << 20,
             "receive.message.max.bytes": (64 << 20) + 512,
         }
@@ -663,7 +660,7 @@ class ConfluentReader:
             "enable.auto.offset.store": False,
             "auto.offset.reset": "error" if reset == "none" else reset,
             "allow.auto.create.topics": False,
-            "fetch.wait.max.ms": _FETCH_WAIT_MS,
+            "fetch.wait.max.ms": FETCH_WAIT_MS,
         }
         try:
             self._c = Consumer(conf)

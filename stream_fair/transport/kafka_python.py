@@ -29,6 +29,7 @@ from stream_fair.config import Config, KafkaConfig
 from stream_fair.errors import BrokerError
 from stream_fair.state.restore import EPOCH_HEADER
 from stream_fair.transport.base import (
+    FETCH_WAIT_MS,
     BrokerDown,
     ClientError,
     Listener,
@@ -175,6 +176,7 @@ class KafkaPythonConsumer:
                     max_poll_records=k.max_poll_records,
                     fetch_max_bytes=k.fetch_max_bytes,
                     metadata_max_age_ms=k.metadata_max_age_ms,
+                    fetch_max_wait_ms=FETCH_WAIT_MS,
                     # The range assignor gives partition p of both topics to the same member: the
                     # join needs a prediction and its outcome (same key) in the same shard.
                     partition_assignment_strategy=(RangePartitionAssignor,),
@@ -359,6 +361,7 @@ class KafkaPythonChangelogReader:
             max_poll_records=50_000,
             fetch_max_bytes=64 << 20,
             max_partition_fetch_bytes=16 << 20,
+            fetch_max_wait_ms=FETCH_WAIT_MS,
             **client_options(config.kafka),
         )
         self.ends: dict[int, int] = {}
@@ -461,6 +464,7 @@ class KafkaPythonReader:
                     enable_auto_commit=False,
                     auto_offset_reset=reset,
                     max_poll_records=max_records,
+                    fetch_max_wait_ms=FETCH_WAIT_MS,
                     **_no_auto_create(),
                     **client_options(k),
                 )
