@@ -178,6 +178,32 @@ def test_pause_holds_records_back_and_resume_continues_exactly(
     _exactly_once(a.read, ends)
 
 
+def test_a_poll_returns_a_record_when_it_arrives_not_at_the_timeout(
+    kafka_bootstrap: str, topic_names: TopicNames, group_id: str, tmp_path: Path, member_factory: Any
+) -> None:
+    """The run loop's poll waits up to 200 ms; a record must not wait that long (nor for more
+    records to fill ``max_records``: librdkafka's ``consume(n, timeout)`` alone does)."""
+    create_topics(kafka_bootstrap, [topic_names.predictions, topic_names.outcomes], partitions=1)
+    a = member_factory(_config(kafka_bootstrap, topic_names, group_id, tmp_path))
+    a.wait_assigned()
+    transport.resume_at(a.consumer, topic_names[:2], 0, [None, None])
+    wait_for(lambda: a.poll() >= 0 and set(transport.lag(a.consumer).values()) == {0}, 30, "caught up")
+    for i in range(3):
+        event = [("prediction", {"id": f"r{i}"})]
+        writer = threading.Timer(
+            0.3, produce_events, (kafka_bootstrap, topic_names.predictions, topic_names.outcomes, event)
+        )
+        writer.start()
+        t0 = time.monotonic()
+        n = 0
+        while not n and time.monotonic() - t0 < 30:  # a poll may also end with an empty fetch
+            n = a.poll(10_000)  # far longer than the record takes to arrive
+        took = time.monotonic() - t0
+        writer.join()
+        assert n == 1
+        assert took < 5.0, f"polls held an arrived record for {took:.1f} s"
+
+
 def test_members_get_co_partitioned_inputs_and_the_offset_mirror(
     kafka_bootstrap: str, topic_names: TopicNames, group_id: str, tmp_path: Path, member_factory: Any
 ) -> None:

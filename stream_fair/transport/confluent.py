@@ -235,7 +235,15 @@ class ConfluentConsumer:
 
     # -- records ------------------------------------------------------------------------------
     def poll(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartition, Sequence[Record]]:
-        messages: list[Any] = self._c.consume(max_records, timeout_ms / 1000)
+        # What is already fetched, at once; else the first message as soon as it arrives and what
+        # came with it. (``consume(n, timeout)`` alone waits for n messages or the whole timeout:
+        # an idle consumer held each record for up to the poll's timeout.)
+        c = self._c
+        messages: list[Any] = c.consume(max_records, 0)
+        if not messages and timeout_ms > 0:
+            first = c.poll(timeout_ms / 1000)
+            if first is not None:
+                messages = [first, *c.consume(max_records - 1, 0)] if max_records > 1 else [first]
         out: dict[TopicPartition, list[Message]] = {}
         if not messages:
             return out
