@@ -33,6 +33,7 @@ from stream_fair.errors import BrokerError, StateError
 from stream_fair.exporter import ExporterServer, Health, PipelineStats, registry_for
 from stream_fair.missing import MissingFeatureLog
 from stream_fair.report import Report, ReportCache, build_report
+from stream_fair.report_worker import ReportWorker
 from stream_fair.state import identity
 from stream_fair.state.codec import (
     FEEDBACK_END,
@@ -206,7 +207,10 @@ class Detector:
         self._partitions = 0  # of each input topic
         self._leader_published = 0.0
         self._leader_dirty = False
-        registry = registry_for(self.current)
+        # the /metrics text of each snapshot, built in a child process while `run` runs
+        # (exporter.report_process; stream_fair.report_worker)
+        self.report_worker: ReportWorker | None = None
+        registry = registry_for(self.current, rendered=self._rendered)
         from stream_fair.status_page import History, render
 
         self.history = History()  # the status page's sparklines
@@ -314,6 +318,18 @@ class Detector:
             }
             snap = replace(snap, feedback=replace(snap.feedback, features=features))
         self._snapshot = snap
+        if self.report_worker is not None:
+            self.report_worker.submit(snap)
+
+    def _rendered(self) -> tuple[Snapshot, str, PipelineStats] | None:
+        """The report worker's newest text, with the snapshot it shows (None: build in process)."""
+        worker = self.report_worker
+        if worker is None:
+            return None
+        if worker.failures:
+            self.stats.errors["report_worker"] = worker.failures
+        done = worker.latest()
+        return None if done is None else (done[0], done[1], self.stats)
 
     # -- the exporter's view ----------------------------------------------------------------
     def current(self) -> tuple[Report, PipelineStats]:
@@ -516,6 +532,11 @@ class Detector:
         # leader's) ends that wait at once; the shutdown's own checkpoint then waits, bounded
         self._stop, self._draining = stop, False
         self.server.start()
+        if cfg.exporter.report_process:
+            self.report_worker = ReportWorker(cfg, on_points=self.history.add)
+            self.report_worker.start()
+            if self._snapshot is not None:
+                self.report_worker.submit(self._snapshot)
         self.health.heartbeat = time.monotonic()
         consumer = transport.make_consumer(cfg)
         writer = reader = publisher = inputs = None
@@ -538,6 +559,7 @@ class Detector:
                 if c is not None:
                     c.close()
             self.server.stop()
+            self._stop_report_worker()
             raise
         # after the broker checks, so a broker error stays the only line on stderr
         log.info("exporter on %s://%s:%d/metrics", self.server.scheme, cfg.exporter.host, self.port)
@@ -619,12 +641,18 @@ class Detector:
                         _closing(c.close)
                 self.close()
                 self.server.stop()
+                self._stop_report_worker()
                 tuned.close()
             # an error that stopped the loop is reported by the caller, in one line
             if clean and not failed:
                 log.info("stopped cleanly")
             elif not failed:
                 log.error("stopped; the last checkpoint is older than the last record read (see above)")
+
+    def _stop_report_worker(self) -> None:
+        worker, self.report_worker = self.report_worker, None
+        if worker is not None:
+            _closing(worker.close)
 
     def _dead_letter_stats(self) -> None:
         dead = self._dead
@@ -744,7 +772,7 @@ class Detector:
         """A poll's wait when nothing arrives: 200 ms (100 ms while restoring), or less so the
         loop is back when a checkpoint falls due (at 0 a poll returns what is already fetched)."""
         wait = 0.1 if self._to_restore else 0.2
-        return int(1000 * max(0.0, min(wait, self.checkpoint_due() - now)))
+        return round(1000 * max(0.0, min(wait, self.checkpoint_due() - now)))  # to the ms: 99.99 is 100
 
     def _caught_up(self) -> bool:
         """Every assigned input partition read to its high-water mark at the last poll."""

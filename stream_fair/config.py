@@ -374,6 +374,8 @@ class ExporterConfig(_Section):
     workers: int = Field(4, ge=1, le=64)
     max_connections: int = Field(512, ge=1)
     web_config_file: Path | None = None
+    # build each snapshot's /metrics text in a child process, off the consumer's interpreter
+    report_process: bool = True
 
     _durations = field_validator("read_timeout", mode="before")(parse_duration)
 

@@ -36,7 +36,7 @@ from stream_fair.fairness import DISPARITIES, RATES
 from stream_fair.histograms import OUT_OF_RANGE
 from stream_fair.missing import report_missing
 from stream_fair.report import CUMULATIVE, Report
-from stream_fair.tracker import TOPICS
+from stream_fair.tracker import TOPICS, Snapshot
 from stream_fair.web import UNPROTECTED, BoundedHTTPServer, WebConfig
 
 log = logging.getLogger(__name__)
@@ -73,13 +73,42 @@ class PipelineStats:
 
 
 Source = Callable[[], tuple[Report, PipelineStats]]
+Rendered = Callable[[], tuple[Snapshot, str, PipelineStats] | None]
+
+
+class Prerendered(Metric):
+    """Families already rendered as exposition text (the report worker's): written as they are."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__("stream_fair_prerendered", "", "untyped")
+        self.text = text
+
+
+def report_text_renderer() -> Callable[[Report], str]:
+    """What the report worker runs: a report's families as ``/metrics`` text, exactly what the
+    in-process collector writes for them; label prefixes are reused from one report to the next."""
+    current: list[Metric] = []
+
+    class _Families:
+        def collect(self) -> list[Metric]:
+            return current
+
+    exposition = Exposition(_Families())  # type: ignore[arg-type]
+
+    def render(report: Report) -> str:
+        current[:] = list(_families(report))
+        return exposition.render().decode("utf-8")
+
+    return render
 
 
 class FairnessCollector:
     """Builds every ``stream_fair_*`` family from one report at each scrape."""
 
-    def __init__(self, source: Source) -> None:
+    def __init__(self, source: Source, rendered: Rendered | None = None) -> None:
         self._source = source
+        # the report worker's newest (snapshot, text, stats), when one runs (stream_fair.report_worker)
+        self._rendered = rendered
         self.failures = 0
         # the families of the last report: a scrape of the same report reuses them (and so does
         # the exposition's text, :mod:`stream_fair.exposition`); only the pipeline's are rebuilt
@@ -100,8 +129,13 @@ class FairnessCollector:
         yield build
         stats = PipelineStats()
         try:
-            report, stats = self._source()
-            families = [*_pipeline(report, stats), *self._report_families(report)]
+            done = self._rendered() if self._rendered is not None else None
+            if done is not None:  # the report worker's text: no report built on this process
+                snap, text, stats = done
+                families = [*_pipeline(snap, stats), Prerendered(text)]
+            else:
+                report, stats = self._source()
+                families = [*_pipeline(report.snapshot, stats), *self._report_families(report)]
         except Exception:  # a scrape must never fail because of one bad value
             log.exception("building the metrics snapshot failed")
             self.failures += 1
@@ -408,8 +442,7 @@ def _search_families(report: Report) -> Iterator[Metric]:
     yield gap
 
 
-def _pipeline(report: Report, stats: PipelineStats) -> Iterator[Metric]:
-    snap = report.snapshot
+def _pipeline(snap: Snapshot, stats: PipelineStats) -> Iterator[Metric]:
     part = ["partition"]
     consumed = CounterMetricFamily(
         P + "events_consumed", "Records accounted for (checkpointed)", labels=["topic", *part]
@@ -523,9 +556,9 @@ def _pipeline(report: Report, stats: PipelineStats) -> Iterator[Metric]:
         )
 
 
-def registry_for(source: Source) -> CollectorRegistry:
+def registry_for(source: Source, rendered: Rendered | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FairnessCollector(source))  # type: ignore[arg-type]
+    registry.register(FairnessCollector(source, rendered))  # type: ignore[arg-type]
     ProcessCollector(registry=registry)
     return registry
 

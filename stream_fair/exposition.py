@@ -71,6 +71,10 @@ class Exposition:
             texts: dict[int, tuple[Any, str]] = {}
             out = []
             for metric in self._registry.collect():
+                pre = getattr(metric, "text", None)
+                if isinstance(pre, str):  # already rendered (stream_fair.exporter.Prerendered)
+                    out.append(pre)
+                    continue
                 hit = self._texts.get(id(metric))
                 text = hit[1] if hit is not None and hit[0] is metric else self._family(metric)
                 texts[id(metric)] = (metric, text)

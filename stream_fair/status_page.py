@@ -62,6 +62,27 @@ _FOREST = (
 _SPARK_METHOD = "between_groups"
 
 
+HistoryPoint = tuple[str, str, str, float, float, float, bool]  # model, feature, disparity, est, raised
+
+
+def history_points(report: Report) -> list[HistoryPoint]:
+    """The sparklines' point of each cumulative between-groups difference of a report, with
+    whether its calibrated alarm is raised."""
+    fb = report.snapshot.feedback
+    out: list[HistoryPoint] = []
+    for v in report.views:
+        if v.window != CUMULATIVE:
+            continue
+        alarms = fb.features.get((v.model, v.feature.name)) if fb is not None else None
+        for (d, method), est in v.report.disparities.items():
+            if method != _SPARK_METHOD or not d.endswith("_difference"):
+                continue
+            alarm = alarms.alarms.get(d) if alarms is not None else None
+            raised = bool(alarm is not None and alarm.flagged)
+            out.append((v.model, v.feature.name, d, est.value, est.lower, est.upper, raised))
+    return out
+
+
 class History:
     """A small bounded in-process history of each disparity for the sparklines.
 
@@ -79,25 +100,18 @@ class History:
 
     def record(self, report: Report) -> bool:
         """Add a point per disparity unless the last one is younger than ``interval``."""
-        t = report.snapshot.taken_at
+        return self.add(report.snapshot.taken_at, history_points(report))
+
+    def add(self, t: float, points: Sequence[HistoryPoint]) -> bool:
+        """Add the points of a report taken at ``t`` (:func:`history_points`; the report worker
+        computes them in its own process) unless the last ones are younger than ``interval``."""
         with self._lock:
             if self._last is not None and t - self._last < self.interval:
                 return False
             self._last = t
-            fb = report.snapshot.feedback
-            for v in report.views:
-                if v.window != CUMULATIVE:
-                    continue
-                alarms = fb.features.get((v.model, v.feature.name)) if fb is not None else None
-                for (d, method), est in v.report.disparities.items():
-                    if method != _SPARK_METHOD or not d.endswith("_difference"):
-                        continue
-                    alarm = alarms.alarms.get(d) if alarms is not None else None
-                    raised = bool(alarm is not None and alarm.flagged)
-                    series = self._points.setdefault(
-                        (v.model, v.feature.name, d), deque(maxlen=self.capacity)
-                    )
-                    series.append((t, est.value, est.lower, est.upper, raised))
+            for model, feature, d, value, lower, upper, raised in points:
+                series = self._points.setdefault((model, feature, d), deque(maxlen=self.capacity))
+                series.append((t, value, lower, upper, raised))
             return True
 
     def series(self, model: str, feature: str, disparity: str) -> list[Point]:

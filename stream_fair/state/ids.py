@@ -321,13 +321,23 @@ class IdTable:
         return store, changelog
 
     def committed(self) -> None:
-        """The batch from :meth:`changes` is durable: start a new overlay."""
+        """The batch from :meth:`changes` is durable: start a new overlay.
+
+        The scans start again from the head of each index (the store now holds this overlay's
+        entries), but not at the next check: ``next_due`` and ``next_forget`` are lower bounds of
+        the heads at all times (a scan sets them to the head, :meth:`put` lowers them, a delete
+        only raises the true head), so the scan waits until something may be due. Rescanning at
+        every checkpoint cost a seek over the deleted (joined) entries at the head of each index,
+        per partition: ~10 % of the loop's time under a steady stream.
+        """
+        due, forget = self.next_due, self.next_forget
         self._dirty.clear()
         self._orig.clear()
         self._enc.clear()
         self._due_heap.clear()
         self._forget_heap.clear()
         self._reset_scans()
+        self.next_due, self.next_forget = due, forget
 
     def touch(self, event_id: str) -> None:
         """Rewrite ``event_id``'s stored record (or its absence) in the next checkpoint.
