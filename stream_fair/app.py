@@ -33,7 +33,7 @@ from stream_fair.errors import BrokerError, StateError
 from stream_fair.exporter import ExporterServer, Health, PipelineStats, registry_for
 from stream_fair.missing import MissingFeatureLog
 from stream_fair.report import Report, ReportCache, build_report
-from stream_fair.report_worker import ReportWorker
+from stream_fair.report_worker import RENDER_WAIT, ReportWorker
 from stream_fair.state import identity
 from stream_fair.state.codec import (
     FEEDBACK_END,
@@ -318,17 +318,16 @@ class Detector:
             }
             snap = replace(snap, feedback=replace(snap.feedback, features=features))
         self._snapshot = snap
-        if self.report_worker is not None:
-            self.report_worker.submit(snap)
 
     def _rendered(self) -> tuple[Snapshot, str, PipelineStats] | None:
-        """The report worker's newest text, with the snapshot it shows (None: build in process)."""
-        worker = self.report_worker
-        if worker is None:
+        """The report worker's text of the last published snapshot (or, if it takes longer than
+        ``RENDER_WAIT``, of an older one), with that snapshot; None: build in process."""
+        worker, snap = self.report_worker, self._snapshot
+        if worker is None or snap is None:
             return None
+        done = worker.render(snap, RENDER_WAIT)
         if worker.failures:
             self.stats.errors["report_worker"] = worker.failures
-        done = worker.latest()
         return None if done is None else (done[0], done[1], self.stats)
 
     # -- the exporter's view ----------------------------------------------------------------
@@ -535,8 +534,6 @@ class Detector:
         if cfg.exporter.report_process:
             self.report_worker = ReportWorker(cfg, on_points=self.history.add)
             self.report_worker.start()
-            if self._snapshot is not None:
-                self.report_worker.submit(self._snapshot)
         self.health.heartbeat = time.monotonic()
         consumer = transport.make_consumer(cfg)
         writer = reader = publisher = inputs = None

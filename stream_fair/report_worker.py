@@ -6,15 +6,16 @@ estimates) and render its ~10k-45k series on a server thread of the consumer's o
 consumer read ~17 % fewer records while scraped every second, and a fresh count waited for that
 build before it reached ``/metrics``.
 
-:class:`ReportWorker` moves that work to a child process (the other core). The consumer's
-process only hands each published snapshot over (pickled on this module's own thread: ~7 ms at
-15k series, ~13 ms at 45k) and keeps the text that comes back; a scrape then renders only the
-pipeline's live facts and appends that text. Snapshots published while the child is busy are
-coalesced: it always builds the newest one.
+:class:`ReportWorker` moves that work to a child process (the other core). A scrape that finds
+the last published snapshot not rendered yet hands it over (pickled on this module's own thread:
+~7 ms at 15k series, ~13 ms at 45k) and waits for the text (at most ``RENDER_WAIT``; concurrent
+scrapes share one build); then it renders only the pipeline's live facts and appends that text.
+Nothing is built while nobody scrapes: a snapshot is published every second, Prometheus scrapes
+every 15-60 s.
 
 Every number in one scrape comes from one snapshot: the collector renders the snapshot-derived
-pipeline families (consumed, fates, pending, ...) from the snapshot the text was built from, so a
-scrape may show the previous checkpoint for the ~0.1-0.5 s the child takes, never a mix.
+pipeline families (consumed, fates, pending, ...) from the snapshot the text was built from. A
+build that takes longer than ``RENDER_WAIT`` leaves the scrape with the previous text, never a mix.
 
 If the child fails (it died, or building a report raised), the scrape falls back to building the
 report in process, as it did before (logged, and counted as ``errors{kind="report_worker"}``);
@@ -37,6 +38,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+RENDER_WAIT = 5.0  # how long a scrape waits for the child's text of the newest snapshot
 RESTART_AFTER = 30.0  # seconds between a child's failure and its replacement
 START_TIMEOUT = 60.0  # a child that does not answer its first snapshot within this is replaced
 
@@ -45,18 +47,22 @@ OnPoints = Callable[[float, Sequence[Any]], Any]  # History.add
 
 
 class ReportWorker:
-    """Hands published snapshots to a child process and keeps the newest rendered text.
+    """Renders snapshots in a child process when a scrape asks for them.
 
-    ``submit`` never blocks (the consumer calls it at each publish); ``latest`` is what a scrape
-    uses, or None while nothing usable is there (then the scrape builds in process).
+    :meth:`render` is what a scrape calls: the text of the snapshot it names, built by the child
+    unless it is already there, waiting at most ``timeout``. Nothing is built while nobody scrapes
+    (a snapshot every second, Prometheus every 15-60 s), and concurrent scrapes of one snapshot
+    share one build.
     """
 
     def __init__(self, config: Any, on_points: OnPoints | None = None) -> None:
         self._config = config
         self._on_points = on_points
         self._cond = threading.Condition()
-        self._pending: Any = None
+        self._pending: Any = None  # the snapshot a scrape asked for, not taken yet
+        self._inflight: Any = None  # the one the child is rendering
         self._latest: Rendered | None = None
+        self._outcomes = 0  # renders finished, failed or not: what a waiting scrape watches
         self._closed = False
         self._proc: Any = None
         self._conn: Any = None
@@ -65,25 +71,43 @@ class ReportWorker:
         self.built = 0  # snapshots rendered by the child
         self._thread = threading.Thread(target=self._loop, name="stream-fair-report", daemon=True)
 
-    # -- the consumer's side ------------------------------------------------------------------
+    # -- the scrape's side --------------------------------------------------------------------
     def start(self) -> None:
+        """Start the child now (on this object's thread), so the first scrape finds it ready."""
         self._thread.start()
 
-    def submit(self, snapshot: Any) -> None:
-        """The newest published snapshot (replaces one the child has not taken yet)."""
+    def render(self, snapshot: Any, timeout: float) -> Rendered | None:
+        """``(snapshot, text)`` once the child rendered ``snapshot``; after ``timeout`` the newest
+        text there is (an older snapshot's); None after a failure, until the child is replaced (the
+        caller then builds in process)."""
+        deadline = time.monotonic() + timeout
         with self._cond:
-            self._pending = snapshot
-            self._cond.notify()
+            while True:
+                latest = self._latest
+                if latest is not None and latest[0] is snapshot:
+                    return latest
+                if self._closed or self._backing_off():
+                    return None
+                if self._pending is not snapshot and self._inflight is not snapshot:
+                    self._pending = snapshot
+                    self._cond.notify_all()
+                seen = self._outcomes
+                while self._outcomes == seen and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return self._latest
+                    self._cond.wait(left)
+                if self._latest is None:
+                    return None  # it failed: in process until the replacement
 
     def latest(self) -> Rendered | None:
-        """The newest snapshot the child rendered and its text, None after a failure until the
-        child renders again (the caller then builds in process)."""
+        """The newest snapshot the child rendered and its text (None after a failure)."""
         return self._latest
 
     def close(self, timeout: float = 5.0) -> None:
         with self._cond:
             self._closed = True
-            self._cond.notify()
+            self._cond.notify_all()
         self._thread.join(timeout)
         self._stop_child(timeout)
 
@@ -92,8 +116,15 @@ class ReportWorker:
         proc = self._proc
         return None if proc is None else proc.pid
 
+    def _backing_off(self) -> bool:
+        return self._failed_at is not None and time.monotonic() - self._failed_at < RESTART_AFTER
+
     # -- the hand-over thread -----------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._start_child()
+        except Exception as e:
+            self._fail(e)
         while True:
             with self._cond:
                 while self._pending is None and not self._closed:
@@ -101,12 +132,14 @@ class ReportWorker:
                 if self._closed:
                     return
                 snapshot, self._pending = self._pending, None
-            if self._failed_at is not None and time.monotonic() - self._failed_at < RESTART_AFTER:
-                continue  # in process until the replacement is due (latest() is None meanwhile)
+                self._inflight = snapshot
+            if self._backing_off():
+                continue
             try:
                 self._render(snapshot)
             except Exception as e:  # the child died or failed: the scrape builds in process
                 self._fail(e)
+            self._inflight = None
 
     def _render(self, snapshot: Any) -> None:
         if self._proc is None:
@@ -121,16 +154,22 @@ class ReportWorker:
         if not ok:
             raise RuntimeError(f"the report process failed to build a report: {payload}")
         text, taken_at, points = payload
-        self._latest = (snapshot, text)
-        self._failed_at = None
-        self.built += 1
+        with self._cond:
+            self._latest = (snapshot, text)
+            self._failed_at = None
+            self.built += 1
+            self._outcomes += 1
+            self._cond.notify_all()
         if self._on_points is not None:
             self._on_points(taken_at, points)
 
     def _fail(self, error: BaseException) -> None:
-        self.failures += 1
-        self._latest = None
-        self._failed_at = time.monotonic()
+        with self._cond:
+            self.failures += 1
+            self._latest = None
+            self._failed_at = time.monotonic()
+            self._outcomes += 1
+            self._cond.notify_all()
         log.error(
             "report process failed (%s); /metrics builds its report in process, retried in %.0f s",
             error,

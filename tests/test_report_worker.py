@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,7 @@ def worker() -> Any:
 def test_the_workers_text_is_the_in_process_text(worker: Any) -> None:
     snap = tracker(60).snapshot()
     expected = Scraper(snap).text()
-    worker.submit(snap)
-    wait_for(lambda: worker.latest() is not None, 60, "the report process's first text")
+    assert worker.render(snap, 60) is not None
     scraper = Scraper(snap, worker)
     assert scraper.text() == expected
     assert scraper.built_in_process == 0, "a scrape built a report although the worker had the text"
@@ -90,13 +90,28 @@ def test_the_workers_text_is_the_in_process_text(worker: Any) -> None:
     assert worker.points[0][1], "the fixture has between-groups differences to draw"
 
 
-def test_newer_snapshots_replace_older_ones(worker: Any) -> None:
-    snaps = [tracker(n).snapshot() for n in (20, 30, 40, 50)]
-    for s in snaps:
-        worker.submit(s)
-    wait_for(lambda: worker.latest() is not None and worker.latest()[0] is snaps[-1], 60, "the last one")
-    assert worker.built <= len(snaps)
-    assert worker.latest()[1] in Scraper(snaps[-1]).text()
+def test_nothing_is_built_until_asked_and_one_build_serves_concurrent_scrapes(worker: Any) -> None:
+    snaps = [tracker(n).snapshot() for n in (20, 30, 40)]
+    assert worker.render(snaps[0], 60)[0] is snaps[0]
+    time.sleep(0.5)
+    assert worker.built == 1  # published snapshots nobody scraped are not built
+    results: list[Any] = []
+    threads = [threading.Thread(target=lambda: results.append(worker.render(snaps[2], 60))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [r[0] for r in results] == [snaps[2]] * 4
+    assert worker.built == 2, "four concurrent scrapes of one snapshot share one build"
+    assert results[0][1] in Scraper(snaps[2]).text()
+
+
+def test_a_scrape_that_cannot_wait_gets_the_previous_text(worker: Any) -> None:
+    first, second = tracker(20).snapshot(), tracker(30).snapshot()
+    assert worker.render(first, 60)[0] is first
+    done = worker.render(second, 0.0)  # the build has not finished: the older, consistent text
+    assert done is not None and done[0] is first
+    assert worker.render(second, 60)[0] is second
 
 
 def test_a_killed_child_falls_back_in_process_then_is_replaced(
@@ -104,22 +119,20 @@ def test_a_killed_child_falls_back_in_process_then_is_replaced(
 ) -> None:
     monkeypatch.setattr(report_worker, "RESTART_AFTER", 1.0)
     first, second = tracker(30).snapshot(), tracker(45).snapshot()
-    worker.submit(first)
-    wait_for(lambda: worker.latest() is not None, 60, "the first text")
+    assert worker.render(first, 60) is not None
     old_pid = worker.pid
     os.kill(old_pid, signal.SIGKILL)
     wait_for(lambda: not _alive(old_pid), 10, "the child to die")
-    worker.submit(second)
-    wait_for(lambda: worker.failures == 1, 30, "the failure to be noticed")
-    assert worker.latest() is None  # no stale text: the scrape builds in process
+    assert worker.render(second, 30) is None  # noticed: the caller builds in process
+    assert worker.failures == 1
+    assert worker.latest() is None  # no stale text
     scraper = Scraper(second, worker)
     assert scraper.text() == Scraper(second).text()
     assert scraper.built_in_process == 1
     time.sleep(1.2)  # RESTART_AFTER
-    worker.submit(second)
-    wait_for(lambda: worker.latest() is not None, 60, "the replacement's text")
+    done = worker.render(second, 60)
+    assert done is not None and done[0] is second
     assert worker.pid not in (None, old_pid)
-    assert worker.latest()[0] is second
     assert Scraper(second, worker).text() == Scraper(second).text()
 
 
