@@ -205,8 +205,8 @@ class Detector:
         self._stop: threading.Event | None = None  # set by run: its stop event
         self._draining = False  # run has reached its shutdown
         self._partitions = 0  # of each input topic
-        self._leader_published = 0.0
-        self._leader_dirty = False
+        self._published_mono = 0.0  # when the last snapshot was published (time.monotonic())
+        self._leader_dirty = False  # the leader folded increments no published snapshot shows
         # the /metrics text of each snapshot, built in a child process while `run` runs
         # (exporter.report_process; stream_fair.report_worker)
         self.report_worker: ReportWorker | None = None
@@ -302,6 +302,8 @@ class Detector:
         capture = fb.capture() if fb is not None and hasattr(fb, "capture") else None
         snap = self.tracker.snapshot(self.windows.window_quads(self._window_labels), feedback=capture)
         loops = None
+        if self.leader is not None:
+            self._leader_dirty = False  # this capture shows what it folded so far
         if self.model_wide:
             # the loop test is the leader's, from every partition (none on the other replicas)
             loops = self.leader.fold.loop_estimates() if self.leader is not None else {}
@@ -318,6 +320,7 @@ class Detector:
             }
             snap = replace(snap, feedback=replace(snap.feedback, features=features))
         self._snapshot = snap
+        self._published_mono = time.monotonic()
 
     def _rendered(self) -> tuple[Snapshot, str, PipelineStats] | None:
         """The report worker's text of the last published snapshot (or, if it takes longer than
@@ -928,12 +931,12 @@ class Detector:
             return
         if leader.step(now):
             self._leader_dirty = True
-        if self._leader_dirty and now - self._leader_published >= 1.0:
+        # the leader's folds are shown at most once a second, and not when a checkpoint published
+        # a snapshot (which shows them too) within that second: under a steady stream, never
+        if self._leader_dirty and now - self._published_mono >= 1.0:
             with self.lock:
                 captured = self._capture()
             self._finish_publish(captured)
-            self._leader_published = now
-            self._leader_dirty = False
         leader.maybe_checkpoint(now)
 
     def _save_windows(self) -> None:
