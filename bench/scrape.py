@@ -23,6 +23,7 @@ from another thread, alternating; printed: records/s and the ratio.
     python bench/scrape.py                   # both parts, 15k and 45k series
     python bench/scrape.py --part scrape --sizes 15k --profile
     python bench/scrape.py --part consume --rounds 3
+    python bench/scrape.py --part consume --consume-size 45k --in-process  # report on the consumer
 
 Goals (issue 13): scrape <= 1.5x bare exposition at 15k and 45k series; consumption scraped every
 second >= 0.9x unscraped. Timings on shared machines are noisy: compare the ratios, each measured
@@ -355,7 +356,9 @@ def _process_series(text: bytes) -> int:
 
 
 # -- part 2: consumption with and without scrapes ---------------------------------------------------
-def consume_part(rounds: int, size: str, n: int, bootstrap: str | None) -> dict[str, float]:
+def consume_part(
+    rounds: int, size: str, n: int, bootstrap: str | None, in_process: bool = False
+) -> dict[str, float]:
     from stream_fair.dev.broker import EmbeddedBroker, create_topics, produce_events
 
     models, regions = SIZES[size]
@@ -370,8 +373,8 @@ def consume_part(rounds: int, size: str, n: int, bootstrap: str | None) -> dict[
         print(f"filled {topics[0]} / {topics[1]}: {total} records, {PARTITIONS} partitions")
         plain, scraped = [], []
         for i in range(rounds):
-            plain.append(_run_once(boot, topics, tmp, total, scrape_every=None)[0])
-            rate, scrapes, scrape_s = _run_once(boot, topics, tmp, total, scrape_every=1.0)
+            plain.append(_run_once(boot, topics, tmp, total, None, in_process)[0])
+            rate, scrapes, scrape_s = _run_once(boot, topics, tmp, total, 1.0, in_process)
             scraped.append(rate)
             print(
                 f"round {i + 1}: unscraped {plain[-1]:,.0f} records/s, scraped every 1 s {scraped[-1]:,.0f} "
@@ -387,37 +390,57 @@ def consume_part(rounds: int, size: str, n: int, bootstrap: str | None) -> dict[
 
 
 def _run_once(
-    bootstrap: str, topics: tuple[str, str], tmp: Path, total: int, scrape_every: float | None
+    bootstrap: str,
+    topics: tuple[str, str],
+    tmp: Path,
+    total: int,
+    scrape_every: float | None,
+    in_process: bool = False,
 ) -> tuple[float, int, float]:
     """Run ``Detector.run`` until every record is accounted for; records/s from the first record read."""
     cfg = config(tmp, bootstrap, topics)
+    exporter = cfg.exporter.model_copy(update={"report_process": not in_process})
+    cfg = cfg.model_copy(update={"exporter": exporter})
     d = Detector(cfg)
     stop = threading.Event()
     t = threading.Thread(target=d.run, args=(stop,), daemon=True)
     t.start()
     durations: list[float] = []
+    first_read = threading.Event()
+    done = threading.Event()
+
+    def scraper() -> None:  # from another thread, as Prometheus would: never delays the end check
+        first_read.wait()
+        while not done.is_set():
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(f"http://127.0.0.1:{d.port}/metrics", timeout=60) as r:
+                r.read()
+            durations.append(time.perf_counter() - t0)
+            done.wait(max(0.0, scrape_every - durations[-1]))  # type: ignore[operator]
+
+    scraping = threading.Thread(target=scraper, daemon=True)
+    if scrape_every is not None:
+        scraping.start()
     started: float | None = None
     deadline = time.monotonic() + 900
     try:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # the end is checked every 10 ms in both modes
             read = sum(d.stats.records_read.values())
             if started is None and read:
                 started = time.perf_counter()
+                first_read.set()
             snap = d._snapshot
             if snap is not None and sum(snap.consumed.values()) >= total:
                 break
-            if scrape_every is not None and started is not None:
-                t0 = time.perf_counter()
-                with urllib.request.urlopen(f"http://127.0.0.1:{d.port}/metrics", timeout=60) as r:
-                    r.read()
-                durations.append(time.perf_counter() - t0)
-                time.sleep(max(0.0, scrape_every - durations[-1]))
-            else:
-                time.sleep(0.05)
+            time.sleep(0.01)
         else:
             raise RuntimeError("the detector did not finish in time")
         elapsed = time.perf_counter() - (started or time.perf_counter())
     finally:
+        done.set()
+        first_read.set()
+        if scrape_every is not None:
+            scraping.join(60)
         stop.set()
         t.join(60)
     return total / elapsed, len(durations), statistics.median(durations) if durations else 0.0
@@ -429,7 +452,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=sorted(SIZES))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--predictions", type=int, default=60_000, help="state size of part 1")
-    ap.add_argument("--consume-predictions", type=int, default=100_000)
+    ap.add_argument("--consume-predictions", type=int, default=200_000)
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="part 2 with exporter.report_process: false (the report built on the consumer's process)",
+    )
     ap.add_argument("--consume-size", choices=sorted(SIZES), default="15k")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--bootstrap-servers", help="an existing cluster (default: embedded Tansu)")
@@ -437,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("scrape", "both"):
         scrape_part(args.sizes, args.rounds, args.profile, args.predictions)
     if args.part in ("consume", "both"):
-        r = consume_part(args.rounds, args.consume_size, args.consume_predictions, args.bootstrap_servers)
+        r = consume_part(
+            args.rounds, args.consume_size, args.consume_predictions, args.bootstrap_servers, args.in_process
+        )
         print(
             f"consumption: unscraped {r['plain']:,.0f} records/s, scraped every 1 s {r['scraped']:,.0f} "
             f"records/s, ratio {r['ratio']:.2f} (goal >= 0.9)"
