@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +39,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+NICENESS = 10  # the child's scheduling priority below the consumer's (os.nice)
 RENDER_WAIT = 5.0  # how long a scrape waits for the child's text of the newest snapshot
 RESTART_AFTER = 30.0  # seconds between a child's failure and its replacement
 START_TIMEOUT = 60.0  # a child that does not answer its first snapshot within this is replaced
@@ -204,6 +206,8 @@ def serve(conn: Any, config: Any) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when this process ends
+    with contextlib.suppress(OSError):
+        os.nice(NICENESS)  # where both want the CPU (one core, a CPU limit), the consumer goes first
     from stream_fair.app import tuned_collector
     from stream_fair.exporter import report_text_renderer
     from stream_fair.report import ReportCache, build_report
