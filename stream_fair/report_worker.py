@@ -43,6 +43,7 @@ NICENESS = 10  # the child's scheduling priority below the consumer's (os.nice)
 RENDER_WAIT = 5.0  # how long a scrape waits for the child's text of the newest snapshot
 RESTART_AFTER = 30.0  # seconds between a child's failure and its replacement
 START_TIMEOUT = 60.0  # a child that does not answer its first snapshot within this is replaced
+BUILD_TIMEOUT = 120.0  # ... nor any later one (a 45k-series report takes ~0.5 s): never a stuck text
 
 Rendered = tuple[Any, str]  # (the snapshot, the text of its report's families)
 OnPoints = Callable[[float, Sequence[Any]], Any]  # History.add
@@ -135,13 +136,13 @@ class ReportWorker:
                     return
                 snapshot, self._pending = self._pending, None
                 self._inflight = snapshot
-            if self._backing_off():
-                continue
             try:
-                self._render(snapshot)
-            except Exception as e:  # the child died or failed: the scrape builds in process
+                if not self._backing_off():
+                    self._render(snapshot)
+            except Exception as e:  # the child died, hung or failed: the scrape builds in process
                 self._fail(e)
-            self._inflight = None
+            finally:
+                self._inflight = None
 
     def _render(self, snapshot: Any) -> None:
         if self._proc is None:
@@ -149,9 +150,9 @@ class ReportWorker:
         elif not self._proc.is_alive():
             raise RuntimeError(f"the report process exited (exit code {self._proc.exitcode})")
         self._conn.send(snapshot)
-        timeout = START_TIMEOUT if self.built == 0 else None
-        if timeout is not None and not self._conn.poll(timeout):
-            raise TimeoutError(f"the report process did not answer within {START_TIMEOUT:.0f} s")
+        timeout = START_TIMEOUT if self.built == 0 else BUILD_TIMEOUT
+        if not self._conn.poll(timeout):
+            raise TimeoutError(f"the report process did not answer within {timeout:.0f} s")
         ok, payload = self._conn.recv()
         if not ok:
             raise RuntimeError(f"the report process failed to build a report: {payload}")
@@ -172,11 +173,13 @@ class ReportWorker:
             self._failed_at = time.monotonic()
             self._outcomes += 1
             self._cond.notify_all()
-        log.error(
-            "report process failed (%s); /metrics builds its report in process, retried in %.0f s",
-            error,
-            RESTART_AFTER,
-        )
+            closing = self._closed
+        if not closing:  # at shutdown the pipe is closed under a waiting read: not a failure
+            log.error(
+                "report process failed (%s); /metrics builds its report in process, retried in %.0f s",
+                error,
+                RESTART_AFTER,
+            )
         self._stop_child(1.0)
 
     def _start_child(self) -> None:

@@ -10,6 +10,7 @@ leaves no child behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -134,6 +135,27 @@ def test_a_killed_child_falls_back_in_process_then_is_replaced(
     assert done is not None and done[0] is second
     assert worker.pid not in (None, old_pid)
     assert Scraper(second, worker).text() == Scraper(second).text()
+
+
+def test_a_hung_child_is_replaced_not_waited_for_forever(
+    worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child that stops answering (SIGSTOP here) is given up after BUILD_TIMEOUT: the scrape
+    builds in process instead of serving the last text for ever."""
+    monkeypatch.setattr(report_worker, "BUILD_TIMEOUT", 1.0)
+    first, second = tracker(30).snapshot(), tracker(45).snapshot()
+    assert worker.render(first, 60) is not None
+    hung = worker.pid
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        done = worker.render(second, 0.3)  # meanwhile: the previous, consistent text
+        assert done is not None and done[0] is first
+        wait_for(lambda: worker.failures == 1, 30, "the hung child to be given up")
+        assert worker.render(second, 1.0) is None  # in process until the replacement
+        wait_for(lambda: not _alive(hung), 15, "the hung child to be killed")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(hung, signal.SIGCONT)
 
 
 def _alive(pid: int) -> bool:
