@@ -31,7 +31,7 @@ from prometheus_client.process_collector import ProcessCollector
 from stream_fair import __version__
 from stream_fair.counts import ACTUAL_PREDICTED, EXPIRED, FN, FP, PRED0, PRED1, TN, TP
 from stream_fair.estimates import ESTIMATED_RATES
-from stream_fair.exposition import Exposition
+from stream_fair.exposition import Exposition, Prerendered
 from stream_fair.fairness import DISPARITIES, RATES
 from stream_fair.histograms import OUT_OF_RANGE
 from stream_fair.missing import report_missing
@@ -73,15 +73,8 @@ class PipelineStats:
 
 
 Source = Callable[[], tuple[Report, PipelineStats]]
-Rendered = Callable[[], tuple[Snapshot, str, PipelineStats] | None]
-
-
-class Prerendered(Metric):
-    """Families already rendered as exposition text (the report worker's): written as they are."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__("stream_fair_prerendered", "", "untyped")
-        self.text = text
+# the report worker's text of a snapshot, with that snapshot and the live stats (app.Detector._rendered)
+RenderedSource = Callable[[], tuple[Snapshot, str, PipelineStats] | None]
 
 
 def report_text_renderer() -> Callable[[Report], str]:
@@ -105,7 +98,7 @@ def report_text_renderer() -> Callable[[Report], str]:
 class FairnessCollector:
     """Builds every ``stream_fair_*`` family from one report at each scrape."""
 
-    def __init__(self, source: Source, rendered: Rendered | None = None) -> None:
+    def __init__(self, source: Source, rendered: RenderedSource | None = None) -> None:
         self._source = source
         # the report worker's newest (snapshot, text, stats), when one runs (stream_fair.report_worker)
         self._rendered = rendered
@@ -556,7 +549,7 @@ def _pipeline(snap: Snapshot, stats: PipelineStats) -> Iterator[Metric]:
         )
 
 
-def registry_for(source: Source, rendered: Rendered | None = None) -> CollectorRegistry:
+def registry_for(source: Source, rendered: RenderedSource | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FairnessCollector(source, rendered))  # type: ignore[arg-type]
     ProcessCollector(registry=registry)

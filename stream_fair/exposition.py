@@ -29,6 +29,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -57,6 +58,15 @@ def _escape_value(s: str) -> str:
     return s.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
+class Prerendered(Metric):
+    """Families already rendered as this module's text (the report worker's, rendered in its own
+    process by an :class:`Exposition` there): written as they are."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__("prerendered", "", "untyped")
+        self.text = text
+
+
 class Exposition:
     """Renders a registry's families as ``generate_latest`` does, reusing the previous scrape's text."""
 
@@ -71,9 +81,8 @@ class Exposition:
             texts: dict[int, tuple[Any, str]] = {}
             out = []
             for metric in self._registry.collect():
-                pre = getattr(metric, "text", None)
-                if isinstance(pre, str):  # already rendered (stream_fair.exporter.Prerendered)
-                    out.append(pre)
+                if isinstance(metric, Prerendered):
+                    out.append(metric.text)
                     continue
                 hit = self._texts.get(id(metric))
                 text = hit[1] if hit is not None and hit[0] is metric else self._family(metric)

@@ -2,9 +2,10 @@
 
 A scrape after a new snapshot used to build the report (rates, intervals, verdicts, label-free
 estimates) and render its ~10k-45k series on a server thread of the consumer's own process:
-100-500 ms of CPU holding the interpreter lock that the consumer needs, once per checkpoint. The
-consumer read ~17 % fewer records while scraped every second, and a fresh count waited for that
-build before it reached ``/metrics``.
+100-500 ms of CPU holding the interpreter lock that the consumer needs, once per checkpoint. At
+46k series the consumer read 0.74x as many records while scraped every second (0.99x with this
+module), and under a steady stream the scrapes took half the process's CPU
+(docs/performance.md).
 
 :class:`ReportWorker` moves that work to a child process (the other core). A scrape that finds
 the last published snapshot not rendered yet hands it over (pickled on this module's own thread:

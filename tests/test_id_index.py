@@ -112,18 +112,18 @@ def test_expiry_and_forgetting_match_a_model_across_checkpoints(tmp_path: Path, 
             _commit(table, backend)
         else:  # the watermark moves: what is due expires, what is forgotten goes
             watermark += rng.uniform(0.0, 6.0)
-            expect_due = sorted((d, i) for i, d in due.items() if d < watermark)
-            got = table.pop_due(watermark) if table.due_before(watermark) else []
-            assert [i for i, _ in got] == [i for _, i in expect_due]
-            for i, _ in got:
-                del due[i]
-                table.delete(i)
-            expect_forget = sorted((a, i) for i, a in forget.items() if a < watermark)
-            gone = table.pop_forget(watermark) if table.forget_before(watermark) else []
-            assert [i for i, _ in gone] == [i for _, i in expect_forget]
-            for i, _ in gone:
-                del forget[i]
-                table.delete(i)
+            _expire(due, table.due_before, table.pop_due, table.delete, watermark)
+            _expire(forget, table.forget_before, table.pop_forget, table.delete, watermark)
     _commit(table, backend)
     rest = table.pop_due()
     assert sorted(i for i, _ in rest) == sorted(due)
+
+
+def _expire(model: dict[str, float], before: Any, pop: Any, delete: Any, watermark: float) -> None:
+    """What one index hands out below ``watermark`` is what the model says, in its order."""
+    expected = [i for _, i in sorted((at, i) for i, at in model.items() if at < watermark)]
+    got = pop(watermark) if before(watermark) else []
+    assert [i for i, _ in got] == expected
+    for i in expected:
+        del model[i]
+        delete(i)
