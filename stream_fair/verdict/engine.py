@@ -106,7 +106,9 @@ class VerdictEngine:
         self._h = s.threshold(len(self.features))
         self._h_clear = s.clear_threshold
         self._sources: dict[str, float] = {}
-        self._pending: dict[int, list[CellCounts]] = {}
+        # slot -> (model, cell, cohort) -> the rows of every increment summed (bounded by the
+        # cells, not by how many increments a slot collects before it closes)
+        self._pending: dict[int, dict[tuple[str, Cell, int], CellCounts]] = {}
         # (model, feature, group, rate) of every detector changed since the owner last cleared it
         # (the feedback monitor checkpoints only those, see FeedbackMonitor.changes)
         self.touched: set[tuple[str, str, str, str]] = set()
@@ -129,11 +131,17 @@ class VerdictEngine:
                 if hist and len(hist) != self._bins:
                     raise ValueError(BINS_ERROR.format(got=len(hist), want=self._bins))
             slot = c.slot if self._done is None or c.slot > self._done else self._done + 1
-            self._pending.setdefault(slot, []).append(c)
+            self._queue(slot, c)
         if increment.watermark is not None:
             old = self._sources.get(increment.source, NEG)
             self._sources[increment.source] = max(old, increment.watermark)
         self._advance()
+
+    def _queue(self, slot: int, c: CellCounts) -> None:
+        rows = self._pending.setdefault(slot, {})
+        key = (c.model, c.cell, c.cohort)
+        old = rows.get(key)
+        rows[key] = c if old is None else old.plus(c)
 
     def hold(self, source: str, watermark: float) -> None:
         """Set ``source``'s watermark to exactly this (lower included), then evaluate what it allows.
@@ -152,7 +160,7 @@ class VerdictEngine:
     def flush(self) -> None:
         """Evaluate every pending slot now (end of stream, or a test)."""
         for slot in sorted(self._pending):
-            self._evaluate(slot, self._pending.pop(slot))
+            self._evaluate(slot, list(self._pending.pop(slot).values()))
             self._done = slot
 
     @property
@@ -171,7 +179,7 @@ class VerdictEngine:
             return
         closed = math.floor(wm / self.settings.slot) - 1
         for slot in sorted(s for s in self._pending if s <= closed):
-            self._evaluate(slot, self._pending.pop(slot))
+            self._evaluate(slot, list(self._pending.pop(slot).values()))
         if self._done is None or closed > self._done:
             self._done = closed
 
@@ -441,7 +449,7 @@ class VerdictEngine:
             "features": [f.name for f in self.features],
             "sources": dict(self._sources),
             "done": self._done,
-            "pending": [[slot, [c.to_json() for c in rows]] for slot, rows in self._pending.items()],
+            "pending": [[slot, [c.to_json() for c in rows.values()]] for slot, rows in self._pending.items()],
             "models": models,
             "events": [e.to_json() for e in self._events],
             "seq": self._seq,
@@ -468,7 +476,9 @@ class VerdictEngine:
             raise ValueError(FEATURES_ERROR.format(saved=state["features"], given=names))
         e._sources = {k: float(v) for k, v in state["sources"].items()}
         e._done = state["done"]
-        e._pending = {int(slot): [CellCounts.from_json(r) for r in rows] for slot, rows in state["pending"]}
+        for slot, rows in state["pending"]:  # a state saved before rows were summed is summed here
+            for r in rows:
+                e._queue(int(slot), CellCounts.from_json(r))
         for name, m in state["models"].items():
             ms = e._models[name] = _Model()
             for f, g, row in m["cum"]:

@@ -29,7 +29,8 @@ True
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from operator import add
 from typing import Any
 
 import numpy as np
@@ -97,6 +98,11 @@ class ScoreBins:
         return np.clip(i, 0, self.count - 1).astype(np.int64)
 
 
+def _bins_sum(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """Two score histograms added (``()`` is all zeros)."""
+    return tuple(map(add, a, b)) if a and b else a or b
+
+
 @dataclass(frozen=True)
 class CellCounts:
     """Counts of one ``(model, cell, cohort, slot)``; see the module docstring.
@@ -129,6 +135,18 @@ class CellCounts:
             list(self.negative_scores),
             ts,
         ]
+
+    def plus(self, other: CellCounts) -> CellCounts:
+        """This row and ``other`` (same model, cell and cohort) summed: counts and score bins
+        added, the larger ``max_ts``; ``slot`` stays this row's."""
+        return replace(
+            self,
+            predictions=tuple(map(add, self.predictions, other.predictions)),  # type: ignore[arg-type]
+            labelled=tuple(map(add, self.labelled, other.labelled)),  # type: ignore[arg-type]
+            positive_scores=_bins_sum(self.positive_scores, other.positive_scores),
+            negative_scores=_bins_sum(self.negative_scores, other.negative_scores),
+            max_ts=max(self.max_ts, other.max_ts),
+        )
 
     @classmethod
     def from_json(cls, row: list[Any]) -> CellCounts:
