@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy.special import betaln, xlogy
 
@@ -24,6 +26,37 @@ def test_rate_bounds_match_brute_force_grid() -> None:
         log_m = betaln(1 + s, 1 + n - s) - betaln(1, 1) - (xlogy(s, grid) + xlogy(n - s, 1 - grid))
         inside = grid[log_m < np.log(100)]
         assert abs(lo[0] - inside.min()) < 1e-5 and abs(hi[0] - inside.max()) < 1e-5
+
+
+def _two_pass_bounds(s: np.ndarray, n: np.ndarray, alpha: float, iterations: int = 40) -> tuple[Any, ...]:
+    """The bisection as first written: the lower end, then the upper end, each on its own."""
+    log_mix = betaln(1 + s, 1 + n - s) - betaln(1, 1)
+    bar = np.log(1.0 / alpha)
+    p_hat = np.where(n > 0, s / np.maximum(n, 1.0), 0.5)
+
+    def outside(p: np.ndarray) -> np.ndarray:
+        return log_mix - (xlogy(s, p) + xlogy(n - s, 1.0 - p)) >= bar
+
+    ends = []
+    for inside, out in ((p_hat.copy(), np.zeros_like(p_hat)), (p_hat.copy(), np.ones_like(p_hat))):
+        for _ in range(iterations):
+            mid = 0.5 * (inside + out)
+            o = outside(mid)
+            out, inside = np.where(o, mid, out), np.where(o, inside, mid)
+        ends.append(out)
+    return np.where(n <= 0, 0.0, ends[0]), np.where(n <= 0, 1.0, ends[1])
+
+
+def test_both_ends_bisected_at_once_are_the_two_searches_bit_for_bit() -> None:
+    rng = np.random.default_rng(3)
+    n = rng.integers(0, 5000, size=(7, 9)).astype(np.float64)
+    n[0, :3] = 0  # no trials yet: (0, 1)
+    s = np.floor(rng.random((7, 9)) * (n + 1))
+    for alpha in (0.05, 0.01 / 12):
+        lo, hi = rate_bounds(s, n, alpha)
+        want_lo, want_hi = _two_pass_bounds(s, n, alpha)
+        assert lo.shape == hi.shape == (7, 9) and (n == 0).any()
+        assert np.array_equal(lo, want_lo) and np.array_equal(hi, want_hi)
 
 
 def test_confidence_sequence_covers_at_every_step() -> None:
