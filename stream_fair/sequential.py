@@ -188,8 +188,9 @@ def rate_bounds(
     log_mix = betaln(a + s, b + n - s) - betaln(a, b)
     bar = np.log(1.0 / alpha)
     p_hat = np.where(n > 0, s / np.maximum(n, 1.0), 0.5)
-    # both ends bisected at once, the lower end's searches first: one pass of array operations
-    # per step instead of two (the same arithmetic per element, so the same bounds)
+    # both ends bisected at once (the lower ends in the first half of each array, the upper ends
+    # in the second): one pass of array operations per step instead of two, the same arithmetic
+    # per element, so the same bounds
     s2, f2, mix2 = (np.concatenate([x.ravel(), x.ravel()]) for x in (s, n - s, log_mix))
     inside = np.concatenate([p_hat.ravel(), p_hat.ravel()])
     outer = np.concatenate([np.zeros(p_hat.size), np.ones(p_hat.size)])
@@ -259,7 +260,8 @@ def disparity_verdict(
     per_rate: dict[str, tuple[NDArray[np.float64], ...]] = {}
     arrays = [_rate_arrays(counts_by_group, rate) for rate in settings.rates]
     # every rate's bounds in one call (one alpha): one bisection over all of them
-    nums, dens = (np.concatenate([a[i] for a in arrays]) if arrays else np.zeros(0) for i in (0, 1))
+    nums = np.concatenate([num for num, _ in arrays]) if arrays else np.zeros(0)
+    dens = np.concatenate([den for _, den in arrays]) if arrays else np.zeros(0)
     lo_all, hi_all = rate_bounds(nums, dens, cs_alpha, settings.prior)
     for r, (rate, (num, den)) in enumerate(zip(settings.rates, arrays, strict=True)):
         part = slice(r * len(groups), (r + 1) * len(groups))

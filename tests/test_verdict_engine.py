@@ -389,6 +389,10 @@ def test_increments_are_versioned_json_and_errors_name_the_fix() -> None:
     with pytest.raises(ValueError, match="configure the same bins"):
         engine.update(inc)
     assert "has 2 bins" in BINS_ERROR.format(got=2, want=4)
+    two = VerdictEngine(KEYS, VerdictSettings(bins=ScoreBins(count=2)))
+    two.update(replace(inc, watermark=None))  # its row waits in an open slot
+    with pytest.raises(ValueError, match="configure the same bins"):  # not summed cut short
+        VerdictEngine.from_state(two.to_state(), KEYS, engine.settings)
     with pytest.raises(ValueError, match="same feature keys"):
         VerdictEngine.from_state(engine.to_state(), feature_keys(["sex"], []), engine.settings)
 

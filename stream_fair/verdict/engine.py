@@ -127,9 +127,6 @@ class VerdictEngine:
     def update(self, increment: Increment) -> None:
         """Queue the increment's rows, then evaluate every slot all sources have passed."""
         for c in increment.counts:
-            for hist in (c.positive_scores, c.negative_scores):
-                if hist and len(hist) != self._bins:
-                    raise ValueError(BINS_ERROR.format(got=len(hist), want=self._bins))
             slot = c.slot if self._done is None or c.slot > self._done else self._done + 1
             self._queue(slot, c)
         if increment.watermark is not None:
@@ -138,6 +135,10 @@ class VerdictEngine:
         self._advance()
 
     def _queue(self, slot: int, c: CellCounts) -> None:
+        """Add a row to its slot's sums (from an increment or a restored state)."""
+        for hist in (c.positive_scores, c.negative_scores):
+            if hist and len(hist) != self._bins:  # summed, a wrong length would be cut silently
+                raise ValueError(BINS_ERROR.format(got=len(hist), want=self._bins))
         rows = self._pending.setdefault(slot, {})
         key = (c.model, c.cell, c.cohort)
         old = rows.get(key)
