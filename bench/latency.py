@@ -71,9 +71,7 @@ def _scrape(port: int) -> bytes:
 def load(bootstrap: str, topics: tuple[str, str], rate: float, stop: Any, started: Any) -> None:
     """Write ``rate`` events/s: predictions with the wall clock as event time, each outcome a
     second after its prediction (a separate process: its CPU is not the detector's)."""
-    from kafka import KafkaProducer
-
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5)
+    producer = _producer(bootstrap)
     rng = random.Random(7)
     outcomes: deque[tuple[float, bytes, bytes]] = deque()
     i = 0
@@ -97,7 +95,7 @@ def load(bootstrap: str, topics: tuple[str, str], rate: float, stop: Any, starte
                     "age": rng.choice("xyz"),
                 },
             }
-            producer.send(topics[0], key=key, value=orjson.dumps(p))
+            producer.send(topics[0], key, orjson.dumps(p))
             label = int(rng.random() < score)
             outcomes.append(
                 (now + 1.0, key, orjson.dumps({"id": key.decode(), "ts": p["ts"] + 1.0, "label": label}))
@@ -105,10 +103,54 @@ def load(bootstrap: str, topics: tuple[str, str], rate: float, stop: Any, starte
             i += 1
         while outcomes and outcomes[0][0] <= now:
             _, key, value = outcomes.popleft()
-            producer.send(topics[1], key=key, value=value)
+            producer.send(topics[1], key, value)
+        producer.poll()
         time.sleep(0.005)
-    producer.flush()
     producer.close()
+
+
+class _ConfluentProducer:
+    """The load's writer when confluent-kafka is installed: librdkafka's C client, so the load
+    takes ~0.1 of a core at 5k events/s instead of kafka-python's ~0.5 (both on the detector's
+    2 cores)."""
+
+    def __init__(self, bootstrap: str) -> None:
+        import confluent_kafka
+
+        self._p = confluent_kafka.Producer({"bootstrap.servers": bootstrap, "acks": 1, "linger.ms": 5})
+
+    def send(self, topic: str, key: bytes, value: bytes) -> None:
+        self._p.produce(topic, key=key, value=value)
+
+    def poll(self) -> None:
+        self._p.poll(0)
+
+    def close(self) -> None:
+        self._p.flush()
+
+
+class _KafkaPythonProducer:
+    def __init__(self, bootstrap: str) -> None:
+        from kafka import KafkaProducer
+
+        self._p = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5)
+
+    def send(self, topic: str, key: bytes, value: bytes) -> None:
+        self._p.send(topic, key=key, value=value)
+
+    def poll(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._p.flush()
+        self._p.close()
+
+
+def _producer(bootstrap: str) -> _ConfluentProducer | _KafkaPythonProducer:
+    try:
+        return _ConfluentProducer(bootstrap)
+    except ImportError:
+        return _KafkaPythonProducer(bootstrap)
 
 
 class BareConsumer(threading.Thread):
