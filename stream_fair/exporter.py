@@ -31,7 +31,7 @@ from prometheus_client.process_collector import ProcessCollector
 from stream_fair import __version__
 from stream_fair.counts import ACTUAL_PREDICTED, EXPIRED, FN, FP, PRED0, PRED1, TN, TP
 from stream_fair.estimates import ESTIMATED_RATES
-from stream_fair.exposition import Exposition, Prerendered
+from stream_fair.exposition import Exposition, Prerendered, counter, gauge
 from stream_fair.fairness import DISPARITIES, RATES
 from stream_fair.histograms import OUT_OF_RANGE
 from stream_fair.missing import report_missing
@@ -117,7 +117,7 @@ class FairnessCollector:
         return built[1]
 
     def collect(self) -> Iterator[Metric]:
-        build = GaugeMetricFamily(P + "build_info", "stream-fair build", labels=["version"])
+        build = gauge(P + "build_info", "stream-fair build", labels=["version"])
         build.add_metric([__version__], 1.0)
         yield build
         stats = PipelineStats()
@@ -133,9 +133,7 @@ class FairnessCollector:
             log.exception("building the metrics snapshot failed")
             self.failures += 1
             families = []
-        errors = CounterMetricFamily(
-            P + "errors", "Internal errors that did not stop the consumer", labels=["kind"]
-        )
+        errors = counter(P + "errors", "Internal errors that did not stop the consumer", labels=["kind"])
         known = dict(stats.errors)
         known["snapshot"] = known.get("snapshot", 0) + self.failures
         for kind, n in sorted(known.items()):
@@ -148,38 +146,38 @@ def _families(report: Report) -> Iterator[Metric]:
     """Every family that depends on the report alone (the pipeline's live facts: :func:`_pipeline`)."""
     snap = report.snapshot
 
-    confusion = CounterMetricFamily(
+    confusion = counter(
         P + "confusion",
         "Joined (prediction, outcome) pairs, per input partition",
         labels=[*_GROUP, "actual", "predicted", "partition"],
     )
-    window_conf = GaugeMetricFamily(
+    window_conf = gauge(
         P + "window_confusion",
         "Joined pairs whose prediction time lies in the event-time window",
         labels=[*_GROUP_W, "actual", "predicted"],
     )
-    samples = GaugeMetricFamily(P + "group_samples", "Joined pairs per group", labels=_GROUP_W)
-    small = GaugeMetricFamily(
+    samples = gauge(P + "group_samples", "Joined pairs per group", labels=_GROUP_W)
+    small = gauge(
         P + "group_below_min_samples",
         "1 when the group is below fairness.min_samples",
         labels=_GROUP_W,
     )
-    eligible = GaugeMetricFamily(
+    eligible = gauge(
         P + "groups_eligible",
         "Groups taking part in disparity verdicts",
         labels=["model", "feature", "window"],
     )
     rates = {
-        (r, suffix): GaugeMetricFamily(P + r + suffix, f"{r.replace('_', ' ')}{suffix}", labels=_GROUP_W)
+        (r, suffix): gauge(P + r + suffix, f"{r.replace('_', ' ')}{suffix}", labels=_GROUP_W)
         for r in RATES
         for suffix in ("", "_lower", "_upper")
     }
     disparities = {
-        (d, suffix): GaugeMetricFamily(P + d + suffix, f"{d.replace('_', ' ')}{suffix}", labels=_FEATURE_W)
+        (d, suffix): gauge(P + d + suffix, f"{d.replace('_', ' ')}{suffix}", labels=_FEATURE_W)
         for d in DISPARITIES
         for suffix in ("", "_lower", "_upper")
     }
-    flagged = GaugeMetricFamily(
+    flagged = gauge(
         P + "disparity_flagged",
         "1 when the disparity's interval lies beyond its threshold",
         labels=[*_FEATURE_W, "disparity"],
@@ -208,9 +206,7 @@ def _families(report: Report) -> Iterator[Metric]:
             disparities[d, "_upper"].add_metric(labels, est.upper)
         for (d, method), is_flagged in fr.flagged.items():
             flagged.add_metric([view.model, fname, view.window, method, d], float(is_flagged))
-    threshold = GaugeMetricFamily(
-        P + "disparity_threshold", "Configured disparity threshold", labels=["disparity"]
-    )
+    threshold = gauge(P + "disparity_threshold", "Configured disparity threshold", labels=["disparity"])
     for d, t in sorted(report.settings.thresholds.items()):
         threshold.add_metric([d], t)
     yield window_conf
@@ -222,12 +218,12 @@ def _families(report: Report) -> Iterator[Metric]:
     yield flagged
     yield threshold
 
-    predictions = CounterMetricFamily(
+    predictions = counter(
         P + "predictions",
         "Accepted prediction events, labelled or not, per input partition",
         labels=[*_GROUP, "predicted", "partition"],
     )
-    expired = CounterMetricFamily(
+    expired = counter(
         P + "expired_predictions",
         "Predictions that never received an outcome, per input partition",
         labels=[*_GROUP, "partition"],
@@ -248,7 +244,7 @@ def _families(report: Report) -> Iterator[Metric]:
     yield expired
     yield _out_of_range(report)
     yield from _estimate_families(report)
-    missing = GaugeMetricFamily(
+    missing = gauge(
         P + "feature_missing_ratio",
         "Share of accepted predictions with no value for the feature (group __missing__)",
         labels=["model", "feature"],
@@ -272,68 +268,66 @@ def _estimate_families(report: Report) -> Iterator[Metric]:
     gv_labels = [*g_labels, "view"]
     fv_labels = ["model", "feature", "view", "method"]
     rates = {
-        (r, sfx): GaugeMetricFamily(
+        (r, sfx): gauge(
             P + "estimated_" + r + sfx, f"Estimated {r.replace('_', ' ')}{sfx} (label-free)", labels=gv_labels
         )
         for r in ESTIMATED_RATES
         for sfx in ("", "_lower", "_upper")
     }
-    expected = GaugeMetricFamily(
+    expected = gauge(
         P + "estimated_confusion",
         "Expected confusion counts of the view's predictions (scores taken as P(label 1))",
         labels=[*gv_labels, "actual", "predicted"],
     )
     disparities = {
-        (d, sfx): GaugeMetricFamily(
+        (d, sfx): gauge(
             P + "estimated_" + d + sfx, f"Estimated {d.replace('_', ' ')}{sfx} (label-free)", labels=fv_labels
         )
         for d in DISPARITIES
         for sfx in ("", "_lower", "_upper")
     }
-    flagged = GaugeMetricFamily(
+    flagged = gauge(
         P + "estimated_disparity_flagged",
         "1 when the estimated disparity's interval lies beyond its threshold (trusted groups only)",
         labels=[*fv_labels, "disparity"],
     )
-    pending = GaugeMetricFamily(
+    pending = gauge(
         P + "estimated_pending_predictions", "Scored predictions waiting for a label", labels=g_labels
     )
-    trusted = GaugeMetricFamily(
+    trusted = gauge(
         P + "estimated_group_trusted",
         "1 when the group's calibration is checked and fine, so its estimates count",
         labels=g_labels,
     )
     ece = {
-        sfx: GaugeMetricFamily(
+        sfx: gauge(
             P + "calibration_error" + sfx,
             f"Expected calibration error{sfx} of the group's scores on matured labels",
             labels=g_labels,
         )
         for sfx in ("", "_lower", "_upper")
     }
-    cal_samples = GaugeMetricFamily(
-        P + "calibration_samples", "Matured labelled pairs with a score", labels=g_labels
-    )
-    cal_alarm = GaugeMetricFamily(
+    cal_samples = gauge(P + "calibration_samples", "Matured labelled pairs with a score", labels=g_labels)
+    cal_alarm = gauge(
         P + "calibration_alarm",
         "1 when the group's ECE interval lies above fairness.estimates.max_calibration_error",
         labels=g_labels,
     )
     w_labels = [*g_labels, "window"]
     w_ece = {
-        sfx: GaugeMetricFamily(
+        sfx: gauge(
             P + "window_calibration_error" + sfx,
             f"Expected calibration error{sfx} of the group's scores on the labels of the event-time window",
             labels=w_labels,
         )
         for sfx in ("", "_lower", "_upper")
     }
-    w_samples = GaugeMetricFamily(
+    w_samples = gauge(
         P + "window_calibration_samples",
         "Labelled pairs with a score whose label's event time lies in the window",
         labels=w_labels,
     )
-    w_alarm = GaugeMetricFamily(
+    w_alarm = gauge(
         P + "window_calibration_alarm",
         "1 when the group's window ECE interval lies above fairness.estimates.max_calibration_error "
         "(absent while the window holds too few of its labels to be checked)",
@@ -392,7 +386,7 @@ def _estimate_families(report: Report) -> Iterator[Metric]:
 
 
 def _out_of_range(report: Report) -> Metric:
-    fam = CounterMetricFamily(
+    fam = counter(
         P + "scores_out_of_range",
         "Scored predictions whose score lies outside [0, 1] (counted in the edge histogram bin)",
         labels=["model", "partition"],
@@ -409,17 +403,17 @@ def _out_of_range(report: Report) -> Metric:
 
 def _search_families(report: Report) -> Iterator[Metric]:
     """The search of unconfigured intersections (stream_fair.search): size and findings."""
-    tested = GaugeMetricFamily(
+    tested = gauge(
         P + "search_hypotheses",
         "Hypotheses (cell x rate) the last search of unconfigured intersections tested (Holm family size)",
         labels=["model", "window"],
     )
-    count = GaugeMetricFamily(
+    count = gauge(
         P + "search_findings",
         "Cells of unconfigured intersections whose rate differs from the rest after Holm's correction",
         labels=["model", "window"],
     )
-    gap = GaugeMetricFamily(
+    gap = gauge(
         P + "search_finding_gap",
         "A finding's rate minus the rest's (0..1 scale, negative below the rest)",
         labels=["model", "window", "intersection", "group", "rate"],
@@ -437,42 +431,30 @@ def _search_families(report: Report) -> Iterator[Metric]:
 
 def _pipeline(snap: Snapshot, stats: PipelineStats) -> Iterator[Metric]:
     part = ["partition"]
-    consumed = CounterMetricFamily(
-        P + "events_consumed", "Records accounted for (checkpointed)", labels=["topic", *part]
-    )
-    fates = CounterMetricFamily(
-        P + "event_fates", "Final fate of each record", labels=["topic", "fate", *part]
-    )
-    pending = GaugeMetricFamily(
-        P + "pending_events", "Records waiting for their partner", labels=["topic", *part]
-    )
-    rejected = CounterMetricFamily(
-        P + "rejected_events", "Rejected records by reason", labels=["topic", "reason", *part]
-    )
-    evictions = CounterMetricFamily(
+    consumed = counter(P + "events_consumed", "Records accounted for (checkpointed)", labels=["topic", *part])
+    fates = counter(P + "event_fates", "Final fate of each record", labels=["topic", "fate", *part])
+    pending = gauge(P + "pending_events", "Records waiting for their partner", labels=["topic", *part])
+    rejected = counter(P + "rejected_events", "Rejected records by reason", labels=["topic", "reason", *part])
+    evictions = counter(
         P + "capacity_evictions",
         "Pending records expired early at join.max_pending",
         labels=["topic", *part],
     )
-    dead = CounterMetricFamily(
-        P + "dead_letters", "Records written to the dead-letter topic", labels=["topic", *part]
-    )
-    dead_errors = CounterMetricFamily(
+    dead = counter(P + "dead_letters", "Records written to the dead-letter topic", labels=["topic", *part])
+    dead_errors = counter(
         P + "dead_letter_errors", "Failed dead-letter writes (each is retried)", labels=["topic", *part]
     )
-    last = GaugeMetricFamily(
+    last = gauge(
         P + "last_event_timestamp_seconds", "Event time of the newest record", labels=["topic", *part]
     )
-    overflow = CounterMetricFamily(
+    overflow = counter(
         P + "cardinality_overflow", "Predictions folded into __other__", labels=["feature", *part]
     )
-    watermark = GaugeMetricFamily(
-        P + "watermark_timestamp_seconds", "Event-time watermark of the partition", labels=part
-    )
-    capacity = GaugeMetricFamily(
+    watermark = gauge(P + "watermark_timestamp_seconds", "Event-time watermark of the partition", labels=part)
+    capacity = gauge(
         P + "pending_capacity", "join.max_pending: the bound on waiting events of a partition", labels=part
     )
-    remembered = GaugeMetricFamily(
+    remembered = gauge(
         P + "remembered_ids", "Joined or expired ids kept to classify later copies", labels=part
     )
     for p, v in sorted(snap.partitions.items()):
@@ -497,25 +479,21 @@ def _pipeline(snap: Snapshot, stats: PipelineStats) -> Iterator[Metric]:
             watermark.add_metric([ps], v.watermark)
         capacity.add_metric([ps], v.capacity)
         remembered.add_metric([ps], v.remembered)
-    lag = GaugeMetricFamily(
-        P + "consumer_lag", "High-water mark minus position", labels=["topic", "partition"]
-    )
+    lag = gauge(P + "consumer_lag", "High-water mark minus position", labels=["topic", "partition"])
     connected = None if stats.kafka_connected is None else stats.kafka_connected()
     if connected is not False:  # while disconnected the lag is unknown, not 0
         for (role, partition), n in sorted(stats.lag.items()):
             lag.add_metric([role, str(partition)], n)
-    read = CounterMetricFamily(
+    read = counter(
         P + "records_read",
         "Records this process read from Kafka (not durable: includes re-reads after a restart)",
         labels=["topic"],
     )
     for t, n in sorted(stats.records_read.items()):
         read.add_metric([t], n)
-    owned = GaugeMetricFamily(
-        P + "partitions_owned", "Input partitions this replica owns and has restored", labels=[]
-    )
+    owned = gauge(P + "partitions_owned", "Input partitions this replica owns and has restored", labels=[])
     owned.add_metric([], len(snap.partitions))
-    disk = GaugeMetricFamily(P + "state_disk_bytes", "Bytes of the local state store on disk", labels=[])
+    disk = gauge(P + "state_disk_bytes", "Bytes of the local state store on disk", labels=[])
     disk.add_metric([], stats.state_disk_bytes)
     yield from (consumed, fates, pending, rejected, evictions, dead, dead_errors, last, overflow, lag)
     yield from (watermark, capacity, remembered, owned, read, disk)

@@ -27,10 +27,12 @@ x{g="A\\"\\\\n"} 2.0
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 try:  # prometheus_client >= 0.21 escapes names that are not valid legacy names
@@ -67,6 +69,47 @@ class Prerendered(Metric):
         self.text = text
 
 
+class Rows(Metric):
+    """A gauge or counter family built as prometheus_client's ``GaugeMetricFamily`` and
+    ``CounterMetricFamily`` are (``add_metric(label_values, value)``), that keeps each series as a
+    ``(label values, value)`` row: no ``Sample`` or label dict per series. :class:`Exposition`
+    renders the rows directly, reusing each series' prefix by its label values; any other reader
+    (``generate_latest``, tests) gets the same ``samples`` as prometheus_client's families.
+    """
+
+    def __init__(self, name: str, documentation: str, typ: str, labels: Sequence[str]) -> None:
+        if typ == "counter":
+            name = name.removesuffix("_total")  # as CounterMetricFamily: the samples carry it
+        super().__init__(name, documentation, typ)
+        self.labelnames = tuple(labels)
+        self.sample_name = name + "_total" if typ == "counter" else name
+        self.rows: list[tuple[tuple[str, ...], float]] = []
+
+    def add_metric(self, labels: Sequence[str], value: float) -> None:
+        key = tuple(labels)
+        if len(key) != len(self.labelnames):
+            raise ValueError(f"{self.name}: {len(key)} label values for labels {self.labelnames}")
+        self.rows.append((key, value))
+
+    @property  # type: ignore[override]
+    def samples(self) -> list[Sample]:
+        names, sample = self.labelnames, self.sample_name
+        return [Sample(sample, dict(zip(names, key, strict=True)), value) for key, value in self.rows]
+
+    @samples.setter
+    def samples(self, value: list[Sample]) -> None:
+        if value:  # Metric.__init__ sets an empty list; series are added with add_metric
+            raise TypeError("add series to a Rows family with add_metric")
+
+
+def gauge(name: str, documentation: str, labels: Sequence[str]) -> Rows:
+    return Rows(name, documentation, "gauge", labels)
+
+
+def counter(name: str, documentation: str, labels: Sequence[str]) -> Rows:
+    return Rows(name, documentation, "counter", labels)
+
+
 class Exposition:
     """Renders a registry's families as ``generate_latest`` does, reusing the previous scrape's text."""
 
@@ -75,6 +118,7 @@ class Exposition:
         self._lock = threading.Lock()  # scrapes may run on several server threads
         self._texts: dict[int, tuple[Any, str]] = {}  # id(family) -> (family, its text), last scrape
         self._prefixes: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], str]] = {}
+        self._row_prefixes: dict[str, dict[tuple[str, ...], str]] = {}  # Rows families' prefixes
 
     def render(self) -> bytes:
         with self._lock:
@@ -85,13 +129,20 @@ class Exposition:
                     out.append(metric.text)
                     continue
                 hit = self._texts.get(id(metric))
-                text = hit[1] if hit is not None and hit[0] is metric else self._family(metric)
+                if hit is not None and hit[0] is metric:
+                    text = hit[1]
+                elif isinstance(metric, Rows):
+                    text = self._rows(metric)
+                else:
+                    text = self._family(metric)
                 texts[id(metric)] = (metric, text)
                 out.append(text)
             self._texts = texts
             return "".join(out).encode("utf-8")
 
-    def _family(self, metric: Any) -> str:
+    @staticmethod
+    def _header(metric: Any) -> tuple[str, str]:
+        """(the family's ``# HELP``/``# TYPE`` lines, its escaped help text)"""
         name, mtype = metric.name, metric.type
         if mtype == "counter":
             name += "_total"
@@ -100,7 +151,37 @@ class Exposition:
         mtype = _TYPES.get(mtype, mtype)
         doc = _escape_help(metric.documentation)
         name = escape_metric_name(name, UNDERSCORES)
-        out = [f"# HELP {name} {doc}\n# TYPE {name} {mtype}\n"]
+        return f"# HELP {name} {doc}\n# TYPE {name} {mtype}\n", doc
+
+    def _rows(self, metric: Rows) -> str:
+        """A :class:`Rows` family: its series' prefixes by label values, labels sorted by name as
+        ``generate_latest`` sorts them."""
+        header, _ = self._header(metric)
+        out = [header]
+        old = self._row_prefixes.get(metric.name, {})
+        new: dict[tuple[str, ...], str] = {}
+        sname = escape_metric_name(metric.sample_name, UNDERSCORES)
+        names = metric.labelnames
+        order = sorted(range(len(names)), key=names.__getitem__)
+        escaped = [escape_label_name(names[i], UNDERSCORES) for i in order]
+        for key, value in metric.rows:
+            prefix = new.get(key) or old.get(key)
+            if prefix is None:
+                if key:
+                    pairs = ",".join(
+                        f'{n}="{_escape_value(key[i])}"' for n, i in zip(escaped, order, strict=True)
+                    )
+                    prefix = f"{sname}{{{pairs}}} "
+                else:
+                    prefix = sname + " "
+            new[key] = prefix
+            out.append(f"{prefix}{floatToGoString(value)}\n")
+        self._row_prefixes[metric.name] = new
+        return "".join(out)
+
+    def _family(self, metric: Any) -> str:
+        header, doc = self._header(metric)
+        out = [header]
         old = self._prefixes.get(metric.name, {})
         new: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
         extra: dict[str, list[str]] = {}

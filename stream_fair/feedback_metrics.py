@@ -23,8 +23,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 
+from stream_fair.exposition import Rows, counter, gauge
 from stream_fair.feedback import DISPARITY_SIGNALS, GROUP_SIGNALS, FeedbackSnapshot
 from stream_fair.sequential import DISPARITIES
 
@@ -39,13 +40,12 @@ def _defined(value: float | None) -> bool:
     return value is not None and not math.isnan(value)
 
 
-def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
-    return GaugeMetricFamily(P + name, doc, labels=labels)
+def _gauge(name: str, doc: str, labels: list[str]) -> Rows:
+    return gauge(P + name, doc, labels=labels)
 
 
-def _counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
-    # prometheus_client appends the _total suffix itself
-    return CounterMetricFamily(P + name.removesuffix("_total"), doc, labels=labels)
+def _counter(name: str, doc: str, labels: list[str]) -> Rows:
+    return counter(P + name, doc, labels=labels)  # the samples carry the _total suffix
 
 
 def feedback_families(snapshot: FeedbackSnapshot) -> Iterator[Metric]:

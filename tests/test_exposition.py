@@ -7,6 +7,7 @@ import urllib.request
 
 import numpy as np
 import orjson
+import pytest
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -22,7 +23,7 @@ from stream_fair.app import _default_feedback
 from stream_fair.config import Config
 from stream_fair.estimates import CalibrationCache, EstimateSettings, calibrations
 from stream_fair.exporter import ExporterServer, FairnessCollector, Health, PipelineStats, registry_for
-from stream_fair.exposition import Exposition
+from stream_fair.exposition import Exposition, Rows, counter, gauge
 from stream_fair.label_windows import LabelledHistogram
 from stream_fair.report import build_report
 from tests.helpers import LocalTracker as Tracker
@@ -78,6 +79,73 @@ def test_render_is_generate_latest_byte_for_byte_special_characters_included() -
     exposition = Exposition(std)
     assert exposition.render() == generate_latest(std)
     assert exposition.render() == generate_latest(std)  # the second time from the cached texts
+
+
+def test_rows_families_render_and_read_as_prometheus_clients_own_families() -> None:
+    """The exporter's families keep (label values, value) rows; rendered, and read through
+    ``samples``, they are prometheus_client's GaugeMetricFamily/CounterMetricFamily, render after
+    render (prefixes reused, series gone and back, values changed)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    labels = ["zone", "group", "a_first"]  # not in name order: the text sorts them
+    rounds = [
+        [(["z1", 'A"q"', "x"], 3), (["z1", "B\\s", "y\nz"], 0.25), (["é", "C,{x=1}", ""], float("nan"))],
+        [(["z1", 'A"q"', "x"], 4), (["z2", "new", "n"], float("inf"))],  # one gone, one new
+        [(["z1", "B\\s", "y\nz"], 1e300), (["z1", 'A"q"', "x"], -2.5), (["z1", 'A"q"', "x"], 7)],
+    ]
+
+    def plain(rows: list[tuple[list[str], float]]) -> CollectorRegistry:
+        g = GaugeMetricFamily("t_gauge", 'a "gauge"\nwith help to escape \\', labels=labels)
+        c = CounterMetricFamily("t_count_total", "a counter", labels=labels)
+        e = GaugeMetricFamily("t_empty", "no labels", labels=[])
+        for values, v in rows:
+            g.add_metric(values, v)
+            c.add_metric(values, abs(v) if v == v else v)
+        e.add_metric([], len(rows))
+
+        class _C:
+            def collect(self) -> list[object]:
+                return [g, c, e]
+
+        reg = CollectorRegistry(auto_describe=False)
+        reg.register(_C())  # type: ignore[arg-type]
+        return reg
+
+    current: list[Rows] = []
+
+    class _Mine:
+        def collect(self) -> list[Rows]:
+            return current
+
+    exposition = Exposition(_Mine())  # type: ignore[arg-type]
+    for rows in rounds:
+        g = gauge("t_gauge", 'a "gauge"\nwith help to escape \\', labels=labels)
+        c = counter("t_count_total", "a counter", labels=labels)
+        e = gauge("t_empty", "no labels", labels=[])
+        for values, v in rows:
+            g.add_metric(values, v)
+            c.add_metric(values, abs(v) if v == v else v)
+        e.add_metric([], len(rows))
+        current[:] = [g, c, e]
+        reference = plain(rows)
+        assert exposition.render() == generate_latest(reference)
+        assert generate_latest(_registry(current)) == generate_latest(reference)  # through .samples
+        mine = [s for f in current for s in f.samples]
+        theirs = [s for f in reference.collect() for s in f.samples]
+        assert [(s.name, s.labels, s.value) for s in mine] == [(s.name, s.labels, s.value) for s in theirs]
+
+    with pytest.raises(ValueError, match="2 label values"):
+        gauge("t_bad", "x", labels=labels).add_metric(["a", "b"], 1.0)
+
+
+def _registry(families: list[Rows]) -> CollectorRegistry:
+    class _C:
+        def collect(self) -> list[Rows]:
+            return families
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_C())  # type: ignore[arg-type]
+    return reg
 
 
 def test_a_new_report_is_rendered_anew_and_the_same_report_reuses_its_families() -> None:
