@@ -7,7 +7,8 @@ waits until ``/metrics`` counts it, then writes its outcome and scrapes ``/metri
 until ``stream_fair_confusion_total{model="probe"}`` counts the pair; meanwhile a bare consumer
 assigned to the outcomes topic notes when it reads the record. Measured idle and while another
 process writes a steady stream (default 5,000 events/s: predictions and, a second later, their
-outcomes). Printed: median and p95 of each.
+outcomes; with confluent-kafka's producer when it is installed, which takes ~0.1 of a core where
+kafka-python's took ~0.5, on the same cores as the detector and the broker). Printed: median and p95 of each.
 
     python bench/latency.py                    # 30 probes idle, 30 under 5k events/s
     python bench/latency.py --probes 50 --rate 5000
