@@ -24,7 +24,6 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 from stream_fair.aggregate import ModelCounts
@@ -294,31 +293,22 @@ class Detector:
         """Make the committed state the one scrapes see (call with the lock held, or before threads)."""
         self._finish_publish(self._capture())
 
-    def _capture(self) -> tuple[Snapshot, Any, dict[Any, Any] | None]:
+    def _capture(self) -> Snapshot:
         """Under the lock: the committed views and a copy of the feedback monitor's state, in
-        O(cells + detectors); :meth:`_finish_publish` does the feedback math after the lock."""
+        O(cells + detectors). The feedback math runs where the snapshot is read
+        (:attr:`Snapshot.feedback`: the report worker's process, or a scrape), not here."""
         assert self.tracker is not None
         fb: Any = self.feedback
         capture = fb.capture() if fb is not None and hasattr(fb, "capture") else None
-        snap = self.tracker.snapshot(self.windows.window_quads(self._window_labels), feedback=capture)
-        loops = None
         if self.leader is not None:
             self._leader_dirty = False  # this capture shows what it folded so far
-        if self.model_wide:
+        if self.model_wide and capture is not None:
             # the loop test is the leader's, from every partition (none on the other replicas)
-            loops = self.leader.fold.loop_estimates() if self.leader is not None else {}
-        return snap, capture, loops
+            capture.loops = self.leader.fold.loop_estimates() if self.leader is not None else {}
+        return self.tracker.snapshot(self.windows.window_quads(self._window_labels), feedback=capture)
 
-    def _finish_publish(self, captured: tuple[Snapshot, Any, dict[Any, Any] | None]) -> None:
-        """Compute the feedback indicators of a capture (no lock needed) and publish the snapshot."""
-        snap, capture, loops = captured
-        if capture is not None:
-            snap = replace(snap, feedback=capture.compute())
-        if loops is not None and snap.feedback is not None and hasattr(snap.feedback, "features"):
-            features = {
-                mf: replace(ff, feedback_loop=loops.get(mf)) for mf, ff in snap.feedback.features.items()
-            }
-            snap = replace(snap, feedback=replace(snap.feedback, features=features))
+    def _finish_publish(self, snap: Snapshot) -> None:
+        """Publish a captured snapshot (no lock needed)."""
         self._snapshot = snap
         self._published_mono = time.monotonic()
 
@@ -402,7 +392,8 @@ class Detector:
         estimates' bootstraps) is built only when there is an alarm to explain, never in every
         turn of the consumer loop."""
         snap = self._snapshot
-        events = getattr(snap.feedback, "alarm_events", ()) if snap is not None else ()
+        # from the capture: reading it computes nothing (the feedback math stays off this thread)
+        events = getattr(snap.feedback_source, "alarm_events", ()) if snap is not None else ()
         if not events or events[-1].seq <= self._explained_seq:
             return
         for ev in events:

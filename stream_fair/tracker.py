@@ -255,7 +255,19 @@ class Snapshot:
     taken_at: float
     partitions: dict[int, PartitionView]
     windows: dict[str, dict[Key, Quad]] = field(default_factory=dict)
-    feedback: Any = None
+    feedback_source: Any = None
+    """The feedback monitor's indicators, or a capture of its state (anything with ``compute()``,
+    e.g. :class:`~stream_fair.feedback.monitor.FeedbackCapture`): see :attr:`feedback`."""
+
+    @cached_property
+    def feedback(self) -> Any:
+        """The feedback monitor's indicators (a ``FeedbackSnapshot``; None without a monitor).
+
+        From a capture, the feedback math runs here, at the first read, on the reader's thread or
+        process (the report worker's, or a scrape's): never on the consumer thread that published
+        the snapshot, and once per snapshot, not per checkpoint, when the readers skip snapshots."""
+        source = self.feedback_source
+        return source.compute() if hasattr(source, "compute") else source
 
     @property
     def shards(self) -> tuple[int, ...]:
@@ -933,15 +945,15 @@ class Tracker:
     def snapshot(self, windows: dict[str, dict[Key, Quad]] | None = None, feedback: Any = None) -> Snapshot:
         """The committed views of the owned partitions (call under the lock that guards commits).
 
-        ``feedback``: the monitor's snapshot when the caller computed it (outside the lock, from a
-        capture taken under it); by default the monitor's ``snapshot()`` here."""
+        ``feedback``: the monitor's capture (its math then runs where the snapshot is read, see
+        :attr:`Snapshot.feedback`) or its computed snapshot; by default its ``snapshot()`` here."""
         if feedback is None and self.feedback is not None:
             feedback = self.feedback.snapshot()
         return Snapshot(
             taken_at=time.time(),
             partitions={i: self.views[i] for i in sorted(self.shards) if i in self.views},
             windows=windows or {},
-            feedback=feedback,
+            feedback_source=feedback,
         )
 
 

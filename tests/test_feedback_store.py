@@ -267,6 +267,92 @@ def test_capture_is_a_copy_computed_outside() -> None:
     assert a.snapshot() != b.snapshot()
 
 
+def test_the_model_wide_loop_estimates_replace_the_replicas_own_when_computed() -> None:
+    """A capture carrying the leader's loop estimates computes to the monitor's snapshot with each
+    feature's ``feedback_loop`` replaced by the leader's (None where the leader has none); nothing
+    else changes."""
+    from dataclasses import replace
+
+    from stream_fair.feedback.loop import LoopEstimate
+
+    m = FeedbackMonitor(KEYS2, SETTINGS)
+    _run(m, _monitor_stream(5000, seed=4))
+    own = m.capture().compute()
+    assert len(own.features) >= 2
+    first, *rest = sorted(own.features)
+    leader = LoopEstimate(0.25, 12, True, "F", 3.5, 2.0)
+    capture = m.capture()
+    capture.loops = {first: leader}
+    got = capture.compute()
+    assert got.features[first].feedback_loop == leader
+    assert all(got.features[mf].feedback_loop is None for mf in rest)
+    assert got.features == {
+        mf: replace(ff, feedback_loop=got.features[mf].feedback_loop) for mf, ff in own.features.items()
+    }
+    assert (got.groups, got.watermark, got.alarm_events) == (own.groups, own.watermark, own.alarm_events)
+
+
+def test_publishing_a_checkpoint_runs_no_feedback_math_on_the_consumer_thread(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint publishes the monitor's capture; the math runs once, at the first read of
+    ``Snapshot.feedback`` (the report worker's or a scrape's thread), and reads the same as the
+    monitor's own snapshot, also after the snapshot was pickled (as for the report worker)."""
+    import pickle
+
+    from stream_fair.app import Detector
+    from stream_fair.feedback.monitor import FeedbackCapture
+    from stream_fair.kafka_io import DeadLetters
+    from tests.test_checkpoint_pace import TP, NoGroup, Record
+
+    computed: list[int] = []
+    compute = FeedbackCapture.compute
+
+    def counted(self: FeedbackCapture) -> Any:
+        computed.append(1)
+        return compute(self)
+
+    monkeypatch.setattr(FeedbackCapture, "compute", counted)
+    cfg = Config.model_validate(
+        {
+            "topics": {"predictions": "p", "outcomes": "o", "dead_letters": None},
+            "fairness": {"features": ["sex", "race"], "intersections": [["race", "sex"]]},
+            "feedback": {"period": "1m", "min_samples": 5, "drift_batch": 10, "flush_every": 64},
+            "state": {"path": str(tmp_path / "state"), "checkpoint_interval": "30s", "changelog": False},
+        }
+    )
+    d = Detector(cfg, exporter_port=0)
+    d.attach(NoGroup(), DeadLetters(cfg))
+    offsets: Counter = Counter()
+    events = stream(2000, seed=5)
+    for start in range(0, len(events), 250):
+        poll: dict[Any, list[Any]] = {}
+        for part, topic, raw, _ in events[start : start + 250]:
+            tp = TP("p" if topic == "predictions" else "o", part)
+            poll.setdefault(tp, []).append(Record(offsets[tp], b"k", raw))
+            offsets[tp] += 1
+        d.process(poll)
+        assert d.checkpoint()
+    snap = d._snapshot  # noqa: SLF001 - what /metrics shows
+    assert sum(snap.consumed.values()) == len(events)  # sixteen checkpoints published it all
+    assert computed == []  # and no feedback math ran on this thread
+    # the run loop reads the alarm log of every published snapshot (to explain a new alarm: only
+    # then is a report built); with every event explained already, that reads the capture only
+    events_raised = snap.feedback_source.alarm_events
+    assert events_raised  # the stream's sex disparity raised alarms
+    d._explained_seq = events_raised[-1].seq  # noqa: SLF001
+    d.explain_new_alarms()
+    assert computed == []
+    assert isinstance(snap.feedback_source, FeedbackCapture)
+    shipped = pickle.loads(pickle.dumps(snap))  # as the report worker receives it
+    want = d.feedback.snapshot()  # the monitor itself, unchanged since the last checkpoint
+    computed.clear()
+    assert snap.feedback == want and snap.feedback is snap.feedback
+    assert shipped.feedback == want
+    assert len(computed) == 2  # once for the snapshot, once for the shipped copy
+    d.close()
+
+
 def test_an_old_single_document_feedback_state_is_refused(tmp_path: Any) -> None:
     from stream_fair.app import Detector, fingerprint
     from stream_fair.errors import StateError

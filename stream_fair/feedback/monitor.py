@@ -871,6 +871,14 @@ class FeedbackCapture:
     watermark: float | None
     periods_closed: int
     events: tuple[AlarmEvent, ...]
+    loops: dict[tuple[str, str], LoopEstimate | None] | None = None
+    """The model-wide feedback-loop test's estimates (the leader's, from every partition; ``{}`` on
+    the other replicas): when set, they replace this replica's own, per (model, feature)."""
+
+    @property
+    def alarm_events(self) -> tuple[AlarmEvent, ...]:
+        """The alarm log, as :attr:`FeedbackSnapshot.alarm_events` (read without computing)."""
+        return self.events
 
     def compute(self) -> FeedbackSnapshot:
         """Every indicator, as plain frozen data."""
@@ -961,6 +969,9 @@ class FeedbackCapture:
                 if key not in groups:
                     groups[key] = GroupFeedback(0, 0, 0, 0, None, {}, None, None, None, None, {}, {})
                 groups[key].change_alarms.update(alarms_by_rate)
+        if self.loops is not None:
+            loops = self.loops
+            features = {mf: replace(ff, feedback_loop=loops.get(mf)) for mf, ff in features.items()}
         return FeedbackSnapshot(groups, features, self.watermark, self.periods_closed, self.events)
 
 
