@@ -53,6 +53,39 @@ def stream(n: int, seed: int, start: int = 0) -> list[tuple[int, str, bytes, dic
     return [(part, topic, raw, row) for _, part, topic, raw, row in events]
 
 
+def detector_config(tmp_path: Any) -> Config:
+    """A detector's config for :func:`stream` (topics ``p`` and ``o``, no changelog, no dead letters)."""
+    return Config.model_validate(
+        {
+            "topics": {"predictions": "p", "outcomes": "o", "dead_letters": None},
+            "fairness": {"features": ["sex", "race"], "intersections": [["race", "sex"]]},
+            "feedback": {"period": "1m", "min_samples": 5, "drift_batch": 10, "flush_every": 64},
+            "state": {"path": str(tmp_path / "state"), "checkpoint_interval": "30s", "changelog": False},
+        }
+    )
+
+
+def fed_detector(cfg: Config, events: list[tuple[int, str, bytes, dict[str, Any]]], chunk: int) -> Any:
+    """A real detector (RocksDB state, no broker) fed ``events`` in polls of ``chunk`` records, each
+    poll checkpointed."""
+    from stream_fair.app import Detector
+    from stream_fair.kafka_io import DeadLetters
+    from tests.test_checkpoint_pace import TP, NoGroup, Record
+
+    d = Detector(cfg, exporter_port=0)
+    d.attach(NoGroup(), DeadLetters(cfg))
+    offsets: Counter = Counter()
+    for start in range(0, len(events), chunk):
+        poll: dict[Any, list[Any]] = {}
+        for part, topic, raw, _ in events[start : start + chunk]:
+            tp = TP("p" if topic == "predictions" else "o", part)
+            poll.setdefault(tp, []).append(Record(offsets[tp], b"k", raw))
+            offsets[tp] += 1
+        d.process(poll)
+        assert d.checkpoint()
+    return d
+
+
 def recount(processed: list[tuple[int, str, bytes, dict[str, Any]]], owned: set[int]) -> dict[Any, list[int]]:
     """Independent count per (feature, group) over the processed events of the owned partitions:
     predictions, positive predictions, joined pairs (both sides processed), tp, fp, tn, fn."""
@@ -300,10 +333,7 @@ def test_publishing_a_checkpoint_runs_no_feedback_math_on_the_consumer_thread(
     monitor's own snapshot, also after the snapshot was pickled (as for the report worker)."""
     import pickle
 
-    from stream_fair.app import Detector
     from stream_fair.feedback.monitor import FeedbackCapture
-    from stream_fair.kafka_io import DeadLetters
-    from tests.test_checkpoint_pace import TP, NoGroup, Record
 
     computed: list[int] = []
     compute = FeedbackCapture.compute
@@ -313,26 +343,9 @@ def test_publishing_a_checkpoint_runs_no_feedback_math_on_the_consumer_thread(
         return compute(self)
 
     monkeypatch.setattr(FeedbackCapture, "compute", counted)
-    cfg = Config.model_validate(
-        {
-            "topics": {"predictions": "p", "outcomes": "o", "dead_letters": None},
-            "fairness": {"features": ["sex", "race"], "intersections": [["race", "sex"]]},
-            "feedback": {"period": "1m", "min_samples": 5, "drift_batch": 10, "flush_every": 64},
-            "state": {"path": str(tmp_path / "state"), "checkpoint_interval": "30s", "changelog": False},
-        }
-    )
-    d = Detector(cfg, exporter_port=0)
-    d.attach(NoGroup(), DeadLetters(cfg))
-    offsets: Counter = Counter()
+    cfg = detector_config(tmp_path)
     events = stream(2000, seed=5)
-    for start in range(0, len(events), 250):
-        poll: dict[Any, list[Any]] = {}
-        for part, topic, raw, _ in events[start : start + 250]:
-            tp = TP("p" if topic == "predictions" else "o", part)
-            poll.setdefault(tp, []).append(Record(offsets[tp], b"k", raw))
-            offsets[tp] += 1
-        d.process(poll)
-        assert d.checkpoint()
+    d = fed_detector(cfg, events, 250)
     snap = d._snapshot  # noqa: SLF001 - what /metrics shows
     assert sum(snap.consumed.values()) == len(events)  # sixteen checkpoints published it all
     assert computed == []  # and no feedback math ran on this thread
@@ -381,28 +394,11 @@ def test_a_restarted_detector_has_the_same_monitor(tmp_path: Any) -> None:
     restarted detector's monitor equals the one that stopped; its counts are the restored shards'."""
     from stream_fair.app import Detector
     from stream_fair.kafka_io import DeadLetters
-    from tests.test_checkpoint_pace import TP, NoGroup, Record
+    from tests.test_checkpoint_pace import NoGroup
 
-    cfg = Config.model_validate(
-        {
-            "topics": {"predictions": "p", "outcomes": "o", "dead_letters": None},
-            "fairness": {"features": ["sex", "race"], "intersections": [["race", "sex"]]},
-            "feedback": {"period": "1m", "min_samples": 5, "drift_batch": 10, "flush_every": 64},
-            "state": {"path": str(tmp_path / "state"), "checkpoint_interval": "30s", "changelog": False},
-        }
-    )
-    d = Detector(cfg, exporter_port=0)
-    d.attach(NoGroup(), DeadLetters(cfg))
-    offsets: Counter = Counter()
+    cfg = detector_config(tmp_path)
     events = stream(3000, seed=21)
-    for start in range(0, len(events), 300):
-        poll: dict[Any, list[Any]] = {}
-        for part, topic, raw, _ in events[start : start + 300]:
-            tp = TP("p" if topic == "predictions" else "o", part)
-            poll.setdefault(tp, []).append(Record(offsets[tp], b"k", raw))
-            offsets[tp] += 1
-        d.process(poll)
-        assert d.checkpoint()
+    d = fed_detector(cfg, events, 300)
     before = orjson.dumps(d.feedback.to_state())
     snap = d._snapshot.feedback  # noqa: SLF001 - what /metrics showed
     d.close()
