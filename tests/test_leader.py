@@ -4,12 +4,14 @@ The same stream (group E's true-positive rate drops by 0.3 at 30 % of it) is rea
 replicas in one group, and again by a single replica in another group. The three replicas' leader
 (the owner of the leader topic's partition) must raise the same alarms as the single replica,
 from the model's whole stream; killing the leader once the alarm is raised must neither clear it
-nor raise it a second time (the next leader continues from the fold's checkpoint).
+nor raise it a second time (the next leader continues from the fold's checkpoint). The feedback-loop
+test on /metrics is the leader's, from every partition's counts; the other replicas export none.
 """
 
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from tests.test_replicas import GROUP, PARTITIONS, Producer, Replica
 pytestmark = [pytest.mark.integration, pytest.mark.transports]
 
 SLOT = 10.0
+PERIOD = 15.0  # the feedback periods: ten of them for the loop test to look at
 
 
 def events(n: int) -> list[tuple[str, Any]]:
@@ -39,7 +42,7 @@ def config(bootstrap: str, topics: Any, group_id: str, tmp_path: Path) -> Path:
         tmp_path / "unused",
         kafka=GROUP,
         fairness={"features": ["group"], "intersections": []},
-        feedback={"cohort_period": "60s", "alarm_slot": f"{SLOT:g}s"},
+        feedback={"period": f"{PERIOD:g}s", "cohort_period": "60s", "alarm_slot": f"{SLOT:g}s"},
         state={"checkpoint_interval": "500ms"},
         # event-time buckets fine enough for /explain to split 150 s of stream at the change point
         windows=["10m"],
@@ -76,6 +79,21 @@ def leaders(replicas: list[Replica]) -> list[Replica]:
         if r.scrape().get("stream_fair_leader") == 1.0:
             out.append(r)
     return out
+
+
+def loop_test(r: Replica) -> dict[tuple[str, ...], tuple[float, float]]:
+    """``(model, feature) -> (pairs, indicator)`` of the feedback-loop test on ``r``'s /metrics."""
+    s = r.scrape()
+    pairs = s.by("stream_fair_feedback_loop_pairs", ["model", "feature"])
+    value = s.by("stream_fair_feedback_loop_indicator", ["model", "feature"])
+    return {k: (n, value[k]) for k, n in pairs.items()}
+
+
+def steady(r: Replica, seconds: float = 3.0) -> dict[tuple[str, ...], tuple[float, float]] | None:
+    """``r``'s loop test once two scrapes ``seconds`` apart agree and it has pairs (else None)."""
+    first = loop_test(r)
+    time.sleep(seconds)
+    return first if first and first == loop_test(r) and all(n > 0 for n, _ in first.values()) else None
 
 
 def consumed(replicas: list[Replica]) -> float:
@@ -137,6 +155,17 @@ def test_three_replicas_page_like_one_and_a_dead_leader_neither_clears_nor_raise
             assert after[key] == ts, f"{key}: raised again at {after[key]} after {ts}"
         now = {(a["feature"], a["disparity"], a["group"]) for a in doc["alarms"] if a["raised"]}
         assert now >= before.keys()
+        # the loop test is the leader's, over every partition's periods; the others export none
+        loops = wait_for(lambda: steady(nxt), 60, "the leader's loop test, steady", interval=0.5)
+        assert loops is not None
+        assert all(not loop_test(r) for r in live if r is not nxt), "a replica's own loop test exported"
+        # ... and from every partition's counts: a pair needs min_samples (100) predictions of a group
+        # in both periods, which group E (~5 % of 200/s, ~146 per 15 s period) reaches only in the
+        # whole stream, never in the two or three partitions of 6 one replica owns (~49-73)
+        ts = [e[1]["ts"] for e in evs if e[0] == "prediction"]
+        period_pairs = int(max(ts) // PERIOD) - int(min(ts) // PERIOD)
+        for (model, feature), (pairs, _) in loops.items():
+            assert pairs > 4 * period_pairs, f"{model}/{feature}: {pairs} pairs, not all 5 groups' periods"
         # the event log on the status pages: the leader's lists the raise, the others point to it
         log = page(nxt).split("Calibrated alarm: events", 1)[1].split("<h2>", 1)[0]
         assert "alarm_raised" in log and "equal_opportunity_difference" in log and ">E<" in log
@@ -163,6 +192,8 @@ def test_three_replicas_page_like_one_and_a_dead_leader_neither_clears_nor_raise
         assert single.keys() == after.keys(), (single, after)
         for key, ts in single.items():
             assert abs(ts - after[key]) <= 2 * SLOT, f"{key}: one replica at {ts}, three at {after[key]}"
+        # and a loop test of its own (the single replica leads its group)
+        wait_for(lambda: steady(one), 60, "the single replica's loop test", interval=0.5)
     finally:
         for r in live:
             stop_process(r.proc)
