@@ -303,8 +303,8 @@ class Detector:
         if self.leader is not None:
             self._leader_dirty = False  # this capture shows what it folded so far
         if self.model_wide and capture is not None:
-            # the loop test is the leader's, from every partition (none on the other replicas)
-            capture.loops = self.leader.fold.loop_estimates() if self.leader is not None else {}
+            # the loop test is the leader's, on every partition's periods (none on the other replicas)
+            capture.loop_history = self.leader.fold.loop_history() if self.leader is not None else {}
         return self.tracker.snapshot(self.windows.window_quads(self._window_labels), feedback=capture)
 
     def _finish_publish(self, snap: Snapshot) -> None:

@@ -300,24 +300,32 @@ def test_capture_is_a_copy_computed_outside() -> None:
     assert a.snapshot() != b.snapshot()
 
 
-def test_the_model_wide_loop_estimates_replace_the_replicas_own_when_computed() -> None:
-    """A capture carrying the leader's loop estimates computes to the monitor's snapshot with each
-    feature's ``feedback_loop`` replaced by the leader's (None where the leader has none); nothing
-    else changes."""
+def test_the_model_wide_loop_periods_replace_the_replicas_own_when_computed() -> None:
+    """A capture carrying the leader's closed periods computes to the monitor's snapshot with each
+    feature's ``feedback_loop`` the loop test of the leader's periods (None where the leader has
+    none); nothing else changes."""
     from dataclasses import replace
 
-    from stream_fair.feedback.loop import LoopEstimate
+    from stream_fair.feedback.loop import loop_indicator
 
     m = FeedbackMonitor(KEYS2, SETTINGS)
     _run(m, _monitor_stream(5000, seed=4))
     own = m.capture().compute()
     assert len(own.features) >= 2
     first, *rest = sorted(own.features)
-    leader = LoopEstimate(0.25, 12, True, "F", 3.5, 2.0)
+    # six periods in which group F's share follows its selection rate: the leader's, not this replica's
+    n = SETTINGS.min_samples * 4
+    periods = [
+        {"F": (n * (10 - k) // 10, n * (10 - k) // 40), "G": (n, n // 2), "H": (n, n // 3)} for k in range(6)
+    ]
     capture = m.capture()
-    capture.loops = {first: leader}
+    capture.loop_history = {first: periods}
     got = capture.compute()
-    assert got.features[first].feedback_loop == leader
+    want = loop_indicator(
+        periods, SETTINGS.min_samples, SETTINGS.loop_min_periods, capture.loop_alpha, SETTINGS.loop_horizon
+    )
+    assert want is not None and want.pairs == 15 and want != own.features[first].feedback_loop
+    assert got.features[first].feedback_loop == want
     assert all(got.features[mf].feedback_loop is None for mf in rest)
     assert got.features == {
         mf: replace(ff, feedback_loop=got.features[mf].feedback_loop) for mf, ff in own.features.items()

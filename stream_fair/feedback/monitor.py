@@ -871,9 +871,10 @@ class FeedbackCapture:
     watermark: float | None
     periods_closed: int
     events: tuple[AlarmEvent, ...]
-    loops: dict[tuple[str, str], LoopEstimate | None] | None = None
-    """The model-wide feedback-loop test's estimates (the leader's, from every partition; ``{}`` on
-    the other replicas): when set, they replace this replica's own, per (model, feature)."""
+    loop_history: dict[tuple[str, str], list[dict[str, tuple[int, int]]]] | None = None
+    """The model-wide feedback-loop test's closed periods (the leader's fold, from every partition;
+    ``{}`` on the other replicas): when set, the loop test runs on them instead of this replica's
+    own :attr:`history`, per (model, feature)."""
 
     @property
     def alarm_events(self) -> tuple[AlarmEvent, ...]:
@@ -896,6 +897,13 @@ class FeedbackCapture:
                 h.counts += counts
         groups: dict[tuple[str, str, str], GroupFeedback] = {}
         features: dict[tuple[str, str], FeatureFeedback] = {}
+        history = self.history if self.loop_history is None else self.loop_history
+
+        def loop_test(mf: tuple[str, str]) -> LoopEstimate | None:
+            return loop_indicator(
+                history.get(mf, []), s.min_samples, s.loop_min_periods, self.loop_alpha, s.loop_horizon
+            )
+
         for (model, fname), by_group in totals.items():
             mf = (model, fname)
             last = self.last_period.get(mf, {})
@@ -946,13 +954,7 @@ class FeedbackCapture:
                     for name in DISPARITY_SIGNALS
                     if (*mf, name) in self.disp_trend
                 },
-                feedback_loop=loop_indicator(
-                    self.history.get(mf, []),
-                    s.min_samples,
-                    s.loop_min_periods,
-                    self.loop_alpha,
-                    s.loop_horizon,
-                ),
+                feedback_loop=loop_test(mf),
                 disparity_drift_detections={n: d[0] for n, d in ddets.items()},
                 last_disparity_drift_timestamp_seconds={
                     n: d[1] for n, d in ddets.items() if d[1] is not None
@@ -963,15 +965,12 @@ class FeedbackCapture:
         if not self.local_verdict:  # the leader's engine saw groups and models this replica did not
             for (model, fname, name), st in verdict_alarms.items():
                 if (model, fname) not in features:
-                    features[(model, fname)] = FeatureFeedback(None, {}, None, {}, {})
+                    features[(model, fname)] = FeatureFeedback(None, {}, loop_test((model, fname)), {}, {})
                 features[(model, fname)].alarms[name] = _alarm(st)
             for key, alarms_by_rate in change.items():
                 if key not in groups:
                     groups[key] = GroupFeedback(0, 0, 0, 0, None, {}, None, None, None, None, {}, {})
                 groups[key].change_alarms.update(alarms_by_rate)
-        if self.loops is not None:
-            loops = self.loops
-            features = {mf: replace(ff, feedback_loop=loops.get(mf)) for mf, ff in features.items()}
         return FeedbackSnapshot(groups, features, self.watermark, self.periods_closed, self.events)
 
 

@@ -179,6 +179,12 @@ class ModelWide:
                 hist.append(counts)
             self._closed = k
 
+    def loop_history(self) -> dict[tuple[str, str], list[dict[str, tuple[int, int]]]]:
+        """A copy of the closed periods the loop test looks at, per (model, feature): the input of
+        :meth:`loop_estimates`, for a snapshot to compute off the caller's thread (closed periods
+        are never changed, so the copy shares them)."""
+        return {mf: list(h) for mf, h in self._history.items()}
+
     def loop_estimates(self) -> dict[tuple[str, str], LoopEstimate | None]:
         """The feedback-loop test of every (model, feature) over the model's closed periods."""
         if self.loop is None:
