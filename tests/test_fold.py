@@ -103,6 +103,74 @@ def test_the_loop_test_runs_on_the_whole_stream_like_the_monitor() -> None:
     assert abs(got.value - want.value) < 1e-12
 
 
+def test_caught_up_partitions_checkpointing_at_different_times_fold_like_one_monitor() -> None:
+    """Every partition caught up (a live stream), each publishing at its own moments: a slot or
+    loop period closes only once every partition's message has passed it, so no row counts late
+    and the fold's loop test equals the monitor's that saw every prediction."""
+    from stream_fair.dev.simulate import generate
+    from stream_fair.feedback import FeedbackMonitor, FeedbackSettings
+    from stream_fair.verdict import IncrementBuilder
+    from stream_fair.verdict.fold import LoopSettings
+
+    settings = VerdictSettings(period=100.0, slot=20.0)
+    fs = FeedbackSettings(period=100.0)
+    monitor = FeedbackMonitor(KEYS, fs)
+    loop = LoopSettings(100.0, fs.loop_window, fs.min_samples, fs.loop_min_periods, fs.loop_alpha)
+    fold = ModelWide(KEYS, settings, loop)
+    fold.expect(3)
+    builders = [IncrementBuilder(settings.period, settings.slot, settings.bins) for _ in range(3)]
+    seq = [0, 0, 0]
+    wm = [0.0, 0.0, 0.0]
+    predictions = 0
+    for kind, ev in generate(SCENARIOS["feedback_loop"](), 120_000, seed=1):
+        if kind != "prediction":
+            continue
+        p = predictions % 3
+        predictions += 1
+        cell = (str(ev["attributes"]["group"]),)
+        monitor.on_prediction("m", cell, int(ev["prediction"]), float(ev["ts"]))
+        builders[p].add_prediction("m", cell, int(ev["prediction"]), float(ev["ts"]))
+        wm[p] = float(ev["ts"])
+        if predictions % 300 == 0:  # each partition publishes every 900, 300 after the one before
+            q = (predictions // 300) % 3
+            seq[q] += 1
+            rows = [c.to_json() for c in builders[q].build("", None).counts]
+            fold.update({"partition": q, "seq": seq[q], "epoch": 1, "watermark": wm[q], "caught_up": True,
+                         "rows": rows})  # fmt: skip
+    got = fold.loop_estimates()[("m", "group")]
+    want = monitor.snapshot().features[("m", "group")].feedback_loop
+    assert got is not None and want is not None
+    assert got.amplifying and want.amplifying and got.group == want.group == "D"
+    assert got.pairs == want.pairs and got.statistic == want.statistic
+    assert abs(got.value - want.value) < 1e-12
+
+
+def test_caught_up_partitions_publishing_in_turn_raise_what_the_whole_stream_raises() -> None:
+    """The verdict engine side of the same rule: three caught-up partitions, one publishing per
+    slot in turn (each holds up to three slots' rows), raise exactly the whole stream's events."""
+    scenario = SCENARIOS["bias_onset"](tpr_drop=0.3, label_delay_mean_s=30.0, onset_fraction=0.3)
+    stream = draw(scenario, 30_000, seed=3, rate_per_s=200.0)
+    whole = VerdictEngine(KEYS, SETTINGS)
+    fold = ModelWide(KEYS, SETTINGS)
+    fold.expect(3)
+    held: list[list] = [[], [], []]
+    seq = [0, 0, 0]
+    for i, inc in enumerate(increments(stream, SETTINGS)):
+        whole.update(inc)
+        for j, c in enumerate(inc.counts):
+            held[j % 3].append(c.to_json())
+        for q in [i % 3] if inc.watermark is not None else range(3):
+            seq[q] += 1
+            fold.update({"partition": q, "seq": seq[q], "epoch": 1, "watermark": inc.watermark,
+                         "caught_up": True, "rows": held[q]})  # fmt: skip
+            held[q] = []
+    whole.flush()
+    fold.engine.flush()
+    got = [(e.kind, e.feature, e.disparity, e.group, e.ts) for e in fold.engine.events]
+    want = [(e.kind, e.feature, e.disparity, e.group, e.ts) for e in whole.events]
+    assert got == want and any(k == "alarm_raised" and g == "E" for k, _, _, g, _ in got)
+
+
 def _msg(p: int, seq: int, epoch: int, wm: float | None, up: bool, **extra: object) -> dict:
     row = ["m", ["A"], 0, 0, [5, 5], [0, 0, 0, 0], [], [], 5.0]
     return {
@@ -135,6 +203,8 @@ def test_a_silent_caught_up_partition_is_held_again() -> None:
     fold.expect(2)
     fold.update(_msg(1, 1, 1, 10.0, True), now=0.0)
     fold.update(_msg(0, 1, 1, 100.0, False), now=1.0)
+    assert fold.engine.watermark == 10.0  # lifted to the newest at its own message: 10
+    fold.update(_msg(1, 2, 1, 10.0, True), now=10.0)  # its heartbeat: lifted to partition 0's 100
     assert fold.engine.watermark == 100.0
     fold.release(now=200.0)  # partition 1 not heard for 200 s: its owner may be gone
     assert fold.engine.watermark == 10.0

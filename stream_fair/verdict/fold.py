@@ -16,7 +16,14 @@ engine's watermark has passed its end.
 
 Each partition is one engine *source*: the engine evaluates a slot once every source's watermark
 has passed it. A partition whose input is read to its end (``caught_up``) will next see records of
-the present, so it does not hold the model back: its watermark follows the newest of all sources.
+the present, so it does not hold the model back: its watermark is lifted to the newest of all
+sources *as its message is applied*. Rows it publishes later come from records read after it was
+read to its end, so they are newer than that lift (up to the records produced between its check
+and the other partitions' last messages, a poll's time). Lifting it to the newest at any later
+time would close slots and loop periods while its next message may still hold rows of them (they
+would count one slot or period late, and the model-wide figures would depend on when each replica
+checkpoints). A caught-up partition moves on with its next message: its next checkpoint, or its
+heartbeat when idle (``tracker.HEARTBEAT_SECONDS``).
 
 >>> from stream_fair.groups import feature_keys
 >>> from stream_fair.verdict import ScoreBins, VerdictSettings
@@ -68,6 +75,7 @@ class ModelWide:
         self.incarnations: dict[int, str] = {}
         self.reported: dict[int, float] = {}  # each partition's own watermark
         self.caught_up: dict[int, bool] = {}
+        self.lifted: dict[int, float] = {}  # a caught-up partition's lift: the newest at its message
         self.heard: dict[int, float] = {}  # when each partition was last heard (caller's clock)
         self.offset: int | None = None  # next increments-topic offset to read
         self.duplicates = 0
@@ -124,6 +132,7 @@ class ModelWide:
             self.heard[p] = now
         if wm is not None:
             self.reported[p] = max(self.reported.get(p, -math.inf), float(wm))
+        self.lifted[p] = self._newest()
         self.engine.update(Increment(source_of(p), None, rows))
         self.release(now)
         if self.loop is not None:
@@ -131,17 +140,22 @@ class ModelWide:
             self._close_periods()
         return True
 
-    def release(self, now: float | None = None, stale_after: float = 60.0) -> None:
-        """Each partition's watermark for the engine: its own, or the newest of all while it is
-        caught up (and was heard within ``stale_after`` of ``now``, when given)."""
+    def _newest(self) -> float:
         finite = [m for m in self.reported.values() if not math.isinf(m)]
-        newest = max(finite) if finite else -math.inf
+        return max(finite) if finite else -math.inf
+
+    def release(self, now: float | None = None, stale_after: float = 60.0) -> None:
+        """Each partition's watermark for the engine: its own, or while it is caught up (and was
+        heard within ``stale_after`` of ``now``, when given) the newest of all when its last
+        message was applied (module docstring)."""
         marks = self.engine.sources
         for p in self.reported.keys() | self.caught_up.keys():
             src = source_of(p)
             fresh = now is None or now - self.heard.get(p, -math.inf) <= stale_after
-            lifted = self.caught_up.get(p, False) and fresh and not math.isinf(newest)
-            want = newest if lifted else self.reported.get(p, -math.inf)
+            own = self.reported.get(p, -math.inf)
+            lift = self.lifted.get(p, -math.inf)
+            lifted = self.caught_up.get(p, False) and fresh and not math.isinf(lift)
+            want = max(own, lift) if lifted else own
             # a partition with no watermark yet that nobody awaits (no expect()) stays unknown
             if marks.get(src) != want and (src in marks or not math.isinf(want)):
                 self.engine.hold(src, want)
