@@ -897,15 +897,10 @@ class Detector:
             from stream_fair.leader import Leader
 
             assert self.tracker is not None
-            from stream_fair.verdict.fold import LoopSettings
-
             fs = feedback_settings(self.config.feedback)
-            loop = LoopSettings(
-                fs.period, fs.loop_window, fs.min_samples, fs.loop_min_periods, fs.loop_alpha, fs.loop_horizon
-            )
             settings = fs.verdict_settings()
             features = self.tracker.features
-            leader = Leader(self.config, features, settings, self._partitions, loop, self._interrupted)
+            leader = Leader(self.config, features, settings, self._partitions, fs, self._interrupted)
             try:
                 leader.start()
             except Exception as exc:

@@ -32,15 +32,18 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stream_fair import transport
 from stream_fair.config import Config
 from stream_fair.groups import FeatureKey
 from stream_fair.transport import ChangelogWriter, Reader, TopicPartition, increments_topic, leader_topic
 from stream_fair.transport.base import never
-from stream_fair.verdict.fold import LoopSettings, ModelWide
+from stream_fair.verdict.fold import ModelWide
 from stream_fair.verdict.settings import VerdictSettings
+
+if TYPE_CHECKING:
+    from stream_fair.feedback.monitor import FeedbackSettings
 
 log = logging.getLogger("stream_fair")
 
@@ -89,7 +92,7 @@ class Leader:
         features: Sequence[FeatureKey],
         settings: VerdictSettings,
         partitions: int,
-        loop: LoopSettings | None = None,
+        loop: FeedbackSettings | None = None,
         cancel: Callable[[], bool] = never,
     ) -> None:
         self.config = config

@@ -321,8 +321,9 @@ def test_the_model_wide_loop_periods_replace_the_replicas_own_when_computed() ->
     capture = m.capture()
     capture.loop_history = {first: periods}
     got = capture.compute()
+    alpha = SETTINGS.loop_alpha / len(KEYS2)  # Bonferroni over the feature keys
     want = loop_indicator(
-        periods, SETTINGS.min_samples, SETTINGS.loop_min_periods, capture.loop_alpha, SETTINGS.loop_horizon
+        periods, SETTINGS.min_samples, SETTINGS.loop_min_periods, alpha, SETTINGS.loop_horizon
     )
     assert want is not None and want.pairs == 15 and want != own.features[first].feedback_loop
     assert got.features[first].feedback_loop == want

@@ -71,13 +71,11 @@ def test_the_loop_test_runs_on_the_whole_stream_like_the_monitor() -> None:
     from stream_fair.dev.simulate import generate
     from stream_fair.feedback import FeedbackMonitor, FeedbackSettings
     from stream_fair.verdict import IncrementBuilder
-    from stream_fair.verdict.fold import LoopSettings
 
     settings = VerdictSettings(period=100.0, slot=20.0)
     fs = FeedbackSettings(period=100.0)
     monitor = FeedbackMonitor(KEYS, fs)
-    loop = LoopSettings(100.0, fs.loop_window, fs.min_samples, fs.loop_min_periods, fs.loop_alpha)
-    fold = ModelWide(KEYS, settings, loop)
+    fold = ModelWide(KEYS, settings, fs)
     fold.expect(3)
     builders = [IncrementBuilder(settings.period, settings.slot, settings.bins) for _ in range(3)]
     seq = [0, 0, 0]
@@ -110,13 +108,11 @@ def test_caught_up_partitions_checkpointing_at_different_times_fold_like_one_mon
     from stream_fair.dev.simulate import generate
     from stream_fair.feedback import FeedbackMonitor, FeedbackSettings
     from stream_fair.verdict import IncrementBuilder
-    from stream_fair.verdict.fold import LoopSettings
 
     settings = VerdictSettings(period=100.0, slot=20.0)
     fs = FeedbackSettings(period=100.0)
     monitor = FeedbackMonitor(KEYS, fs)
-    loop = LoopSettings(100.0, fs.loop_window, fs.min_samples, fs.loop_min_periods, fs.loop_alpha)
-    fold = ModelWide(KEYS, settings, loop)
+    fold = ModelWide(KEYS, settings, fs)
     fold.expect(3)
     builders = [IncrementBuilder(settings.period, settings.slot, settings.bins) for _ in range(3)]
     seq = [0, 0, 0]

@@ -182,6 +182,13 @@ class FeedbackSettings:
         """
         return replace(self, loop_alpha=self.loop_alpha / max(1, n_features))
 
+    def loop_test(self, periods: Sequence[Mapping[str, tuple[int, int]]]) -> LoopEstimate | None:
+        """The feedback-loop test (:func:`~stream_fair.feedback.loop.loop_indicator`) over closed
+        periods, with these settings: for one feature key, call it on :meth:`per_feature`'s."""
+        return loop_indicator(
+            periods, self.min_samples, self.loop_min_periods, self.loop_alpha, self.loop_horizon
+        )
+
     def verdict_settings(self) -> VerdictSettings:
         """Settings of the default alarm, the verdict engine.
 
@@ -607,7 +614,6 @@ class FeedbackMonitor:
         return FeedbackCapture(
             features=self.features,
             settings=self.settings,
-            loop_alpha=self._per_feature.loop_alpha,
             cumulative=self._cumulative(sources.values()),
             hists={k: h.counts.copy() for k, h in self._hist.items()},
             last_period=dict(self._last_period),
@@ -855,7 +861,6 @@ class FeedbackCapture:
 
     features: Sequence[FeatureKey]
     settings: FeedbackSettings
-    loop_alpha: float
     cumulative: dict[tuple[str, Cell], list[int]]
     hists: dict[tuple[str, Cell], Any]
     last_period: dict[tuple[str, str], dict[str, tuple[int, int]]]
@@ -899,10 +904,10 @@ class FeedbackCapture:
         features: dict[tuple[str, str], FeatureFeedback] = {}
         history = self.history if self.loop_history is None else self.loop_history
 
+        per_feature = s.per_feature(len(self.features))
+
         def loop_test(mf: tuple[str, str]) -> LoopEstimate | None:
-            return loop_indicator(
-                history.get(mf, []), s.min_samples, s.loop_min_periods, self.loop_alpha, s.loop_horizon
-            )
+            return per_feature.loop_test(history.get(mf, []))
 
         for (model, fname), by_group in totals.items():
             mf = (model, fname)

@@ -41,17 +41,19 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from stream_fair.feedback.loop import LoopEstimate, loop_indicator
+from stream_fair.feedback.loop import LoopEstimate
 from stream_fair.groups import Cell, FeatureKey
 from stream_fair.verdict.engine import VerdictEngine
 from stream_fair.verdict.increments import CellCounts, Increment
 from stream_fair.verdict.records import AlarmEvent
 from stream_fair.verdict.settings import VerdictSettings
 
-__all__ = ["LoopSettings", "ModelWide", "source_of"]
+if TYPE_CHECKING:  # feedback.monitor imports the verdict package
+    from stream_fair.feedback.monitor import FeedbackSettings
+
+__all__ = ["ModelWide", "source_of"]
 
 STATE_VERSION = 1
 
@@ -65,10 +67,10 @@ class ModelWide:
     """One verdict engine over the increments of every partition (module docstring)."""
 
     def __init__(
-        self, features: Sequence[FeatureKey], settings: VerdictSettings, loop: LoopSettings | None = None
+        self, features: Sequence[FeatureKey], settings: VerdictSettings, loop: FeedbackSettings | None = None
     ) -> None:
         self.features = list(features)
-        self.loop = loop
+        self.loop = loop  # the feedback-loop test's settings (all features'; None: no loop test)
         self.engine = VerdictEngine(self.features, settings)
         self.applied: dict[int, int] = {}
         self.epochs: dict[int, int] = {}  # the highest owner epoch seen per partition
@@ -189,7 +191,7 @@ class ModelWide:
                     old = by.get(g, (0, 0))
                     by[g] = (old[0] + n, old[1] + pos)
             for mf, counts in per.items():
-                hist = self._history.setdefault(mf, deque(maxlen=self.loop.window + 1))
+                hist = self._history.setdefault(mf, deque(maxlen=self.loop.loop_window + 1))
                 hist.append(counts)
             self._closed = k
 
@@ -203,12 +205,8 @@ class ModelWide:
         """The feedback-loop test of every (model, feature) over the model's closed periods."""
         if self.loop is None:
             return {}
-        lp = self.loop
-        alpha = lp.alpha / max(1, len(self.features))  # Bonferroni over the feature keys
-        return {
-            mf: loop_indicator(list(h), lp.min_samples, lp.min_periods, alpha, lp.horizon)
-            for mf, h in self._history.items()
-        }
+        per_feature = self.loop.per_feature(len(self.features))
+        return {mf: per_feature.loop_test(list(h)) for mf, h in self._history.items()}
 
     def new_events(self) -> list[AlarmEvent]:
         """Alarm events not returned before (for the log line)."""
@@ -244,7 +242,7 @@ class ModelWide:
         state: dict[str, Any],
         features: Sequence[FeatureKey],
         settings: VerdictSettings,
-        loop: LoopSettings | None = None,
+        loop: FeedbackSettings | None = None,
     ) -> ModelWide:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported model-wide state version {state.get('version')!r}")
@@ -263,23 +261,10 @@ class ModelWide:
         m._open = {
             int(k): {(mo, tuple(c)): [int(x) for x in v] for mo, c, v in by} for k, by in state["open"]
         }
-        window = (loop.window + 1) if loop is not None else None
+        window = (loop.loop_window + 1) if loop is not None else None
         for mo, f, periods in state["history"]:
             m._history[(mo, f)] = deque(
                 ({g: (int(v[0]), int(v[1])) for g, v in p.items()} for p in periods), maxlen=window
             )
         m._closed = state["closed"]
         return m
-
-
-@dataclass(frozen=True)
-class LoopSettings:
-    """The feedback-loop test's settings (``FeedbackSettings``: ``period``, ``loop_window``,
-    ``min_samples``, ``loop_min_periods``, ``loop_alpha`` over all feature keys, ``loop_horizon``)."""
-
-    period: float = 3600.0
-    window: int = 48
-    min_samples: int = 100
-    min_periods: int = 8
-    alpha: float = 0.01
-    horizon: int = 10_000
