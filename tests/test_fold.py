@@ -141,6 +141,50 @@ def test_caught_up_partitions_checkpointing_at_different_times_fold_like_one_mon
     assert abs(got.value - want.value) < 1e-12
 
 
+def test_the_loop_periods_do_not_depend_on_when_partitions_publish() -> None:
+    """A period that is not a multiple of the slot (50 s, 20 s slots) takes its last slot whole:
+    three caught-up partitions publishing in turn close the same periods with the same counts as
+    the same rows published in a few large batches (a backlog). Before, a period closed at its own
+    end, and the rest of its last slot counted in the next period when it came later."""
+    from stream_fair.dev.simulate import generate
+    from stream_fair.feedback import FeedbackSettings
+    from stream_fair.verdict import IncrementBuilder
+
+    settings = VerdictSettings(period=100.0, slot=20.0)
+    fs = FeedbackSettings(period=50.0)
+
+    def fold_of(every: int, caught_up: bool) -> ModelWide:
+        fold = ModelWide(KEYS, settings, fs)
+        fold.expect(3)
+        builders = [IncrementBuilder(settings.period, settings.slot, settings.bins) for _ in range(3)]
+        seq, wm = [0, 0, 0], [0.0, 0.0, 0.0]
+
+        def publish(q: int) -> None:
+            seq[q] += 1
+            rows = [c.to_json() for c in builders[q].build("", None).counts]
+            fold.update({"partition": q, "seq": seq[q], "epoch": 1, "watermark": wm[q],
+                         "caught_up": caught_up, "rows": rows})  # fmt: skip
+
+        n = 0
+        for kind, ev in generate(SCENARIOS["feedback_loop"](), 60_000, seed=2):
+            if kind != "prediction":
+                continue
+            p = n % 3
+            n += 1
+            builders[p].add_prediction(
+                "m", (str(ev["attributes"]["group"]),), int(ev["prediction"]), ev["ts"]
+            )
+            wm[p] = float(ev["ts"])
+            if n % every == 0:
+                publish((n // every) % 3)
+        return fold
+
+    live = fold_of(100, True).loop_history()[("m", "group")]
+    backlog = fold_of(7_000, False).loop_history()[("m", "group")]
+    # the backlog's engine waits for its slowest partition: it has closed fewer periods so far
+    assert len(backlog) >= 8 and live[: len(backlog)] == backlog
+
+
 def test_caught_up_partitions_publishing_in_turn_raise_what_the_whole_stream_raises() -> None:
     """The verdict engine side of the same rule: three caught-up partitions, one publishing per
     slot in turn (each holds up to three slots' rows), raise exactly the whole stream's events."""

@@ -10,9 +10,9 @@ so the re-publication of an outbox after a crash or a move is a no-op; ``seq`` m
 (checkpoints with nothing to say publish nothing).
 
 The fold also runs the **feedback-loop test** (:mod:`stream_fair.feedback.loop`) on the model's
-whole stream: prediction rows are counted per ``loop.period`` (by their slot's start, exact when
-the period is a multiple of the slot, as the defaults are) and a period is closed once the
-engine's watermark has passed its end.
+whole stream: prediction rows are counted per ``loop.period`` by their slot's start (the same
+periods as a single monitor's when the period is a multiple of the slot, as the defaults are), and
+a period is closed once the engine's watermark has passed the end of its last slot.
 
 Each partition is one engine *source*: the engine evaluates a slot once every source's watermark
 has passed it. A partition whose input is read to its end (``caught_up``) will next see records of
@@ -182,7 +182,7 @@ class ModelWide:
         wm = self.engine.watermark
         if wm is None or math.isinf(wm):
             return
-        for k in sorted(k for k in self._open if (k + 1) * self.loop.period <= wm):
+        for k in sorted(k for k in self._open if self._period_end(k) <= wm):
             per: dict[tuple[str, str], dict[str, tuple[int, int]]] = {}
             for (model, cell), (n, pos) in self._open.pop(k).items():
                 for f in self.features:
@@ -194,6 +194,18 @@ class ModelWide:
                 hist = self._history.setdefault(mf, deque(maxlen=self.loop.loop_window + 1))
                 hist.append(counts)
             self._closed = k
+
+    def _period_end(self, k: int) -> float:
+        """When period ``k``'s rows are all in: the end of the last slot whose start lies in it
+        (rows count in the period of their slot's start, so a period that is not a multiple of the
+        slot takes the whole of its last slot, and closes when that slot does)."""
+        slot, period = self.engine.settings.slot, self.loop.period  # type: ignore[union-attr]
+        j = math.ceil((k + 1) * period / slot)  # the first slot of a later period, rounding aside
+        while j > 0 and math.floor((j - 1) * slot / period) > k:
+            j -= 1
+        while math.floor(j * slot / period) <= k:
+            j += 1
+        return j * slot
 
     def loop_history(self) -> dict[tuple[str, str], list[dict[str, tuple[int, int]]]]:
         """A copy of the closed periods the loop test looks at, per (model, feature): the input of
