@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 from stream_fair.dev.arrays import draw, increments
-from stream_fair.dev.simulate import SCENARIOS
+from stream_fair.dev.simulate import SCENARIOS, generate
+from stream_fair.feedback import FeedbackMonitor, FeedbackSettings
 from stream_fair.groups import feature_keys
-from stream_fair.verdict import VerdictEngine, VerdictSettings
+from stream_fair.verdict import IncrementBuilder, VerdictEngine, VerdictSettings
 from stream_fair.verdict.fold import ModelWide
 
 KEYS = feature_keys(["group"], [])
@@ -65,80 +66,67 @@ def test_silent_partitions_hold_the_verdict_back_until_caught_up() -> None:
     assert fold.engine.watermark == 100.0
 
 
-def test_the_loop_test_runs_on_the_whole_stream_like_the_monitor() -> None:
-    """The feedback_loop scenario split over three partitions' builders, folded: the same loop
-    estimate as one monitor that saw every prediction (period 100 s, a multiple of the slot)."""
-    from stream_fair.dev.simulate import generate
-    from stream_fair.feedback import FeedbackMonitor, FeedbackSettings
-    from stream_fair.verdict import IncrementBuilder
-
+def fold_loop_stream(
+    fs: FeedbackSettings, *, n: int, seed: int, every: int, in_turn: bool, caught_up: bool,
+    monitor: FeedbackMonitor | None = None,
+) -> ModelWide:  # fmt: skip
+    """The feedback_loop scenario's predictions dealt round-robin to three partitions' builders
+    (100 s cohorts, 20 s slots) and folded: every ``every`` predictions the next partition publishes
+    (``in_turn``), or all three do. ``monitor``, when given, sees every prediction."""
     settings = VerdictSettings(period=100.0, slot=20.0)
-    fs = FeedbackSettings(period=100.0)
-    monitor = FeedbackMonitor(KEYS, fs)
     fold = ModelWide(KEYS, settings, fs)
     fold.expect(3)
     builders = [IncrementBuilder(settings.period, settings.slot, settings.bins) for _ in range(3)]
-    seq = [0, 0, 0]
-    wm = [0.0, 0.0, 0.0]
-    for i, (kind, ev) in enumerate(generate(SCENARIOS["feedback_loop"](), 120_000, seed=1)):
+    seq, wm = [0, 0, 0], [0.0, 0.0, 0.0]
+    count = 0
+    for kind, ev in generate(SCENARIOS["feedback_loop"](), n, seed=seed):
         if kind != "prediction":
             continue
-        p = i % 3
+        p = count % 3
+        count += 1
         cell = (str(ev["attributes"]["group"]),)
-        monitor.on_prediction("m", cell, int(ev["prediction"]), float(ev["ts"]))
-        builders[p].add_prediction("m", cell, int(ev["prediction"]), float(ev["ts"]))
-        wm[p] = float(ev["ts"])
-        if i % 500 == 0:
-            for q in range(3):
-                seq[q] += 1
-                rows = [c.to_json() for c in builders[q].build("", None).counts]
-                fold.update({"partition": q, "seq": seq[q], "epoch": 1, "watermark": wm[q], "rows": rows})
+        ts = float(ev["ts"])
+        if monitor is not None:
+            monitor.on_prediction("m", cell, int(ev["prediction"]), ts)
+        builders[p].add_prediction("m", cell, int(ev["prediction"]), ts)
+        wm[p] = ts
+        if count % every:
+            continue
+        for q in [(count // every) % 3] if in_turn else range(3):
+            seq[q] += 1
+            rows = [c.to_json() for c in builders[q].build("", None).counts]
+            fold.update({"partition": q, "seq": seq[q], "epoch": 1, "watermark": wm[q],
+                         "caught_up": caught_up, "rows": rows})  # fmt: skip
+    return fold
+
+
+def assert_the_monitors_loop_test(fold: ModelWide, monitor: FeedbackMonitor) -> None:
     got = fold.loop_estimates()[("m", "group")]
     want = monitor.snapshot().features[("m", "group")].feedback_loop
     assert got is not None and want is not None
     assert got.amplifying and want.amplifying and got.group == want.group == "D"
     assert got.pairs == want.pairs and got.statistic == want.statistic
     assert abs(got.value - want.value) < 1e-12
+
+
+def test_the_loop_test_runs_on_the_whole_stream_like_the_monitor() -> None:
+    """The feedback_loop scenario split over three partitions' builders, folded: the same loop
+    estimate as one monitor that saw every prediction (period 100 s, a multiple of the slot)."""
+    fs = FeedbackSettings(period=100.0)
+    monitor = FeedbackMonitor(KEYS, fs)
+    fold = fold_loop_stream(fs, n=120_000, seed=1, every=500, in_turn=False, caught_up=False, monitor=monitor)
+    assert_the_monitors_loop_test(fold, monitor)
 
 
 def test_caught_up_partitions_checkpointing_at_different_times_fold_like_one_monitor() -> None:
     """Every partition caught up (a live stream), each publishing at its own moments: a slot or
     loop period closes only once every partition's message has passed it, so no row counts late
     and the fold's loop test equals the monitor's that saw every prediction."""
-    from stream_fair.dev.simulate import generate
-    from stream_fair.feedback import FeedbackMonitor, FeedbackSettings
-    from stream_fair.verdict import IncrementBuilder
-
-    settings = VerdictSettings(period=100.0, slot=20.0)
     fs = FeedbackSettings(period=100.0)
     monitor = FeedbackMonitor(KEYS, fs)
-    fold = ModelWide(KEYS, settings, fs)
-    fold.expect(3)
-    builders = [IncrementBuilder(settings.period, settings.slot, settings.bins) for _ in range(3)]
-    seq = [0, 0, 0]
-    wm = [0.0, 0.0, 0.0]
-    predictions = 0
-    for kind, ev in generate(SCENARIOS["feedback_loop"](), 120_000, seed=1):
-        if kind != "prediction":
-            continue
-        p = predictions % 3
-        predictions += 1
-        cell = (str(ev["attributes"]["group"]),)
-        monitor.on_prediction("m", cell, int(ev["prediction"]), float(ev["ts"]))
-        builders[p].add_prediction("m", cell, int(ev["prediction"]), float(ev["ts"]))
-        wm[p] = float(ev["ts"])
-        if predictions % 300 == 0:  # each partition publishes every 900, 300 after the one before
-            q = (predictions // 300) % 3
-            seq[q] += 1
-            rows = [c.to_json() for c in builders[q].build("", None).counts]
-            fold.update({"partition": q, "seq": seq[q], "epoch": 1, "watermark": wm[q], "caught_up": True,
-                         "rows": rows})  # fmt: skip
-    got = fold.loop_estimates()[("m", "group")]
-    want = monitor.snapshot().features[("m", "group")].feedback_loop
-    assert got is not None and want is not None
-    assert got.amplifying and want.amplifying and got.group == want.group == "D"
-    assert got.pairs == want.pairs and got.statistic == want.statistic
-    assert abs(got.value - want.value) < 1e-12
+    # each partition publishes every 900 predictions, 300 after the one before
+    fold = fold_loop_stream(fs, n=120_000, seed=1, every=300, in_turn=True, caught_up=True, monitor=monitor)
+    assert_the_monitors_loop_test(fold, monitor)
 
 
 def test_the_loop_periods_do_not_depend_on_when_partitions_publish() -> None:
@@ -146,43 +134,12 @@ def test_the_loop_periods_do_not_depend_on_when_partitions_publish() -> None:
     three caught-up partitions publishing in turn close the same periods with the same counts as
     the same rows published in a few large batches (a backlog). Before, a period closed at its own
     end, and the rest of its last slot counted in the next period when it came later."""
-    from stream_fair.dev.simulate import generate
-    from stream_fair.feedback import FeedbackSettings
-    from stream_fair.verdict import IncrementBuilder
-
-    settings = VerdictSettings(period=100.0, slot=20.0)
     fs = FeedbackSettings(period=50.0)
-
-    def fold_of(every: int, caught_up: bool) -> ModelWide:
-        fold = ModelWide(KEYS, settings, fs)
-        fold.expect(3)
-        builders = [IncrementBuilder(settings.period, settings.slot, settings.bins) for _ in range(3)]
-        seq, wm = [0, 0, 0], [0.0, 0.0, 0.0]
-
-        def publish(q: int) -> None:
-            seq[q] += 1
-            rows = [c.to_json() for c in builders[q].build("", None).counts]
-            fold.update({"partition": q, "seq": seq[q], "epoch": 1, "watermark": wm[q],
-                         "caught_up": caught_up, "rows": rows})  # fmt: skip
-
-        n = 0
-        for kind, ev in generate(SCENARIOS["feedback_loop"](), 60_000, seed=2):
-            if kind != "prediction":
-                continue
-            p = n % 3
-            n += 1
-            builders[p].add_prediction(
-                "m", (str(ev["attributes"]["group"]),), int(ev["prediction"]), ev["ts"]
-            )
-            wm[p] = float(ev["ts"])
-            if n % every == 0:
-                publish((n // every) % 3)
-        return fold
-
-    live = fold_of(100, True).loop_history()[("m", "group")]
-    backlog = fold_of(7_000, False).loop_history()[("m", "group")]
+    live = fold_loop_stream(fs, n=60_000, seed=2, every=100, in_turn=True, caught_up=True)
+    backlog = fold_loop_stream(fs, n=60_000, seed=2, every=7_000, in_turn=True, caught_up=False)
     # the backlog's engine waits for its slowest partition: it has closed fewer periods so far
-    assert len(backlog) >= 8 and live[: len(backlog)] == backlog
+    a, b = live.loop_history()[("m", "group")], backlog.loop_history()[("m", "group")]
+    assert len(b) >= 8 and a[: len(b)] == b
 
 
 def test_caught_up_partitions_publishing_in_turn_raise_what_the_whole_stream_raises() -> None:

@@ -165,12 +165,11 @@ class ModelWide:
     # -- the feedback-loop test ----------------------------------------------------------------
     def _count_periods(self, rows: Sequence[CellCounts]) -> None:
         assert self.loop is not None
-        slot, period = self.engine.settings.slot, self.loop.period
         for c in rows:
             n0, n1 = c.predictions
             if not n0 and not n1:
                 continue
-            k = math.floor(c.slot * slot / period)
+            k = self._period_of(c.slot)
             if self._closed is not None and k <= self._closed:
                 k = self._closed + 1  # late rows count in the oldest open period
             acc = self._open.setdefault(k, {}).setdefault((c.model, c.cell), [0, 0])
@@ -195,17 +194,19 @@ class ModelWide:
                 hist.append(counts)
             self._closed = k
 
+    def _period_of(self, slot: int) -> int:
+        """The loop period of a slot (index): the one its start lies in."""
+        return math.floor(slot * self.engine.settings.slot / self.loop.period)  # type: ignore[union-attr]
+
     def _period_end(self, k: int) -> float:
-        """When period ``k``'s rows are all in: the end of the last slot whose start lies in it
-        (rows count in the period of their slot's start, so a period that is not a multiple of the
-        slot takes the whole of its last slot, and closes when that slot does)."""
-        slot, period = self.engine.settings.slot, self.loop.period  # type: ignore[union-attr]
-        j = math.ceil((k + 1) * period / slot)  # the first slot of a later period, rounding aside
-        while j > 0 and math.floor((j - 1) * slot / period) > k:
+        """When period ``k``'s rows are all in: the end of its last slot (a period that is not a
+        multiple of the slot takes the whole of its last slot, and closes when that slot does)."""
+        j = math.ceil((k + 1) * self.loop.period / self.engine.settings.slot)  # type: ignore[union-attr]
+        while j > 0 and self._period_of(j - 1) > k:  # the first slot of a later period, rounding aside
             j -= 1
-        while math.floor(j * slot / period) <= k:
+        while self._period_of(j) <= k:
             j += 1
-        return j * slot
+        return j * self.engine.settings.slot
 
     def loop_history(self) -> dict[tuple[str, str], list[dict[str, tuple[int, int]]]]:
         """A copy of the closed periods the loop test looks at, per (model, feature): the input of
