@@ -30,10 +30,9 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar, overload
 
 from stream_fair.config import Config, format_duration
 from stream_fair.counts import (
@@ -83,6 +82,47 @@ from stream_fair.state.codec import (
 from stream_fair.state.identity import mark
 from stream_fair.verdict.increments import CellCounts, IncrementBuilder
 from stream_fair.verdict.settings import VerdictSettings
+
+_T = TypeVar("_T")
+
+
+class cached_property(Generic[_T]):  # noqa: N801 (named after the functools one it stands in for)
+    """``functools.cached_property`` as Python 3.12 has it: computed at the first read, kept in the
+    instance's ``__dict__``, and **no lock**. Up to 3.11 the functools one holds one lock per
+    attribute *of the class* while it computes, so a reader of one snapshot's ``feedback`` waits for
+    another thread computing an older snapshot's. Two readers of the very same first read may both
+    compute; the first value stored is the one every reader gets (a snapshot's values are pure
+    functions of the snapshot).
+
+    >>> class A:
+    ...     @cached_property
+    ...     def x(self) -> list[int]:
+    ...         return [1]
+    >>> a = A()
+    >>> a.x is a.x, "x" in vars(a)
+    (True, True)
+    """
+
+    def __init__(self, func: Callable[[Any], _T]) -> None:
+        self.func = func
+        self.__doc__ = func.__doc__
+        self.name = func.__name__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> cached_property[_T]: ...
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> _T: ...
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        stored = obj.__dict__  # a frozen dataclass forbids setattr, not its __dict__
+        if self.name in stored:  # another reader stored it while this one looked the descriptor up
+            return stored[self.name]
+        return stored.setdefault(self.name, self.func(obj))
+
 
 TOPICS = ("predictions", "outcomes")
 _P, _O = 0, 1
@@ -265,7 +305,8 @@ class Snapshot:
 
         From a capture, the feedback math runs here, at the first read, on the reader's thread or
         process (the report worker's, or a scrape's): never on the consumer thread that published
-        the snapshot, and once per snapshot, not per checkpoint, when the readers skip snapshots."""
+        the snapshot, and once per snapshot, not per checkpoint, when the readers skip snapshots.
+        A reader never waits for another snapshot's math (:class:`cached_property`)."""
         source = self.feedback_source
         return source.compute() if hasattr(source, "compute") else source
 

@@ -101,7 +101,11 @@ def fold_loop_stream(
 
 
 def assert_the_monitors_loop_test(fold: ModelWide, monitor: FeedbackMonitor) -> None:
-    got = fold.loop_estimates()[("m", "group")]
+    """The fold's periods through the leader's path (a capture carrying them, computed where the
+    snapshot is read) give the loop test of the monitor that saw every prediction."""
+    capture = monitor.capture()
+    capture.loop_history = fold.loop_history()
+    got = capture.compute().features[("m", "group")].feedback_loop
     want = monitor.snapshot().features[("m", "group")].feedback_loop
     assert got is not None and want is not None
     assert got.amplifying and want.amplifying and got.group == want.group == "D"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 
 import numpy as np
 import orjson
@@ -18,7 +21,7 @@ from sklearn.metrics import accuracy_score
 from stream_fair.aggregate import ModelCounts
 from stream_fair.config import Config
 from stream_fair.report import CUMULATIVE, build_report
-from stream_fair.tracker import TOPICS
+from stream_fair.tracker import TOPICS, Snapshot
 from stream_fair.tracker import Tracker as CoreTracker
 from tests.helpers import LocalTracker as Tracker
 
@@ -296,6 +299,47 @@ def test_snapshot_is_a_copy() -> None:
         offsets[topic] += 1
     assert snap.cumulative == before
     assert np.sum([sum(q) for q in tracker.snapshot().cumulative.values()]) == 100
+
+
+class _SlowCompute:
+    """A feedback capture whose math waits for ``release`` (a snapshot read by a slow reader)."""
+
+    def __init__(self, release: threading.Event | None = None) -> None:
+        self.release, self.calls = release, 0
+
+    def compute(self) -> str:
+        self.calls += 1
+        if self.release is not None and not self.release.wait(10):
+            raise TimeoutError("never released")
+        return f"computed {id(self)}"
+
+
+def test_reading_one_snapshot_never_waits_for_another_snapshots_math() -> None:
+    """A reader of a new snapshot's ``feedback`` (a status page) does not wait while another
+    thread still computes an older snapshot's (the report of an ``/alarms`` request): up to Python
+    3.11 ``functools.cached_property`` holds one lock per attribute of the class while it computes,
+    which serialised them. Each snapshot still computes once and keeps its value, also pickled."""
+    release = threading.Event()
+    old = Snapshot(1.0, {}, feedback_source=_SlowCompute(release))
+    new_source = _SlowCompute()
+    new = Snapshot(2.0, {}, feedback_source=new_source)
+    slow = threading.Thread(target=lambda: old.feedback, daemon=True)
+    slow.start()
+    while old.feedback_source.calls == 0:  # the slow reader is inside the old snapshot's math
+        time.sleep(0.001)
+    got: list[str] = []
+    fast = threading.Thread(target=lambda: got.append(new.feedback), daemon=True)
+    fast.start()
+    fast.join(5)
+    try:
+        assert got == [f"computed {id(new_source)}"], "the new snapshot's read waited for the old one's math"
+    finally:
+        release.set()
+        slow.join(5)
+    assert old.feedback == f"computed {id(old.feedback_source)}" and old.feedback_source.calls == 1
+    assert new.feedback is got[0] and new_source.calls == 1
+    copy = pickle.loads(pickle.dumps(new))  # how the report worker receives a snapshot
+    assert copy.feedback == got[0] and copy.feedback_source.calls == 1
 
 
 def test_a_topic_that_is_behind_holds_event_time_back() -> None:

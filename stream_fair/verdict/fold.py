@@ -43,7 +43,6 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from stream_fair.feedback.loop import LoopEstimate
 from stream_fair.groups import Cell, FeatureKey
 from stream_fair.verdict.engine import VerdictEngine
 from stream_fair.verdict.increments import CellCounts, Increment
@@ -209,17 +208,10 @@ class ModelWide:
         return j * self.engine.settings.slot
 
     def loop_history(self) -> dict[tuple[str, str], list[dict[str, tuple[int, int]]]]:
-        """A copy of the closed periods the loop test looks at, per (model, feature): the input of
-        :meth:`loop_estimates`, for a snapshot to compute off the caller's thread (closed periods
+        """A copy of the closed periods the loop test looks at, per (model, feature), for a snapshot
+        to run the test on off the caller's thread (``FeedbackCapture.loop_history``; closed periods
         are never changed, so the copy shares them)."""
         return {mf: list(h) for mf, h in self._history.items()}
-
-    def loop_estimates(self) -> dict[tuple[str, str], LoopEstimate | None]:
-        """The feedback-loop test of every (model, feature) over the model's closed periods."""
-        if self.loop is None:
-            return {}
-        per_feature = self.loop.per_feature(len(self.features))
-        return {mf: per_feature.loop_test(list(h)) for mf, h in self._history.items()}
 
     def new_events(self) -> list[AlarmEvent]:
         """Alarm events not returned before (for the log line)."""
