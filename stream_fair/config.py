@@ -13,6 +13,7 @@ whose message is one line naming the key and the fix; the CLI prints it and exit
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -479,9 +480,31 @@ def feedback_settings(options: Mapping[str, Any]) -> Any:
             value = tuple(value)
         values[key] = value
     try:
-        return FeedbackSettings(**values)
+        settings = FeedbackSettings(**values)
     except (TypeError, ValueError) as exc:
         raise ValueError(str(exc)) from None
+    ratio = settings.period / settings.alarm_slot
+    if abs(ratio - round(ratio)) > 1e-9 * max(1.0, ratio) or round(ratio) < 1:
+        # the model-wide loop test counts predictions by alarm slot: a period that is not a whole
+        # number of slots alternates between periods holding whole slots and periods holding none
+        raise ValueError(
+            f"period {format_duration(settings.period)} is not a multiple of alarm_slot "
+            f"{format_duration(settings.alarm_slot)}: set feedback.period to a multiple of it or "
+            f"feedback.alarm_slot to a divisor of the period (e.g. alarm_slot: "
+            f"{format_duration(_divisor_slot(settings.period, settings.alarm_slot))})"
+        )
+    return settings
+
+
+def _divisor_slot(period: float, slot: float) -> float:
+    """The largest whole-second divisor of ``period`` not above ``slot`` (a suggestion in an error).
+
+    >>> _divisor_slot(300.0, 600.0), _divisor_slot(3600.0, 420.0)
+    (300.0, 400.0)
+    """
+    whole = max(1, int(period))
+    small = [k for k in range(1, math.isqrt(whole) + 1) if whole % k == 0]
+    return min(period, float(max(d for d in small + [whole // k for k in small] if d <= max(1, slot))))
 
 
 def _verbatim(path: list[str]) -> bool | None:

@@ -67,6 +67,8 @@ def test_secrets_are_masked_everywhere() -> None:
         ),
         ({"STREAM_FAIR_FAIRNESS__CREDIBLE_LEVEL": "95"}, "fairness.credible_level"),
         ({"STREAM_FAIR_FEEDBACK": "{bogus: 1}"}, "unknown key 'bogus'"),
+        ({"STREAM_FAIR_FEEDBACK": "{period: 5m}"}, "not a multiple of alarm_slot 10m: set feedback.period"),
+        ({"STREAM_FAIR_FEEDBACK": "{period: 1h, alarm_slot: 7m}"}, "(e.g. alarm_slot: 400s)"),
         ({"STREAM_FAIR_SCHEMA__PREDICTION__PREDICTION": "null"}, "schema.score_threshold"),
     ],
 )

@@ -133,7 +133,8 @@ def lending_config(bootstrap: str, topics: TopicNames, state: Path) -> Config:
         join={"ttl": "10m"},  # unlabelled predictions expire: label coverage below 1
         # 5-minute feedback periods close a few times in the stream's ~28 event-minutes, so
         # traffic share, exposure, trends and the loop indicator are defined
-        feedback={"period": "5m", "min_samples": 30},
+        # (a whole number of alarm slots: the model-wide loop test counts by slot)
+        feedback={"period": "5m", "alarm_slot": "5m", "min_samples": 30},
     )
     cfg["window_resolution"] = "1m"
     return Config.model_validate(cfg)

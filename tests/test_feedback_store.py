@@ -28,7 +28,13 @@ def config() -> Config:
             "fairness": {"features": list(FEATURES), "intersections": [["race", "sex"]], "min_samples": 1},
             "windows": ["10m"],
             "window_resolution": "1m",
-            "feedback": {"period": "1m", "min_samples": 5, "drift_batch": 10, "flush_every": 64},
+            "feedback": {
+                "period": "1m",
+                "alarm_slot": "1m",
+                "min_samples": 5,
+                "drift_batch": 10,
+                "flush_every": 64,
+            },
         }
     )
 
@@ -59,7 +65,13 @@ def detector_config(tmp_path: Any) -> Config:
         {
             "topics": {"predictions": "p", "outcomes": "o", "dead_letters": None},
             "fairness": {"features": ["sex", "race"], "intersections": [["race", "sex"]]},
-            "feedback": {"period": "1m", "min_samples": 5, "drift_batch": 10, "flush_every": 64},
+            "feedback": {
+                "period": "1m",
+                "alarm_slot": "1m",
+                "min_samples": 5,
+                "drift_batch": 10,
+                "flush_every": 64,
+            },
             "state": {"path": str(tmp_path / "state"), "checkpoint_interval": "30s", "changelog": False},
         }
     )
