@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from stream_fair.aggregate import ModelCounts
-from stream_fair.config import Config, format_duration
+from stream_fair.config import Config, fingerprint, format_duration
 from stream_fair.errors import BrokerError, StateError
 from stream_fair.exporter import ExporterServer, Health, PipelineStats, registry_for
 from stream_fair.missing import MissingFeatureLog
@@ -76,20 +76,6 @@ MAX_OUTBOX = 64  # unacknowledged verdict messages of all owned partitions befor
 # takes them over): local only.
 _FEEDBACK_KEY = FEEDBACK_KEY
 _WINDOWS = WINDOWS_PREFIX
-
-
-def fingerprint(config: Config) -> dict[str, Any]:
-    """What the stored state depends on: changing any of it needs a new state directory."""
-    return {
-        "features": [f.name for f in config.fairness.features],
-        "intersections": config.fairness.intersections,
-        # only when set: stores written before audit_only existed stay valid
-        **({"audit_only": [f.name for f in fc.audit_only]} if (fc := config.fairness).audit_only else {}),
-        "windows": config.windows,
-        "window_resolution": config.window_resolution,
-        "group_id": config.kafka.group_id,
-        "topics": [config.topics.predictions, config.topics.outcomes],
-    }
 
 
 class _Crash:
@@ -1070,6 +1056,8 @@ class Detector:
 
     def _plan(self, p: int) -> PartitionRestore:
         """Restore only the changelog tail when the local copy is current, else everything."""
+        from stream_fair.transport import changelog_topic
+
         assert self.tracker is not None and self._reader is not None
         reader, cfg = self._reader, self.config
         local = self.tracker.stored_meta(p)
@@ -1094,6 +1082,8 @@ class Detector:
             full=not tail,
             ttl=j.ttl,
             outcome_ttl=outcome_ttl,
+            fingerprint=self.tracker.fingerprint,
+            topic=changelog_topic(cfg),  # for the message
         )
         r.start = r.position = nxt if tail and nxt is not None else reader.beginning_offset(p)
         return r

@@ -496,6 +496,54 @@ def feedback_settings(options: Mapping[str, Any]) -> Any:
     return settings
 
 
+def fingerprint(config: Config) -> dict[str, Any]:
+    """What the stored state depends on (as JSON values): changing any of it needs a new state
+    directory, and with the changelog a new ``kafka.group_id`` (docs/state.md). The local store
+    keeps it (a store written for another fingerprint is refused) and so does every partition's
+    commit marker in the changelog (a restore from another configuration's changelog is refused).
+
+    >>> cfg = Config.model_validate({"fairness": {"features": ["sex"]}})
+    >>> sorted(fingerprint(cfg))  # the default feedback units are left out, as before they existed
+    ['features', 'group_id', 'intersections', 'topics', 'window_resolution', 'windows']
+    >>> fingerprint(Config.model_validate({"feedback": {"alarm_slot": "5m"}}))["feedback"]["alarm_slot"]
+    300.0
+    """
+    fc = config.fairness
+    units = _feedback_units(feedback_settings(config.feedback))
+    return {
+        "features": [f.name for f in fc.features],
+        "intersections": [list(c) for c in fc.intersections],
+        # only when set: stores written before audit_only existed stay valid
+        **({"audit_only": [f.name for f in fc.audit_only]} if fc.audit_only else {}),
+        "windows": list(config.windows),
+        "window_resolution": config.window_resolution,
+        "group_id": config.kafka.group_id,
+        "topics": [config.topics.predictions, config.topics.outcomes],
+        # the units the alarm and the loop test count in (slot and period indexes in the state);
+        # only when not the defaults, so stores written before they were recorded stay valid
+        **({"feedback": units} if units != _feedback_units(feedback_settings({})) else {}),
+    }
+
+
+def _feedback_units(settings: Any) -> dict[str, Any]:
+    """The feedback settings whose units the stored slot, cohort and period indexes are in."""
+    return {
+        "period": float(settings.period),
+        "alarm_slot": float(settings.alarm_slot),
+        "cohort_period": float(settings.cohort_period),
+        "score_bins": [*map(float, settings.score_range), int(settings.score_bins)],
+    }
+
+
+def fingerprint_difference(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The keys in which two fingerprints differ (a key absent from one counts as its default).
+
+    >>> fingerprint_difference({"windows": [3600.0], "group_id": "g"}, {"windows": [60.0], "group_id": "g"})
+    ['windows']
+    """
+    return [k for k in dict.fromkeys([*stored, *current]) if stored.get(k) != current.get(k)]
+
+
 def _divisor_slot(period: float, slot: float) -> float:
     """The largest whole-second divisor of ``period`` not above ``slot`` (a suggestion in an error).
 

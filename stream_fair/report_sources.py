@@ -36,7 +36,7 @@ ERR_HTTP = "report error: {url} answered {code}: {body}"
 ERR_STATE = "report error: cannot read the state directory {path} ({reason}): {fix}"
 ERR_FINGERPRINT = (
     "report error: {path} was written for another configuration (features, intersections, windows, "
-    "group or topics differ): pass the --config the detector runs with"
+    "feedback units, group or topics differ): pass the --config the detector runs with"
 )
 
 

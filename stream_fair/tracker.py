@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar, overload
 
-from stream_fair.config import Config, format_duration
+from stream_fair.config import Config, fingerprint, format_duration
 from stream_fair.counts import (
     EXPIRED,
     PRED0,
@@ -441,6 +441,8 @@ class Tracker:
         verdict: VerdictSettings | None = None,
     ) -> None:
         self.config = config
+        # what the state depends on, in every commit marker (checked when a changelog is restored)
+        self.fingerprint = fingerprint(config)
         # with settings, every shard counts the model-wide verdict's increments (stream_fair.leader)
         self.verdict = verdict
         fc = config.fairness
@@ -851,6 +853,7 @@ class Tracker:
             increment = self._increment(s)
             meta = s.meta()
             meta["seq"] = s.seq + 1
+            meta["config"] = self.fingerprint
             if s.builder is not None:
                 meta["outbox"] = self._outbox(s, meta["seq"])
             meta["wall"] = time.time()

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -292,6 +293,30 @@ def test_records_of_a_fenced_epoch_are_ignored() -> None:
         pr.finish()
         assert pr.fenced == 2
         assert isinstance(Join(r, 0, ttl=100.0).ids.get("a"), PendingPrediction)
+
+
+def test_a_commit_marker_of_another_configuration_is_refused_one_without_is_read() -> None:
+    """Markers carry the writer's config fingerprint; markers from before it existed carry none."""
+    import orjson
+
+    from stream_fair.errors import StateError
+
+    mine = {"features": ["sex"], "windows": [3600.0]}
+    other = {"features": ["sex"], "windows": [3600.0], "feedback": {"alarm_slot": 300.0}}
+    with backend() as r:
+        pr = PartitionRestore(
+            r, 0, epoch=0, full=True, ttl=100.0, outcome_ttl=100.0, fingerprint=mine, topic="t"
+        )
+        pr.feed(0, meta_key(0), orjson.dumps({"v": FORMAT_VERSION, "join": {}}), 0)  # an old marker
+        pr.feed(1, meta_key(0), orjson.dumps({"v": FORMAT_VERSION, "join": {}, "config": mine}), 0)
+        assert pr.committed == 2
+        with pytest.raises(StateError) as err:
+            pr.feed(2, meta_key(0), orjson.dumps({"v": FORMAT_VERSION, "join": {}, "config": other}), 0)
+        assert str(err.value).startswith(
+            "state error: the changelog t holds partition 0's state written with another configuration "
+            "(feedback differ): "
+        )
+        assert pr.committed == 2
 
 
 @settings(max_examples=100, deadline=None)

@@ -21,8 +21,10 @@ an offset) updates them record by record.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from stream_fair.config import fingerprint_difference
 from stream_fair.errors import StateError
 from stream_fair.state.codec import (
     FORMAT_VERSION,
@@ -60,6 +62,13 @@ def index_entries(
     return deadline_key(partition, deadline, rec.kind, event_id), b""  # type: ignore[union-attr]
 
 
+ERR_CONFIG = (
+    "state error: the changelog {topic} holds partition {partition}'s state written with another "
+    "configuration ({keys} differ): run every replica with the same configuration, or start over "
+    "with a new kafka.group_id and an empty state.path (docs/state.md)"
+)
+
+
 class PartitionRestore:
     """Applies one partition's changelog records, in log order, to the local store."""
 
@@ -72,8 +81,13 @@ class PartitionRestore:
         full: bool,
         ttl: float,
         outcome_ttl: float,
+        fingerprint: Mapping[str, Any] | None = None,
+        topic: str = "",
     ) -> None:
         self.backend = backend
+        # this configuration's :func:`~stream_fair.config.fingerprint`: a commit marker written
+        # with another one is refused (markers from before it was recorded carry none)
+        self.fingerprint, self.topic = fingerprint, topic
         self.partition = partition
         self.epoch = epoch  # the highest epoch seen so far
         self.full = full
@@ -122,6 +136,12 @@ class PartitionRestore:
                 "state.changelog_topic to a new topic (pending predictions are then recounted from the "
                 "inputs)"
             )
+        stored = meta.get("config")
+        if self.fingerprint is not None and stored is not None:
+            keys = fingerprint_difference(stored, self.fingerprint)
+            if keys:
+                where = {"topic": self.topic, "partition": self.partition}
+                raise StateError(ERR_CONFIG.format(**where, keys=", ".join(keys)))
         meta["changelog_next"] = offset + 1
         self.meta = meta
         self._batch[key] = encode_json(meta)

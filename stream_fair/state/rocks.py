@@ -36,6 +36,7 @@ from rocksdict import (
     WriteOptions,
 )
 
+from stream_fair.config import fingerprint_difference
 from stream_fair.errors import StateError
 from stream_fair.state.codec import (
     FORMAT_KEY,
@@ -101,8 +102,10 @@ ERR_LOCKED = (
 )
 ERR_OPEN = "state error: cannot open {path}: {reason}: set state.path to a writable directory"
 ERR_FINGERPRINT = (
-    "state error: {path} was written for another configuration ({stored}): point state.path to a "
-    "new directory, or delete it to restore from the changelog"
+    "state error: {path} was written for another configuration ({keys} differ): run with that "
+    "configuration, or delete the directory to restore it from the changelog (refused as well if the "
+    "changelog was written with another configuration: then start over with a new kafka.group_id, "
+    "docs/state.md)"
 )
 ERR_FORMAT = (
     "state error: {path} has state format {found}, this version reads {expected}: point state.path "
@@ -185,7 +188,8 @@ class RocksBackend:
             )
         if stored.get("fingerprint") != fingerprint:
             self.close()
-            raise StateError(ERR_FINGERPRINT.format(path=self.path, stored=stored.get("fingerprint")))
+            keys = ", ".join(fingerprint_difference(stored.get("fingerprint") or {}, fingerprint))
+            raise StateError(ERR_FINGERPRINT.format(path=self.path, keys=keys))
 
     # -- reads ----------------------------------------------------------------------------------
     def get(self, key: bytes) -> bytes | None:
