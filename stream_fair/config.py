@@ -196,6 +196,20 @@ class TopicsConfig(_Section):
     dead_letters: str | None = "stream-fair-dead-letters"
     dead_letter_max_bytes: int = Field(1_000_000, ge=10_000)
 
+    @model_validator(mode="after")
+    def _distinct(self) -> TopicsConfig:
+        if self.predictions == self.outcomes:
+            raise ValueError(
+                "topics.outcomes is the same topic as topics.predictions: stream-fair reads them from two "
+                "co-partitioned topics (every record of one topic would be read as a prediction)"
+            )
+        if self.dead_letters in (self.predictions, self.outcomes):
+            raise ValueError(
+                f"topics.dead_letters is the input topic {self.dead_letters!r}: a rejected record would be "
+                "read and rejected again without end; name another topic, or null to only count rejections"
+            )
+        return self
+
 
 class PredictionFields(_Section):
     """Dotted paths into a prediction event."""
@@ -300,6 +314,14 @@ class FairnessConfig(_Section):
     intersection_cardinality_limit: int = Field(100, gt=0)
     model_limit: int = Field(10, gt=0)
 
+    @field_validator("thresholds", mode="after")
+    @classmethod
+    def _thresholds_known(cls, v: dict[str, float]) -> dict[str, float]:
+        from stream_fair.fairness import FairnessSettings
+
+        FairnessSettings(thresholds=v)  # raises ValueError naming the disparity and the range
+        return v
+
     @model_validator(mode="after")
     def _intersections_known(self) -> FairnessConfig:
         names = [f.name for f in self.features]
@@ -311,9 +333,16 @@ class FairnessConfig(_Section):
                 "fairness.audit_only lists an attribute twice or one of fairness.features: "
                 "list each attribute once, in features (monitored) or in audit_only (searched only)"
             )
+        seen: set[frozenset[str]] = set()
         for combo in self.intersections:
             if len(combo) < 2:
                 raise ValueError("each fairness.intersections entry needs at least two features")
+            if len(set(combo)) != len(combo) or frozenset(combo) in seen:
+                raise ValueError(
+                    f"fairness.intersections lists {'&'.join(combo)} twice or names a feature twice "
+                    "(the order does not matter): keep one of each"
+                )
+            seen.add(frozenset(combo))
             unknown = [c for c in combo if c not in names]
             if unknown and unknown[0] in audit:
                 raise ValueError(
@@ -458,6 +487,13 @@ class Config(_Section):
                     f"windows entry {format_duration(w)} is not a multiple of window_resolution "
                     f"{format_duration(self.window_resolution)}: choose a finer window_resolution"
                 )
+            if w < 2 * self.window_resolution:
+                # a window holds its newest, partly filled step and the whole ones before it
+                raise ValueError(
+                    f"windows entry {format_duration(w)} is a single window_resolution step: it would hold "
+                    "between none and all of one step (empty after every step boundary); set "
+                    f"window_resolution to {format_duration(w / 2)} or less"
+                )
         return self
 
 
@@ -478,7 +514,7 @@ def feedback_settings(options: Mapping[str, Any]) -> Any:
             value = tuple(sorted(value.items()))
         elif isinstance(value, list):
             value = tuple(value)
-        values[key] = value
+        values[key] = _typed(key, value, known[key].default)
     try:
         settings = FeedbackSettings(**values)
     except (TypeError, ValueError) as exc:
@@ -494,6 +530,39 @@ def feedback_settings(options: Mapping[str, Any]) -> Any:
             f"{format_duration(_divisor_slot(settings.period, settings.alarm_slot))})"
         )
     return settings
+
+
+def _typed(key: str, value: Any, default: Any) -> Any:
+    """``value`` checked against the type of the key's default (YAML gives ``"100"`` for a quoted
+    number and ``"false"`` for a quoted boolean: both would be wrong later, silently or not).
+
+    >>> _typed("min_samples", 100, 100), _typed("loop_alpha", 1, 0.01)
+    (100, 1.0)
+    >>> _typed("use_scores", "false", True)
+    Traceback (most recent call last):
+    ...
+    ValueError: use_scores: expected true or false, got 'false' (a string: remove the quotes)
+    """
+    hint = " (a string: remove the quotes)" if isinstance(value, str) else ""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true or false, got {value!r}{hint}")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}: expected a whole number, e.g. {default}, got {value!r}{hint}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{key}: expected a number, e.g. {default:g}, got {value!r}{hint}")
+        return float(value)
+    elif isinstance(default, tuple) and key != "detector_params":
+        if not isinstance(value, tuple) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value
+        ):
+            raise ValueError(f"{key}: expected a list of numbers, e.g. {list(default)}, got {value!r}")
+        return tuple(float(v) for v in value)
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise ValueError(f"{key}: expected one of the names in docs/feedback.md, got {value!r}")
+    return value
 
 
 def fingerprint(config: Config) -> dict[str, Any]:

@@ -69,6 +69,38 @@ def test_secrets_are_masked_everywhere() -> None:
         ({"STREAM_FAIR_FEEDBACK": "{bogus: 1}"}, "unknown key 'bogus'"),
         ({"STREAM_FAIR_FEEDBACK": "{period: 5m}"}, "not a multiple of alarm_slot 10m: set feedback.period"),
         ({"STREAM_FAIR_FEEDBACK": "{period: 1h, alarm_slot: 7m}"}, "(e.g. alarm_slot: 400s)"),
+        (
+            {"STREAM_FAIR_FEEDBACK": "{loop_window: 6}"},
+            "loop_min_periods 8 exceeds the 7 periods loop_window 6",
+        ),
+        ({"STREAM_FAIR_FEEDBACK": "{delay_quantiles: [50, 90]}"}, "delay_quantiles are fractions in (0, 1)"),
+        ({"STREAM_FAIR_FEEDBACK": "{fast_alpha: 0.01}"}, "need 0 < slow_alpha < fast_alpha <= 1"),
+        ({"STREAM_FAIR_FEEDBACK": "{detector: ADWIN}"}, "unknown detector 'ADWIN'"),
+        (
+            {"STREAM_FAIR_FEEDBACK": "{detector_params: {bogus: 1}}"},
+            "detector_params {'bogus': 1} do not fit",
+        ),
+        ({"STREAM_FAIR_FEEDBACK": '{min_samples: "100"}'}, "min_samples: expected a whole number"),
+        ({"STREAM_FAIR_FEEDBACK": '{use_scores: "false"}'}, "use_scores: expected true or false"),
+        ({"STREAM_FAIR_FEEDBACK": "{reference_periods: 0}"}, "reference_periods must be at least 1"),
+        (
+            {"STREAM_FAIR_FAIRNESS__THRESHOLDS": "{demographic_parity_diff: 0.1}"},
+            "unknown disparity 'demographic_parity_diff'",
+        ),
+        (
+            {"STREAM_FAIR_FAIRNESS__THRESHOLDS": "{demographic_parity_ratio: 80}"},
+            "threshold demographic_parity_ratio = 80.0 is out of range",
+        ),
+        (
+            {"STREAM_FAIR_FAIRNESS": "{features: [sex, race], intersections: [[race, sex], [sex, race]]}"},
+            "fairness.intersections lists sex&race twice",
+        ),
+        ({"STREAM_FAIR_TOPICS": "{predictions: a, outcomes: a}"}, "topics.outcomes is the same topic"),
+        (
+            {"STREAM_FAIR_TOPICS": "{outcomes: b, dead_letters: b}"},
+            "topics.dead_letters is the input topic 'b'",
+        ),
+        ({"STREAM_FAIR_WINDOW_RESOLUTION": "1h"}, "windows entry 1h is a single window_resolution step"),
         ({"STREAM_FAIR_SCHEMA__PREDICTION__PREDICTION": "null"}, "schema.score_threshold"),
     ],
 )

@@ -52,7 +52,7 @@ from stream_fair.fairness import rate_parts
 from stream_fair.feedback.alarms import Alarm, ChangeAlarm
 from stream_fair.feedback.coverage import CoverageGap, arrival_ratios, coverage, coverage_gap
 from stream_fair.feedback.delay import DelayHistogram
-from stream_fair.feedback.drift import BatchedDetector
+from stream_fair.feedback.drift import BatchedDetector, make_detector
 from stream_fair.feedback.loop import LoopEstimate, loop_indicator
 from stream_fair.feedback.traffic import ReferenceShares, exposure_ratios, shares
 from stream_fair.feedback.trends import Trend
@@ -172,7 +172,53 @@ class FeedbackSettings:
     alarm_weighting: Literal["traffic", "uniform"] = "traffic"
 
     def __post_init__(self) -> None:
-        self.verdict_settings()  # fails early, naming the setting
+        """Fail at construction, naming the setting, on what would fail or mislead later.
+
+        >>> FeedbackSettings(loop_window=6)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: loop_min_periods 8 exceeds the 7 periods loop_window 6 keeps: ...
+        """
+        self.verdict_settings()  # the alarm's settings
+        Trend(self.fast_alpha, self.slow_alpha)  # 0 < slow_alpha < fast_alpha <= 1
+        try:
+            make_detector(self.detector, **dict(self.detector_params))
+        except TypeError as exc:
+            params = dict(self.detector_params)
+            raise ValueError(
+                f"detector_params {params} do not fit detector {self.detector!r}: {exc}"
+            ) from None
+        if not self.delay_quantiles or not all(0.0 < q < 1.0 for q in self.delay_quantiles):
+            raise ValueError(
+                "delay_quantiles are fractions in (0, 1), e.g. [0.5, 0.9, 0.99]; "
+                f"got {list(self.delay_quantiles)}"
+            )
+        if not self.period > 0:
+            raise ValueError(f"period must be positive, e.g. 3600 (1h); got {self.period!r}")
+        for name in ("reference_periods", "min_samples", "drift_batch", "flush_every", "loop_horizon"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)!r}")
+        if self.loop_min_periods < 3:
+            raise ValueError(
+                f"loop_min_periods must be at least 3 (a trend test); got {self.loop_min_periods!r}"
+            )
+        if self.loop_min_periods > self.loop_window + 1:
+            raise ValueError(
+                f"loop_min_periods {self.loop_min_periods} exceeds the {self.loop_window + 1} periods "
+                f"loop_window {self.loop_window} keeps: the feedback-loop test could never flag; set "
+                f"loop_window to at least {self.loop_min_periods - 1} or lower loop_min_periods"
+            )
+        for name in ("coverage_alpha", "loop_alpha"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must lie in (0, 1), e.g. 0.01; got {getattr(self, name)!r}")
+        if not 0.0 < self.arrival_ratio_threshold <= 1.0:
+            raise ValueError(
+                f"arrival_ratio_threshold must lie in (0, 1], e.g. 0.8; got {self.arrival_ratio_threshold!r}"
+            )
+        if not 0.0 <= self.coverage_gap_threshold < 1.0:
+            raise ValueError(
+                f"coverage_gap_threshold must lie in [0, 1), e.g. 0.05; got {self.coverage_gap_threshold!r}"
+            )
 
     def per_feature(self, n_features: int) -> FeedbackSettings:
         """The settings one of ``n_features`` feature keys gets: ``loop_alpha`` divided.
