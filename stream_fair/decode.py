@@ -14,6 +14,7 @@ Rejection(reason='invalid_label', detail="label 'yes' is not 0/1 (add it to sche
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -42,11 +43,17 @@ INVALID_SCORE = "invalid_score"
 MISSING_LABEL = "missing_label"
 INVALID_LABEL = "invalid_label"
 INVALID_ATTRIBUTE = "invalid_attribute"
+UNFORESEEN = "unforeseen"
+"""A record that failed in a way no rule above names: rejected (never a crash of the consumer) and
+logged at ERROR with the exception, as a bug to report."""
 REASONS = (
     INVALID_JSON, NOT_AN_OBJECT, MISSING_ID, INVALID_ID, MISSING_TIMESTAMP, INVALID_TIMESTAMP,
     INVALID_MODEL, MISSING_PREDICTION, INVALID_PREDICTION, INVALID_SCORE, MISSING_LABEL,
-    INVALID_LABEL, INVALID_ATTRIBUTE, *event_time.REASONS,
+    INVALID_LABEL, INVALID_ATTRIBUTE, UNFORESEEN, *event_time.REASONS,
 )  # fmt: skip
+_UNFORESEEN_LOGGED = 20  # ERROR lines per process for unforeseen records (each is also counted)
+
+log = logging.getLogger(__name__)
 
 _ABSENT = object()
 _INF = float("inf")
@@ -229,6 +236,7 @@ class Decoder:
         self._features = _feature_reader([f.path or f.name for f in config.fairness.carried])
         self._values: dict[Any, str] = {}  # validated attribute values (few distinct ones)
         self._models: set[str] = set()  # validated model names
+        self.unforeseen = 0  # records rejected as UNFORESEEN (their ERROR lines are limited)
         self._pred_values = dict(schema.prediction_values)
         self._label_values = dict(schema.label_values)
         self._threshold = schema.score_threshold
@@ -334,7 +342,7 @@ class Decoder:
             model = self._p_model(doc)
             if model is _ABSENT or model is None:
                 model = self._default_model
-            elif model not in self._models:
+            elif model.__class__ is not str or model not in self._models:  # a list is unhashable
                 self._model(model)
             score = None
             if self._p_score is not None:
@@ -367,6 +375,8 @@ class Decoder:
             return Prediction(event_id, ts, model, predicted, score, cell)
         except _Reject as r:
             return r.rejection
+        except Exception as exc:  # noqa: BLE001 - a bad record must never stop the consumer
+            return self._unforeseen("prediction", exc)
 
     def _model(self, model: Any) -> None:
         if not isinstance(model, str) or not model or len(model) > _MAX_VALUE:
@@ -463,3 +473,13 @@ class Decoder:
             return Outcome(event_id, ts, label)
         except _Reject as r:
             return r.rejection
+        except Exception as exc:  # noqa: BLE001 - a bad record must never stop the consumer
+            return self._unforeseen("outcome", exc)
+
+    def _unforeseen(self, kind: str, exc: Exception) -> Rejection:
+        """The rejection of a record that failed outside every rule (:data:`UNFORESEEN`)."""
+        detail = f"{kind} not decodable ({exc.__class__.__name__}: {exc!s:.80}); please report it"
+        self.unforeseen += 1
+        if self.unforeseen <= _UNFORESEEN_LOGGED:
+            log.error("a %s record was rejected as %s: %s", kind, UNFORESEEN, detail, exc_info=exc)
+        return Rejection(UNFORESEEN, detail)

@@ -91,6 +91,8 @@ def test_kafka_timestamp_fallback_and_reject_mode() -> None:
         (p(ts="9999-12-31T23:59:59Z"), decode.event_time.FUTURE_TIMESTAMP),
         (p(ts="nan"), decode.INVALID_TIMESTAMP),
         (p(model=3), decode.INVALID_MODEL),
+        (p(model=[1]), decode.INVALID_MODEL),  # unhashable: was a TypeError out of the decoder
+        (p(model={}), decode.INVALID_MODEL),
         (p(prediction=...), decode.MISSING_PREDICTION),
         (p(prediction="maybe"), decode.INVALID_PREDICTION),
         (p(prediction=2), decode.INVALID_PREDICTION),
@@ -135,3 +137,23 @@ def test_control_characters_never_reach_a_label_even_after_warm_up() -> None:
     for raw in (p(model="m\r"), p(attributes={"sex": "F\x00"}), p(model="m\x1b[31m")):
         r = d.prediction(raw)
         assert isinstance(r, Rejection) and "control character" in r.detail, r
+
+
+def test_a_record_failing_outside_every_rule_is_rejected_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    """The safety net: whatever a record does to the decoder, the consumer gets a rejection (counted,
+    dead-lettered) and an ERROR line with the exception, never an exception out of the decoder."""
+    d = decoder()
+
+    def broken(doc: object) -> object:
+        raise RuntimeError("a decoding rule nobody wrote")
+
+    d._p_fast = d._o_fast = None  # the full path, where the fields are read one by one
+    d._p_ts = d._o_ts = broken
+    with caplog.at_level("ERROR", logger="stream_fair.decode"):
+        results = [d.prediction(p()) for _ in range(decode._UNFORESEEN_LOGGED + 5)]
+        results.append(d.outcome(b'{"id": "a", "ts": 1, "label": 1}'))
+    assert all(isinstance(r, Rejection) and r.reason == decode.UNFORESEEN for r in results), results
+    assert decode.UNFORESEEN in decode.REASONS
+    assert "RuntimeError: a decoding rule nobody wrote" in results[0].detail  # type: ignore[union-attr]
+    assert d.unforeseen == len(results)
+    assert len(caplog.records) == decode._UNFORESEEN_LOGGED  # counted every time, logged the first ones

@@ -88,6 +88,10 @@ CORPUS: list[tuple[str, bytes | None, bytes | None, str]] = [
     ("prediction", b"k38", p(id="ar", attributes={"sex": "__missing__"}), "invalid_attribute"),
     ("prediction", b"k39", p(id="ax", attributes={"sex": "x" * 200}), "invalid_attribute"),
     ("prediction", b"k40", BIG, "invalid_json"),  # oversized
+    # a model that is not a string: unhashable, it crashed the consumer at the set lookup, on every
+    # restart and on every replica the partition moved to
+    ("prediction", b"k41", p(id="ml", model=[1]), "invalid_model"),
+    ("prediction", b"k42", p(id="md", model={"name": "m"}), "invalid_model"),
     ("outcome", b"o1", b'{"id": "o", "ts": 1795000000, "label": 0.5}', "invalid_label"),
     ("outcome", b"o2", b'{"id": "o", "ts": 1795000000, "label": "yes"}', "invalid_label"),
     ("outcome", b"o3", b'{"id": "o", "ts": 1795000000}', "missing_label"),
