@@ -71,6 +71,7 @@ EARLY_CHECKPOINT_SHARE = 0.25  # ... and at most this share of the loop's time s
 # at 700 a young collection ran every ~100 records), and the long-lived heap (modules, the
 # restored state) frozen out of full collections (see ``tuned_collector``).
 GC_YOUNG = 10_000
+LEAD_FAILING_AFTER = 60.0  # seconds of failed leader starts before they count as an error
 MAX_OUTBOX = 64  # unacknowledged verdict messages of all owned partitions before input pauses
 # The replica's own feedback monitor and event-time windows (until the model-wide aggregation
 # takes them over): local only.
@@ -192,10 +193,13 @@ class Detector:
         self._partitions = 0  # of each input topic
         self._published_mono = 0.0  # when the last snapshot was published (time.monotonic())
         self._leader_dirty = False  # the leader folded increments no published snapshot shows
+        self._leader_errors = 0  # failed starts and the errors of leaders that stopped (errors_total)
+        self._lead_failing_since: float | None = None  # the first failed start of this streak
+        self._lead_failure_counted = False
         # the /metrics text of each snapshot, built in a child process while `run` runs
         # (exporter.report_process; stream_fair.report_worker)
         self.report_worker: ReportWorker | None = None
-        registry = registry_for(self.current, rendered=self._rendered)
+        registry = registry_for(self.current, rendered=self._rendered, live=self._live)
         from stream_fair.status_page import History, render
 
         self.history = History()  # the status page's sparklines
@@ -321,6 +325,12 @@ class Detector:
                 cached = self._report = (snap, build_report(snap, self.config, self._report_cache))
                 self.history.record(cached[1])
             return cached[1], self.stats
+
+    def _live(self) -> tuple[Snapshot, PipelineStats]:
+        """The last published snapshot and the live stats, without a report (the exporter's
+        pipeline families when the report cannot be built)."""
+        snap = self._snapshot
+        return (Snapshot(taken_at=time.time(), partitions={}) if snap is None else snap), self.stats
 
     def _published_predictions(self) -> dict[Any, tuple[int, int]]:
         """Predictions per cell of the last published snapshot (no report built: the run loop's
@@ -870,6 +880,7 @@ class Detector:
         if not lead and self.leader is not None:
             leader, self.leader = self.leader, None
             leader.stop(wait)
+            self._leader_errors += leader.errors
             with self.lock:
                 self._use_engine()
                 self._publish()  # stop exporting the alarms now, not at the next checkpoint
@@ -892,7 +903,15 @@ class Detector:
             except Exception as exc:
                 log.error("model-wide verdict: cannot take the lead yet (retried): %s", exc)
                 leader.stop()
+                # an error once the lead stays out of reach for a minute (a start during a
+                # rebalance may fail and succeed at the next try): then nobody raises the page
+                since = self._lead_failing_since = self._lead_failing_since or now
+                if now - since >= LEAD_FAILING_AFTER and not self._lead_failure_counted:
+                    self._lead_failure_counted = True
+                    self._leader_errors += 1
+                    self.stats.errors["leader"] = self._leader_errors
                 return
+            self._lead_failing_since, self._lead_failure_counted = None, False
             self.leader = leader
             with self.lock:
                 self._use_engine()
@@ -910,6 +929,8 @@ class Detector:
                 captured = self._capture()
             self._finish_publish(captured)
         leader.maybe_checkpoint(now)
+        if leader.errors:
+            self.stats.errors["leader"] = self._leader_errors + leader.errors
 
     def _save_windows(self) -> None:
         """The windows' changed buckets, after the checkpoint they were folded from (a crash in

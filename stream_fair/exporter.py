@@ -75,6 +75,9 @@ class PipelineStats:
 Source = Callable[[], tuple[Report, PipelineStats]]
 # the report worker's text of a snapshot, with that snapshot and the live stats (app.Detector._rendered)
 RenderedSource = Callable[[], tuple[Snapshot, str, PipelineStats] | None]
+# the last published snapshot and the live stats, without a report (the pipeline's families when
+# building the report fails: lag, fates and connectivity must not vanish with the fairness ones)
+LiveSource = Callable[[], tuple[Snapshot, PipelineStats]]
 
 
 def report_text_renderer() -> Callable[[Report], str]:
@@ -98,8 +101,11 @@ def report_text_renderer() -> Callable[[Report], str]:
 class FairnessCollector:
     """Builds every ``stream_fair_*`` family from one report at each scrape."""
 
-    def __init__(self, source: Source, rendered: RenderedSource | None = None) -> None:
+    def __init__(
+        self, source: Source, rendered: RenderedSource | None = None, live: LiveSource | None = None
+    ) -> None:
         self._source = source
+        self._live = live
         # the report worker's newest (snapshot, text, stats), when one runs (stream_fair.report_worker)
         self._rendered = rendered
         self.failures = 0
@@ -133,6 +139,12 @@ class FairnessCollector:
             log.exception("building the metrics snapshot failed")
             self.failures += 1
             families = []
+            if self._live is not None:  # the pipeline's own families still tell what runs
+                try:
+                    snap, stats = self._live()
+                    families = list(_pipeline(snap, stats))
+                except Exception:
+                    log.exception("building the pipeline metrics failed too")
         errors = counter(P + "errors", "Internal errors that did not stop the consumer", labels=["kind"])
         known = dict(stats.errors)
         known["snapshot"] = known.get("snapshot", 0) + self.failures
@@ -527,9 +539,11 @@ def _pipeline(snap: Snapshot, stats: PipelineStats) -> Iterator[Metric]:
         )
 
 
-def registry_for(source: Source, rendered: RenderedSource | None = None) -> CollectorRegistry:
+def registry_for(
+    source: Source, rendered: RenderedSource | None = None, live: LiveSource | None = None
+) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FairnessCollector(source, rendered))  # type: ignore[arg-type]
+    registry.register(FairnessCollector(source, rendered, live))  # type: ignore[arg-type]
     ProcessCollector(registry=registry)
     return registry
 

@@ -103,6 +103,7 @@ class Leader:
         self.loop = loop
         self.fold = ModelWide(self.features, settings, loop)
         self.epoch = 0
+        self.errors = 0  # increments skipped as unreadable and failed checkpoints (errors_total)
         self.interval = max(MIN_CHECKPOINT_INTERVAL, config.state.checkpoint_interval)
         self._tp = TopicPartition(increments_topic(config), 0)
         self._consumer: Reader | None = None
@@ -188,6 +189,7 @@ class Leader:
                     if self.fold.update(json.loads(r.value or b""), now):
                         n += 1
                 except Exception as exc:  # one bad record must not stop every leader in turn
+                    self.errors += 1
                     log.error("increment at offset %d skipped (unreadable): %s", r.offset, exc)
                 self.fold.offset = r.offset + 1
                 self._dirty = True
@@ -216,6 +218,7 @@ class Leader:
             self._writer.flush()
             self._writer.offset(future)
         except Exception as exc:
+            self.errors += 1
             log.error("model-wide checkpoint failed (retried): %s", exc)
             return False
         self._dirty = False

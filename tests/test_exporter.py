@@ -216,3 +216,21 @@ def test_http_endpoints() -> None:
             assert "stream_fair_confusion_total" in r.read().decode()
     finally:
         server.stop()
+
+
+def test_when_the_report_fails_the_pipeline_families_stay() -> None:
+    """A report that cannot be built (a bug, a bad value) costs the fairness families of that scrape,
+    not consumption, lag and connectivity: the pipeline alerts keep their input."""
+    t = tracker()
+    stats = PipelineStats(kafka_connected=lambda: True)
+
+    def broken() -> tuple[object, PipelineStats]:
+        raise RuntimeError("boom")
+
+    reg = registry_for(broken, live=lambda: (t.snapshot(), stats))  # type: ignore[arg-type]
+    text = generate_latest(reg).decode()
+    assert reg.get_sample_value("stream_fair_errors_total", {"kind": "snapshot"}) == 2
+    part = {"partition": "0"}
+    assert reg.get_sample_value("stream_fair_events_consumed_total", {"topic": "predictions", **part}) == 42
+    assert reg.get_sample_value("stream_fair_kafka_connected", {}) == 1
+    assert "stream_fair_true_positive_rate" not in text  # the report's families are what is lost
