@@ -131,6 +131,10 @@ class ModelCounts:
         self._dirty_buckets.clear()
         return cells, buckets
 
+    def unsaved(self, buckets: Iterable[int]) -> None:
+        """Buckets returned by :meth:`changes` whose write failed: returned again by the next call."""
+        self._dirty_buckets.update(buckets)
+
     def load(
         self, cells: dict[Key, list[int]], buckets: dict[int, dict[Key, list[int]]], last_bucket: int | None
     ) -> None:

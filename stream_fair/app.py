@@ -823,7 +823,7 @@ class Detector:
                 self._crash("local")
                 self.stats.state_disk_bytes = self.backend.disk_bytes()
                 self._apply_byte_budget()
-        except Exception as exc:  # nothing was committed: the next attempt writes it all again
+        except Exception as exc:  # the next attempt writes again what this one did not commit
             self._checkpoint_failed(exc)
             self._publish_outboxes()  # what earlier checkpoints committed can still go
             return False
@@ -944,7 +944,11 @@ class Detector:
         }
         if writes:
             writes[_WINDOWS + b"m"] = encode_json(self.windows.state_meta())
-            self.backend.write(writes)
+            try:
+                self.backend.write(writes)
+            except Exception:
+                self.windows.unsaved(buckets)  # written with the next checkpoint's, not lost
+                raise
 
     def _load_windows(self) -> None:
         from stream_fair.state.codec import decode_json

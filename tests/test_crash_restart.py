@@ -359,3 +359,41 @@ def test_sigterm_exits_0_with_final_checkpoint_and_resumes(
         producer.running.set()
         service.close()
         producer.join(timeout=5)
+
+
+def test_a_failed_windows_write_is_written_with_the_next_checkpoint(tmp_path: Path) -> None:
+    """The windows' buckets are written after the checkpoint they were folded from; a failed write
+    (a full disk) used to drop their change marks, so a restart lost those rows from the windows
+    (the counters kept them) until the buckets aged out."""
+    from stream_fair.app import Detector
+    from stream_fair.config import Config
+    from stream_fair.counts import WIDTH
+
+    cfg = Config.model_validate(
+        {
+            "topics": {"predictions": "p", "outcomes": "o", "dead_letters": None},
+            "fairness": {"features": ["sex"]},
+            "state": {"path": str(tmp_path / "state"), "changelog": False},
+        }
+    )
+    d = Detector(cfg, exporter_port=0)
+    d.open_state()
+    row = [0] * WIDTH
+    row[2] = 5  # some joined pairs
+    d.windows.fold([(("m", ("F",)), 100, row)])
+    write = d.backend.write
+
+    def full_disk(*args: Any, **kwargs: Any) -> None:
+        raise OSError("No space left on device")
+
+    d.backend.write = full_disk
+    with pytest.raises(OSError):
+        d._save_windows()
+    d.backend.write = write
+    d._save_windows()  # the next checkpoint's
+    d.close()
+
+    again = Detector(cfg, exporter_port=0)
+    again.open_state()
+    assert again.windows.buckets == {100: {("m", ("F",)): row}}
+    again.close()
