@@ -266,10 +266,8 @@ def _families(report: Report) -> Iterator[Metric]:
     yield missing
     yield from _search_families(report)
     if snap.feedback is not None:
-        try:
-            from stream_fair.feedback_metrics import feedback_families
-        except ImportError:  # the feedback exporter is optional while it is being built
-            return
+        from stream_fair.feedback_metrics import feedback_families
+
         yield from feedback_families(snap.feedback)
 
 
