@@ -131,6 +131,11 @@ class ModelCounts:
         self._dirty_buckets.clear()
         return cells, buckets
 
+    @property
+    def unsaved_buckets(self) -> bool:
+        """Buckets changed since the last :meth:`changes` (or returned by :meth:`unsaved`)."""
+        return bool(self._dirty_buckets)
+
     def unsaved(self, buckets: Iterable[int]) -> None:
         """Buckets returned by :meth:`changes` whose write failed: returned again by the next call."""
         self._dirty_buckets.update(buckets)

@@ -823,6 +823,8 @@ class Detector:
                 self._crash("local")
                 self.stats.state_disk_bytes = self.backend.disk_bytes()
                 self._apply_byte_budget()
+            elif self.windows.unsaved_buckets:  # left by a failed write, on an idle stream too
+                self._save_windows()
         except Exception as exc:  # the next attempt writes again what this one did not commit
             self._checkpoint_failed(exc)
             self._publish_outboxes()  # what earlier checkpoints committed can still go
@@ -881,6 +883,10 @@ class Detector:
             leader, self.leader = self.leader, None
             leader.stop(wait)
             self._leader_errors += leader.errors
+            if self._leader_errors:
+                self.stats.errors["leader"] = self._leader_errors
+        if not lead:  # a failing streak ends with the assignment; the next one is counted anew
+            self._lead_failing_since, self._lead_failure_counted = None, False
             with self.lock:
                 self._use_engine()
                 self._publish()  # stop exporting the alarms now, not at the next checkpoint
@@ -900,6 +906,9 @@ class Detector:
             leader = Leader(self.config, features, settings, self._partitions, fs, self._interrupted)
             try:
                 leader.start()
+            except StateError:  # a fold of another configuration: stop, as a restore would
+                leader.stop()
+                raise
             except Exception as exc:
                 log.error("model-wide verdict: cannot take the lead yet (retried): %s", exc)
                 leader.stop()

@@ -527,7 +527,8 @@ def feedback_settings(options: Mapping[str, Any]) -> Any:
             f"period {format_duration(settings.period)} is not a multiple of alarm_slot "
             f"{format_duration(settings.alarm_slot)}: set feedback.period to a multiple of it or "
             f"feedback.alarm_slot to a divisor of the period (e.g. alarm_slot: "
-            f"{format_duration(_divisor_slot(settings.period, settings.alarm_slot))})"
+            f"{format_duration(_divisor_slot(settings.period, settings.alarm_slot))}; on existing "
+            "state a change of either is a start-over: docs/state.md, 'Configuration changes')"
         )
     return settings
 
@@ -538,12 +539,16 @@ def _typed(key: str, value: Any, default: Any) -> Any:
 
     >>> _typed("min_samples", 100, 100), _typed("loop_alpha", 1, 0.01)
     (100, 1.0)
-    >>> _typed("use_scores", "false", True)
+    >>> _typed("use_scores", "false", True)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: use_scores: expected true or false, got 'false' (a string: remove the quotes)
+    ValueError: use_scores: expected true or false, got 'false' (YAML read a string: ...)
     """
-    hint = " (a string: remove the quotes)" if isinstance(value, str) else ""
+    hint = (
+        " (YAML read a string: write a plain number or true/false, e.g. 0.001 rather than 1e-3)"
+        if isinstance(value, str)
+        else ""
+    )
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ValueError(f"{key}: expected true or false, got {value!r}{hint}")
@@ -571,14 +576,10 @@ def fingerprint(config: Config) -> dict[str, Any]:
     keeps it (a store written for another fingerprint is refused) and so does every partition's
     commit marker in the changelog (a restore from another configuration's changelog is refused).
 
-    >>> cfg = Config.model_validate({"fairness": {"features": ["sex"]}})
-    >>> sorted(fingerprint(cfg))  # the default feedback units are left out, as before they existed
-    ['features', 'group_id', 'intersections', 'topics', 'window_resolution', 'windows']
     >>> fingerprint(Config.model_validate({"feedback": {"alarm_slot": "5m"}}))["feedback"]["alarm_slot"]
     300.0
     """
     fc = config.fairness
-    units = _feedback_units(feedback_settings(config.feedback))
     return {
         "features": [f.name for f in fc.features],
         "intersections": [list(c) for c in fc.intersections],
@@ -588,10 +589,14 @@ def fingerprint(config: Config) -> dict[str, Any]:
         "window_resolution": config.window_resolution,
         "group_id": config.kafka.group_id,
         "topics": [config.topics.predictions, config.topics.outcomes],
-        # the units the alarm and the loop test count in (slot and period indexes in the state);
-        # only when not the defaults, so stores written before they were recorded stay valid
-        **({"feedback": units} if units != _feedback_units(feedback_settings({})) else {}),
+        # the units the alarm and the loop test count in (slot, cohort and period indexes)
+        "feedback": _feedback_units(feedback_settings(config.feedback)),
     }
+
+
+#: Fingerprint keys recorded only since a later version: a stored fingerprint without one predates
+#: it, so the key cannot be compared (:func:`fingerprint_difference`; the caller warns).
+LATER_KEYS = ("feedback",)
 
 
 def _feedback_units(settings: Any) -> dict[str, Any]:
@@ -605,12 +610,24 @@ def _feedback_units(settings: Any) -> dict[str, Any]:
 
 
 def fingerprint_difference(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """The keys in which two fingerprints differ (a key absent from one counts as its default).
+    """The keys in which a stored fingerprint differs from the current one (a key absent from
+    both is equal; one of :data:`LATER_KEYS` absent from ``stored`` is unknown, not different).
 
     >>> fingerprint_difference({"windows": [3600.0], "group_id": "g"}, {"windows": [60.0], "group_id": "g"})
     ['windows']
+    >>> fingerprint_difference({"group_id": "g"}, {"group_id": "g", "feedback": {"period": 60.0}})
+    []
     """
-    return [k for k in dict.fromkeys([*stored, *current]) if stored.get(k) != current.get(k)]
+    return [
+        k
+        for k in dict.fromkeys([*stored, *current])
+        if stored.get(k) != current.get(k) and not (k in LATER_KEYS and k not in stored)
+    ]
+
+
+def fingerprint_unknown(stored: Mapping[str, Any]) -> list[str]:
+    """The keys of :data:`LATER_KEYS` a stored fingerprint predates (for the caller's warning)."""
+    return [k for k in LATER_KEYS if k not in stored]
 
 
 def _divisor_slot(period: float, slot: float) -> float:

@@ -75,6 +75,8 @@ class PipelineStats:
 Source = Callable[[], tuple[Report, PipelineStats]]
 # the report worker's text of a snapshot, with that snapshot and the live stats (app.Detector._rendered)
 RenderedSource = Callable[[], tuple[Snapshot, str, PipelineStats] | None]
+#: The kinds of ``stream_fair_errors_total`` (docs/metrics.md, docs/runbooks.md#streamfairinternalerrors).
+ERROR_KINDS = ("checkpoint", "increments", "leader", "report_worker", "snapshot")
 # the last published snapshot and the live stats, without a report (the pipeline's families when
 # building the report fails: lag, fates and connectivity must not vanish with the fairness ones)
 LiveSource = Callable[[], tuple[Snapshot, PipelineStats]]
@@ -146,8 +148,10 @@ class FairnessCollector:
                 except Exception:
                     log.exception("building the pipeline metrics failed too")
         errors = counter(P + "errors", "Internal errors that did not stop the consumer", labels=["kind"])
-        known = dict(stats.errors)
-        known["snapshot"] = known.get("snapshot", 0) + self.failures
+        # every kind from 0, so the first error of one is an increase (a series that appears at 1
+        # is none to increase(), and StreamFairInternalErrors would miss it)
+        known = {kind: 0 for kind in ERROR_KINDS} | dict(stats.errors)
+        known["snapshot"] += self.failures
         for kind, n in sorted(known.items()):
             errors.add_metric([kind], n)
         yield errors

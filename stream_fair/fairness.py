@@ -92,8 +92,8 @@ PRIOR_ERROR = "prior must be one of {choices}; got {value!r}"
 POOLING_ERROR = "pooling must be one of {choices}; got {value!r}"
 THRESHOLD_NAME_ERROR = "unknown disparity {name!r} in thresholds; use one of {choices}"
 THRESHOLD_RANGE_ERROR = (
-    "threshold {name} = {value!r} is out of range: a ratio's lies in (0, 1] (0.8 is the four-fifths "
-    "rule), a difference's in [0, 1) (e.g. 0.1)"
+    "threshold {name} = {value!r} is out of range: thresholds lie in [0, 1] (a ratio's 0.8 is the "
+    "four-fifths rule, a difference's e.g. 0.1; a ratio's 0 or a difference's 1 never flags)"
 )
 PRIOR_PARAMS_ERROR = "a Beta prior needs two positive parameters, e.g. (0.5, 0.5); got {value!r}"
 
@@ -245,7 +245,7 @@ class FairnessSettings:
         for name, value in self.thresholds.items():
             if name not in DEFAULT_THRESHOLDS:
                 raise ValueError(THRESHOLD_NAME_ERROR.format(name=name, choices=DISPARITIES))
-            if not (0.0 < value <= 1.0 if is_ratio(name) else 0.0 <= value < 1.0):
+            if not 0.0 <= value <= 1.0:
                 raise ValueError(THRESHOLD_RANGE_ERROR.format(name=name, value=value))
         merged = MappingProxyType({**DEFAULT_THRESHOLDS, **self.thresholds})
         object.__setattr__(self, "thresholds", merged)

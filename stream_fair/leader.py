@@ -35,7 +35,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from stream_fair import transport
-from stream_fair.config import Config
+from stream_fair.config import Config, fingerprint, fingerprint_difference
+from stream_fair.errors import StateError
 from stream_fair.groups import FeatureKey
 from stream_fair.transport import ChangelogWriter, Reader, TopicPartition, increments_topic, leader_topic
 from stream_fair.transport.base import never
@@ -83,6 +84,13 @@ class IncrementPublisher:
         self._writer.close(timeout)
 
 
+ERR_LEADER_CONFIG = (
+    "state error: the leader topic {topic} holds the model-wide fold written with another "
+    "configuration ({keys} differ): run every replica with the same configuration, or start over "
+    "with a new kafka.group_id and an empty state.path (docs/state.md, 'Configuration changes')"
+)
+
+
 class Leader:
     """The model-wide fold while this replica owns the leader topic's partition (module docstring)."""
 
@@ -104,6 +112,7 @@ class Leader:
         self.fold = ModelWide(self.features, settings, loop)
         self.epoch = 0
         self.errors = 0  # increments skipped as unreadable and failed checkpoints (errors_total)
+        self.fingerprint = fingerprint(config)  # in the fold's checkpoints, checked when restored
         self.interval = max(MIN_CHECKPOINT_INTERVAL, config.state.checkpoint_interval)
         self._tp = TopicPartition(increments_topic(config), 0)
         self._consumer: Reader | None = None
@@ -141,6 +150,11 @@ class Leader:
         if state is not None:
             doc = json.loads(state)
             self.epoch = int(doc["epoch"])
+            stored = doc.get("config")  # absent: written before the fingerprint was recorded
+            differ = fingerprint_difference(stored, self.fingerprint) if stored is not None else []
+            if differ:  # a fold counted in other units must not be led on (docs/state.md)
+                where = leader_topic(self.config)
+                raise StateError(ERR_LEADER_CONFIG.format(topic=where, keys=", ".join(differ)))
             try:
                 self.fold = ModelWide.from_state(doc["fold"], self.features, self.settings, self.loop)
             except (ValueError, KeyError, TypeError) as exc:  # features or format changed
@@ -211,7 +225,8 @@ class Leader:
         """Write the fold to the leader topic; a failure keeps the previous checkpoint valid."""
         if self._writer is None or not (self._dirty or force):
             return True
-        value = json.dumps({"epoch": self.epoch, "fold": self.fold.to_state()}, separators=(",", ":"))
+        document = {"epoch": self.epoch, "config": self.fingerprint, "fold": self.fold.to_state()}
+        value = json.dumps(document, separators=(",", ":"))
         try:
             key = STATE_KEY + str(self.epoch).encode()
             future = self._writer.send_meta(0, key, value.encode(), self.epoch)

@@ -281,7 +281,7 @@ def inputs_from_state(config: Config, path: str | Path | None = None) -> ReportI
     """Read a state directory read-only (next to a running detector or after it stopped)."""
     from rocksdict import AccessType, Options, Rdict
 
-    from stream_fair.app import fingerprint
+    from stream_fair.config import fingerprint, fingerprint_difference
     from stream_fair.state.codec import (
         FORMAT_KEY,
         SPACE_COUNTS,
@@ -319,7 +319,7 @@ def inputs_from_state(config: Config, path: str | Path | None = None) -> ReportI
     try:
         raw = db.get(FORMAT_KEY)
         stored = decode_json(raw) if raw is not None else {}
-        if stored.get("fingerprint") != fingerprint(config):
+        if fingerprint_difference(stored.get("fingerprint") or {}, fingerprint(config)):
             raise ReportError(ERR_FINGERPRINT.format(path=p))
         cumulative: dict[Key, list[int]] = {}
         per_partition: dict[int, dict[Key, list[int]]] = {}

@@ -68,7 +68,10 @@ def test_secrets_are_masked_everywhere() -> None:
         ({"STREAM_FAIR_FAIRNESS__CREDIBLE_LEVEL": "95"}, "fairness.credible_level"),
         ({"STREAM_FAIR_FEEDBACK": "{bogus: 1}"}, "unknown key 'bogus'"),
         ({"STREAM_FAIR_FEEDBACK": "{period: 5m}"}, "not a multiple of alarm_slot 10m: set feedback.period"),
-        ({"STREAM_FAIR_FEEDBACK": "{period: 1h, alarm_slot: 7m}"}, "(e.g. alarm_slot: 400s)"),
+        (
+            {"STREAM_FAIR_FEEDBACK": "{period: 1h, alarm_slot: 7m}"},
+            "(e.g. alarm_slot: 400s; on existing state a change of either is a start-over",
+        ),
         (
             {"STREAM_FAIR_FEEDBACK": "{loop_window: 6}"},
             "loop_min_periods 8 exceeds the 7 periods loop_window 6",
@@ -203,3 +206,11 @@ def test_secret_file_errors_are_one_line(tmp_path: Path) -> None:
                 "STREAM_FAIR_KAFKA__SASL_PASSWORD": "y",
             }
         )
+
+
+def test_thresholds_that_never_flag_are_accepted() -> None:
+    """A ratio's 0 or a difference's 1 is how a team silences one disparity: valid, not out of range."""
+    cfg = load(
+        environ={"STREAM_FAIR_FAIRNESS__THRESHOLDS": "{demographic_parity_ratio: 0, accuracy_difference: 1}"}
+    )
+    assert cfg.fairness.thresholds == {"demographic_parity_ratio": 0.0, "accuracy_difference": 1.0}

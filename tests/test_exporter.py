@@ -234,3 +234,17 @@ def test_when_the_report_fails_the_pipeline_families_stay() -> None:
     assert reg.get_sample_value("stream_fair_events_consumed_total", {"topic": "predictions", **part}) == 42
     assert reg.get_sample_value("stream_fair_kafka_connected", {}) == 1
     assert "stream_fair_true_positive_rate" not in text  # the report's families are what is lost
+
+
+def test_every_error_kind_is_exported_from_zero() -> None:
+    """A counter series that first appears at 1 is no increase() to Prometheus: every kind must be
+    there at 0 before its first error, or StreamFairInternalErrors misses a lone failure."""
+    from stream_fair.exporter import ERROR_KINDS
+
+    t = tracker()
+    reg = registry_for(lambda: (build_report(t.snapshot(), CFG), PipelineStats()))
+    for kind in ERROR_KINDS:
+        assert reg.get_sample_value("stream_fair_errors_total", {"kind": kind}) == 0, kind
+    doc = (ROOT / "docs" / "metrics.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| `stream_fair_errors_total`"))
+    assert all(f"`{kind}`" in row for kind in ERROR_KINDS), row

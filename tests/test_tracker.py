@@ -559,3 +559,34 @@ def test_a_store_of_format_3_is_refused_with_one_line(tmp_path: object) -> None:
         RocksBackend(str(tmp_path))
     assert "state format 3, this version reads 5" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_store_that_predates_the_feedback_units_is_taken_with_a_warning(
+    tmp_path: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Upgrading with an unchanged configuration must not lock a store out: a fingerprint written
+    before the feedback units were recorded cannot be compared on them, so it is accepted (with a
+    WARNING), rewritten in full, and from then on a change of the units is refused."""
+    from stream_fair.config import fingerprint
+    from stream_fair.errors import StateError
+    from stream_fair.state.codec import FORMAT_KEY, decode_json, encode_json
+    from stream_fair.state.rocks import STORE_FORMAT_VERSION, RocksBackend
+
+    cfg = Config.model_validate({"fairness": {"features": ["sex"]}, "feedback": {"period": "2h"}})
+    now = fingerprint(cfg)
+    before = {k: v for k, v in now.items() if k != "feedback"}
+    db = RocksBackend(str(tmp_path))
+    db.write({FORMAT_KEY: encode_json({"version": STORE_FORMAT_VERSION, "fingerprint": before})}, sync=True)
+    db.close()
+    with caplog.at_level("WARNING", logger="stream_fair.state.rocks"):
+        RocksBackend(str(tmp_path), now).close()
+    assert "did not record feedback" in caplog.text
+    db = RocksBackend(str(tmp_path), now)
+    assert decode_json(db.get(FORMAT_KEY))["fingerprint"] == now  # type: ignore[arg-type]
+    db.close()
+    slot = fingerprint(
+        Config.model_validate({**cfg.model_dump(), "feedback": {"period": "2h", "alarm_slot": "5m"}})
+    )
+    with pytest.raises(StateError) as err:
+        RocksBackend(str(tmp_path), slot)
+    assert "(feedback differ)" in str(err.value) and "\n" not in str(err.value)

@@ -21,10 +21,11 @@ an offset) updates them record by record.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
-from stream_fair.config import fingerprint_difference
+from stream_fair.config import fingerprint_difference, fingerprint_unknown
 from stream_fair.errors import StateError
 from stream_fair.state.codec import (
     FORMAT_VERSION,
@@ -62,10 +63,13 @@ def index_entries(
     return deadline_key(partition, deadline, rec.kind, event_id), b""  # type: ignore[union-attr]
 
 
+log = logging.getLogger(__name__)
+
 ERR_CONFIG = (
     "state error: the changelog {topic} holds partition {partition}'s state written with another "
     "configuration ({keys} differ): run every replica with the same configuration, or start over "
-    "with a new kafka.group_id and an empty state.path (docs/state.md)"
+    "with a new kafka.group_id, an empty state.path (and a new state.changelog_topic if you set "
+    "one; docs/state.md, 'Configuration changes')"
 )
 
 
@@ -88,6 +92,7 @@ class PartitionRestore:
         # this configuration's :func:`~stream_fair.config.fingerprint`: a commit marker written
         # with another one is refused (markers from before it was recorded carry none)
         self.fingerprint, self.topic = fingerprint, topic
+        self.warned = False  # the warning about markers that predate the fingerprint, once
         self.partition = partition
         self.epoch = epoch  # the highest epoch seen so far
         self.full = full
@@ -137,11 +142,20 @@ class PartitionRestore:
                 "inputs)"
             )
         stored = meta.get("config")
-        if self.fingerprint is not None and stored is not None:
-            keys = fingerprint_difference(stored, self.fingerprint)
+        if self.fingerprint is not None:
+            keys = fingerprint_difference(stored or {}, self.fingerprint) if stored is not None else []
             if keys:
                 where = {"topic": self.topic, "partition": self.partition}
                 raise StateError(ERR_CONFIG.format(**where, keys=", ".join(keys)))
+            unknown = ["all"] if stored is None else fingerprint_unknown(stored)
+            if unknown and not self.warned:  # written by an earlier version: cannot be checked
+                self.warned = True
+                log.warning(
+                    "partition %d: the changelog %s holds state written by an earlier stream-fair that "
+                    "did not record %s of its configuration: taken as this configuration's; if you "
+                    "changed them since, start over (docs/state.md, 'Configuration changes')",
+                    self.partition, self.topic, "any" if stored is None else ", ".join(unknown),
+                )  # fmt: skip
         meta["changelog_next"] = offset + 1
         self.meta = meta
         self._batch[key] = encode_json(meta)

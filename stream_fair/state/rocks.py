@@ -36,7 +36,7 @@ from rocksdict import (
     WriteOptions,
 )
 
-from stream_fair.config import fingerprint_difference
+from stream_fair.config import fingerprint_difference, fingerprint_unknown
 from stream_fair.errors import StateError
 from stream_fair.state.codec import (
     FORMAT_KEY,
@@ -103,9 +103,8 @@ ERR_LOCKED = (
 ERR_OPEN = "state error: cannot open {path}: {reason}: set state.path to a writable directory"
 ERR_FINGERPRINT = (
     "state error: {path} was written for another configuration ({keys} differ): run with that "
-    "configuration, or delete the directory to restore it from the changelog (refused as well if the "
-    "changelog was written with another configuration: then start over with a new kafka.group_id, "
-    "docs/state.md)"
+    "configuration, or start over with an empty state.path and a new kafka.group_id (and a new "
+    "state.changelog_topic if you set one; docs/state.md, 'Configuration changes')"
 )
 ERR_FORMAT = (
     "state error: {path} has state format {found}, this version reads {expected}: point state.path "
@@ -186,10 +185,20 @@ class RocksBackend:
             raise StateError(
                 ERR_FORMAT.format(path=self.path, found=stored.get("version"), expected=STORE_FORMAT_VERSION)
             )
-        if stored.get("fingerprint") != fingerprint:
-            self.close()
-            keys = ", ".join(fingerprint_difference(stored.get("fingerprint") or {}, fingerprint))
-            raise StateError(ERR_FINGERPRINT.format(path=self.path, keys=keys))
+        old = stored.get("fingerprint") or {}
+        if old != fingerprint:
+            keys = fingerprint_difference(old, fingerprint)
+            if keys:
+                self.close()
+                raise StateError(ERR_FINGERPRINT.format(path=self.path, keys=", ".join(keys)))
+            # written before some keys were recorded: they cannot be checked; from now on they are
+            log.warning(
+                "%s was written by an earlier stream-fair that did not record %s: taken as this "
+                "configuration's; if you changed them since, start over (docs/state.md, "
+                "'Configuration changes')",
+                self.path, ", ".join(fingerprint_unknown(old)),
+            )  # fmt: skip
+            self.write({FORMAT_KEY: encode_json(meta)}, sync=True)
 
     # -- reads ----------------------------------------------------------------------------------
     def get(self, key: bytes) -> bytes | None:

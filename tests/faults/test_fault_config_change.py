@@ -19,9 +19,12 @@ from typing import Any
 import pytest
 import yaml
 
-from stream_fair.config import fingerprint, load
+from stream_fair.config import feedback_settings, fingerprint, load
 from stream_fair.dev import simulate
 from stream_fair.dev.broker import produce_events
+from stream_fair.errors import StateError
+from stream_fair.groups import feature_keys
+from stream_fair.leader import Leader
 from tests.faults.proc import Run, consumed_all, setup
 from tests.helpers import cli_env, free_port, recount, write_config
 
@@ -78,9 +81,27 @@ def test_a_replica_with_other_alarm_units_refuses_the_changelog_and_the_local_st
     changed = _variant(config, "changed.yaml", tmp_path / "new-pod", feedback={"alarm_slot": "5m"})
     assert fingerprint(load(changed, environ={}))["feedback"]["alarm_slot"] == 300.0
     line = _state_error(_run_to_exit(changed))
-    assert f"the changelog {group_id}-stream-fair-changelog holds partition " in line, line
+    # whichever it restores first: a partition from the changelog, or the model-wide fold
+    assert (
+        f"the changelog {group_id}-stream-fair-changelog holds partition " in line
+        or f"the leader topic {group_id}-stream-fair-leader holds the model-wide fold" in line
+    ), line
     assert "written with another configuration (feedback differ)" in line, line
     assert "new kafka.group_id" in line, line
+
+    # the model-wide fold alone (a replica that would lead without owning an input partition)
+    cfg = load(changed, environ={})
+    fs = feedback_settings(cfg.feedback)
+    fc = cfg.fairness
+    features = feature_keys([f.name for f in fc.features], fc.intersections, [f.name for f in fc.audit_only])
+    leader = Leader(cfg, features, fs.verdict_settings(), 2, fs)
+    with pytest.raises(StateError) as err:
+        leader.start()
+    leader.stop()
+    assert str(err.value).startswith(
+        f"state error: the leader topic {group_id}-stream-fair-leader holds the model-wide fold written "
+        "with another configuration (feedback differ): "
+    ), err.value
 
     # the same change on the old pod's disk: the local store is refused before any restore
     same_disk = _variant(
