@@ -22,19 +22,17 @@ KEYS = feature_keys(["sex", "race"], [["race", "sex"]])
 PARTITIONS = 4
 
 
+# the feedback settings of both configs: 1-minute periods of 1-minute alarm slots, small batches
+FEEDBACK = {"period": "1m", "alarm_slot": "1m", "min_samples": 5, "drift_batch": 10, "flush_every": 64}
+
+
 def config() -> Config:
     return Config.model_validate(
         {
             "fairness": {"features": list(FEATURES), "intersections": [["race", "sex"]], "min_samples": 1},
             "windows": ["10m"],
             "window_resolution": "1m",
-            "feedback": {
-                "period": "1m",
-                "alarm_slot": "1m",
-                "min_samples": 5,
-                "drift_batch": 10,
-                "flush_every": 64,
-            },
+            "feedback": FEEDBACK,
         }
     )
 
@@ -65,13 +63,7 @@ def detector_config(tmp_path: Any) -> Config:
         {
             "topics": {"predictions": "p", "outcomes": "o", "dead_letters": None},
             "fairness": {"features": ["sex", "race"], "intersections": [["race", "sex"]]},
-            "feedback": {
-                "period": "1m",
-                "alarm_slot": "1m",
-                "min_samples": 5,
-                "drift_batch": 10,
-                "flush_every": 64,
-            },
+            "feedback": FEEDBACK,
             "state": {"path": str(tmp_path / "state"), "checkpoint_interval": "30s", "changelog": False},
         }
     )

@@ -152,3 +152,14 @@ def headers(record: Any) -> dict[str, bytes]:
 
 
 __all__ = ["Run", "setup", "consumed_all", "headers"]
+
+
+def run_to_exit(config: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``stream-fair run`` to its end (a refusal at start-up), with its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "stream_fair", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(STREAM_FAIR_EXPORTER__PORT=str(free_port())),
+    )

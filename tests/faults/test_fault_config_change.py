@@ -11,7 +11,6 @@ raised nor cleared again, and nothing said so.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,8 @@ from stream_fair.dev.broker import produce_events
 from stream_fair.errors import StateError
 from stream_fair.groups import feature_keys
 from stream_fair.leader import Leader
-from tests.faults.proc import Run, consumed_all, setup
-from tests.helpers import cli_env, free_port, recount, write_config
+from tests.faults.proc import Run, consumed_all, run_to_exit, setup
+from tests.helpers import recount, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -42,16 +41,6 @@ def _variant(config: Path, name: str, state: Path, **sections: Any) -> Path:
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value}
     return write_config(config.with_name(name), cfg)
-
-
-def _run_to_exit(config: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "stream_fair", "run", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=cli_env(STREAM_FAIR_EXPORTER__PORT=str(free_port())),
-    )
 
 
 def _state_error(done: subprocess.CompletedProcess[str]) -> str:
@@ -80,7 +69,7 @@ def test_a_replica_with_other_alarm_units_refuses_the_changelog_and_the_local_st
     # a new pod (empty disk) with another alarm slot: the changelog's markers are refused
     changed = _variant(config, "changed.yaml", tmp_path / "new-pod", feedback={"alarm_slot": "5m"})
     assert fingerprint(load(changed, environ={}))["feedback"]["alarm_slot"] == 300.0
-    line = _state_error(_run_to_exit(changed))
+    line = _state_error(run_to_exit(changed))
     # whichever it restores first: a partition from the changelog, or the model-wide fold
     assert (
         f"the changelog {group_id}-stream-fair-changelog holds partition " in line
@@ -107,7 +96,7 @@ def test_a_replica_with_other_alarm_units_refuses_the_changelog_and_the_local_st
     same_disk = _variant(
         config, "same-disk.yaml", load(config, environ={}).state.path, feedback={"alarm_slot": "5m"}
     )
-    line = _state_error(_run_to_exit(same_disk))
+    line = _state_error(run_to_exit(same_disk))
     assert "was written for another configuration" in line, line
 
     # the control: the unchanged configuration on an empty disk restores the same counts

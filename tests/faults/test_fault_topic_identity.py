@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +24,8 @@ from stream_fair.dev.broker import create_topics, produce_events
 from stream_fair.state import identity
 from stream_fair.state.codec import decode_json, encode_json, meta_key
 from stream_fair.state.rocks import RocksBackend
-from tests.faults.proc import Run, consumed_all, setup
-from tests.helpers import cli_env, free_port, recount, wait_for
+from tests.faults.proc import Run, consumed_all, run_to_exit, setup
+from tests.helpers import recount, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -67,16 +65,6 @@ def _first_run(bootstrap: str, topics: Any, config: Path, events: list[tuple[str
         run.kill()
 
 
-def _run_to_exit(config: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "stream_fair", "run", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=cli_env(STREAM_FAIR_EXPORTER__PORT=str(free_port())),
-    )
-
-
 def _one_error(output: str) -> str:
     """The single ``kafka error`` line of a stopped process (and no traceback)."""
     assert "Traceback" not in output, output
@@ -100,7 +88,7 @@ def test_recreated_input_topics_are_refused_by_topic_id(
     create_topics(kafka_bootstrap, [topic_names.predictions, topic_names.outcomes], partitions=2)
     produce_events(kafka_bootstrap, topic_names.predictions, topic_names.outcomes, _events(500, seed=2))
 
-    done = _run_to_exit(config)
+    done = run_to_exit(config)
     assert done.returncode == 2, done.stderr
     line = _one_error(done.stderr)
     assert line.startswith("stream-fair: kafka error: the topic "), line
@@ -160,7 +148,7 @@ def test_recreated_input_topics_are_refused_without_topic_ids(
         kafka_bootstrap, topic_names.predictions, topic_names.outcomes, _events(new_predictions, seed=4)
     )
 
-    done = _run_to_exit(config)
+    done = run_to_exit(config)
     assert done.returncode == 2, done.stderr
     line = _one_error(done.stderr)
     assert RE_CREATED in line and expected in line and "partition 0" in line, line
