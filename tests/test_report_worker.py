@@ -231,7 +231,7 @@ def test_run_serves_metrics_through_the_worker_and_survives_its_death(
         assert joined(s) == 300
         children = _children(proc.pid)
         assert len(children) == 1, f"one report process, got {children}"
-        assert s.get("stream_fair_errors_total", kind="report_worker") is None
+        assert s.get("stream_fair_errors_total", kind="report_worker") == 0  # exported from 0
 
         os.kill(children[0], signal.SIGKILL)  # the report process dies: counts keep flowing
         produce_events(kafka_bootstrap, topic_names.predictions, topic_names.outcomes, _events(300, 200))
