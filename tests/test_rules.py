@@ -234,6 +234,7 @@ def test_severities_used() -> None:
     assert by_severity["critical"] == {
         "StreamFairDisparityFlagged",
         "StreamFairDetectorDown",
+        "StreamFairNoLeader",  # nobody computes the verdict: the page above cannot fire
         "StreamFairPipelineStalled",
     }
 
