@@ -72,6 +72,7 @@ EARLY_CHECKPOINT_SHARE = 0.25  # ... and at most this share of the loop's time s
 # restored state) frozen out of full collections (see ``tuned_collector``).
 GC_YOUNG = 10_000
 LEAD_FAILING_AFTER = 60.0  # seconds of failed leader starts before they count as an error
+LEAD_RETRY_FIRST, LEAD_RETRY_MAX = 0.5, 30.0  # seconds between failed leader starts, doubling
 MAX_OUTBOX = 64  # unacknowledged verdict messages of all owned partitions before input pauses
 # The replica's own feedback monitor and event-time windows (until the model-wide aggregation
 # takes them over): local only.
@@ -196,6 +197,7 @@ class Detector:
         self._leader_errors = 0  # failed starts and the errors of leaders that stopped (errors_total)
         self._lead_failing_since: float | None = None  # the first failed start of this streak
         self._lead_failure_counted = False
+        self._lead_retry_at = 0.0  # no start before (time.monotonic()): failed starts back off
         # the /metrics text of each snapshot, built in a child process while `run` runs
         # (exporter.report_process; stream_fair.report_worker)
         self.report_worker: ReportWorker | None = None
@@ -885,6 +887,7 @@ class Detector:
             self._leader_errors += leader.errors
             if self._leader_errors:
                 self.stats.errors["leader"] = self._leader_errors
+        self._lead_retry_at = 0.0  # a new assignment is tried at once
         if not lead:  # a failing streak ends with the assignment; the next one is counted anew
             self._lead_failing_since, self._lead_failure_counted = None, False
             with self.lock:
@@ -895,7 +898,7 @@ class Detector:
 
     def lead_step(self, now: float) -> None:
         """Start leading when elected; fold new increments, checkpoint, show the alarms."""
-        if self._lead_wanted and self.leader is None:
+        if self._lead_wanted and self.leader is None and now >= self._lead_retry_at:
             from stream_fair.config import feedback_settings
             from stream_fair.leader import Leader
 
@@ -910,17 +913,23 @@ class Detector:
                 leader.stop()
                 raise
             except Exception as exc:
-                log.error("model-wide verdict: cannot take the lead yet (retried): %s", exc)
+                # retried with a doubling pause (a lead out of reach must not cost a connection
+                # and an ERROR line at every poll); an error once the lead stays out of reach for a
+                # minute (a start during a rebalance may fail and succeed at the next try): then
+                # nobody raises the page
+                if self._lead_failing_since is None:
+                    self._lead_failing_since = now
+                since = self._lead_failing_since
+                pause = min(LEAD_RETRY_MAX, max(LEAD_RETRY_FIRST, 2 * (now - since)))
+                self._lead_retry_at = now + pause
+                log.error("model-wide verdict: cannot take the lead yet (retried in %.1f s): %s", pause, exc)
                 leader.stop()
-                # an error once the lead stays out of reach for a minute (a start during a
-                # rebalance may fail and succeed at the next try): then nobody raises the page
-                since = self._lead_failing_since = self._lead_failing_since or now
                 if now - since >= LEAD_FAILING_AFTER and not self._lead_failure_counted:
                     self._lead_failure_counted = True
                     self._leader_errors += 1
                     self.stats.errors["leader"] = self._leader_errors
                 return
-            self._lead_failing_since, self._lead_failure_counted = None, False
+            self._lead_failing_since, self._lead_failure_counted, self._lead_retry_at = None, False, 0.0
             self.leader = leader
             with self.lock:
                 self._use_engine()
