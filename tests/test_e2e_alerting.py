@@ -302,6 +302,12 @@ def test_fairness_page_reaches_the_model_team_pager(live: Live) -> None:
     ]
     assert elsewhere == []
 
+    # The page came from the model-wide leader, and StreamFairNoLeader's input says so on the
+    # real Prometheus: the model is led (1, not 0 and not absent), and that alert is quiet.
+    [led] = result(live.prometheus, "max without (instance, pod) (stream_fair_leader)")
+    assert led["metric"].get("model") == MODEL and led["value"][1] == "1", led
+    assert result(live.prometheus, 'ALERTS{alertname="StreamFairNoLeader", alertstate="firing"}') == []
+
 
 # -- every Grafana panel query --------------------------------------------------------------
 def _variable_values(live: Live, dashboard: dict[str, Any]) -> list[dict[str, str]]:
