@@ -73,11 +73,17 @@ EARLY_CHECKPOINT_SHARE = 0.25  # ... and at most this share of the loop's time s
 GC_YOUNG = 10_000
 LEAD_FAILING_AFTER = 60.0  # seconds of failed leader starts before they count as an error
 LEAD_RETRY_FIRST, LEAD_RETRY_MAX = 0.5, 30.0  # seconds between failed leader starts, doubling
+CHECKPOINT_RETRY_FIRST, CHECKPOINT_RETRY_MAX = 1.0, 60.0  # ... between failed checkpoints
 MAX_OUTBOX = 64  # unacknowledged verdict messages of all owned partitions before input pauses
 # The replica's own feedback monitor and event-time windows (until the model-wide aggregation
 # takes them over): local only.
 _FEEDBACK_KEY = FEEDBACK_KEY
 _WINDOWS = WINDOWS_PREFIX
+
+
+def retry_pause(failures: int, first: float, most: float) -> float:
+    """Seconds before the next try after ``failures`` consecutive failures: doubling, capped."""
+    return min(most, first * 2.0 ** (failures - 1))
 
 
 class _Crash:
@@ -197,7 +203,8 @@ class Detector:
         self._leader_errors = 0  # failed starts and the errors of leaders that stopped (errors_total)
         self._lead_failing_since: float | None = None  # the first failed start of this streak
         self._lead_failure_counted = False
-        self._lead_retry_at = 0.0  # no start before (time.monotonic()): failed starts back off
+        self._lead_failures = 0  # failed starts of this streak: the retry backs off
+        self._lead_retry_at = 0.0  # no start before (time.monotonic())
         # the /metrics text of each snapshot, built in a child process while `run` runs
         # (exporter.report_process; stream_fair.report_worker)
         self.report_worker: ReportWorker | None = None
@@ -889,7 +896,7 @@ class Detector:
                 self.stats.errors["leader"] = self._leader_errors
         self._lead_retry_at = 0.0  # a new assignment is tried at once
         if not lead:  # a failing streak ends with the assignment; the next one is counted anew
-            self._lead_failing_since, self._lead_failure_counted = None, False
+            self._lead_failing_since, self._lead_failure_counted, self._lead_failures = None, False, 0
             with self.lock:
                 self._use_engine()
                 self._publish()  # stop exporting the alarms now, not at the next checkpoint
@@ -920,7 +927,8 @@ class Detector:
                 if self._lead_failing_since is None:
                     self._lead_failing_since = now
                 since = self._lead_failing_since
-                pause = min(LEAD_RETRY_MAX, max(LEAD_RETRY_FIRST, 2 * (now - since)))
+                self._lead_failures += 1
+                pause = retry_pause(self._lead_failures, LEAD_RETRY_FIRST, LEAD_RETRY_MAX)
                 self._lead_retry_at = now + pause
                 log.error("model-wide verdict: cannot take the lead yet (retried in %.1f s): %s", pause, exc)
                 leader.stop()
@@ -929,7 +937,8 @@ class Detector:
                     self._leader_errors += 1
                     self.stats.errors["leader"] = self._leader_errors
                 return
-            self._lead_failing_since, self._lead_failure_counted, self._lead_retry_at = None, False, 0.0
+            self._lead_failing_since, self._lead_failure_counted, self._lead_failures = None, False, 0
+            self._lead_retry_at = 0.0
             self.leader = leader
             with self.lock:
                 self._use_engine()
@@ -1004,7 +1013,7 @@ class Detector:
     def _checkpoint_failed(self, exc: Exception) -> None:
         self.stats.errors["checkpoint"] = self.stats.errors.get("checkpoint", 0) + 1
         self._checkpoint_failures += 1
-        pause = min(60.0, 2.0 ** (self._checkpoint_failures - 1))
+        pause = retry_pause(self._checkpoint_failures, CHECKPOINT_RETRY_FIRST, CHECKPOINT_RETRY_MAX)
         self._retry_at = time.monotonic() + pause
         log.error("checkpoint failed, retrying in %.0f s (the previous one stays valid): %s", pause, exc)
 
