@@ -147,6 +147,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not cfg.fairness.features:
         raise StreamFairError(ERR_NO_FEATURES)
     _logging(cfg.log_level)
+    for note in config_mod.notes(cfg):
+        log.info(note)
     stop = threading.Event()
     _stop_on_signals(stop)
     # Everything that can fail on the outside is checked before the state files are created.
@@ -169,6 +171,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from stream_fair import transport
 
     transport.require(cfg.kafka)
+    for note in config_mod.notes(cfg):
+        print(f"stream-fair: note: {note}", file=sys.stderr)
     if not args.probe:
         print(yaml.safe_dump(config_mod.redacted(cfg), sort_keys=False), end="")
         return 0

@@ -497,6 +497,25 @@ class Config(_Section):
         return self
 
 
+def notes(config: Config) -> list[str]:
+    """What a valid configuration leaves off, one line each: said at startup (``run``'s log,
+    ``check-config``'s stderr) so a missing series is never a surprise.
+
+    >>> print(*notes(Config.model_validate({"schema": {"prediction": {"score": None}}})))
+    schema.prediction.score is null: the label-free estimates, the calibration checks and the threshold what-ifs are off (they need each prediction's score); set it to the score's field to have them
+    >>> notes(Config())
+    []
+    """
+    out = []
+    if config.schema_.prediction.score is None:
+        off = "the label-free estimates, the" if config.fairness.estimates.enabled else "the"
+        out.append(
+            f"schema.prediction.score is null: {off} calibration checks and the threshold what-ifs "
+            "are off (they need each prediction's score); set it to the score's field to have them"
+        )
+    return out
+
+
 def feedback_settings(options: Mapping[str, Any]) -> Any:
     """The feedback monitor's settings from the ``feedback:`` section (keys as in docs/feedback.md)."""
     import dataclasses

@@ -103,6 +103,20 @@ def test_check_config_masks_secrets(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "sasl_password" in _one_line(missing.stderr)
 
 
+def test_check_config_says_what_a_scoreless_schema_leaves_off(tmp_path: Path) -> None:
+    """Models without a score are valid, so this is a note on stderr, not an error: the
+    estimate, calibration and what-if series would otherwise just be absent."""
+    path = write_config(tmp_path / "scoreless.yaml", {"schema": {"prediction": {"score": None}}})
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    line = _one_line(result.stderr)
+    assert line.startswith("stream-fair: note: schema.prediction.score is null"), line
+    assert "label-free estimates" in line and "what-ifs" in line, line
+    assert yaml.safe_load(result.stdout)["schema"]["prediction"]["score"] is None
+    scored = run_cli("check-config", "--config", str(write_config(tmp_path / "scored.yaml", {})))
+    assert scored.returncode == 0 and scored.stderr == "", scored.stderr
+
+
 def _run_config(
     tmp_path: Path,
     bootstrap: str,
