@@ -623,7 +623,11 @@ class Detector:
                 if c is not None:
                     c.timeout = min(c.timeout, wait)
             try:
-                clean = self.checkpoint(settle=wait)
+                # After an error nothing is checkpointed: it may have stopped a poll half applied
+                # (counted, joined, but without its offsets), and a checkpoint would make that
+                # durable: the restart would read those records again and count them twice. The
+                # last checkpoint stays valid, as after a SIGKILL.
+                clean = False if failed else self.checkpoint(settle=wait)
             finally:
                 grace = 5.0 if clean else 0.0
                 self._on_leader(False, wait)

@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 
 _ABSENT = object()
 _INF = float("inf")
+# Scores outside [0, 1] are kept (counted in the edge bins and as out of range: logits show there),
+# but not beyond this: a score of 1e308 is no model's output, and its bin arithmetic overflows.
+MAX_SCORE = 1e9
 _MAX_ID = 256
 _MAX_VALUE = 128
 # Control characters (Unicode category Cc: C0, DEL, C1) never reach a label value: a raw CR or NUL
@@ -320,7 +323,7 @@ class Decoder:
                         and pred.__class__ is int and (pred == 0 or pred == 1)
                         and (
                             score is None or score is _ABSENT
-                            or (score.__class__ is float and -_INF < score < _INF)
+                            or (score.__class__ is float and -MAX_SCORE <= score <= MAX_SCORE)
                         )
                     ):  # fmt: skip
                         cell = tuple([values[v] for v in features(doc)])
@@ -348,12 +351,12 @@ class Decoder:
             if self._p_score is not None:
                 raw_score = self._p_score(doc)
                 if raw_score is not _ABSENT and raw_score is not None:
-                    if (
-                        isinstance(raw_score, bool)
-                        or not isinstance(raw_score, int | float)
-                        or not (math.isfinite(raw_score))
-                    ):
+                    if isinstance(raw_score, bool) or not isinstance(raw_score, int | float):
                         raise _Reject(INVALID_SCORE, f"score {raw_score!r:.40} is not a number")
+                    if not -MAX_SCORE <= raw_score <= MAX_SCORE:  # NaN and the infinities too
+                        raise _Reject(
+                            INVALID_SCORE, f"score {raw_score!r:.40} is not a finite number within ±{MAX_SCORE:g}"
+                        )
                     score = float(raw_score)
             raw_pred = self._p_pred(doc) if self._p_pred is not None else _ABSENT
             if (
@@ -397,7 +400,9 @@ class Decoder:
         except TypeError:
             return self._check(raw)  # a list or object: rejected below
         value = self._check(raw)
-        if len(self._values) < 10_000:
+        # only strings are cached: the cache is read by the raw value, and True == 1 == 1.0 as keys
+        # (a cached 1 would turn a later true into group '1', and accept a float 1.0)
+        if raw.__class__ is str and len(self._values) < 10_000:
             self._values[raw] = value
         return value
 

@@ -126,6 +126,12 @@ class Join:
             return JOINED, o
         return DUPLICATE, None
 
+    def is_duplicate_prediction(self, event_id: str) -> bool:
+        """Whether :meth:`add_prediction` would call a prediction of ``event_id`` a duplicate:
+        checked before a new group, model or cell is admitted for it (a duplicate admits none)."""
+        rec = self.ids.get(event_id)
+        return rec is not None and rec.__class__ is not PendingOutcome
+
     def add_outcome(self, event_id: str, ts: float, label: int) -> tuple[str, PendingPrediction | None]:
         """Offer an outcome; returns its fate and, when joined, the waiting prediction."""
         ids = self.ids

@@ -643,14 +643,23 @@ class Tracker:
                 if t.__class__ is Rejection:
                     rejected.append((r, self._reject(s, _P, t)))  # type: ignore[arg-type]
                     continue
-            # cell, intersection groups and model within their cardinality limits
+            # cell, intersection groups and model within their cardinality limits; a duplicate
+            # admits no new group, model or cell (it would take a slot a real group then misses)
             cell = unfolded.get(ev.cell)
             if cell is None or (model_limit is not None and ev.model not in models):
+                if join.is_duplicate_prediction(ev.id):
+                    fates[DUPLICATE] += 1
+                    self._advance(s, _P, t, last_ts, behind, join)  # type: ignore[arg-type]
+                    continue
                 guard.fold(ev)
                 cell = ev.cell
             model, predicted, score = ev.model, ev.predicted, ev.score
             ci = index.get((model, cell))
             if ci is None:
+                if join.is_duplicate_prediction(ev.id):
+                    fates[DUPLICATE] += 1
+                    self._advance(s, _P, t, last_ts, behind, join)  # type: ignore[arg-type]
+                    continue
                 ci = counts.cell(model, cell)
             p = PendingPrediction(ts, ci, predicted, score)
             fate, outcome = join.add_prediction(ev.id, p)

@@ -111,3 +111,35 @@ def test_admissions_survive_a_checkpoint() -> None:
         9,
     )
     assert u.snapshot().overflow == {"a": 0, "b": 0, "a&b": 2, MODEL_OVERFLOW: 1}
+
+
+def test_duplicates_admit_no_group_model_or_cell() -> None:
+    """A prediction whose id is already counted is a duplicate whatever model or group it claims:
+    it must not take a model slot (the genuine next model would be folded into ``__other__``), a
+    group slot, an overflow count or a zero-count cell. Before, the guard folded it first."""
+    cfg = Config.model_validate(
+        {"fairness": {"features": ["a"], "model_limit": 2, "cardinality_limit": 2}}
+    )
+    t = Tracker(cfg)
+
+    def predict(i: int, event_id: str, model: str, a: str) -> None:
+        raw = {"id": event_id, "ts": 1e6 + i, "model": model, "prediction": 1, "attributes": {"a": a}}
+        t.update_prediction(0, orjson.dumps(raw), i)
+
+    predict(0, "x", "m0", "g0")
+    for i in range(1, 11):  # ten copies of x, each claiming a new model and a new group
+        predict(i, "x", f"dup{i}", f"h{i}")
+    predict(11, "y", "real", "g1")
+    snap = t.snapshot()
+    assert snap.fates["predictions"]["duplicate"] == 10
+    assert {model for (model, _) in snap.predictions} == {"m0", "real"}
+    assert {t.features[0].group(cell) for (_, cell) in snap.predictions} == {"g0", "g1"}
+    assert snap.overflow[MODEL_OVERFLOW] == 0 and snap.overflow["a"] == 0
+    counted = sum(sum(v) for v in snap.predictions.values())
+    assert counted == 2, snap.predictions  # the two genuine predictions, in cells of their own
+    assert len(snap.predictions) == 2
+
+    # a duplicate of a model and group already admitted, in a pair never seen: no cell either
+    predict(12, "y", "m0", "g1")
+    snap = t.snapshot()
+    assert snap.fates["predictions"]["duplicate"] == 11 and len(snap.predictions) == 2

@@ -400,3 +400,58 @@ def test_a_failed_windows_write_is_written_with_the_next_checkpoint(tmp_path: Pa
     again.open_state()
     assert again.windows.buckets == {100: {("m", ("F",)): row}}
     again.close()
+
+
+def test_an_error_mid_poll_checkpoints_nothing_and_the_restart_counts_exactly(
+    kafka_bootstrap: str, topic_names: Any, group_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception out of the tracker stops the loop with a poll half applied: some of its records
+    counted and joined, its offsets and consumed counts not yet moved. The shutdown used to
+    checkpoint anyway, so the restart read those records again: counted twice (as duplicates of
+    themselves), and the accounting no longer added up. Now a failed loop checkpoints nothing, as
+    after a SIGKILL, and the restart's counts are exact."""
+    from stream_fair.app import Detector
+    from stream_fair.config import Config
+    from stream_fair.join import Join
+
+    events = _events(2_000, seed=23)
+    exp = recount(events)
+    create_topics(kafka_bootstrap, [topic_names.predictions, topic_names.outcomes], partitions=2)
+    create_topics(kafka_bootstrap, [topic_names.dead_letters], partitions=1)
+    produce_events(kafka_bootstrap, topic_names.predictions, topic_names.outcomes, events)
+    cfg = Config.model_validate(detector_config(kafka_bootstrap, topic_names, group_id, tmp_path / "state"))
+
+    real, calls = Join.add_prediction, [0]
+
+    def failing(self: Join, event_id: str, p: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 700:  # well inside a poll of up to 2,000 records (all were produced first)
+            raise RuntimeError("a tracker bug mid-poll")
+        return real(self, event_id, p)
+
+    monkeypatch.setattr(Join, "add_prediction", failing)
+    with pytest.raises(RuntimeError, match="a tracker bug mid-poll"):
+        Detector(cfg).run(threading.Event())
+    monkeypatch.undo()
+    assert calls[0] == 700
+
+    again = Detector(cfg)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            again.run(stop)
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="detector", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: again.port and scrape(again.port) is not None, 30, "the restarted detector")
+        total = (exp.consumed["predictions"], exp.consumed["outcomes"])
+        _assert_exact(wait_consumed(again.port, total, 60), exp)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not failure, failure

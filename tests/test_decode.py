@@ -157,3 +157,44 @@ def test_a_record_failing_outside_every_rule_is_rejected_not_raised(caplog: pyte
     assert "RuntimeError: a decoding rule nobody wrote" in results[0].detail  # type: ignore[union-attr]
     assert d.unforeseen == len(results)
     assert len(caplog.records) == decode._UNFORESEEN_LOGGED  # counted every time, logged the first ones
+
+
+@pytest.mark.parametrize("score", [1e308, -1e308, 3.7e306, decode.MAX_SCORE * 10])
+def test_a_score_no_model_emits_is_rejected_on_both_paths(score: float) -> None:
+    """A finite score of 1e308 passed the finiteness check and then overflowed the score bins'
+    arithmetic (``int(inf)``): an OverflowError out of the tracker stopped the consumer."""
+    d = decoder()
+    for r in (d.prediction(p(score=score)), d._prediction(p(score=score), None)):
+        assert isinstance(r, Rejection) and r.reason == decode.INVALID_SCORE, r
+    # logits and other out-of-range scores are kept (counted as out of range downstream)
+    for kept in (decode.MAX_SCORE, -decode.MAX_SCORE, 42.0, -3.5):
+        assert d.prediction(p(score=kept)).score == kept  # type: ignore[union-attr]
+
+
+def test_a_score_of_1e308_neither_crashes_the_tracker_nor_goes_unaccounted() -> None:
+    from tests.helpers import LocalTracker
+
+    t = LocalTracker(Config.model_validate({"fairness": {"features": ["sex"]}}))
+    rejected = t.update_prediction(0, p(id="big", score=1e308), 0)
+    assert rejected is not None and rejected.reason == decode.INVALID_SCORE
+    assert t.update_prediction(0, p(id="ok", score=0.3), 1) is None
+    assert t.update_outcome(0, b'{"id": "ok", "ts": 101, "label": 1}', 0) is None
+    fates = t.snapshot().fates
+    assert fates["predictions"]["rejected"] == 1 and fates["outcomes"]["joined"] == 1
+
+
+@pytest.mark.parametrize(
+    "order", [(True, 1), (1, True), (False, 0), (0, False), (1.0, 1), (1, 1.0), (1, True, 1.0)]
+)
+def test_an_attribute_value_is_the_same_group_whatever_came_first(order: tuple[object, ...]) -> None:
+    """The decoder's cache of checked values was keyed by the raw value, and ``True == 1 == 1.0``
+    as keys: after a 1, a true was counted in group '1' and a float 1.0 accepted; after a true, a 1
+    was counted in group 'true'. So a group depended on arrival order and changed at a restart."""
+    d = decoder()
+    for v in order:
+        for r in (d.prediction(p(attributes={"sex": v})), d._prediction(p(attributes={"sex": v}), None)):
+            if v.__class__ is float:
+                assert isinstance(r, Rejection) and r.reason == decode.INVALID_ATTRIBUTE, (order, v, r)
+            else:
+                want = str(v).lower()  # true, false, 1, 0 (a dict keyed by them would merge them too)
+                assert isinstance(r, Prediction) and r.cell[0] == want, (order, v, r)  # type: ignore[index]
