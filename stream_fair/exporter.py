@@ -637,7 +637,11 @@ class ExporterServer:
                         self._send(code, json.dumps(doc).encode(), "application/json")
                     except Exception:
                         log.exception("report failed")
-                        self._send(500, b'{"error": "report error: the report failed; see the detector log"}')
+                        self._send(
+                            500,
+                            b'{"error": "report error: the report failed; see the detector log"}',
+                            "application/json",
+                        )
                 elif path == "/explain" and explain is not None:
                     self._explain(explain)
                 elif path == "/search" and search is not None:
@@ -673,6 +677,8 @@ class ExporterServer:
                     return
                 try:
                     split = float(args.pop("split")) if "split" in args else None
+                    if split is not None and not 0.0 <= split <= 253402300799.0:  # NaN and inf too
+                        raise ValueError(f"split {split!r} is not a unix time between 1970 and 9999")
                     doc = explain(**args, split_ts=split)
                 except KeyError as exc:
                     self._send(404, f"{exc.args[0]}\n".encode())

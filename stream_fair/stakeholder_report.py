@@ -161,15 +161,23 @@ def parse_time(text: str) -> float:
     (1796018400.0, 1795000000.0)
     """
     s = text.strip()
+    problem = ERR_PERIOD.format(problem=f"{text[:40]!r} is not a time between 1970 and 9999")
     if re.fullmatch(r"\d+(\.\d+)?", s):
-        return float(s)
-    try:
-        when = datetime.fromisoformat(s.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise ReportError(ERR_PERIOD.format(problem=f"{text!r} is not a time")) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return when.timestamp()
+        ts = float(s) if len(s) <= 40 else _LATEST + 1
+    else:
+        try:
+            when = datetime.fromisoformat(s.replace("Z", "+00:00").replace("z", "+00:00"))
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=timezone.utc)
+            ts = when.timestamp()
+        except (ValueError, OverflowError):  # not ISO 8601, or out of datetime's range with its zone
+            raise ReportError(problem) from None
+    if not 0.0 <= ts <= _LATEST:
+        raise ReportError(problem)
+    return ts
+
+
+_LATEST = 253402300799.0  # 9999-12-31T23:59:59Z: the last time datetime (and an ISO string) can hold
 
 
 def parse_period(
@@ -188,6 +196,8 @@ def parse_period(
         except ValueError:
             raise ReportError(ERR_PERIOD.format(problem=f"--last {last!r} is not a duration")) from None
         stop = time.time() if now is None else now
+        if not 0.0 <= stop - span:  # also a span too large to be a number
+            raise ReportError(ERR_PERIOD.format(problem=f"--last {last[:40]!r} reaches back before 1970"))
         return Period(stop - span, stop)
     start = None if since is None else parse_time(since)
     end = None if until is None else parse_time(until)
@@ -393,6 +403,11 @@ def _select(inputs: ReportInputs, period: Period) -> tuple[dict[Key, list[int]],
     oldest = None if last is None else last - span + 1
     first_b = math.floor(period.start / res) if period.start is not None else oldest
     end_b = math.ceil(period.end / res) if period.end is not None else (None if last is None else last + 1)
+    # "the last 1d" with a 1d window starts inside the bucket just before the oldest one kept (the
+    # windows hold the current, partly filled bucket): begin at the oldest, less than a bucket later
+    clipped = oldest is not None and first_b == oldest - 1
+    if clipped:
+        first_b = oldest
     if period.start is not None and oldest is not None and first_b is not None and first_b < oldest:
         raise ReportError(
             ERR_NOT_KEPT.format(
@@ -408,7 +423,12 @@ def _select(inputs: ReportInputs, period: Period) -> tuple[dict[Key, list[int]],
         "from": iso(period.start),
         "to": iso(period.end),
         "basis": "predictions whose event time lies in the period, widened to "
-        f"{format_duration(res)} buckets",
+        f"{format_duration(res)} buckets"
+        + (
+            f" (from the oldest bucket kept, less than {format_duration(res)} after the period's start)"
+            if clipped
+            else ""
+        ),
         "prediction_time_from": iso(None if lo is None else lo * res),
         "prediction_time_to": iso(None if hi is None else hi * res),
     }

@@ -491,6 +491,7 @@ def what_if(
     tolerance: float | None = None,
 ) -> WhatIf:
     """The plain what-if: the groups in ``thresholds`` at those thresholds, the others as now."""
+    _check_criterion(criterion)
     for g in thresholds:
         if g not in hists:
             raise WhatIfError(UNKNOWN_GROUP_ERROR.format(value=g, choices=sorted(hists)))

@@ -149,3 +149,15 @@ def test_cli_prints_the_explanation_and_the_findings(served: tuple[str, pd.DataF
     assert found.returncode == 0 and "sex&race=Female&Black true_positive_rate" in found.stdout
     bad = run_cli("explain", "--url", base, "--model", MODEL)
     assert bad.returncode == 2 and "--feature" in bad.stderr
+
+
+def test_explain_refuses_a_split_that_is_no_time(served: tuple[str, pd.DataFrame]) -> None:
+    """``split=inf`` overflowed in the period arithmetic: an HTTP 500 (and NaN a 400 that quoted
+    Python's own message). Anything outside 1970..9999 is a 400 that says what a split is."""
+    base, _ = served
+    for split in ("inf", "-inf", "nan", "9" * 400, "-5"):
+        url = f"{base}/explain?model={MODEL}&feature=race&disparity=equal_opportunity_difference&split={split}"
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url, timeout=30)
+        assert err.value.code == 400, (split, err.value.code)
+        assert "is not a unix time between 1970 and 9999" in err.value.read().decode(), split

@@ -255,6 +255,18 @@ def test_report_endpoint_errors_are_one_line(live: dict[str, Any]) -> None:
     assert err.value.code == 400
     body = json.loads(err.value.read())
     assert body["error"].startswith("report error: ") and "\n" not in body["error"]
+    # times and durations no datetime holds: a 400 naming the value, never a 500
+    for query in (
+        "from=99999999999999999999",
+        "from=0001-01-01T00:00:00%2B14:00",
+        "last=99999999999999w",
+        "from=" + "9" * 5000,
+    ):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{live['url']}/report.json?{query}", timeout=10)
+        assert err.value.code == 400, (query, err.value.code)
+        assert err.value.headers["Content-Type"] == "application/json"
+        assert json.loads(err.value.read())["error"].startswith("report error: "), query
     proc = run_cli("report", "--url", live["url"], "--from", "2020-01-01T00:00Z")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "per-period counts are kept only from" in proc.stderr

@@ -17,6 +17,7 @@ import re
 import shutil
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +238,25 @@ def test_a_period_matches_the_recount_of_its_predictions(fed: Any) -> None:
     assert af["below_min_samples"] and not af["eligible"] and af["rates"]
 
 
+def test_the_last_window_is_a_period_the_report_can_cover(fed: Any) -> None:
+    """``--last 6h`` with ``windows: [6h]`` (the documented ``--last 1d`` with the default 1d):
+    ending now, inside the newest bucket, it starts inside the bucket just before the oldest one
+    kept. It was refused ("counts are kept only from ..."); it now starts at the oldest bucket."""
+    cfg, inputs, events = fed
+    res, span = cfg.window_resolution, round(max(cfg.windows) / cfg.window_resolution)
+    last = max(inputs.buckets)
+    now = last * res + res / 3  # the clock inside the newest bucket
+    doc = assemble(replace(inputs, last_bucket=last), Period(now - max(cfg.windows), now))
+    oldest = last - span + 1
+    assert doc["period"]["prediction_time_from"] == iso(oldest * res)
+    assert "from the oldest bucket kept" in doc["period"]["basis"]
+    rows = _in(_pairs(events), oldest * res, (last + 1) * res)
+    _check_counts(doc, rows)
+    # a start a whole bucket earlier is still refused
+    with pytest.raises(ReportError):
+        assemble(replace(inputs, last_bucket=last), Period(now - max(cfg.windows) - res, now))
+
+
 def test_each_step_over_time_matches_the_recount(fed: Any) -> None:
     cfg, inputs, events = fed
     doc = assemble(inputs)
@@ -272,7 +292,6 @@ def test_alarms_are_marked_while_raised(fed: Any) -> None:
         {**ev, "seq": 1, "kind": "alarm_raised", "ts": first + 2 * RES + 10},
         {**ev, "seq": 2, "kind": "alarm_cleared", "ts": first + 5 * RES + 10},
     ]
-    from dataclasses import replace
 
     doc = assemble(replace(inputs, alarm_events=events))
     eo = next(
@@ -323,7 +342,6 @@ def test_every_flagged_difference_is_explained(fed: Any) -> None:
 
 def test_an_unconfigured_intersection_is_found_and_counted(fed: Any) -> None:
     cfg, inputs, events = fed
-    from dataclasses import replace
 
     plain = Config.model_validate(
         {**cfg.model_dump(by_alias=True), "fairness": {**cfg.fairness.model_dump(), "intersections": []}}
@@ -495,7 +513,6 @@ def _rgb(colour: str) -> tuple[int, int, int]:
 @pytest.fixture(scope="module")
 def page(fed: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str, dict[str, Any]]]:
     _, inputs, _ = fed
-    from dataclasses import replace
 
     first = START + 1200.0  # a short period: some groups are below min samples
     ev = {

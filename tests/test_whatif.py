@@ -214,6 +214,9 @@ def test_errors_name_the_problem() -> None:
         optimize(hists, "statistical_parity", 0.5, SETTINGS)
     with pytest.raises(WhatIfError, match=UNKNOWN_GROUP_ERROR.split("{")[0]):
         what_if("f", hists, {"nobody": 0.4}, 0.5, SETTINGS)
+    # an unknown criterion next to thresholds: a KeyError (HTTP 500) before, the same error now
+    with pytest.raises(WhatIfError, match=UNKNOWN_CRITERION_ERROR.split("{")[0]):
+        what_if("f", hists, {"big": 0.4}, 0.5, SETTINGS, criterion="bogus")
     # the small group is reported as excluded, not silently constrained, once two groups qualify
     hists["big2"] = hists["big"]
     w = optimize(hists, "demographic_parity", 0.5, SETTINGS)
