@@ -1,10 +1,15 @@
 """The exporter's HTTP plumbing: a bounded server and the exporter-toolkit web configuration.
 
-:class:`BoundedHTTPServer` never spends a thread on a connection that has not sent anything: an
-accepted connection waits in one selector thread until it is readable (or is closed after
-``read_timeout``), then a fixed pool of ``workers`` threads serves it with ``read_timeout`` on every
-socket operation. A thousand idle connections cost a thousand file descriptors, not a thousand
-threads; past ``max_connections`` waiting ones the oldest is closed.
+:class:`BoundedHTTPServer` never spends a thread on a connection that has not sent its whole
+request head: an accepted connection waits in one selector thread until the head (request line and
+headers) has arrived, and is closed if it has not within ``read_timeout`` of its accept, so a
+client that trickles a byte at a time never holds a worker. Then a fixed pool serves it with
+``read_timeout`` on every socket operation: ``/healthz``, ``/readyz`` and ``/metrics`` on
+``fast_workers`` threads of their own, everything else on ``workers`` threads, so the probes and
+scrapes never wait behind slow requests (a report, an explanation, a what-if). A thousand idle
+connections cost a thousand file descriptors, not a thousand threads; past ``max_connections``
+waiting ones the oldest is closed. With TLS the head can only be read after the handshake, in a
+worker: there every connection is served by the ``workers`` pool, in arrival order.
 
 :func:`load_web_config` reads the web configuration file of the Prometheus exporter-toolkit
 (``--web.config.file`` of node_exporter and friends): ``tls_server_config`` (certificate, key,
@@ -194,8 +199,29 @@ def _tls_context(tls: Any, base: Path) -> ssl.SSLContext:
     return ctx
 
 
+FAST_PATHS = (b"/healthz", b"/readyz", b"/metrics")
+"""Served by their own workers: the probes and the scrape must never wait behind a slow request."""
+HEAD_LIMIT = 65536  # bytes of a request head looked at before a worker takes over (and answers 431)
+_PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+_REPEEK = 0.1  # seconds between looks at connections whose head is still arriving
+
+
+def request_path(head: bytes) -> bytes:
+    """The path of a request head, without its query (empty if the request line is malformed).
+
+    >>> request_path(b"GET /metrics?x=1 HTTP/1.1\\r\\nHost: a\\r\\n\\r\\n"), request_path(b"garbage")
+    (b'/metrics', b'')
+    """
+    parts = head.split(b"\n", 1)[0].split(b" ")
+    return parts[1].split(b"?", 1)[0] if len(parts) >= 3 else b""
+
+
+def head_complete(head: bytes) -> bool:
+    return b"\r\n\r\n" in head or b"\n\n" in head or len(head) >= HEAD_LIMIT
+
+
 class BoundedHTTPServer(HTTPServer):
-    """An HTTP server with a fixed worker pool and a waiting room for idle connections."""
+    """An HTTP server with fixed worker pools and a waiting room for connections still sending."""
 
     daemon_threads = True
     request_queue_size = 256  # listen backlog: a burst of connections must not wait for SYN retries
@@ -206,6 +232,7 @@ class BoundedHTTPServer(HTTPServer):
         handler: Any,
         *,
         workers: int = 4,
+        fast_workers: int = 2,
         max_connections: int = 512,
         read_timeout: float = 10.0,
         tls: ssl.SSLContext | None = None,
@@ -215,15 +242,20 @@ class BoundedHTTPServer(HTTPServer):
         self.max_connections = max_connections
         self.tls = tls
         self._ready: queue.Queue[tuple[Any, Any] | None] = queue.Queue()
+        self._fast: queue.Queue[tuple[Any, Any] | None] = queue.Queue()
         self._arrivals: queue.Queue[tuple[Any, Any]] = queue.Queue()
         self._waiting: OrderedDict[Any, tuple[Any, float]] = OrderedDict()  # socket -> (addr, deadline)
+        self._partial: dict[Any, tuple[Any, float]] = {}  # readable, head incomplete: looked at again
+        self._peeked = 0.0
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._closing = threading.Event()
         self._threads = [threading.Thread(target=self._waiting_room, name="http-wait", daemon=True)]
+        self._lanes = [self._ready] * workers + [self._fast] * fast_workers
         self._threads += [
-            threading.Thread(target=self._work, name=f"http-{i}", daemon=True) for i in range(workers)
+            threading.Thread(target=self._work, args=(lane,), name=f"http-{i}", daemon=True)
+            for i, lane in enumerate(self._lanes)
         ]
         for t in self._threads:
             t.start()
@@ -236,35 +268,61 @@ class BoundedHTTPServer(HTTPServer):
 
     def _waiting_room(self) -> None:
         while not self._closing.is_set():
-            for key, _ in self._selector.select(timeout=1.0):
+            for key, _ in self._selector.select(timeout=_REPEEK if self._partial else 1.0):
                 sock = key.fileobj
                 if sock is self._wake_r:
                     with contextlib.suppress(OSError):
                         self._wake_r.recv(4096)
                     continue
                 self._selector.unregister(sock)
-                addr, _ = self._waiting.pop(sock)
-                self._ready.put((sock, addr))
+                self._offer(sock, *self._waiting.pop(sock))
             while not self._arrivals.empty():
                 sock, addr = self._arrivals.get_nowait()
                 self._waiting[sock] = (addr, time.monotonic() + self.read_timeout)
                 self._selector.register(sock, selectors.EVENT_READ)
-                while len(self._waiting) > self.max_connections:  # the oldest idle one goes
-                    self._drop(next(iter(self._waiting)))
+                while len(self._waiting) + len(self._partial) > self.max_connections:  # the oldest goes
+                    self._drop(next(iter(self._waiting or self._partial)))
             now = time.monotonic()
+            if self._partial and now - self._peeked >= _REPEEK:
+                self._peeked = now
+                for sock, (addr, deadline) in list(self._partial.items()):
+                    del self._partial[sock]
+                    self._offer(sock, addr, deadline)
             for sock in [s for s, (_, deadline) in self._waiting.items() if deadline <= now]:
                 self._drop(sock)
+            for sock in [s for s, (_, deadline) in self._partial.items() if deadline <= now]:
+                self._drop(sock)
+
+    def _offer(self, sock: Any, addr: Any, deadline: float) -> None:
+        """Hand a readable connection to a worker once its request head is complete."""
+        if self.tls is not None:  # the head is encrypted: read after the handshake, in a worker
+            self._ready.put((sock, addr))
+            return
+        try:
+            head = sock.recv(HEAD_LIMIT, _PEEK)
+        except BlockingIOError:
+            head = None
+        except OSError:
+            self._drop(sock)
+            return
+        if head == b"":  # closed by the client
+            self._drop(sock)
+        elif head is None or not head_complete(head):
+            self._partial[sock] = (addr, deadline)
+        else:
+            (self._fast if request_path(head) in FAST_PATHS else self._ready).put((sock, addr))
 
     def _drop(self, sock: Any) -> None:
         self._waiting.pop(sock, None)
+        self._partial.pop(sock, None)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(sock)
         self.shutdown_request(sock)
 
-    # -- serve: a fixed pool, a timeout on every socket operation ---------------------------
-    def _work(self) -> None:
+    # -- serve: fixed pools, a timeout on every socket operation ----------------------------
+    def _work(self, lane: queue.Queue[tuple[Any, Any] | None]) -> None:
         while True:
-            item = self._ready.get()
+            item = lane.get()
             if item is None:
                 return
             sock, addr = item
@@ -280,10 +338,10 @@ class BoundedHTTPServer(HTTPServer):
 
     def server_close(self) -> None:
         self._closing.set()
-        for _ in self._threads[1:]:
-            self._ready.put(None)
+        for lane in self._lanes:
+            lane.put(None)
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
         super().server_close()
-        for sock in list(self._waiting):
+        for sock in [*self._waiting, *self._partial]:
             self._drop(sock)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -248,3 +250,82 @@ def test_every_error_kind_is_exported_from_zero() -> None:
     doc = (ROOT / "docs" / "metrics.md").read_text()
     row = next(line for line in doc.splitlines() if line.startswith("| `stream_fair_errors_total`"))
     assert all(f"`{kind}`" in row for kind in ERROR_KINDS), row
+
+
+def _timed_get(url: str, timeout: float) -> tuple[int, float]:
+    t0 = time.monotonic()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            r.read()
+            code = int(r.status)
+    except urllib.error.HTTPError as e:
+        code = e.code
+    return code, time.monotonic() - t0
+
+
+def test_trickling_clients_and_slow_requests_never_starve_the_probes_or_the_scrape() -> None:
+    """Review finding: 4 clients sending a byte every few seconds held all 4 workers (the read
+    timeout restarts at every byte), and 8 slow report requests queued /healthz behind them: the
+    liveness probe (3 s timeout) failed and Kubernetes restarted the pod, consumer and all. Now a
+    connection gets a worker only once its request head is complete (and is closed when that takes
+    longer than read_timeout), and the probes and /metrics have workers of their own."""
+    import socket
+    import threading
+
+    t = tracker()
+    health = Health(stale_after=60)
+    health.heartbeat = time.monotonic()
+    reg = registry_for(lambda: (build_report(t.snapshot(), CFG), PipelineStats()))
+
+    def slow_report(query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
+        time.sleep(3.0)
+        return 200, {"ok": True}
+
+    server = ExporterServer(
+        "127.0.0.1", 0, reg, health, report=slow_report, workers=4, read_timeout=2.0
+    ).start()
+    base = f"http://127.0.0.1:{server.port}"
+    tricklers: list[socket.socket] = []
+    stop = threading.Event()
+    try:
+        for _ in range(8):  # twice the workers, each sending its request line a byte at a time
+            c = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            c.sendall(b"G")
+            tricklers.append(c)
+
+        def trickle() -> None:
+            while not stop.wait(0.3):
+                for c in tricklers:
+                    with contextlib.suppress(OSError):
+                        c.send(b"E")
+
+        threading.Thread(target=trickle, daemon=True).start()
+        slow = [
+            threading.Thread(target=_timed_get, args=(base + "/report.json", 30), daemon=True) for _ in range(8)
+        ]
+        for th in slow:
+            th.start()
+        time.sleep(0.5)  # the slow requests hold every general worker now
+        for _ in range(5):
+            assert _timed_get(base + "/healthz", 5)[0] == 200
+            code, took = _timed_get(base + "/healthz", 5)
+            assert code == 200 and took < 1.0, took
+            code, took = _timed_get(base + "/metrics", 5)
+            assert code == 200 and took < 2.0, took
+            time.sleep(0.2)
+        # a trickler is closed once read_timeout has passed since its accept, having held no worker
+        tricklers[0].settimeout(10)
+        t0 = time.monotonic()
+        with contextlib.suppress(ConnectionResetError):
+            assert tricklers[0].recv(1) == b""
+        assert time.monotonic() - t0 < 3.0
+        for th in slow:
+            th.join(60)
+        # the general pool still serves: a complete request gets an answer
+        assert _timed_get(base + "/report.json", 10)[0] == 200
+    finally:
+        stop.set()
+        for c in tricklers:
+            with contextlib.suppress(OSError):
+                c.close()
+        server.stop()
