@@ -37,6 +37,36 @@ ERR_NO_FEATURES = (
 )
 
 
+def no_features_error(config_file: str | None) -> StreamFairError:
+    if not config_file:
+        return StreamFairError(ERR_NO_FEATURES)
+    return StreamFairError(
+        f"config error: {config_file} configures no fairness.features, so run would measure nothing: "
+        "add the sensitive attributes under fairness.features (docs/configuration.md; "
+        "`stream-fair simulate --print-config` prints an example)"
+    )
+
+
+def check_startup(cfg: Any, config_file: str | None) -> None:
+    """What ``run`` refuses before it touches the broker, checked by ``check-config`` too: a config
+    that passes the check does not then stop ``run``."""
+    from stream_fair import transport
+    from stream_fair.errors import ConfigError
+    from stream_fair.web import load_web_config
+
+    if not cfg.fairness.features:
+        raise no_features_error(config_file)
+    transport.require(cfg.kafka)
+    for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        path = getattr(cfg.kafka, key)
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError(
+                f"config error: kafka.{key}: cannot read {path!r}: mount the PEM file there or fix the path"
+            )
+    if cfg.exporter.web_config_file is not None:
+        load_web_config(cfg.exporter.web_config_file)
+
+
 def _stop_on_signals(stop: threading.Event) -> None:
     def handler(signum: int, _frame: Any) -> None:
         stop.set()
@@ -144,8 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from stream_fair import transport
 
     cfg = config_mod.load(args.config)
-    if not cfg.fairness.features:
-        raise StreamFairError(ERR_NO_FEATURES)
+    check_startup(cfg, args.config)
     _logging(cfg.log_level)
     for note in config_mod.notes(cfg):
         log.info(note)
@@ -170,7 +199,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)
     from stream_fair import transport
 
-    transport.require(cfg.kafka)
+    check_startup(cfg, args.config)
     for note in config_mod.notes(cfg):
         print(f"stream-fair: note: {note}", file=sys.stderr)
     if not args.probe:
@@ -500,7 +529,7 @@ def parser(dev: bool = True) -> argparse.ArgumentParser:
         "explain a disparity of a running instance, or list the intersections nobody configured",
         "Reads /explain (or /search with --search) of `stream-fair run`: the change of the widest\n"
         "group-to-rest gap between two periods split into traffic mix, base rate and error rates\n"
-        "(with intervals), and the cells that drive the gap, ranked (docs/detection.md).\n"
+        "(with intervals), and the cells that drive the gap, ranked (docs/explain.md).\n"
         f"With basic auth: --user USER and the password in ${PASSWORD_ENV}.",
     )
     why.add_argument("--url", default="http://localhost:9800", help="the instance's exporter address")
@@ -667,7 +696,7 @@ def _report_from_sources(args: argparse.Namespace, period: Any) -> dict[str, Any
             )
         cfg = config_mod.load(args.config)
         if not cfg.fairness.features:
-            raise StreamFairError(ERR_NO_FEATURES)
+            raise no_features_error(args.config)
         sources += [inputs_from_state(cfg, d) for d in dirs or [None]]
     return assemble(merge(sources), period)
 

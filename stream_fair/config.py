@@ -326,7 +326,8 @@ class FairnessConfig(_Section):
     def _intersections_known(self) -> FairnessConfig:
         names = [f.name for f in self.features]
         if len(set(names)) != len(names):
-            raise ValueError("fairness.features lists a feature twice")
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"fairness.features lists {', '.join(map(repr, twice))} twice: list each feature once")
         audit = [f.name for f in self.audit_only]
         if len(set(audit)) != len(audit) or set(audit) & set(names):
             raise ValueError(
@@ -528,7 +529,10 @@ def feedback_settings(options: Mapping[str, Any]) -> Any:
         if key not in known:
             raise ValueError(f"unknown key {key!r}: choose one of {', '.join(sorted(known))}")
         if key in ("period", "cohort_period", "alarm_slot", "alarm_horizon"):
-            value = parse_duration(value)
+            try:
+                value = parse_duration(value)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
         elif key == "detector_params" and isinstance(value, dict):
             value = tuple(sorted(value.items()))
         elif isinstance(value, list):

@@ -545,6 +545,14 @@ def explain(
         )
     before = _merge(buckets, lambda b: b < split, model)
     after = _merge(buckets, lambda b: b >= split, model)
+    if rate is not None and rate not in DISPARITY_RATES[disparity]:
+        raise ValueError(
+            f"rate {rate!r} is not a rate of {disparity}: choose one of {', '.join(DISPARITY_RATES[disparity])}"
+        )
+    if group is not None:
+        known = sorted({key.group(cell) for cell in (*before, *after)})
+        if group not in known:
+            raise ValueError(f"group {group!r} of {key.name} has no labelled pairs: choose one of {known}")
     rates = [rate] if rate is not None else list(DISPARITY_RATES[disparity])
     if group is None:
         worst = [(r, _worst_group(after, key, r, min_samples)) for r in rates]

@@ -75,13 +75,17 @@ class WebConfig:
     users: dict[str, bytes] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
     _granted: OrderedDict[tuple[str, bytes], None] = field(default_factory=OrderedDict)
+    _denied: OrderedDict[tuple[str, bytes], None] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _checking: threading.Lock = field(default_factory=threading.Lock)
 
     def authorized(self, header: str | None) -> bool:
         """Whether an ``Authorization`` header names a user with the right password.
 
-        bcrypt is slow on purpose (tens of ms); granted pairs are remembered, keyed by a SHA-256
-        of the password, so each scrape does not pay it again.
+        bcrypt is slow on purpose (tens of ms); granted and denied pairs are remembered, keyed by
+        a SHA-256 of the password, so each scrape does not pay it again. At most one bcrypt check
+        runs at a time: a request arriving while one runs is refused at once (401), so clients
+        guessing passwords cost at most one core, never the consumer's, and hold no worker waiting.
         """
         if not self.users:
             return True
@@ -98,17 +102,23 @@ class WebConfig:
         with self._lock:
             if key in self._granted:
                 return True
+            if key in self._denied:
+                return False
         import bcrypt
 
+        if not self._checking.acquire(blocking=False):
+            return False  # another password is being checked: one bcrypt at a time
         try:
             ok = bcrypt.checkpw(password.encode(), hashed)
         except ValueError:
-            return False
-        if ok:
-            with self._lock:
-                self._granted[key] = None
-                while len(self._granted) > 64:
-                    self._granted.popitem(last=False)
+            ok = False
+        finally:
+            self._checking.release()
+        with self._lock:
+            remembered, most = (self._granted, 64) if ok else (self._denied, 1024)
+            remembered[key] = None
+            while len(remembered) > most:
+                remembered.popitem(last=False)
         return bool(ok)
 
 

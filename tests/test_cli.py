@@ -87,6 +87,7 @@ def test_check_config_masks_secrets(tmp_path: Path) -> None:
                 "sasl_mechanism": "SCRAM-SHA-512",
                 "sasl_username": "svc-fair",
             },
+            "fairness": {"features": ["sex"]},
         },
     )
     env = cli_env(STREAM_FAIR_KAFKA__SASL_PASSWORD=SECRET, STREAM_FAIR_KAFKA__SSL_PASSWORD=SECRET)
@@ -106,14 +107,15 @@ def test_check_config_masks_secrets(tmp_path: Path) -> None:
 def test_check_config_says_what_a_scoreless_schema_leaves_off(tmp_path: Path) -> None:
     """Models without a score are valid, so this is a note on stderr, not an error: the
     estimate, calibration and what-if series would otherwise just be absent."""
-    path = write_config(tmp_path / "scoreless.yaml", {"schema": {"prediction": {"score": None}}})
+    features = {"fairness": {"features": ["sex"]}}
+    path = write_config(tmp_path / "scoreless.yaml", {"schema": {"prediction": {"score": None}}, **features})
     result = run_cli("check-config", "--config", str(path))
     assert result.returncode == 0, result.stderr
     line = _one_line(result.stderr)
     assert line.startswith("stream-fair: note: schema.prediction.score is null"), line
     assert "label-free estimates" in line and "what-ifs" in line, line
     assert yaml.safe_load(result.stdout)["schema"]["prediction"]["score"] is None
-    scored = run_cli("check-config", "--config", str(write_config(tmp_path / "scored.yaml", {})))
+    scored = run_cli("check-config", "--config", str(write_config(tmp_path / "scored.yaml", features)))
     assert scored.returncode == 0 and scored.stderr == "", scored.stderr
 
 
@@ -339,3 +341,37 @@ def test_client_log_lines_are_passed_once_per_kind_then_counted() -> None:
     assert repeats.filter(later)
     assert later.getMessage().endswith("(after 5ms) (999 more like it held back)")
     assert not repeats.filter(line("stream_fair.librdkafka", refused, "c-1", 9092, 6))
+
+
+@pytest.mark.parametrize(
+    ("name", "cfg", "words"),
+    [
+        ("no_features", {}, ["configures no fairness.features", "add the sensitive attributes"]),
+        (
+            "missing_ca",
+            {"kafka": {"security_protocol": "SSL", "ssl_cafile": "/nonexistent/ca.pem"}},
+            ["kafka.ssl_cafile", "cannot read '/nonexistent/ca.pem'", "mount the PEM file"],
+        ),
+        (
+            "missing_web_config",
+            {"exporter": {"web_config_file": "/nonexistent/web.yml"}},
+            ["exporter.web_config_file", "/nonexistent/web.yml"],
+        ),
+    ],
+)
+def test_check_config_refuses_what_run_refuses(
+    tmp_path: Path, name: str, cfg: dict[str, Any], words: list[str]
+) -> None:
+    """Review finding: these passed ``check-config`` (exit 0) and then stopped ``run``; a missing CA
+    file even surfaced as "the broker did not answer" after the broker wait. Both now give the same
+    one line, and ``run`` gives it before it waits for any broker."""
+    features = {} if name == "no_features" else {"fairness": {"features": ["sex"]}}
+    path = write_config(tmp_path / f"{name}.yaml", {**features, **cfg})
+    for command in ("check-config", "run"):
+        result = run_cli(command, "--config", str(path), timeout=60)
+        assert result.returncode == 2, (command, result)
+        line = _one_line(result.stderr)
+        for word in words:
+            assert word in line, (command, word, line)
+        if name == "no_features":
+            assert str(path) in line and "--config FILE" not in line, line

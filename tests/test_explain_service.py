@@ -123,6 +123,10 @@ def test_explain_errors_are_http_statuses(served: tuple[str, pd.DataFrame]) -> N
         ("model=nope&feature=race&disparity=equal_opportunity_difference", 404),
         ("model=credit-v3&feature=race&disparity=nope", 400),
         ("model=credit-v3&feature=race&disparity=equal_opportunity_difference&rate=nope", 400),
+        # a group without pairs, a rate of another disparity: were 200s with every value null, or an
+        # FPR decomposition labelled equal opportunity
+        ("model=credit-v3&feature=race&disparity=equal_opportunity_difference&group=nogroup", 400),
+        ("model=credit-v3&feature=race&disparity=equal_opportunity_difference&rate=false_positive_rate", 400),
     ):
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(f"{base}/explain?{query}", timeout=30)

@@ -119,6 +119,9 @@ def test_probe_on_real_topics(kafka_bootstrap: str, kafka_transport: str, tmp_pa
     assert "feature 'sex': path attributes.sex is in 0 of" in result.stdout
     assert "the records have attributes.group" in result.stdout
 
-    missing = write_config(tmp_path / "missing.yaml", {**base, "topics": {"predictions": f"nope-{tag}"}})
+    missing = write_config(
+        tmp_path / "missing.yaml",
+        {**base, "topics": {"predictions": f"nope-{tag}"}, "fairness": {"features": ["group"]}},
+    )
     result = run_cli("check-config", "--config", str(missing), "--probe", env=cli_env())
     assert result.returncode == 2 and result.stderr.strip().endswith("create it or fix topics.*")

@@ -147,3 +147,54 @@ def test_a_bad_web_config_is_one_line_naming_the_key(
 def test_a_missing_web_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="exporter.web_config_file: cannot read"):
         load_web_config(tmp_path / "absent.yml")
+
+
+def test_password_guesses_cost_one_bcrypt_at_a_time_and_repeats_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding: every wrong password paid a full bcrypt check, uncached and unthrottled; 32
+    guessing clients kept 4 checks running on the 2 cores and slowed the consumer to a quarter.
+    Now one check runs at a time (a request arriving meanwhile is refused at once) and a denied
+    password is remembered like a granted one."""
+    import threading
+
+    from stream_fair.web import parse_web_config
+
+    hashed = bcrypt.hashpw(b"right", bcrypt.gensalt(4)).decode()
+    cfg = parse_web_config({"basic_auth_users": {"prometheus": hashed}}, ".")
+    running, most, calls = [0], [0], [0]
+    lock = threading.Lock()
+    real = bcrypt.checkpw
+
+    def counted(password: bytes, hashed: bytes) -> bool:
+        with lock:
+            running[0] += 1
+            calls[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)  # a real cost-10 check takes about this long
+        try:
+            return bool(real(password, hashed))
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(bcrypt, "checkpw", counted)
+
+    def header(password: str) -> str:
+        return "Basic " + base64.b64encode(f"prometheus:{password}".encode()).decode()
+
+    results: list[bool] = []
+    threads = [
+        threading.Thread(target=lambda i=i: results.append(cfg.authorized(header(f"guess-{i % 4}"))))
+        for i in range(32)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not any(results) and len(results) == 32
+    assert most[0] == 1, most[0]  # never two checks at once
+    for _ in range(2):  # sequentially now: each distinct wrong password is checked once, ever
+        for i in range(4):
+            assert not cfg.authorized(header(f"guess-{i}"))
+    assert calls[0] <= 4, calls[0]
+    assert cfg.authorized(header("right")) and cfg.authorized(header("right"))
+    assert calls[0] <= 5, calls[0]
