@@ -1241,9 +1241,19 @@ def alarm_explanation(doc: dict[str, Any]) -> dict[str, Any]:
     drivers = doc["drivers"]["ranked"][:3]
     top = "; ".join(f"{d['by']}={d['value']} {d['contribution']:+.3f} (n={d['trials']})" for d in drivers)
     gap = doc["decomposition"]["gap"]
+
+    def signed(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:+.3f}"
+
+    split = doc["periods"]["split_source"]
+    if gap["before"] is None or not parts:  # nothing on one side of the split to compare with
+        empty = "before" if not doc["periods"]["before"]["pairs"] else "after"
+        change = f"no change measured (no labelled pairs {empty} the {split} split in the windows yet)"
+    else:
+        change = f"{signed(gap['before'])} -> {signed(gap['after'])} ({split} split): {parts}"
     summary = (
-        f"{doc['group']} {doc['rate']} gap to the rest {gap['before']} -> {gap['after']} "
-        f"({doc['periods']['split_source']} split): {parts}; top drivers: {top or 'none'}"
+        f"{doc['group']} {doc['rate']} gap to the rest {signed(gap['after'])} now; {change}; "
+        f"top drivers: {top or 'none'}"
     )
     url = "/explain?" + urllib.parse.urlencode(
         {"model": doc["model"], "feature": doc["feature"], "disparity": doc["disparity"]}

@@ -244,3 +244,34 @@ def test_explain_document_from_buckets_uses_the_split_and_finds_the_cause() -> N
         explain(
             buckets_from(periods), model="m", key=key, disparity="nope", attributes=attrs, resolution=300.0
         )
+
+
+def test_an_alarm_in_the_only_bucket_held_is_summarised_without_a_change() -> None:
+    """Review finding (the demo's first alarm): with one window_resolution bucket held, the alarm's
+    split leaves the before period empty and the midpoint cannot split one bucket; the summary
+    logged and shown with the alarm read "gap to the rest None -> -0.125 (alarm split): ;". It now
+    says the gap and that there is nothing before the split to compare with."""
+    from stream_fair.app import alarm_explanation
+
+    rate, pop_a, _, _ = SCENARIOS["error_rates"]
+    one = buckets_from([generate(pop_a, 5_000, np.random.default_rng(7))])
+    key = FeatureKey("sex", (0,))
+    attrs = [(n, i) for i, n in enumerate(ORDER)]
+    doc = explain(
+        one, model="m", key=key, disparity="equal_opportunity_difference",
+        attributes=attrs, resolution=300.0, split_ts=100.0, split_source="alarm",
+    )  # fmt: skip
+    assert doc["periods"]["before"]["pairs"] == 0 and doc["decomposition"]["gap"]["before"] is None
+    summary = alarm_explanation(doc)["summary"]
+    assert "None" not in summary and "): ;" not in summary, summary
+    after = doc["decomposition"]["gap"]["after"]
+    assert f"gap to the rest {after:+.3f} now" in summary
+    assert "no labelled pairs before the alarm split" in summary, summary
+    # with both periods, the change and its components as before
+    two = buckets_from([generate(pop_a, 5_000, np.random.default_rng(s)) for s in (7, 8)])
+    both = explain(
+        two, model="m", key=key, disparity="equal_opportunity_difference",
+        attributes=attrs, resolution=300.0, split_ts=300.0, split_source="alarm",
+    )  # fmt: skip
+    full = alarm_explanation(both)["summary"]
+    assert "(alarm split): traffic_mix" in full and " -> " in full, full

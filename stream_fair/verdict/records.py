@@ -6,8 +6,8 @@
 ...                 "rest_trials": 8550})
 >>> AlarmEvent.from_json(e.to_json()) == e
 True
->>> e.message()[:90]
-'alarm_raised m group equal_opportunity_difference: E true_positive_rate 0.690 below the re'
+>>> print(e.message())
+alarm_raised m group equal_opportunity_difference: E true_positive_rate below the rest's within its strata (pooled over the segment: 0.690 against 0.800; 14.2 >= 12.8 nats, change point 3600)
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ class AlarmEvent:
     ``change_point_ts`` the start of the cohort where its evidence segment begins (for a clear:
     where the recovery was found to begin), ``group_value`` / ``rest_value`` the rate of the group
     and of the rest of the feature over that segment, and ``evidence`` the counts behind them.
+    ``direction`` is the detector's, which compares within strata (cohorts, and score bins with
+    ``use_scores``), so it can disagree with the pooled values (Simpson's paradox: a group whose
+    scores are lower can have a lower pooled rate and a higher one at every score).
     """
 
     seq: int
@@ -62,8 +65,9 @@ class AlarmEvent:
         cp = "unknown" if self.change_point_ts is None else f"{self.change_point_ts:.0f}"
         return (
             f"{self.kind} {self.model} {self.feature} {self.disparity}: {self.group} {self.rate} "
-            f"{fmt(self.group_value)} {self.direction} the rest {fmt(self.rest_value)} "
-            f"({self.statistic:.1f} >= {self.threshold:.1f} nats, change point {cp})"
+            f"{self.direction} the rest's within its strata (pooled over the segment: "
+            f"{fmt(self.group_value)} against {fmt(self.rest_value)}; "
+            f"{self.statistic:.1f} >= {self.threshold:.1f} nats, change point {cp})"
         )
 
 
