@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from stream_fair import __version__
-from stream_fair.errors import StreamFairError
+from stream_fair.errors import StreamFairError, WhatIfError
 
 log = logging.getLogger("stream_fair")
 
@@ -135,8 +135,11 @@ class ClientRepeats(logging.Filter):
         return True
 
 
-def exporter_error(host: str, port: int, exc: OSError) -> StreamFairError:
-    """One line for an exporter address that cannot be bound."""
+PORT_FIX = "set exporter.port (STREAM_FAIR_EXPORTER__PORT; 0 picks a free port)"
+
+
+def exporter_error(host: str, port: int, exc: OSError, fix: str = PORT_FIX) -> StreamFairError:
+    """One line for an exporter address that cannot be bound (``fix``: how to choose another port)."""
     if isinstance(exc, socket.gaierror):
         return StreamFairError(
             f"exporter error: exporter.host {host!r} does not resolve: use an address of this "
@@ -145,7 +148,7 @@ def exporter_error(host: str, port: int, exc: OSError) -> StreamFairError:
     if exc.errno == errno.EADDRINUSE:
         return StreamFairError(
             f"exporter error: port {port} on {host} is already in use (another stream-fair or its "
-            "demo?): stop it, or set exporter.port (STREAM_FAIR_EXPORTER__PORT; 0 picks a free port)"
+            f"demo?): stop it, or {fix}"
         )
     return StreamFairError(
         f"exporter error: cannot listen on {host}:{port} ({exc.strerror or exc}): "
@@ -153,12 +156,12 @@ def exporter_error(host: str, port: int, exc: OSError) -> StreamFairError:
     )
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, fix: str = PORT_FIX) -> None:
     """Raise the one-line error now if the exporter could not bind ``host:port`` (0: any port)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise exporter_error(host, port, exc) from None
+        raise exporter_error(host, port, exc, fix) from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as sock:
         # the same option http.server sets, so a port in TIME_WAIT is not reported as busy
@@ -166,7 +169,7 @@ def check_port_free(host: str, port: int) -> None:
         try:
             sock.bind(address)
         except OSError as exc:
-            raise exporter_error(host, port, exc) from None
+            raise exporter_error(host, port, exc, fix) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -352,6 +355,20 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
+_QUERY_PARAM = re.compile(r"(?<![\w-])(model|feature|criterion|threshold|tolerance|mode|current)=")
+
+
+def as_flags(message: str) -> str:
+    """A /whatif error in the CLI's words: query parameters become flags.
+
+    >>> as_flags("missing parameter criterion: pass model=...&feature=...&criterion=...")
+    'missing parameter criterion: pass --model ... --feature ... --criterion ...'
+    >>> as_flags("threshold='f': write GROUP:T, e.g. threshold=female:0.45")
+    "--threshold 'f': write GROUP:T, e.g. --threshold female:0.45"
+    """
+    return re.sub(r"&(?=--)", " ", _QUERY_PARAM.sub(r"--\1 ", message))
+
+
 def cmd_whatif(args: argparse.Namespace) -> int:
     from stream_fair.whatif_client import PASSWORD_ENV, fetch, format_document
 
@@ -360,7 +377,10 @@ def cmd_whatif(args: argparse.Namespace) -> int:
     if args.tolerance is not None:
         params.append(("tolerance", str(args.tolerance)))
     params += [("threshold", t) for t in args.threshold] + [("current", c) for c in args.current]
-    doc = fetch(args.url, params, user=args.user, password=os.environ.get(PASSWORD_ENV), cafile=args.cacert)
+    try:
+        doc = fetch(args.url, params, user=args.user, password=os.environ.get(PASSWORD_ENV), cafile=args.cacert)
+    except WhatIfError as exc:  # the server speaks in query parameters; the user typed flags
+        raise WhatIfError(as_flags(str(exc))) from None
     if args.json:
         import json
 

@@ -249,6 +249,7 @@ def test_the_default_port_falls_back_to_a_free_one(monkeypatch: pytest.MonkeyPat
     assert result.returncode == 2, result
     assert result.stdout == "" and len(result.stderr.splitlines()) == 1
     assert f"port {busy} on 127.0.0.1 is already in use" in result.stderr
+    assert "pass another --port" in result.stderr and "exporter.port" not in result.stderr  # the demo's flag
 
 
 # -- SIGHUP, wall-clock event time, no files left ---------------------------------------------

@@ -221,13 +221,16 @@ class Console:
         self.write("\x1b[H\x1b[2J" + "\n".join(screen))
 
 
+DEMO_PORT_FIX = "pass another --port (0 picks a free one)"
+
+
 def _pick_port(port: int | None, say: Callable[[str], None]) -> int:
     """``port`` as asked; by default 9800, or a free port when 9800 is taken (and say so)."""
     from stream_fair.cli import check_port_free
     from stream_fair.dev.observability import free_port
 
     if port is not None:
-        check_port_free("127.0.0.1", port)  # an explicit port that is busy is a one-line error
+        check_port_free("127.0.0.1", port, DEMO_PORT_FIX)  # an explicit port that is busy: one line
         return port
     chosen = free_port(DEFAULT_PORT)
     if chosen != DEFAULT_PORT:
@@ -261,7 +264,7 @@ def run_demo(
         try:
             detector = Detector(demo_config(bootstrap, Path(tmp), exporter_port))
         except OSError as exc:  # the port was taken since it was picked
-            raise exporter_error("127.0.0.1", exporter_port, exc) from None
+            raise exporter_error("127.0.0.1", exporter_port, exc, DEMO_PORT_FIX) from None
 
         def consume() -> None:
             try:
