@@ -7,7 +7,7 @@
 >>> AlarmEvent.from_json(e.to_json()) == e
 True
 >>> print(e.message())
-alarm_raised m group equal_opportunity_difference: E true_positive_rate below the rest's within its strata (pooled over the segment: 0.690 against 0.800; 14.2 >= 12.8 nats, change point 3600)
+alarm_raised m group equal_opportunity_difference: E true_positive_rate detector below the rest (pooled over the segment: 0.690 against 0.800; 14.2 >= 12.8 nats, change point 3600)
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ class AlarmEvent:
     ``change_point_ts`` the start of the cohort where its evidence segment begins (for a clear:
     where the recovery was found to begin), ``group_value`` / ``rest_value`` the rate of the group
     and of the rest of the feature over that segment, and ``evidence`` the counts behind them.
-    ``direction`` is the detector's, which compares within strata (cohorts, and score bins with
-    ``use_scores``), so it can disagree with the pooled values (Simpson's paradox: a group whose
-    scores are lower can have a lower pooled rate and a higher one at every score).
+    ``direction`` is the detector's side, which can disagree with the pooled values: it compares
+    within prediction-time cohorts, and with ``use_scores`` it compares the whole score
+    distribution of the group's positives (negatives) against the rest's, so a group whose scores
+    are spread wider can raise "above" at a lower TPR (docs/feedback.md, "Scores").
     """
 
     seq: int
@@ -65,7 +66,7 @@ class AlarmEvent:
         cp = "unknown" if self.change_point_ts is None else f"{self.change_point_ts:.0f}"
         return (
             f"{self.kind} {self.model} {self.feature} {self.disparity}: {self.group} {self.rate} "
-            f"{self.direction} the rest's within its strata (pooled over the segment: "
+            f"detector {self.direction} the rest (pooled over the segment: "
             f"{fmt(self.group_value)} against {fmt(self.rest_value)}; "
             f"{self.statistic:.1f} >= {self.threshold:.1f} nats, change point {cp})"
         )
