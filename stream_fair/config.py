@@ -741,6 +741,12 @@ def _one_line(err: ValidationError) -> str:
         )
     if kind == "missing":
         return f"config error: {loc} is required: set it in the YAML file or {env_name(loc)}"
+    if kind in ("model_type", "dict_type"):  # a section given as a scalar, a list or nothing
+        got = "nothing" if first.get("input") is None else type(first["input"]).__name__
+        return (
+            f"config error: {loc or 'the top level'} must be a mapping of keys, got {got}: indent its "
+            "keys under it, or remove the section for its defaults (see docs/configuration.md)"
+        )
     msg = msg.removeprefix("Value error, ")
     where = f"{loc}: " if loc else ""
     return f"config error: {where}{msg} (see docs/configuration.md)"
@@ -767,6 +773,8 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config error: --config {p} is a directory: pass the path to a YAML file")
         if not p.is_file():
             raise ConfigError(f"config error: --config {p}: no such file: pass the path to a YAML file")
         try:

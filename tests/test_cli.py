@@ -41,6 +41,9 @@ BAD_CONFIGS = [
         ["fairness.intersections", "'race'", "add it there first"],
     ),
     ("top_level_not_a_mapping", "- kafka\n", ["top level must be a mapping"]),
+    # was "Input should be a valid dictionary or instance of TopicsConfig": a class name, no fix
+    ("empty_section", "topics:\n", ["topics must be a mapping of keys, got nothing", "remove the section"]),
+    ("section_as_list", "kafka: [localhost]\n", ["kafka must be a mapping of keys, got list"]),
 ]
 
 
@@ -69,6 +72,13 @@ def test_missing_config_file(tmp_path: Path) -> None:
     assert result.returncode == 2
     line = _one_line(result.stderr)
     assert str(missing) in line and "no such file" in line and "pass the path" in line
+
+
+def test_a_directory_as_config_is_one_line(tmp_path: Path) -> None:
+    result = run_cli("run", "--config", str(tmp_path))
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert f"--config {tmp_path} is a directory" in line and "no such file" not in line
 
 
 def test_check_config_refuses_a_bad_environment_override() -> None:
