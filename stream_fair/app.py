@@ -445,6 +445,7 @@ class Detector:
             raise KeyError(f"unknown feature {feature!r}; configured: {sorted(keys)}")
         report, _ = self.current()
         source = split_source
+        named = frozenset(n for n, v in (("group", group), ("rate", rate)) if v is not None)
         fb = report.snapshot.feedback
         alarm = None
         if fb is not None and (model, feature) in fb.features:
@@ -471,6 +472,7 @@ class Detector:
             rate=rate,
             min_samples=fc.min_samples,
             level=fc.credible_level,
+            named=named if split_source == "request" else frozenset(),  # an alarm's: as they are
         )
         # say which pairs it covers: the buckets hold this replica's partitions only
         owned = sorted(report.snapshot.partitions)
@@ -1246,9 +1248,9 @@ def alarm_explanation(doc: dict[str, Any]) -> dict[str, Any]:
         return "n/a" if v is None else f"{v:+.3f}"
 
     split = doc["periods"]["split_source"]
-    if gap["before"] is None or not parts:  # nothing on one side of the split to compare with
-        empty = "before" if not doc["periods"]["before"]["pairs"] else "after"
-        change = f"no change measured (no labelled pairs {empty} the {split} split in the windows yet)"
+    if gap["before"] is None or gap["after"] is None:  # one side of the split has nothing to compare
+        empty = "before" if gap["before"] is None else "after"
+        change = f"no change measured (too few labelled pairs {empty} the {split} split in the windows)"
     else:
         change = f"{signed(gap['before'])} -> {signed(gap['after'])} ({split} split): {parts}"
     summary = (

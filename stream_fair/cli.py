@@ -59,6 +59,8 @@ def check_startup(cfg: Any, config_file: str | None) -> None:
     transport.require(cfg.kafka)
     for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
         path = getattr(cfg.kafka, key)
+        if not cfg.kafka.security_protocol.endswith("SSL"):
+            break  # the transports read them only for SSL and SASL_SSL: a leftover is harmless
         if path is not None and not os.access(path, os.R_OK):
             raise ConfigError(
                 f"config error: kafka.{key}: cannot read {path!r}: mount the PEM file there or fix the path"

@@ -224,6 +224,39 @@ def _binary(value: Any, mapping: Mapping[str, int], what: str, key: str, missing
         raise _Reject(invalid, f"{what} {shown} is not 0/1 (add it to schema.{key})") from None
 
 
+class _Values(dict):  # type: ignore[type-arg]
+    """Checked attribute values by raw value: strings as keys, integers and booleans kept apart.
+
+    ``True == 1 == 1.0`` as dict keys, so a cache keyed by the raw value alone would count a later
+    ``true`` in group ``1`` (or ``1`` in group ``true``) and accept a float ``1.0``. Only strings
+    are stored as keys; an integer or a boolean misses and is answered by :meth:`__missing__` from
+    a cache keyed by its exact type (still no exception, so it stays on the decoder's fast path);
+    anything else misses with KeyError (the full path rejects it).
+
+    >>> v = _Values(); v["F"] = "F"
+    >>> v[1], v[True], v["F"]
+    ('1', 'true', 'F')
+    >>> v[1.0]
+    Traceback (most recent call last):
+    KeyError: 1.0
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.typed: dict[tuple[type, int], str] = {}
+
+    def __missing__(self, raw: Any) -> str:
+        cls = raw.__class__
+        if cls is not int and cls is not bool:
+            raise KeyError(raw)
+        value = self.typed.get((cls, raw))
+        if value is None:
+            value = Decoder._check(raw)  # true, false, 42
+            if len(self.typed) < 10_000:
+                self.typed[(cls, raw)] = value
+        return value
+
+
 class Decoder:
     """Decodes prediction and outcome records for one configuration."""
 
@@ -237,7 +270,7 @@ class Decoder:
         self._p_fast = None if p.prediction is None else _required([p.id, p.timestamp, p.model, p.prediction])
         self._o_fast = _required([o.id, o.timestamp, o.label])
         self._features = _feature_reader([f.path or f.name for f in config.fairness.carried])
-        self._values: dict[Any, str] = {}  # validated attribute values (few distinct ones)
+        self._values = _Values()  # validated attribute values (few distinct ones)
         self._models: set[str] = set()  # validated model names
         self.unforeseen = 0  # records rejected as UNFORESEEN (their ERROR lines are limited)
         self._pred_values = dict(schema.prediction_values)

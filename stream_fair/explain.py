@@ -517,8 +517,13 @@ def explain(
     min_samples: int = 100,
     level: float = 0.95,
     draws: int = 400,
+    named: frozenset[str] = frozenset({"group", "rate"}),
 ) -> dict[str, Any]:
     """The ``/explain`` document for one (model, feature, disparity) from event-time buckets.
+
+    ``named`` says which of ``group`` and ``rate`` a person asked for: those are checked (a group
+    without labelled pairs, or a rate of another disparity, is a ValueError: HTTP 400); the
+    others came from an alarm and are explained as they are.
 
     ``buckets`` are period index -> count rows (:class:`stream_fair.aggregate.ModelCounts`'s
     buckets, ``resolution`` seconds each). The periods are *before* and *after* ``split_ts``
@@ -545,11 +550,11 @@ def explain(
         )
     before = _merge(buckets, lambda b: b < split, model)
     after = _merge(buckets, lambda b: b >= split, model)
-    if rate is not None and rate not in DISPARITY_RATES[disparity]:
+    if "rate" in named and rate is not None and rate not in DISPARITY_RATES[disparity]:
         raise ValueError(
             f"rate {rate!r} is not a rate of {disparity}: choose one of {', '.join(DISPARITY_RATES[disparity])}"
         )
-    if group is not None:
+    if "group" in named and group is not None:
         known = sorted({key.group(cell) for cell in (*before, *after)})
         if group not in known:
             raise ValueError(f"group {group!r} of {key.name} has no labelled pairs: choose one of {known}")

@@ -580,9 +580,10 @@ class ExporterServer:
     """The HTTP endpoints /metrics, /, /healthz, /readyz on a bounded server.
 
     A fixed pool of ``workers`` threads serves requests, each socket operation bounded by
-    ``read_timeout``, and two more serve /healthz, /readyz and /metrics alone; a connection waits
-    without a thread until its request head has arrived and is closed if that takes more than
-    ``read_timeout`` (at most ``max_connections`` of them wait; :class:`~.web.BoundedHTTPServer`). ``web`` adds TLS and basic auth (exporter-toolkit
+    ``read_timeout``; two more serve /metrics alone and one the probes /healthz and /readyz. A
+    connection waits without a thread until its request head has arrived and is closed if that
+    takes more than ``read_timeout``; past ``max_connections`` held ones the oldest is closed
+    (:class:`~.web.BoundedHTTPServer`). ``web`` adds TLS and basic auth (exporter-toolkit
     format, :mod:`stream_fair.web`); the probes /healthz and /readyz need no credentials.
     """
 

@@ -405,7 +405,11 @@ def _select(inputs: ReportInputs, period: Period) -> tuple[dict[Key, list[int]],
     end_b = math.ceil(period.end / res) if period.end is not None else (None if last is None else last + 1)
     # "the last 1d" with a 1d window starts inside the bucket just before the oldest one kept (the
     # windows hold the current, partly filled bucket): begin at the oldest, less than a bucket later
-    clipped = oldest is not None and first_b == oldest - 1
+    clipped = (
+        oldest is not None
+        and first_b == oldest - 1
+        and (period.end is None or period.end > oldest * res)  # a period inside that bucket: refused
+    )
     if clipped:
         first_b = oldest
     if period.start is not None and oldest is not None and first_b is not None and first_b < oldest:
@@ -642,6 +646,7 @@ def _root_causes(
                 split_source="alarm" if last is not None else "request",
                 group=None if last is None else last["group"],
                 rate=None if last is None else last["rate"],
+                named=frozenset(),  # the last alarm's group and rate, not a person's
                 min_samples=fc.min_samples,
                 level=fc.credible_level,
             )

@@ -4,12 +4,13 @@
 request head: an accepted connection waits in one selector thread until the head (request line and
 headers) has arrived, and is closed if it has not within ``read_timeout`` of its accept, so a
 client that trickles a byte at a time never holds a worker. Then a fixed pool serves it with
-``read_timeout`` on every socket operation: ``/healthz``, ``/readyz`` and ``/metrics`` on
-``fast_workers`` threads of their own, everything else on ``workers`` threads, so the probes and
-scrapes never wait behind slow requests (a report, an explanation, a what-if). A thousand idle
-connections cost a thousand file descriptors, not a thousand threads; past ``max_connections``
-waiting ones the oldest is closed. With TLS the head can only be read after the handshake, in a
-worker: there every connection is served by the ``workers`` pool, in arrival order.
+``read_timeout`` on every socket operation: ``/healthz`` and ``/readyz`` on a thread of their own,
+``/metrics`` on ``scrape_workers`` threads, everything else on ``workers`` threads, so the probes
+and scrapes never wait behind slow requests (a report, an explanation, a what-if), and a probe
+never waits behind a scrape. A thousand idle connections cost a thousand file descriptors, not a
+thousand threads; past ``max_connections`` held ones the oldest is closed, whether it is idle or
+still sending. With TLS the head can only be read after the handshake, in a worker: there every
+connection is served by the ``workers`` pool, in arrival order.
 
 :func:`load_web_config` reads the web configuration file of the Prometheus exporter-toolkit
 (``--web.config.file`` of node_exporter and friends): ``tls_server_config`` (certificate, key,
@@ -23,14 +24,17 @@ hand: no maintained Python package reads that format.
 
 from __future__ import annotations
 
+import array
 import base64
 import contextlib
+import fcntl
 import hashlib
 import logging
 import queue
 import selectors
 import socket
 import ssl
+import termios
 import threading
 import time
 from collections import OrderedDict
@@ -61,6 +65,7 @@ _VERSIONS = {
     "TLS13": ssl.TLSVersion.TLSv1_3,
 }
 UNPROTECTED = frozenset({"/healthz", "/readyz"})  # kubelet probes carry no credentials
+AUTH_WAIT = 2.0  # seconds a request waits for its turn at the one bcrypt check
 
 
 def _error(problem: str, fix: str) -> ConfigError:
@@ -84,8 +89,9 @@ class WebConfig:
 
         bcrypt is slow on purpose (tens of ms); granted and denied pairs are remembered, keyed by
         a SHA-256 of the password, so each scrape does not pay it again. At most one bcrypt check
-        runs at a time: a request arriving while one runs is refused at once (401), so clients
-        guessing passwords cost at most one core, never the consumer's, and hold no worker waiting.
+        runs at a time, so clients guessing passwords cost at most one core, never both; a request
+        waits up to ``AUTH_WAIT`` seconds for its turn and is refused (401, not remembered) after
+        that. A right password needs to win one turn: it is remembered from then on.
         """
         if not self.users:
             return True
@@ -106,9 +112,12 @@ class WebConfig:
                 return False
         import bcrypt
 
-        if not self._checking.acquire(blocking=False):
-            return False  # another password is being checked: one bcrypt at a time
+        if not self._checking.acquire(timeout=AUTH_WAIT):
+            return False  # others' checks took the whole wait: refused, not remembered
         try:
+            with self._lock:  # decided while this request waited its turn
+                if key in self._granted or key in self._denied:
+                    return key in self._granted
             ok = bcrypt.checkpw(password.encode(), hashed)
         except ValueError:
             ok = False
@@ -209,8 +218,10 @@ def _tls_context(tls: Any, base: Path) -> ssl.SSLContext:
     return ctx
 
 
-FAST_PATHS = (b"/healthz", b"/readyz", b"/metrics")
-"""Served by their own workers: the probes and the scrape must never wait behind a slow request."""
+PROBE_PATHS = (b"/healthz", b"/readyz")
+"""Served by a worker of their own: a liveness probe must never wait, not even behind a scrape."""
+SCRAPE_PATHS = (b"/metrics",)
+"""Served by workers of their own, apart from the slow requests (reports, explanations, what-ifs)."""
 HEAD_LIMIT = 65536  # bytes of a request head looked at before a worker takes over (and answers 431)
 _PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 _REPEEK = 0.1  # seconds between looks at connections whose head is still arriving
@@ -230,6 +241,16 @@ def head_complete(head: bytes) -> bool:
     return b"\r\n\r\n" in head or b"\n\n" in head or len(head) >= HEAD_LIMIT
 
 
+def _pending_bytes(sock: Any) -> int | None:
+    """Bytes readable on ``sock`` without reading them (None where the platform cannot say)."""
+    try:
+        buf = array.array("i", [0])
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+        return int(buf[0])
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 class BoundedHTTPServer(HTTPServer):
     """An HTTP server with fixed worker pools and a waiting room for connections still sending."""
 
@@ -242,7 +263,7 @@ class BoundedHTTPServer(HTTPServer):
         handler: Any,
         *,
         workers: int = 4,
-        fast_workers: int = 2,
+        scrape_workers: int = 2,
         max_connections: int = 512,
         read_timeout: float = 10.0,
         tls: ssl.SSLContext | None = None,
@@ -252,22 +273,25 @@ class BoundedHTTPServer(HTTPServer):
         self.max_connections = max_connections
         self.tls = tls
         self._ready: queue.Queue[tuple[Any, Any] | None] = queue.Queue()
-        self._fast: queue.Queue[tuple[Any, Any] | None] = queue.Queue()
+        self._scrapes: queue.Queue[tuple[Any, Any] | None] = queue.Queue()
+        self._probes: queue.Queue[tuple[Any, Any] | None] = queue.Queue()
         self._arrivals: queue.Queue[tuple[Any, Any]] = queue.Queue()
-        self._waiting: OrderedDict[Any, tuple[Any, float]] = OrderedDict()  # socket -> (addr, deadline)
-        self._partial: dict[Any, tuple[Any, float]] = {}  # readable, head incomplete: looked at again
+        # every connection held here, in accept order: socket -> (addr, deadline); those whose head
+        # is still arriving are also in _partial (with the bytes last seen), the rest in the selector
+        self._held: OrderedDict[Any, tuple[Any, float]] = OrderedDict()
+        self._partial: dict[Any, int | None] = {}
         self._peeked = 0.0
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._closing = threading.Event()
-        self._threads = [threading.Thread(target=self._waiting_room, name="http-wait", daemon=True)]
-        self._lanes = [self._ready] * workers + [self._fast] * fast_workers
-        self._threads += [
+        self._room = threading.Thread(target=self._waiting_room, name="http-wait", daemon=True)
+        self._lanes = [self._ready] * workers + [self._scrapes] * scrape_workers + [self._probes]
+        self._threads = [
             threading.Thread(target=self._work, args=(lane,), name=f"http-{i}", daemon=True)
             for i, lane in enumerate(self._lanes)
         ]
-        for t in self._threads:
+        for t in (self._room, *self._threads):
             t.start()
 
     # -- accept: hand over to the waiting room, never to a new thread ----------------------
@@ -285,28 +309,31 @@ class BoundedHTTPServer(HTTPServer):
                         self._wake_r.recv(4096)
                     continue
                 self._selector.unregister(sock)
-                self._offer(sock, *self._waiting.pop(sock))
+                self._offer(sock)
             while not self._arrivals.empty():
                 sock, addr = self._arrivals.get_nowait()
-                self._waiting[sock] = (addr, time.monotonic() + self.read_timeout)
+                self._held[sock] = (addr, time.monotonic() + self.read_timeout)
                 self._selector.register(sock, selectors.EVENT_READ)
-                while len(self._waiting) + len(self._partial) > self.max_connections:  # the oldest goes
-                    self._drop(next(iter(self._waiting or self._partial)))
+                while len(self._held) > self.max_connections:  # the oldest goes, sending or idle
+                    self._drop(next(iter(self._held)))
             now = time.monotonic()
             if self._partial and now - self._peeked >= _REPEEK:
                 self._peeked = now
-                for sock, (addr, deadline) in list(self._partial.items()):
-                    del self._partial[sock]
-                    self._offer(sock, addr, deadline)
-            for sock in [s for s, (_, deadline) in self._waiting.items() if deadline <= now]:
-                self._drop(sock)
-            for sock in [s for s, (_, deadline) in self._partial.items() if deadline <= now]:
+                for sock, seen in list(self._partial.items()):
+                    now_pending = _pending_bytes(sock)
+                    if now_pending is None or now_pending != seen:  # grew (or closed, or unknown)
+                        self._offer(sock)
+            while self._held:  # deadlines grow in accept order: the expired ones are at the front
+                sock = next(iter(self._held))
+                if self._held[sock][1] > now:
+                    break
                 self._drop(sock)
 
-    def _offer(self, sock: Any, addr: Any, deadline: float) -> None:
+    def _offer(self, sock: Any) -> None:
         """Hand a readable connection to a worker once its request head is complete."""
+        addr = self._held[sock][0]
         if self.tls is not None:  # the head is encrypted: read after the handshake, in a worker
-            self._ready.put((sock, addr))
+            self._hand(sock, addr, self._ready)
             return
         try:
             head = sock.recv(HEAD_LIMIT, _PEEK)
@@ -315,15 +342,22 @@ class BoundedHTTPServer(HTTPServer):
         except OSError:
             self._drop(sock)
             return
-        if head == b"":  # closed by the client
+        if head == b"":  # closed by the client before sending anything
             self._drop(sock)
         elif head is None or not head_complete(head):
-            self._partial[sock] = (addr, deadline)
+            self._partial[sock] = _pending_bytes(sock)
         else:
-            (self._fast if request_path(head) in FAST_PATHS else self._ready).put((sock, addr))
+            path = request_path(head)
+            lane = self._probes if path in PROBE_PATHS else self._scrapes if path in SCRAPE_PATHS else self._ready
+            self._hand(sock, addr, lane)
+
+    def _hand(self, sock: Any, addr: Any, lane: queue.Queue[tuple[Any, Any] | None]) -> None:
+        self._held.pop(sock, None)
+        self._partial.pop(sock, None)
+        lane.put((sock, addr))
 
     def _drop(self, sock: Any) -> None:
-        self._waiting.pop(sock, None)
+        self._held.pop(sock, None)
         self._partial.pop(sock, None)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(sock)
@@ -348,10 +382,11 @@ class BoundedHTTPServer(HTTPServer):
 
     def server_close(self) -> None:
         self._closing.set()
-        for lane in self._lanes:
-            lane.put(None)
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
+        self._room.join(timeout=5.0)  # no hand-over after the lanes' stop marks
+        for lane in self._lanes:
+            lane.put(None)
         super().server_close()
-        for sock in [*self._waiting, *self._partial]:
+        for sock in list(self._held):
             self._drop(sock)

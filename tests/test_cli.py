@@ -385,3 +385,12 @@ def test_check_config_refuses_what_run_refuses(
             assert word in line, (command, word, line)
         if name == "no_features":
             assert str(path) in line and "--config FILE" not in line, line
+
+
+
+def test_a_leftover_ssl_file_is_harmless_without_ssl(tmp_path: Path) -> None:
+    """The transports read kafka.ssl_* only for SSL and SASL_SSL: a PLAINTEXT config keeping an old
+    ssl_cafile ran before, and must still pass (review finding on the startup check)."""
+    cfg = {"kafka": {"ssl_cafile": "/nonexistent/ca.pem"}, "fairness": {"features": ["sex"]}}
+    result = run_cli("check-config", "--config", str(write_config(tmp_path / "plain.yaml", cfg)))
+    assert result.returncode == 0, result.stderr

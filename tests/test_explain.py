@@ -266,7 +266,7 @@ def test_an_alarm_in_the_only_bucket_held_is_summarised_without_a_change() -> No
     assert "None" not in summary and "): ;" not in summary, summary
     after = doc["decomposition"]["gap"]["after"]
     assert f"gap to the rest {after:+.3f} now" in summary
-    assert "no labelled pairs before the alarm split" in summary, summary
+    assert "too few labelled pairs before the alarm split" in summary, summary
     # with both periods, the change and its components as before
     two = buckets_from([generate(pop_a, 5_000, np.random.default_rng(s)) for s in (7, 8)])
     both = explain(

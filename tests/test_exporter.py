@@ -329,3 +329,58 @@ def test_trickling_clients_and_slow_requests_never_starve_the_probes_or_the_scra
             with contextlib.suppress(OSError):
                 c.close()
         server.stop()
+
+
+def test_held_connections_beyond_the_limit_evict_the_oldest_and_probes_skip_slow_scrapes() -> None:
+    """Review findings on the waiting room: (1) with ``max_connections`` held by half-sent requests
+    the newest connection was the one closed, so every probe failed ("remote end closed") while the
+    half-sent ones stayed; the oldest held connection goes now, sending or idle. (2) /metrics and
+    the probes shared two threads, so two slow scrapes (a report being built) held the probe past
+    its timeout; the probes have a thread of their own."""
+    import socket
+    import threading
+
+    t = tracker()
+    health = Health(stale_after=60)
+    health.heartbeat = time.monotonic()
+    slow = threading.Event()
+
+    def report() -> Any:
+        if slow.is_set():
+            time.sleep(4.0)  # a scrape waiting for the report worker
+        return build_report(t.snapshot(), CFG), PipelineStats()
+
+    server = ExporterServer(
+        "127.0.0.1", 0, registry_for(report), health, max_connections=8, read_timeout=5.0
+    ).start()
+    base = f"http://127.0.0.1:{server.port}"
+    held: list[socket.socket] = []
+    try:
+        for _ in range(8):  # every slot held by a request that never completes its head
+            c = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            c.sendall(b"GET /report.json HTTP/1.1\r\n")
+            held.append(c)
+        time.sleep(0.3)
+        for _ in range(3):
+            code, took = _timed_get(base + "/healthz", 3)
+            assert code == 200 and took < 1.0, took
+        held[0].settimeout(5)
+        with contextlib.suppress(ConnectionResetError):
+            assert held[0].recv(1) == b""  # the oldest was closed to make room
+
+        slow.set()
+        scrapes = [
+            threading.Thread(target=_timed_get, args=(base + "/metrics", 30), daemon=True) for _ in range(3)
+        ]
+        for th in scrapes:
+            th.start()
+        time.sleep(0.5)  # both scrape threads are busy for seconds
+        code, took = _timed_get(base + "/healthz", 3)
+        assert code == 200 and took < 1.0, took
+        for th in scrapes:
+            th.join(30)
+    finally:
+        for c in held:
+            with contextlib.suppress(OSError):
+                c.close()
+        server.stop()

@@ -255,6 +255,10 @@ def test_the_last_window_is_a_period_the_report_can_cover(fed: Any) -> None:
     # a start a whole bucket earlier is still refused
     with pytest.raises(ReportError):
         assemble(replace(inputs, last_bucket=last), Period(now - max(cfg.windows) - res, now))
+    # a period wholly inside the bucket before the oldest kept is refused, not an empty report
+    before = (oldest - 1) * res
+    with pytest.raises(ReportError):
+        assemble(replace(inputs, last_bucket=last), Period(before + 1.0, before + res / 2))
 
 
 def test_each_step_over_time_matches_the_recount(fed: Any) -> None:

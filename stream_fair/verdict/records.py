@@ -7,7 +7,7 @@
 >>> AlarmEvent.from_json(e.to_json()) == e
 True
 >>> print(e.message())
-alarm_raised m group equal_opportunity_difference: E true_positive_rate detector below the rest (pooled over the segment: 0.690 against 0.800; 14.2 >= 12.8 nats, change point 3600)
+alarm_raised m group equal_opportunity_difference: E's true_positive_rate below the rest's by the detector's test (pooled over the segment: 0.690 against 0.800; 14.2 >= 12.8 nats, change point 3600)
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ class AlarmEvent:
 
         cp = "unknown" if self.change_point_ts is None else f"{self.change_point_ts:.0f}"
         return (
-            f"{self.kind} {self.model} {self.feature} {self.disparity}: {self.group} {self.rate} "
-            f"detector {self.direction} the rest (pooled over the segment: "
+            f"{self.kind} {self.model} {self.feature} {self.disparity}: {self.group}'s {self.rate} "
+            f"{self.direction} the rest's by the detector's test (pooled over the segment: "
             f"{fmt(self.group_value)} against {fmt(self.rest_value)}; "
             f"{self.statistic:.1f} >= {self.threshold:.1f} nats, change point {cp})"
         )
