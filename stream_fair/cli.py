@@ -380,7 +380,9 @@ def cmd_whatif(args: argparse.Namespace) -> int:
         params.append(("tolerance", str(args.tolerance)))
     params += [("threshold", t) for t in args.threshold] + [("current", c) for c in args.current]
     try:
-        doc = fetch(args.url, params, user=args.user, password=os.environ.get(PASSWORD_ENV), cafile=args.cacert)
+        doc = fetch(
+            args.url, params, user=args.user, password=os.environ.get(PASSWORD_ENV), cafile=args.cacert
+        )
     except WhatIfError as exc:  # the server speaks in query parameters; the user typed flags
         raise WhatIfError(as_flags(str(exc))) from None
     if args.json:

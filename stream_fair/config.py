@@ -327,7 +327,9 @@ class FairnessConfig(_Section):
         names = [f.name for f in self.features]
         if len(set(names)) != len(names):
             twice = sorted({n for n in names if names.count(n) > 1})
-            raise ValueError(f"fairness.features lists {', '.join(map(repr, twice))} twice: list each feature once")
+            raise ValueError(
+                f"fairness.features lists {', '.join(map(repr, twice))} twice: list each feature once"
+            )
         audit = [f.name for f in self.audit_only]
         if len(set(audit)) != len(audit) or set(audit) & set(names):
             raise ValueError(
@@ -503,7 +505,10 @@ def notes(config: Config) -> list[str]:
     ``check-config``'s stderr) so a missing series is never a surprise.
 
     >>> print(*notes(Config.model_validate({"schema": {"prediction": {"score": None}}})))
-    schema.prediction.score is null: the label-free estimates, the calibration checks and the threshold what-ifs are off (they need each prediction's score); set it to the score's field to have them
+    ... # doctest: +NORMALIZE_WHITESPACE
+    schema.prediction.score is null: the label-free estimates, the calibration checks and the
+    threshold what-ifs are off (they need each prediction's score); set it to the score's field
+    to have them
     >>> notes(Config())
     []
     """

@@ -388,7 +388,8 @@ class Decoder:
                         raise _Reject(INVALID_SCORE, f"score {raw_score!r:.40} is not a number")
                     if not -MAX_SCORE <= raw_score <= MAX_SCORE:  # NaN and the infinities too
                         raise _Reject(
-                            INVALID_SCORE, f"score {raw_score!r:.40} is not a finite number within ±{MAX_SCORE:g}"
+                            INVALID_SCORE,
+                            f"score {raw_score!r:.40} is not a finite number within ±{MAX_SCORE:g}",
                         )
                     score = float(raw_score)
             raw_pred = self._p_pred(doc) if self._p_pred is not None else _ABSENT

@@ -552,7 +552,8 @@ def explain(
     after = _merge(buckets, lambda b: b >= split, model)
     if "rate" in named and rate is not None and rate not in DISPARITY_RATES[disparity]:
         raise ValueError(
-            f"rate {rate!r} is not a rate of {disparity}: choose one of {', '.join(DISPARITY_RATES[disparity])}"
+            f"rate {rate!r} is not a rate of {disparity}: "
+            f"choose one of {', '.join(DISPARITY_RATES[disparity])}"
         )
     if "group" in named and group is not None:
         known = sorted({key.group(cell) for cell in (*before, *after)})

@@ -196,7 +196,7 @@ def parse_period(
         except ValueError:
             raise ReportError(ERR_PERIOD.format(problem=f"--last {last!r} is not a duration")) from None
         stop = time.time() if now is None else now
-        if not 0.0 <= stop - span:  # also a span too large to be a number
+        if not stop - span >= 0.0:  # also a span too large to be a number
             raise ReportError(ERR_PERIOD.format(problem=f"--last {last[:40]!r} reaches back before 1970"))
         return Period(stop - span, stop)
     start = None if since is None else parse_time(since)

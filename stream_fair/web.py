@@ -348,7 +348,13 @@ class BoundedHTTPServer(HTTPServer):
             self._partial[sock] = _pending_bytes(sock)
         else:
             path = request_path(head)
-            lane = self._probes if path in PROBE_PATHS else self._scrapes if path in SCRAPE_PATHS else self._ready
+            lane = (
+                self._probes
+                if path in PROBE_PATHS
+                else self._scrapes
+                if path in SCRAPE_PATHS
+                else self._ready
+            )
             self._hand(sock, addr, lane)
 
     def _hand(self, sock: Any, addr: Any, lane: queue.Queue[tuple[Any, Any] | None]) -> None:

@@ -117,9 +117,7 @@ def test_duplicates_admit_no_group_model_or_cell() -> None:
     """A prediction whose id is already counted is a duplicate whatever model or group it claims:
     it must not take a model slot (the genuine next model would be folded into ``__other__``), a
     group slot, an overflow count or a zero-count cell. Before, the guard folded it first."""
-    cfg = Config.model_validate(
-        {"fairness": {"features": ["a"], "model_limit": 2, "cardinality_limit": 2}}
-    )
+    cfg = Config.model_validate({"fairness": {"features": ["a"], "model_limit": 2, "cardinality_limit": 2}})
     t = Tracker(cfg)
 
     def predict(i: int, event_id: str, model: str, a: str) -> None:

@@ -387,7 +387,6 @@ def test_check_config_refuses_what_run_refuses(
             assert str(path) in line and "--config FILE" not in line, line
 
 
-
 def test_a_leftover_ssl_file_is_harmless_without_ssl(tmp_path: Path) -> None:
     """The transports read kafka.ssl_* only for SSL and SASL_SSL: a PLAINTEXT config keeping an old
     ssl_cafile ran before, and must still pass (review finding on the startup check)."""

@@ -160,7 +160,9 @@ def test_explain_refuses_a_split_that_is_no_time(served: tuple[str, pd.DataFrame
     Python's own message). Anything outside 1970..9999 is a 400 that says what a split is."""
     base, _ = served
     for split in ("inf", "-inf", "nan", "9" * 400, "-5"):
-        url = f"{base}/explain?model={MODEL}&feature=race&disparity=equal_opportunity_difference&split={split}"
+        url = (
+            f"{base}/explain?model={MODEL}&feature=race&disparity=equal_opportunity_difference&split={split}"
+        )
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(url, timeout=30)
         assert err.value.code == 400, (split, err.value.code)

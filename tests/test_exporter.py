@@ -301,7 +301,8 @@ def test_trickling_clients_and_slow_requests_never_starve_the_probes_or_the_scra
 
         threading.Thread(target=trickle, daemon=True).start()
         slow = [
-            threading.Thread(target=_timed_get, args=(base + "/report.json", 30), daemon=True) for _ in range(8)
+            threading.Thread(target=_timed_get, args=(base + "/report.json", 30), daemon=True)
+            for _ in range(8)
         ]
         for th in slow:
             th.start()

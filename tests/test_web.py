@@ -224,7 +224,10 @@ def test_password_guesses_cost_one_bcrypt_at_a_time_and_repeats_none(monkeypatch
     # two right passwords at once (two Prometheus replicas): both in
     both: list[bool] = []
     alice = "Basic " + base64.b64encode(b"alice:right").decode()
-    pair = [threading.Thread(target=lambda h=h: both.append(fresh.authorized(h))) for h in (alice, header("right"))]
+    pair = [
+        threading.Thread(target=lambda h=h: both.append(fresh.authorized(h)))
+        for h in (alice, header("right"))
+    ]
     for t in pair:
         t.start()
     for t in pair:

@@ -280,7 +280,11 @@ def test_cli(instance: tuple[str, dict[str, np.ndarray]], tmp_path: Path) -> Non
     assert small.returncode == 2 and "min_samples=100" in small.stderr
     # the server's errors name query parameters; the CLI says them as the flags the user types
     neither = run_cli(*args, env=env)
-    assert neither.returncode == 2 and "--criterion" in neither.stderr and "--threshold GROUP:T" in neither.stderr
+    assert (
+        neither.returncode == 2
+        and "--criterion" in neither.stderr
+        and "--threshold GROUP:T" in neither.stderr
+    )
     assert "criterion=" not in neither.stderr and "threshold=" not in neither.stderr, neither.stderr
     noauth = run_cli(*args, "--criterion", "equal_opportunity", env=cli_env())
     assert noauth.returncode == 2 and "needs credentials" in noauth.stderr

@@ -6,8 +6,10 @@
 ...                 "rest_trials": 8550})
 >>> AlarmEvent.from_json(e.to_json()) == e
 True
->>> print(e.message())
-alarm_raised m group equal_opportunity_difference: E's true_positive_rate below the rest's by the detector's test (pooled over the segment: 0.690 against 0.800; 14.2 >= 12.8 nats, change point 3600)
+>>> print(e.message())  # doctest: +NORMALIZE_WHITESPACE
+alarm_raised m group equal_opportunity_difference: E's true_positive_rate below the rest's by
+the detector's test (pooled over the segment: 0.690 against 0.800; 14.2 >= 12.8 nats, change
+point 3600)
 """
 
 from __future__ import annotations
