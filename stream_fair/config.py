@@ -735,10 +735,25 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _one_line(err: ValidationError) -> str:
+def _env_keys(tree: Mapping[str, Any], prefix: str = "") -> set[str]:
+    """The dotted keys an environment override tree sets (``kafka.sasl_password``, ...)."""
+    out = set()
+    for k, v in tree.items():
+        dotted = f"{prefix}{k}"
+        out |= _env_keys(v, dotted + ".") if isinstance(v, dict) else {dotted}
+    return out
+
+
+def _one_line(err: ValidationError, from_env: set[str] | None = None) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     loc = loc.replace("schema_", "schema")
+    # a key set by a STREAM_FAIR_ variable is named as the variable too: it is in no file
+    by_env = next((k for k in from_env or () if loc == k or loc.startswith(k + ".")), None)
+    if by_env is not None:
+        return _one_line(err).replace(
+            "config error: ", f"config error: {env_name(by_env)} (environment): ", 1
+        )
     kind, msg = first["type"], first["msg"]
     if kind == "extra_forbidden":
         return (
@@ -799,11 +814,12 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config error: {p}: the top level must be a mapping of sections")
         data = loaded or {}
-    data = _merge(data, _env_overrides(environ))
+    overrides = _env_overrides(environ)
+    data = _merge(data, overrides)
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_one_line(err)) from None
+        raise ConfigError(_one_line(err, _env_keys(overrides))) from None
 
 
 def redacted(config: Config) -> dict[str, Any]:

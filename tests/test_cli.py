@@ -86,6 +86,11 @@ def test_check_config_refuses_a_bad_environment_override() -> None:
     assert result.returncode == 2 and result.stdout == ""
     line = _one_line(result.stderr)
     assert "join.ttl" in line and "expected a duration" in line
+    assert "STREAM_FAIR_JOIN__TTL (environment)" in line  # the key is in no file: name the variable
+    typo = run_cli("check-config", env=cli_env(STREAM_FAIR_KAFKA__BOOTSTRAP="x:1"))
+    assert typo.returncode == 2
+    line = _one_line(typo.stderr)
+    assert "STREAM_FAIR_KAFKA__BOOTSTRAP (environment)" in line and "unknown key 'kafka.bootstrap'" in line
 
 
 def test_check_config_masks_secrets(tmp_path: Path) -> None:
