@@ -74,6 +74,7 @@ GC_YOUNG = 10_000
 LEAD_FAILING_AFTER = 60.0  # seconds of failed leader starts before they count as an error
 LEAD_RETRY_FIRST, LEAD_RETRY_MAX = 0.5, 30.0  # seconds between failed leader starts, doubling
 CHECKPOINT_RETRY_FIRST, CHECKPOINT_RETRY_MAX = 1.0, 60.0  # ... between failed checkpoints
+FENCE_CHECK_INTERVAL = 10.0  # seconds between looks for other owners' records behind idle shards
 MAX_OUTBOX = 64  # unacknowledged verdict messages of all owned partitions before input pauses
 # The replica's own feedback monitor and event-time windows (until the model-wide aggregation
 # takes them over): local only.
@@ -186,6 +187,11 @@ class Detector:
         self._topics = (config.topics.predictions, config.topics.outcomes)
         self._to_restore: set[int] = set()
         self._restores: dict[int, PartitionRestore] = {}
+        # partitions another owner's changelog records showed this replica no longer owns: dropped
+        # and paused until the group takes them away (docs/state.md, "Owners, epochs and the claim")
+        self._fenced: set[int] = set()
+        self._fence_reader: Any = None  # reads a changelog gap (created at the first one)
+        self._fence_check_at = 0.0  # next look for another owner's records behind an idle shard
         self.missing_log = MissingFeatureLog({f.name: str(f.path) for f in config.fairness.features})
         self._checkpoint_failures = 0  # consecutive: the retry backs off
         self._retry_at = 0.0
@@ -571,7 +577,9 @@ class Detector:
             topics.append(transport.leader_topic(cfg))
             lead = (topics[-1], self._on_leader)
             self.stats.leader = False
-        listener = transport.ShardListener(consumer, self._topics, self._on_revoke, self._on_assign, lead)
+        listener = transport.ShardListener(
+            consumer, self._topics, self._on_revoke, self._on_assign, lead, on_lost=self._on_lost
+        )
         consumer.subscribe(topics, listener=listener)
         clean = failed = False
         tuned = contextlib.ExitStack()
@@ -604,6 +612,7 @@ class Detector:
                     if not self._to_restore:
                         freeze_heap()  # the restored state is long-lived too
                 self.maybe_checkpoint(time.monotonic())
+                self.check_fences(time.monotonic())
                 self.lead_step(time.monotonic())
                 self.missing_log.maybe_warn(time.monotonic(), self._published_predictions)
                 self.explain_new_alarms()
@@ -638,9 +647,10 @@ class Detector:
                 for c in (writer, publisher):
                     if c is not None:
                         _closing(c.close, timeout=grace)
-                for c in (reader, inputs):
+                for c in (reader, inputs, self._fence_reader):
                     if c is not None:
                         _closing(c.close)
+                self._fence_reader = None
                 self.close()
                 self.server.stop()
                 self._stop_report_worker()
@@ -711,6 +721,8 @@ class Detector:
             for tp, records in batches.items():
                 if tp.topic not in self._topics:
                     continue  # never expected: the leader topic's partition stays paused
+                if tp.partition in self._fenced:
+                    continue  # fetched before the pause: its owner counts them
                 role = 0 if tp.topic == predictions else 1
                 read[TOPIC_NAMES[role]] += len(records)
                 for r, rejection in tracker.process(tp.partition, role, records):
@@ -818,6 +830,11 @@ class Detector:
         try:
             if cp.shards:
                 changelog_next = self._write_changelog(cp) if self._writer is not None else None
+                fenced = {sc.partition for sc in cp.shards} & self._fenced
+                if fenced:  # written behind another owner's claim: never committed here
+                    cp.shards = [sc for sc in cp.shards if sc.partition not in fenced]
+                    for p in fenced:
+                        self._drop_fenced(p)
                 fb: Any = self.feedback
                 # the monitor's entries that changed since the last checkpoint, same atomic write
                 feedback: dict[bytes, bytes | None] = (
@@ -1026,12 +1043,14 @@ class Detector:
     def _write_changelog(self, cp: Checkpoint) -> dict[int, int]:
         assert self.tracker is not None
         writer = self._writer
+        sent: dict[int, int] = {}
         for sc in cp.shards:
             epoch = self.tracker.shards[sc.partition].epoch
             records = list(sc.changelog)
             if sc.increment is not None:
                 records.append((increment_key(sc.partition), encode_json(sc.increment)))
             writer.send(sc.partition, records, epoch)
+            sent[sc.partition] = len(records)
         self._crash("changelog_data")
         writer.flush()
         futures = {
@@ -1046,11 +1065,146 @@ class Detector:
         writer.flush()
         out = {p: writer.offset(f) + 1 for p, f in futures.items()}
         self._crash("changelog_meta")
+        for p, nxt in out.items():
+            # this checkpoint's records follow the previous meta, unless someone else wrote between
+            start = self.tracker.shards[p].changelog_next
+            if start is not None and nxt != start + sent[p] + 1:
+                self._examine_gap(p, start, nxt - 1, sent[p])
         return out
+
+    def _examine_gap(self, p: int, start: int, end: int, mine: int) -> None:
+        """Records in partition ``p``'s changelog ``[start, end)`` that this replica did not write
+        (``mine`` of them are its own): another owner's, or a previous owner's written late.
+
+        A higher epoch (or more records of this epoch than this replica wrote) means the partition
+        was claimed by another replica (this one was evicted from the group without knowing yet):
+        it is fenced (:meth:`_fence`) and this checkpoint is not committed for it. Lower epochs are
+        a previous owner's late writes: the reader ignores them, but compaction would keep them as
+        the newest record of their keys, so their keys are rewritten by the next checkpoint.
+        """
+        from stream_fair import transport
+
+        assert self.tracker is not None
+        s = self.tracker.shards[p]
+        if self._fence_reader is None:
+            self._fence_reader = transport.changelog_reader(self.config)
+        reader = self._fence_reader
+        reader.start({p: start})
+        found: list[tuple[bytes, int]] = []
+        deadline = time.monotonic() + self.config.kafka.request_timeout_ms / 1000
+        while not reader.done(p) and time.monotonic() < deadline:
+            found += [(key, epoch) for q, off, key, _v, epoch in reader.poll(100) if q == p and off < end]
+        complete = reader.done(p)
+        reader.stop(p)
+        if not complete:
+            raise transport.ClientError(
+                f"changelog partition {p}: could not read offsets {start}..{end} in time"
+            )
+        own = sum(1 for _k, epoch in found if epoch == s.epoch)
+        if any(epoch > s.epoch for _k, epoch in found) or own > mine:
+            self._fence(p, max(epoch for _k, epoch in found))
+            return
+        late = {key for key, epoch in found if epoch < s.epoch}
+        log.warning(
+            "partition %d: %d changelog records of a previous owner written after this replica's "
+            "claim (an evicted replica that still wrote): ignored, their keys rewritten",
+            p, len(late),
+        )  # fmt: skip
+        self.stats.errors["fenced"] = self.stats.errors.get("fenced", 0) + 1
+        self._repair(s, late)
+
+    def _repair(self, s: Shard, keys: set[bytes]) -> None:
+        """Make the next checkpoint rewrite these keys' committed values (or tombstones)."""
+        for key in keys:
+            if key[0] == SPACE_ID:
+                s.join.ids.touch(decode_id(key[3:]))
+            elif key[0] == SPACE_COUNTS:
+                ci = parse_cell(key[3:])
+                if ci < len(s.counts.rows):
+                    s.counts.dirty.add(ci)
+            elif key[0] == SPACE_HIST:
+                ci = parse_cell(key[3:])
+                if ci < len(s.counts.rows):  # a zero row where none was committed
+                    s.histograms.touch(ci)
+        s.changed = True
+
+    def _fence(self, p: int, epoch: int) -> None:
+        """Another replica claimed partition ``p`` (epoch ``epoch``): stop counting it here. Its
+        uncommitted changes are dropped (the owner reads those records again), the local copy is
+        marked for a full restore, and the input stays paused until the group moves it."""
+        assert self.tracker is not None
+        log.warning(
+            "partition %d was claimed by another replica (epoch %d, this one's %d): this replica was "
+            "evicted from the group (a pause longer than kafka.max_poll_interval_ms or the session "
+            "timeout); it stops counting the partition, whose owner reads its records again",
+            p, epoch, self.tracker.shards[p].epoch,
+        )  # fmt: skip
+        self.stats.errors["fenced"] = self.stats.errors.get("fenced", 0) + 1
+        self._fenced.add(p)
+        self.backend.write({prefix(0, p) + _RESTORING: b"1"})  # its next restore is a full one
+        consumer = self._consumer
+        if consumer is not None and hasattr(consumer, "pause"):
+            consumer.pause(
+                *[tp for tp in consumer.assignment() if tp.topic in self._topics and tp.partition == p]
+            )
+
+    def check_fences(self, now: float) -> None:
+        """Every ``FENCE_CHECK_INTERVAL``: an owned partition whose changelog grew without this
+        replica writing (an idle one, which writes nothing that would show it) is examined too."""
+        if now < self._fence_check_at or self._writer is None or self.tracker is None:
+            return
+        self._fence_check_at = now + FENCE_CHECK_INTERVAL
+        from stream_fair import transport
+
+        try:
+            if self._fence_reader is None:
+                self._fence_reader = transport.changelog_reader(self.config)
+            for p, s in sorted(self.tracker.shards.items()):
+                if p in self._to_restore or p in self._fenced or s.changelog_next is None:
+                    continue
+                end = self._fence_reader.end_offset(p)
+                if end > s.changelog_next:
+                    self._examine_gap(p, s.changelog_next, end, 0)
+                    if p in self._fenced:
+                        self._drop_fenced(p)
+                    else:  # examined: the next checkpoint's records follow them
+                        s.changelog_next = end
+        except Exception as exc:  # looked at again at the next interval
+            log.warning(
+                "changelog check failed: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            )
+
+    def _drop_fenced(self, p: int) -> None:
+        assert self.tracker is not None
+        with self.lock:
+            self.tracker.unannounce(p)
+            self.tracker.drop(p)
+            if self._dead is not None:
+                self._dead.drop(p)
+            self._publish()
 
     # -- rebalances -------------------------------------------------------------------------
     def _on_revoke(self, shards: set[int]) -> None:
+        self._release(shards, lost=False)
+
+    def _on_lost(self, shards: set[int]) -> None:
+        self._release(shards, lost=True)
+
+    def _release(self, shards: set[int], lost: bool) -> None:
+        """Partitions moved away: checkpointed first when revoked; when lost (this replica was
+        evicted, their new owner may have claimed them already) dropped with nothing written, so
+        the new owner's state is never written behind (docs/state.md)."""
         assert self.tracker is not None
+        if lost:
+            owned = sorted(shards & set(self.tracker.shards))
+            if owned:
+                self.stats.errors["fenced"] = self.stats.errors.get("fenced", 0) + 1
+                log.warning(
+                    "partitions %s lost: this replica was evicted from the group (a pause longer than "
+                    "kafka.max_poll_interval_ms or the session timeout); dropped without a checkpoint, "
+                    "their new owner reads the uncounted records again", owned,
+                )  # fmt: skip
+        self._fenced -= shards
         for s in shards:
             self.tracker.unannounce(s)
         for s in shards & self._to_restore:  # restore not finished: drop it, a full one next time
@@ -1059,7 +1213,8 @@ class Detector:
                 del self._restores[s]
                 if self._reader is not None:
                     self._reader.stop(s)
-        self.checkpoint(shards)
+        if not lost:
+            self.checkpoint(shards)
         with self.lock:
             assert self.tracker is not None
             for s in shards:
@@ -1067,10 +1222,11 @@ class Detector:
                 if self._dead is not None:
                     self._dead.drop(s)
             self._publish()
-        log.info("partitions revoked: %s", sorted(shards))
+        log.info("partitions %s: %s", "lost" if lost else "revoked", sorted(shards))
 
     def _on_assign(self, shards: set[int]) -> None:
         assert self.tracker is not None
+        self._fenced -= shards  # assigned again: restored in full (the marker), then claimed anew
         new = {s for s in shards if s not in self.tracker.shards}
         self._to_restore |= new
         if not self._to_restore:
@@ -1159,18 +1315,7 @@ class Detector:
             if self._dead is not None:
                 self._dead.load(p, s.dead_letters)
             s.epoch = max(epoch, s.epoch) + 1
-            for key in repair:
-                if key[0] == SPACE_ID:
-                    s.join.ids.touch(decode_id(key[3:]))
-                elif key[0] == SPACE_COUNTS:
-                    ci = parse_cell(key[3:])
-                    if ci < len(s.counts.rows):
-                        s.counts.dirty.add(ci)
-                elif key[0] == SPACE_HIST:
-                    ci = parse_cell(key[3:])
-                    if ci < len(s.counts.rows):  # a zero row where none was committed
-                        s.histograms.touch(ci)
-            s.changed = True
+            self._repair(s, repair)
         self._to_restore.discard(p)
         self.checkpoint({p})  # the claim
         if self._consumer is not None and hasattr(self._consumer, "resume"):

@@ -80,10 +80,14 @@ class BrokerDown(ClientError):
 
 
 class Listener(Protocol):
-    """Told of partitions moving (both called from inside :meth:`GroupConsumer.poll`)."""
+    """Told of partitions moving (all called from inside :meth:`GroupConsumer.poll`)."""
 
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None: ...
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None: ...
+    def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        """The member was evicted (session timeout, ``max_poll_interval_ms`` exceeded): the
+        partitions may already belong to another member, so nothing may be committed for them."""
+        ...
 
 
 class GroupConsumer(Protocol):

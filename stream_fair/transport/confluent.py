@@ -191,7 +191,9 @@ class ConfluentConsumer:
         for topic in topics:
             with contextlib.suppress(KafkaException):
                 self._c.list_topics(topic, timeout=min(5.0, self.timeout))
-        self._c.subscribe(list(topics), on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self._c.subscribe(
+            list(topics), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
 
     def _on_assign(self, consumer: Consumer, partitions: list[ConfluentTopicPartition]) -> None:
         # assigned here (not after the callback) so the listener can pause them before any fetch;
@@ -204,10 +206,19 @@ class ConfluentConsumer:
             self._listener.on_partitions_assigned(tps)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[ConfluentTopicPartition]) -> None:
+        self._release(consumer, partitions, lost=False)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[ConfluentTopicPartition]) -> None:
+        self._release(consumer, partitions, lost=True)
+
+    def _release(self, consumer: Consumer, partitions: list[ConfluentTopicPartition], lost: bool) -> None:
         tps = {TopicPartition(p.topic, p.partition) for p in partitions}
         try:
             if self._listener is not None and not self._closing:
-                self._listener.on_partitions_revoked(tps)
+                if lost:
+                    self._listener.on_partitions_lost(tps)
+                else:
+                    self._listener.on_partitions_revoked(tps)
         finally:
             consumer.unassign()
             self._assigned = set()

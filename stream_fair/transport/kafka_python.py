@@ -152,6 +152,12 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         if self.listener is not None:
             self.listener.on_partitions_assigned({_tp(tp) for tp in assigned})
 
+    def on_partitions_lost(self, lost: Any) -> None:
+        # kafka-python's default calls on_partitions_revoked, which checkpoints: after an eviction
+        # that would write the changelog behind the partition's new owner
+        if self.listener is not None:
+            self.listener.on_partitions_lost({_tp(tp) for tp in lost})
+
 
 class KafkaPythonConsumer:
     """:class:`~stream_fair.transport.base.GroupConsumer` on a ``KafkaConsumer``."""

@@ -69,11 +69,13 @@ class ShardListener:
         on_revoke: Callable[[set[int]], None],
         on_assign: Callable[[set[int]], None],
         leader: tuple[str, Callable[[bool], None]] | None = None,
+        on_lost: Callable[[set[int]], None] | None = None,
     ) -> None:
         self.consumer = consumer
         self.topics = topics
         self._on_revoke = on_revoke
         self._on_assign = on_assign
+        self._on_lost = on_lost or on_revoke
         # (leader topic, callback): owning its partition 0 makes this replica the leader
         # (stream_fair.leader); the partition stays paused, it is never read through the group
         self._leader = leader
@@ -82,10 +84,18 @@ class ShardListener:
         self.assigned = False
 
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        shards = {tp.partition for tp in revoked if tp.topic in self.topics}
+        self._release(revoked, self._on_revoke)
+
+    def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        """Evicted from the group: the shards are dropped without a checkpoint (their new owner
+        restores the last committed one and reads the rest again)."""
+        self._release(lost, self._on_lost)
+
+    def _release(self, tps: set[TopicPartition], release: Callable[[set[int]], None]) -> None:
+        shards = {tp.partition for tp in tps if tp.topic in self.topics}
         if shards:
-            self._on_revoke(shards)
-        if self._leader is not None and any(tp.topic == self._leader[0] for tp in revoked):
+            release(shards)
+        if self._leader is not None and any(tp.topic == self._leader[0] for tp in tps):
             self._leader[1](False)
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
