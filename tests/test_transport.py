@@ -10,6 +10,7 @@ reader stops at the end offsets taken at start, a changelog flush never passes o
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import uuid
@@ -571,3 +572,25 @@ def test_closing_producers_is_bounded_with_the_broker_gone(
         wait_for(lambda: failed == [False], 10, "the unsent letter to fail at close")
     finally:
         broker.stop()
+
+
+def test_a_letter_producer_built_with_the_broker_gone_gives_up_within_its_block_time(
+    topic_names: TopicNames, group_id: str, tmp_path: Path
+) -> None:
+    """The dead letters' producer is rebuilt after failed writes, also while stopping. With the
+    broker unreachable, kafka-python's bootstrap waited 30 s per rebuild (whatever
+    request_timeout_ms said), so a SIGTERM with unsent letters outlasted the pod's 60 s grace
+    period; a rebuild now gives up within the letters' block time (5 s)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nobody = f"127.0.0.1:{s.getsockname()[1]}"  # bound, never listening: refused
+    cfg = _config(nobody, topic_names, group_id, tmp_path, request_timeout_ms=20_000)
+    started = time.monotonic()
+    failed: list[BaseException] = []
+    try:
+        letters = transport.get(cfg.kafka).letter_producer(cfg, max_bytes=10_000)
+        letters.send(topic_names.dead_letters, b"k", b"v", [], lambda: None, lambda e, big: failed.append(e))
+        letters.close(0.0)
+    except Exception as exc:  # kafka-python: cannot bootstrap; confluent: builds at once, fails the send
+        failed.append(exc)
+    assert time.monotonic() - started < 12.0

@@ -422,12 +422,19 @@ class KafkaPythonLetters:
 
     def __init__(self, config: Config, max_bytes: int) -> None:
         k = config.kafka
+        block = min(5000, k.request_timeout_ms)  # never stall the poll loop (or a shutdown) long
+        extra: dict[str, Any] = {}
+        if "bootstrap_timeout_ms" in KafkaProducer.DEFAULT_CONFIG:  # kafka-python >= 2.1
+            # rebuilt after failed writes: with the broker gone each rebuild waited 30 s for the
+            # bootstrap, and the retries at shutdown outlasted the pod's grace period
+            extra["bootstrap_timeout_ms"] = block
         self._producer = KafkaProducer(
             acks="all",
             linger_ms=50,
             max_request_size=max_bytes + 65536,
-            max_block_ms=min(5000, k.request_timeout_ms),  # never stall the poll loop long
+            max_block_ms=block,
             delivery_timeout_ms=k.request_timeout_ms + 100,
+            **extra,
             **client_options(k),
         )
 
