@@ -1105,6 +1105,8 @@ class Detector:
             self._fence(p, max(epoch for _k, epoch in found))
             return
         late = {key for key, epoch in found if epoch < s.epoch}
+        if not late:  # offsets without records (compacted away, or a broker's control records)
+            return
         log.warning(
             "partition %d: %d changelog records of a previous owner written after this replica's "
             "claim (an evicted replica that still wrote): ignored, their keys rewritten",
@@ -1264,7 +1266,7 @@ class Detector:
                     "partition %d restored from the changelog: %d records (%d checkpoints, %d fenced)",
                     p, r.records, r.committed, r.fenced,
                 )  # fmt: skip
-                self._finish(p, epoch=r.epoch, repair=repair)
+                self._finish(p, epoch=r.epoch, repair=repair, read_to=r.position)
             if time.monotonic() >= deadline:
                 break
 
@@ -1302,9 +1304,11 @@ class Detector:
         r.start = r.position = nxt if tail and nxt is not None else reader.beginning_offset(p)
         return r
 
-    def _finish(self, p: int, epoch: int, repair: set[bytes]) -> None:
+    def _finish(self, p: int, epoch: int, repair: set[bytes], read_to: int | None = None) -> None:
         """Load a restored partition, check that its offsets belong to the input topics there now,
-        claim it (epoch + 1, repairs) and resume its input."""
+        claim it (epoch + 1, repairs) and resume its input. ``read_to``: the changelog offset the
+        restore read to (past any ignored tail, whose keys the claim rewrites: the claim's own
+        check for other writers starts there)."""
         from stream_fair import transport
 
         assert self.tracker is not None
@@ -1315,6 +1319,8 @@ class Detector:
             if self._dead is not None:
                 self._dead.load(p, s.dead_letters)
             s.epoch = max(epoch, s.epoch) + 1
+            if read_to is not None:
+                s.changelog_next = max(s.changelog_next or 0, read_to)
             self._repair(s, repair)
         self._to_restore.discard(p)
         self.checkpoint({p})  # the claim

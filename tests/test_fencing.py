@@ -196,3 +196,32 @@ def test_a_higher_epoch_behind_the_claim_fences_this_replica_and_nothing_is_comm
         assert d.backend.get(prefix(0, 0) + app_module._RESTORING) is not None  # a full restore next time
         text = scrape(d.port)
         assert text.get("stream_fair_errors_total", kind="fenced") == 1.0
+
+
+def test_a_crashed_checkpoints_tail_is_repaired_by_the_claim_without_a_fence(
+    kafka_bootstrap: str, topic_names: Any, group_id: str, tmp_path: Path
+) -> None:
+    """Records of a checkpoint that crashed before its meta (the same owner, the same epoch) are
+    an ignored tail: the restart's claim rewrites their keys and is written after them. That is
+    the protocol's normal crash window, not another writer: the claim's check starts where the
+    restore stopped reading, so nothing is fenced or counted as an error."""
+    cfg, total = _setup(kafka_bootstrap, topic_names, group_id, tmp_path, 300)
+    with _Running(Detector(cfg, exporter_port=0)) as d:
+        wait_consumed(d.port, total, 60)
+        wait_for(
+            lambda: d.tracker is not None and d.tracker.shards[0].changelog_next is not None,
+            30,
+            "a checkpoint",
+        )
+        epoch = d.tracker.shards[0].epoch
+        key, committed = d.backend.scan(prefix(SPACE_ID, 0), prefix(SPACE_ID, 1), limit=1)[0]
+    _write(cfg, key, None, epoch)  # a checkpoint's data record whose meta never came
+    with _Running(Detector(cfg, exporter_port=0)) as again:
+        wait_consumed(again.port, total, 60)
+        wait_for(
+            lambda: 0 in again.tracker.shards and again.tracker.shards[0].epoch == epoch + 1, 30, "the claim"
+        )
+        assert again.stats.errors.get("fenced", 0) == 0 and not again._fenced
+        assert again.backend.get(key) == committed
+    newest = [(v, e) for _o, k, v, e in _changelog(cfg, 0) if k == key][-1]
+    assert newest == (committed, epoch + 1)  # the claim rewrote it
