@@ -57,11 +57,13 @@ def events(n: int, seed: int) -> list[tuple[str, Any]]:
 class Replica:
     """One ``stream-fair run`` process with its own state directory and exporter port."""
 
-    def __init__(self, config: Path, name: str, state: Path) -> None:
+    def __init__(self, config: Path, name: str, state: Path, **overrides: str) -> None:
         self.config, self.name, self.state = config, name, state
         self.port = free_port()
         self.log = config.parent / f"{name}.log"
-        env = cli_env(STREAM_FAIR_EXPORTER__PORT=str(self.port), STREAM_FAIR_STATE__PATH=str(state))
+        env = cli_env(
+            STREAM_FAIR_EXPORTER__PORT=str(self.port), STREAM_FAIR_STATE__PATH=str(state), **overrides
+        )
         self.proc: subprocess.Popen[bytes] = start_cli("run", "--config", str(config), log=self.log, env=env)
         wait_for(lambda: self.proc.poll() is not None or scrape(self.port), 30, f"{name}'s exporter")
         assert self.proc.poll() is None, f"{name} exited:\n{self.tail()}"
@@ -314,3 +316,86 @@ def test_a_crash_during_a_restore_then_a_complete_restore(
         if b is not None:
             stop_process(b.proc)
         time.sleep(0)
+
+
+def _late_writes(bootstrap: str, topic: str) -> list[tuple[int, int, int, int]]:
+    """``(partition, offset, epoch, highest epoch before it)`` of every changelog record written
+    with a lower epoch than one already in its partition: a previous owner's late write."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from stream_fair.state.restore import EPOCH_HEADER
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        ends = consumer.end_offsets(parts)
+        highest = dict.fromkeys(parts, 0)
+        late = []
+        deadline = time.monotonic() + 60
+        while any(consumer.position(tp) < ends[tp] for tp in parts):
+            assert time.monotonic() < deadline, "the changelog could not be read to its end"
+            for tp, records in consumer.poll(timeout_ms=500).items():
+                for r in records:
+                    epoch = int(dict(r.headers).get(EPOCH_HEADER, b"0"))
+                    if epoch < highest[tp]:
+                        late.append((tp.partition, r.offset, epoch, highest[tp]))
+                    highest[tp] = max(highest[tp], epoch)
+        return late
+    finally:
+        consumer.close()
+
+
+def test_a_frozen_replica_is_evicted_and_writes_nothing_behind_the_new_owner(
+    kafka_bootstrap: str, topic_names: Any, group_id: str, tmp_path: Path
+) -> None:
+    """A replica frozen (SIGSTOP: a long GC, a throttled or paused container) with records read
+    but not yet checkpointed is evicted from the group; another replica restores and claims its
+    partitions and counts those records. When the frozen one wakes, its partitions are *lost*:
+    it must drop them without a checkpoint. It used to checkpoint them as if revoked, writing its
+    stale state to the changelog behind the new owner's claim (ignored by readers, but kept by
+    compaction as the newest record of those keys). The counts summed over both stay exact."""
+    from stream_fair.transport.changelog import changelog_topic
+
+    first, second = events(3_000, seed=41), events(1_500, seed=42)
+    second = [(k, {**p, "id": f"s-{p['id']}"} if isinstance(p, dict) and "id" in p else p) for k, p in second]
+    config = setup(kafka_bootstrap, topic_names, group_id, tmp_path)
+    produce_events(kafka_bootstrap, topic_names.predictions, topic_names.outcomes, first)
+    # a: checkpoints only after len(first) records (the first stream), then not for 10 minutes
+    lazy = {
+        "STREAM_FAIR_STATE__CHECKPOINT_EVENTS": str(len(first)),
+        "STREAM_FAIR_STATE__CHECKPOINT_INTERVAL": "600s",
+        "STREAM_FAIR_STATE__CHECKPOINT_WHEN_CAUGHT_UP": "false",
+    }
+    a = Replica(config, "a", tmp_path / "a", **lazy)
+    b = None
+    try:
+        exp = recount(first)
+        assert_exact(wait_all([a], exp, timeout=120), exp)
+        produce_events(kafka_bootstrap, topic_names.predictions, topic_names.outcomes, second)
+        read = lambda: sum(a.scrape().by("stream_fair_records_read_total", ["topic"]).values())  # noqa: E731
+        wait_for(lambda: read() == len(first) + len(second), 60, "a to read the second stream")
+        assert consumed_total(merged([a])) == (exp.consumed["predictions"], exp.consumed["outcomes"])
+        a.proc.send_signal(signal.SIGSTOP)
+        b = Replica(config, "b", tmp_path / "b")
+        exp = recount(first + second)
+        wait_for(lambda: len(b.owned()) == PARTITIONS, 90, "b to own every partition")
+        assert_exact(wait_all([b], exp, timeout=120), exp)
+        a.proc.send_signal(signal.SIGCONT)
+        settled([a, b])  # a rejoined
+        assert_exact(wait_all([a, b], exp, timeout=120), exp)
+        assert _late_writes(kafka_bootstrap, changelog_topic(load_config(config))) == []
+        assert "lost: this replica was evicted from the group" in a.log.read_text(errors="replace")
+    finally:
+        if a.proc.poll() is None:
+            a.proc.send_signal(signal.SIGCONT)
+        stop_process(a.proc)
+        if b is not None:
+            stop_process(b.proc)
+
+
+def load_config(path: Path) -> Any:
+    from stream_fair.config import load
+
+    return load(path, environ={})
