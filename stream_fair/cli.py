@@ -302,25 +302,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
 PASSWORD_ENV = "STREAM_FAIR_PASSWORD"
 
 
-def _fetch_json(url: str, user: str | None) -> Any:
-    """GET a JSON document from a running instance (basic auth with ``$STREAM_FAIR_PASSWORD``)."""
+def _fetch_json(url: str, user: str | None, cafile: str | None = None) -> Any:
+    """GET a JSON document from a running instance (basic auth with ``$STREAM_FAIR_PASSWORD``;
+    an https URL verified against ``cafile`` (--cacert) or the system's CAs)."""
     import base64
     import json
+    import ssl
     import urllib.error
     import urllib.request
+
+    from stream_fair.web import client_context
 
     request = urllib.request.Request(url)
     if user is not None:
         token = base64.b64encode(f"{user}:{os.environ.get(PASSWORD_ENV, '')}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
+    context = client_context(cafile)
     try:
-        with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310 (the user's URL)
+        with urllib.request.urlopen(request, timeout=30, context=context) as resp:  # noqa: S310
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace").strip()
         raise StreamFairError(f"{url}: HTTP {exc.code}: {detail}") from None
     except (urllib.error.URLError, OSError) as exc:
-        raise StreamFairError(f"{url}: cannot connect ({exc}): is `stream-fair run` serving there?") from None
+        if isinstance(getattr(exc, "reason", exc), ssl.SSLCertVerificationError):
+            fix = "pass --cacert FILE, the CA certificate that signed the exporter's"
+        else:
+            fix = "is `stream-fair run` serving there?"
+        raise StreamFairError(f"{url}: cannot connect ({exc}): {fix}") from None
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -332,7 +341,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     base = args.url.rstrip("/")
     if args.search:
-        doc = _fetch_json(base + "/search", args.user)
+        doc = _fetch_json(base + "/search", args.user, args.cacert)
         print(json.dumps(doc, indent=1) if args.json else format_findings(doc))
         return 0
     missing = [name for name in ("model", "feature", "disparity") if getattr(args, name) is None]
@@ -340,7 +349,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise StreamFairError(f"explain needs --{', --'.join(missing)} (or --search)")
     query = {k: getattr(args, k) for k in ("model", "feature", "disparity", "group", "rate", "split")}
     url = f"{base}/explain?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
-    doc = _fetch_json(url, args.user)
+    doc = _fetch_json(url, args.user, args.cacert)
     print(json.dumps(doc, indent=1) if args.json else format_explanation(doc))
     return 1 if "error" in doc else 0
 
@@ -554,7 +563,8 @@ def parser(dev: bool = True) -> argparse.ArgumentParser:
         "Reads /explain (or /search with --search) of `stream-fair run`: the change of the widest\n"
         "group-to-rest gap between two periods split into traffic mix, base rate and error rates\n"
         "(with intervals), and the cells that drive the gap, ranked (docs/explain.md).\n"
-        f"With basic auth: --user USER and the password in ${PASSWORD_ENV}.",
+        f"With basic auth: --user USER and the password in ${PASSWORD_ENV}; an https --url with a\n"
+        "private CA needs --cacert.",
     )
     why.add_argument("--url", default="http://localhost:9800", help="the instance's exporter address")
     why.add_argument("--model", help="model name")
@@ -566,6 +576,7 @@ def parser(dev: bool = True) -> argparse.ArgumentParser:
     why.add_argument("--search", action="store_true", help="list the unconfigured intersections found")
     why.add_argument("--json", action="store_true", help="print the JSON document")
     why.add_argument("--user", help="basic-auth user")
+    why.add_argument("--cacert", metavar="FILE", help="CA certificate for an https --url")
     why.set_defaults(func=cmd_explain)
 
     demo = _subcommand(

@@ -190,11 +190,48 @@ def read_secret_file(key: str, path: Any) -> str:
     return text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
 
 
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+# stream-fair's own topics are named after kafka.group_id (stream_fair.transport.changelog)
+CHANGELOG_SUFFIX = "-stream-fair-changelog"
+INCREMENTS_SUFFIX = "-stream-fair-increments"
+LEADER_SUFFIX = "-stream-fair-leader"
+
+
+def topic_problem(name: str) -> str | None:
+    """Why ``name`` is no legal Kafka topic name (the broker's rule), or None.
+
+    >>> print(topic_problem("bad topic!"))  # doctest: +NORMALIZE_WHITESPACE
+    'bad topic!' is not a legal Kafka topic name: use 1-249 of a-z A-Z 0-9 . _ - (not '.' or '..'),
+    e.g. 'bad-topic'
+    >>> topic_problem("predictions.v2") is None
+    True
+    """
+    if _TOPIC.fullmatch(name) and name not in (".", ".."):
+        return None
+    if len(name) > 249:
+        return f"a topic name of {len(name)} characters ({name[:20]!r}...) is too long: Kafka allows 1-249"
+    legal = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")[:249]
+    example = f", e.g. {legal!r}" if legal.strip(".") else ""
+    return (
+        f"{name!r} is not a legal Kafka topic name: use 1-249 of a-z A-Z 0-9 . _ - (not '.' or '..')"
+        + example
+    )
+
+
+def _legal_topic(name: str | None) -> str | None:
+    problem = None if name is None else topic_problem(name)
+    if problem is not None:
+        raise ValueError(problem)
+    return name
+
+
 class TopicsConfig(_Section):
     predictions: str = "predictions"
     outcomes: str = "outcomes"
     dead_letters: str | None = "stream-fair-dead-letters"
     dead_letter_max_bytes: int = Field(1_000_000, ge=10_000)
+
+    _names = field_validator("predictions", "outcomes", "dead_letters", mode="after")(_legal_topic)
 
     @model_validator(mode="after")
     def _distinct(self) -> TopicsConfig:
@@ -398,6 +435,7 @@ class StateConfig(_Section):
 
     _durations = field_validator("checkpoint_interval", "local_max_age", mode="before")(parse_duration)
     _sizes = field_validator("cache_bytes", "write_buffer_bytes", mode="before")(lambda v: parse_bytes(v))
+    _topic = field_validator("changelog_topic", mode="after")(_legal_topic)
 
 
 class ExporterConfig(_Section):
@@ -481,6 +519,23 @@ class Config(_Section):
     def _feedback_settings(cls, v: dict[str, Any]) -> dict[str, Any]:
         feedback_settings(v)  # raises ValueError naming the key
         return v
+
+    @model_validator(mode="after")
+    def _internal_topics_named(self) -> Config:
+        """With the changelog on, ``kafka.group_id`` names topics: it must make legal names."""
+        if not self.state.changelog:
+            return self
+        suffixes = [LEADER_SUFFIX, INCREMENTS_SUFFIX]
+        if self.state.changelog_topic is None:
+            suffixes.append(CHANGELOG_SUFFIX)
+        for topic in (self.kafka.group_id + suffix for suffix in suffixes):
+            if topic_problem(topic) is not None:
+                longest = 249 - len(INCREMENTS_SUFFIX)
+                raise ValueError(
+                    f"kafka.group_id {self.kafka.group_id!r} names the topic {topic!r}, which is not a legal "
+                    f"Kafka topic name: use a group id of 1-{longest} of a-z A-Z 0-9 . _ -"
+                )
+        return self
 
     @model_validator(mode="after")
     def _windows_fit(self) -> Config:

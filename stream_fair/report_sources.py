@@ -27,6 +27,7 @@ from stream_fair import __version__
 from stream_fair.config import Config
 from stream_fair.counts import WIDTH, Key
 from stream_fair.stakeholder_report import Period, ReportError, ReportInputs, assemble, parse_period
+from stream_fair.web import client_context
 
 ERR_UNREACHABLE = (
     "report error: cannot reach {url} ({reason}): check --url (the detector's exporter address, "
@@ -240,11 +241,7 @@ def fetch_report(
     if user is not None:
         token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
         req.add_header("Authorization", f"Basic {token}")
-    ctx = None
-    if cafile is not None:
-        import ssl
-
-        ctx = ssl.create_default_context(cafile=cafile)
+    ctx = client_context(cafile)
     try:
         with urllib.request.urlopen(req, timeout=timeout, context=ctx) as resp:
             body = resp.read()

@@ -45,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from stream_fair.errors import ConfigError
+from stream_fair.errors import ConfigError, StreamFairError
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,22 @@ class WebConfig:
             while len(remembered) > most:
                 remembered.popitem(last=False)
         return bool(ok)
+
+
+def client_context(cafile: str | None) -> ssl.SSLContext | None:
+    """The TLS context of a CLI request to an exporter (``--cacert`` of report, explain and whatif):
+    the system's trust store (None), or one trusting ``cafile``; StreamFairError (one line) if the
+    file cannot be read as PEM."""
+    if cafile is None:
+        return None
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except OSError as exc:  # ssl.SSLError (not PEM) is an OSError too
+        reason = exc.strerror or getattr(exc, "reason", None) or exc
+        raise StreamFairError(
+            f"cannot read --cacert {cafile} ({reason}): pass the PEM file of the CA that signed the "
+            "exporter's certificate"
+        ) from None
 
 
 def load_web_config(path: str | Path) -> WebConfig:

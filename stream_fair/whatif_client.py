@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -16,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from stream_fair.errors import StreamFairError, WhatIfError
+from stream_fair.web import client_context
 from stream_fair.whatif import REPORTED_RATES
 
 UNREACHABLE_ERROR = "cannot reach {url} ({reason}): is stream-fair running there? pass --url"
@@ -44,7 +44,7 @@ def fetch(
     if user is not None:
         token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
         req.add_header("Authorization", f"Basic {token}")
-    context = ssl.create_default_context(cafile=cafile) if full.startswith("https") else None
+    context = client_context(cafile)
     try:
         with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
             return _document(resp.status, resp.read(), url)

@@ -44,6 +44,12 @@ BAD_CONFIGS = [
     # was "Input should be a valid dictionary or instance of TopicsConfig": a class name, no fix
     ("empty_section", "topics:\n", ["topics must be a mapping of keys, got nothing", "remove the section"]),
     ("section_as_list", "kafka: [localhost]\n", ["kafka must be a mapping of keys, got list"]),
+    # was accepted: the run then retried its dead-letter writes forever
+    (
+        "illegal_topic_name",
+        'topics:\n  dead_letters: "bad topic!"\n',
+        ["topics.dead_letters", "not a legal Kafka topic name", "e.g. 'bad-topic'"],
+    ),
 ]
 
 

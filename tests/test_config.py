@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import BaseModel
 
 from stream_fair import config as cfgmod
@@ -116,6 +117,47 @@ def test_bad_config_is_one_line_naming_the_key(environ: dict[str, str], expected
     assert expected in message
 
 
+@pytest.mark.parametrize(
+    ("key", "name"),
+    [
+        ("topics.dead_letters", "bad topic!"),
+        ("topics.predictions", "."),
+        ("topics.outcomes", ".."),
+        ("topics.predictions", ""),
+        ("topics.outcomes", "o" * 250),
+        ("topics.dead_letters", "dead/letters"),
+        ("state.changelog_topic", "changelog ü"),
+    ],
+)
+def test_an_illegal_topic_name_is_one_line_naming_the_key(tmp_path: Path, key: str, name: str) -> None:
+    """Review finding: ``topics.dead_letters: "bad topic!"`` passed check-config, and the run then
+    retried its dead-letter writes forever. Every configured topic name now follows Kafka's rule."""
+    section, leaf = key.split(".")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({section: {leaf: name}}, allow_unicode=True))
+    with pytest.raises(ConfigError) as err:
+        load(path, environ={})
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"config error: {key}: "), message
+    assert "legal Kafka topic name" in message or "too long: Kafka allows 1-249" in message, message
+
+
+def test_legal_topic_names_pass_and_the_group_id_must_name_legal_internal_topics() -> None:
+    legal = {"predictions": "a" * 249, "outcomes": "ns.outcomes_v2-1", "dead_letters": "..."}
+    assert load(environ={"STREAM_FAIR_TOPICS": str(legal)}).topics.outcomes == "ns.outcomes_v2-1"
+    # with the changelog on, <group_id>-stream-fair-{changelog,leader,increments} are topics too
+    for group in ("fraud team", "g" * 227):
+        with pytest.raises(ConfigError) as err:
+            load(environ={"STREAM_FAIR_KAFKA__GROUP_ID": group})
+        message = str(err.value)
+        assert "\n" not in message and message.startswith("config error: kafka.group_id "), message
+        assert f"names the topic '{group}-stream-fair-" in message, message
+        assert "use a group id of 1-226 of a-z A-Z 0-9 . _ -" in message, message
+    assert load(environ={"STREAM_FAIR_KAFKA__GROUP_ID": "g" * 226}).kafka.group_id == "g" * 226
+    changelog_off = {"STREAM_FAIR_KAFKA__GROUP_ID": "fraud team", "STREAM_FAIR_STATE__CHANGELOG": "false"}
+    assert load(environ=changelog_off).kafka.group_id == "fraud team"  # no topic named after it
+
+
 def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         load(tmp_path / "nope.yaml", environ={})
@@ -174,9 +216,9 @@ def test_secrets_from_the_environment_are_verbatim(secret: str) -> None:
 
 def test_plain_string_keys_are_verbatim_too() -> None:
     cfg = load(
-        environ={"STREAM_FAIR_KAFKA__GROUP_ID": "2024-01-01", "STREAM_FAIR_TOPICS__PREDICTIONS": "p #1"}
+        environ={"STREAM_FAIR_KAFKA__GROUP_ID": "2024-01-01", "STREAM_FAIR_TOPICS__PREDICTIONS": "0x1F"}
     )
-    assert cfg.kafka.group_id == "2024-01-01" and cfg.topics.predictions == "p #1"
+    assert cfg.kafka.group_id == "2024-01-01" and cfg.topics.predictions == "0x1F"  # YAML: 31
     assert load(environ={"STREAM_FAIR_TOPICS__DEAD_LETTERS": "null"}).topics.dead_letters is None
 
 

@@ -165,6 +165,29 @@ def test_volumes_match_the_config() -> None:
     assert "/tmp" in mounts  # a writable /tmp under readOnlyRootFilesystem
 
 
+def _quantity(text: str) -> float:
+    """Bytes of a Kubernetes quantity such as 2Gi, 500M or 1e9."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    match = re.fullmatch(r"([0-9.e+]+)([KMGT]i|[kMGT])?", str(text))
+    assert match, text
+    return float(match.group(1)) * units.get(match.group(2) or "", 1)
+
+
+def test_the_state_store_fits_its_volume() -> None:
+    """Review finding: the state volume is an emptyDir of 2Gi while join.max_pending was left at
+    300 million per partition (~100 bytes each on disk): the store would fill the volume and the
+    kubelet evict the whole pod, the model with it. join.max_pending_bytes bounds the store below
+    the volume's sizeLimit, with room for RocksDB's WAL and compactions."""
+    volumes = {v["name"]: v for v in _k8s("Deployment")["spec"]["template"]["spec"]["volumes"]}
+    state = volumes["stream-fair-state"]
+    if "emptyDir" not in state:
+        pytest.skip("the state volume is not an emptyDir")
+    limit = _quantity(state["emptyDir"]["sizeLimit"])
+    budget = sf_config.load(K8S / "config.yaml", environ=_config_env()).join.max_pending_bytes
+    assert budget is not None, "set join.max_pending_bytes below the state volume's sizeLimit"
+    assert 0.5 * limit <= budget <= 0.8 * limit, (budget, limit)
+
+
 def test_podmonitor_selects_the_pods_and_port() -> None:
     monitor = _k8s("PodMonitor")["spec"]
     labels = _k8s("Deployment")["spec"]["template"]["metadata"]["labels"]

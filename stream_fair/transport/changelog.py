@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stream_fair.config import Config
+from stream_fair.config import CHANGELOG_SUFFIX, INCREMENTS_SUFFIX, LEADER_SUFFIX, Config
 from stream_fair.errors import BrokerError
 from stream_fair.transport.base import ClientError, GroupConsumer
 
@@ -17,7 +17,7 @@ CHANGELOG_CONFIGS = {
 
 
 def changelog_topic(config: Config) -> str:
-    return config.state.changelog_topic or f"{config.kafka.group_id}-stream-fair-changelog"
+    return config.state.changelog_topic or config.kafka.group_id + CHANGELOG_SUFFIX
 
 
 def ensure_changelog(consumer: GroupConsumer, config: Config, partitions: int) -> None:
@@ -50,13 +50,13 @@ def ensure_changelog(consumer: GroupConsumer, config: Config, partitions: int) -
 
 def increments_topic(config: Config) -> str:
     """Partition owners publish each committed checkpoint's increment here; the leader folds them."""
-    return f"{config.kafka.group_id}-stream-fair-increments"
+    return config.kafka.group_id + INCREMENTS_SUFFIX
 
 
 def leader_topic(config: Config) -> str:
     """One partition: its owner (by the group's own assignment) is the leader, and the topic is the
     changelog of the leader's model-wide state."""
-    return f"{config.kafka.group_id}-stream-fair-leader"
+    return config.kafka.group_id + LEADER_SUFFIX
 
 
 INCREMENTS_CONFIGS = {
