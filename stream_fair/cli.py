@@ -300,9 +300,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 PASSWORD_ENV = "STREAM_FAIR_PASSWORD"
+SERVER_NAME_HELP = (
+    "the name the exporter's certificate must carry when the --url host is another "
+    "(a replica's pod IP, a port-forward); Prometheus's tls_config.server_name"
+)
 
 
-def _fetch_json(url: str, user: str | None, cafile: str | None = None) -> Any:
+def _fetch_json(url: str, user: str | None, cafile: str | None = None, server_name: str | None = None) -> Any:
     """GET a JSON document from a running instance (basic auth with ``$STREAM_FAIR_PASSWORD``;
     an https URL verified against ``cafile`` (--cacert) or the system's CAs)."""
     import base64
@@ -317,7 +321,7 @@ def _fetch_json(url: str, user: str | None, cafile: str | None = None) -> Any:
     if user is not None:
         token = base64.b64encode(f"{user}:{os.environ.get(PASSWORD_ENV, '')}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
-    context = client_context(cafile)
+    context = client_context(cafile, server_name)
     try:
         with urllib.request.urlopen(request, timeout=30, context=context) as resp:  # noqa: S310
             return json.loads(resp.read())
@@ -341,7 +345,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     base = args.url.rstrip("/")
     if args.search:
-        doc = _fetch_json(base + "/search", args.user, args.cacert)
+        doc = _fetch_json(base + "/search", args.user, args.cacert, args.server_name)
         print(json.dumps(doc, indent=1) if args.json else format_findings(doc))
         return 0
     missing = [name for name in ("model", "feature", "disparity") if getattr(args, name) is None]
@@ -349,7 +353,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise StreamFairError(f"explain needs --{', --'.join(missing)} (or --search)")
     query = {k: getattr(args, k) for k in ("model", "feature", "disparity", "group", "rate", "split")}
     url = f"{base}/explain?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
-    doc = _fetch_json(url, args.user, args.cacert)
+    doc = _fetch_json(url, args.user, args.cacert, args.server_name)
     print(json.dumps(doc, indent=1) if args.json else format_explanation(doc))
     return 1 if "error" in doc else 0
 
@@ -390,7 +394,12 @@ def cmd_whatif(args: argparse.Namespace) -> int:
     params += [("threshold", t) for t in args.threshold] + [("current", c) for c in args.current]
     try:
         doc = fetch(
-            args.url, params, user=args.user, password=os.environ.get(PASSWORD_ENV), cafile=args.cacert
+            args.url,
+            params,
+            user=args.user,
+            password=os.environ.get(PASSWORD_ENV),
+            cafile=args.cacert,
+            server_name=args.server_name,
         )
     except WhatIfError as exc:  # the server speaks in query parameters; the user typed flags
         raise WhatIfError(as_flags(str(exc))) from None
@@ -498,6 +507,11 @@ def parser(dev: bool = True) -> argparse.ArgumentParser:
     rep.add_argument("--user", metavar="USER", help="basic-auth user of the exporter (with --password-file)")
     rep.add_argument("--password-file", metavar="FILE", help="file holding the basic-auth password")
     rep.add_argument("--cacert", metavar="FILE", help="CA certificate to trust for an https --url")
+    rep.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help=SERVER_NAME_HELP,
+    )
     rep.add_argument("--input", metavar="FILE", help="render a saved JSON report (its hash is checked first)")
     rep.add_argument("--verify", metavar="FILE", help="check a report's content hash instead of writing one")
     rep.set_defaults(func=cmd_report)
@@ -577,6 +591,11 @@ def parser(dev: bool = True) -> argparse.ArgumentParser:
     why.add_argument("--json", action="store_true", help="print the JSON document")
     why.add_argument("--user", help="basic-auth user")
     why.add_argument("--cacert", metavar="FILE", help="CA certificate for an https --url")
+    why.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help=SERVER_NAME_HELP,
+    )
     why.set_defaults(func=cmd_explain)
 
     demo = _subcommand(
@@ -643,6 +662,11 @@ def parser(dev: bool = True) -> argparse.ArgumentParser:
     )
     whatif.add_argument("--user", help="basic-auth user (password from $STREAM_FAIR_PASSWORD)")
     whatif.add_argument("--cacert", metavar="FILE", help="CA certificate for an https --url")
+    whatif.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help=SERVER_NAME_HELP,
+    )
     whatif.add_argument("--json", action="store_true", help="print the JSON document")
     whatif.set_defaults(func=cmd_whatif)
     return p
@@ -714,11 +738,27 @@ def _report_from_sources(args: argparse.Namespace, period: Any) -> dict[str, Any
                 f"report error: cannot read --password-file {args.password_file} ({exc.strerror})"
             ) from None
     if len(urls) == 1 and not dirs:  # one instance assembles its own report
-        return fetch_report(urls[0], period, user=args.user, password=password, cafile=args.cacert)
+        return fetch_report(
+            urls[0],
+            period,
+            user=args.user,
+            password=password,
+            cafile=args.cacert,
+            server_name=args.server_name,
+        )
     sources = []
     for url in urls:  # named by the address asked: every sidecar may call itself 0.0.0.0:9800
         raw = inputs_from_json(
-            fetch_report(url, period, user=args.user, password=password, cafile=args.cacert, raw=True), url
+            fetch_report(
+                url,
+                period,
+                user=args.user,
+                password=password,
+                cafile=args.cacert,
+                server_name=args.server_name,
+                raw=True,
+            ),
+            url,
         )
         sources.append(dataclasses.replace(raw, source=url))
     if dirs or not urls:

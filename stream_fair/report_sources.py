@@ -224,6 +224,7 @@ def fetch_report(
     password: str | None = None,
     timeout: float = 30.0,
     cafile: str | None = None,
+    server_name: str | None = None,
     raw: bool = False,
 ) -> dict[str, Any]:
     """GET ``/report.json`` of a running instance (``raw``: its report inputs, ``?raw=1``);
@@ -241,7 +242,7 @@ def fetch_report(
     if user is not None:
         token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
         req.add_header("Authorization", f"Basic {token}")
-    ctx = client_context(cafile)
+    ctx = client_context(cafile, server_name)
     try:
         with urllib.request.urlopen(req, timeout=timeout, context=ctx) as resp:
             body = resp.read()

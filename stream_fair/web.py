@@ -38,6 +38,7 @@ import termios
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import HTTPServer
 from pathlib import Path
@@ -131,20 +132,47 @@ class WebConfig:
         return bool(ok)
 
 
-def client_context(cafile: str | None) -> ssl.SSLContext | None:
-    """The TLS context of a CLI request to an exporter (``--cacert`` of report, explain and whatif):
-    the system's trust store (None), or one trusting ``cafile``; StreamFairError (one line) if the
-    file cannot be read as PEM."""
-    if cafile is None:
+class _NamedContext(ssl.SSLContext):
+    """A client context that checks the certificate against one fixed name, whatever the URL's
+    host (a replica reached by its pod IP or through a port-forward, with a certificate issued for
+    the service's name: Prometheus's ``tls_config.server_name``)."""
+
+    server_name = ""
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        kwargs["server_hostname"] = self.server_name
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
+def client_context(cafile: str | None, server_name: str | None = None) -> ssl.SSLContext | None:
+    """The TLS context of a CLI request to an exporter (``--cacert`` and ``--server-name`` of
+    report, explain and whatif): the system's trust store (None), or one trusting ``cafile``; with
+    ``server_name``, the certificate must name it instead of the URL's host. StreamFairError (one
+    line) if the file cannot be read as PEM."""
+    if cafile is None and server_name is None:
         return None
+    context = ssl.create_default_context if server_name is None else _named(server_name)
     try:
-        return ssl.create_default_context(cafile=cafile)
+        return context(cafile=cafile)
     except OSError as exc:  # ssl.SSLError (not PEM) is an OSError too
         reason = exc.strerror or getattr(exc, "reason", None) or exc
         raise StreamFairError(
             f"cannot read --cacert {cafile} ({reason}): pass the PEM file of the CA that signed the "
             "exporter's certificate"
         ) from None
+
+
+def _named(server_name: str) -> Callable[..., ssl.SSLContext]:
+    def make(cafile: str | None) -> ssl.SSLContext:
+        context = _NamedContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the name
+        context.server_name = server_name
+        if cafile is None:
+            context.load_default_certs()
+        else:
+            context.load_verify_locations(cafile=cafile)
+        return context
+
+    return make
 
 
 def load_web_config(path: str | Path) -> WebConfig:

@@ -36,6 +36,7 @@ def fetch(
     user: str | None = None,
     password: str | None = None,
     cafile: str | None = None,
+    server_name: str | None = None,
     timeout: float = 30.0,
 ) -> dict[str, Any]:
     """GET ``url/whatif?params``; the document, or WhatIfError with the server's message."""
@@ -44,7 +45,7 @@ def fetch(
     if user is not None:
         token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
         req.add_header("Authorization", f"Basic {token}")
-    context = client_context(cafile)
+    context = client_context(cafile, server_name)
     try:
         with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
             return _document(resp.status, resp.read(), url)

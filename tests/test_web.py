@@ -165,6 +165,63 @@ def test_explain_reads_an_https_exporter_with_a_private_ca(cert: Path, tmp_path:
         assert f"cannot read --cacert {absent} (No such file or directory)" in out.stderr, out.stderr
 
 
+def test_server_name_checks_the_certificate_against_another_name_than_the_urls_host(
+    tmp_path: Path,
+) -> None:
+    """The shipped certificate names the service (`stream-fair`), but a per-replica report or an
+    explanation reaches each replica by its pod IP or a port-forward: the name check failed.
+    `--server-name` (report, explain, whatif) checks the certificate against that name instead,
+    still verifying the chain; a wrong name still fails."""
+    from stream_fair.cli import parser as cli_parser
+    from stream_fair.web import client_context
+    from tests.helpers import cli_env, run_cli
+
+    openssl = shutil.which("openssl")
+    assert openssl
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=stream-fair",
+         "-addext", "subjectAltName=DNS:stream-fair",
+         "-keyout", str(tmp_path / "tls.key"), "-out", str(tmp_path / "tls.crt")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    web = _write(tmp_path, {"tls_server_config": {"cert_file": "tls.crt", "key_file": "tls.key"}})
+    health = Health()
+    health.heard(time.monotonic())
+    health.heartbeat = time.monotonic() + 3600  # alive for the whole test
+    reg = registry_for(lambda: (build_report(Tracker(CFG).snapshot(), CFG), PipelineStats()))
+    server = ExporterServer(
+        "127.0.0.1", 0, reg, health, web=load_web_config(web), search=lambda: {"models": {}}
+    ).start()
+    base = f"https://127.0.0.1:{server.port}"
+    ca = str(tmp_path / "tls.crt")
+    try:
+        assert _get(base + "/healthz", client_context(ca, "stream-fair")) == 200
+        for ctx in (client_context(ca), client_context(ca, "another-name")):
+            with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+                _get(base + "/healthz", ctx)
+        env = cli_env()
+        ok = run_cli(
+            "explain",
+            "--url",
+            base,
+            "--search",
+            "--json",
+            "--cacert",
+            ca,
+            "--server-name",
+            "stream-fair",
+            env=env,
+        )
+        assert ok.returncode == 0 and json.loads(ok.stdout) == {"models": {}}, ok.stderr
+        mismatch = run_cli("explain", "--url", base, "--search", "--cacert", ca, env=env)
+        assert mismatch.returncode == 2 and "CERTIFICATE_VERIFY_FAILED" in mismatch.stderr, mismatch.stderr
+    finally:
+        server.stop()
+    parser = cli_parser()
+    for command in (["report", "--url", base], ["whatif", "--url", base, "--model", "m", "--feature", "sex"]):
+        assert parser.parse_args([*command, "--server-name", "stream-fair"]).server_name == "stream-fair"
+
+
 @pytest.mark.parametrize(
     ("doc", "expected"),
     [
