@@ -76,7 +76,7 @@ Source = Callable[[], tuple[Report, PipelineStats]]
 # the report worker's text of a snapshot, with that snapshot and the live stats (app.Detector._rendered)
 RenderedSource = Callable[[], tuple[Snapshot, str, PipelineStats] | None]
 #: The kinds of ``stream_fair_errors_total`` (docs/metrics.md, docs/runbooks.md#streamfairinternalerrors).
-ERROR_KINDS = ("checkpoint", "increments", "leader", "report_worker", "snapshot")
+ERROR_KINDS = ("checkpoint", "increments", "leader", "report_worker", "restore", "snapshot")
 # the last published snapshot and the live stats, without a report (the pipeline's families when
 # building the report fails: lag, fates and connectivity must not vanish with the fairness ones)
 LiveSource = Callable[[], tuple[Snapshot, PipelineStats]]
