@@ -1080,8 +1080,7 @@ class Detector:
         assert self.tracker is not None
         new = {s for s in shards if s not in self.tracker.shards}
         self._to_restore |= new
-        if not self._to_restore:
-            self.health.ready = True
+        self.health.ready = not self._to_restore  # /readyz: ready again when none is restoring
         log.info("partitions assigned: %s (restoring %s)", sorted(shards), sorted(new))
 
     def restore_step(self, budget_s: float = 0.5) -> None:

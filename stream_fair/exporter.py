@@ -553,7 +553,8 @@ def registry_for(
 class Health:
     """Liveness (the loop ticks) and readiness (state loaded and Kafka reachable).
 
-    ``ready`` is set once the first partitions are assigned and their state loaded;
+    ``ready`` is true once partitions are assigned and their state loaded, false again while a
+    later assignment's partitions restore;
     :meth:`connected` turns false when the group has not been healthy (a stable member whose
     coordinator answers heartbeats) for ``unavailable_after`` seconds, and true again when it is.
     """
@@ -629,7 +630,7 @@ class ExporterServer:
                     elif health.ready:
                         self._send(503, b"not ready: kafka unreachable or group not joined\n")
                     else:
-                        self._send(503, b"not ready: no partitions assigned yet\n")
+                        self._send(503, b"not ready: no partitions assigned yet, or restoring their state\n")
                 elif path == "/alarms" and alarms is not None:
                     body = json.dumps(alarms(), indent=1).encode()
                     self._send(200, body, "application/json")
