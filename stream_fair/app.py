@@ -56,6 +56,7 @@ from stream_fair.state.codec import (
 from stream_fair.state.restore import PartitionRestore
 from stream_fair.tracker import TOPICS as TOPIC_NAMES
 from stream_fair.tracker import Checkpoint, Feedback, Shard, Snapshot, Tracker
+from stream_fair.transport.base import ClientError
 
 log = logging.getLogger("stream_fair")
 
@@ -75,6 +76,7 @@ LEAD_FAILING_AFTER = 60.0  # seconds of failed leader starts before they count a
 LEAD_RETRY_FIRST, LEAD_RETRY_MAX = 0.5, 30.0  # seconds between failed leader starts, doubling
 CHECKPOINT_RETRY_FIRST, CHECKPOINT_RETRY_MAX = 1.0, 60.0  # ... between failed checkpoints
 FENCE_CHECK_INTERVAL = 10.0  # seconds between looks for other owners' records behind idle shards
+RESTORE_RETRY_FIRST, RESTORE_RETRY_MAX = 1.0, 30.0  # ... between failed restores (broker errors)
 MAX_OUTBOX = 64  # unacknowledged verdict messages of all owned partitions before input pauses
 # The replica's own feedback monitor and event-time windows (until the model-wide aggregation
 # takes them over): local only.
@@ -192,6 +194,8 @@ class Detector:
         self._fenced: set[int] = set()
         self._fence_reader: Any = None  # reads a changelog gap (created at the first one)
         self._fence_check_at = 0.0  # next look for another owner's records behind an idle shard
+        self._restore_failures = 0  # consecutive broker errors during restores: the retry backs off
+        self._restore_retry_at = 0.0  # no restore step before (time.monotonic())
         self.missing_log = MissingFeatureLog({f.name: str(f.path) for f in config.fairness.features})
         self._checkpoint_failures = 0  # consecutive: the retry backs off
         self._retry_at = 0.0
@@ -1214,7 +1218,10 @@ class Detector:
             if s in self._restores:
                 del self._restores[s]
                 if self._reader is not None:
-                    self._reader.stop(s)
+                    try:
+                        self._reader.stop(s)
+                    except ClientError as exc:  # the next start replaces the assignment anyway
+                        log.warning("partition %d: stopping its restore: %s", s, exc)
         if not lost:
             self.checkpoint(shards)
         with self.lock:
@@ -1231,12 +1238,42 @@ class Detector:
         self._fenced -= shards  # assigned again: restored in full (the marker), then claimed anew
         new = {s for s in shards if s not in self.tracker.shards}
         self._to_restore |= new
-        if not self._to_restore:
-            self.health.ready = True
+        self.health.ready = not self._to_restore  # /readyz: ready again when none is restoring
         log.info("partitions assigned: %s (restoring %s)", sorted(shards), sorted(new))
 
     def restore_step(self, budget_s: float = 0.5) -> None:
-        """Advance the restores of newly assigned partitions; claim and resume the finished ones."""
+        """Advance the restores of newly assigned partitions; claim and resume the finished ones.
+
+        A broker error (a stall past ``kafka.request_timeout_ms``, a lost connection) drops the
+        restores under way, counts an error of kind ``restore`` and retries them after a backoff
+        (:func:`retry_pause`): their partitions stay paused and assigned, and a full restore's
+        ``_RESTORING`` marker makes the retry start it over.
+        """
+        if time.monotonic() < self._restore_retry_at:
+            return
+        try:
+            self._restore_step(budget_s)
+        except ClientError as exc:
+            self._restore_failed(exc)
+        else:
+            self._restore_failures = 0
+
+    def _restore_failed(self, exc: ClientError) -> None:
+        self.stats.errors["restore"] = self.stats.errors.get("restore", 0) + 1
+        self._restore_failures += 1
+        pause = retry_pause(self._restore_failures, RESTORE_RETRY_FIRST, RESTORE_RETRY_MAX)
+        self._restore_retry_at = time.monotonic() + pause
+        self._restores.clear()  # the next start assigns the reader anew
+        assert self.tracker is not None
+        with self.lock:  # a partition whose identity check failed was loaded: loaded again then
+            for p in self._to_restore:
+                self.tracker.drop(p)
+        log.warning(
+            "restore of partitions %s failed, retrying in %.0f s (they stay paused): %s",
+            sorted(self._to_restore), pause, exc,
+        )  # fmt: skip
+
+    def _restore_step(self, budget_s: float) -> None:
         tracker = self.tracker
         assert tracker is not None
         reader = self._reader

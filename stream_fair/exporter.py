@@ -76,7 +76,7 @@ Source = Callable[[], tuple[Report, PipelineStats]]
 # the report worker's text of a snapshot, with that snapshot and the live stats (app.Detector._rendered)
 RenderedSource = Callable[[], tuple[Snapshot, str, PipelineStats] | None]
 #: The kinds of ``stream_fair_errors_total`` (docs/metrics.md, docs/runbooks.md#streamfairinternalerrors).
-ERROR_KINDS = ("checkpoint", "fenced", "increments", "leader", "report_worker", "snapshot")
+ERROR_KINDS = ("checkpoint", "fenced", "increments", "leader", "report_worker", "restore", "snapshot")
 # the last published snapshot and the live stats, without a report (the pipeline's families when
 # building the report fails: lag, fates and connectivity must not vanish with the fairness ones)
 LiveSource = Callable[[], tuple[Snapshot, PipelineStats]]
@@ -553,7 +553,8 @@ def registry_for(
 class Health:
     """Liveness (the loop ticks) and readiness (state loaded and Kafka reachable).
 
-    ``ready`` is set once the first partitions are assigned and their state loaded;
+    ``ready`` is true once partitions are assigned and their state loaded, false again while a
+    later assignment's partitions restore;
     :meth:`connected` turns false when the group has not been healthy (a stable member whose
     coordinator answers heartbeats) for ``unavailable_after`` seconds, and true again when it is.
     """
@@ -629,7 +630,7 @@ class ExporterServer:
                     elif health.ready:
                         self._send(503, b"not ready: kafka unreachable or group not joined\n")
                     else:
-                        self._send(503, b"not ready: no partitions assigned yet\n")
+                        self._send(503, b"not ready: no partitions assigned yet, or restoring their state\n")
                 elif path == "/alarms" and alarms is not None:
                     body = json.dumps(alarms(), indent=1).encode()
                     self._send(200, body, "application/json")

@@ -123,9 +123,21 @@ def test_sidecar_port_and_probes() -> None:
     assert ports == {"sf-metrics": PORT}
     # the example serves HTTPS (exporter.web_config_file); the probe paths need no credentials
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "sf-metrics", "scheme": "HTTPS"}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "sf-metrics", "scheme": "HTTPS"}
+    assert c["startupProbe"]["httpGet"]["scheme"] == "HTTPS"
     assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
     assert c["args"] == ["--config", "/etc/stream-fair/config.yaml"]
+
+
+def test_the_sidecar_can_never_take_the_model_out_of_service() -> None:
+    """A pod is Ready only when all its containers are: a readiness probe on the sidecar's /readyz
+    (503 while Kafka is unreachable or partitions restore) would take the model out of its Service."""
+    pod = _k8s("Deployment")["spec"]["template"]["spec"]
+    assert "readinessProbe" not in _sidecar()
+    for c in pod["containers"]:
+        probe = c.get("readinessProbe") or {}
+        assert (probe.get("httpGet") or {}).get("port") not in ("sf-metrics", PORT), c["name"]
+    doc = (ROOT / "docs" / "deployment.md").read_text()
+    assert "no readiness probe" in doc
 
 
 def test_security_context() -> None:

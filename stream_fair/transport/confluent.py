@@ -564,14 +564,22 @@ class ConfluentChangelogReader:
         return self._watermarks(partition)[0]
 
     def start(self, starts: dict[int, int]) -> None:
-        self.ends = {p: self.end_offset(p) for p in starts}
-        self.positions = dict(starts)
-        self._consumer.assign([ConfluentTopicPartition(self.topic, p, o) for p, o in starts.items()])
+        ends = {p: self.end_offset(p) for p in starts}
+        try:
+            self._consumer.assign([ConfluentTopicPartition(self.topic, p, o) for p, o in starts.items()])
+        except KafkaException as exc:
+            raise ClientError(f"changelog read: {_name(exc)}") from None
+        self.ends, self.positions = ends, dict(starts)
 
     def stop(self, partition: int) -> None:
         self.ends.pop(partition, None)
         self.positions.pop(partition, None)
-        self._consumer.assign([ConfluentTopicPartition(self.topic, p, o) for p, o in self.positions.items()])
+        try:
+            self._consumer.assign(
+                [ConfluentTopicPartition(self.topic, p, o) for p, o in self.positions.items()]
+            )
+        except KafkaException as exc:
+            raise ClientError(f"changelog read: {_name(exc)}") from None
 
     def done(self, partition: int) -> bool:
         return self.positions.get(partition, 0) >= self.ends.get(partition, 0)
@@ -579,7 +587,10 @@ class ConfluentChangelogReader:
     def poll(self, timeout_ms: int = 200) -> list[tuple[int, int, bytes, bytes | None, int]]:
         out = []
         ends, positions = self.ends, self.positions
-        messages: list[Any] = self._consumer.consume(10_000, timeout_ms / 1000)
+        try:
+            messages: list[Any] = self._consumer.consume(10_000, timeout_ms / 1000)
+        except KafkaException as exc:
+            raise ClientError(f"changelog read: {_name(exc)}") from None
         for m in messages:
             p = m.partition()
             end = ends.get(p)

@@ -358,7 +358,11 @@ def _done(wait: Callable[[], Any]) -> bool:
 
 
 class KafkaPythonChangelogReader:
-    """Reads changelog partitions from given offsets up to their end (as of :meth:`start`)."""
+    """Reads changelog partitions from given offsets up to their end (as of :meth:`start`).
+
+    Every call that reaches the broker raises :class:`ClientError` on a client error (a broker
+    that stalls past ``request_timeout_ms``, a lost connection): the restore drops and retries.
+    """
 
     def __init__(self, config: Config, topic: str) -> None:
         self.topic = topic
@@ -375,32 +379,48 @@ class KafkaPythonChangelogReader:
 
     def end_offset(self, partition: int) -> int:
         tp = KafkaTopicPartition(self.topic, partition)
-        return int(self._consumer.end_offsets([tp])[tp])
+        try:
+            return int(self._consumer.end_offsets([tp])[tp])
+        except KafkaError as exc:
+            raise _changelog_error("offsets", exc) from None
 
     def beginning_offset(self, partition: int) -> int:
         tp = KafkaTopicPartition(self.topic, partition)
-        return int(self._consumer.beginning_offsets([tp])[tp])
+        try:
+            return int(self._consumer.beginning_offsets([tp])[tp])
+        except KafkaError as exc:
+            raise _changelog_error("offsets", exc) from None
 
     def start(self, starts: dict[int, int]) -> None:
         tps = {p: KafkaTopicPartition(self.topic, p) for p in starts}
-        ends = self._consumer.end_offsets(list(tps.values()))
+        try:
+            ends = self._consumer.end_offsets(list(tps.values()))
+            self._consumer.assign(list(tps.values()))
+            for p, tp in tps.items():
+                self._consumer.seek(tp, starts[p])
+        except KafkaError as exc:
+            raise _changelog_error("offsets", exc) from None
         self.ends = {p: int(ends[tp]) for p, tp in tps.items()}
         self.positions = dict(starts)
-        self._consumer.assign(list(tps.values()))
-        for p, tp in tps.items():
-            self._consumer.seek(tp, starts[p])
 
     def stop(self, partition: int) -> None:
         self.ends.pop(partition, None)
         self.positions.pop(partition, None)
-        self._consumer.assign([KafkaTopicPartition(self.topic, p) for p in self.ends])
+        try:
+            self._consumer.assign([KafkaTopicPartition(self.topic, p) for p in self.ends])
+        except KafkaError as exc:
+            raise _changelog_error("read", exc) from None
 
     def done(self, partition: int) -> bool:
         return self.positions.get(partition, 0) >= self.ends.get(partition, 0)
 
     def poll(self, timeout_ms: int = 200) -> list[tuple[int, int, bytes, bytes | None, int]]:
         out = []
-        for tp, records in self._consumer.poll(timeout_ms=timeout_ms).items():
+        try:
+            polled = self._consumer.poll(timeout_ms=timeout_ms)
+        except KafkaError as exc:
+            raise _changelog_error("read", exc) from None
+        for tp, records in polled.items():
             end = self.ends.get(tp.partition)
             if end is None:
                 continue
@@ -408,13 +428,23 @@ class KafkaPythonChangelogReader:
                 if r.offset >= end:
                     break
                 out.append((tp.partition, r.offset, r.key, r.value, epoch_of(r.headers, EPOCH_HEADER)))
-        for p in self.ends:
-            # the fetch position, which also moves past offsets compaction removed
-            self.positions[p] = int(self._consumer.position(KafkaTopicPartition(self.topic, p)))
+        try:
+            for p in self.ends:
+                # the fetch position, which also moves past offsets compaction removed
+                self.positions[p] = int(self._consumer.position(KafkaTopicPartition(self.topic, p)))
+        except KafkaError as exc:
+            raise _changelog_error("read", exc) from None
         return out
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
+
+
+def _changelog_error(what: str, exc: KafkaError) -> ClientError:
+    """``changelog offsets: KafkaTimeoutError: Failed to get offsets ... in 6000 ms`` (one line)."""
+    name, detail = type(exc).__name__, (str(exc).splitlines() or [""])[0]
+    detail = detail.removeprefix(name).lstrip(": ")  # kafka-python's text starts with the name
+    return ClientError(f"changelog {what}: {name}" + (f": {detail}" if detail else ""))
 
 
 class KafkaPythonLetters:
