@@ -1157,18 +1157,16 @@ class Detector:
     def check_fences(self, now: float) -> None:
         """Every ``FENCE_CHECK_INTERVAL``: an owned partition whose changelog grew without this
         replica writing (an idle one, which writes nothing that would show it) is examined too."""
-        if now < self._fence_check_at or self._writer is None or self.tracker is None:
+        if self._fence_check_at == 0.0:  # the first look one interval after the start
+            self._fence_check_at = now + FENCE_CHECK_INTERVAL
+        if now < self._fence_check_at or self._reader is None or self.tracker is None:
             return
         self._fence_check_at = now + FENCE_CHECK_INTERVAL
-        from stream_fair import transport
-
         try:
-            if self._fence_reader is None:
-                self._fence_reader = transport.changelog_reader(self.config)
             for p, s in sorted(self.tracker.shards.items()):
                 if p in self._to_restore or p in self._fenced or s.changelog_next is None:
                     continue
-                end = self._fence_reader.end_offset(p)
+                end = self._reader.end_offset(p)  # the restore's reader: no client of its own
                 if end > s.changelog_next:
                     self._examine_gap(p, s.changelog_next, end, 0)
                     if p in self._fenced:

@@ -309,3 +309,38 @@ def test_current_threshold_checked_against_the_recorded_decisions() -> None:
     assert fixed.groups["c"].current_mismatch == 0 and fixed.notes == []
     now = fixed.groups["c"].current_rates["selection_rate"].value
     assert now == pytest.approx(decided[m].mean())  # the realized selection rate
+
+
+def test_a_score_exactly_on_a_decimal_threshold_counts_as_above_it() -> None:
+    """Review finding: the bin edges came from np.linspace, which gives 0.7000000000000001 for
+    0.7 on [0, 1] in 50 bins (also 0.82 and 0.94): a score of exactly 0.7 fell in the bin below,
+    and a what-if at 0.7 (or the current threshold 0.7) counted score > 0.7 instead of >= 0.7,
+    against the docs' promise that every projected count on an edge is exact."""
+    from stream_fair.verdict.increments import ScoreBins
+
+    bins = ScoreBins(0.0, 1.0, 50)
+    for i in range(51):
+        decimal = float(f"{i / 50:.2f}")
+        assert bins.edges()[i] == decimal
+        assert bins.index(decimal) == min(i, 49)
+    s, y, a = _stream(9, GROUPS)
+    s = np.round(s, 2)  # many scores exactly on the edges, as a model rounding its scores gives
+    edges = bins.edges()
+    hists = {
+        g: LabelledHistogram(
+            edges,
+            np.bincount(bins.indices(s[(a == g) & (y == 1)]), minlength=50),
+            np.bincount(bins.indices(s[(a == g) & (y == 0)]), minlength=50),
+        )
+        for g in GROUPS
+    }
+    for t in (0.7, 0.82, 0.94):
+        w = what_if("f", hists, {"b": t}, 0.5, SETTINGS)
+        assert w.groups["b"].rule.thresholds == (t,)
+        m = a == "b"
+        assert np.sum(s[m] == t) > 0  # the case: scores exactly on the threshold
+        want = _np_rates(s[m], y[m], t)
+        assert w.groups["b"].rates["true_positive_rate"].value == pytest.approx(
+            want["true_positive_rate"], abs=1e-12
+        )
+        assert w.groups["b"].rates["selection_rate"].value == pytest.approx(want["selection_rate"], abs=1e-12)

@@ -66,8 +66,14 @@ class ScoreBins:
         if self.count < 0 or (self.count and not self.high > self.low):
             raise ValueError("ScoreBins needs high > low and count >= 0, e.g. ScoreBins(0.0, 1.0, 20)")
         # the edges are the one definition: a score exactly on an edge is in the bin above it
-        # (``score >= edge``, as a threshold reads it), whatever the float rounding of the scaling
-        object.__setattr__(self, "_edges", tuple(np.linspace(self.low, self.high, self.count + 1).tolist()))
+        # (``score >= edge``, as a threshold reads it), whatever the float rounding of the scaling.
+        # ``low + span * (i / count)``, not ``np.linspace``: on [0, 1] in 50 bins linspace gives
+        # 0.7000000000000001 for 0.7 (35 * 0.02), so a score of exactly 0.7 fell below "its" edge
+        # and a what-if at 0.7 counted score > 0.7; i / count is the nearest float to the decimal.
+        span = self.high - self.low
+        edges = [self.low + span * (i / self.count) for i in range(self.count + 1)] if self.count else [self.low]
+        edges[-1] = self.high
+        object.__setattr__(self, "_edges", tuple(edges))
 
     def edges(self) -> NDArray[np.float64]:
         """The ``count + 1`` edges; bin ``b`` is ``[edges[b], edges[b + 1])``, the last one closed."""
