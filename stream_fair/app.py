@@ -76,6 +76,10 @@ LEAD_FAILING_AFTER = 60.0  # seconds of failed leader starts before they count a
 LEAD_RETRY_FIRST, LEAD_RETRY_MAX = 0.5, 30.0  # seconds between failed leader starts, doubling
 CHECKPOINT_RETRY_FIRST, CHECKPOINT_RETRY_MAX = 1.0, 60.0  # ... between failed checkpoints
 RESTORE_RETRY_FIRST, RESTORE_RETRY_MAX = 1.0, 30.0  # ... between failed restores (broker errors)
+# join.max_pending_bytes: the share of a partition's entries its pending events may take; the
+# remembered ids get the rest, at least this complement (duplicates stay recognised)
+BUDGET_PENDING_SHARE = 0.9
+ENTRY_BYTES_WEIGHT = 0.1  # ... and the weight of a checkpoint's measure of the bytes per entry
 MAX_OUTBOX = 64  # unacknowledged verdict messages of all owned partitions before input pauses
 # The replica's own feedback monitor and event-time windows (until the model-wide aggregation
 # takes them over): local only.
@@ -190,6 +194,7 @@ class Detector:
         self._restores: dict[int, PartitionRestore] = {}
         self._restore_failures = 0  # consecutive broker errors during restores: the retry backs off
         self._restore_retry_at = 0.0  # no restore step before (time.monotonic())
+        self._entry_bytes: float | None = None  # measured bytes on disk per stored entry (budget)
         self.missing_log = MissingFeatureLog({f.name: str(f.path) for f in config.fairness.features})
         self._checkpoint_failures = 0  # consecutive: the retry backs off
         self._retry_at = 0.0
@@ -1000,25 +1005,39 @@ class Detector:
         self.windows.load({}, buckets, decode_json(meta)["last_bucket"])
 
     def _apply_byte_budget(self) -> None:
-        """With ``join.max_pending_bytes``, turn the byte budget into each partition's count bound.
+        """With ``join.max_pending_bytes``, turn the byte budget into each partition's count bounds.
 
-        The bound is the budget divided by the measured bytes per stored id (pending and
-        remembered), shared out by the partitions' current sizes; at the bound the events closest
-        to their deadline expire early, exactly as with a count (``docs/state.md``).
+        The budget bounds the owned partitions' entries, pending and remembered together: the
+        allowed count is the budget over the measured bytes per stored entry. Each owned
+        partition gets an equal share: ids are hashed to partitions, so they fill alike, and a new
+        or empty partition is never starved. Of a share its pending events may take
+        ``BUDGET_PENDING_SHARE``; the remembered ids get what they leave. At a bound the events
+        closest to their deadline expire early and the ids closest to being forgotten are
+        forgotten early, exactly as with counts (``docs/state.md``).
         """
         budget = self.config.join.max_pending_bytes
         tracker = self.tracker
         if budget is None or tracker is None or not tracker.shards:
             return
-        entries = {i: s.join.pending_predictions + s.join.pending_outcomes + s.join.remembered
-                   for i, s in tracker.shards.items()}  # fmt: skip
-        total = sum(entries.values())
-        if total < 10_000:  # too few to measure the cost per id: no bound yet
+        owned = sum(s.join.pending_predictions + s.join.pending_outcomes + s.join.remembered
+                    for s in tracker.shards.values())  # fmt: skip
+        total = owned
+        if total >= 10_000:  # below, too few to measure the cost per entry: the last measure holds
+            # the store's bytes per entry, smoothed: memtables and files awaiting compaction swell
+            # for a while after a burst of early expiries, and a bound that followed them would
+            # expire more, swell them again and shrink to nothing
+            measured = max(1.0, self.stats.state_disk_bytes / total)
+            last = self._entry_bytes
+            self._entry_bytes = measured if last is None else last + ENTRY_BYTES_WEIGHT * (measured - last)
+        if self._entry_bytes is None:  # no bound yet
             return
-        allowed = budget / max(1.0, self.stats.state_disk_bytes / total)
-        for i, s in tracker.shards.items():
-            share = allowed * (entries[i] / total if total else 1 / len(entries))
-            s.join.max_pending = max(1, int(share))
+        allowed = budget / self._entry_bytes
+        share = allowed / len(tracker.shards)
+        for s in tracker.shards.values():
+            j = s.join
+            j.max_pending = max(1, int(share * BUDGET_PENDING_SHARE))
+            pending = min(j.max_pending, j.pending_predictions + j.pending_outcomes)
+            j.max_remembered = max(1, int(share) - pending)
 
     def _checkpoint_failed(self, exc: Exception) -> None:
         self.stats.errors["checkpoint"] = self.stats.errors.get("checkpoint", 0) + 1
