@@ -11,14 +11,18 @@ limit; (3) a partition that moved away kept its keys on disk for good, charged t
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
+from stream_fair import app as app_module
 from stream_fair.app import BUDGET_PENDING_SHARE, Detector
 from stream_fair.config import Config, notes
 from stream_fair.kafka_io import DeadLetters
+from stream_fair.state.codec import SPACE_COUNTS, SPACE_DEADLINE, SPACE_ID, SPACE_META, prefix
 from tests.test_checkpoint_pace import NoGroup
 
 T0 = 1_700_000_000.0
@@ -118,6 +122,35 @@ def test_a_new_partition_gets_an_equal_share_and_is_not_starved(tmp_path: Path) 
     assert new.max_pending == big.max_pending > 10_000, (new.max_pending, big.max_pending)
     feed(1, 2_000, joined=False)  # its predictions wait for their outcomes
     assert new.capacity_evictions == [0, 0] and new.pending_predictions == 2_000
+    d.close()
+
+
+def test_a_partition_that_moved_away_is_deleted_after_local_max_age(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app_module, "MOVED_CHECK_EVERY", 0.0)
+    d = detector(tmp_path, "100MB", changelog=True, local_max_age="2s")  # no changelog attached
+    feed = Feed(d)
+    feed(0, 6_000)
+    feed(1, 6_000)
+    d._on_revoke({1})  # moved to another replica: its keys stay, for a quick return
+
+    def keys(p: int) -> int:
+        spaces = (SPACE_ID, SPACE_DEADLINE, SPACE_COUNTS, SPACE_META)
+        return sum(len(d.backend.scan(prefix(s, p), prefix(s, p + 1))) for s in spaces)
+
+    feed(0, 10)
+    assert keys(1) > 6_000 and d._kept == {1: 6_000}
+    assert d.tracker is not None
+    # the kept copy's bytes are not charged to the budget: its entries count in the cost per
+    # entry, and the whole allowed count goes to the owned partition
+    assert d._entry_bytes is not None
+    share = 100_000_000 / d._entry_bytes
+    assert d.tracker.shards[0].join.max_pending == int(share * BUDGET_PENDING_SHARE)
+    time.sleep(2.1)
+    feed(0, 10)
+    assert keys(1) == 0 and d._kept == {}
+    assert keys(0) > 6_000  # the owned partition is untouched
     d.close()
 
 
