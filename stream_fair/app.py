@@ -42,6 +42,7 @@ from stream_fair.state.codec import (
     SPACE_COUNTS,
     SPACE_HIST,
     SPACE_ID,
+    SPACE_META,
     WINDOWS_PREFIX,
     decode_id,
     decode_json,
@@ -53,7 +54,7 @@ from stream_fair.state.codec import (
     parse_feedback_key,
     prefix,
 )
-from stream_fair.state.restore import PartitionRestore
+from stream_fair.state.restore import PartitionRestore, delete_partition
 from stream_fair.tracker import TOPICS as TOPIC_NAMES
 from stream_fair.tracker import Checkpoint, Feedback, Shard, Snapshot, Tracker
 from stream_fair.transport.base import ClientError
@@ -77,6 +78,11 @@ LEAD_RETRY_FIRST, LEAD_RETRY_MAX = 0.5, 30.0  # seconds between failed leader st
 CHECKPOINT_RETRY_FIRST, CHECKPOINT_RETRY_MAX = 1.0, 60.0  # ... between failed checkpoints
 FENCE_CHECK_INTERVAL = 10.0  # seconds between looks for other owners' records behind idle shards
 RESTORE_RETRY_FIRST, RESTORE_RETRY_MAX = 1.0, 30.0  # ... between failed restores (broker errors)
+MOVED_CHECK_EVERY = 60.0  # seconds between looks for local copies of partitions that moved away
+# join.max_pending_bytes: the share of a partition's entries its pending events may take; the
+# remembered ids get the rest, at least this complement (duplicates stay recognised)
+BUDGET_PENDING_SHARE = 0.9
+ENTRY_BYTES_WEIGHT = 0.1  # ... and the weight of a checkpoint's measure of the bytes per entry
 MAX_OUTBOX = 64  # unacknowledged verdict messages of all owned partitions before input pauses
 # The replica's own feedback monitor and event-time windows (until the model-wide aggregation
 # takes them over): local only.
@@ -196,6 +202,10 @@ class Detector:
         self._fence_check_at = 0.0  # next look for another owner's records behind an idle shard
         self._restore_failures = 0  # consecutive broker errors during restores: the retry backs off
         self._restore_retry_at = 0.0  # no restore step before (time.monotonic())
+        # partitions that moved away whose local copy is kept (state.local_max_age): their entries
+        self._kept: dict[int, int] = {}
+        self._kept_checked = float("-inf")  # time.monotonic() of the last look
+        self._entry_bytes: float | None = None  # measured bytes on disk per stored entry (budget)
         self.missing_log = MissingFeatureLog({f.name: str(f.path) for f in config.fairness.features})
         self._checkpoint_failures = 0  # consecutive: the retry backs off
         self._retry_at = 0.0
@@ -857,6 +867,7 @@ class Detector:
                 self._finish_publish(captured)
                 self._save_windows()
                 self._crash("local")
+                self._drop_moved_copies(time.monotonic())
                 self.stats.state_disk_bytes = self.backend.disk_bytes()
                 self._apply_byte_budget()
             elif self.windows.unsaved_buckets:  # left by a failed write, on an idle stream too
@@ -1017,25 +1028,73 @@ class Detector:
         self.windows.load({}, buckets, decode_json(meta)["last_bucket"])
 
     def _apply_byte_budget(self) -> None:
-        """With ``join.max_pending_bytes``, turn the byte budget into each partition's count bound.
+        """With ``join.max_pending_bytes``, turn the byte budget into each partition's count bounds.
 
-        The bound is the budget divided by the measured bytes per stored id (pending and
-        remembered), shared out by the partitions' current sizes; at the bound the events closest
-        to their deadline expire early, exactly as with a count (``docs/state.md``).
+        The budget bounds the owned partitions' entries, pending and remembered together: the
+        allowed count is the budget over the measured bytes per stored entry (the store's bytes over
+        every entry it holds, the kept copies of partitions that moved away included, whose bytes
+        are not charged to the budget). Each owned partition gets an equal share: ids are hashed
+        to partitions, so they fill alike, and a new or empty partition is never starved. Of a
+        share its pending events may take ``BUDGET_PENDING_SHARE``; the remembered ids get what
+        they leave. At a bound the events closest to their deadline expire early and the ids
+        closest to being forgotten are forgotten early, exactly as with counts
+        (``docs/state.md``).
         """
         budget = self.config.join.max_pending_bytes
         tracker = self.tracker
         if budget is None or tracker is None or not tracker.shards:
             return
-        entries = {i: s.join.pending_predictions + s.join.pending_outcomes + s.join.remembered
-                   for i, s in tracker.shards.items()}  # fmt: skip
-        total = sum(entries.values())
-        if total < 10_000:  # too few to measure the cost per id: no bound yet
+        owned = sum(s.join.pending_predictions + s.join.pending_outcomes + s.join.remembered
+                    for s in tracker.shards.values())  # fmt: skip
+        total = owned + sum(self._kept.values())
+        if total >= 10_000:  # below, too few to measure the cost per entry: the last measure holds
+            # the store's bytes per entry, smoothed: memtables and files awaiting compaction swell
+            # for a while after a burst of early expiries, and a bound that followed them would
+            # expire more, swell them again and shrink to nothing
+            measured = max(1.0, self.stats.state_disk_bytes / total)
+            last = self._entry_bytes
+            self._entry_bytes = measured if last is None else last + ENTRY_BYTES_WEIGHT * (measured - last)
+        if self._entry_bytes is None:  # no bound yet
             return
-        allowed = budget / max(1.0, self.stats.state_disk_bytes / total)
-        for i, s in tracker.shards.items():
-            share = allowed * (entries[i] / total if total else 1 / len(entries))
-            s.join.max_pending = max(1, int(share))
+        allowed = budget / self._entry_bytes
+        share = allowed / len(tracker.shards)
+        for s in tracker.shards.values():
+            j = s.join
+            j.max_pending = max(1, int(share * BUDGET_PENDING_SHARE))
+            pending = min(j.max_pending, j.pending_predictions + j.pending_outcomes)
+            j.max_remembered = max(1, int(share) - pending)
+
+    def _drop_moved_copies(self, now: float) -> None:
+        """Delete the local copies of partitions that moved away more than ``state.local_max_age``
+        ago (at most every ``MOVED_CHECK_EVERY`` seconds, at a checkpoint).
+
+        A revoked partition's keys stay for a while so that a partition coming back restores only
+        the changelog tail; past ``local_max_age`` a returning copy is not trusted (a full restore
+        replaces it), so keeping it only costs disk. Without the changelog the local copy is all
+        there is, and it stays.
+        """
+        tracker = self.tracker
+        if tracker is None or not self.config.state.changelog or now - self._kept_checked < MOVED_CHECK_EVERY:
+            return
+        self._kept_checked = now
+        kept: dict[int, int] = {}
+        for key, raw in self.backend.scan(prefix(SPACE_META, 0), prefix(SPACE_META + 1, 0)):
+            p = int.from_bytes(key[1:3], "big")
+            if len(key) != 3 or p in tracker.shards or p in self._to_restore:  # a meta is only its prefix
+                continue
+            meta = decode_json(raw)
+            age = time.time() - float(meta.get("wall", 0.0))
+            if age < self.config.state.local_max_age:
+                j = meta.get("join") or {}
+                kept[p] = sum(int(n) for n in j.get("pending", ())) + int(j.get("remembered", 0))
+                continue
+            delete_partition(self.backend, p)
+            self.backend.write({prefix(0, p) + _RESTORING: None})
+            log.info(
+                "partition %d: local copy deleted, last written %.0f s ago (state.local_max_age %.0f s)",
+                p, age, self.config.state.local_max_age,
+            )  # fmt: skip
+        self._kept = kept
 
     def _checkpoint_failed(self, exc: Exception) -> None:
         self.stats.errors["checkpoint"] = self.stats.errors.get("checkpoint", 0) + 1
@@ -1225,6 +1284,9 @@ class Detector:
         with self.lock:
             assert self.tracker is not None
             for s in shards:
+                j = self.tracker.shards[s].join if s in self.tracker.shards else None
+                if j is not None:  # its local copy stays (state.local_max_age), not in the budget
+                    self._kept[s] = j.pending_predictions + j.pending_outcomes + j.remembered
                 self.tracker.drop(s)
                 if self._dead is not None:
                     self._dead.drop(s)
@@ -1236,6 +1298,8 @@ class Detector:
         self._fenced -= shards  # assigned again: restored in full (the marker), then claimed anew
         new = {s for s in shards if s not in self.tracker.shards}
         self._to_restore |= new
+        for s in new:
+            self._kept.pop(s, None)
         self.health.ready = not self._to_restore  # /readyz: ready again when none is restoring
         log.info("partitions assigned: %s (restoring %s)", sorted(shards), sorted(new))
 

@@ -574,6 +574,13 @@ def notes(config: Config) -> list[str]:
             f"schema.prediction.score is null: {off} calibration checks and the threshold what-ifs "
             "are off (they need each prediction's score); set it to the score's field to have them"
         )
+    budget, buffers = config.join.max_pending_bytes, 10 * config.state.write_buffer_bytes
+    if budget is not None and budget < buffers:
+        out.append(
+            f"join.max_pending_bytes ({budget} bytes) is below the room RocksDB takes for its "
+            f"memtables and level-0 files, about 10 x state.write_buffer_bytes ({buffers} bytes): "
+            "most pending predictions will expire early; raise it or lower state.write_buffer_bytes"
+        )
     return out
 
 

@@ -50,6 +50,14 @@ from stream_fair.state.codec import (
 
 EPOCH_HEADER = "sf.epoch"
 _FLUSH_EVERY = 20_000
+# A partition's key spaces in the local store (its keys are one range per space, codec.py)
+PARTITION_SPACES = (SPACE_ID, SPACE_DEADLINE, SPACE_FORGET, SPACE_COUNTS, SPACE_HIST, SPACE_META)
+
+
+def delete_partition(backend: Any, partition: int) -> None:
+    """Remove a partition's keys from the local store: every key space of it (``codec.py``)."""
+    for space in PARTITION_SPACES:
+        backend.delete_range(prefix(space, partition), prefix(space, partition + 1))
 
 
 def index_entries(
@@ -107,8 +115,7 @@ class PartitionRestore:
         self.start = 0  # the changelog offset the restore reads from
         self.position = 0  # the next offset to feed
         if full:
-            for space in (SPACE_ID, SPACE_DEADLINE, SPACE_FORGET, SPACE_COUNTS, SPACE_HIST, SPACE_META):
-                self.backend.delete_range(prefix(space, partition), prefix(space, partition + 1))
+            delete_partition(self.backend, partition)
 
     def feed(self, offset: int, key: bytes, value: bytes | None, epoch: int) -> None:
         if offset < self.position:

@@ -101,6 +101,10 @@ ERR_LOCKED = (
     "state.path (a pod-local volume), or stop the other process"
 )
 ERR_OPEN = "state error: cannot open {path}: {reason}: set state.path to a writable directory"
+ERR_CORRUPT = (
+    "state error: cannot open {path}: {reason}: the store is corrupt; point state.path to a new, "
+    "empty directory (with state.changelog on, the state is restored from the changelog)"
+)
 ERR_FINGERPRINT = (
     "state error: {path} was written for another configuration ({keys} differ): run with that "
     "configuration, or start over with an empty state.path and a new kafka.group_id (and a new "
@@ -144,7 +148,8 @@ class RocksBackend:
             text = str(exc)
             if "lock" in text.lower():
                 raise StateError(ERR_LOCKED.format(path=self.path)) from None
-            raise StateError(ERR_OPEN.format(path=self.path, reason=text.splitlines()[0])) from None
+            why = ERR_CORRUPT if "corruption" in text.lower() else ERR_OPEN
+            raise StateError(why.format(path=self.path, reason=text.splitlines()[0])) from None
         self._async = WriteOptions()
         self._async.sync = False
         self._sync = WriteOptions()
@@ -292,7 +297,8 @@ class RocksBackend:
 
     # -- facts ----------------------------------------------------------------------------------
     def disk_bytes(self) -> int:
-        """Live SST and WAL bytes on disk (RocksDB's own estimate)."""
+        """Live SST files and memtables (the WAL holds the memtables' writes on disk too), by
+        RocksDB's own estimate."""
         total = 0
         for db in (self._db, self._index):
             for name in ("rocksdb.total-sst-files-size", "rocksdb.cur-size-all-mem-tables"):
