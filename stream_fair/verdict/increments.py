@@ -71,8 +71,9 @@ class ScoreBins:
         # 0.7000000000000001 for 0.7 (35 * 0.02), so a score of exactly 0.7 fell below "its" edge
         # and a what-if at 0.7 counted score > 0.7; i / count is the nearest float to the decimal.
         span = self.high - self.low
-        edges = [self.low + span * (i / self.count) for i in range(self.count + 1)] if self.count else [self.low]
-        edges[-1] = self.high
+        edges = [self.low + span * (i / self.count) for i in range(self.count)] + [self.high]
+        if not self.count:  # no bins (scores not kept): one edge, as np.linspace gave
+            edges = [self.low]
         object.__setattr__(self, "_edges", tuple(edges))
 
     def edges(self) -> NDArray[np.float64]:
