@@ -1132,16 +1132,16 @@ class Detector:
             # this checkpoint's records follow the previous meta, unless someone else wrote between
             start = self.tracker.shards[p].changelog_next
             if start is not None and nxt != start + sent[p] + 1:
-                self._examine_gap(p, start, nxt - 1, sent[p])
+                self._examine_gap(p, start, nxt - 1)
         return out
 
-    def _examine_gap(self, p: int, start: int, end: int, mine: int) -> None:
-        """Records in partition ``p``'s changelog ``[start, end)`` that this replica did not write
-        (``mine`` of them are its own): another owner's, or a previous owner's written late.
+    def _examine_gap(self, p: int, start: int, end: int) -> None:
+        """Records in partition ``p``'s changelog ``[start, end)`` besides this checkpoint's own:
+        another owner's, a previous owner's written late, or this replica's failed attempts.
 
-        A higher epoch (or more records of this epoch than this replica wrote) means the partition
-        was claimed by another replica (this one was evicted from the group without knowing yet):
-        it is fenced (:meth:`_fence`) and this checkpoint is not committed for it. Lower epochs are
+        A higher epoch means the partition was claimed by another replica (this one was evicted
+        from the group without knowing yet): it is fenced (:meth:`_fence`) and this checkpoint is
+        not committed for it. Lower epochs are
         a previous owner's late writes: the reader ignores them, but compaction would keep them as
         the newest record of their keys, so their keys are rewritten by the next checkpoint.
         """
@@ -1163,8 +1163,9 @@ class Detector:
             raise transport.ClientError(
                 f"changelog partition {p}: could not read offsets {start}..{end} in time"
             )
-        own = sum(1 for _k, epoch in found if epoch == s.epoch)
-        if any(epoch > s.epoch for _k, epoch in found) or own > mine:
+        # records of this epoch are this replica's: this checkpoint's, or those of an attempt that
+        # failed after sending its data (the retry re-sends them, so they are applied in order)
+        if any(epoch > s.epoch for _k, epoch in found):
             self._fence(p, max(epoch for _k, epoch in found))
             return
         late = {key for key, epoch in found if epoch < s.epoch}
@@ -1227,7 +1228,7 @@ class Detector:
                     continue
                 end = self._reader.end_offset(p)  # the restore's reader: no client of its own
                 if end > s.changelog_next:
-                    self._examine_gap(p, s.changelog_next, end, 0)
+                    self._examine_gap(p, s.changelog_next, end)
                     if p in self._fenced:
                         self._drop_fenced(p)
                     else:  # examined: the next checkpoint's records follow them

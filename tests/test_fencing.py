@@ -225,3 +225,35 @@ def test_a_crashed_checkpoints_tail_is_repaired_by_the_claim_without_a_fence(
         assert again.backend.get(key) == committed
     newest = [(v, e) for _o, k, v, e in _changelog(cfg, 0) if k == key][-1]
     assert newest == (committed, epoch + 1)  # the claim rewrote it
+
+
+def test_a_retried_checkpoint_after_its_own_failed_attempt_is_no_fence(
+    kafka_bootstrap: str, topic_names: Any, group_id: str, tmp_path: Path
+) -> None:
+    """A checkpoint that fails after sending its data (the meta refused) is retried: the retry's
+    records land after the failed attempt's, all of this replica's epoch. Those are its own, not
+    another writer's: nothing is fenced and the counts are exact."""
+    cfg, total = _setup(kafka_bootstrap, topic_names, group_id, tmp_path, 300)
+    with _Running(Detector(cfg, exporter_port=0)) as d:
+        wait_consumed(d.port, total, 60)
+        wait_for(
+            lambda: d.tracker is not None and d.tracker.shards[0].changelog_next is not None,
+            30,
+            "a checkpoint",
+        )
+        writer = d._writer
+        real, failed = writer.send_meta, []
+
+        def refuse_once(*args: Any, **kwargs: Any) -> Any:
+            if not failed:
+                failed.append(True)
+                raise RuntimeError("the broker refused the meta")
+            return real(*args, **kwargs)
+
+        writer.send_meta = refuse_once
+        more = _events(80, seed=33)
+        produce_events(kafka_bootstrap, topic_names.predictions, topic_names.outcomes, more)
+        n_pred = sum(1 for kind, _ in more if kind == "prediction")
+        wait_consumed(d.port, (total[0] + n_pred, total[1] + len(more) - n_pred), 60)
+        assert failed and d.stats.errors.get("checkpoint", 0) >= 1  # the attempt failed, then the retry
+        assert d.stats.errors.get("fenced", 0) == 0 and not d._fenced and 0 in d.tracker.shards
