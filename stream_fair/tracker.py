@@ -798,7 +798,10 @@ class Tracker:
         the next checkpoint, so the leader can tell an idle, caught-up partition from a lost one."""
         now = time.time()
         for s in self.shards.values():
-            if s.builder is not None and now - s.announced_at >= HEARTBEAT_SECONDS:
+            # not while messages wait for the increments topic: they say the partition is alive
+            # when they go, and a heartbeat each interval would grow the outbox (in every meta)
+            # for as long as the topic refuses writes
+            if s.builder is not None and not s.outbox and now - s.announced_at >= HEARTBEAT_SECONDS:
                 s.changed = True
 
     def unannounce(self, shard: int) -> None:
@@ -877,7 +880,7 @@ class Tracker:
         assert s.builder is not None
         if len(s.builder):
             s.built.extend(s.builder.build("", None).counts)
-        quiet = time.time() - s.announced_at < HEARTBEAT_SECONDS
+        quiet = bool(s.outbox) or time.time() - s.announced_at < HEARTBEAT_SECONDS
         if not s.built and s.offsets == s.committed_offsets and s.caught_up == s.announced and quiet:
             return list(s.outbox)
         wm = s.join.watermark

@@ -187,3 +187,31 @@ def test_batch_equals_record_by_record(seed: int) -> None:
         assert sum(snap.capacity_evictions.values()) > 0
         iso = sum(1 for _, _, r in records if r.value and b'"ts":"' in r.value)
         assert iso > 1000
+
+
+def test_heartbeats_wait_while_the_increments_topic_refuses_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding: while the increments topic refused writes, every 10 s heartbeat added one
+    more message to each partition's outbox, which every meta carries: 8,640 messages (1.3 MB per
+    meta) after a day, past the changelog's message size after about six. A partition with
+    unacknowledged messages sends no heartbeat: they tell the leader it is alive once they go."""
+    import stream_fair.tracker as tracker_module
+
+    import types
+
+    clock = [1_800_000_000.0]
+    monkeypatch.setattr(tracker_module, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    with tempfile.TemporaryDirectory() as d:
+        t = tracker(d)
+        recs = [r for _p, topic, r in messy_records(3, 400, 1) if topic == 0][:50]
+        t.process(0, 0, recs)
+        t.set_behind(0, 0, False)
+        t.set_behind(0, 1, False)
+        for _ in range(360):  # an hour of checkpoints, every 10 s; nothing is acknowledged
+            clock[0] += 10.0
+            t.heartbeat()
+            t.commit(t.checkpoint())
+        assert len(t.shards[0].outbox) <= 2
+        t.shards[0].outbox.clear()  # the topic is back: acknowledged
+        clock[0] += 10.0
+        t.heartbeat()
+        assert t.shards[0].changed  # heartbeats resume
