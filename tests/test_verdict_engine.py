@@ -435,3 +435,61 @@ def test_the_monitor_pages_with_the_engine_and_keeps_it_in_its_state() -> None:
     again = monitors[1].snapshot()
     assert again.alarm_events == snap.alarm_events
     assert again.features[("m", "group")].alarms == snap.features[("m", "group")].alarms
+
+
+def _late_rows(cohort: int, hour: int, c_tpr: float, n: tuple[int, int, int]) -> list[CellCounts]:
+    """One cohort's labelled pairs of groups A, B (TPR 0.8) and C, arriving at ``hour``."""
+    out = []
+    for g, pos in zip("ABC", n, strict=True):
+        tp = round(pos * (0.8 if g != "C" else c_tpr))
+        out.append(
+            CellCounts(
+                "m", (g,), cohort, hour * 6, (900, 300), (tp, 100, 900, pos - tp), max_ts=hour * 3600.0 + 1
+            )
+        )
+    return out
+
+
+def _tpr_events(late: bool, schedule: Any, hours: int) -> list[tuple[str, float]]:
+    s = VerdictSettings(bins=ScoreBins(count=0), use_scores=False, rates=("true_positive_rate",))
+    e = VerdictEngine(feature_keys(["group"], []), s)
+    for hour in range(hours):
+        e.update(Increment("p0", (hour + 1) * 3600.0, tuple(schedule(hour, late))))
+    return [(x.kind, x.ts / 3600.0) for x in e.events if x.disparity == "equal_opportunity_difference"]
+
+
+def test_late_labels_from_before_a_change_do_not_clear_its_alarm() -> None:
+    """Review finding: labels of cohorts already folded into the detectors' prefix reached every
+    track, also the clear track, which must only see cohorts after the raise. C's TPR drops to 0.5
+    at cohort 10 and stays there; a late backfill of cohorts 0-9 (no gap then) cleared the alarm."""
+
+    def schedule(hour: int, late: bool) -> list[CellCounts]:
+        big = (1000, 1000, 500)
+        rows = _late_rows(hour, hour, 0.8 if hour < 10 else 0.5, big if 10 <= hour < 15 else (100, 100, 50))
+        if late and hour >= 46:  # the rest of cohorts 0..9's labels, two days late
+            for c in range(2 * (hour - 46), 2 * (hour - 46) + 2):
+                rows += _late_rows(c, hour, 0.8, (4000, 4000, 2000))
+        return rows
+
+    prompt = _tpr_events(False, schedule, 52)
+    assert prompt and all(kind == "alarm_raised" for kind, _ in prompt)
+    assert _tpr_events(True, schedule, 52) == prompt
+
+
+def test_late_labels_of_a_cleared_incident_do_not_raise_it_again() -> None:
+    """After a clear, the raise tracks start at cohorts after it (a recurrence is new evidence):
+    a late backfill of the incident's own cohorts raised it a second time."""
+
+    def schedule(hour: int, late: bool) -> list[CellCounts]:
+        rows = (
+            _late_rows(hour, hour, 0.5, (300, 300, 150))
+            if 10 <= hour < 13
+            else _late_rows(hour, hour, 0.8, (1000, 1000, 500))
+        )
+        if late and hour >= 54:
+            rows += _late_rows(10 + (hour - 54) % 3, hour, 0.5, (3000, 3000, 1500))
+        return rows
+
+    prompt = _tpr_events(False, schedule, 60)
+    assert [kind for kind, _ in prompt][-1] == "alarm_cleared"
+    assert _tpr_events(True, schedule, 60) == prompt

@@ -261,6 +261,14 @@ class VerdictEngine:
         folded = ms.folded if ms.folded is not None else int(ev.cohort.min()) - 1
         late = ev.cohort <= folded
         if late.any():  # strata of folded cohorts all go to the detectors' prefixes: sum them first
+            # ... but only into the tracks that cover their cohorts: the raise tracks start after
+            # the last clear (a recurrence is new evidence), the clear track after the raise (late
+            # labels from before a change must not clear it)
+            lo = np.iinfo(np.int64).min
+            start_after = np.array([lo if d.start_after is None else d.start_after for _, d in dets])[inv]
+            clear_after = np.array([lo if d.clear_after is None else d.clear_after for _, d in dets])[inv]
+            values[late & (ev.cohort <= start_after), 0:2] = 0.0
+            values[late & (ev.cohort <= clear_after), 2] = 0.0
             summed = sum_by(inv[late], values[late], ids.size)
             for u in np.unique(inv[late]).tolist():
                 v = summed[u].tolist()
