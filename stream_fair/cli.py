@@ -302,7 +302,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 PASSWORD_ENV = "STREAM_FAIR_PASSWORD"
 SERVER_NAME_HELP = (
     "the name the exporter's certificate must carry when the --url host is another "
-    "(a replica's pod IP, a port-forward); Prometheus's tls_config.server_name"
+    "(a replica's pod IP, or localhost through a port forward); Prometheus's tls_config.server_name"
 )
 
 
