@@ -386,7 +386,9 @@ def test_a_frozen_replica_is_evicted_and_writes_nothing_behind_the_new_owner(
         settled([a, b])  # a rejoined
         assert_exact(wait_all([a, b], exp, timeout=120), exp)
         assert _late_writes(kafka_bootstrap, changelog_topic(load_config(config))) == []
-        assert "lost: this replica was evicted from the group" in a.log.read_text(errors="replace")
+        # the group told it its partitions were lost (rule 3, the idle owner's look, may have
+        # dropped them a moment before: then this line is the only trace of the lost path)
+        assert "partitions lost: [" in a.log.read_text(errors="replace")
     finally:
         if a.proc.poll() is None:
             a.proc.send_signal(signal.SIGCONT)
