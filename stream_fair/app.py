@@ -1141,9 +1141,9 @@ class Detector:
 
         A higher epoch means the partition was claimed by another replica (this one was evicted
         from the group without knowing yet): it is fenced (:meth:`_fence`) and this checkpoint is
-        not committed for it. Lower epochs are
-        a previous owner's late writes: the reader ignores them, but compaction would keep them as
-        the newest record of their keys, so their keys are rewritten by the next checkpoint.
+        not committed for it. Lower epochs are a previous owner's late writes: the reader ignores
+        them, but compaction would keep them as the newest record of their keys, so their keys are
+        rewritten by the next checkpoint.
         """
         from stream_fair import transport
 
@@ -1240,12 +1240,8 @@ class Detector:
 
     def _drop_fenced(self, p: int) -> None:
         assert self.tracker is not None
-        with self.lock:
-            self.tracker.unannounce(p)
-            self.tracker.drop(p)
-            if self._dead is not None:
-                self._dead.drop(p)
-            self._publish()
+        self.tracker.unannounce(p)
+        self._drop({p})
 
     # -- rebalances -------------------------------------------------------------------------
     def _on_revoke(self, shards: set[int]) -> None:
@@ -1282,6 +1278,11 @@ class Detector:
                         log.warning("partition %d: stopping its restore: %s", s, exc)
         if not lost:
             self.checkpoint(shards)
+        self._drop(shards)
+        log.info("partitions %s: %s", "lost" if lost else "revoked", sorted(shards))
+
+    def _drop(self, shards: set[int]) -> None:
+        """Forget these shards in memory (their local copies stay, kept out of the byte budget)."""
         with self.lock:
             assert self.tracker is not None
             for s in shards:
@@ -1292,7 +1293,6 @@ class Detector:
                 if self._dead is not None:
                     self._dead.drop(s)
             self._publish()
-        log.info("partitions %s: %s", "lost" if lost else "revoked", sorted(shards))
 
     def _on_assign(self, shards: set[int]) -> None:
         assert self.tracker is not None

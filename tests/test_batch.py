@@ -194,9 +194,9 @@ def test_heartbeats_wait_while_the_increments_topic_refuses_writes(monkeypatch: 
     more message to each partition's outbox, which every meta carries: 8,640 messages (1.3 MB per
     meta) after a day, past the changelog's message size after about six. A partition with
     unacknowledged messages sends no heartbeat: they tell the leader it is alive once they go."""
-    import stream_fair.tracker as tracker_module
-
     import types
+
+    import stream_fair.tracker as tracker_module
 
     clock = [1_800_000_000.0]
     monkeypatch.setattr(tracker_module, "time", types.SimpleNamespace(time=lambda: clock[0]))

@@ -101,6 +101,14 @@ def _write(cfg: Config, key: bytes, value: bytes | None, epoch: int) -> None:
         producer.close()
 
 
+def _committed(d: Detector, total: tuple[int, int]) -> None:
+    """Wait until ``d`` consumed the stream and committed a checkpoint of partition 0."""
+    wait_consumed(d.port, total, 60)
+    wait_for(
+        lambda: d.tracker is not None and d.tracker.shards[0].changelog_next is not None, 30, "a checkpoint"
+    )
+
+
 class _Running:
     def __init__(self, detector: Detector) -> None:
         self.detector, self.stop, self.failure = detector, threading.Event(), []  # type: list[BaseException]
@@ -141,12 +149,7 @@ def test_a_previous_owners_late_record_is_rewritten_so_compaction_keeps_the_comm
     monkeypatch.setattr(app_module, "FENCE_CHECK_INTERVAL", 0.5)
     cfg, total = _setup(kafka_bootstrap, topic_names, group_id, tmp_path, 400)
     with _Running(Detector(cfg, exporter_port=0)) as d:
-        wait_consumed(d.port, total, 60)
-        wait_for(
-            lambda: d.tracker is not None and d.tracker.shards[0].changelog_next is not None,
-            30,
-            "a checkpoint",
-        )
+        _committed(d, total)
         s = d.tracker.shards[0]
         epoch = s.epoch
         pending = d.backend.scan(prefix(SPACE_ID, 0), prefix(SPACE_ID, 1), limit=1)
@@ -175,12 +178,7 @@ def test_a_higher_epoch_behind_the_claim_fences_this_replica_and_nothing_is_comm
     monkeypatch.setattr(app_module, "FENCE_CHECK_INTERVAL", 3600.0)  # found by the checkpoint's own check
     cfg, total = _setup(kafka_bootstrap, topic_names, group_id, tmp_path, 400)
     with _Running(Detector(cfg, exporter_port=0)) as d:
-        wait_consumed(d.port, total, 60)
-        wait_for(
-            lambda: d.tracker is not None and d.tracker.shards[0].changelog_next is not None,
-            30,
-            "a checkpoint",
-        )
+        _committed(d, total)
         epoch = d.tracker.shards[0].epoch
         before = decode_json(d.backend.get(meta_key(0)))
         # another replica's claim (this one was evicted and does not know it yet)
@@ -207,12 +205,7 @@ def test_a_crashed_checkpoints_tail_is_repaired_by_the_claim_without_a_fence(
     restore stopped reading, so nothing is fenced or counted as an error."""
     cfg, total = _setup(kafka_bootstrap, topic_names, group_id, tmp_path, 300)
     with _Running(Detector(cfg, exporter_port=0)) as d:
-        wait_consumed(d.port, total, 60)
-        wait_for(
-            lambda: d.tracker is not None and d.tracker.shards[0].changelog_next is not None,
-            30,
-            "a checkpoint",
-        )
+        _committed(d, total)
         epoch = d.tracker.shards[0].epoch
         key, committed = d.backend.scan(prefix(SPACE_ID, 0), prefix(SPACE_ID, 1), limit=1)[0]
     _write(cfg, key, None, epoch)  # a checkpoint's data record whose meta never came
@@ -235,12 +228,7 @@ def test_a_retried_checkpoint_after_its_own_failed_attempt_is_no_fence(
     another writer's: nothing is fenced and the counts are exact."""
     cfg, total = _setup(kafka_bootstrap, topic_names, group_id, tmp_path, 300)
     with _Running(Detector(cfg, exporter_port=0)) as d:
-        wait_consumed(d.port, total, 60)
-        wait_for(
-            lambda: d.tracker is not None and d.tracker.shards[0].changelog_next is not None,
-            30,
-            "a checkpoint",
-        )
+        _committed(d, total)
         writer = d._writer
         real, failed = writer.send_meta, []
 
